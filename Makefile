@@ -1,0 +1,40 @@
+# gradlm: `make demo` trains on Shakespeare for ~2 minutes and writes a sample; `make test` runs the tests.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+GRADLM := $(VENV)/bin/gradlm
+# torch is pinned for the install here (a CPU build lies on this machine's disk); pyproject allows a range.
+TORCH  ?= torch==2.13.0
+
+# Corpora are looked up in a mirror folder before any download (never committed to the repo).
+ifneq ($(wildcard ../shared/data),)
+export GRADLM_DATA_MIRROR ?= $(abspath ../shared/data)
+endif
+
+DEMO_RUN   ?= runs/demo
+DEMO_TIME  ?= 2m
+DEMO_FLAGS ?= --n-layer 4 --d-model 192 --n-head 6 --block-size 128 --batch 32 --vocab-size 1024 \
+              --lr 4e-3 --warmup-steps 30 --eval-every 100 --eval-tokens 16384
+
+.PHONY: demo test venv clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet "$(TORCH)" -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	rm -rf $(DEMO_RUN)
+	$(GRADLM) train --data shakespeare --out $(DEMO_RUN) --max-time $(DEMO_TIME) $(DEMO_FLAGS)
+	@echo "--- sample (gradlm generate $(DEMO_RUN) 'ROMEO:') ---"
+	$(GRADLM) generate $(DEMO_RUN) "ROMEO:" --max-new-tokens 200 --seed 1 --temperature 0.8 --top-p 0.95
+	@echo "--- validation ---"
+	@$(PY) -c "import json; s=json.load(open('$(DEMO_RUN)/summary.json')); print(f\"val loss {s['val_loss']:.4f} | val bits per byte {s['val_bpb']:.4f} | {s['steps']} steps, {s['tokens_per_s']:,.0f} tok/s\")"
+
+test: venv
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs .cache

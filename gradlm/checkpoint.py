@@ -1,0 +1,94 @@
+"""Atomic file writes and run-directory save/load.
+
+Every write goes to a temporary file in the destination folder, is fsynced, then renamed over the
+target, so a crash at any moment leaves either the old file or the new one, never half of one.
+Loading never unpickles: tensors come from safetensors, metadata from JSON, and optimizer state through
+torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gradlm.errors import RunDirError
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically. Tied tensors are stored once (safetensors forbids aliasing)."""
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in state.items():
+        ptr = v.data_ptr()
+        if ptr in seen:
+            continue
+        seen[ptr] = k
+        out[k] = v.detach().contiguous()
+    _atomic(path, lambda tmp: save_file(out, tmp, metadata=metadata))
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise RunDirError(f"missing weights file {path}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise RunDirError(f"cannot read weights {path} ({e}); the file is corrupt or not safetensors") from None
+
+
+def save_torch(path: Path, obj) -> None:
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RunDirError(f"missing training state {path}") from None
+    except Exception as e:
+        raise RunDirError(f"cannot read training state {path} ({e}); it is corrupt") from None
+
+
+def read_json(path: Path, what: str = "file") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RunDirError(f"missing {what} {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path} is not valid JSON ({e}); the {what} is corrupt") from None

@@ -1,0 +1,378 @@
+"""Corpus reading, prepare() -> token files + meta.json, and batch samplers over them.
+
+A prepared directory holds:
+    train.bin, val.bin   flat token ids (uint16 when the vocabulary fits, else uint32), each document
+                         preceded by <|endoftext|>, memory-mapped for random access
+    tokenizer.json       the tokenizer that produced them
+    meta.json            counts, dtype, split, sources and the tokenizer's sha256
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gradlm import datasets
+from gradlm.errors import DataError
+from gradlm.tokenizer import Tokenizer
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+CHUNK_CHARS = 1 << 20  # tokenise in ~1 MB pieces, in parallel
+
+
+@dataclass
+class Document:
+    source: str
+    text: str
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+
+
+def _kind(path: Path) -> tuple[str, bool]:
+    """('text' | 'jsonl' | '', gzipped) from the file name."""
+    name = path.name.lower()
+    gz = name.endswith(".gz")
+    if gz:
+        name = name[:-3]
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl", gz
+    if name.endswith(TEXT_SUFFIXES):
+        return "text", gz
+    return "", gz
+
+
+def _decode(raw: bytes, where: str) -> str:
+    if b"\x00" in raw[:65536]:
+        raise DataError(f"{where} looks binary (it contains NUL bytes); gradlm reads UTF-8 text, .jsonl and .gz of those")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{where} is not valid UTF-8 (bad byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            "convert it first, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
+
+
+def _read_file(path: Path, text_field: str) -> list[Document]:
+    kind, gz = _kind(path)
+    try:
+        raw = gzip.decompress(path.read_bytes()) if gz else path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    if kind == "jsonl":
+        docs = []
+        for n, line in enumerate(_decode(raw, str(path)).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {n} is not JSON ({e.msg}); each line must be one JSON object") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+                raise DataError(f"{path} line {n} has no string field {text_field!r}; set --text-field to the field that holds the text")
+            docs.append(Document(f"{path}:{n}", obj[text_field]))
+        return docs
+    return [Document(str(path), _decode(raw, str(path)))]
+
+
+def locate(src: str) -> Path:
+    """The path a --data source names: an existing file/directory, or a registered corpus (fetched)."""
+    path = Path(src)
+    if path.exists():
+        return path
+    if src in datasets.REGISTRY:
+        return datasets.resolve(src)
+    raise DataError(f"no such file or directory: {src} (registered datasets: {', '.join(sorted(datasets.REGISTRY))})")
+
+
+def read_documents(sources: list[str] | str, text_field: str = "text") -> list[Document]:
+    """Read text from files, directories (recursively), .jsonl, .gz of those, or registered dataset names."""
+    if isinstance(sources, str):
+        sources = [sources]
+    docs: list[Document] = []
+    for src in sources:
+        path = locate(src)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p)[0])
+            if not files:
+                raise DataError(f"{path} holds no .txt, .md, .jsonl or .gz files")
+            for f in files:
+                docs.extend(_read_file(f, text_field))
+        else:
+            if not _kind(path)[0]:
+                # An unknown suffix is read as text; _decode still rejects binaries.
+                docs.append(Document(str(path), _decode(path.read_bytes(), str(path))))
+            else:
+                docs.extend(_read_file(path, text_field))
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise DataError(f"no text in {', '.join(map(str, sources))}: the corpus is empty")
+    return docs
+
+
+def split_documents(docs: list[Document], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str], str]:
+    """Train/validation texts. Several documents: whole documents go to validation (seeded choice) until
+    they hold val_fraction of the characters. One document: its tail fraction, cut at a line break."""
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"validation fraction must be in [0, 1), got {val_fraction}")
+    if len(docs) == 1:
+        text = docs[0].text
+        cut = int(len(text) * (1 - val_fraction))
+        nl = text.rfind("\n", 0, cut)
+        if nl > len(text) // 2:
+            cut = nl + 1
+        return [text[:cut]], ([text[cut:]] if text[cut:].strip() else []), "tail"
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    total = sum(len(d.text) for d in docs)
+    val, chars = set(), 0
+    for i in order[:-1]:  # always keep at least one training document
+        if chars >= val_fraction * total:
+            break
+        val.add(i)
+        chars += len(docs[i].text)
+    train_docs = [d.text for i, d in enumerate(docs) if i not in val]
+    val_docs = [d.text for i, d in enumerate(docs) if i in val]
+    return train_docs, val_docs, "document"
+
+
+# ---- tokenising -------------------------------------------------------------------------------------
+
+
+def _chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
+    """Cut text into ~size pieces, only after a newline that is followed by a non-space character.
+
+    The split pattern never joins a newline with a following non-space character, so each cut is a
+    pre-token boundary and encoding the pieces separately gives exactly the ids of the whole text.
+    """
+    out, start = [], 0
+    while len(text) - start > size:
+        cut = start + size
+        while cut < len(text) and not (text[cut - 1] == "\n" and not text[cut].isspace()):
+            cut += 1
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
+
+
+_WORKER_TOK: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    global _WORKER_TOK
+    from tokenizers import Tokenizer as HF
+
+    _WORKER_TOK = Tokenizer(HF.from_str(tokenizer_json))
+
+
+def _encode_chunk(text: str) -> np.ndarray:
+    return np.asarray(_WORKER_TOK.encode(text), dtype=np.uint32)
+
+
+def tokenize_documents(
+    docs: list[str], tok: Tokenizer, workers: int | None = None, progress: bool = True, desc: str = "tokenize"
+) -> np.ndarray:
+    """Concatenate the documents' ids, each document preceded by <|endoftext|>."""
+    pieces: list[tuple[int, str]] = []  # (document index, chunk)
+    for d, text in enumerate(docs):
+        pieces.extend((d, c) for c in _chunks(text))
+    workers = workers or min(os.cpu_count() or 1, 8)
+    total = sum(len(c) for _, c in pieces)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False)
+    texts = [c for _, c in pieces]
+    if workers <= 1 or len(pieces) < 2:
+        global _WORKER_TOK
+        _WORKER_TOK = tok
+        results = []
+        for c in texts:
+            results.append(_encode_chunk(c))
+            bar.update(len(c))
+    else:
+        results = []
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tok.hf.to_str(),)) as pool:
+            for c, ids in zip(texts, pool.map(_encode_chunk, texts)):
+                results.append(ids)
+                bar.update(len(c))
+    bar.close()
+    out: list[np.ndarray] = []
+    eot = np.asarray([tok.eot_id], dtype=np.uint32)
+    prev = -1
+    for (d, _), ids in zip(pieces, results):
+        if d != prev:
+            out.append(eot)
+            prev = d
+        out.append(ids)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.uint32)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def prepare(
+    sources: list[str] | str,
+    tok: Tokenizer,
+    out_dir: str | os.PathLike,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    text_field: str = "text",
+    workers: int | None = None,
+    progress: bool = True,
+    docs: list[Document] | None = None,
+) -> dict:
+    """Tokenise a corpus into out_dir (train.bin, val.bin, tokenizer.json, meta.json), atomically.
+
+    Example:
+        >>> meta = prepare("shakespeare", tok, "data/shakespeare")   # doctest: +SKIP
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir / "meta.json").is_file() and any(out_dir.iterdir()):
+        raise DataError(f"{out_dir} exists and is not a prepared data directory; choose another --out")
+    docs = docs if docs is not None else read_documents(sources, text_field)
+    train_docs, val_docs, mode = split_documents(docs, val_fraction, seed)
+    dtype = token_dtype(tok.vocab_size)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        splits = {}
+        for name, texts in (("train", train_docs), ("val", val_docs)):
+            ids = tokenize_documents(texts, tok, workers, progress, desc=f"tokenize {name}")
+            ids.astype(dtype).tofile(tmp / f"{name}.bin")
+            splits[name] = {
+                "tokens": int(len(ids)),
+                "bytes": sum(len(t.encode()) for t in texts),
+                "documents": len(texts),
+            }
+        tok.save(tmp / "tokenizer.json")
+        meta = {
+            "format": 1,
+            "tokenizer_sha256": tok.sha256,
+            "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id,
+            "dtype": dtype.name,
+            "split": mode,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "sources": [str(s) for s in ([sources] if isinstance(sources, str) else sources)],
+            "splits": splits,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+# ---- loading and sampling ---------------------------------------------------------------------------
+
+
+class TokenData:
+    """A prepared directory, memory-mapped."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise DataError(f"{self.path} is not prepared data (no meta.json); run `gradlm prepare` or pass raw text")
+        self.meta = json.loads(meta_path.read_text())
+        self.tokenizer = Tokenizer.load(self.path / "tokenizer.json")
+        if self.tokenizer.sha256 != self.meta["tokenizer_sha256"]:
+            raise DataError(f"{self.path}: tokenizer.json does not match the one the tokens were made with; prepare again")
+        dtype = np.dtype(self.meta["dtype"])
+        self.splits = {}
+        for name in ("train", "val"):
+            f = self.path / f"{name}.bin"
+            n = self.meta["splits"][name]["tokens"]
+            self.splits[name] = np.memmap(f, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+
+    def tokens(self, split: str) -> np.ndarray:
+        return self.splits[split]
+
+
+def windows(tokens: np.ndarray, starts: torch.Tensor | list[int], block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs x[b] = tokens[s:s+block], targets y[b] = tokens[s+1:s+block+1] for each start s."""
+    rows = np.stack([np.asarray(tokens[int(s) : int(s) + block + 1], dtype=np.int64) for s in starts])
+    t = torch.from_numpy(rows)
+    return t[:, :-1], t[:, 1:]
+
+
+class RandomSampler:
+    """Batches of windows at uniformly random offsets (seeded); its state is one generator state."""
+
+    def __init__(self, tokens: np.ndarray, block: int, seed: int):
+        if len(tokens) < block + 1:
+            raise DataError(f"only {len(tokens)} training tokens, fewer than the context window + 1 ({block + 1}); lower --block-size or add text")
+        self.tokens, self.block = tokens, block
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, len(self.tokens) - self.block, (batch,), generator=self.gen)
+        return windows(self.tokens, starts, self.block)
+
+    def state_dict(self) -> dict:
+        return {"kind": "random", "gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+
+
+class EpochSampler:
+    """Every non-overlapping window once per epoch, in a seeded shuffled order.
+
+    Window w covers tokens[w*block : w*block + block + 1]. Epoch e uses the permutation drawn from
+    seed + e, so the order is reproducible and resumable from (epoch, position) alone. A batch never
+    crosses an epoch: the last batch of an epoch may be smaller.
+    """
+
+    def __init__(self, tokens: np.ndarray, block: int, seed: int):
+        self.n_windows = (len(tokens) - 1) // block
+        if self.n_windows < 1:
+            raise DataError(f"only {len(tokens)} training tokens, fewer than the context window + 1 ({block + 1}); lower --block-size or add text")
+        self.tokens, self.block, self.seed = tokens, block, seed
+        self.epoch, self.pos = 0, 0
+        self._order = self._perm(0)
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n_windows, generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def order(self, epoch: int) -> list[int]:
+        """Window indices in the order epoch `epoch` visits them."""
+        return self._perm(epoch).tolist()
+
+    def next(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self._order[self.pos : self.pos + batch]
+        self.pos += len(idx)
+        x, y = windows(self.tokens, (idx * self.block).tolist(), self.block)
+        if self.pos >= self.n_windows:
+            self.epoch += 1
+            self.pos = 0
+            self._order = self._perm(self.epoch)
+        return x, y
+
+    @property
+    def epochs_done(self) -> float:
+        return self.epoch + self.pos / self.n_windows
+
+    def state_dict(self) -> dict:
+        return {"kind": "epoch", "epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._perm(self.epoch)

@@ -1,0 +1,190 @@
+"""Optimizers and learning-rate schedules: the update rule of gradient descent, and its step size over time.
+
+    sgd        p -= lr * g                                   plain gradient descent
+    momentum   v = mu*v + g;  p -= lr * v                     heavy ball
+    nesterov   v = mu*v + g;  p -= lr * (g + mu*v)            look-ahead momentum
+    adamw      per-coordinate steps scaled by running RMS of g, decoupled weight decay
+    muon       2-D hidden matrices: momentum, then orthogonalise the update (Newton-Schulz) so every
+               direction moves the same amount; embeddings, head and norms use AdamW
+
+Weight decay applies to matrices only (never to norm gains). Every param group carries its
+"base_lr"; the trainer sets group["lr"] = base_lr * schedule factor each step, so the whole schedule
+is a pure function of progress and nothing about it needs saving for an exact resume.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from gradlm.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw", "muon")
+SCHEDULES = ("constant", "cosine", "linear", "wsd")
+
+# Quintic Newton-Schulz coefficients chosen (Jordan et al., 2024) to push singular values towards 1 fast.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately U V^T for g = U S V^T, by a Newton-Schulz iteration in `dtype`.
+
+    fp32 is the default: on CPUs without native bf16 matmuls it is several times faster than bf16
+    (see docs/benchmarks.md); on GPUs bf16 is the usual choice.
+    """
+    a, b, c = NS_COEFFS
+    x = g.to(dtype)
+    tall = x.size(-2) > x.size(-1)
+    if tall:  # iterate on the short side: X X^T is then the smaller Gram matrix
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if tall:
+        x = x.mT
+    return x.to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum + orthogonalised updates, for 2-D weight matrices only.
+
+    The update of a (rows x cols) matrix is scaled by sqrt(max(1, rows/cols)) so that its RMS does not
+    depend on the matrix's aspect ratio.
+    """
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, ns_steps=5, ns_dtype=torch.float32):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps))
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            mu = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.dim() != 2:
+                    raise ValueError("Muon updates 2-D matrices only")
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(mu).add_(p.grad)
+                g = p.grad.add(buf, alpha=mu) if group["nesterov"] else buf
+                update = orthogonalize(g, group["ns_steps"], self.ns_dtype)
+                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * scale)
+
+
+class Combined:
+    """Several optimizers stepped as one (Muon for matrices + AdamW for the rest)."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
+        self.optimizers = optimizers
+        self.param_groups = [g for o in optimizers.values() for g in o.param_groups]
+        self.defaults = {}
+        self.state = {}
+
+    def step(self, closure=None):
+        for o in self.optimizers.values():
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for o in self.optimizers.values():
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {name: o.state_dict() for name, o in self.optimizers.items()}
+
+    def load_state_dict(self, state):
+        for name, o in self.optimizers.items():
+            o.load_state_dict(state[name])
+
+
+def _groups(named_params, weight_decay: float, lr: float) -> list[dict]:
+    decay = [p for _, p in named_params if p.dim() >= 2]
+    no_decay = [p for _, p in named_params if p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=weight_decay, base_lr=lr, lr=lr)]
+    if no_decay:
+        groups.append(dict(params=no_decay, weight_decay=0.0, base_lr=lr, lr=lr))
+    return groups
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str = "adamw",
+    lr: float = 3e-3,
+    weight_decay: float = 0.1,
+    momentum: float = 0.9,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    muon_lr: float = 0.02,
+    muon_impl: str = "gradlm",
+) -> torch.optim.Optimizer:
+    """The optimizer for `model`, with weight decay on matrices only and base_lr on every group."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    seen, named = set(), []
+    for n, p in model.named_parameters():  # tied weights appear once
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            named.append((n, p))
+    if name in ("sgd", "momentum", "nesterov"):
+        mu = 0.0 if name == "sgd" else momentum
+        return torch.optim.SGD(_groups(named, weight_decay, lr), lr=lr, momentum=mu, nesterov=name == "nesterov")
+    if name == "adamw":
+        return torch.optim.AdamW(_groups(named, weight_decay, lr), lr=lr, betas=betas, eps=eps)
+    # Muon: hidden 2-D matrices; everything that maps to or from tokens, and all vectors, go to AdamW.
+    hidden = [(n, p) for n, p in named if p.dim() == 2 and not n.startswith(("embed_tokens", "lm_head"))]
+    hidden_ids = {id(p) for _, p in hidden}
+    rest = [(n, p) for n, p in named if id(p) not in hidden_ids]
+    if muon_impl == "torch":  # the shipped implementation (bf16 Newton-Schulz), kept for benchmarks
+        muon = torch.optim.Muon([p for _, p in hidden], lr=muon_lr, weight_decay=weight_decay, momentum=0.95)
+    else:
+        muon = Muon([p for _, p in hidden], lr=muon_lr, weight_decay=weight_decay)
+    for g in muon.param_groups:
+        g["base_lr"] = muon_lr
+    adamw = torch.optim.AdamW(_groups(rest, weight_decay, lr), lr=lr, betas=betas, eps=eps)
+    return Combined({"muon": muon, "adamw": adamw})
+
+
+def lr_factor(progress: float, step: int, schedule: str = "cosine", warmup_steps: int = 0, min_lr_ratio: float = 0.1, decay_fraction: float = 0.2) -> float:
+    """Multiplier on the base learning rate.
+
+    progress is the fraction of the budget spent (steps, tokens, time or epochs), in [0, 1]; warmup
+    ramps linearly over the first warmup_steps steps and multiplies whatever the schedule gives.
+      constant  1
+      cosine    from 1 down to min_lr_ratio along half a cosine
+      linear    from 1 down to min_lr_ratio in a straight line
+      wsd       warmup-stable-decay: 1 until the last decay_fraction of the budget, then linear to min
+    """
+    p = min(max(progress, 0.0), 1.0)
+    lo = min_lr_ratio
+    if schedule == "constant":
+        f = 1.0
+    elif schedule == "cosine":
+        f = lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * p))
+    elif schedule == "linear":
+        f = lo + (1 - lo) * (1 - p)
+    elif schedule == "wsd":
+        start = 1 - decay_fraction
+        f = 1.0 if p <= start else lo + (1 - lo) * (1 - (p - start) / max(decay_fraction, 1e-12))
+    else:
+        raise ConfigError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if warmup_steps > 0 and step < warmup_steps:
+        f *= (step + 1) / warmup_steps
+    return f
+
+
+def set_lr(opt: torch.optim.Optimizer, factor: float) -> float:
+    """Apply a schedule factor to every group; returns the lr of the first group (for logging)."""
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * factor
+    return opt.param_groups[0]["lr"]
+
+
+def scale_base_lr(opt: torch.optim.Optimizer, factor: float) -> None:
+    """Permanently scale every group's base lr (the divergence guard halves it)."""
+    for g in opt.param_groups:
+        g["base_lr"] *= factor
