@@ -100,10 +100,30 @@ def _build_hf(vocab: dict[str, int], merges: list[tuple[str, str]], specials: It
     return hf
 
 
+def _read_json_dict(path: Path) -> dict:
+    """A JSON object from path, or {} when the file is missing or not a JSON object."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _sidecar_eos(path: Path) -> str:
+    """eos_token of an HF tokenizer_config.json (a string or {"content": ...}); EOT when it has none."""
+    eos = _read_json_dict(path).get("eos_token")
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) and eos else EOT
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer backed by an HF `tokenizers.Tokenizer` (and tiktoken when possible)."""
 
-    def __init__(self, hf: HFTokenizer):
+    def __init__(self, hf: HFTokenizer, eos_token: str = EOT):
+        """eos_token: the token that ends (and separates) documents. <|endoftext|> in our tokenizers; an
+        imported tokenizer may name another one (e.g. "</s>"), which save/load keep in the HF sidecar
+        tokenizer_config.json next to tokenizer.json."""
         self.hf = hf
         spec = json.loads(hf.to_str())
         model = spec.get("model") or {}
@@ -112,6 +132,9 @@ class Tokenizer:
                 f"unsupported tokenizer model {model.get('type')!r}: gradlm reads byte-level BPE tokenizers only"
             )
         self._json = spec
+        if eos_token != EOT and hf.token_to_id(eos_token) is None:
+            raise TokenizerError(f"end-of-text token {eos_token!r} is not in the tokenizer's vocabulary")
+        self.eos_token = eos_token
         vocab: dict[str, int] = model["vocab"]
         self.specials: dict[str, int] = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
         n = max([*vocab.values(), *self.specials.values()]) + 1
@@ -127,6 +150,9 @@ class Tokenizer:
         self.pieces = pieces
         self.vocab_size = n
         self._tt = self._tiktoken(vocab, _hf_merges(model), spec.get("pre_tokenizer"))
+        # HF always splits out added tokens; for ordinary text (special-token text is just text) use a
+        # copy that does not know them.
+        self._hf_plain = HFTokenizer.from_str(json.dumps({**spec, "added_tokens": []})) if self._tt is None else None
 
     # ---- construction -------------------------------------------------------------------------------
 
@@ -191,13 +217,21 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # the HF loader raises plain Exceptions with its parser message
             raise TokenizerError(f"cannot read tokenizer {path}: {e}") from None
-        return cls(hf)
+        return cls(hf, _sidecar_eos(path.parent / "tokenizer_config.json"))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write tokenizer.json atomically (temp file in the same folder, fsync, rename)."""
-        from gradlm.checkpoint import atomic_write_text
+        """Write tokenizer.json atomically (temp file in the same folder, fsync, rename), plus the
+        eos_token in tokenizer_config.json beside it when it is not <|endoftext|>."""
+        from gradlm.checkpoint import atomic_write_json, atomic_write_text
 
-        atomic_write_text(Path(path), self.to_json())
+        path = Path(path)
+        atomic_write_text(path, self.to_json())
+        sidecar = path.parent / "tokenizer_config.json"
+        if self.eos_token != EOT or sidecar.is_file():
+            # Record a non-default end-of-text token (and never leave a stale one) where HF keeps it.
+            cfg = _read_json_dict(sidecar)
+            cfg["eos_token"] = self.eos_token
+            atomic_write_json(sidecar, cfg)
 
     def to_json(self) -> str:
         return self.hf.to_str(pretty=True)
@@ -205,7 +239,10 @@ class Tokenizer:
     @property
     def sha256(self) -> str:
         """Identity of the vocabulary and merges (used to check prepared data matches the tokenizer)."""
-        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()
+        data = self.hf.to_str().encode()
+        if self.eos_token != EOT:  # it decides the document separators in prepared data
+            data += b"\0eos=" + self.eos_token.encode()
+        return hashlib.sha256(data).hexdigest()
 
     def _tiktoken(self, vocab, merges, pre_tokenizer) -> tiktoken.Encoding | None:
         """A tiktoken Encoding equivalent to the HF model, or None when we cannot prove equivalence."""
@@ -235,7 +272,9 @@ class Tokenizer:
 
     @property
     def eot_id(self) -> int:
-        return self.specials[EOT] if EOT in self.specials else -1
+        """Id of the end-of-text token (eos_token), or -1 if the tokenizer has none."""
+        i = self.specials.get(self.eos_token, self.hf.token_to_id(self.eos_token))
+        return -1 if i is None else i
 
     @property
     def backend(self) -> str:
@@ -249,29 +288,7 @@ class Tokenizer:
             return self._tt.encode_ordinary(text)
         if allow_special:
             return self.hf.encode(text, add_special_tokens=False).ids
-        return self._hf_encode_ordinary(text)
-
-    def _hf_encode_ordinary(self, text: str) -> list[int]:
-        # HF always recognises added tokens; split them out and encode their text byte by byte instead.
-        out: list[int] = []
-        enc = self.hf.encode(text, add_special_tokens=False)
-        for i, (start, end) in zip(enc.ids, enc.offsets):
-            if i in self._special_ids:
-                for piece in self._raw_pieces(text[start:end]):
-                    out.append(piece)
-            else:
-                out.append(i)
-        return out
-
-    @property
-    def _special_ids(self) -> set[int]:
-        return set(self.specials.values())
-
-    def _raw_pieces(self, text: str) -> list[int]:
-        ids = []
-        for b in text.encode():
-            ids.append(self.hf.token_to_id(bytes_to_piece(bytes([b]))))
-        return ids
+        return self._hf_plain.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if self._tt is not None:
@@ -291,7 +308,7 @@ class Tokenizer:
 
     def token_byte_lengths(self) -> list[int]:
         """Bytes of input text each id covers (0 for special tokens): the denominator of bits per byte."""
-        special = self._special_ids
+        special = set(self.specials.values())
         return [0 if i in special else len(p) for i, p in enumerate(self.pieces)]
 
     def __len__(self) -> int:

@@ -52,7 +52,7 @@ class TrainConfig:
     accum: int = field(default=1, metadata={"help": "gradient accumulation: micro-batches summed into one update"})
     sampler: str = field(default="auto", metadata={"help": "random (windows at random offsets) or epoch (every window once per epoch, seeded order); auto = epoch for --batch full"})
     optimizer: str = field(default="adamw", metadata={"help": "sgd, momentum, nesterov, adamw or muon"})
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (for muon: of the AdamW part)"})
+    lr: float = field(default=0.0, metadata={"help": "peak learning rate (for muon: of its AdamW part); 0 = the optimizer's default: sgd 0.3, momentum/nesterov 0.05, adamw/muon 3e-3"})
     muon_lr: float = field(default=0.02, metadata={"help": "learning rate of Muon's matrix updates"})
     weight_decay: float = field(default=0.1, metadata={"help": "decoupled weight decay on matrices (a regulariser)"})
     momentum: float = field(default=0.9, metadata={"help": "momentum for --optimizer momentum/nesterov"})
@@ -81,6 +81,7 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
     init: str = field(default="", metadata={"help": "start from the weights (and tokenizer) of this run directory: fine-tuning / transfer learning"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar on a terminal"})
+    plots: bool = field(default=True, metadata={"help": "draw loss, learning-rate and gradient-norm curves into plots/ at the end"})
 
     def validate(self) -> None:
         problems = []
@@ -96,7 +97,7 @@ class TrainConfig:
             problems.append("--batch full visits every window once per update, so it needs --sampler epoch (or auto)")
         for name in ("lr", "muon_lr"):
             v = getattr(self, name)
-            if not (v > 0 and math.isfinite(v)):
+            if not (v >= 0 and math.isfinite(v)) or (name == "muon_lr" and v == 0):
                 problems.append(f"--{name.replace('_', '-')} must be a positive number, got {v}")
         for name in ("accum", "eval_every", "eval_tokens", "log_every"):
             if getattr(self, name) < 1:
@@ -270,304 +271,337 @@ def _log(dd: Dist, msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, on_step=None) -> dict:
-    """Train a model as configured; returns a summary (final validation loss, bits per byte, steps, ...).
+DEFAULT_LR = {"sgd": 0.3, "momentum": 0.05, "nesterov": 0.05, "adamw": 3e-3, "muon": 3e-3}
 
-    on_step(step, loss) is called after every update (used by the LR finder and the comparison lab).
 
-    Example:
-        >>> train(ModelConfig(n_layer=2), TrainConfig(data="notes.txt", out="runs/notes", max_time="2m"))  # doctest: +SKIP
+class Trainer:
+    """Everything one run holds: data, model, optimizer, sampler, batch geometry and counters.
+
+    `gradients()` runs one step's forward and backward passes over its micro-batches and clips the
+    gradient; `update()` applies the optimizer step. train() loops over these; the LR finder reuses
+    them with learning rates of its own.
     """
-    cfg.validate()
-    if not (cfg.max_steps or cfg.max_time or cfg.max_tokens or cfg.max_epochs):
-        cfg.max_steps = 1000
-    out = Path(cfg.out)
-    dd = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    device = pick_device(cfg, dd)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-    log = lambda msg: _log(dd, msg)  # noqa: E731
 
-    # -- where the run starts from: a fresh model, a checkpoint to resume, or another run's weights
-    resume_state = None
-    init_tok = None
-    if cfg.resume:
-        if not (out / "config.json").is_file():
-            raise RunDirError(f"cannot resume: {out} is not a run directory (no config.json); drop --resume to start it")
-        saved = ckpt.read_json(out / "config.json", "run config")
-        model_cfg = ModelConfig.from_dict(saved["model"])
-        resume_state = ckpt.load_torch(out / "state" / "trainer.pt")
-        init_tok = Tokenizer.load(out / "tokenizer.json")
-    else:
-        if (out / "config.json").exists():
-            raise RunDirError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        if out.exists() and out.is_file():
-            raise RunDirError(f"--out {out} is a file; give a directory")
-        if cfg.init:
-            init_dir = Path(cfg.init)
-            if not (init_dir / "config.json").is_file():
-                raise RunDirError(f"--init {init_dir} is not a run directory (no config.json)")
-            init_saved = ckpt.read_json(init_dir / "config.json", "run config")
-            init_model = ModelConfig.from_dict(init_saved["model"])
-            init_model.dropout = model_cfg.dropout
-            model_cfg = init_model
-            init_tok = Tokenizer.load(init_dir / "tokenizer.json")
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, log=None):
+        cfg.validate()
+        if not cfg.lr:
+            cfg.lr = DEFAULT_LR[cfg.optimizer]
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.dd = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = pick_device(cfg, self.dd)
+        if self.device.startswith("cuda"):
+            torch.cuda.set_device(self.device)
+        self.log = log or (lambda msg: _log(self.dd, msg))
+        out = self.out
 
-    data = resolve_data(cfg, init_tok, log) if dd.main or dd.world == 1 else None
-    if dd.world > 1:  # rank 0 prepares (and caches); the others then read the same cache
-        dist.barrier()
-        if data is None:
-            data = resolve_data(cfg, init_tok, log)
-    tok = data.tokenizer
-    if init_tok is not None and init_tok.sha256 != tok.sha256:
-        raise ConfigError(f"{cfg.data} was tokenised with another tokenizer than {cfg.init or cfg.out}; pass raw text so it is tokenised with the run's tokenizer")
-    model_cfg.vocab_size = tok.vocab_size if not (cfg.init or cfg.resume) else model_cfg.vocab_size
-    if tok.vocab_size > model_cfg.vocab_size:
-        raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but the model only {model_cfg.vocab_size}")
-    train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
-    block = model_cfg.block_size
-    if len(train_tokens) < block + 1:
-        raise ConfigError(f"the training split has {len(train_tokens):,} tokens, fewer than the context window + 1 ({block + 1}); lower --block-size or add text")
-    if len(val_tokens) < block + 1:
-        raise ConfigError(f"the validation split has {len(val_tokens):,} tokens, fewer than the context window + 1 ({block + 1}); raise --val-fraction, lower --block-size or add text")
-
-    # -- model, optimizer, sampler
-    torch.manual_seed(cfg.seed)
-    model = GPT(model_cfg)
-    model.reset_parameters(seed=cfg.seed)
-    if cfg.init and not cfg.resume:
-        load_weights_into(model, Path(cfg.init) / "model.safetensors")
-        log(f"initialised from {cfg.init}")
-    model.to(device)
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.startswith("cuda"))
-    autocast = (lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, (cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr)
-    full_batch = cfg.batch == "full"
-    sampler_kind = "epoch" if full_batch or cfg.sampler == "epoch" else "random"
-    sampler = (EpochSampler if sampler_kind == "epoch" else RandomSampler)(train_tokens, block, cfg.seed)
-    if full_batch:
-        micro = cfg.micro_batch or 32
-        accum = math.ceil(sampler.n_windows / micro)
-        batch = sampler.n_windows
-    else:
-        batch = int(cfg.batch) * cfg.accum
-        micro = cfg.micro_batch or int(cfg.batch)
-        accum = math.ceil(batch / micro)
-    if micro % dd.world:
-        raise ConfigError(f"the micro-batch ({micro}) must divide evenly over {dd.world} processes; set --micro-batch to a multiple of {dd.world}")
-    step_tokens = batch * block
-    run_model = model
-    if cfg.compile:
-        run_model = torch.compile(model)
-    if dd.world > 1:
-        run_model = torch.nn.parallel.DistributedDataParallel(run_model, device_ids=[dd.local_rank] if device.startswith("cuda") else None)
-    byte_lengths = torch.tensor(tok.token_byte_lengths(), dtype=torch.long, device=device)
-
-    step, tokens_seen, elapsed, best_val, bad_evals, guard_used = 0, 0, 0.0, float("inf"), 0, 0
-    gap_history: list[float] = []
-    if resume_state is not None:
-        load_weights_into(model, out / "model.safetensors")
-        opt.load_state_dict(resume_state["optimizer"])
-        sampler.load_state_dict(resume_state["sampler"])
-        torch.set_rng_state(resume_state["torch_rng"])
-        step, tokens_seen, elapsed = resume_state["step"], resume_state["tokens"], resume_state["elapsed"]
-        best_val, bad_evals, guard_used = resume_state["best_val"], resume_state["bad_evals"], resume_state["guard_used"]
-        gap_history = list(resume_state.get("gap_history", []))
-        log(f"resumed {out} at step {step}")
-
-    metrics = Metrics(out / "metrics.jsonl", dd.main)
-    if dd.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume_state is not None:
-            metrics.truncate_after(step)
+        # -- where the run starts from: a fresh model, a checkpoint to resume, or another run's weights
+        resume_state, init_tok = None, None
+        if cfg.resume:
+            if not (out / "config.json").is_file():
+                raise RunDirError(f"cannot resume: {out} is not a run directory (no config.json); drop --resume to start it")
+            model_cfg = ModelConfig.from_dict(ckpt.read_json(out / "config.json", "run config")["model"])
+            resume_state = ckpt.load_torch(out / "state" / "trainer.pt")
+            init_tok = Tokenizer.load(out / "tokenizer.json")
         else:
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-        tok.save(out / "tokenizer.json")
-        ckpt.atomic_write_json(
-            out / "config.json",
-            {
-                "model": model_cfg.to_dict(),
-                "train": asdict(cfg),
-                "data": {"path": str(data.path), "tokenizer_sha256": tok.sha256, "train_tokens": len(train_tokens), "val_tokens": len(val_tokens)},
-                "gradlm_version": "0.1.0",
-            },
-        )
+            if (out / "config.json").exists():
+                raise RunDirError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+            if out.is_file():
+                raise RunDirError(f"--out {out} is a file; give a directory")
+            if cfg.init:
+                init_dir = Path(cfg.init)
+                if not (init_dir / "config.json").is_file():
+                    raise RunDirError(f"--init {init_dir} is not a run directory (no config.json)")
+                dropout = model_cfg.dropout
+                model_cfg = ModelConfig.from_dict(ckpt.read_json(init_dir / "config.json", "run config")["model"])
+                model_cfg.dropout = dropout
+                init_tok = Tokenizer.load(init_dir / "tokenizer.json")
 
-    max_time = parse_duration(cfg.max_time)
-    n_train = len(train_tokens)
+        # -- data: rank 0 prepares (and caches); the other ranks then read the same cache
+        dd = self.dd
+        data = resolve_data(cfg, init_tok, self.log) if dd.main else None
+        if dd.world > 1:
+            dist.barrier()
+            data = data or resolve_data(cfg, init_tok, self.log)
+        self.data, self.tok = data, data.tokenizer
+        if init_tok is not None and init_tok.sha256 != self.tok.sha256:
+            raise ConfigError(f"{cfg.data} was tokenised with another tokenizer than {cfg.init or cfg.out}; pass raw text so it is tokenised with the run's tokenizer")
+        if init_tok is None:
+            model_cfg.vocab_size = self.tok.vocab_size
+        if self.tok.vocab_size > model_cfg.vocab_size:
+            raise ConfigError(f"the tokenizer has {self.tok.vocab_size} ids but the model only {model_cfg.vocab_size}")
+        self.model_cfg = model_cfg
+        self.train_tokens, self.val_tokens = data.tokens("train"), data.tokens("val")
+        block = self.block = model_cfg.block_size
+        for name, toks, fix in (("training", self.train_tokens, "add text"), ("validation", self.val_tokens, "raise --val-fraction or add text")):
+            if len(toks) < block + 1:
+                raise ConfigError(f"the {name} split has {len(toks):,} tokens, fewer than the context window + 1 ({block + 1}); lower --block-size or {fix}")
 
-    def epochs_done() -> float:
-        return sampler.epochs_done if sampler_kind == "epoch" else tokens_seen / n_train
+        # -- model, optimizer, sampler
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(model_cfg)
+        self.model.reset_parameters(seed=cfg.seed)
+        if cfg.init and not cfg.resume:
+            load_weights_into(self.model, Path(cfg.init) / "model.safetensors")
+            self.log(f"initialised from {cfg.init}")
+        self.model.to(self.device)
+        use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.device.startswith("cuda"))
+        self.autocast = (lambda: torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16)) if use_bf16 else nullcontext
+        self.opt = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, (cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr)
+        self.full_batch = cfg.batch == "full"
+        self.sampler_kind = "epoch" if self.full_batch or cfg.sampler == "epoch" else "random"
+        self.sampler = (EpochSampler if self.sampler_kind == "epoch" else RandomSampler)(self.train_tokens, block, cfg.seed)
+        if self.full_batch:  # batch gradient descent: all windows, accumulated, per update
+            self.micro = cfg.micro_batch or 32
+            self.batch = self.sampler.n_windows
+        else:
+            self.micro = cfg.micro_batch or int(cfg.batch)
+            self.batch = int(cfg.batch) * cfg.accum
+        self.accum = math.ceil(self.batch / self.micro)
+        if self.micro % dd.world:
+            raise ConfigError(f"the micro-batch ({self.micro}) must divide evenly over {dd.world} processes; set --micro-batch to a multiple of {dd.world}")
+        self.step_tokens = self.batch * block
+        self.run_model = torch.compile(self.model) if cfg.compile else self.model
+        if dd.world > 1:
+            self.run_model = torch.nn.parallel.DistributedDataParallel(self.run_model, device_ids=[dd.local_rank] if self.device.startswith("cuda") else None)
+        self.byte_lengths = torch.tensor(self.tok.token_byte_lengths(), dtype=torch.long, device=self.device)
 
-    def progress() -> float:
-        parts = []
-        if cfg.max_steps:
-            parts.append(step / cfg.max_steps)
-        if cfg.max_tokens:
-            parts.append(tokens_seen / cfg.max_tokens)
-        if max_time:
-            parts.append(elapsed / max_time)
-        if cfg.max_epochs:
-            parts.append(epochs_done() / cfg.max_epochs)
-        return max(parts) if parts else 0.0
+        self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
+        self.best_val, self.bad_evals, self.guard_used = float("inf"), 0, 0
+        self.gap_history: list[float] = []
+        if resume_state is not None:
+            load_weights_into(self.model, out / "model.safetensors")
+            self.opt.load_state_dict(resume_state["optimizer"])
+            self.sampler.load_state_dict(resume_state["sampler"])
+            torch.set_rng_state(resume_state["torch_rng"])
+            for k in ("step", "tokens_seen", "elapsed", "best_val", "bad_evals", "guard_used", "gap_history"):
+                setattr(self, k, resume_state[k])
+            self.log(f"resumed {out} at step {self.step}")
+        self.resumed = resume_state is not None
+        self.metrics = Metrics(out / "metrics.jsonl", dd.main)
 
-    def save(reason: str) -> None:
-        if not dd.main:
-            return
-        state = {
-            "step": step,
-            "tokens": tokens_seen,
-            "elapsed": elapsed,
-            "best_val": best_val,
-            "bad_evals": bad_evals,
-            "guard_used": guard_used,
-            "gap_history": gap_history,
-            "optimizer": opt.state_dict(),
-            "sampler": sampler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-        }
-        # State first, weights last: the step in the weights' metadata names a complete checkpoint.
-        ckpt.save_torch(out / "state" / "trainer.pt", state)
-        ckpt.save_weights(out / "model.safetensors", model.state_dict(), {"step": str(step), "reason": reason})
+    # -- one step of gradient descent
 
-    def run_eval() -> dict:
-        res = evaluate_windows(model, val_tokens, block, cfg.eval_tokens, byte_lengths, micro, dd, autocast)
-        tr = evaluate_windows(model, train_tokens, block, cfg.eval_tokens, byte_lengths, micro, dd, autocast)
-        return {"val_loss": res["loss"], "val_bpb": res["bpb"], "train_eval_loss": tr["loss"]}
-
-    ln_vocab = math.log(model_cfg.vocab_size)
-    good = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()), "step": step, "tokens": tokens_seen}
-    ema = None
-    last_eval: dict = {}
-    stop_reason = ""
-    is_tty = sys.stderr.isatty()
-    bar = tqdm(total=cfg.max_steps or None, initial=step, disable=not (cfg.progress and is_tty and dd.main), unit="step", dynamic_ncols=True)
-    if dd.main:
-        log(
-            f"model: {model.num_params():,} parameters ({model.num_params(True):,} non-embedding), "
-            f"{model.flops_per_token() / 1e6:.1f} MFLOP/token | batch {'full' if full_batch else batch} = {step_tokens:,} tokens/step "
-            f"({accum} x {micro} windows x {block} tokens) | {cfg.optimizer}, lr {cfg.lr:g}, {cfg.schedule} | device {device}"
-        )
-    model.train()
-    t_last, tokens_last = time.time(), tokens_seen
-
-    while True:
-        if progress() >= 1:
-            stop_reason = "budget"
-            break
-        if cfg.pause_at and step >= cfg.pause_at:
-            stop_reason = "paused"
-            break
-        t0 = time.time()
-        lr = set_lr(opt, lr_factor(progress(), step, cfg.schedule, cfg.warmup_steps, cfg.min_lr_ratio, cfg.decay_fraction))
-        loss_sum = torch.zeros((), device=device)
-        for k in range(accum):
-            if full_batch:
-                n = min(micro, sampler.n_windows - sampler.pos)
-            else:
-                n = min(micro, batch - k * micro)
-            x, y = sampler.next(n)  # every rank draws the same global micro-batch, then takes its rows
-            x, y = x[dd.rank :: dd.world].to(device), y[dd.rank :: dd.world].to(device)
-            share = n / batch  # this micro-batch's share of the step's tokens
-            sync = dd.world == 1 or k == accum - 1
-            with (nullcontext() if sync else run_model.no_sync()), autocast():
-                loss = run_model(x, y)
-                # DDP averages gradients over ranks, and each rank's loss is the mean over its rows, so
+    def gradients(self) -> tuple[float, float]:
+        """Forward + backward over this step's micro-batches; returns (loss, gradient norm before clipping)."""
+        dd = self.dd
+        loss_sum = torch.zeros((), device=self.device)
+        for k in range(self.accum):
+            n = min(self.micro, self.sampler.n_windows - self.sampler.pos) if self.full_batch else min(self.micro, self.batch - k * self.micro)
+            x, y = self.sampler.next(n)  # every rank draws the same global micro-batch, then takes its rows
+            x, y = x[dd.rank :: dd.world].to(self.device), y[dd.rank :: dd.world].to(self.device)
+            share = n / self.batch  # this micro-batch's share of the step's tokens
+            sync = dd.world == 1 or k == self.accum - 1
+            with (nullcontext() if sync else self.run_model.no_sync()), self.autocast():
+                loss = self.run_model(x, y)
+                # DDP averages gradients over ranks and each rank's loss is the mean over its rows, so
                 # the average of the ranks' (loss * share) gradients is the global batch's gradient.
                 (loss * share).backward()
             loss_sum += loss.detach() * share
         if dd.world > 1:
             dist.all_reduce(loss_sum)
             loss_sum /= dd.world
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        loss_val, gn = loss_sum.item(), grad_norm.item()
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        return loss_sum.item(), grad_norm.item()
 
-        # -- divergence guard: a loss that is not finite, worse than knowing nothing, or a sudden
-        #    blow-up means the step overshot. Go back to the last good state with half the lr.
-        exploded = not (math.isfinite(loss_val) and math.isfinite(gn)) or loss_val > 1.5 * ln_vocab or (ema is not None and step > 50 and loss_val > 3 * ema)
-        if exploded:
-            opt.zero_grad(set_to_none=True)
-            if guard_used >= cfg.guard_retries:
-                model.load_state_dict(good["model"])
-                opt.load_state_dict(good["opt"])
-                step, tokens_seen = good["step"], good["tokens"]
-                save("diverged")
+    def update(self) -> None:
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.step_tokens
+
+    # -- progress, evaluation, state
+
+    def epochs_done(self) -> float:
+        return self.sampler.epochs_done if self.sampler_kind == "epoch" else self.tokens_seen / len(self.train_tokens)
+
+    def progress(self) -> float:
+        """Fraction of the budget spent: the largest of steps, tokens, time and epochs used."""
+        cfg, parts = self.cfg, []
+        if cfg.max_steps:
+            parts.append(self.step / cfg.max_steps)
+        if cfg.max_tokens:
+            parts.append(self.tokens_seen / cfg.max_tokens)
+        if parse_duration(cfg.max_time):
+            parts.append(self.elapsed / parse_duration(cfg.max_time))
+        if cfg.max_epochs:
+            parts.append(self.epochs_done() / cfg.max_epochs)
+        return max(parts) if parts else 0.0
+
+    def evaluate(self) -> dict:
+        args = (self.block, self.cfg.eval_tokens, self.byte_lengths, self.micro, self.dd, self.autocast)
+        val = evaluate_windows(self.model, self.val_tokens, *args)
+        tr = evaluate_windows(self.model, self.train_tokens, *args)
+        return {"val_loss": val["loss"], "val_bpb": val["bpb"], "train_eval_loss": tr["loss"]}
+
+    def snapshot(self) -> dict:
+        return {"model": copy.deepcopy(self.model.state_dict()), "opt": copy.deepcopy(self.opt.state_dict()), "step": self.step, "tokens_seen": self.tokens_seen}
+
+    def restore(self, snap: dict) -> None:
+        self.model.load_state_dict(snap["model"])
+        self.opt.load_state_dict(snap["opt"])
+        self.step, self.tokens_seen = snap["step"], snap["tokens_seen"]
+
+    def start_run_dir(self) -> None:
+        """Create the run directory (rank 0): config.json, tokenizer.json, a fresh or trimmed metrics.jsonl."""
+        if not self.dd.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.resumed:
+            self.metrics.truncate_after(self.step)
+        else:
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        self.tok.save(self.out / "tokenizer.json")
+        ckpt.atomic_write_json(
+            self.out / "config.json",
+            {
+                "model": self.model_cfg.to_dict(),
+                "train": asdict(self.cfg),
+                "data": {"path": str(self.data.path), "tokenizer_sha256": self.tok.sha256, "train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens)},
+                "gradlm_version": "0.1.0",
+            },
+        )
+
+    def save(self, reason: str) -> None:
+        """Checkpoint (rank 0). State first, weights last: the step in the weights' metadata names a
+        complete checkpoint."""
+        if not self.dd.main:
+            return
+        state = {k: getattr(self, k) for k in ("step", "tokens_seen", "elapsed", "best_val", "bad_evals", "guard_used", "gap_history")}
+        state.update(optimizer=self.opt.state_dict(), sampler=self.sampler.state_dict(), torch_rng=torch.get_rng_state())
+        ckpt.save_torch(self.out / "state" / "trainer.pt", state)
+        ckpt.save_weights(self.out / "model.safetensors", self.model.state_dict(), {"step": str(self.step), "reason": reason})
+
+    def describe(self) -> str:
+        m, c = self.model, self.cfg
+        return (
+            f"model: {m.num_params():,} parameters ({m.num_params(True):,} non-embedding), {m.flops_per_token() / 1e6:.1f} MFLOP/token | "
+            f"batch {'full' if self.full_batch else self.batch} = {self.step_tokens:,} tokens/step ({self.accum} x {self.micro} windows x {self.block} tokens) | "
+            f"{c.optimizer}, lr {c.lr:g}, {c.schedule} | device {self.device}"
+        )
+
+
+def diverged(loss: float, grad_norm: float, ln_vocab: float, ema: float | None, step: int) -> bool:
+    """A step overshot: the loss or gradient is not finite, the loss is far worse than knowing nothing
+    (uniform guessing scores ln V), or it jumped to 3x its recent average."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return True
+    return loss > 1.5 * ln_vocab or (ema is not None and step > 50 and loss > 3 * ema)
+
+
+def train(model_cfg: ModelConfig, cfg: TrainConfig, on_step=None) -> dict:
+    """Train a model as configured; returns a summary (final validation loss, bits per byte, steps, ...).
+
+    on_step(step, loss, lr) is called after every update (the comparison lab uses it).
+
+    Example:
+        >>> train(ModelConfig(n_layer=2), TrainConfig(data="notes.txt", out="runs/notes", max_time="2m"))  # doctest: +SKIP
+    """
+    if not (cfg.max_steps or cfg.max_time or cfg.max_tokens or cfg.max_epochs):
+        cfg.max_steps = 1000
+    t = Trainer(model_cfg, cfg)
+    t.start_run_dir()
+    dd, out, log = t.dd, t.out, t.log
+    ln_vocab = math.log(t.model_cfg.vocab_size)
+    good = t.snapshot()  # the last state known to be sane, for the divergence guard
+    ema, last_eval, stop_reason = None, {}, ""
+    bar = tqdm(total=cfg.max_steps or None, initial=t.step, disable=not (cfg.progress and sys.stderr.isatty() and dd.main), unit="step", dynamic_ncols=True)
+    log(t.describe())
+    t.model.train()
+    t_last, tokens_last = time.time(), t.tokens_seen
+
+    while True:
+        if t.progress() >= 1:
+            stop_reason = "budget"
+            break
+        if cfg.pause_at and t.step >= cfg.pause_at:
+            stop_reason = "paused"
+            break
+        t0 = time.time()
+        lr = set_lr(t.opt, lr_factor(t.progress(), t.step, cfg.schedule, cfg.warmup_steps, cfg.min_lr_ratio, cfg.decay_fraction))
+        loss, gn = t.gradients()
+
+        if diverged(loss, gn, ln_vocab, ema, t.step):
+            # The divergence guard: back to the last good state with half the learning rate.
+            t.opt.zero_grad(set_to_none=True)
+            bad_step = t.step
+            t.restore(good)
+            if t.guard_used >= cfg.guard_retries:
+                t.save("diverged")
                 bar.close()
-                suggestion = opt.param_groups[0]["base_lr"] / 2
                 raise GradlmError(
-                    f"training diverged at step {step} (loss {loss_val:.4g}, gradient norm {gn:.4g}) and the guard "
-                    f"gave up after {guard_used} restarts; the last good state is saved in {out}. "
-                    f"Try --lr {suggestion:.2g} or lower (see `gradlm lr-find`)"
+                    f"training diverged at step {bad_step} (loss {loss:.4g}, gradient norm {gn:.4g}) and the guard gave up "
+                    f"after {t.guard_used} restarts with a halved learning rate; the last good state (step {t.step}) is saved in {out}. "
+                    f"Try --lr {t.opt.param_groups[0]['base_lr'] / 2:.2g} or lower (see `gradlm lr-find`)"
                 )
-            guard_used += 1
-            model.load_state_dict(good["model"])
-            opt.load_state_dict(good["opt"])
-            bad_step = step
-            step, tokens_seen = good["step"], good["tokens"]
-            scale_base_lr(opt, 0.5)
-            good["opt"] = copy.deepcopy(opt.state_dict())
+            t.guard_used += 1
+            scale_base_lr(t.opt, 0.5)
+            good = t.snapshot()
             ema = None
-            log(f"divergence guard: step {bad_step} loss {loss_val:.4g} (grad norm {gn:.4g}); restored step {step}, lr halved to {opt.param_groups[0]['base_lr']:.3g} ({guard_used}/{cfg.guard_retries})")
-            metrics.write(step=step, event="diverged", at_step=bad_step, loss=loss_val if math.isfinite(loss_val) else None, new_lr=opt.param_groups[0]["base_lr"])
+            new_lr = t.opt.param_groups[0]["base_lr"]
+            log(f"divergence guard: step {bad_step} loss {loss:.4g} (grad norm {gn:.4g}); restored step {t.step}, lr halved to {new_lr:.3g} ({t.guard_used}/{cfg.guard_retries})")
+            t.metrics.write(step=t.step, event="diverged", at_step=bad_step, loss=loss if math.isfinite(loss) else None, new_lr=new_lr)
             continue
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += step_tokens
-        elapsed += time.time() - t0
-        ema = loss_val if ema is None else 0.95 * ema + 0.05 * loss_val
+        t.update()
+        t.elapsed += time.time() - t0
+        ema = loss if ema is None else 0.95 * ema + 0.05 * loss
         if on_step is not None:
-            on_step(step, loss_val, lr)
+            on_step(t.step, loss, lr)
 
-        if step % cfg.log_every == 0 or step == 1:
+        if t.step % cfg.log_every == 0 or t.step == 1:
             now = time.time()
-            tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
-            t_last, tokens_last = now, tokens_seen
-            metrics.write(step=step, tokens=tokens_seen, time=round(elapsed, 3), epoch=round(epochs_done(), 4), lr=lr, loss=loss_val, grad_norm=gn, tokens_per_s=round(tps, 1))
-            if bar.disable and dd.main and cfg.progress:
-                log(f"step {step:>6} | loss {loss_val:.4f} | lr {lr:.2e} | grad norm {gn:.3f} | {tps:,.0f} tok/s | {elapsed:.0f}s")
-            bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", val=f"{last_eval.get('val_loss', float('nan')):.3f}")
+            tps = (t.tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+            t_last, tokens_last = now, t.tokens_seen
+            t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(t.elapsed, 3), epoch=round(t.epochs_done(), 4), lr=lr, loss=loss, grad_norm=gn, tokens_per_s=round(tps, 1))
+            if bar.disable and cfg.progress:
+                log(f"step {t.step:>6} | loss {loss:.4f} | lr {lr:.2e} | grad norm {gn:.3f} | {tps:,.0f} tok/s | {t.elapsed:.0f}s")
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", val=f"{last_eval.get('val_loss', float('nan')):.3f}")
         bar.update(1)
 
-        done = progress() >= 1 or (cfg.pause_at and step >= cfg.pause_at)
-        if step % cfg.eval_every == 0 or done:
-            last_eval = run_eval()
-            improved = last_eval["val_loss"] < best_val - cfg.min_delta
-            if improved:
-                best_val, bad_evals = last_eval["val_loss"], 0
+        done = t.progress() >= 1 or (cfg.pause_at and t.step >= cfg.pause_at)
+        if t.step % cfg.eval_every == 0 or done:
+            last_eval = t.evaluate()
+            if last_eval["val_loss"] < t.best_val - cfg.min_delta:
+                t.best_val, t.bad_evals = last_eval["val_loss"], 0
                 if dd.main:
-                    ckpt.save_weights(out / "best.safetensors", model.state_dict(), {"step": str(step), "val_loss": str(best_val)})
+                    ckpt.save_weights(out / "best.safetensors", t.model.state_dict(), {"step": str(t.step), "val_loss": str(t.best_val)})
             else:
-                bad_evals += 1
+                t.bad_evals += 1
             gap = last_eval["val_loss"] - last_eval["train_eval_loss"]
-            gap_history.append(gap)
-            metrics.write(step=step, tokens=tokens_seen, time=round(elapsed, 3), epoch=round(epochs_done(), 4), **last_eval, gap=gap)
-            log(f"step {step:>6} | val loss {last_eval['val_loss']:.4f} | val bpb {last_eval['val_bpb']:.4f} | train loss {last_eval['train_eval_loss']:.4f}")
-            if len(gap_history) >= 4 and all(b > a + 1e-3 for a, b in zip(gap_history[-4:], gap_history[-3:])) and gap_history[-1] > 0.05:
-                log(f"warning: the train/validation gap has grown for 3 evaluations ({gap_history[-4]:.3f} -> {gap:.3f}): the model is overfitting (high variance); consider --dropout, --weight-decay, --patience or more data")
-            good = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()), "step": step, "tokens": tokens_seen}
-            save("eval")
-            if cfg.patience and bad_evals >= cfg.patience:
+            t.gap_history.append(gap)
+            t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(t.elapsed, 3), epoch=round(t.epochs_done(), 4), **last_eval, gap=gap)
+            log(f"step {t.step:>6} | val loss {last_eval['val_loss']:.4f} | val bpb {last_eval['val_bpb']:.4f} | train loss {last_eval['train_eval_loss']:.4f}")
+            recent = t.gap_history[-4:]
+            if len(recent) == 4 and all(b > a + 1e-3 for a, b in zip(recent, recent[1:])) and gap > 0.05:
+                log(f"warning: the train/validation gap has grown for 3 evaluations ({recent[0]:.3f} -> {gap:.3f}): the model is overfitting (high variance); consider --dropout, --weight-decay, --patience or more data")
+            good = t.snapshot()
+            t.save("eval")
+            if cfg.patience and t.bad_evals >= cfg.patience:
                 stop_reason = "converged"
-                log(f"converged: validation loss has not improved by {cfg.min_delta} for {cfg.patience} evaluations (best {best_val:.4f}); best weights in {out / 'best.safetensors'}")
+                log(f"converged: validation loss has not improved by {cfg.min_delta} for {cfg.patience} evaluations (best {t.best_val:.4f}); best weights in {out / 'best.safetensors'}")
                 break
     bar.close()
     if not last_eval:
-        last_eval = run_eval()
-    save(stop_reason)
+        last_eval = t.evaluate()
+    t.save(stop_reason)
     summary = {
         "run": str(out),
-        "steps": step,
-        "tokens": tokens_seen,
-        "epochs": epochs_done(),
-        "time_s": elapsed,
-        "tokens_per_s": tokens_seen / elapsed if elapsed else 0.0,
+        "steps": t.step,
+        "tokens": t.tokens_seen,
+        "epochs": t.epochs_done(),
+        "time_s": t.elapsed,
+        "tokens_per_s": t.tokens_seen / t.elapsed if t.elapsed else 0.0,
         "stop": stop_reason,
-        "best_val_loss": best_val,
+        "best_val_loss": t.best_val,
+        "divergence_restarts": t.guard_used,
         **last_eval,
     }
     if dd.main:
         ckpt.atomic_write_json(out / "summary.json", summary)
+        if cfg.plots:
+            from gradlm.plots import plot_runs
+
+            plot_runs({out.name: read_metrics(out)}, out / "plots" / "training.png", title=str(out))
     return summary
 
 

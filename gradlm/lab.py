@@ -1,0 +1,150 @@
+"""Experiments on gradient descent itself: the learning-rate range test and the comparison lab.
+
+lr_find  trains from the usual initialisation while the learning rate grows exponentially each step,
+         and reads a good learning rate off the loss curve (where the loss falls fastest).
+compare  trains several configurations (optimizers, batch modes, learning rates, ...) under one
+         budget from the same initialisation, and draws their losses against step, tokens and time.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from gradlm import checkpoint as ckpt
+from gradlm import plots
+from gradlm.errors import ConfigError, GradlmError
+from gradlm.model import ModelConfig
+from gradlm.optim import set_lr
+from gradlm.train import Trainer, TrainConfig, read_metrics, train
+
+
+def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, steps: int = 100, png: str | os.PathLike | None = "lr_find.png", log=print) -> dict:
+    """Learning-rate range test. Returns {"suggested_lr", "reason", "lrs", "losses", ...} and writes a PNG.
+
+    The suggestion is the learning rate where the smoothed loss falls fastest per decade of learning
+    rate: large enough to make quick progress, well below the point where the loss turns back up.
+    """
+    if not 0 < start_lr < end_lr:
+        raise ConfigError(f"the range test needs 0 < --start-lr < --end-lr, got {start_lr} and {end_lr}")
+    if steps < 10:
+        raise ConfigError(f"--steps must be at least 10 for a usable curve, got {steps}")
+    cfg = copy.deepcopy(cfg)
+    cfg.lr = cfg.lr or 1.0
+    with tempfile.TemporaryDirectory() as tmp:  # the trainer never writes here: no run directory is made
+        cfg.out = str(Path(tmp) / "lr-find")
+        t = Trainer(model_cfg, cfg, log=log)
+        t.model.train()
+        lrs, losses, smoothed = [], [], []
+        best = float("inf")
+        for i in range(steps):
+            lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
+            set_lr(t.opt, lr / cfg.lr)
+            loss, _ = t.gradients()
+            if not math.isfinite(loss):
+                break
+            t.update()
+            lrs.append(lr)
+            losses.append(loss)
+            smoothed = plots.smooth(losses, 0.9)
+            best = min(best, smoothed[-1])
+            if i > 10 and smoothed[-1] > 4 * best:  # clearly diverging: the rest of the range tells nothing
+                break
+    if len(lrs) < 5:
+        raise GradlmError(f"the loss diverged within {len(lrs)} steps from lr {start_lr:g}; lower --start-lr")
+    s = np.array(smoothed)
+    x = np.log10(np.array(lrs))
+    lowest = int(s.argmin())
+    slope = np.gradient(s, x)  # change in loss per decade of learning rate
+    # Only look left of the minimum, skipping the first steps where the smoothing is still settling.
+    lo = min(len(s) // 10, max(lowest - 1, 0))
+    window = slope[lo : max(lowest, lo + 1)]
+    steepest = lo + int(window.argmin())
+    suggested = float(lrs[steepest])
+    reason = (
+        f"the loss falls fastest at lr {suggested:.2g} ({slope[steepest]:.2f} nats per decade), is lowest at lr {lrs[lowest]:.2g} "
+        f"and {'turns up after it' if lowest < len(lrs) - 1 else 'was still falling at the end of the range'}: "
+        f"start at the fastest-falling point; learning rates near {lrs[lowest]:.2g} are already too large for a whole run"
+    )
+    result = {"suggested_lr": suggested, "min_loss_lr": float(lrs[lowest]), "reason": reason, "lrs": lrs, "losses": losses, "smoothed": smoothed, "optimizer": cfg.optimizer}
+    if png:
+        result["png"] = str(plots.plot_lr_find(lrs, losses, smoothed, suggested, png))
+    return result
+
+
+# ---- comparison lab ----------------------------------------------------------------------------------
+
+GRID_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def parse_grid(spec: dict[str, str]) -> list[dict]:
+    """{"optimizer": "sgd,adamw", "lr": "1e-3,1e-2"} -> the product of the values, typed like TrainConfig."""
+    axes = []
+    for name, values in spec.items():
+        if name not in GRID_FIELDS:
+            raise ConfigError(f"cannot compare over {name!r}: it is not a training setting")
+        kind = type(GRID_FIELDS[name].default)
+        parsed = []
+        for v in str(values).split(","):
+            v = v.strip()
+            try:
+                parsed.append(kind(v) if kind is not bool else v.lower() in ("1", "true", "yes"))
+            except ValueError:
+                raise ConfigError(f"--{name.replace('_', '-')} value {v!r} is not a {kind.__name__}") from None
+        axes.append([(name, p) for p in parsed])
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def _label(settings: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in settings.items()) or "base"
+
+
+def compare(model_cfg: ModelConfig, base: TrainConfig, grid: list[dict], out_dir: str | os.PathLike, log=print) -> dict:
+    """Train every configuration in grid (each a dict of TrainConfig overrides) under base's budget,
+    from the same seed (same initial weights, same data order), into out_dir/<label>/.
+    Writes compare.png, compare.json and compare.md; returns the table rows."""
+    out = Path(out_dir)
+    if (out / "compare.json").exists():
+        raise ConfigError(f"{out} already holds a comparison; choose another --out")
+    if not (base.max_steps or base.max_tokens or base.max_time or base.max_epochs):
+        raise ConfigError("give the comparison one budget for every run: --max-steps, --max-tokens, --max-time or --max-epochs")
+    table, curves = [], {}
+    for settings in grid:
+        label = _label(settings)
+        cfg = dataclasses.replace(base, **settings, out=str(out / label.replace("=", "-").replace(",", "_")), progress=False, resume=False)
+        log(f"--- {label}")
+        row = {"label": label, **settings}
+        try:
+            s = train(copy.deepcopy(model_cfg), cfg)
+            row.update(steps=s["steps"], tokens=s["tokens"], time_s=round(s["time_s"], 1), val_loss=s["val_loss"], val_bpb=s["val_bpb"], best_val_loss=s["best_val_loss"], restarts=s["divergence_restarts"], status="ok")
+        except GradlmError as e:
+            row.update(status="diverged", error=str(e))
+        table.append(row)
+        if Path(cfg.out, "metrics.jsonl").is_file():
+            curves[label] = read_metrics(cfg.out)
+    png = plots.plot_compare(curves, out / "compare.png", title=_budget(base))
+    ckpt.atomic_write_json(out / "compare.json", {"budget": _budget(base), "runs": table})
+    ckpt.atomic_write_text(out / "compare.md", format_table(table))
+    return {"runs": table, "png": str(png)}
+
+
+def _budget(cfg: TrainConfig) -> str:
+    parts = [f"{k.replace('_', ' ')} {getattr(cfg, k)}" for k in ("max_steps", "max_tokens", "max_time", "max_epochs") if getattr(cfg, k)]
+    return "budget: " + ", ".join(parts)
+
+
+def format_table(rows: list[dict]) -> str:
+    """The comparison as a Markdown table, best final validation loss first."""
+    head = "| run | steps | tokens | time (s) | val loss | val bits/byte | restarts |\n|---|---:|---:|---:|---:|---:|---:|\n"
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["val_loss"])
+    lines = [f"| {r['label']} | {r['steps']} | {r['tokens']:,} | {r['time_s']} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {r['restarts']} |" for r in ok]
+    lines += [f"| {r['label']} | diverged | | | | | |" for r in rows if r["status"] != "ok"]
+    return head + "\n".join(lines) + "\n"
+

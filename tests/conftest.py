@@ -1,0 +1,73 @@
+"""Shared fixtures: a small corpus, a tiny tokenizer, prepared data and tiny model configs (CPU, fast)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gradlm.model import ModelConfig
+from gradlm.tokenizer import Tokenizer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def shakespeare_text() -> str:
+    """The real corpus when the mirror has it (CI does), else a synthetic stand-in of similar shape."""
+    mirror = os.environ.get("GRADLM_DATA_MIRROR")
+    for p in ([Path(mirror) / "tinyshakespeare.txt"] if mirror else []) + [SHARED]:
+        if p.is_file():
+            return p.read_text(encoding="utf-8")
+    import random
+
+    rng = random.Random(0)
+    names = ["ROMEO", "JULIET", "MERCUTIO", "NURSE", "FRIAR"]
+    words = "thou art the sun and moon my love shall not be sweet night day fair lord good what is in a name".split()
+    lines = []
+    for _ in range(12000):
+        lines.append(f"{rng.choice(names)}:\n" + " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + ".\n")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="session")
+def corpus() -> str:
+    return shakespeare_text()
+
+
+@pytest.fixture(scope="session")
+def small_text(corpus) -> str:
+    return corpus[:60_000]
+
+
+@pytest.fixture(scope="session")
+def tok(small_text) -> Tokenizer:
+    return Tokenizer.train([small_text], 320)
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory, small_text) -> Path:
+    p = tmp_path_factory.mktemp("corpus") / "small.txt"
+    p.write_text(small_text, encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, text_file, tok) -> Path:
+    from gradlm.data import prepare
+
+    out = tmp_path_factory.mktemp("prep") / "data"
+    prepare(str(text_file), tok, out, val_fraction=0.1, progress=False, workers=1)
+    return out
+
+
+def tiny_config(vocab_size: int, **kw) -> ModelConfig:
+    base = dict(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=4, d_model=32)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Each test caches prepared data in its own folder, so tests never see each other's cache."""
+    monkeypatch.setenv("GRADLM_CACHE", str(tmp_path / "cache"))

@@ -1,0 +1,126 @@
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from gradlm.data import EpochSampler, RandomSampler, TokenData, _chunks, prepare, read_documents, split_documents, tokenize_documents
+from gradlm.errors import DataError
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    d = tmp_path / "corpus"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("First document, plain text.\nWith two lines.\n")
+    (d / "sub" / "b.md").write_text("Second document in a subfolder 🙂\n")
+    with gzip.open(d / "c.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("Third document, gzipped.\n")
+    (d / "d.jsonl").write_text(json.dumps({"text": "Fourth, from jsonl."}) + "\n\n" + json.dumps({"text": "Fifth, jsonl too."}) + "\n")
+    with gzip.open(d / "e.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "Sixth, gzipped jsonl."}) + "\n")
+    (d / "ignored.bin").write_bytes(b"\x00\x01")
+    return d
+
+
+def test_reads_directory_of_mixed_formats(corpus_dir):
+    docs = read_documents(str(corpus_dir))
+    texts = sorted(d.text.split(",")[0].split(" ")[0] for d in docs)
+    assert texts == ["Fifth", "First", "Fourth", "Second", "Sixth", "Third"]
+
+
+def test_prepare_directory_round_trips(corpus_dir, tok, tmp_path):
+    meta = prepare(str(corpus_dir), tok, tmp_path / "out", val_fraction=0.2, progress=False, workers=1)
+    data = TokenData(tmp_path / "out")
+    assert meta["split"] == "document" and meta["splits"]["val"]["documents"] >= 1
+    texts = []
+    for split in ("train", "val"):
+        ids = data.tokens(split).tolist()
+        assert ids[0] == tok.eot_id  # every document starts with <|endoftext|>
+        texts += [t for t in tok.decode(ids).split("<|endoftext|>") if t]
+    assert sorted(texts) == sorted(d.text for d in read_documents(str(corpus_dir)))
+    assert data.tokens("train").dtype == np.uint16
+    assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == sum(len(d.text.encode()) for d in read_documents(str(corpus_dir)))
+
+
+def test_single_file_splits_off_its_tail(small_text):
+    from gradlm.data import Document
+
+    train, val, mode = split_documents([Document("x", small_text)], 0.1)
+    assert mode == "tail" and train[0] + val[0] == small_text
+    assert abs(len(val[0]) - 0.1 * len(small_text)) < 0.02 * len(small_text)
+    assert train[0].endswith("\n")
+
+
+def test_chunked_parallel_tokenisation_equals_whole(tok, corpus):
+    text = corpus[:300_000]
+    pieces = _chunks(text, size=20_000)
+    assert len(pieces) > 10 and "".join(pieces) == text
+    whole = [tok.eot_id] + tok.encode(text)
+    assert tokenize_documents([text], tok, workers=2, progress=False).tolist() == whole
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "empty"),
+        (b"   \n\n", "empty"),
+        (b"\x7fELF\x00\x00\x01binary", "binary"),
+        (b"caf\xe9 latin-1", "not valid UTF-8"),
+    ],
+)
+def test_bad_corpora_are_rejected_clearly(tmp_path, content, message):
+    p = tmp_path / "bad.txt"
+    p.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        read_documents(str(p))
+
+
+def test_bad_jsonl(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(DataError, match="line 2 is not JSON"):
+        read_documents(str(p))
+    p.write_text('{"body": "ok"}\n')
+    with pytest.raises(DataError, match="--text-field"):
+        read_documents(str(p))
+
+
+def test_missing_path():
+    with pytest.raises(DataError, match="no such file"):
+        read_documents("does/not/exist.txt")
+
+
+def test_prepare_failure_leaves_nothing(tmp_path, tok):
+    p = tmp_path / "bad.txt"
+    p.write_bytes(b"\xff\xfe")
+    with pytest.raises(DataError):
+        prepare(str(p), tok, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert [x.name for x in tmp_path.iterdir()] == ["bad.txt"]
+
+
+def test_epoch_sampler_visits_every_window_once_in_seeded_order():
+    tokens = np.arange(1001, dtype=np.uint16)
+    s = EpochSampler(tokens, block=10, seed=3)
+    assert s.n_windows == 100
+    seen = []
+    while s.epoch == 0:
+        x, y = s.next(7)
+        assert (y[:, :-1] == x[:, 1:]).all()
+        seen += (x[:, 0] // 10).tolist()
+    assert seen == EpochSampler(tokens, 10, 3).order(0)
+    assert sorted(seen) == list(range(100))
+    assert EpochSampler(tokens, 10, 3).order(1) != seen  # a new shuffle each epoch
+
+
+def test_samplers_resume_exactly():
+    tokens = np.arange(5000, dtype=np.uint16)
+    for cls in (RandomSampler, EpochSampler):
+        a = cls(tokens, 16, 0)
+        a.next(4)
+        state = a.state_dict()
+        expected = a.next(4)[0]
+        b = cls(tokens, 16, 0)
+        b.load_state_dict(state)
+        assert (b.next(4)[0] == expected).all()

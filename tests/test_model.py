@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from gradlm.errors import ConfigError
+from gradlm.model import GPT, ModelConfig
+
+from conftest import tiny_config
+
+VARIANTS = [
+    dict(),
+    dict(qk_norm=True, n_kv_head=2, tie_embeddings=True),
+    dict(n_kv_head=1),
+]
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_causal_future_tokens_do_not_change_past_logits(kw):
+    torch.manual_seed(0)
+    m = GPT(tiny_config(100, **kw)).eval()
+    x = torch.randint(0, 100, (2, 20))
+    y = x.clone()
+    y[:, 12:] = torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        a, b = m(x), m(y)
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-6)
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_kv_cache_matches_full_forward(kw):
+    torch.manual_seed(0)
+    m = GPT(tiny_config(100, **kw)).eval()
+    x = torch.randint(0, 100, (2, 24))
+    with torch.no_grad():
+        full = m(x)
+        cache = m.new_cache(2)
+        parts = [m(x[:, :10], cache=cache), m(x[:, 10:17], cache=cache)]  # prefill, then a chunk
+        parts += [m(x[:, t : t + 1], cache=cache) for t in range(17, 24)]  # then one at a time
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+
+
+def test_left_padded_rows_match_unpadded():
+    torch.manual_seed(0)
+    m = GPT(tiny_config(100)).eval()
+    short, long_ = torch.randint(0, 100, (1, 5)), torch.randint(0, 100, (1, 9))
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long_])
+    with torch.no_grad():
+        cache = m.new_cache(2, pad=[4, 0])
+        got = m(batch, cache=cache)[:, -1]
+        step = m(torch.tensor([[7], [7]]), cache=cache)[:, -1]
+        ref_short = m(short)[:, -1]
+        ref_step = m(torch.cat([short, torch.tensor([[7]])], 1))[:, -1]
+    assert torch.allclose(got[0], ref_short[0], atol=1e-5)
+    assert torch.allclose(got[1], m(long_)[0, -1], atol=1e-5)
+    assert torch.allclose(step[0], ref_step[0], atol=1e-5)
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    m = GPT(tiny_config(64, d_model=64))
+    x = torch.randint(0, 64, (4, 32))
+    y = torch.roll(x, -1, dims=1)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for _ in range(200):
+        loss = m(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+def test_loss_matches_cross_entropy_and_ignores_minus_one():
+    torch.manual_seed(0)
+    m = GPT(tiny_config(50)).eval()
+    x = torch.randint(0, 50, (2, 16))
+    y = torch.randint(0, 50, (2, 16))
+    y[0, :5] = -1
+    with torch.no_grad():
+        logits = m(x)
+        ref = torch.nn.functional.cross_entropy(logits.view(-1, 50), y.view(-1), ignore_index=-1)
+        per = m(x, y, reduction="none")
+        assert torch.allclose(m(x, y), ref, atol=1e-6)
+    assert per.shape == (2, 16) and (per[0, :5] == 0).all()
+
+
+def test_counts_and_config():
+    cfg = ModelConfig(vocab_size=1000, d_model=64, n_layer=2, n_head=4)
+    m = GPT(cfg)
+    emb = 1000 * 64
+    per_layer = 4 * 64 * 64 + 3 * 64 * cfg.d_ff + 2 * 64
+    assert m.num_params() == 2 * emb + 2 * per_layer + 64
+    assert m.num_params(non_embedding=True) == emb + 2 * per_layer + 64
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert m.flops_per_token(32) == 6 * (emb + 2 * (4 * 64 * 64 + 3 * 64 * cfg.d_ff)) + 12 * 2 * 64 * 32
+    tied = GPT(ModelConfig(vocab_size=1000, d_model=64, n_layer=2, n_head=4, tie_embeddings=True))
+    assert tied.num_params() == emb + 2 * per_layer + 64 and tied.lm_head.weight is tied.embed_tokens.weight
+
+
+def test_invalid_config_reports_all_problems():
+    with pytest.raises(ConfigError) as e:
+        GPT(ModelConfig(d_model=30, n_head=4, dropout=2.0))
+    assert "divisible" in str(e.value) and "dropout" in str(e.value)
+
+
+def test_same_seed_same_weights():
+    a, b = GPT(tiny_config(50)), GPT(tiny_config(50))
+    a.reset_parameters(seed=1)
+    b.reset_parameters(seed=1)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

@@ -1,0 +1,165 @@
+"""The gradient-descent loop: batch modes, optimizers, stopping rules, divergence guard, exact resume, DDP."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gradlm.data import EpochSampler, windows
+from gradlm.errors import ConfigError, GradlmError, RunDirError
+from gradlm.model import GPT
+from gradlm.optim import OPTIMIZERS
+from gradlm.train import Trainer, TrainConfig, read_metrics, train
+
+from conftest import tiny_config
+
+
+def cfg_for(prepared, tmp_path, name="run", **kw):
+    base = dict(data=str(prepared), out=str(tmp_path / name), batch="8", max_steps=20, eval_every=10, eval_tokens=2048, warmup_steps=0, seed=0, progress=False, plots=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def model_for(tok, **kw):
+    return tiny_config(tok.vocab_size, **kw)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_each_optimizer_reduces_the_loss(prepared, tmp_path, tok, optimizer):
+    s = train(model_for(tok), cfg_for(prepared, tmp_path, optimizer=optimizer, max_steps=40, schedule="constant"))
+    assert s["val_loss"] < math.log(tok.vocab_size) - 1.0, s
+
+
+def test_full_batch_is_one_update_per_epoch_with_the_mean_gradient(prepared, tmp_path, tok):
+    cfg = cfg_for(prepared, tmp_path, batch="full", micro_batch=7, grad_clip=0.0, max_epochs=1)
+    t = Trainer(model_for(tok), cfg)
+    n = t.sampler.n_windows
+    assert t.batch == n and t.accum == math.ceil(n / 7)
+    ref = GPT(t.model_cfg)
+    ref.load_state_dict(t.model.state_dict())
+    t.gradients()
+    assert t.sampler.epoch == 1 and t.sampler.pos == 0  # the step consumed exactly one epoch
+    x, y = windows(t.train_tokens, [w * t.block for w in range(n)], t.block)
+    ref(x, y).backward()  # the mean loss over every window of the training set
+    for (name, p), q in zip(t.model.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), name
+    s = train(model_for(tok), cfg_for(prepared, tmp_path, name="full", batch="full", micro_batch=16, max_epochs=2, eval_every=1000))
+    assert s["steps"] == 2 and s["epochs"] == 2
+
+
+def test_sgd_batch_one_visits_windows_in_seeded_order(prepared, tmp_path, tok):
+    t = Trainer(model_for(tok), cfg_for(prepared, tmp_path, batch="1", sampler="epoch", optimizer="sgd", seed=5))
+    seen = []
+    real_next = t.sampler.next
+    t.sampler.next = lambda n: (lambda xy: (seen.append(int(xy[0][0, 0])), xy)[1])(real_next(n))
+    for _ in range(12):
+        t.gradients()
+        t.update()
+    order = EpochSampler(t.train_tokens, t.block, 5).order(0)[:12]
+    assert seen == [int(t.train_tokens[w * t.block]) for w in order]
+    assert t.step_tokens == t.block
+
+
+def test_accumulation_equals_one_big_batch(prepared, tmp_path, tok):
+    a = Trainer(model_for(tok), cfg_for(prepared, tmp_path, name="a", batch="8", accum=2, grad_clip=0.0))
+    b = Trainer(model_for(tok), cfg_for(prepared, tmp_path, name="b", batch="16", micro_batch=8, grad_clip=0.0))
+    assert a.step_tokens == b.step_tokens == 16 * a.block
+    la, _ = a.gradients()
+    lb, _ = b.gradients()
+    assert la == pytest.approx(lb, rel=1e-5)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-7)
+
+
+def test_early_stopping_fires_on_a_plateau(prepared, tmp_path, tok):
+    s = train(model_for(tok), cfg_for(prepared, tmp_path, lr=1e-9, schedule="constant", max_steps=500, eval_every=5, patience=2, min_delta=0.01))
+    assert s["stop"] == "converged" and s["steps"] == 15
+    assert (tmp_path / "run" / "best.safetensors").is_file()
+
+
+def test_divergence_guard_recovers_from_an_absurd_lr(prepared, tmp_path, tok):
+    s = train(model_for(tok), cfg_for(prepared, tmp_path, lr=10.0, grad_clip=0.0, max_steps=30, guard_retries=20))
+    assert s["divergence_restarts"] >= 1 and math.isfinite(s["val_loss"])
+    assert s["val_loss"] < math.log(tok.vocab_size)
+    events = [r for r in read_metrics(tmp_path / "run") if r.get("event") == "diverged"]
+    assert len(events) == s["divergence_restarts"] and events[1]["new_lr"] == events[0]["new_lr"] / 2
+
+
+def test_divergence_guard_gives_up_with_a_suggestion(prepared, tmp_path, tok):
+    with pytest.raises(GradlmError, match=r"diverged at step \d+ .*Try --lr"):
+        train(model_for(tok), cfg_for(prepared, tmp_path, optimizer="sgd", lr=1e4, grad_clip=0.0, guard_retries=1))
+    assert (tmp_path / "run" / "model.safetensors").is_file()  # the last good state is kept
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(prepared, tmp_path, tok):
+    kw = dict(max_steps=16, eval_every=6, schedule="cosine", warmup_steps=3, optimizer="adamw")
+    straight = train(model_for(tok, dropout=0.1), cfg_for(prepared, tmp_path, name="straight", **kw))
+    first = train(model_for(tok, dropout=0.1), cfg_for(prepared, tmp_path, name="split", pause_at=8, **kw))
+    assert first["stop"] == "paused" and first["steps"] == 8
+    second = train(model_for(tok, dropout=0.1), cfg_for(prepared, tmp_path, name="split", resume=True, **kw))
+    assert second["steps"] == straight["steps"] == 16
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in read_metrics(tmp_path / "split") if "loss" in r]
+    assert steps == sorted(set(steps))  # no duplicated log lines after resuming
+
+
+def test_run_directory_layout_and_reuse_rules(prepared, tmp_path, tok):
+    train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=4, eval_every=2, plots=True))
+    run = tmp_path / "run"
+    for f in ("config.json", "tokenizer.json", "model.safetensors", "best.safetensors", "state/trainer.pt", "metrics.jsonl", "summary.json", "plots/training.png"):
+        assert (run / f).is_file(), f
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["vocab_size"] == tok.vocab_size and cfg["train"]["max_steps"] == 4
+    with pytest.raises(RunDirError, match="--resume"):
+        train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=4))
+    with pytest.raises(RunDirError, match="not a run directory"):
+        train(model_for(tok), cfg_for(prepared, tmp_path, name="nothing", resume=True))
+
+
+def test_budget_by_tokens_and_epochs(prepared, tmp_path, tok):
+    s = train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=0, max_tokens=8 * 32 * 5))
+    assert s["steps"] == 5
+    s = train(model_for(tok), cfg_for(prepared, tmp_path, name="ep", max_steps=0, sampler="epoch", batch="64", max_epochs=1.0, eval_every=1000))
+    assert s["epochs"] == pytest.approx(1.0)
+
+
+def test_init_continues_from_another_run(prepared, tmp_path, tok):
+    a = train(model_for(tok), cfg_for(prepared, tmp_path, name="a", max_steps=30))
+    b = train(model_for(tok, n_layer=5), cfg_for(prepared, tmp_path, name="b", init=str(tmp_path / "a"), max_steps=1, lr=1e-9))
+    assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-3)  # architecture and weights come from --init
+
+
+def test_invalid_settings_are_all_reported(prepared, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(batch="0", optimizer="adam", schedule="step", max_time="soon").validate()
+    msg = str(e.value)
+    assert "--batch" in msg and "--optimizer" in msg and "--schedule" in msg and "--max-time" in msg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_one_with_the_same_global_batch(prepared, tmp_path, tok):
+    common = ["train", "--data", str(prepared), "--batch", "8", "--max-steps", "3", "--eval-every", "3", "--eval-tokens", "1024",
+              "--block-size", "32", "--n-layer", "2", "--n-head", "4", "--d-model", "32", "--seed", "0", "--no-progress", "--no-plots"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "gradlm", *common, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "gradlm", *common, "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert not any(torch.equal(a[k], GPT(tiny_config(tok.vocab_size)).state_dict()[k]) for k in a if k.endswith("q_proj.weight"))
