@@ -283,7 +283,14 @@ class Trainer:
     """
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, log=None):
-        cfg.validate()
+        problems = []
+        for c in (cfg, model_cfg):  # report every problem of both configurations at once, before any work
+            try:
+                c.validate()
+            except ConfigError as e:
+                problems.append(str(e))
+        if problems:
+            raise ConfigError("; ".join(problems))
         if not cfg.lr:
             cfg.lr = DEFAULT_LR[cfg.optimizer]
         self.cfg, self.out = cfg, Path(cfg.out)
