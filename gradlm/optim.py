@@ -31,8 +31,9 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32, eps: float = 1e-7) -> torch.Tensor:
     """Approximately U V^T for g = U S V^T, by a Newton-Schulz iteration in `dtype`.
 
-    fp32 is the default: on CPUs without native bf16 matmuls it is several times faster than bf16
-    (see docs/benchmarks.md); on GPUs bf16 is the usual choice.
+    g may be one matrix (m, n) or a stack (k, m, n), orthogonalised independently in one batched call.
+    fp32 is the default: on CPUs without native bf16 matmuls it is faster than bf16 (see
+    docs/benchmarks.md); on GPUs bf16 is the usual choice.
     """
     a, b, c = NS_COEFFS
     x = g.to(dtype)
@@ -40,9 +41,11 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     if tall:  # iterate on the short side: X X^T is then the smaller Gram matrix
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
+    mm_add = torch.addmm if x.dim() == 2 else torch.baddbmm  # fused out = beta*input + alpha*(m1 @ m2)
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        poly = mm_add(gram, gram, gram, beta=b, alpha=c)  # b*G + c*G^2
+        x = mm_add(x, poly, x, beta=a)  # a*X + (b*G + c*G^2) X
     if tall:
         x = x.mT
     return x.to(g.dtype)
@@ -52,7 +55,7 @@ class Muon(torch.optim.Optimizer):
     """Momentum + orthogonalised updates, for 2-D weight matrices only.
 
     The update of a (rows x cols) matrix is scaled by sqrt(max(1, rows/cols)) so that its RMS does not
-    depend on the matrix's aspect ratio.
+    depend on the matrix's aspect ratio. Matrices of the same shape are orthogonalised as one batch.
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, ns_steps=5, ns_dtype=torch.float32):
@@ -63,6 +66,7 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure=None):
         for group in self.param_groups:
             mu = group["momentum"]
+            by_shape: dict[tuple, list] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -71,10 +75,13 @@ class Muon(torch.optim.Optimizer):
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 buf.mul_(mu).add_(p.grad)
                 g = p.grad.add(buf, alpha=mu) if group["nesterov"] else buf
-                update = orthogonalize(g, group["ns_steps"], self.ns_dtype)
-                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * scale)
+                by_shape.setdefault(tuple(p.shape), []).append((p, g))
+            for (rows, cols), items in by_shape.items():
+                updates = orthogonalize(torch.stack([g for _, g in items]), group["ns_steps"], self.ns_dtype)
+                scale = max(1.0, rows / cols) ** 0.5
+                for (p, _), u in zip(items, updates):
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(u, alpha=-group["lr"] * scale)
 
 
 class Combined:
