@@ -396,12 +396,13 @@ class Trainer:
             n = min(self.micro, self.sampler.n_windows - self.sampler.pos) if self.full_batch else min(self.micro, self.batch - k * self.micro)
             x, y = self.sampler.next(n)  # every rank draws the same global micro-batch, then takes its rows
             x, y = x[dd.rank :: dd.world].to(self.device), y[dd.rank :: dd.world].to(self.device)
-            share = n / self.batch  # this micro-batch's share of the step's tokens
+            # This rank's rows' share of the step's tokens, times the world size because DDP averages
+            # gradients over ranks: summed over ranks and micro-batches, the weights give the gradient
+            # of the mean loss over the whole global batch (also when n does not split evenly).
+            share = len(x) / self.batch * dd.world
             sync = dd.world == 1 or k == self.accum - 1
             with (nullcontext() if sync else self.run_model.no_sync()), self.autocast():
                 loss = self.run_model(x, y)
-                # DDP averages gradients over ranks and each rank's loss is the mean over its rows, so
-                # the average of the ranks' (loss * share) gradients is the global batch's gradient.
                 (loss * share).backward()
             loss_sum += loss.detach() * share
         if dd.world > 1:
@@ -496,6 +497,13 @@ def diverged(loss: float, grad_norm: float, ln_vocab: float, ema: float | None, 
     return loss > 1.5 * ln_vocab or (ema is not None and step > 50 and loss > 3 * ema)
 
 
+def overfitting(gaps: list[float], evals: int = 3, min_gap: float = 0.05) -> bool:
+    """Validation loss minus training loss has grown at each of the last `evals` evaluations and is
+    now material: the model is fitting its training text rather than the language (high variance)."""
+    recent = gaps[-(evals + 1) :]
+    return len(recent) == evals + 1 and all(b > a + 1e-3 for a, b in zip(recent, recent[1:])) and recent[-1] > min_gap
+
+
 def train(model_cfg: ModelConfig, cfg: TrainConfig, on_step=None) -> dict:
     """Train a model as configured; returns a summary (final validation loss, bits per byte, steps, ...).
 
@@ -578,9 +586,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, on_step=None) -> dict:
             t.gap_history.append(gap)
             t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(t.elapsed, 3), epoch=round(t.epochs_done(), 4), **last_eval, gap=gap)
             log(f"step {t.step:>6} | val loss {last_eval['val_loss']:.4f} | val bpb {last_eval['val_bpb']:.4f} | train loss {last_eval['train_eval_loss']:.4f}")
-            recent = t.gap_history[-4:]
-            if len(recent) == 4 and all(b > a + 1e-3 for a, b in zip(recent, recent[1:])) and gap > 0.05:
-                log(f"warning: the train/validation gap has grown for 3 evaluations ({recent[0]:.3f} -> {gap:.3f}): the model is overfitting (high variance); consider --dropout, --weight-decay, --patience or more data")
+            if overfitting(t.gap_history):
+                log(f"warning: the train/validation gap has grown for 3 evaluations ({t.gap_history[-4]:.3f} -> {gap:.3f}): the model is overfitting (high variance); consider --dropout, --weight-decay, --patience or more data")
             good = t.snapshot()
             t.save("eval")
             if cfg.patience and t.bad_evals >= cfg.patience:

@@ -15,7 +15,7 @@ from gradlm.data import EpochSampler, windows
 from gradlm.errors import ConfigError, GradlmError, RunDirError
 from gradlm.model import GPT
 from gradlm.optim import OPTIMIZERS
-from gradlm.train import Trainer, TrainConfig, read_metrics, train
+from gradlm.train import Trainer, TrainConfig, overfitting, read_metrics, train
 
 from conftest import tiny_config
 
@@ -163,3 +163,10 @@ def test_ddp_two_processes_match_one_with_the_same_global_batch(prepared, tmp_pa
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert not any(torch.equal(a[k], GPT(tiny_config(tok.vocab_size)).state_dict()[k]) for k in a if k.endswith("q_proj.weight"))
+
+
+def test_overfitting_rule():
+    assert overfitting([0.0, 0.02, 0.06, 0.1])
+    assert not overfitting([0.0, 0.02, 0.06])  # too few evaluations
+    assert not overfitting([0.0, 0.08, 0.06, 0.1])  # not growing every time
+    assert not overfitting([0.0, 0.01, 0.02, 0.03])  # growing but still small
