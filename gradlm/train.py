@@ -124,6 +124,15 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def resumed_config(saved: TrainConfig, given: TrainConfig) -> TrainConfig:
+    """The settings to resume with: the run's own, except those the caller changed from the defaults
+    (typically a longer budget), so `gradlm train --out runs/x --resume --max-time 10m` just works."""
+    defaults = TrainConfig()
+    merged = {f.name: getattr(given, f.name) if getattr(given, f.name) != getattr(defaults, f.name) else getattr(saved, f.name) for f in fields(TrainConfig)}
+    merged.update(out=given.out, resume=True, pause_at=given.pause_at)
+    return TrainConfig(**merged)
+
+
 def parse_duration(text: str) -> float:
     """'90s' -> 90.0, '5m' -> 300.0, '1.5h' -> 5400.0, '' -> 0 (no limit), '120' -> 120 seconds."""
     if not text:
@@ -293,6 +302,11 @@ class Trainer:
             raise ConfigError("; ".join(problems))
         if not cfg.lr:
             cfg.lr = DEFAULT_LR[cfg.optimizer]
+        if cfg.resume and (Path(cfg.out) / "config.json").is_file():
+            cfg = resumed_config(TrainConfig.from_dict(ckpt.read_json(Path(cfg.out) / "config.json", "run config")["train"]), cfg)
+            cfg.validate()
+        if not (cfg.max_steps or cfg.max_time or cfg.max_tokens or cfg.max_epochs):
+            cfg.max_steps = 1000
         self.cfg, self.out = cfg, Path(cfg.out)
         self.dd = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = pick_device(cfg, self.dd)
@@ -512,9 +526,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, on_step=None) -> dict:
     Example:
         >>> train(ModelConfig(n_layer=2), TrainConfig(data="notes.txt", out="runs/notes", max_time="2m"))  # doctest: +SKIP
     """
-    if not (cfg.max_steps or cfg.max_time or cfg.max_tokens or cfg.max_epochs):
-        cfg.max_steps = 1000
     t = Trainer(model_cfg, cfg)
+    cfg = t.cfg  # with defaults filled in (and, on --resume, the run's own settings)
     t.start_run_dir()
     dd, out, log = t.dd, t.out, t.log
     ln_vocab = math.log(t.model_cfg.vocab_size)
