@@ -13,8 +13,6 @@ import gzip
 import json
 import os
 import random
-import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradlm import datasets
+from gradlm.checkpoint import atomic_write_dir
 from gradlm.errors import DataError
 from gradlm.tokenizer import Tokenizer
 
@@ -245,38 +244,28 @@ def prepare(
     docs = docs if docs is not None else read_documents(sources, text_field)
     train_docs, val_docs, mode = split_documents(docs, val_fraction, seed)
     dtype = token_dtype(tok.vocab_size)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        splits = {}
+    meta = {
+        "format": 1,
+        "tokenizer_sha256": tok.sha256,
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        "dtype": dtype.name,
+        "split": mode,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "sources": [str(s) for s in ([sources] if isinstance(sources, str) else sources)],
+        "splits": {},
+    }
+
+    def write(tmp: Path) -> None:
         for name, texts in (("train", train_docs), ("val", val_docs)):
             ids = tokenize_documents(texts, tok, workers, progress, desc=f"tokenize {name}")
             ids.astype(dtype).tofile(tmp / f"{name}.bin")
-            splits[name] = {
-                "tokens": int(len(ids)),
-                "bytes": sum(len(t.encode()) for t in texts),
-                "documents": len(texts),
-            }
+            meta["splits"][name] = {"tokens": int(len(ids)), "bytes": sum(len(t.encode()) for t in texts), "documents": len(texts)}
         tok.save(tmp / "tokenizer.json")
-        meta = {
-            "format": 1,
-            "tokenizer_sha256": tok.sha256,
-            "vocab_size": tok.vocab_size,
-            "eot_id": tok.eot_id,
-            "dtype": dtype.name,
-            "split": mode,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "sources": [str(s) for s in ([sources] if isinstance(sources, str) else sources)],
-            "splits": splits,
-        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_write_dir(out_dir, write)
     return meta
 
 
