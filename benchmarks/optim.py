@@ -1,4 +1,4 @@
-"""Optimizer step time on this machine: AdamW vs Muon (ours in fp32 and bf16, and torch.optim.Muon).
+"""Optimizer step time on this machine: AdamW vs Muon (ours with fp32 and bf16 Newton-Schulz, and torch.optim.Muon).
 
 Side by side in one process, interleaved round-robin so machine noise hits every variant alike.
 Reports the median time of optimizer.step() alone and of a whole training step (forward + backward +
@@ -16,15 +16,15 @@ import time
 import torch
 
 from gradlm.model import GPT, ModelConfig
-from gradlm.optim import Muon, build_optimizer
+from gradlm.optim import build_optimizer
 
 
 def variants(model):
     yield "adamw", build_optimizer(model, "adamw", lr=1e-4)
-    yield "muon (gradlm, fp32 Newton-Schulz)", build_optimizer(model, "muon", lr=1e-4, muon_lr=1e-4)
-    opt = build_optimizer(model, "muon", lr=1e-4, muon_lr=1e-4)
-    opt.optimizers["muon"].ns_dtype = torch.bfloat16
-    yield "muon (gradlm, bf16 Newton-Schulz)", opt
+    for dtype in (torch.float32, torch.bfloat16):
+        opt = build_optimizer(model, "muon", lr=1e-4, muon_lr=1e-4)
+        opt.optimizers["muon"].ns_dtype = dtype
+        yield f"muon (gradlm, {'fp32' if dtype == torch.float32 else 'bf16'} Newton-Schulz)", opt
     yield "muon (torch.optim.Muon, bf16)", build_optimizer(model, "muon", lr=1e-4, muon_lr=1e-4, muon_impl="torch")
 
 
@@ -57,6 +57,9 @@ def main() -> None:
             if r >= 2:  # the first rounds warm up allocators and optimizer state
                 step_t[name].append(t2 - t1)
                 full_t[name].append(t2 - t0)
+    from gradlm.optim import fast_matmul_dtype
+
+    print(f"gradlm's Muon picks {fast_matmul_dtype('cpu')} for Newton-Schulz on this machine (from the CPU's bf16 features)")
     print(f"model: d_model {a.d_model}, {a.n_layer} layers, {model.num_params():,} parameters; batch {a.batch} x {a.block} tokens; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| optimizer | step() ms | vs adamw | whole train step ms | vs adamw |\n|---|---:|---:|---:|---:|")
     base_s, base_f = statistics.median(step_t["adamw"]), statistics.median(full_t["adamw"])

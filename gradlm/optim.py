@@ -32,8 +32,8 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     """Approximately U V^T for g = U S V^T, by a Newton-Schulz iteration in `dtype`.
 
     g may be one matrix (m, n) or a stack (k, m, n), orthogonalised independently in one batched call.
-    fp32 is the default: on CPUs without native bf16 matmuls it is faster than bf16 (see
-    docs/benchmarks.md); on GPUs bf16 is the usual choice.
+    Muon picks `dtype` with fast_matmul_dtype(): bf16 where the hardware multiplies it natively (GPUs,
+    CPUs with AMX / AVX512-BF16), fp32 where bf16 is emulated and slower.
     """
     a, b, c = NS_COEFFS
     x = g.to(dtype)
@@ -51,6 +51,19 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     return x.to(g.dtype)
 
 
+def fast_matmul_dtype(device_type: str = "cpu") -> torch.dtype:
+    """bfloat16 where the hardware multiplies it natively, else float32.
+
+    On a CPU with AMX or AVX512-BF16, bf16 Newton-Schulz runs 1.3-2.7x faster than fp32 (measured in
+    docs/benchmarks.md); without them bf16 is emulated and slower. Decided from the CPU's features,
+    not by timing, so every process and every resume of a run makes the same choice.
+    """
+    if device_type == "cuda":
+        return torch.bfloat16
+    native = any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return torch.bfloat16 if native else torch.float32
+
+
 class Muon(torch.optim.Optimizer):
     """Momentum + orthogonalised updates, for 2-D weight matrices only.
 
@@ -58,9 +71,10 @@ class Muon(torch.optim.Optimizer):
     depend on the matrix's aspect ratio. Matrices of the same shape are orthogonalised as one batch.
     """
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, ns_steps=5, ns_dtype=torch.float32):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, ns_steps=5, ns_dtype: torch.dtype | None = None):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps))
-        self.ns_dtype = ns_dtype
+        device = next((p.device.type for g in self.param_groups for p in g["params"]), "cpu")
+        self.ns_dtype = ns_dtype or fast_matmul_dtype(device)  # None: whichever is faster here
 
     @torch.no_grad()
     def step(self, closure=None):
