@@ -21,6 +21,8 @@ from gradlm.optim import build_optimizer
 
 def variants(model):
     yield "adamw", build_optimizer(model, "adamw", lr=1e-4)
+    yield "sgd", build_optimizer(model, "sgd", lr=1e-4)
+    yield "momentum", build_optimizer(model, "momentum", lr=1e-4)
     for dtype in (torch.float32, torch.bfloat16):
         opt = build_optimizer(model, "muon", lr=1e-4, muon_lr=1e-4)
         opt.optimizers["muon"].ns_dtype = dtype

@@ -59,7 +59,11 @@ def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, en
                 break
     if len(lrs) < 5:
         raise GradlmError(f"the loss diverged within {len(lrs)} steps from lr {start_lr:g}; lower --start-lr")
-    s = np.array(smoothed)
+    # Analyse a centred moving average: the online EMA lags ~10 steps, which on an exponential sweep
+    # would shift every reading towards larger learning rates.
+    k = max(1, len(losses) // 25)
+    s = np.convolve(np.pad(np.array(losses), k, mode="edge"), np.ones(2 * k + 1) / (2 * k + 1), mode="valid")
+    smoothed = s.tolist()
     x = np.log10(np.array(lrs))
     lowest = int(s.argmin())
     slope = np.gradient(s, x)  # change in loss per decade of learning rate
