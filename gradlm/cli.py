@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
@@ -120,16 +121,96 @@ def cmd_train(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from gradlm.generate import SamplingConfig, stream_text
+    from gradlm.generate import SamplingConfig, load, read_prompts, show_token
+
+    cfg = pick(args, SamplingConfig)
+    cfg.validate()
+    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+    if args.batch < 1:
+        raise ConfigError(f"--batch must be at least 1, got {args.batch}")
+    lm = load(args.run, best=args.best)
+    out = sys.stdout
+    if len(prompts) <= 1 and not args.logprobs:  # one prompt: stream the text as it is written
+        for piece in lm.stream(prompts[0] if prompts else "", cfg, truncate=args.truncate):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        return
+    prompts = prompts or [""]
+    for start in range(0, len(prompts), args.batch):  # several prompts: decoded together, --batch at a time
+        for k, c in enumerate(lm.complete(prompts[start : start + args.batch], cfg, logprobs=args.logprobs, truncate=args.truncate), start + 1):
+            if len(prompts) > 1:
+                out.write(f"--- {k}/{len(prompts)}: {c.prompt[:60]!r} ---\n")
+            out.write(c.text + "\n")
+            for i, t in enumerate(c.logprobs or [], 1):
+                alts = "  ".join(f"{show_token(lm.tok, j)} {math.exp(lp):.1%}" for j, _, lp in t.top)
+                out.write(f"{i:>5}  {show_token(lm.tok, t.id):<16} {t.prob:7.2%}   {alts}\n")
+            if args.logprobs:
+                out.write(f"[{len(c.token_ids)} tokens, finished by {c.finish_reason}; probabilities are the model's, before sampling controls]\n")
+            out.flush()
+
+
+def cmd_eval(args) -> None:
+    import json
+
+    from gradlm.evaluate import EvalConfig, format_report, run_eval
     from gradlm.train import load_model
 
+    cfg = pick(args, EvalConfig)
+    cfg.validate()  # bad flags fail before the model loads
     model, tok = load_model(args.run, best=args.best)
-    cfg = pick(args, SamplingConfig)
-    out = sys.stdout
-    for piece in stream_text(model, tok, args.prompt, cfg):
-        out.write(piece)
-        out.flush()
-    out.write("\n")
+    report = run_eval(model, tok, cfg)
+    print(json.dumps({"run": args.run, **report}, indent=2) if args.json else format_report(report))
+
+
+def _train_configs(args):
+    from gradlm.model import ModelConfig
+    from gradlm.train import TrainConfig
+
+    return pick(args, ModelConfig), pick(args, TrainConfig)
+
+
+def cmd_lr_find(args) -> None:
+    from gradlm.lab import lr_find
+
+    model_cfg, cfg = _train_configs(args)
+    r = lr_find(model_cfg, cfg, args.start_lr, args.end_lr, args.steps, args.png, log=lambda m: print(m, file=sys.stderr))
+    print(f"suggested lr for {r['optimizer']}: {r['suggested_lr']:.3g}\nwhy: {r['reason']}\nplot: {r['png']}")
+
+
+def cmd_compare(args) -> None:
+    from gradlm.lab import compare, format_table, parse_grid
+
+    model_cfg, cfg = _train_configs(args)
+    grid = parse_grid({k: v for k, v in (("optimizer", args.optimizers), ("batch", args.batches), ("lr", args.lrs), ("schedule", args.schedules)) if v})
+    for extra in args.vary or []:
+        name, _, values = extra.partition("=")
+        grid = [dict(g, **h) for g in grid for h in parse_grid({name.replace("-", "_"): values})]
+    r = compare(model_cfg, cfg, grid, args.compare_out, log=lambda m: print(m, file=sys.stderr))
+    print(format_table(r["runs"]) + f"plot: {r['png']}")
+
+
+def cmd_plot(args) -> None:
+    from gradlm.plots import plot_runs
+    from gradlm.train import read_metrics
+
+    runs = {Path(r).name or str(r): read_metrics(r) for r in args.runs}
+    out = args.png or str(Path(args.runs[0]) / "plots" / "training.png")
+    print(plot_runs(runs, out))
+
+
+def cmd_export(args) -> None:
+    from gradlm.interop import export_hf
+
+    s = export_hf(args.run, args.out_dir, dtype=args.dtype, best=args.best)
+    print(f"{s['out']}: {s['architecture']}, {s['params']:,} parameters in {s['dtype']} ({s['bytes'] / 1e6:.1f} MB); load it with transformers' AutoModelForCausalLM.from_pretrained")
+
+
+def cmd_import(args) -> None:
+    from gradlm.interop import import_hf
+
+    s = import_hf(args.hf_dir, args.run, block_size=args.block_size)
+    print(f"{s['run']}: imported {s['architecture']} ({s['params']:,} parameters, end of text {s['eos_token']}); continue with `gradlm train --init {s['run']}` or `gradlm generate {s['run']}`")
 
 
 # ---- wiring ------------------------------------------------------------------------------------------
@@ -176,10 +257,62 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("generate", help="write text with a trained model (streamed)")
     t.add_argument("run", help="run directory")
-    t.add_argument("prompt", nargs="?", default="", help="text to continue (default: start of a document)")
+    t.add_argument("prompt", nargs="*", help="text to continue; several prompts are decoded together (default: start of a document)")
+    t.add_argument("--prompts", default="", help="file of prompts: one per line, or .jsonl of strings / {\"prompt\": ...}")
     t.add_argument("--best", action="store_true", help="use best.safetensors (best validation loss)")
-    add_fields(t, SamplingConfig)
+    t.add_argument("--stop", action="append", metavar="TEXT", help="stop when this text appears; it is not printed (repeat for several)")
+    t.add_argument("--logprobs", type=int, default=0, metavar="N", help="show each token's probability and the N most likely alternatives")
+    t.add_argument("--truncate", choices=("error", "left"), default="error", help="a prompt longer than the context window: error, or keep its last tokens (left)")
+    t.add_argument("--batch", type=int, default=8, help="prompts decoded together (default: 8)")
+    add_fields(t, SamplingConfig, skip=("stop",))
     t.set_defaults(func=cmd_generate)
+
+    from gradlm.evaluate import EvalConfig
+
+    t = sub.add_parser("eval", help="loss, perplexity, bits per byte/char of a text; typo robustness; multiple choice")
+    t.add_argument("run", help="run directory")
+    t.add_argument("--best", action="store_true", help="use best.safetensors (best validation loss)")
+    t.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_fields(t, EvalConfig)
+    t.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("lr-find", help="learning-rate range test: plot loss vs an exponentially growing lr, suggest one")
+    t.add_argument("--start-lr", type=float, default=1e-6, help="first learning rate of the sweep")
+    t.add_argument("--end-lr", type=float, default=10.0, help="last learning rate of the sweep")
+    t.add_argument("--steps", type=int, default=100, help="steps of the sweep")
+    t.add_argument("--png", default="lr_find.png", help="where to write the plot")
+    add_fields(t, TrainConfig, skip=("out", "resume", "pause_at", "max_steps", "max_time", "max_tokens", "max_epochs", "patience", "schedule", "warmup_steps", "plots"))
+    add_fields(t, ModelConfig, skip=("vocab_size",))
+    t.set_defaults(func=cmd_lr_find)
+
+    t = sub.add_parser("compare", help="train several configurations under one budget and plot them together")
+    t.add_argument("--optimizers", "--optimizer", dest="optimizers", default="", help="comma-separated, e.g. sgd,momentum,adamw,muon")
+    t.add_argument("--batches", "--batch", dest="batches", default="", help="comma-separated batch modes, e.g. full,1,32")
+    t.add_argument("--lrs", "--lr", dest="lrs", default="", help="comma-separated learning rates (default: each optimizer's own)")
+    t.add_argument("--schedules", "--schedule", dest="schedules", default="", help="comma-separated schedules")
+    t.add_argument("--vary", action="append", metavar="FIELD=V1,V2", help="any other training setting to compare, e.g. --vary weight-decay=0,0.1")
+    t.add_argument("--out", dest="compare_out", required=True, help="folder for the runs, compare.png, compare.md and compare.json")
+    add_fields(t, TrainConfig, skip=("out", "optimizer", "batch", "lr", "schedule", "resume", "pause_at"))
+    add_fields(t, ModelConfig, skip=("vocab_size",))
+    t.set_defaults(func=cmd_compare, optimizer="adamw", batch="32", lr=0.0, schedule="cosine", out="", resume=False, pause_at=0)
+
+    t = sub.add_parser("plot", help="draw loss, learning-rate and gradient-norm curves of one or more runs")
+    t.add_argument("runs", nargs="+", help="run directories")
+    t.add_argument("--png", default="", help="output file (default: RUN/plots/training.png)")
+    t.set_defaults(func=cmd_plot)
+
+    t = sub.add_parser("export", help="write a run as a Hugging Face transformers checkpoint (Llama / Qwen3)")
+    t.add_argument("run", help="run directory")
+    t.add_argument("out_dir", help="output directory (new, empty, or a previous export)")
+    t.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weight precision")
+    t.add_argument("--best", action="store_true", help="export best.safetensors (best validation loss)")
+    t.set_defaults(func=cmd_export)
+
+    t = sub.add_parser("import", help="turn a local Hugging Face Llama/Qwen3/Qwen2 checkpoint into a run directory")
+    t.add_argument("hf_dir", help="folder with config.json, model.safetensors and tokenizer.json")
+    t.add_argument("run", help="run directory to create")
+    t.add_argument("--block-size", type=int, default=0, help="context window (default: the checkpoint's max_position_embeddings)")
+    t.set_defaults(func=cmd_import)
     return p
 
 

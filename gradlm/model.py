@@ -114,25 +114,59 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32, pad=None):
-        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Keys and values share one tensor, (n_layer, B, 2 * n_kv_head, max_len, head_dim): k and v are
+        # views of its halves, so the generation path writes a token's keys and values in one copy.
+        self.kv = torch.zeros(cfg.n_layer, batch, 2 * cfg.n_kv_head, max_len, cfg.head_dim, device=device, dtype=dtype)
+        self.n_kv_head = cfg.n_kv_head
         self.max_len = max_len
         self.pos = 0
         self.pad = None if pad is None else torch.as_tensor(pad, device=device, dtype=torch.long)
+        self._bias: torch.Tensor | None = None
+        self.max_pad = int(self.pad.max()) if self.pad is not None and self.pad.numel() else 0
+        self._layers: list | None = None  # per-layer views, made on first use
+        self.weights = None  # the model's inference weights, fetched once per cache (see GPT._inference_weights)
+
+    @property
+    def k(self) -> torch.Tensor:
+        """Keys (n_layer, B, n_kv_head, max_len, head_dim), a view."""
+        return self.kv[:, :, : self.n_kv_head]
+
+    @property
+    def v(self) -> torch.Tensor:
+        """Values (n_layer, B, n_kv_head, max_len, head_dim), a view."""
+        return self.kv[:, :, self.n_kv_head :]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.pos + k.shape[2]
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        end, n = self.pos + k.shape[2], self.n_kv_head
+        self.kv[layer, :, :n, self.pos : end] = k
+        self.kv[layer, :, n:, self.pos : end] = v
+        return self.kv[layer, :, :n, :end], self.kv[layer, :, n:, :end]
+
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per layer: (keys and values (B, 2 * n_kv_head, max_len, head_dim), keys, values) views."""
+        if self._layers is None:
+            n = self.n_kv_head
+            self._layers = [(self.kv[i], self.kv[i, :, :n], self.kv[i, :, n:]) for i in range(self.kv.shape[0])]
+        return self._layers
+
+    def pad_bias(self) -> torch.Tensor:
+        """Additive attention bias (B, 1, 1, max_len): -inf on each row's padding keys, 0 elsewhere.
+        Built once per cache rather than per decoding step; valid for queries past every row's padding."""
+        if self._bias is None:
+            keys = torch.arange(self.max_len, device=self.kv.device)
+            self._bias = torch.zeros(self.pad.shape[0], 1, 1, self.max_len, device=self.kv.device, dtype=self.kv.dtype)
+            self._bias.masked_fill_(keys[None, None, None, :] < self.pad[:, None, None, None], float("-inf"))
+        return self._bias
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (used when finished sequences leave a batch)."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
+        rows = torch.as_tensor(rows, device=self.kv.device, dtype=torch.long)
+        self.kv = self.kv.index_select(1, rows)
+        self._layers = None
         if self.pad is not None:
-            self.pad = self.pad[rows]
+            self.pad = self.pad.index_select(0, rows)
+            self._bias = None
+            self.max_pad = int(self.pad.max()) if self.pad.numel() else 0
 
 
 class Attention(nn.Module):
@@ -241,18 +275,12 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context window of {self.cfg.block_size}")
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the KV cache's {cache.max_len} positions")
+        if cache is not None and targets is None and not self.training and not torch.is_grad_enabled():
+            return self._decode(idx, cache, last_only)
         x = self.embed_tokens(idx)
-        mask = None
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, D)
-        cos, sin = cos[None, None], sin[None, None]  # (1, 1, T, D)
-        if cache is not None and cache.pad is not None:
-            # Per-row positions: row b's first real token is position 0 (B, T).
-            pos = (torch.arange(start, start + T, device=idx.device)[None] - cache.pad[:, None]).clamp(min=0)
-            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, D)
-            mask = self._mask(start, T, cache.pad, idx.device)
-        elif cache is not None and start > 0 and T > 1:
-            mask = self._mask(start, T, None, idx.device)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        cos, sin, mask = self._rope_and_mask(idx, start, T, cache, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
@@ -263,6 +291,158 @@ class GPT(nn.Module):
         logits = self.lm_head(x).float()
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction)
         return loss if reduction != "none" else loss.view(B, T)
+
+    def _rope_and_mask(self, idx: torch.Tensor, start: int, T: int, cache: KVCache | None, dtype):
+        """Rotary cos/sin for positions start..start+T-1, (1 or B, 1, T, D), and the attention mask
+        (None = plain causal, handled by SDPA's is_causal)."""
+        mask = None
+        if cache is not None and cache.pad is not None:
+            if T == 1 and start >= cache.max_pad:  # decoding step past all padding: per-row position start - pad[b]
+                pos = start - cache.pad  # (B,)
+                cos = self.rope_cos.index_select(0, pos).view(-1, 1, 1, self.cfg.head_dim)  # (B, 1, 1, D)
+                sin = self.rope_sin.index_select(0, pos).view(-1, 1, 1, self.cfg.head_dim)
+                mask = cache.pad_bias()[..., : start + 1]
+            else:
+                # Per-row positions: row b's first real token is position 0 (B, T).
+                pos = (torch.arange(start, start + T, device=idx.device)[None] - cache.pad[:, None]).clamp(min=0)
+                cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, D)
+                mask = self._mask(start, T, cache.pad, idx.device)
+        else:
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, D)
+            cos, sin = cos[None, None], sin[None, None]  # (1, 1, T, D)
+            if cache is not None and start > 0 and T > 1:
+                mask = self._mask(start, T, None, idx.device)
+        if cos.dtype != dtype:
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        return cos, sin, mask
+
+    def decode(self, idx: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """forward(idx, cache=cache) for generation: eval mode, no autograd (forward takes this path by
+        itself then), without nn.Module's call overhead and module hooks. Logits (B, T or 1, V)."""
+        B, T = idx.shape
+        if cache.pos + T > min(self.cfg.block_size, cache.max_len):
+            raise ValueError(f"sequence of {cache.pos + T} tokens exceeds the context window ({self.cfg.block_size}) or the KV cache ({cache.max_len})")
+        if self.training or torch.is_grad_enabled():
+            return self.forward(idx, cache=cache, last_only=last_only)
+        return self._decode(idx, cache, last_only)
+
+    def _decode(self, idx: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
+        """The same computation as the module path, for generation: KV cache, no autograd, eval mode.
+
+        Decoding one token at a time costs little arithmetic, so per-operation overhead and reading
+        the weights dominate. This path calls the functional ops directly on (B*T, C) rows and cuts
+        the operations per layer: pre-transposed contiguous weights (the faster layout for BLAS here),
+        q/k/v and gate/up as one matmul each, norm weights folded into the next matmul, residual adds
+        folded into addmm, queries and keys rotated together. Results equal the module path's up to
+        float rounding (tests/test_generate.py checks cached decoding against full forwards).
+        """
+        B, T = idx.shape
+        H, KV, D, C = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim, self.cfg.d_model
+        start, end, half = cache.pos, cache.pos + T, self.cfg.head_dim // 2
+        if cache.weights is None:
+            cache.weights = self._inference_weights()
+        layers, head_t, sin_signed, mean_of, eps_t = cache.weights
+        x = F.embedding(idx, self.embed_tokens.weight).view(B * T, C)
+        if cache.pad is None and T == 1:  # the common decoding step: one position for every row
+            cos, sin, mask = self.rope_cos.narrow(0, start, 1), sin_signed.narrow(0, start, 1), None  # (1, D)
+        else:
+            cos, sin, mask = self._rope_and_mask(idx, start, T, cache, x.dtype)
+            # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated)
+            sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        causal = mask is None and T > 1
+        fp32 = x.dtype == torch.float32
+
+        def norm(h, w=None):
+            # RMSNorm in float32, the mean of squares as a matmul with a column of 1/dim (a third of the
+            # operations of .mean() or F.rms_norm here). w=None: the weight is folded into the next
+            # matmul (see _inference_weights). Equal to the module path up to float rounding.
+            hf = h if fp32 else h.float()
+            if hf.dim() == 2:
+                hf = hf * torch.rsqrt_(torch.addmm(eps_t, hf * hf, mean_of[hf.shape[-1]]))
+            else:
+                hf = hf * torch.rsqrt_(torch.matmul(hf * hf, mean_of[hf.shape[-1]]).add_(eps_t))
+            hf = hf if fp32 else hf.to(h.dtype)
+            return hf if w is None else hf * w
+
+        for (w_qkv, w_o, w_gu, w_down, w_qn, w_kn), (kv_cache, k_cache, v_cache) in zip(layers, cache.layers()):
+            qkv = torch.mm(norm(x), w_qkv)  # (B*T, (H+2KV)*D); the input norm's weight is in w_qkv
+            if T == 1:
+                qkv = qkv.view(B, H + 2 * KV, 1, D)
+            else:
+                qkv = qkv.view(B, T, H + 2 * KV, D).transpose(1, 2)  # (B, H+2KV, T, D)
+            if w_qn is None:  # rotate queries and keys together, in place
+                qk = qkv.narrow(1, 0, H + KV)
+                rotated = qk.roll(half, -1)
+                qk.mul_(cos).addcmul_(rotated, sin)
+            else:
+                for first, n, w in ((0, H, w_qn), (H, KV, w_kn)):
+                    part = qkv.narrow(1, first, n)
+                    part.copy_(norm(part, w))
+                    rotated = part.roll(half, -1)
+                    part.mul_(cos).addcmul_(rotated, sin)
+            kv_cache.narrow(2, start, T).copy_(qkv.narrow(1, H, 2 * KV))  # this token's keys and values
+            y = F.scaled_dot_product_attention(
+                qkv.narrow(1, 0, H), k_cache.narrow(2, 0, end), v_cache.narrow(2, 0, end), attn_mask=mask, is_causal=causal, enable_gqa=KV != H
+            )  # (B, H, T, D)
+            y = y.reshape(B, H * D) if T == 1 else y.transpose(1, 2).reshape(B * T, H * D)
+            x = torch.addmm(x, y, w_o)  # x + attention (B*T, C)
+            gate, up = torch.mm(norm(x), w_gu).chunk(2, 1)  # (B*T, d_ff) each; the post-attention norm's weight folded in
+            x = torch.addmm(x, F.silu(gate) * up, w_down)  # x + MLP
+        cache.pos = end
+        if last_only and T > 1:
+            x = x.view(B, T, C)[:, -1]
+            T = 1
+        return torch.mm(norm(x), head_t).view(B, T, -1)  # the final norm's weight is in head_t
+
+    def _inference_weights(self) -> tuple:
+        """The weights as the cached path uses them: per layer ([q;k;v]^T scaled by the input norm's
+        weight, o^T, [gate;up]^T scaled by the post-attention norm's weight, down^T, q norm, k norm),
+        the output head^T scaled by the final norm's weight, the rotary sin table with the first half
+        of each row negated, the 1/dim columns and the epsilon of the norms.
+
+        The transposed (input-major, contiguous) copies are made once and reused while no weight
+        changes: they are rebuilt when any weight's storage or in-place version changes (training,
+        load_state_dict, .to()). They cost one extra copy of the matrices while the model generates;
+        train() drops them. Each KVCache fetches them once, on its first forward.
+        """
+        key = []
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            for p in (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight, m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, layer.input_layernorm.weight, layer.post_attention_layernorm.weight):
+                key.append((p.data_ptr(), p._version))
+        for p in (self.lm_head.weight, self.norm.weight):
+            key.append((p.data_ptr(), p._version))
+        key = tuple(key)
+        if getattr(self, "_fused", None) is None or self._fused[0] != key:
+            with torch.no_grad():
+                layers = []
+                for layer in self.layers:
+                    a, m = layer.self_attn, layer.mlp
+                    # (x * w) @ W^T == x @ (W * w)^T: each norm's weight scales the next matmul's inputs.
+                    w_in, w_post = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+                    layers.append(
+                        (
+                            (torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) * w_in).t().contiguous(),
+                            a.o_proj.weight.t().contiguous(),
+                            (torch.cat([m.gate_proj.weight, m.up_proj.weight]) * w_post).t().contiguous(),
+                            m.down_proj.weight.t().contiguous(),
+                            a.q_norm.weight if a.qk_norm else None,
+                            a.k_norm.weight if a.qk_norm else None,
+                        )
+                    )
+                device, D = self.rope_sin.device, self.cfg.head_dim
+                dtype = self.embed_tokens.weight.dtype
+                sin_signed = torch.cat([-self.rope_sin[:, : D // 2], self.rope_sin[:, D // 2 :]], dim=1).to(dtype)
+                mean_of = {n: torch.full((n, 1), 1.0 / n, device=device) for n in {self.cfg.d_model, D}}
+                eps = torch.tensor([self.cfg.norm_eps], device=device)  # a tensor: adding a Python float costs a conversion per call
+                head_t = (self.lm_head.weight * self.norm.weight).t().contiguous()
+                self._fused = (key, (layers, head_t, sin_signed, mean_of, eps))
+        return self._fused[1]
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._fused = None  # training changes the weights: drop the inference copies (see _inference_weights)
+        return super().train(mode)
 
     @staticmethod
     def _mask(start: int, T: int, pad: torch.Tensor | None, device) -> torch.Tensor:

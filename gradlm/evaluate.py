@@ -1,0 +1,424 @@
+"""Evaluation: how well a model predicts text, how much typos hurt it, and multiple-choice accuracy.
+
+Whole-file scoring slides a window of the model's context over the text. The first window scores
+every token it holds; each later window moves `stride` tokens on and scores only its newest `stride`
+tokens, so every token is scored exactly once, with at least (context - stride) tokens of left
+context (stride 1: always the full window; stride = context: non-overlapping windows, cheapest).
+
+    loss            mean cross-entropy per token, in nats
+    perplexity      exp(loss): the model is as unsure as a uniform choice among this many tokens
+    bits per byte   total bits / UTF-8 bytes of the text: independent of the tokenizer, so models with
+                    different vocabularies compare fairly (8 = knowing nothing about bytes)
+    bits per char   total bits / characters
+
+Each document is preceded by <|endoftext|> (as in training), so the first token is scored too; the
+end-of-text tokens between documents count in the loss but cover no bytes or characters.
+
+    >>> from gradlm.generate import load
+    >>> lm = load("runs/demo")
+    >>> evaluate_text(lm.model, lm.tok, open("notes.txt").read()).bits_per_byte
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from gradlm.errors import ConfigError, DataError
+from gradlm.model import GPT
+from gradlm.tokenizer import Tokenizer
+
+
+@dataclass
+class EvalConfig:
+    """What `gradlm eval` measures."""
+
+    data: str = field(default="", metadata={"help": "text to score, all of it: a file, directory, .jsonl, .gz or a registered dataset name"})
+    stride: int = field(default=0, metadata={"help": "tokens each window moves on (and scores); 0 = half the context window. Smaller = more context per token, slower"})
+    batch: int = field(default=8, metadata={"help": "windows (or answer choices) per forward pass"})
+    typos: float = field(default=0.0, metadata={"help": "also score a copy of the text with typos in this share of its letters (swap, drop, insert, substitute), e.g. 0.05"})
+    seed: int = field(default=0, metadata={"help": "seed of the typos"})
+    choices: str = field(default="", metadata={"help": "multiple-choice items to score: .jsonl with {\"context\", \"choices\", \"answer\"} per line"})
+    text_field: str = field(default="text", metadata={"help": "field holding the text in .jsonl input"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar on a terminal"})
+
+    def validate(self, block_size: int | None = None) -> None:
+        problems = []
+        if not self.data and not self.choices:
+            problems.append("nothing to evaluate: give --data FILE (text) and/or --choices FILE.jsonl")
+        if not (0 <= self.typos <= 1):
+            problems.append(f"--typos is the share of letters to change and must be in [0, 1], got {self.typos}")
+        elif self.typos and not self.data:
+            problems.append("--typos needs --data: it scores a noisy copy of that text")
+        if self.stride < 0:
+            problems.append(f"--stride must not be negative, got {self.stride}")
+        elif block_size is not None and self.stride > block_size:
+            problems.append(f"--stride ({self.stride}) must be at most the context window ({block_size})")
+        if self.batch < 1:
+            problems.append(f"--batch must be at least 1, got {self.batch}")
+        if problems:
+            raise ConfigError("invalid evaluation settings: " + "; ".join(problems))
+
+
+# ---- progress -------------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """A tqdm bar on a terminal; otherwise a plain log line at most every 10 s (with rate and ETA)."""
+
+    def __init__(self, total: int, enabled: bool, what: str):
+        self.total, self.enabled, self.what, self.done = total, enabled, what, 0
+        self.bar = tqdm(total=total, unit=what, desc="eval", dynamic_ncols=True) if enabled and sys.stderr.isatty() else None
+        self.t0 = self.last = time.time()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and self.done < self.total and time.time() - self.last >= 10:
+            self.last = time.time()
+            rate = self.done / max(self.last - self.t0, 1e-9)
+            print(f"eval: {self.done / self.total:.0%} ({self.done:,}/{self.total:,} {self.what}s, {rate:.1f}/s, ETA {(self.total - self.done) / rate:.0f}s)", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---- scoring text -----------------------------------------------------------------------------------------
+
+
+def window_plan(n_targets: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows over a sequence seq[0..n_targets] whose targets seq[1..n_targets] are each scored once.
+
+    Returns (begin, end, first) per window: inputs seq[begin:end], targets seq[begin+1:end+1], of which
+    positions first..end are scored. Every window but a lone short one holds exactly `window` inputs.
+    """
+    if n_targets < 1:
+        return []
+    end = min(window, n_targets)
+    plan = [(0, end, 1)]
+    while end < n_targets:
+        new_end = min(end + stride, n_targets)
+        plan.append((new_end - window, new_end, end + 1))
+        end = new_end
+    return plan
+
+
+@torch.inference_mode()
+def token_nll(model: GPT, seq: list[int] | torch.Tensor, stride: int = 0, batch: int = 8, progress: bool = False) -> torch.Tensor:
+    """Cross-entropy (nats, float64) of every token of seq but the first, given the tokens before it
+    (as many as the sliding window allows). seq: 1-D token ids. Returns (len(seq) - 1,)."""
+    seq = torch.as_tensor(seq, dtype=torch.long).flatten()
+    window = model.cfg.block_size
+    stride = stride or max(1, window // 2)
+    plan = window_plan(len(seq) - 1, window, stride)
+    device = model.embed_tokens.weight.device
+    was_training = model.training
+    model.eval()
+    out = []
+    bar = _Progress(len(plan), progress, "window")
+    try:
+        for i in range(0, len(plan), batch):
+            group = plan[i : i + batch]
+            x = torch.stack([seq[b:e] for b, e, _ in group])  # (B, W)
+            y = torch.stack([seq[b + 1 : e + 1] for b, e, _ in group])
+            for row, (b, _, first) in enumerate(group):
+                y[row, : first - b - 1] = -1  # already scored by an earlier window
+            loss = model(x.to(device), y.to(device), reduction="none").double().cpu()  # (B, W)
+            for row, (b, e, first) in enumerate(group):
+                out.append(loss[row, first - b - 1 : e - b])
+            bar.update(len(group))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+@dataclass
+class TextScore:
+    loss: float  # mean cross-entropy per token (nats)
+    perplexity: float
+    bits_per_byte: float
+    bits_per_char: float
+    tokens: int  # tokens scored
+    bytes: int
+    chars: int
+    windows: int
+    stride: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_text(model: GPT, tok: Tokenizer, text: str | list[str], stride: int = 0, batch: int = 8, progress: bool = False) -> TextScore:
+    """Loss, perplexity, bits per byte and bits per character of a text (or several documents)."""
+    docs = [text] if isinstance(text, str) else list(text)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but the model only {model.cfg.vocab_size}; use the run's own tokenizer")
+    window = model.cfg.block_size
+    stride = stride or max(1, window // 2)
+    if not 1 <= stride <= window:
+        raise ConfigError(f"stride must be between 1 and the context window ({window}), got {stride}")
+    eot = tok.eot_id
+    seq: list[int] = []
+    for d in docs:
+        seq += ([eot] if eot >= 0 else []) + tok.encode(d)
+    chars = sum(len(d) for d in docs)
+    if eot < 0 and seq:  # nothing to predict the very first token from: it is not scored
+        chars -= len(tok.decode(seq[:1]))
+    if len(seq) < 2:
+        raise DataError("the text is too short to evaluate: it needs at least one token to predict")
+    nll = token_nll(model, seq, stride, batch, progress)
+    nbytes = torch.tensor(tok.token_byte_lengths(), dtype=torch.long)[torch.tensor(seq[1:])]
+    covered = nbytes > 0
+    bits = float(nll[covered].sum()) / math.log(2)
+    total_bytes = int(nbytes.sum())
+    loss = float(nll.mean())
+    return TextScore(
+        loss=loss,
+        perplexity=math.exp(min(loss, 700.0)),
+        bits_per_byte=bits / total_bytes if total_bytes else float("nan"),
+        bits_per_char=bits / chars if chars > 0 else float("nan"),
+        tokens=len(nll),
+        bytes=total_bytes,
+        chars=chars,
+        windows=len(window_plan(len(seq) - 1, window, stride)),
+        stride=stride,
+    )
+
+
+# ---- robustness to typos -----------------------------------------------------------------------------------
+
+
+class Typos(NamedTuple):
+    text: str
+    edits: int  # typos made
+    letters: int  # letters in the original text (each had `rate` chance of one typo)
+
+
+TYPO_KINDS = ("swap", "drop", "insert", "substitute")
+
+
+def inject_typos(text: str, rate: float, seed: int = 0) -> Typos:
+    """A copy of text where each letter, with probability `rate`, gets one typo: swapped with the next
+    letter of its word, dropped, doubled by an inserted random letter, or substituted by another.
+    Only letters inside words change (spaces, digits and punctuation never do, and no word vanishes);
+    the same seed gives the same copy.
+
+        >>> inject_typos("the quick brown fox", 0.2, seed=1).text
+    """
+    if not 0 <= rate <= 1:
+        raise ConfigError(f"typo rate must be in [0, 1], got {rate}")
+    rng = random.Random(seed)
+    out: list[str] = []
+    edits = letters = 0
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if not c.isalpha():
+            out.append(c)
+            i += 1
+            continue
+        letters += 1
+        if rng.random() >= rate:
+            out.append(c)
+            i += 1
+            continue
+        kind = rng.choice(TYPO_KINDS)
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c.isupper() else "abcdefghijklmnopqrstuvwxyz"
+        nxt = text[i + 1] if i + 1 < n else ""
+        in_word = (bool(out) and out[-1].isalpha()) or nxt.isalpha()  # a drop never empties a word
+        if kind == "swap" and nxt.isalpha() and nxt != c:
+            out += [nxt, c]
+            letters += 1  # the swapped-in letter is consumed too
+            i += 2
+        elif kind == "drop" and in_word:
+            i += 1
+        elif kind == "insert":
+            out += [c, rng.choice(alphabet)]
+            i += 1
+        else:  # substitute (also when a swap or drop is impossible here)
+            out.append(rng.choice(alphabet.replace(c, "")) if c in alphabet else rng.choice(alphabet))
+            i += 1
+        edits += 1
+    return Typos("".join(out), edits, letters)
+
+
+# ---- multiple choice ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChoiceItem:
+    context: str
+    choices: list[str]
+    answer: int
+
+
+def load_choices(path: str | Path) -> list[ChoiceItem]:
+    """Items from a .jsonl file: {"context": str, "choices": [str, ...], "answer": index or choice text}."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"no choices file at {p}; give a .jsonl with one {{\"context\", \"choices\", \"answer\"}} object per line")
+    items = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{p} line {n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where} is not JSON ({e.msg}); each line must be one object") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("context"), str):
+            raise DataError(f"{where} needs a string field \"context\"")
+        choices = obj.get("choices")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise DataError(f"{where} needs \"choices\": a list of at least two non-empty strings")
+        answer = obj.get("answer")
+        if isinstance(answer, str) and answer in choices:
+            answer = choices.index(answer)
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise DataError(f"{where}: \"answer\" must be the index (0..{len(choices) - 1}) or the text of the right choice, got {answer!r}")
+        items.append(ChoiceItem(obj["context"], choices, answer))
+    if not items:
+        raise DataError(f"{p} holds no items")
+    return items
+
+
+@dataclass
+class ChoiceScore:
+    items: int
+    correct: int  # by total log-likelihood of the choice
+    correct_norm: int  # by log-likelihood per byte of the choice (does not favour short answers)
+    accuracy: float
+    accuracy_norm: float
+    predictions: list[dict]  # per item: logprobs of each choice, picked, picked_norm, answer
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _split_context(context: str, choice: str) -> tuple[str, str]:
+    # Trailing spaces of the context belong to the answer: tokens carry their leading space (" Paris"),
+    # so "is" + " Paris" tokenises the way the model saw such text in training.
+    stripped = context.rstrip(" ")
+    return stripped, context[len(stripped) :] + choice
+
+
+@torch.inference_mode()
+def score_choices(model: GPT, tok: Tokenizer, items: list[ChoiceItem], batch: int = 8, progress: bool = False) -> ChoiceScore:
+    """Pick each item's choice by log-likelihood given the context (plain and per byte); accuracy."""
+    block, eot = model.cfg.block_size, tok.eot_id
+    pairs = []  # (item, choice, input ids, targets, bytes of the choice)
+    for n, item in enumerate(items):
+        for c, choice in enumerate(item.choices):
+            ctx, cont = _split_context(item.context, choice)
+            ctx_ids = ([eot] if eot >= 0 else []) + tok.encode(ctx)
+            cont_ids = tok.encode(cont)
+            if not ctx_ids:
+                raise DataError(f"item {n + 1} has an empty context and the tokenizer has no <|endoftext|> to start from")
+            if len(cont_ids) > block:
+                raise DataError(f"item {n + 1} choice {c + 1} is {len(cont_ids)} tokens, longer than the context window ({block})")
+            seq = (ctx_ids + cont_ids)[-(block + 1) :]  # a long context loses its oldest tokens
+            targets = [-1] * (len(seq) - 1 - len(cont_ids)) + cont_ids
+            pairs.append((n, c, seq[:-1], targets, len(cont.encode())))
+    device = model.embed_tokens.weight.device
+    was_training = model.training
+    model.eval()
+    logprobs = [[0.0] * len(it.choices) for it in items]
+    order = sorted(range(len(pairs)), key=lambda k: len(pairs[k][2]))  # similar lengths share a batch
+    bar = _Progress(len(pairs), progress, "choice")
+    try:
+        for i in range(0, len(order), batch):
+            group = [pairs[k] for k in order[i : i + batch]]
+            T = max(len(p[2]) for p in group)
+            x = torch.zeros(len(group), T, dtype=torch.long)
+            y = torch.full((len(group), T), -1, dtype=torch.long)
+            for row, (_, _, ids, targets, _) in enumerate(group):
+                x[row, : len(ids)] = torch.tensor(ids)
+                y[row, : len(targets)] = torch.tensor(targets)
+            nll = model(x.to(device), y.to(device), reduction="none").double().sum(-1).cpu()  # (B,)
+            for row, (n, c, _, _, _) in enumerate(group):
+                logprobs[n][c] = -float(nll[row])
+            bar.update(len(group))
+    finally:
+        bar.close()
+        model.train(was_training)
+    nbytes = {(n, c): b for n, c, _, _, b in pairs}
+    preds = []
+    correct = correct_norm = 0
+    for n, item in enumerate(items):
+        lp = logprobs[n]
+        norm = [lp[c] / max(nbytes[(n, c)], 1) for c in range(len(lp))]
+        pick, pick_norm = max(range(len(lp)), key=lp.__getitem__), max(range(len(lp)), key=norm.__getitem__)
+        correct += pick == item.answer
+        correct_norm += pick_norm == item.answer
+        preds.append({"logprobs": lp, "logprobs_per_byte": norm, "picked": pick, "picked_norm": pick_norm, "answer": item.answer})
+    return ChoiceScore(len(items), correct, correct_norm, correct / len(items), correct_norm / len(items), preds)
+
+
+# ---- the command --------------------------------------------------------------------------------------------
+
+
+def run_eval(model: GPT, tok: Tokenizer, cfg: EvalConfig) -> dict:
+    """Everything `gradlm eval` reports, as a JSON-ready dict."""
+    cfg.validate(model.cfg.block_size)
+    report: dict = {}
+    if cfg.data:
+        from gradlm.data import read_documents
+
+        docs = [d.text for d in read_documents(cfg.data, cfg.text_field)]
+        clean = evaluate_text(model, tok, docs, cfg.stride, cfg.batch, cfg.progress)
+        report["data"] = cfg.data
+        report["clean"] = clean.to_dict()
+        if cfg.typos:
+            noisy_docs, edits, letters = [], 0, 0
+            for k, d in enumerate(docs):
+                t = inject_typos(d, cfg.typos, cfg.seed + k)
+                noisy_docs.append(t.text)
+                edits, letters = edits + t.edits, letters + t.letters
+            noisy = evaluate_text(model, tok, noisy_docs, cfg.stride, cfg.batch, cfg.progress)
+            report["typos"] = {
+                "rate": cfg.typos,
+                "seed": cfg.seed,
+                "edits": edits,
+                "letters": letters,
+                "noisy": noisy.to_dict(),
+                "penalty_bits_per_byte": noisy.bits_per_byte - clean.bits_per_byte,
+            }
+    if cfg.choices:
+        report["choices_file"] = cfg.choices
+        report["choices"] = score_choices(model, tok, load_choices(cfg.choices), cfg.batch, cfg.progress).to_dict()
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The human-readable summary `gradlm eval` prints."""
+    lines = []
+    if "clean" in report:
+        c = report["clean"]
+        lines.append(f"{report['data']}: {c['tokens']:,} tokens, {c['bytes']:,} bytes, {c['chars']:,} characters ({c['windows']:,} windows, stride {c['stride']})")
+        lines.append(f"loss {c['loss']:.4f} | perplexity {c['perplexity']:.2f} | bits per byte {c['bits_per_byte']:.4f} | bits per char {c['bits_per_char']:.4f}")
+    if "typos" in report:
+        t = report["typos"]
+        clean, noisy, pen = report["clean"]["bits_per_byte"], t["noisy"]["bits_per_byte"], t["penalty_bits_per_byte"]
+        lines.append(
+            f"with typos (rate {t['rate']:g}, seed {t['seed']}: {t['edits']:,} typos in {t['letters']:,} letters): "
+            f"bits per byte {noisy:.4f} vs clean {clean:.4f}, penalty {pen:+.4f} ({pen / clean:+.1%})"
+        )
+    if "choices" in report:
+        s = report["choices"]
+        lines.append(
+            f"{report['choices_file']}: {s['items']} items | accuracy {s['accuracy']:.3f} ({s['correct']}/{s['items']}) | "
+            f"length-normalised {s['accuracy_norm']:.3f} ({s['correct_norm']}/{s['items']})"
+        )
+    return "\n".join(lines)

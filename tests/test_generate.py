@@ -1,0 +1,405 @@
+"""The generation loop: sampling controls do what they say, cached/batched decoding equals the naive
+loop, stop strings are honoured across token boundaries, logprobs match the model, errors are clear."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from gradlm import checkpoint as ckpt
+from gradlm.cli import main
+from gradlm.errors import ConfigError
+from gradlm.generate import (
+    LM,
+    Generation,
+    SamplingConfig,
+    StopMatcher,
+    apply_penalties,
+    filter_logits,
+    generate_ids,
+    load,
+    next_token,
+)
+from gradlm.model import GPT
+
+from conftest import tiny_config
+
+GREEDY = SamplingConfig(temperature=0, max_new_tokens=12)
+
+
+def sharp_model(vocab: int, seed: int = 0, **kw) -> GPT:
+    """A random tiny model with weights scaled up, so its next-token distributions are peaked and
+    greedy choices are not near-ties (float noise then cannot flip them)."""
+    torch.manual_seed(seed)
+    m = GPT(tiny_config(vocab, **kw))
+    m.reset_parameters(seed=seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return sharp_model(tok.vocab_size, n_kv_head=2)
+
+
+@pytest.fixture(scope="module")
+def lm(model, tok):
+    return LM(model, tok)
+
+
+@pytest.fixture(scope="module")
+def tlm(tok, small_text):
+    """A tiny model trained for a moment on Shakespeare: it writes words, spaces and newlines."""
+    torch.manual_seed(0)
+    m = GPT(tiny_config(tok.vocab_size, n_kv_head=2))
+    m.reset_parameters(seed=0)
+    data = torch.tensor(tok.encode(small_text[:30000]))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        ix = torch.randint(0, len(data) - 33, (16,), generator=g).tolist()
+        loss = m(torch.stack([data[i : i + 32] for i in ix]), torch.stack([data[i + 1 : i + 33] for i in ix]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return LM(m.eval(), tok)
+
+
+def naive_greedy(model: GPT, prompt: list[int], n: int, block: int | None = None) -> list[int]:
+    """Greedy decoding the slow way: the whole context through the module path every step, with
+    the documented sliding window (when the context exceeds the window, keep its newest half)."""
+    block = block or model.cfg.block_size
+    ids, start, out = list(prompt), 0, []
+    with torch.enable_grad():  # the module path (the cached fast path needs no_grad)
+        for _ in range(n):
+            if len(ids) - start > block:
+                start = len(ids) - block // 2
+            t = int(model(torch.tensor([ids[start:]]))[0, -1].argmax())
+            out.append(t)
+            ids.append(t)
+    return out
+
+
+# ---- sampling controls -----------------------------------------------------------------------------------
+
+
+def test_top_k_1_is_greedy_and_top_k_keeps_exactly_k():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        assert torch.equal(next_token(logits, SamplingConfig(temperature=1.5, top_k=1), g), logits.argmax(-1))
+    kept = filter_logits(logits, SamplingConfig(temperature=2.0, top_k=5))
+    assert (kept.isfinite().sum(-1) == 5).all()
+    top5 = logits.topk(5).indices
+    assert kept.isfinite().gather(1, top5).all()
+    # Among the kept tokens the distribution is softmax(logits / T), renormalised.
+    probs = kept.softmax(-1).gather(1, top5)
+    ref = (logits.gather(1, top5) / 2.0).softmax(-1)
+    assert torch.allclose(probs, ref, atol=1e-6)
+
+
+def test_temperature_scales_logits():
+    logits = torch.randn(3, 20)
+    got = filter_logits(logits, SamplingConfig(temperature=0.5)).softmax(-1)
+    assert torch.allclose(got, (logits / 0.5).softmax(-1), atol=1e-6)
+
+
+@pytest.mark.parametrize("p, n_kept", [(0.45, 1), (0.55, 2), (0.79, 2), (0.81, 3), (0.96, 4), (0.995, 5), (1.0, 5)])
+def test_top_p_keeps_smallest_set_reaching_p(p, n_kept):
+    probs = torch.tensor([0.15, 0.5, 0.04, 0.3, 0.01])  # sorted: .5 .3 .15 .04 .01; cumulative .5 .8 .95 .99 1
+    out = filter_logits(probs.log()[None], SamplingConfig(temperature=1.0, top_p=p))[0]
+    kept = set(out.isfinite().nonzero().flatten().tolist())
+    order = probs.argsort(descending=True).tolist()
+    assert kept == set(order[:n_kept])
+
+
+def test_top_p_matches_brute_force_on_random_logits():
+    torch.manual_seed(1)
+    for _ in range(20):
+        logits = torch.randn(1, 40) * 2
+        p = float(torch.rand(()) * 0.9 + 0.05)
+        kept = filter_logits(logits, SamplingConfig(temperature=1.0, top_p=p))[0].isfinite()
+        probs, order = logits[0].softmax(-1).sort(descending=True)
+        n = int((probs.cumsum(0) < p).sum()) + 1  # smallest prefix whose mass reaches p
+        assert set(kept.nonzero().flatten().tolist()) == set(order[:n].tolist())
+
+
+def test_min_p_threshold():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    out = filter_logits(probs.log(), SamplingConfig(temperature=1.0, min_p=0.35))  # threshold 0.175
+    assert out.isfinite().tolist() == [[True, True, False, False]]
+    out = filter_logits(probs.log(), SamplingConfig(temperature=1.0, min_p=0.09))  # threshold 0.045: all stay
+    assert out.isfinite().all()
+    for extra in (dict(top_k=3), dict(top_p=0.99), dict(top_k=3, top_p=0.99)):  # the sorted code path
+        out = filter_logits(probs.log(), SamplingConfig(temperature=1.0, min_p=0.35, **extra))
+        assert out.isfinite().tolist() == [[True, True, False, False]], extra
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SamplingConfig(temperature=0.7, top_k=4),
+        SamplingConfig(temperature=1.0, top_p=0.7),
+        SamplingConfig(temperature=1.3, min_p=0.2),
+        SamplingConfig(temperature=1.0, top_k=6, top_p=0.8, min_p=0.1),
+        SamplingConfig(temperature=0.9),
+    ],
+)
+def test_samples_follow_the_filtered_distribution(cfg):
+    torch.manual_seed(2)
+    logits = torch.randn(1, 12) * 2
+    want = filter_logits(logits, cfg).softmax(-1)[0]
+    draws = next_token(logits.expand(20000, -1), cfg, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=12).float() / len(draws)
+    assert (freq[want == 0] == 0).all()  # removed tokens are never drawn
+    assert (freq - want).abs().max() < 0.015
+
+
+def test_penalties_lower_repeated_tokens():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    counts = torch.tensor([[3.0, 0.0, 1.0, 0.0]])
+    base = logits.softmax(-1)
+    rep = apply_penalties(logits, seen, counts, SamplingConfig(repetition_penalty=2.0))
+    assert rep.tolist() == [[1.0, -2.0, 0.5, 0.0]]  # positive divided, negative multiplied
+    freq = apply_penalties(logits, seen, counts, SamplingConfig(frequency_penalty=0.5))
+    assert torch.allclose(freq, logits - 0.5 * counts)
+    pres = apply_penalties(logits, seen, counts, SamplingConfig(presence_penalty=0.5))
+    assert torch.allclose(pres, logits - 0.5 * (counts > 0))
+    for out, hit in ((rep, seen), (freq, counts > 0), (pres, counts > 0)):
+        assert (out[hit] < logits[hit]).all() and torch.equal(out[~hit], logits[~hit])
+        p = out.softmax(-1)
+        assert p[hit].sum() < base[hit].sum()  # repeated tokens lose probability ...
+        assert (p[~hit] > base[~hit]).all()  # ... to the others
+    one = apply_penalties(logits, seen & (torch.arange(4) == 1), counts, SamplingConfig(repetition_penalty=1.5))
+    assert one.softmax(-1)[0, 1] < base[0, 1]  # a single repeated token is less likely
+
+
+def test_presence_penalty_in_the_loop_stops_repeats(model, tok):
+    prompt = tok.encode("ROMEO:")
+    plain = list(generate_ids(model, prompt, SamplingConfig(temperature=0, max_new_tokens=25)))
+    assert len(set(plain)) < len(plain)  # this model repeats itself when left alone ...
+    penalised = list(generate_ids(model, prompt, SamplingConfig(temperature=0, max_new_tokens=25, presence_penalty=1e4)))
+    assert len(set(penalised)) == len(penalised)  # ... and never with a huge presence penalty
+
+
+def test_invalid_settings_report_all_problems():
+    with pytest.raises(ConfigError) as e:
+        SamplingConfig(temperature=-1, top_p=0, min_p=2, stop=("",)).validate()
+    msg = str(e.value)
+    assert all(w in msg for w in ("temperature", "top-p", "min-p", "stop"))
+
+
+# ---- the decoding loop -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(qk_norm=True, n_kv_head=2, tie_embeddings=True), dict(n_kv_head=1)])
+def test_kv_cached_greedy_equals_naive_loop(kw, tok):
+    m = sharp_model(tok.vocab_size, seed=3, **kw)
+    prompt = tok.encode("ROMEO:\nWhat light")
+    got = list(generate_ids(m, prompt, SamplingConfig(temperature=0, max_new_tokens=20)))
+    assert got == naive_greedy(m, prompt, 20)
+
+
+def test_sliding_window_past_the_context(model, tok):
+    prompt = tok.encode("To be, or not to be")
+    n = 2 * model.cfg.block_size  # slides several times
+    got = list(generate_ids(model, prompt, SamplingConfig(temperature=0, max_new_tokens=n)))
+    assert got == naive_greedy(model, prompt, n)
+
+
+def test_batched_equals_one_at_a_time(model, tok):
+    prompts = [tok.encode(p) for p in ("ROMEO:", "To be, or not to be, that is", "A", "KING RICHARD III:\nNow is the")]
+    cfg = SamplingConfig(temperature=0, max_new_tokens=2 * model.cfg.block_size)  # includes sliding with padding
+    rows = {i: [] for i in range(len(prompts))}
+    for step in Generation(model, prompts, cfg):
+        for t in step:
+            rows[t.row].append(t.id)
+    for i, p in enumerate(prompts):
+        assert rows[i] == list(generate_ids(model, p, cfg)), f"prompt {i}"
+
+
+def test_rows_leave_the_batch_and_the_rest_are_unchanged(tlm):
+    lm = tlm
+    prompts = ["ROMEO:", "To be, or not to be, that is", "KING RICHARD III:\nNow is the", "What"]
+    alone = [lm.complete(p, temperature=0, max_new_tokens=30)[0] for p in prompts]
+    # A stop string taken from inside row 1's own output ends that row early; the others run on.
+    stop = alone[1].text[8:11]
+    batch = lm.complete(prompts, temperature=0, max_new_tokens=30, stop=[stop])
+    for a, b in zip(alone, batch):
+        cut = a.text.find(stop)
+        assert b.text == (a.text if cut < 0 else a.text[:cut])
+        assert b.finish_reason == ("length" if cut < 0 else "stop")
+    assert batch[1].finish_reason == "stop" and len(batch[1].token_ids) < 30
+
+
+def test_finished_rows_are_dropped_from_the_cache(model, tok):
+    gen = Generation(model, [tok.encode("ab"), tok.encode("cd"), tok.encode("ef")], SamplingConfig(temperature=0, max_new_tokens=6))
+    sizes = []
+    for k, step in enumerate(gen):
+        sizes.append(len(step))
+        if k == 1:
+            gen.finish(step[1].row)
+    assert sizes == [3, 3, 2, 2, 2, 2]
+
+
+def test_same_seed_same_text(lm):
+    cfg = SamplingConfig(temperature=1.0, top_k=40, max_new_tokens=30, seed=7)
+    a, b = lm.generate("ROMEO:", cfg), lm.generate("ROMEO:", cfg)
+    assert a == b
+    assert lm.generate("ROMEO:", cfg, seed=8) != a
+    assert lm.generate_batch(["ROMEO:", "JULIET:"], cfg) == lm.generate_batch(["ROMEO:", "JULIET:"], cfg)
+
+
+def test_fused_inference_weights_follow_weight_changes(tok):
+    m = sharp_model(tok.vocab_size, seed=5)
+    prompt = tok.encode("ROMEO:")
+    before = list(generate_ids(m, prompt, GREEDY))
+    with torch.no_grad():
+        m.layers[0].self_attn.k_proj.weight.mul_(-1.0)  # in place: the cached concatenation must notice
+        m.layers[1].mlp.up_proj.weight.add_(0.5)
+    after = list(generate_ids(m, prompt, GREEDY))
+    assert after == naive_greedy(m, prompt, GREEDY.max_new_tokens)
+    assert after != before
+
+
+def test_cached_fast_path_matches_module_path_with_padding(tok):
+    m = sharp_model(tok.vocab_size, seed=4, qk_norm=True, n_kv_head=2)
+    x = torch.randint(0, tok.vocab_size, (3, 9))
+    pad = [0, 3, 5]
+    outs = []
+    for grad in (False, True):  # no_grad: fast path; enable_grad: the module path
+        with torch.set_grad_enabled(grad):
+            cache = m.new_cache(3, 16, pad=pad)
+            a = m(x, cache=cache)
+            b = m(torch.tensor([[1], [2], [3]]), cache=cache)
+            c = m(torch.tensor([[4], [5], [6]]), cache=cache)
+            outs.append(torch.cat([a, b, c], 1).detach())
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+# ---- text: stop strings, logprobs, prompts ---------------------------------------------------------------
+
+
+def test_stop_matcher_holds_back_possible_starts():
+    m = StopMatcher(["\n\n", "THE END"])
+    assert m.push("Hello") == ("Hello", False)
+    assert m.push(" world\n") == (" world", False)  # "\n" might start "\n\n": held
+    assert m.push("x") == ("\nx", False)  # it did not
+    assert m.push(" THE E") == (" ", False)
+    assert m.push("ND and more") == ("", True)
+    m = StopMatcher(["abc", "bd"])
+    assert m.push("xab") == ("x", False)
+    assert m.push("d") == ("a", True)  # "bd" completes first; "a" was not part of it
+    m = StopMatcher(["zz"])
+    assert m.push("az") == ("a", False)
+    assert m.flush() == "z"  # generation ended for another reason: the held text is shown
+
+
+def test_stop_string_split_across_tokens_is_honoured_and_not_emitted(tlm, tok):
+    full = tlm.complete("ROMEO:", temperature=0, max_new_tokens=40)[0]
+    pieces = [tok.decode([i]) for i in full.token_ids]
+    assert "".join(pieces) == full.text
+    ends = list(itertools.accumulate(len(p) for p in pieces))
+    # A stop string made of the last character of one token and the start of the next, found first there.
+    for k in range(1, len(pieces) - 1):
+        stop = pieces[k][-1:] + pieces[k + 1][:2]
+        if pieces[k] and pieces[k + 1] and full.text.find(stop) == ends[k] - 1:
+            break
+    else:
+        pytest.fail(f"no token boundary to test in {full.text!r}")
+    cut = ends[k] - 1
+    streamed = list(tlm.stream("ROMEO:", temperature=0, max_new_tokens=40, stop=[stop]))
+    assert "".join(streamed) == full.text[:cut]  # nothing of the stop string, nothing taken back
+    c = tlm.complete("ROMEO:", temperature=0, max_new_tokens=40, stop=[stop])[0]
+    assert c.text == full.text[:cut] and c.finish_reason == "stop"
+    assert c.token_ids == full.token_ids[: k + 2]  # generation ended at the token that completed it
+
+
+def test_logprobs_match_the_models_softmax(lm, model, tok):
+    prompt = tok.encode("ROMEO:")
+    c = lm.complete("ROMEO:", temperature=0.9, seed=3, max_new_tokens=10, logprobs=4)[0]
+    ids = list(prompt)
+    with torch.enable_grad():
+        for t in c.logprobs:
+            ref = torch.log_softmax(model(torch.tensor([ids]))[0, -1].float(), -1)
+            ref = ref.detach()
+            assert math.isclose(t.logprob, float(ref[t.id]), abs_tol=1e-4)
+            best = ref.topk(4)
+            assert [i for i, _, _ in t.top] == best.indices.tolist()
+            assert torch.allclose(torch.tensor([lp for _, _, lp in t.top]), best.values, atol=1e-4)
+            ids.append(t.id)
+    assert [t.id for t in c.logprobs] == c.token_ids
+
+
+def test_prompt_longer_than_context(lm, tok):
+    long_prompt = "to be or not " * 200
+    with pytest.raises(ConfigError, match="context window"):
+        lm.generate(long_prompt)
+    text = lm.generate(long_prompt, truncate="left", temperature=0, max_new_tokens=5)
+    ids = tok.encode(long_prompt)[-lm.context_window :]
+    assert text == tok.decode(list(generate_ids(lm.model, ids, SamplingConfig(temperature=0, max_new_tokens=5), {tok.eot_id})))
+
+
+def test_empty_prompt_starts_a_document_and_unknown_settings_fail(lm):
+    assert isinstance(lm.generate("", max_new_tokens=5, seed=0), str)
+    with pytest.raises(ConfigError, match="unknown sampling setting"):
+        lm.generate("x", temprature=0.5)
+
+
+# ---- command line ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, model, tok):
+    d = tmp_path_factory.mktemp("gen") / "run"
+    d.mkdir()
+    ckpt.atomic_write_json(d / "config.json", {"model": model.cfg.to_dict()})
+    tok.save(d / "tokenizer.json")
+    ckpt.save_weights(d / "model.safetensors", model.state_dict())
+    return d
+
+
+def test_load_and_cli_generate_batch(run_dir, lm, tmp_path, capsys):
+    assert load(run_dir).generate("ROMEO:", temperature=0, max_new_tokens=8) == lm.generate("ROMEO:", temperature=0, max_new_tokens=8)
+    f = tmp_path / "prompts.jsonl"
+    f.write_text(json.dumps("ROMEO:") + "\n" + json.dumps({"prompt": "To be\nor"}) + "\n")
+    assert main(["generate", str(run_dir), "KING", "--prompts", str(f), "--temperature", "0", "--max-new-tokens", "6", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "--- 1/3: 'KING' ---" in out and "--- 3/3: 'To be\\nor' ---" in out
+    assert lm.generate("To be\nor", temperature=0, max_new_tokens=6) in out
+    assert main(["generate", str(run_dir), "ROMEO:", "--temperature", "0", "--max-new-tokens", "3", "--logprobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "%" in out and "finished by length" in out
+
+
+def run_cli(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own errors
+        return e.code
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["RUN", "to be or not " * 200], "context window"),
+        (["RUN", "hi", "--logprobs", "-1"], "logprobs"),
+        (["RUN", "hi", "--top-p", "0"], "top-p"),
+        (["RUN", "--prompts", "missing.txt"], "no prompts file"),
+        (["RUN", "hi", "--truncate", "right"], "invalid choice"),
+    ],
+)
+def test_cli_errors_exit_2_with_one_line(run_dir, capsys, args, message):
+    code = run_cli(["generate"] + [str(run_dir) if a == "RUN" else a for a in args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
