@@ -14,6 +14,7 @@ import json
 import os
 import random
 from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,26 +66,39 @@ def _decode(raw: bytes, where: str) -> str:
         ) from None
 
 
-def _read_file(path: Path, text_field: str) -> list[Document]:
-    kind, gz = _kind(path)
+def read_text(path: Path) -> str:
+    """A file's text (gunzipped when it ends in .gz), with one clear error for a missing, unreadable,
+    binary or non-UTF-8 file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no such file: {path}")
     try:
-        raw = gzip.decompress(path.read_bytes()) if gz else path.read_bytes()
+        raw = gzip.decompress(path.read_bytes()) if path.name.lower().endswith(".gz") else path.read_bytes()
     except (OSError, EOFError) as e:
         raise DataError(f"cannot read {path}: {e}") from None
-    if kind == "jsonl":
-        docs = []
-        for n, line in enumerate(_decode(raw, str(path)).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {n} is not JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                raise DataError(f"{path} line {n} has no string field {text_field!r}; set --text-field to the field that holds the text")
-            docs.append(Document(f"{path}:{n}", obj[text_field]))
-        return docs
-    return [Document(str(path), _decode(raw, str(path)))]
+    return _decode(raw, str(path))
+
+
+def jsonl_objects(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for every non-blank line of a .jsonl file (or .jsonl.gz)."""
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {n} is not JSON ({e.msg}); each line must be one JSON value") from None
+
+
+def _read_file(path: Path, text_field: str) -> list[Document]:
+    if _kind(path)[0] != "jsonl":
+        return [Document(str(path), read_text(path))]
+    docs = []
+    for n, obj in jsonl_objects(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+            raise DataError(f"{path} line {n} has no string field {text_field!r}; set --text-field to the field that holds the text")
+        docs.append(Document(f"{path}:{n}", obj[text_field]))
+    return docs
 
 
 def locate(src: str) -> Path:

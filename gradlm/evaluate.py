@@ -21,7 +21,6 @@ end-of-text tokens between documents count in the loss but cover no bytes or cha
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import sys
@@ -33,6 +32,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from gradlm.data import jsonl_objects
 from gradlm.errors import ConfigError, DataError
 from gradlm.model import GPT
 from gradlm.tokenizer import Tokenizer
@@ -270,14 +270,8 @@ def load_choices(path: str | Path) -> list[ChoiceItem]:
     if not p.is_file():
         raise DataError(f"no choices file at {p}; give a .jsonl with one {{\"context\", \"choices\", \"answer\"}} object per line")
     items = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, obj in jsonl_objects(p):
         where = f"{p} line {n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where} is not JSON ({e.msg}); each line must be one object") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("context"), str):
             raise DataError(f"{where} needs a string field \"context\"")
         choices = obj.get("choices")

@@ -32,11 +32,13 @@ import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from gradlm.errors import ConfigError
+from gradlm.data import jsonl_objects, read_text
+from gradlm.errors import ConfigError, DataError
 from gradlm.model import GPT
 from gradlm.tokenizer import StreamDecoder, Tokenizer
 
@@ -537,29 +539,14 @@ def load(run_dir: str | os.PathLike, best: bool = False, device: str = "cpu") ->
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """Prompts from a file: one per line (blank lines skipped), or .jsonl with a JSON string or an
     object with a "prompt" field per line (so a prompt may hold newlines)."""
-    import json
-    from pathlib import Path
-
-    from gradlm.errors import DataError
-
     p = Path(path)
     if not p.is_file():
         raise DataError(f"no prompts file at {p}; give a text file with one prompt per line, or .jsonl")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise DataError(f"{p} is not UTF-8 text") from None
     if p.suffix.lower() not in (".jsonl", ".ndjson"):
-        prompts = [ln for ln in lines if ln.strip()]
+        prompts = [ln for ln in read_text(p).splitlines() if ln.strip()]
     else:
         prompts = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p} line {n} is not JSON ({e.msg})") from None
+        for n, obj in jsonl_objects(p):
             obj = obj.get("prompt") if isinstance(obj, dict) else obj
             if not isinstance(obj, str):
                 raise DataError(f"{p} line {n} must be a JSON string or an object with a string \"prompt\"")

@@ -106,8 +106,10 @@ def parse_grid(spec: dict[str, str]) -> list[dict]:
     return [dict(combo) for combo in itertools.product(*axes)]
 
 
-def _label(settings: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in settings.items()) or "base"
+def _label(settings: dict, grid: list[dict]) -> str:
+    """Name a run by the settings that differ across the grid (all of them if none do)."""
+    varying = [k for k in settings if len({g[k] for g in grid}) > 1] or list(settings)
+    return ",".join(f"{k}={settings[k]}" for k in varying) or "base"
 
 
 def compare(model_cfg: ModelConfig, base: TrainConfig, grid: list[dict], out_dir: str | os.PathLike, log=print) -> dict:
@@ -121,7 +123,7 @@ def compare(model_cfg: ModelConfig, base: TrainConfig, grid: list[dict], out_dir
         raise ConfigError("give the comparison one budget for every run: --max-steps, --max-tokens, --max-time or --max-epochs")
     table, curves = [], {}
     for settings in grid:
-        label = _label(settings)
+        label = _label(settings, grid)
         cfg = dataclasses.replace(base, **settings, out=str(out / label.replace("=", "-").replace(",", "_")), progress=False, resume=False)
         log(f"--- {label}")
         row = {"label": label, **settings}

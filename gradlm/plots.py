@@ -76,8 +76,8 @@ def plot_compare(runs: dict[str, list[dict]], path: str | os.PathLike, title: st
         train = [r for r in rows if "loss" in r and "tokens" in r]
         val = [r for r in rows if "val_loss" in r]
         for ax, key in zip(axes, ("step", "tokens", "time")):
-            if train:
-                ax.plot([r[key] for r in train], smooth([r["loss"] for r in train], 0.6), color=color, label=label)
+            if train:  # a run with few logged steps (batch GD) gets markers, or its curve would not show
+                ax.plot([r[key] for r in train], smooth([r["loss"] for r in train], 0.6), color=color, label=label, marker="s" if len(train) < 5 else None)
             if val:
                 ax.plot([r[key] for r in val], [r["val_loss"] for r in val], "o", color=color, ms=3)
     for ax, name in zip(axes, ("step", "tokens seen", "wall time (s)")):

@@ -67,6 +67,21 @@ def tiny_config(vocab_size: int, **kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def fit(model, ids, steps: int, lr: float = 1e-2, batch: int = 16, block: int = 32, seed: int = 0):
+    """Train `model` on random windows of the 1-D id tensor `ids` with AdamW; returns it in eval mode."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ix = torch.randint(0, len(ids) - block - 1, (batch,), generator=g).tolist()
+        loss = model(torch.stack([ids[i : i + block] for i in ix]), torch.stack([ids[i + 1 : i + block + 1] for i in ix]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test caches prepared data in its own folder, so tests never see each other's cache."""

@@ -29,7 +29,7 @@ from gradlm.evaluate import (
 from gradlm.model import GPT
 from gradlm.tokenizer import Tokenizer, _build_hf, byte_to_char
 
-from conftest import tiny_config
+from conftest import fit, tiny_config
 
 
 def random_model(vocab: int, seed: int = 0, **kw) -> GPT:
@@ -195,14 +195,7 @@ def taught():
     m = GPT(tiny_config(tok.vocab_size))
     m.reset_parameters(seed=0)
     data = torch.tensor(tok.encode(text))
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(80):
-        ix = torch.randint(0, len(data) - 33, (16,), generator=g).tolist()
-        loss = m(torch.stack([data[i : i + 32] for i in ix]), torch.stack([data[i + 1 : i + 33] for i in ix]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit(m, data, 80)
     return m.eval(), tok, text
 
 

@@ -26,7 +26,7 @@ from gradlm.generate import (
 )
 from gradlm.model import GPT
 
-from conftest import tiny_config
+from conftest import fit, tiny_config
 
 GREEDY = SamplingConfig(temperature=0, max_new_tokens=12)
 
@@ -61,14 +61,7 @@ def tlm(tok, small_text):
     m = GPT(tiny_config(tok.vocab_size, n_kv_head=2))
     m.reset_parameters(seed=0)
     data = torch.tensor(tok.encode(small_text[:30000]))
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(100):
-        ix = torch.randint(0, len(data) - 33, (16,), generator=g).tolist()
-        loss = m(torch.stack([data[i : i + 32] for i in ix]), torch.stack([data[i + 1 : i + 33] for i in ix]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit(m, data, 100)
     return LM(m.eval(), tok)
 
 
