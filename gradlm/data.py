@@ -136,30 +136,38 @@ def read_documents(sources: list[str] | str, text_field: str = "text") -> list[D
     return docs
 
 
+def _tail_split(text: str, val_fraction: float) -> tuple[str, str]:
+    """(head, tail) with the tail about val_fraction of text, cut after a line break when one is near."""
+    cut = int(len(text) * (1 - val_fraction))
+    nl = text.rfind("\n", 0, cut)
+    if nl > len(text) // 2:
+        cut = nl + 1
+    return text[:cut], text[cut:]
+
+
 def split_documents(docs: list[Document], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str], str]:
-    """Train/validation texts. Several documents: whole documents go to validation (seeded choice) until
-    they hold val_fraction of the characters. One document: its tail fraction, cut at a line break."""
+    """Train/validation texts, about val_fraction of the characters held out.
+
+    By document when whole documents can make up that share: a seeded choice of documents, skipping any
+    that would overshoot it by half (one large file must not swallow the validation set). Otherwise
+    (a single file, or a few large ones) by tail: the last val_fraction of each document, cut at a line break.
+    """
     if not 0 <= val_fraction < 1:
         raise DataError(f"validation fraction must be in [0, 1), got {val_fraction}")
-    if len(docs) == 1:
-        text = docs[0].text
-        cut = int(len(text) * (1 - val_fraction))
-        nl = text.rfind("\n", 0, cut)
-        if nl > len(text) // 2:
-            cut = nl + 1
-        return [text[:cut]], ([text[cut:]] if text[cut:].strip() else []), "tail"
+    target = val_fraction * sum(len(d.text) for d in docs)
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
-    total = sum(len(d.text) for d in docs)
     val, chars = set(), 0
-    for i in order[:-1]:  # always keep at least one training document
-        if chars >= val_fraction * total:
+    for i in order:
+        if chars >= target or len(val) == len(docs) - 1:  # always keep a training document
             break
-        val.add(i)
-        chars += len(docs[i].text)
-    train_docs = [d.text for i, d in enumerate(docs) if i not in val]
-    val_docs = [d.text for i, d in enumerate(docs) if i in val]
-    return train_docs, val_docs, "document"
+        if chars + len(docs[i].text) <= 1.5 * target:
+            val.add(i)
+            chars += len(docs[i].text)
+    if len(docs) > 1 and chars >= 0.5 * target:
+        return [d.text for i, d in enumerate(docs) if i not in val], [d.text for i, d in enumerate(docs) if i in val], "document"
+    pairs = [_tail_split(d.text, val_fraction) for d in docs]
+    return [h for h, _ in pairs], [t for _, t in pairs if t.strip()], "tail"
 
 
 # ---- tokenising -------------------------------------------------------------------------------------

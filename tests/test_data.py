@@ -124,3 +124,18 @@ def test_samplers_resume_exactly():
         b = cls(tokens, 16, 0)
         b.load_state_dict(state)
         assert (b.next(4)[0] == expected).all()
+
+
+def test_document_split_keeps_the_validation_share_near_the_target():
+    from gradlm.data import Document
+
+    big = Document("big", "x" * 100_000)
+    small = [Document(f"s{i}", "note %d " % i * 20) for i in range(200)]
+    train, val, mode = split_documents([big, *small], 0.1, seed=0)
+    total = sum(len(d.text) for d in [big, *small])
+    share = sum(map(len, val)) / total
+    assert 0.05 <= share <= 0.15, (mode, share)
+    assert sorted(train + val) != [] and sum(map(len, train)) + sum(map(len, val)) == total
+    # Two large documents only: whole documents cannot make 10%, so each gives its tail instead.
+    train, val, mode = split_documents([Document("a", "a\n" * 40_000), Document("b", "b\n" * 40_000)], 0.1)
+    assert mode == "tail" and 0.05 <= sum(map(len, val)) / 160_000 <= 0.15
