@@ -67,6 +67,23 @@ def tiny_config(vocab_size: int, **kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def sharp_model(vocab: int, seed: int = 0, scale: float = 4.0, **kw):
+    """A random tiny model (eval mode) with its matrices scaled up, so next-token distributions are
+    peaked: losses far from uniform, and greedy choices are not near-ties that float noise could flip."""
+    import torch
+
+    from gradlm.model import GPT
+
+    torch.manual_seed(seed)
+    m = GPT(tiny_config(vocab, **kw))
+    m.reset_parameters(seed=seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+    return m.eval()
+
+
 def fit(model, ids, steps: int, lr: float = 1e-2, batch: int = 16, block: int = 32, seed: int = 0):
     """Train `model` on random windows of the 1-D id tensor `ids` with AdamW; returns it in eval mode."""
     import torch

@@ -29,18 +29,11 @@ from gradlm.evaluate import (
 from gradlm.model import GPT
 from gradlm.tokenizer import Tokenizer, _build_hf, byte_to_char
 
-from conftest import fit, tiny_config
+from conftest import fit, sharp_model, tiny_config
 
 
 def random_model(vocab: int, seed: int = 0, **kw) -> GPT:
-    torch.manual_seed(seed)
-    m = GPT(tiny_config(vocab, **kw))
-    m.reset_parameters(seed=seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)  # a model with opinions: losses far from uniform
-    return m.eval()
+    return sharp_model(vocab, seed, scale=3.0, **kw)  # a model with opinions: losses far from uniform
 
 
 def nll_with_context(model: GPT, seq: list[int], t: int, begin: int) -> float:

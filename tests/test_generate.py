@@ -26,22 +26,9 @@ from gradlm.generate import (
 )
 from gradlm.model import GPT
 
-from conftest import fit, tiny_config
+from conftest import fit, sharp_model, tiny_config
 
 GREEDY = SamplingConfig(temperature=0, max_new_tokens=12)
-
-
-def sharp_model(vocab: int, seed: int = 0, **kw) -> GPT:
-    """A random tiny model with weights scaled up, so its next-token distributions are peaked and
-    greedy choices are not near-ties (float noise then cannot flip them)."""
-    torch.manual_seed(seed)
-    m = GPT(tiny_config(vocab, **kw))
-    m.reset_parameters(seed=seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
-    return m.eval()
 
 
 @pytest.fixture(scope="module")
