@@ -533,7 +533,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, on_step=None) -> dict:
     ln_vocab = math.log(t.model_cfg.vocab_size)
     good = t.snapshot()  # the last state known to be sane, for the divergence guard
     ema, last_eval, stop_reason = None, {}, ""
-    bar = tqdm(total=cfg.max_steps or None, initial=t.step, disable=not (cfg.progress and sys.stderr.isatty() and dd.main), unit="step", dynamic_ncols=True)
+    # The bar counts percent of the budget (steps, tokens, time or epochs, whichever ends first), so its
+    # rate and ETA hold for every kind of budget.
+    bar = tqdm(
+        total=100.0, initial=round(100 * t.progress(), 2), disable=not (cfg.progress and sys.stderr.isatty() and dd.main), dynamic_ncols=True,
+        bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]",
+    )
     log(t.describe())
     t.model.train()
     t_last, tokens_last = time.time(), t.tokens_seen
@@ -582,9 +587,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, on_step=None) -> dict:
             t_last, tokens_last = now, t.tokens_seen
             t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(t.elapsed, 3), epoch=round(t.epochs_done(), 4), lr=lr, loss=loss, grad_norm=gn, tokens_per_s=round(tps, 1))
             if bar.disable and cfg.progress:
-                log(f"step {t.step:>6} | loss {loss:.4f} | lr {lr:.2e} | grad norm {gn:.3f} | {tps:,.0f} tok/s | {t.elapsed:.0f}s")
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", val=f"{last_eval.get('val_loss', float('nan')):.3f}")
-        bar.update(1)
+                p = t.progress()
+                eta = t.elapsed * (1 - p) / p if p > 0 else float("nan")
+                log(f"step {t.step:>6} | loss {loss:.4f} | lr {lr:.2e} | grad norm {gn:.3f} | {tps:,.0f} tok/s | {t.elapsed:.0f}s, eta {eta:.0f}s")
+            bar.set_postfix(step=t.step, loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", val=f"{last_eval.get('val_loss', float('nan')):.3f}")
+        bar.update(min(100.0, 100 * t.progress()) - bar.n)
 
         done = t.progress() >= 1 or (cfg.pause_at and t.step >= cfg.pause_at)
         if t.step % cfg.eval_every == 0 or done:
