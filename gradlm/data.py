@@ -216,11 +216,9 @@ def tokenize_documents(
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False)
     texts = [c for _, c in pieces]
     if workers <= 1 or len(pieces) < 2:
-        global _WORKER_TOK
-        _WORKER_TOK = tok
         results = []
         for c in texts:
-            results.append(_encode_chunk(c))
+            results.append(np.asarray(tok.encode(c), dtype=np.uint32))
             bar.update(len(c))
     else:
         results = []

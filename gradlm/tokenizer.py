@@ -131,7 +131,6 @@ class Tokenizer:
             raise TokenizerError(
                 f"unsupported tokenizer model {model.get('type')!r}: gradlm reads byte-level BPE tokenizers only"
             )
-        self._json = spec
         if eos_token != EOT and hf.token_to_id(eos_token) is None:
             raise TokenizerError(f"end-of-text token {eos_token!r} is not in the tokenizer's vocabulary")
         self.eos_token = eos_token

@@ -308,6 +308,7 @@ class Trainer:
         if not (cfg.max_steps or cfg.max_time or cfg.max_tokens or cfg.max_epochs):
             cfg.max_steps = 1000
         self.cfg, self.out = cfg, Path(cfg.out)
+        self.max_time_s = parse_duration(cfg.max_time)
         self.dd = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = pick_device(cfg, self.dd)
         if self.device.startswith("cuda"):
@@ -444,8 +445,8 @@ class Trainer:
             parts.append(self.step / cfg.max_steps)
         if cfg.max_tokens:
             parts.append(self.tokens_seen / cfg.max_tokens)
-        if parse_duration(cfg.max_time):
-            parts.append(self.elapsed / parse_duration(cfg.max_time))
+        if self.max_time_s:
+            parts.append(self.elapsed / self.max_time_s)
         if cfg.max_epochs:
             parts.append(self.epochs_done() / cfg.max_epochs)
         return max(parts) if parts else 0.0
