@@ -114,8 +114,15 @@ def cmd_train(args) -> None:
     model_cfg = pick(args, ModelConfig)
     cfg = pick(args, TrainConfig)
     s = train(model_cfg, cfg)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # under torchrun: only rank 0 reports
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return
     print(
-        f"{s['run']}: {s['steps']} steps, {s['tokens']:,} tokens in {s['time_s']:.0f}s ({s['tokens_per_s']:,.0f} tok/s), "
+        f"{s['run']}: {s['steps']} steps, {s['tokens']:,} tokens in {s['time_s']:.1f}s ({s['tokens_per_s']:,.0f} tok/s), "
         f"stopped by {s['stop']} | val loss {s['val_loss']:.4f} | val bits per byte {s['val_bpb']:.4f}"
     )
 
