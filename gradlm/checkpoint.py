@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gradlm.errors import RunDirError
@@ -27,7 +28,9 @@ def _umask() -> int:
     return mask
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
+def stage(path: Path, write: Callable[[str], None]) -> Path:
+    """Write a temporary file beside path with write(tmp) and fsync it; the caller renames it into
+    place (os.replace) when ready. A failure removes the temporary file and re-raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -37,16 +40,51 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(dfd)
-        os.close(dfd)
+    return Path(tmp)
+
+
+def sync_dir(folder: Path) -> None:
+    """Make renames in folder durable (best effort: some filesystems refuse fsync on a directory)."""
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
     except OSError:
         pass
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    path = Path(path)
+    tmp = stage(path, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sync_dir(path.parent)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """dst becomes the same content as src, atomically: a hard link where the filesystem allows it
+    (no copy; src is later replaced by rename, never rewritten in place), else a copy."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        tmp = stage(dst, lambda t: shutil.copyfile(src, t))
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sync_dir(dst.parent)
 
 
 def atomic_write_dir(target: Path, write: Callable[[Path], None]) -> None:
@@ -82,17 +120,34 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically. Tied tensors are stored once (safetensors forbids aliasing)."""
-    seen: dict[int, str] = {}
+def write_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file (not atomically: see save_weights). Tied tensors are stored once
+    (safetensors forbids aliasing); metadata keys are sorted, so equal weights give equal bytes."""
+    seen: set[int] = set()
     out = {}
     for k, v in state.items():
         ptr = v.data_ptr()
         if ptr in seen:
             continue
-        seen[ptr] = k
+        seen.add(ptr)
         out[k] = v.detach().contiguous()
-    _atomic(path, lambda tmp: save_file(out, tmp, metadata=metadata))
+    save_file(out, str(path), metadata=dict(sorted((metadata or {}).items())) or None)
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically."""
+    _atomic(path, lambda tmp: write_weights(tmp, state, metadata))
+
+
+def weights_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file (its header only; the tensors are not read)."""
+    if not Path(path).is_file():
+        raise RunDirError(f"missing weights file {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:
+        raise RunDirError(f"cannot read weights {path} ({e}); the file is corrupt or not safetensors") from None
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from gradlm.errors import ConfigError, GradlmError
+from gradlm.errors import ConfigError, GradlmError, Interrupted
 
 
 class Parser(argparse.ArgumentParser):
@@ -23,22 +23,27 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
-def add_fields(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per dataclass field, typed by its default, helped by its docstring metadata."""
+def add_fields(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), typed_only: bool = False) -> None:
+    """One --flag per dataclass field, typed by its default, helped by its docstring metadata.
+
+    typed_only: a flag left out is absent from the parsed namespace (argparse.SUPPRESS) rather than
+    set to its default, so the command knows exactly which flags the user typed (resume overrides)."""
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         text = f.metadata.get("help", "")
+        default = argparse.SUPPRESS if typed_only else f.default
         if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text + (f" (default: {f.default})" if typed_only else ""))
         else:
             kind = int if f.name == "seed" else type(f.default)
             shown = "" if f.default in ("", None) else f" (default: {f.default})"
-            p.add_argument(flag, type=kind, default=f.default, help=text + shown, metavar=f.name.upper())
+            p.add_argument(flag, type=kind, default=default, help=text + shown, metavar=f.name.upper())
 
 
 def pick(args: argparse.Namespace, cls, **overrides):
+    """An instance of the dataclass cls from the parsed flags it has (fields not present keep their defaults)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     values.update(overrides)
     return cls(**values)
@@ -109,11 +114,13 @@ def cmd_prepare(args) -> None:
 
 def cmd_train(args) -> None:
     from gradlm.model import ModelConfig
-    from gradlm.train import TrainConfig, train
+    from gradlm.config import TrainConfig
+    from gradlm.trainer import train
 
     model_cfg = pick(args, ModelConfig)
     cfg = pick(args, TrainConfig)
-    s = train(model_cfg, cfg)
+    typed = {f.name for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    s = train(model_cfg, cfg, given=typed)
     import torch.distributed as dist
 
     if dist.is_initialized():  # under torchrun: only rank 0 reports
@@ -157,11 +164,18 @@ def cmd_generate(args) -> None:
             out.flush()
 
 
+def cmd_serve(args) -> None:
+    from gradlm.serve import serve
+
+    key = args.api_key or os.environ.get("GRADLM_API_KEY", "")
+    serve(args.run, host=args.host, port=args.port, api_key=key, best=args.best, max_batch=args.max_batch, max_queue=args.max_queue)
+
+
 def cmd_eval(args) -> None:
     import json
 
     from gradlm.evaluate import EvalConfig, format_report, run_eval
-    from gradlm.train import load_model
+    from gradlm.rundir import load_model
 
     cfg = pick(args, EvalConfig)
     cfg.validate()  # bad flags fail before the model loads
@@ -172,7 +186,7 @@ def cmd_eval(args) -> None:
 
 def _train_configs(args):
     from gradlm.model import ModelConfig
-    from gradlm.train import TrainConfig
+    from gradlm.config import TrainConfig
 
     return pick(args, ModelConfig), pick(args, TrainConfig)
 
@@ -199,7 +213,7 @@ def cmd_compare(args) -> None:
 
 def cmd_plot(args) -> None:
     from gradlm.plots import plot_runs
-    from gradlm.train import read_metrics
+    from gradlm.rundir import read_metrics
 
     runs = {Path(r).name or str(r): read_metrics(r) for r in args.runs}
     out = args.png or str(Path(args.runs[0]) / "plots" / "training.png")
@@ -226,7 +240,7 @@ def cmd_import(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from gradlm.generate import SamplingConfig
     from gradlm.model import ModelConfig
-    from gradlm.train import TrainConfig
+    from gradlm.config import TrainConfig
 
     p = Parser(prog="gradlm", description="Train small GPT-style language models from your own text.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -258,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_prepare)
 
     t = sub.add_parser("train", help="train a model by gradient descent")
-    add_fields(t, TrainConfig)
-    add_fields(t, ModelConfig, skip=("vocab_size",))
+    add_fields(t, TrainConfig, typed_only=True)
+    add_fields(t, ModelConfig, skip=("vocab_size",), typed_only=True)
     t.set_defaults(func=cmd_train)
 
     t = sub.add_parser("generate", help="write text with a trained model (streamed)")
@@ -274,13 +288,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(t, SamplingConfig, skip=("stop",))
     t.set_defaults(func=cmd_generate)
 
+    t = sub.add_parser("serve", help="serve a run over HTTP: OpenAI-compatible API and a playground page")
+    t.add_argument("run", help="run directory")
+    t.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    t.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    t.add_argument("--api-key", default="", help="require this key as 'Authorization: Bearer KEY' (default: $GRADLM_API_KEY, else none)")
+    t.add_argument("--best", action="store_true", help="serve best.safetensors (best validation loss)")
+    t.add_argument("--max-batch", type=int, default=16, help="most sequences generated together (default: 16)")
+    t.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get 503 (default: 64)")
+    t.set_defaults(func=cmd_serve)
+
     from gradlm.evaluate import EvalConfig
 
-    t = sub.add_parser("eval", help="loss, perplexity, bits per byte/char of a text; typo robustness; multiple choice")
+    t = sub.add_parser("eval", help="loss, perplexity, bits per byte/char of a text; typo robustness; multiple choice; QA exact match")
     t.add_argument("run", help="run directory")
     t.add_argument("--best", action="store_true", help="use best.safetensors (best validation loss)")
     t.add_argument("--json", action="store_true", help="print the results as JSON")
-    add_fields(t, EvalConfig)
+    add_fields(t, EvalConfig, skip=("qa",))
+    qa_help = next(f for f in dataclasses.fields(EvalConfig) if f.name == "qa").metadata["help"]
+    t.add_argument("--qa", nargs="+", default=[], metavar="FILE", help=qa_help)
     t.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("lr-find", help="learning-rate range test: plot loss vs an exponentially growing lr, suggest one")
@@ -328,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return e.exit_code
     except GradlmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,9 +10,12 @@ A prepared directory holds:
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import random
+import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -385,3 +388,49 @@ class EpochSampler:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.pos = state["epoch"], state["pos"]
         self._order = self._perm(self.epoch)
+
+
+# ---- training data: prepared once, cached --------------------------------------------------------------------------------------------
+
+
+def _source_key(sources: list[str], extra: dict) -> str:
+    """Cache key of raw text: paths, sizes and modification times of every file, plus the settings."""
+    h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
+    for s in sources:
+        p = locate(s)
+        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def resolve_data(cfg, tokenizer: Tokenizer | None = None, log=print, trained_here: bool | None = None) -> TokenData:
+    """The data of a training run (cfg: a TrainConfig): a prepared directory as it is, or raw text
+    tokenised (and the tokenizer trained) once and cached.
+
+    The cache key names the text, the settings and the tokenizer: "trained" when the tokenizer is (or
+    was, for a resumed run) trained from this text, else the given tokenizer's hash. So a run and its
+    resume read the same cache; if the cache is gone, the resume re-tokenises with the run's tokenizer.
+    """
+    p = Path(cfg.data)
+    if p.is_dir() and (p / "meta.json").is_file():
+        return TokenData(p)
+    sources = [cfg.data]
+    trained_here = tokenizer is None if trained_here is None else trained_here
+    tok_key = "trained" if trained_here else tokenizer.sha256
+    key = _source_key(sources, {"vocab": cfg.vocab_size, "val": cfg.val_fraction, "field": cfg.text_field, "tok": tok_key})
+    cached = datasets.cache_dir() / "prepared" / key
+    if (cached / "meta.json").is_file():
+        data = TokenData(cached)
+        if tokenizer is None or data.tokenizer.sha256 == tokenizer.sha256:
+            return data
+    docs = read_documents(sources, cfg.text_field)
+    if tokenizer is None:
+        t0 = time.time()
+        tokenizer = Tokenizer.train((d.text for d in docs), cfg.vocab_size, length=len(docs))
+        log(f"trained a {tokenizer.vocab_size}-token tokenizer in {time.time() - t0:.1f}s")
+    t0 = time.time()
+    meta = prepare(sources, tokenizer, cached, cfg.val_fraction, seed=0, text_field=cfg.text_field, progress=cfg.progress and sys.stderr.isatty(), docs=docs)
+    log(f"tokenised {meta['splits']['train']['tokens']:,} train + {meta['splits']['val']['tokens']:,} val tokens in {time.time() - t0:.1f}s (cached in {cached})")
+    return TokenData(cached)

@@ -23,3 +23,16 @@ class ConfigError(GradlmError):
 
 class RunDirError(GradlmError):
     """A run directory is missing, incomplete or corrupt."""
+
+
+class BusyError(GradlmError):
+    """The server has as many requests waiting as it allows; try again in a moment."""
+
+
+class Interrupted(GradlmError):
+    """Work stopped by SIGINT/SIGTERM after saving what it could; the CLI exits with exit_code
+    (130 for SIGINT, 143 for SIGTERM, as a shell reports a process killed by the signal)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

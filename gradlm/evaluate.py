@@ -1,4 +1,5 @@
-"""Evaluation: how well a model predicts text, how much typos hurt it, and multiple-choice accuracy.
+"""Evaluation: how well a model predicts text, how much typos hurt it, multiple-choice accuracy and
+question-answering exact match (greedy replies through the chat template).
 
 Whole-file scoring slides a window of the model's context over the text. The first window scores
 every token it holds; each later window moves `stride` tokens on and scores only its newest `stride`
@@ -48,13 +49,17 @@ class EvalConfig:
     typos: float = field(default=0.0, metadata={"help": "also score a copy of the text with typos in this share of its letters (swap, drop, insert, substitute), e.g. 0.05"})
     seed: int = field(default=0, metadata={"help": "seed of the typos"})
     choices: str = field(default="", metadata={"help": "multiple-choice items to score: .jsonl with {\"context\", \"choices\", \"answer\"} per line"})
+    qa: list[str] = field(default_factory=list, metadata={"help": "question-answering files to score by exact match of greedy chat replies: .jsonl whose last message is the expected answer (see gradlm/sft.py); accuracy per file or per \"split\" field"})
+    qa_max_tokens: int = field(default=32, metadata={"help": "most tokens of a QA reply (generation stops earlier at <|end|>)"})
     text_field: str = field(default="text", metadata={"help": "field holding the text in .jsonl input"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar on a terminal"})
 
     def validate(self, block_size: int | None = None) -> None:
         problems = []
-        if not self.data and not self.choices:
-            problems.append("nothing to evaluate: give --data FILE (text) and/or --choices FILE.jsonl")
+        if not self.data and not self.choices and not self.qa:
+            problems.append("nothing to evaluate: give --data FILE (text), --choices FILE.jsonl and/or --qa FILE.jsonl")
+        if self.qa_max_tokens < 1:
+            problems.append(f"--qa-max-tokens must be at least 1, got {self.qa_max_tokens}")
         if not (0 <= self.typos <= 1):
             problems.append(f"--typos is the share of letters to change and must be in [0, 1], got {self.typos}")
         elif self.typos and not self.data:
@@ -144,6 +149,14 @@ def token_nll(model: GPT, seq: list[int] | torch.Tensor, stride: int = 0, batch:
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
+def byte_bits(nll: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bits, bytes) of predicted tokens: the loss in bits over the tokens that stand for bytes, and
+    the number of those bytes. Their ratio is bits per byte, comparable across tokenizers; special
+    tokens cover no bytes and are left out. nll (nats) and targets have the same shape."""
+    nbytes = byte_lengths.to(targets.device)[targets].double()
+    return (nll.double() * (nbytes > 0)).sum() / math.log(2), nbytes.sum()
+
+
 @dataclass
 class TextScore:
     loss: float  # mean cross-entropy per token (nats)
@@ -179,10 +192,8 @@ def evaluate_text(model: GPT, tok: Tokenizer, text: str | list[str], stride: int
     if len(seq) < 2:
         raise DataError("the text is too short to evaluate: it needs at least one token to predict")
     nll = token_nll(model, seq, stride, batch, progress)
-    nbytes = torch.tensor(tok.token_byte_lengths(), dtype=torch.long)[torch.tensor(seq[1:])]
-    covered = nbytes > 0
-    bits = float(nll[covered].sum()) / math.log(2)
-    total_bytes = int(nbytes.sum())
+    bits_t, bytes_t = byte_bits(nll, torch.tensor(seq[1:]), torch.tensor(tok.token_byte_lengths(), dtype=torch.long))
+    bits, total_bytes = float(bits_t), int(bytes_t)
     loss = float(nll.mean())
     return TextScore(
         loss=loss,
@@ -206,7 +217,57 @@ class Typos(NamedTuple):
     letters: int  # letters in the original text (each had `rate` chance of one typo)
 
 
-TYPO_KINDS = ("swap", "drop", "insert", "substitute")
+TYPO_KINDS = ("swap", "drop", "insert", "substitute")  # inject_typos' mix
+NAME_TYPO_KINDS = ("drop", "swap", "double", "near_key")  # slips a typist makes in one word (misspell)
+_KEYBOARD = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
+
+
+def near_keys(c: str) -> str:
+    """The letters next to c on a QWERTY keyboard (same row and the rows above and below), in c's case."""
+    rows = [row.find(c.lower()) for row in _KEYBOARD]
+    if all(col < 0 for col in rows):
+        return ""
+    r = next(k for k, col in enumerate(rows) if col >= 0)
+    col = rows[r]
+    near = _KEYBOARD[r][max(col - 1, 0) : col + 2].replace(c.lower(), "")
+    # A row is shifted about half a key right of the one above it, so the keys touching c there sit at
+    # columns col and col + 1 above, and col - 1 and col below.
+    if r > 0:
+        near += _KEYBOARD[r - 1][col : col + 2]
+    if r < 2:
+        near += _KEYBOARD[r + 1][max(col - 1, 0) : col + 1]
+    return near.upper() if c.isupper() else near
+
+
+def _typo(text: str, i: int, kind: str, rng: random.Random, prev: str = "") -> tuple[str, int] | None:
+    """One typo of `kind` on the letter text[i]: (what is written instead, how many characters of text it
+    replaces), or None when that kind cannot happen here. prev is the character written just before, so
+    a drop never empties a word.
+
+        swap        the letter and the next one trade places ("ab" -> "ba")
+        drop        the letter is left out
+        insert      a random letter follows it
+        double      the letter is typed twice
+        near_key    a neighbouring key is hit instead (QWERTY)
+        substitute  a random other letter is typed instead
+    """
+    c = text[i]
+    nxt = text[i + 1] if i + 1 < len(text) else ""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c.isupper() else "abcdefghijklmnopqrstuvwxyz"
+    if kind == "swap":
+        return (nxt + c, 2) if nxt.isalpha() and nxt != c else None
+    if kind == "drop":
+        return ("", 1) if prev.isalpha() or nxt.isalpha() else None
+    if kind == "insert":
+        return c + rng.choice(alphabet), 1
+    if kind == "double":
+        return c + c, 1
+    if kind == "near_key":
+        keys = near_keys(c)
+        return (rng.choice(keys), 1) if keys else None
+    if kind == "substitute":
+        return (rng.choice(alphabet.replace(c, "")) if c in alphabet else rng.choice(alphabet)), 1
+    raise ConfigError(f"unknown typo kind {kind!r}; kinds are swap, drop, insert, double, near_key, substitute")
 
 
 def inject_typos(text: str, rate: float, seed: int = 0) -> Typos:
@@ -235,23 +296,33 @@ def inject_typos(text: str, rate: float, seed: int = 0) -> Typos:
             i += 1
             continue
         kind = rng.choice(TYPO_KINDS)
-        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c.isupper() else "abcdefghijklmnopqrstuvwxyz"
-        nxt = text[i + 1] if i + 1 < n else ""
-        in_word = (bool(out) and out[-1].isalpha()) or nxt.isalpha()  # a drop never empties a word
-        if kind == "swap" and nxt.isalpha() and nxt != c:
-            out += [nxt, c]
-            letters += 1  # the swapped-in letter is consumed too
-            i += 2
-        elif kind == "drop" and in_word:
-            i += 1
-        elif kind == "insert":
-            out += [c, rng.choice(alphabet)]
-            i += 1
-        else:  # substitute (also when a swap or drop is impossible here)
-            out.append(rng.choice(alphabet.replace(c, "")) if c in alphabet else rng.choice(alphabet))
-            i += 1
+        # A swap or drop that cannot happen here becomes a substitution.
+        written, used = _typo(text, i, kind, rng, out[-1][-1] if out else "") or _typo(text, i, "substitute", rng)
+        if written:
+            out.append(written)
+        letters += used - 1  # a swapped-in letter is consumed too
+        i += used
         edits += 1
     return Typos("".join(out), edits, letters)
+
+
+def misspell(word: str, rng: random.Random, kinds: tuple[str, ...] = NAME_TYPO_KINDS) -> tuple[str, str]:
+    """word with exactly one typo (a random kind from kinds, at a random letter) and that kind; the result
+    always differs from word. The typos of inject_typos, one at a time, for rare words such as drug names.
+
+        >>> misspell("zorvastatin", random.Random(0))
+    """
+    letters = [i for i, c in enumerate(word) if c.isalpha()]
+    if len(letters) < 2:
+        raise ConfigError(f"cannot misspell {word!r}: it needs at least two letters")
+    for _ in range(1000):
+        kind, i = rng.choice(kinds), rng.choice(letters)
+        edit = _typo(word, i, kind, rng, word[i - 1] if i else "")
+        if edit is not None:
+            new = word[:i] + edit[0] + word[i + edit[1] :]
+            if new != word:
+                return new, kind
+    raise ConfigError(f"no typo of the kinds {', '.join(kinds)} changes {word!r}")
 
 
 # ---- multiple choice ---------------------------------------------------------------------------------------
@@ -360,6 +431,91 @@ def score_choices(model: GPT, tok: Tokenizer, items: list[ChoiceItem], batch: in
     return ChoiceScore(len(items), correct, correct_norm, correct / len(items), correct_norm / len(items), preds)
 
 
+# ---- question answering ----------------------------------------------------------------------------------
+
+
+@dataclass
+class QAItem:
+    messages: list[dict]  # the conversation up to the question (the model writes the next reply)
+    answer: str
+    split: str
+    where: str
+
+
+def load_qa(paths: list[str] | str) -> list[QAItem]:
+    """QA items from .jsonl chat files (gradlm/sft.py formats): the last message, the assistant's, is the
+    expected answer. The split is the line's "split" field, else the file's name without .jsonl."""
+    from gradlm.sft import read_conversations
+
+    items = []
+    for path in [paths] if isinstance(paths, str) else paths:
+        default_split = Path(Path(path).name.removesuffix(".gz")).stem  # heldout.jsonl -> heldout
+        for c in read_conversations(path):
+            *question, last = c.messages
+            if last["role"] != "assistant" or not question:
+                raise DataError(f"{c.where}: a QA line must end with the assistant's expected answer, after the question")
+            split = c.extra.get("split", default_split)
+            if not isinstance(split, str) or not split:
+                raise DataError(f"{c.where}: \"split\" must be a non-empty string, got {split!r}")
+            items.append(QAItem(question, last["content"], split, c.where))
+    return items
+
+
+def normalize_answer(text: str) -> str:
+    """What exact match compares: case folded, runs of whitespace as one space, no space at the ends."""
+    return " ".join(text.split()).casefold()
+
+
+@dataclass
+class QAScore:
+    items: int
+    correct: int
+    accuracy: float
+    splits: dict[str, dict]  # per split: items, correct, accuracy
+    predictions: list[dict]  # per item: where, split, expected, got, correct
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def score_qa(model: GPT, tok: Tokenizer, items: list[QAItem], batch: int = 8, max_new_tokens: int = 32, progress: bool = False) -> QAScore:
+    """Greedy replies through the chat template, stopped at <|end|>, scored by exact match (normalize_answer)."""
+    from gradlm.chat import encode_chat, stop_ids
+    from gradlm.generate import Generation, SamplingConfig
+
+    if not items:
+        raise DataError("no QA items to score")
+    block, stops = model.cfg.block_size, stop_ids(tok)
+    prompts = [encode_chat(tok, it.messages) for it in items]
+    for it, p in zip(items, prompts):
+        if len(p) > block:
+            raise DataError(f"{it.where}: the question is {len(p)} tokens, more than the context window ({block})")
+    sampling = SamplingConfig(temperature=0, max_new_tokens=max_new_tokens)
+    replies: list[list[int]] = [[] for _ in items]
+    bar = _Progress(len(items), progress, "question")
+    try:
+        for start in range(0, len(items), batch):
+            for step in Generation(model, prompts[start : start + batch], sampling, stops):
+                for t in step:
+                    if t.id not in stops:
+                        replies[start + t.row].append(t.id)
+            bar.update(len(prompts[start : start + batch]))
+    finally:
+        bar.close()
+    predictions, splits = [], {}
+    for it, ids in zip(items, replies):
+        got = tok.decode(ids)
+        ok = normalize_answer(got) == normalize_answer(it.answer)
+        predictions.append({"where": it.where, "split": it.split, "expected": it.answer, "got": got, "correct": ok})
+        s = splits.setdefault(it.split, {"items": 0, "correct": 0})
+        s["items"] += 1
+        s["correct"] += ok
+    for s in splits.values():
+        s["accuracy"] = s["correct"] / s["items"]
+    correct = sum(p["correct"] for p in predictions)
+    return QAScore(len(items), correct, correct / len(items), splits, predictions)
+
+
 # ---- the command --------------------------------------------------------------------------------------------
 
 
@@ -392,6 +548,9 @@ def run_eval(model: GPT, tok: Tokenizer, cfg: EvalConfig) -> dict:
     if cfg.choices:
         report["choices_file"] = cfg.choices
         report["choices"] = score_choices(model, tok, load_choices(cfg.choices), cfg.batch, cfg.progress).to_dict()
+    if cfg.qa:
+        report["qa_files"] = list(cfg.qa)
+        report["qa"] = score_qa(model, tok, load_qa(cfg.qa), cfg.batch, cfg.qa_max_tokens, cfg.progress).to_dict()
     return report
 
 
@@ -415,4 +574,10 @@ def format_report(report: dict) -> str:
             f"{report['choices_file']}: {s['items']} items | accuracy {s['accuracy']:.3f} ({s['correct']}/{s['items']}) | "
             f"length-normalised {s['accuracy_norm']:.3f} ({s['correct_norm']}/{s['items']})"
         )
+    if "qa" in report:
+        q = report["qa"]
+        lines.append(f"QA exact match ({', '.join(report['qa_files'])}):")
+        for name, s in q["splits"].items():
+            lines.append(f"  {name:<12} {s['accuracy']:.3f} ({s['correct']}/{s['items']})")
+        lines.append(f"  {'all':<12} {q['accuracy']:.3f} ({q['correct']}/{q['items']})")
     return "\n".join(lines)

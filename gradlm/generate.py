@@ -221,7 +221,7 @@ class Generation:
             x[b, P - len(s) :] = torch.tensor(s, dtype=torch.long)
         pad = [P - len(s) for s in seqs]
         cache = self.model.new_cache(len(seqs), max_len, pad=pad if any(pad) else None)
-        logits = self.model.decode(x.to(device), cache, last_only=True)[:, -1]  # (B, V)
+        logits = self.model.infer(x.to(device), cache, last_only=True)[:, -1]  # (B, V)
         return cache, logits
 
     def _slide(self, cache, histories: list[list[int]]):
@@ -249,7 +249,7 @@ class Generation:
         if slid and keep:
             device = self.model.embed_tokens.weight.device
             sub = self.model.new_cache(len(slid), keep)
-            self.model.decode(torch.tensor([histories[b][-keep - 1 : -1] for b in slid], device=device), sub, last_only=True)
+            self.model.infer(torch.tensor([histories[b][-keep - 1 : -1] for b in slid], device=device), sub, last_only=True)
             for i, b in enumerate(slid):
                 new.kv[:, b, :, P - keep : P] = sub.kv[:, i]
         new.pos = P
@@ -305,7 +305,7 @@ class Generation:
                 seen.scatter_(1, nxt[:, None], True)
             if cache.pos >= cache.max_len:  # the window is full: the rows that need it slide (see _slide)
                 cache = self._slide(cache, [history[r] for r in rows])
-            logits = model.decode(nxt[:, None], cache)[:, -1]
+            logits = model.infer(nxt[:, None], cache)[:, -1]
 
 
 def generate_ids(model: GPT, prompt: list[int], cfg: SamplingConfig, stop_ids: Iterable[int] = frozenset()) -> Iterator[int]:
@@ -530,7 +530,7 @@ class LM:
 
 def load(run_dir: str | os.PathLike, best: bool = False, device: str = "cpu") -> LM:
     """An LM from a run directory (model.safetensors, or best.safetensors with best=True)."""
-    from gradlm.train import load_model
+    from gradlm.rundir import load_model
 
     model, tok = load_model(run_dir, best=best, device=device)
     return LM(model, tok)

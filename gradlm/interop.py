@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import asdict
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,10 +34,12 @@ from safetensors import safe_open
 from tokenizers import Tokenizer as HFTokenizer
 
 from gradlm import checkpoint as ckpt
+from gradlm.chat import CHAT_TEMPLATE, has_chat_tokens
 from gradlm.errors import ConfigError, RunDirError, TokenizerError
 from gradlm.model import GPT, ModelConfig
 from gradlm.tokenizer import EOT, Tokenizer
-from gradlm.train import TrainConfig, load_model
+from gradlm.config import TrainConfig
+from gradlm.rundir import config_dict, load_model, package_version
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -51,12 +53,6 @@ SUPPORTED_TEXT = (
 _DEFAULTS = {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "hidden_act": "silu"}
 _MAX_POSITIONS = {"llama": 2048, "qwen2": 32768, "qwen3": 32768}
 _PAD = "<|pad|>"
-
-
-def _version() -> str:
-    from gradlm import __version__
-
-    return __version__
 
 
 # ---- export ------------------------------------------------------------------------------------------
@@ -97,7 +93,7 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer, dtype: str = "float32") -> dict:
         "pad_token_id": pad,
         "dtype": dtype,
         "torch_dtype": dtype,
-        "exported_by": f"gradlm {_version()}",
+        "exported_by": f"gradlm {package_version()}",
     }
     if model_type == "llama":
         out.update(mlp_bias=False, pretraining_tp=1)
@@ -108,10 +104,12 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer, dtype: str = "float32") -> dict:
 
 def hf_tokenizer_config(tok: Tokenizer, block_size: int) -> dict:
     """tokenizer_config.json: a plain PreTrainedTokenizerFast over tokenizer.json, adding no BOS/EOS by
-    itself and not "cleaning up" spaces on decode, so ids and text match gradlm's exactly."""
+    itself and not "cleaning up" spaces on decode, so ids and text match gradlm's exactly; with gradlm's
+    chat template (gradlm/chat.py) when the tokenizer has the chat tokens."""
     eos = tok.eos_token
     pad = _PAD if _PAD in tok.specials else eos
     extra = [s for s in tok.specials if s not in (eos, pad)]
+    chat = {"chat_template": CHAT_TEMPLATE} if has_chat_tokens(tok) else {}
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": eos,
@@ -122,6 +120,7 @@ def hf_tokenizer_config(tok: Tokenizer, block_size: int) -> dict:
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": block_size,
+        **chat,
     }
 
 
@@ -353,13 +352,7 @@ def import_hf(hf_dir: str | os.PathLike, run_dir: str | os.PathLike, block_size:
     if tok.vocab_size > cfg.vocab_size:
         raise TokenizerError(f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is {cfg.vocab_size}")
     state = gradlm_state(_read_hf_weights(src), cfg)
-    run_config = {
-        "model": cfg.to_dict(),
-        "train": asdict(TrainConfig(out=str(out))),
-        "data": {"tokenizer_sha256": tok.sha256},
-        "imported_from": {"path": str(src.resolve()), "architecture": arch},
-        "gradlm_version": _version(),
-    }
+    run_config = config_dict(cfg, asdict(TrainConfig(out=str(out))), {"tokenizer": "given", "tokenizer_sha256": tok.sha256}, imported_from={"path": str(src.resolve()), "architecture": arch})
 
     def write(tmp: Path) -> None:
         tok.save(tmp / "tokenizer.json")

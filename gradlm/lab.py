@@ -23,7 +23,9 @@ from gradlm import plots
 from gradlm.errors import ConfigError, GradlmError
 from gradlm.model import ModelConfig
 from gradlm.optim import set_lr
-from gradlm.train import Trainer, TrainConfig, read_metrics, train
+from gradlm.rundir import read_metrics
+from gradlm.config import TrainConfig
+from gradlm.trainer import Trainer, train
 
 
 def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, steps: int = 100, png: str | os.PathLike | None = "lr_find.png", log=print) -> dict:

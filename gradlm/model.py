@@ -168,6 +168,12 @@ class KVCache:
             self._bias = None
             self.max_pad = int(self.pad.max()) if self.pad.numel() else 0
 
+    def lengths(self) -> list[int]:
+        """Real (not padding) tokens held by each row."""
+        if self.pad is None:
+            return [self.pos] * self.kv.shape[1]
+        return [self.pos - p for p in self.pad.tolist()]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -277,8 +283,6 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds the context window of {self.cfg.block_size}")
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the KV cache's {cache.max_len} positions")
-        if cache is not None and targets is None and not self.training and not torch.is_grad_enabled():
-            return self._decode(idx, cache, last_only)
         x = self.embed_tokens(idx)
         cos, sin, mask = self._rope_and_mask(idx, start, T, cache, x.dtype)
         for i, layer in enumerate(self.layers):
@@ -316,17 +320,18 @@ class GPT(nn.Module):
             cos, sin = cos.to(dtype), sin.to(dtype)
         return cos, sin, mask
 
-    def decode(self, idx: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
-        """forward(idx, cache=cache) for generation: eval mode, no autograd (forward takes this path by
-        itself then), without nn.Module's call overhead and module hooks. Logits (B, T or 1, V)."""
+    def infer(self, idx: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """Generation's forward: idx (B, T) appended to the KV cache; logits (B, T or 1, V).
+        In eval mode without autograd it takes the fused inference path (_infer_fused); otherwise it
+        is forward(idx, cache=cache)."""
         B, T = idx.shape
         if cache.pos + T > min(self.cfg.block_size, cache.max_len):
             raise ValueError(f"sequence of {cache.pos + T} tokens exceeds the context window ({self.cfg.block_size}) or the KV cache ({cache.max_len})")
         if self.training or torch.is_grad_enabled():
             return self.forward(idx, cache=cache, last_only=last_only)
-        return self._decode(idx, cache, last_only)
+        return self._infer_fused(idx, cache, last_only)
 
-    def _decode(self, idx: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
+    def _infer_fused(self, idx: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
         """The same computation as the module path, for generation: KV cache, no autograd, eval mode.
 
         Decoding one token at a time costs little arithmetic, so per-operation overhead and reading
@@ -471,6 +476,25 @@ class GPT(nn.Module):
     def new_cache(self, batch: int, max_len: int | None = None, pad=None) -> KVCache:
         p = self.embed_tokens.weight
         return KVCache(self.cfg, batch, max_len or self.cfg.block_size, p.device, p.dtype, pad)
+
+    def join_caches(self, caches: list[KVCache], max_len: int | None = None) -> KVCache:
+        """One cache holding the rows of several caches, in order (continuous batching: rows prefilled
+        on their own join a running batch). Each row's keys and values are copied right-aligned, so pos
+        becomes the longest row's length and padding that every row had is dropped; rows keep their
+        rotary positions (the keys are stored rotated, and the padding counts from the left).
+        A cache may appear several times (n samples of one prompt share its prefill)."""
+        lengths = [n for c in caches for n in c.lengths()]
+        P = max(lengths, default=0)
+        pad = [P - n for n in lengths]
+        new = self.new_cache(len(lengths), max_len, pad=pad if any(pad) else None)
+        b = 0
+        for c in caches:
+            for r, n in enumerate(c.lengths()):
+                if n:
+                    new.kv[:, b, :, P - n : P] = c.kv[:, r, :, c.pos - n : c.pos]
+                b += 1
+        new.pos = P
+        return new
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

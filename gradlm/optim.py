@@ -22,6 +22,9 @@ import torch.nn as nn
 from gradlm.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw", "muon")
+# Each optimizer's own learning rate when --lr is left out (for muon: its AdamW part; see MUON_LR).
+DEFAULT_LR = {"sgd": 0.3, "momentum": 0.05, "nesterov": 0.05, "adamw": 3e-3, "muon": 3e-3}
+MUON_LR = 0.02
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
 
 # Quintic Newton-Schulz coefficients chosen (Jordan et al., 2024) to push singular values towards 1 fast.
@@ -124,28 +127,31 @@ class Combined:
 
 
 def _groups(named_params, weight_decay: float, lr: float) -> list[dict]:
+    """Matrices decay, vectors (norm gains) never do. label names the lr a group follows in logs."""
     decay = [p for _, p in named_params if p.dim() >= 2]
     no_decay = [p for _, p in named_params if p.dim() < 2]
-    groups = [dict(params=decay, weight_decay=weight_decay, base_lr=lr, lr=lr)]
+    groups = [dict(params=decay, weight_decay=weight_decay, base_lr=lr, lr=lr, decay=True, label="lr")]
     if no_decay:
-        groups.append(dict(params=no_decay, weight_decay=0.0, base_lr=lr, lr=lr))
+        groups.append(dict(params=no_decay, weight_decay=0.0, base_lr=lr, lr=lr, decay=False, label="lr"))
     return groups
 
 
 def build_optimizer(
     model: nn.Module,
     name: str = "adamw",
-    lr: float = 3e-3,
+    lr: float = 0.0,
     weight_decay: float = 0.1,
     momentum: float = 0.9,
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
-    muon_lr: float = 0.02,
+    muon_lr: float = MUON_LR,
     muon_impl: str = "gradlm",
 ) -> torch.optim.Optimizer:
-    """The optimizer for `model`, with weight decay on matrices only and base_lr on every group."""
+    """The optimizer for `model`, with weight decay on matrices only and base_lr on every group.
+    lr 0 means the optimizer's default (DEFAULT_LR)."""
     if name not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    lr = lr or DEFAULT_LR[name]
     seen, named = set(), []
     for n, p in model.named_parameters():  # tied weights appear once
         if p.requires_grad and id(p) not in seen:
@@ -165,32 +171,36 @@ def build_optimizer(
     else:
         muon = Muon([p for _, p in hidden], lr=muon_lr, weight_decay=weight_decay)
     for g in muon.param_groups:
-        g["base_lr"] = muon_lr
+        g.update(base_lr=muon_lr, decay=True, label="lr_muon")
     adamw = torch.optim.AdamW(_groups(rest, weight_decay, lr), lr=lr, betas=betas, eps=eps)
     return Combined({"muon": muon, "adamw": adamw})
 
 
-def lr_factor(progress: float, step: int, schedule: str = "cosine", warmup_steps: int = 0, min_lr_ratio: float = 0.1, decay_fraction: float = 0.2) -> float:
+def lr_factor(
+    progress: float, step: int, schedule: str = "cosine", warmup_steps: int = 0, min_lr_ratio: float = 0.1, decay_fraction: float = 0.2, peak: float = 1.0
+) -> float:
     """Multiplier on the base learning rate.
 
     progress is the fraction of the budget spent (steps, tokens, time or epochs), in [0, 1]; warmup
     ramps linearly over the first warmup_steps steps and multiplies whatever the schedule gives.
-      constant  1
-      cosine    from 1 down to min_lr_ratio along half a cosine
-      linear    from 1 down to min_lr_ratio in a straight line
-      wsd       warmup-stable-decay: 1 until the last decay_fraction of the budget, then linear to min
+      constant  peak
+      cosine    from peak down to min_lr_ratio along half a cosine
+      linear    from peak down to min_lr_ratio in a straight line
+      wsd       warmup-stable-decay: peak until the last decay_fraction of the budget, then linear to min
+    peak is 1 for a run's schedule; a run extended on resume starts a new phase with peak = the factor
+    it had reached, so the learning rate continues from where it was instead of jumping back up.
     """
     p = min(max(progress, 0.0), 1.0)
-    lo = min_lr_ratio
+    lo = min(min_lr_ratio, peak)
     if schedule == "constant":
-        f = 1.0
+        f = peak
     elif schedule == "cosine":
-        f = lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * p))
+        f = lo + (peak - lo) * 0.5 * (1 + math.cos(math.pi * p))
     elif schedule == "linear":
-        f = lo + (1 - lo) * (1 - p)
+        f = lo + (peak - lo) * (1 - p)
     elif schedule == "wsd":
         start = 1 - decay_fraction
-        f = 1.0 if p <= start else lo + (1 - lo) * (1 - (p - start) / max(decay_fraction, 1e-12))
+        f = peak if p <= start else lo + (peak - lo) * (1 - (p - start) / max(decay_fraction, 1e-12))
     else:
         raise ConfigError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if warmup_steps > 0 and step < warmup_steps:
@@ -198,11 +208,42 @@ def lr_factor(progress: float, step: int, schedule: str = "cosine", warmup_steps
     return f
 
 
-def set_lr(opt: torch.optim.Optimizer, factor: float) -> float:
-    """Apply a schedule factor to every group; returns the lr of the first group (for logging)."""
+def set_lr(opt: torch.optim.Optimizer, factor: float) -> dict[str, float]:
+    """Apply a schedule factor to every group; returns the learning rates by label, as logged:
+    {"lr": ...} (the --lr part), plus {"lr_muon": ...} for Muon's matrices."""
+    out = {}
     for g in opt.param_groups:
         g["lr"] = g["base_lr"] * factor
-    return opt.param_groups[0]["lr"]
+        out.setdefault(g.get("label", "lr"), g["lr"])
+    return out
+
+
+def base_lrs(opt: torch.optim.Optimizer) -> dict[str, float]:
+    """The peak learning rates by label (after any guard halvings or resume overrides)."""
+    out = {}
+    for g in opt.param_groups:
+        out.setdefault(g.get("label", "lr"), g["base_lr"])
+    return out
+
+
+def override_hyperparams(opt: torch.optim.Optimizer, **given) -> None:
+    """Apply optimizer settings to existing param groups (a resumed optimizer keeps its moments).
+
+    given may hold lr, muon_lr, weight_decay, momentum, beta1, beta2; each goes to the groups it means:
+    lr to the groups labelled "lr", muon_lr to Muon's, weight decay to decaying groups, momentum to
+    SGD's, betas to AdamW's."""
+    for g in opt.param_groups:
+        label = g.get("label", "lr")
+        if "lr" in given and label == "lr":
+            g["base_lr"] = given["lr"]
+        if "muon_lr" in given and label == "lr_muon":
+            g["base_lr"] = given["muon_lr"]
+        if "weight_decay" in given and g.get("decay", g["weight_decay"] > 0):
+            g["weight_decay"] = given["weight_decay"]
+        if "momentum" in given and label == "lr" and g.get("momentum", 0) > 0:  # SGD with momentum
+            g["momentum"] = given["momentum"]
+        if "betas" in g and ("beta1" in given or "beta2" in given):
+            g["betas"] = (given.get("beta1", g["betas"][0]), given.get("beta2", g["betas"][1]))
 
 
 def scale_base_lr(opt: torch.optim.Optimizer, factor: float) -> None:

@@ -50,6 +50,9 @@ def plot_runs(runs: dict[str, list[dict]], path: str | os.PathLike, title: str =
         if train:
             axes[0].plot([r["step"] for r in train], smooth([r["loss"] for r in train], 0.6), color=color, label=f"{label} train")
             axes[1].plot([r["step"] for r in train], [r["lr"] for r in train], color=color, label=label)
+            muon = [r for r in train if "lr_muon" in r]
+            if muon:  # Muon's matrices follow their own learning rate (--muon-lr)
+                axes[1].plot([r["step"] for r in muon], [r["lr_muon"] for r in muon], "--", color=color, label=f"{label} (muon matrices)")
             axes[2].plot([r["step"] for r in train], [r["grad_norm"] for r in train], color=color, label=label, alpha=0.8)
         if val:
             axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o--", color=color, ms=3, label=f"{label} val")

@@ -67,7 +67,7 @@ def _bad_files(tmp_path):
         (["train", "--data", "ok.txt", "--resume"], "not a run directory"),
         (["generate", "not-a-run", "hi"], "no run directory"),
         (["generate", "ok.txt", "hi"], "no run directory"),
-        (["generate", "emptyrun", "hi"], "missing run config"),
+        (["generate", "emptyrun", "hi"], "not a run directory"),
         (["tokenize", "hi"], "--tokenizer"),
         (["frobnicate"], "invalid choice"),
     ],

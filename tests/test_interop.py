@@ -21,7 +21,9 @@ from gradlm.generate import SamplingConfig, generate_ids  # noqa: E402
 from gradlm.interop import EXPORT_FILES, export_hf, import_hf  # noqa: E402
 from gradlm.model import ModelConfig  # noqa: E402
 from gradlm.tokenizer import Tokenizer  # noqa: E402
-from gradlm.train import TrainConfig, load_model, train  # noqa: E402
+from gradlm.rundir import load_model  # noqa: E402
+from gradlm.config import TrainConfig
+from gradlm.trainer import train  # noqa: E402
 
 TEXTS = [
     "Helo wrold!! Thsi is teh qeustion, isnt it?",

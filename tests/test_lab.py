@@ -2,7 +2,7 @@ import json
 import math
 
 from gradlm.lab import compare, lr_find, parse_grid
-from gradlm.train import TrainConfig
+from gradlm.config import TrainConfig
 
 from conftest import tiny_config
 

@@ -15,7 +15,9 @@ from gradlm.data import EpochSampler, windows
 from gradlm.errors import ConfigError, GradlmError, RunDirError
 from gradlm.model import GPT
 from gradlm.optim import OPTIMIZERS
-from gradlm.train import Trainer, TrainConfig, overfitting, read_metrics, train
+from gradlm.rundir import read_metrics
+from gradlm.config import TrainConfig
+from gradlm.trainer import Trainer, overfitting, train
 
 from conftest import tiny_config
 

@@ -1,0 +1,146 @@
+"""Training settings: TrainConfig (saved as the "train" section of a run's config.json), budgets, and
+the rules for what a resumed run takes from the command line and what it keeps from its checkpoint."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
+
+from gradlm.errors import ConfigError
+from gradlm.optim import DEFAULT_LR, MUON_LR, OPTIMIZERS, SCHEDULES
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Saved as the "train" section of a run's config.json."""
+
+    data: str = field(default="shakespeare", metadata={"help": "raw text (file, directory, .jsonl, .gz, or a registered name such as shakespeare) or a `gradlm prepare` directory"})
+    out: str = field(default="runs/default", metadata={"help": "run directory to write"})
+    vocab_size: int = field(default=1024, metadata={"help": "tokenizer size (bytes + merges) when --data is raw text; 256 = pure bytes"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of the text held out for validation"})
+    text_field: str = field(default="text", metadata={"help": "field holding the text in .jsonl input"})
+    batch: str = field(default="32", metadata={"help": "windows per update: N (mini-batch), 1 (stochastic GD) or full (batch GD: one update per epoch)"})
+    micro_batch: int = field(default=0, metadata={"help": "windows per forward pass; 0 = the whole batch (or 32 with --batch full)"})
+    accum: int = field(default=1, metadata={"help": "gradient accumulation: micro-batches summed into one update"})
+    sampler: str = field(default="auto", metadata={"help": "random (windows at random offsets) or epoch (every window once per epoch, seeded order); auto = epoch for --batch full"})
+    optimizer: str = field(default="adamw", metadata={"help": "sgd, momentum, nesterov, adamw or muon"})
+    lr: float = field(default=0.0, metadata={"help": "peak learning rate (for muon: of its AdamW part); 0 = the optimizer's default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())})
+    muon_lr: float = field(default=MUON_LR, metadata={"help": "learning rate of Muon's matrix updates"})
+    weight_decay: float = field(default=0.1, metadata={"help": "decoupled weight decay on matrices (a regulariser)"})
+    momentum: float = field(default=0.9, metadata={"help": "momentum for --optimizer momentum/nesterov"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
+    schedule: str = field(default="cosine", metadata={"help": "learning-rate schedule: constant, cosine, linear or wsd"})
+    warmup_steps: int = field(default=20, metadata={"help": "steps of linear warmup"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a fraction of the peak"})
+    decay_fraction: float = field(default=0.2, metadata={"help": "wsd: share of the budget spent decaying"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many updates (0 = no limit)"})
+    max_time: str = field(default="", metadata={"help": "stop after this much training time, e.g. 90s, 5m, 1h"})
+    max_tokens: int = field(default=0, metadata={"help": "stop after this many training tokens"})
+    max_epochs: float = field(default=0.0, metadata={"help": "stop after this many passes over the training set"})
+    pause_at: int = field(default=0, metadata={"help": "save and stop at this step without ending the schedule; continue with --resume"})
+    eval_every: int = field(default=50, metadata={"help": "evaluate (and checkpoint) every N steps"})
+    eval_tokens: int = field(default=32768, metadata={"help": "validation tokens per evaluation"})
+    patience: int = field(default=0, metadata={"help": "early stopping: stop after N evaluations without improvement (0 = off)"})
+    min_delta: float = field(default=0.0, metadata={"help": "improvement in validation loss that counts for --patience"})
+    guard_retries: int = field(default=8, metadata={"help": "divergence guard: times to restore the last good state and halve the lr before giving up"})
+    seed: int = field(default=1337, metadata={"help": "fixes initialisation, data order and dropout"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    dtype: str = field(default="auto", metadata={"help": "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (CUDA)"})
+    log_every: int = field(default=10, metadata={"help": "log the training loss every N steps"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint; flags you type override its saved settings where they can"})
+    from_best: bool = field(default=False, metadata={"help": "with --resume: continue from the best checkpoint (best.safetensors) instead of the latest"})
+    init: str = field(default="", metadata={"help": "start from the weights (and tokenizer) of this run directory: fine-tuning / transfer learning"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar on a terminal"})
+    plots: bool = field(default=True, metadata={"help": "draw loss, learning-rate and gradient-norm curves into plots/ at the end"})
+
+    def validate(self) -> None:
+        problems = []
+        if self.batch != "full" and not (self.batch.isdigit() and int(self.batch) >= 1):
+            problems.append(f"--batch must be a positive integer or 'full', got {self.batch!r}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.sampler not in ("auto", "random", "epoch"):
+            problems.append(f"--sampler must be auto, random or epoch, got {self.sampler!r}")
+        if self.batch == "full" and self.sampler == "random":
+            problems.append("--batch full visits every window once per update, so it needs --sampler epoch (or auto)")
+        for name in ("lr", "muon_lr"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)) or (name == "muon_lr" and v == 0):
+                problems.append(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+        for name in ("accum", "eval_every", "eval_tokens", "log_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "max_tokens", "max_epochs", "warmup_steps", "patience", "guard_retries", "micro_batch", "pause_at", "weight_decay", "grad_clip", "min_delta"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.decay_fraction <= 1:
+            problems.append(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            problems.append(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        try:
+            parse_duration(self.max_time)
+        except ConfigError as e:
+            problems.append(str(e))
+        if problems:
+            raise ConfigError("invalid training configuration: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# What a resume may change, and why the rest cannot: the run's model, tokenizer, data and data order
+# are fixed by its checkpoint, and changing the schedule would make the learning rate jump.
+FIXED_ON_RESUME = {
+    "data": "the data", "vocab_size": "the tokenizer", "val_fraction": "the data split", "text_field": "the data",
+    "optimizer": "the optimizer (its state is restored)", "batch": "the batch geometry", "accum": "the batch geometry",
+    "sampler": "the data order", "seed": "the data order and initialisation", "init": "the starting weights",
+    "schedule": "the learning-rate schedule", "warmup_steps": "the learning-rate schedule",
+    "min_lr_ratio": "the learning-rate schedule", "decay_fraction": "the learning-rate schedule",
+}
+BUDGETS = ("max_steps", "max_tokens", "max_time", "max_epochs")
+OPTIMIZER_SETTINGS = ("lr", "muon_lr", "weight_decay", "momentum", "beta1", "beta2")
+PER_INVOCATION = ("out", "resume", "from_best", "pause_at")  # never taken from the saved run
+
+
+def given_fields(cfg, given: Iterable[str] | None) -> set[str]:
+    """The fields the caller set: the CLI passes the flags typed; the Python API, given=None, means
+    the fields that differ from their defaults."""
+    if given is not None:
+        return {f.name for f in fields(cfg)} & set(given)
+    defaults = type(cfg)()
+    return {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+
+
+def resume_settings(saved: TrainConfig, given: TrainConfig, typed: set[str]) -> TrainConfig:
+    """The settings to resume with: the run's own, except the flags typed (budgets, optimizer
+    settings, cadence, ...). A typed flag that cannot apply to a run in progress is refused by name."""
+    for name in sorted(typed & set(FIXED_ON_RESUME)):
+        if getattr(given, name) != getattr(saved, name):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(
+                f"{flag} {getattr(given, name)} cannot change on --resume ({FIXED_ON_RESUME[name]} of the run is {getattr(saved, name)!r}); "
+                f"drop it, or start a new run from this one with --init {given.out}"
+            )
+    merged = {f.name: getattr(given if f.name in typed or f.name in PER_INVOCATION else saved, f.name) for f in fields(TrainConfig)}
+    return TrainConfig(**merged)
+
+
+def parse_duration(text: str) -> float:
+    """'90s' -> 90.0, '5m' -> 300.0, '1.5h' -> 5400.0, '' -> 0 (no limit), '120' -> 120 seconds."""
+    if not text:
+        return 0.0
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?\s*", str(text))
+    if not m:
+        raise ConfigError(f"--max-time {text!r} is not a duration; write e.g. 90s, 5m or 1h")
+    return float(m.group(1)) * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, None: 1}[m.group(2)]

@@ -1,0 +1,281 @@
+"""The run directory, gradlm's unit of work, and its one owner.
+
+    runs/NAME/
+      config.json          {"model", "train", "data", "gradlm_version"}: one schema, written here only
+      tokenizer.json       the tokenizer (Hugging Face format)
+      model.safetensors    latest weights; metadata {"step"}
+      best.safetensors     the weights with the best validation loss (a hard link to a past latest)
+      state/trainer.pt     optimizer, sampler, RNG, counters of the latest checkpoint (weights_only load)
+      state/previous.pt    the checkpoint before it, kept until the next one is complete
+      state/best.pt        the state that goes with best.safetensors (resume with --from-best)
+      metrics.jsonl        one JSON object per logged step / evaluation / event
+      summary.json         the final report of the last training
+      plots/               curves as PNG
+      .lock                held (flock) by the one process writing the run
+
+Every other module reads and writes a run through this one: training, generation, evaluation, export,
+import and the CLI. Loading a model imports the model and the tokenizer, never the trainer.
+
+A checkpoint is the pair (state, weights). Both are written to temporary files first; only then are
+they renamed into place, state before weights, keeping the previous state as previous.pt. A crash at
+any moment leaves weights whose step (in their metadata) matches trainer.pt or previous.pt, and
+load_state() picks the matching one, so resume is exact even after kill -9.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from gradlm import checkpoint as ckpt
+from gradlm.errors import RunDirError
+from gradlm.model import GPT, ModelConfig
+from gradlm.tokenizer import Tokenizer
+
+
+def package_version() -> str:
+    from gradlm import __version__
+
+    return __version__
+
+
+def _major(version: str) -> int:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return -1
+
+
+class RunDir:
+    """Paths and reads/writes of one run directory. RunDir("runs/x").load_model() etc."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.config = self.path / "config.json"
+        self.tokenizer = self.path / "tokenizer.json"
+        self.weights = self.path / "model.safetensors"
+        self.best = self.path / "best.safetensors"
+        self.state = self.path / "state" / "trainer.pt"
+        self.previous_state = self.path / "state" / "previous.pt"
+        self.best_state = self.path / "state" / "best.pt"
+        self.metrics = self.path / "metrics.jsonl"
+        self.summary = self.path / "summary.json"
+        self.plots = self.path / "plots"
+        self.lock_file = self.path / ".lock"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def exists(self) -> bool:
+        return self.config.is_file()
+
+    # ---- config.json: the one schema
+
+    def read_config(self) -> dict:
+        """config.json, checked: a gradlm run of a version this one can read."""
+        if not self.path.is_dir():
+            raise RunDirError(f"no run directory at {self.path}; train one with `gradlm train --out {self.path}`")
+        if not self.exists():
+            raise RunDirError(f"{self.path} is not a run directory (no config.json); train one with `gradlm train --out {self.path}`")
+        cfg = ckpt.read_json(self.config, "run config")
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+            raise RunDirError(f"{self.config} has no model section; is {self.path} a gradlm run directory?")
+        version = cfg.get("gradlm_version", "0")
+        if _major(version) > _major(package_version()) or _major(version) < 0:
+            raise RunDirError(f"{self.path} was written by gradlm {version}, which this gradlm {package_version()} cannot read; upgrade gradlm")
+        return cfg
+
+    def model_config(self) -> ModelConfig:
+        from gradlm.errors import ConfigError
+
+        try:
+            return ModelConfig.from_dict(self.read_config()["model"])
+        except (ConfigError, TypeError) as e:
+            raise RunDirError(f"{self.config}: the model section is invalid ({e})") from None
+
+    def write_config(self, model: ModelConfig, train: dict, data: dict, **extra) -> None:
+        ckpt.atomic_write_json(self.config, config_dict(model, train, data, **extra))
+
+    # ---- tokenizer, weights
+
+    def load_tokenizer(self) -> Tokenizer:
+        return Tokenizer.load(self.tokenizer)
+
+    def save_tokenizer(self, tok: Tokenizer) -> None:
+        tok.save(self.tokenizer)
+
+    def weights_path(self, best: bool = False) -> Path:
+        return self.best if best else self.weights
+
+    def load_weights_into(self, model: GPT, best: bool = False) -> int:
+        """Load the latest (or best) weights into model; returns their step (-1 if not recorded)."""
+        path = self.weights_path(best)
+        if best and not path.is_file():
+            raise RunDirError(f"{self.path} has no best.safetensors yet (it is written at the first evaluation); drop --best")
+        try:
+            model.load_weights(ckpt.load_weights(path))
+        except ValueError as e:
+            raise RunDirError(f"{path} does not fit the model in config.json: {e}") from None
+        return weights_step(path)
+
+    def load_model(self, best: bool = False, device: str = "cpu") -> tuple[GPT, Tokenizer]:
+        """The model (eval mode, on device) and its tokenizer."""
+        model = GPT(self.model_config())
+        self.load_weights_into(model, best)
+        return model.to(device).eval(), self.load_tokenizer()
+
+    # ---- checkpoints: (training state, weights)
+
+    def save_checkpoint(self, state: dict, weights: dict[str, torch.Tensor], step: int) -> None:
+        """Write the pair atomically enough for kill -9 (see the module docstring). A full disk or an
+        unwritable folder is a RunDirError; the previous checkpoint stays intact and loadable."""
+        state = dict(state, step=step)
+        staged: list[Path] = []
+        try:
+            staged.append(ckpt.stage(self.state, lambda tmp: torch.save(state, tmp)))
+            staged.append(ckpt.stage(self.weights, lambda tmp: ckpt.write_weights(tmp, weights, {"step": str(step)})))
+            if self.state.is_file():
+                os.replace(self.state, self.previous_state)
+            os.replace(staged[0], self.state)
+            os.replace(staged[1], self.weights)
+            ckpt.sync_dir(self.state.parent)
+            ckpt.sync_dir(self.path)
+        except OSError as e:
+            for tmp in staged:
+                tmp.unlink(missing_ok=True)
+            raise RunDirError(_write_failure(self.path, e, "checkpoint")) from None
+
+    def mark_best(self) -> None:
+        """The latest checkpoint becomes the best one: hard links, no copy (fall back to copying)."""
+        try:
+            ckpt.link_or_copy(self.state, self.best_state)
+            ckpt.link_or_copy(self.weights, self.best)
+        except OSError as e:
+            raise RunDirError(_write_failure(self.path, e, "best checkpoint")) from None
+
+    def load_state(self, from_best: bool = False) -> dict:
+        """The training state matching the weights on disk (latest, or best with from_best)."""
+        weights = self.best if from_best else self.weights
+        if not weights.is_file():
+            raise RunDirError(f"cannot resume: {weights} is missing" + ("; resume without --from-best" if from_best else "; the run has no checkpoint yet, start it again"))
+        step = weights_step(weights)
+        candidates = [self.best_state] if from_best else [self.state, self.previous_state]
+        found = []
+        for path in candidates:
+            if path.is_file():
+                state = ckpt.load_torch(path)
+                found.append((path, state.get("step")))
+                if state.get("step") == step:
+                    return state
+        if not found:
+            raise RunDirError(f"cannot resume: {candidates[0]} is missing; " + ("this run kept no state for its best weights" if from_best else "the run has no training state"))
+        raise RunDirError(f"cannot resume: {weights} is from step {step} but the training state {found[0][0]} is from step {found[0][1]}; the run is inconsistent")
+
+    # ---- summary, lock
+
+    def write_summary(self, summary: dict) -> None:
+        try:
+            ckpt.atomic_write_json(self.summary, summary)
+        except OSError as e:
+            raise RunDirError(_write_failure(self.path, e, "summary")) from None
+
+    def lock(self) -> RunLock:
+        return RunLock(self.lock_file)
+
+
+def config_dict(model: ModelConfig, train: dict, data: dict, **extra) -> dict:
+    """The config.json schema: model shape, training settings, data identity, version, extras."""
+    return {"model": model.to_dict(), "train": train, "data": data, **extra, "gradlm_version": package_version()}
+
+
+def weights_step(path: Path) -> int:
+    meta = ckpt.weights_metadata(path)
+    try:
+        return int(meta.get("step", -1))
+    except ValueError:
+        return -1
+
+
+def _write_failure(run: Path, e: OSError, what: str) -> str:
+    reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return f"cannot write the {what} in {run}: {reason}; the previous checkpoint is intact: free space (or fix permissions) and continue with `gradlm train --out {run} --resume`"
+
+
+class RunLock:
+    """One writer per run: an exclusive flock on RUN/.lock. The kernel drops it when the process dies,
+    so a crash never leaves a stale lock. The holder's pid is written in the file for the message."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunDirError(f"{self.path.parent} is being written by another gradlm process (pid {holder}); wait for it to finish, stop it, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ---- metrics.jsonl
+
+
+class Metrics:
+    """metrics.jsonl: one JSON object per logged step or evaluation, appended as written."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines the interrupted run wrote after the checkpoint it resumes from."""
+        if not self.path.is_file():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        ckpt.atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+
+    def write(self, **row) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    path = RunDir(run_dir).metrics
+    if not path.is_file():
+        raise RunDirError(f"{run_dir} has no metrics.jsonl; is it a gradlm run directory?")
+    try:
+        return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path} is corrupt ({e})") from None
+
+
+def load_model(run_dir: str | os.PathLike, best: bool = False, device: str = "cpu") -> tuple[GPT, Tokenizer]:
+    """A trained model (in eval mode) and its tokenizer from a run directory.
+
+        >>> model, tok = load_model("runs/demo")          # doctest: +SKIP
+    """
+    return RunDir(run_dir).load_model(best, device)

@@ -1,0 +1,655 @@
+"""The gradient-descent loop: cost -> gradients -> update, repeated until a budget ends or it converges.
+
+One step:
+    for each micro-batch:   loss = cross-entropy(model(x), y) * (its share of the step's tokens)
+                            loss.backward()                     (gradients accumulate)
+    clip the gradient norm; check the loss and the norm are sane (divergence guard)
+    lr = base_lr * schedule(progress);  optimizer.step()       (the gradient-descent update)
+
+The batch mode decides how much data one step sees: --batch full is batch gradient descent (one update
+per pass over every training window), --batch 1 is stochastic gradient descent, --batch N is mini-batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from gradlm.config import BUDGETS, OPTIMIZER_SETTINGS, PER_INVOCATION, TrainConfig, given_fields, parse_duration, resume_settings
+from gradlm.data import EpochSampler, RandomSampler, resolve_data, windows
+from gradlm.errors import ConfigError, GradlmError, Interrupted, RunDirError
+from gradlm.evaluate import byte_bits
+from gradlm.model import GPT, ModelConfig
+from gradlm.optim import DEFAULT_LR, base_lrs, build_optimizer, lr_factor, override_hyperparams, scale_base_lr, set_lr
+from gradlm.rundir import Metrics, RunDir, read_metrics
+
+
+# ---- distributed -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(cfg: TrainConfig, dd: Dist) -> str:
+    if cfg.device == "auto":
+        return f"cuda:{dd.local_rank}" if torch.cuda.is_available() else "cpu"
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return cfg.device
+
+
+# ---- evaluation --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_windows(model: GPT, tokens: np.ndarray, block: int, max_tokens: int, byte_lengths: torch.Tensor, batch: int = 32, dd: Dist = Dist(), autocast=nullcontext) -> dict:
+    """Mean loss and bits per byte over fixed, evenly spaced, non-overlapping windows of `tokens`.
+
+    Bits per byte = total loss in bits / total bytes of the predicted tokens: independent of the
+    tokenizer, so runs with different vocabularies compare fairly. Special tokens cover no bytes and
+    are left out of it.
+    """
+    n_windows = (len(tokens) - 1) // block
+    if n_windows < 1:
+        return {"loss": float("nan"), "bpb": float("nan"), "tokens": 0}
+    take = max(1, min(n_windows, max_tokens // block))
+    starts = (np.linspace(0, n_windows - 1, take).round().astype(np.int64) * block)[dd.rank :: dd.world]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, token count, bits on bytes, bytes
+    for i in range(0, len(starts), batch):
+        x, y = windows(tokens, starts[i : i + batch].tolist(), block)
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            loss = model(x, y, reduction="none").double()  # (B, T)
+        bits, nbytes = byte_bits(loss, y, byte_lengths)
+        sums += torch.stack([loss.sum(), torch.tensor(loss.numel(), device=device, dtype=torch.float64), bits, nbytes])
+    if dd.world > 1:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    loss = (sums[0] / sums[1]).item()
+    bpb = (sums[2] / sums[3]).item() if sums[3] > 0 else float("nan")
+    return {"loss": loss, "bpb": bpb, "tokens": int(sums[1].item())}
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+
+
+def _log(dd: Dist, msg: str) -> None:
+    if dd.main:
+        tqdm.write(msg, file=sys.stderr)
+
+
+class Trainer:
+    """Everything one run holds: data, model, optimizer, sampler, batch geometry and counters.
+
+    `gradients()` runs one step's forward and backward passes over its micro-batches and clips the
+    gradient; `update()` applies the optimizer step. train() loops over these; the LR finder reuses
+    them with learning rates of its own. Construction reads in this order: settings (fresh, resumed
+    or initialised from another run), data, model and optimizer, then the resumed state.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, log=None, given: Iterable[str] | None = None):
+        _validate_all(model_cfg, cfg)
+        self.run = RunDir(cfg.out)
+        typed = given_fields(cfg, given)
+        typed_model = given_fields(model_cfg, given)
+        self.notes: list[str] = []  # what a resume changed, said once the log is set up
+        if cfg.resume:
+            model_cfg, cfg = self._resume_settings(model_cfg, cfg, typed, typed_model)
+        else:
+            model_cfg = self._fresh_settings(model_cfg, cfg)
+        if not any(getattr(cfg, b) for b in BUDGETS):
+            cfg.max_steps = 1000
+        cfg.lr = cfg.lr or DEFAULT_LR[cfg.optimizer]  # config.json records the learning rate really used
+        self.cfg, self.out, self.typed = cfg, self.run.path, typed
+        self.max_time_s = parse_duration(cfg.max_time)
+        self.dd = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = pick_device(cfg, self.dd)
+        if self.device.startswith("cuda"):
+            torch.cuda.set_device(self.device)
+        self.log = log or (lambda msg: _log(self.dd, msg))
+        self._load_data(model_cfg)
+        self._build()
+        self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
+        self.best_val, self.bad_evals, self.guard_used = float("inf"), 0, 0
+        self.gap_history: list[float] = []
+        self.last_factor, self.phase = 1.0, None
+        self.resumed = cfg.resume
+        if cfg.resume:
+            self._restore(self.run.load_state(cfg.from_best))
+        self.metrics = Metrics(self.run.metrics, self.dd.main)
+
+    # -- settings: where the run starts from
+
+    def _fresh_settings(self, model_cfg: ModelConfig, cfg: TrainConfig) -> ModelConfig:
+        out = self.run.path
+        if out.is_file():
+            raise RunDirError(f"--out {out} is a file; give a directory")
+        if self.run.exists():
+            raise RunDirError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        self.init_tok = None
+        if cfg.init:
+            init = RunDir(cfg.init)
+            dropout = model_cfg.dropout
+            model_cfg = init.model_config()
+            model_cfg.dropout = dropout
+            self.init_tok = init.load_tokenizer()
+        self.tokenizer_trained_here = None  # decided by resolve_data: trained when no tokenizer is given
+        return model_cfg
+
+    def _resume_settings(self, model_cfg: ModelConfig, cfg: TrainConfig, typed: set[str], typed_model: set[str]) -> tuple[ModelConfig, TrainConfig]:
+        if not self.run.exists():
+            raise RunDirError(f"cannot resume: {cfg.out} is not a run directory (no config.json); drop --resume to start it")
+        saved = self.run.read_config()
+        saved_model = self.run.model_config()
+        for name in sorted(typed_model - {"dropout"}):
+            if getattr(model_cfg, name) != getattr(saved_model, name):
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} {getattr(model_cfg, name)} cannot change on --resume (the model's shape is fixed by its weights: "
+                    f"{name} is {getattr(saved_model, name)}); drop it, or start a new run with --init {cfg.out}"
+                )
+        if "dropout" in typed_model:
+            saved_model.dropout = model_cfg.dropout
+        saved_cfg = TrainConfig.from_dict(saved.get("train", {}))
+        new = resume_settings(saved_cfg, cfg, typed)
+        new.validate()
+        for name in sorted(typed - set(PER_INVOCATION)):
+            if getattr(new, name) != getattr(saved_cfg, name):
+                self.notes.append(f"--{name.replace('_', '-')}: {getattr(saved_cfg, name)!r} -> {getattr(new, name)!r}")
+        self.saved_cfg = saved_cfg
+        self.init_tok = self.run.load_tokenizer()
+        self.tokenizer_trained_here = saved.get("data", {}).get("tokenizer") == "trained"
+        return saved_model, new
+
+    # -- data: rank 0 prepares (and caches); the other ranks then read the same cache
+
+    def _load_data(self, model_cfg: ModelConfig) -> None:
+        cfg, dd = self.cfg, self.dd
+        trained = self.tokenizer_trained_here if self.cfg.resume else None
+        data = resolve_data(cfg, self.init_tok, self.log, trained) if dd.main else None
+        if dd.world > 1:
+            dist.barrier()
+            data = data or resolve_data(cfg, self.init_tok, self.log, trained)
+        self.data, self.tok = data, data.tokenizer
+        if self.init_tok is not None and self.init_tok.sha256 != self.tok.sha256:
+            raise ConfigError(f"{cfg.data} was tokenised with another tokenizer than {cfg.init or cfg.out}; pass raw text so it is tokenised with the run's tokenizer")
+        if self.init_tok is None:
+            model_cfg.vocab_size = self.tok.vocab_size
+        if self.tok.vocab_size > model_cfg.vocab_size:
+            raise ConfigError(f"the tokenizer has {self.tok.vocab_size} ids but the model only {model_cfg.vocab_size}")
+        self.model_cfg = model_cfg
+        self.train_tokens, self.val_tokens = data.tokens("train"), data.tokens("val")
+        block = self.block = model_cfg.block_size
+        for name, toks, fix in (("training", self.train_tokens, "add text"), ("validation", self.val_tokens, "raise --val-fraction or add text")):
+            if len(toks) < block + 1:
+                raise ConfigError(f"the {name} split has {len(toks):,} tokens, fewer than the context window + 1 ({block + 1}); lower --block-size or {fix}")
+
+    # -- model, optimizer, sampler, batch geometry
+
+    def _build(self) -> None:
+        cfg, dd, block = self.cfg, self.dd, self.block
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(self.model_cfg)
+        self.model.reset_parameters(seed=cfg.seed)
+        if cfg.init and not cfg.resume:
+            RunDir(cfg.init).load_weights_into(self.model)
+            self.log(f"initialised from {cfg.init}")
+        self.model.to(self.device)
+        use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.device.startswith("cuda"))
+        self.autocast = (lambda: torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16)) if use_bf16 else nullcontext
+        self.opt = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, (cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr)
+        self.full_batch = cfg.batch == "full"
+        self.sampler_kind = "epoch" if self.full_batch or cfg.sampler == "epoch" else "random"
+        self.sampler = (EpochSampler if self.sampler_kind == "epoch" else RandomSampler)(self.train_tokens, block, cfg.seed)
+        if self.full_batch:  # batch gradient descent: all windows, accumulated, per update
+            self.micro = cfg.micro_batch or 32
+            self.batch = self.sampler.n_windows
+        else:
+            self.micro = cfg.micro_batch or int(cfg.batch)
+            self.batch = int(cfg.batch) * cfg.accum
+        self.accum = math.ceil(self.batch / self.micro)
+        if self.micro % dd.world:
+            raise ConfigError(f"the micro-batch ({self.micro}) must divide evenly over {dd.world} processes; set --micro-batch to a multiple of {dd.world}")
+        self.step_tokens = self.batch * block
+        self.run_model = torch.compile(self.model) if cfg.compile else self.model
+        if dd.world > 1:
+            self.run_model = torch.nn.parallel.DistributedDataParallel(self.run_model, device_ids=[dd.local_rank] if self.device.startswith("cuda") else None)
+        self.byte_lengths = torch.tensor(self.tok.token_byte_lengths(), dtype=torch.long, device=self.device)
+
+    # -- resume: restore the checkpoint, then apply what the caller typed
+
+    COUNTERS = ("step", "tokens_seen", "elapsed", "best_val", "bad_evals", "guard_used", "gap_history", "last_factor", "phase")
+
+    def _restore(self, state: dict) -> None:
+        cfg = self.cfg
+        self.run.load_weights_into(self.model, best=cfg.from_best)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        for k in self.COUNTERS:
+            if k in state:
+                setattr(self, k, state[k])
+        given_opt = {k: getattr(cfg, k) for k in OPTIMIZER_SETTINGS if k in self.typed}
+        if "lr" in given_opt and not given_opt["lr"]:
+            given_opt["lr"] = DEFAULT_LR[cfg.optimizer]
+        override_hyperparams(self.opt, **given_opt)
+        lrs = base_lrs(self.opt)  # what the optimizer really uses (guard halvings included) goes in config.json
+        cfg.lr = lrs["lr"]
+        cfg.muon_lr = lrs.get("lr_muon", cfg.muon_lr)
+        self._extend_budget()
+        where = "best checkpoint" if cfg.from_best else "checkpoint"
+        self.notes.insert(0, f"resumed {self.out} from its {where} at step {self.step}")
+
+    def _extend_budget(self) -> None:
+        """A budget typed on resume that differs from the run's: refuse one already spent; otherwise the
+        rest of the run is a new schedule phase from the learning rate reached, so it never jumps."""
+        cfg, saved = self.cfg, self.saved_cfg
+        changed = [b for b in BUDGETS if b in self.typed and getattr(cfg, b) != getattr(saved, b)]
+        spent = self.progress() >= 1
+        done = f"{self.step} steps, {self.tokens_seen:,} tokens, {self.elapsed:.1f}s, {self.epochs_done():.2f} epochs"
+        if spent and changed:
+            flags = ", ".join(f"--{b.replace('_', '-')} {getattr(cfg, b)}" for b in changed)
+            raise ConfigError(f"{flags} is already spent: {self.out} has trained {done}; give a larger budget to train further")
+        if spent:
+            budget = ", ".join(f"--{b.replace('_', '-')} {getattr(cfg, b)}" for b in BUDGETS if getattr(cfg, b))
+            raise ConfigError(
+                f"{self.out} has finished its budget ({budget}; trained {done}); to train further, give a larger budget "
+                f"(e.g. --max-steps {2 * self.step}): the learning rate continues from where it is, in a new decay phase"
+            )
+        if changed and self.step > 0:
+            self.phase = {"step": self.step, "tokens": self.tokens_seen, "elapsed": self.elapsed, "epochs": self.epochs_done(), "peak": self.last_factor}
+            self.notes.append(
+                f"budget extended: a new {cfg.schedule} phase from the learning-rate factor reached ({self.last_factor:.3g} x base) "
+                f"down to {min(cfg.min_lr_ratio, self.last_factor):.3g} x base over the rest of the budget; the learning rate does not jump"
+            )
+
+    # -- one step of gradient descent
+
+    def gradients(self) -> tuple[float, float]:
+        """Forward + backward over this step's micro-batches; returns (loss, gradient norm before clipping)."""
+        dd = self.dd
+        loss_sum = torch.zeros((), device=self.device)
+        for k in range(self.accum):
+            n = min(self.micro, self.sampler.n_windows - self.sampler.pos) if self.full_batch else min(self.micro, self.batch - k * self.micro)
+            x, y = self.sampler.next(n)  # every rank draws the same global micro-batch, then takes its rows
+            x, y = x[dd.rank :: dd.world].to(self.device), y[dd.rank :: dd.world].to(self.device)
+            # This rank's rows' share of the step's tokens, times the world size because DDP averages
+            # gradients over ranks: summed over ranks and micro-batches, the weights give the gradient
+            # of the mean loss over the whole global batch (also when n does not split evenly).
+            share = len(x) / self.batch * dd.world
+            sync = dd.world == 1 or k == self.accum - 1
+            with (nullcontext() if sync else self.run_model.no_sync()), self.autocast():
+                loss = self.run_model(x, y)
+                (loss * share).backward()
+            loss_sum += loss.detach() * share
+        if dd.world > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= dd.world
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        return loss_sum.item(), grad_norm.item()
+
+    def update(self) -> None:
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.step_tokens
+
+    # -- progress and the learning rate
+
+    def epochs_done(self) -> float:
+        return self.sampler.epochs_done if self.sampler_kind == "epoch" else self.tokens_seen / len(self.train_tokens)
+
+    def _spent(self) -> list[tuple[float, float, float]]:
+        """(used, budget, used at the phase start) for each budget that is set."""
+        cfg, ph = self.cfg, self.phase or {}
+        parts = [(self.step, cfg.max_steps, ph.get("step", 0)), (self.tokens_seen, cfg.max_tokens, ph.get("tokens", 0)),
+                 (self.elapsed, self.max_time_s, ph.get("elapsed", 0.0)), (self.epochs_done(), cfg.max_epochs, ph.get("epochs", 0.0))]
+        return [p for p in parts if p[1]]
+
+    def progress(self) -> float:
+        """Fraction of the budget spent: the largest of steps, tokens, time and epochs used."""
+        return max((used / budget for used, budget, _ in self._spent()), default=0.0)
+
+    def lr_factor(self) -> float:
+        """The schedule's factor for the next step: the run's schedule, or the current phase's when the
+        budget was extended on resume (progress counted from the phase start, no warmup)."""
+        c = self.cfg
+        if self.phase is None:
+            return lr_factor(self.progress(), self.step, c.schedule, c.warmup_steps, c.min_lr_ratio, c.decay_fraction)
+        p = max(((used - start) / max(budget - start, 1e-12) for used, budget, start in self._spent()), default=0.0)
+        return lr_factor(p, self.step, c.schedule, 0, c.min_lr_ratio, c.decay_fraction, peak=self.phase["peak"])
+
+    # -- evaluation and state
+
+    def evaluate(self) -> dict:
+        args = (self.block, self.cfg.eval_tokens, self.byte_lengths, self.micro, self.dd, self.autocast)
+        val = evaluate_windows(self.model, self.val_tokens, *args)
+        tr = evaluate_windows(self.model, self.train_tokens, *args)
+        return {"val_loss": val["loss"], "val_bpb": val["bpb"], "train_eval_loss": tr["loss"]}
+
+    def snapshot(self) -> dict:
+        return {"model": copy.deepcopy(self.model.state_dict()), "opt": copy.deepcopy(self.opt.state_dict()), "step": self.step, "tokens_seen": self.tokens_seen}
+
+    def restore(self, snap: dict) -> None:
+        self.model.load_state_dict(snap["model"])
+        self.opt.load_state_dict(snap["opt"])
+        self.step, self.tokens_seen = snap["step"], snap["tokens_seen"]
+
+    def start_run_dir(self) -> None:
+        """Create (or reopen) the run directory on rank 0: take the lock, write config.json (the settings
+        really used), tokenizer.json, and a fresh or trimmed metrics.jsonl."""
+        if not self.dd.main:
+            return
+        self.lock = self.run.lock().acquire()
+        if self.resumed:
+            self.metrics.truncate_after(self.step)
+        else:
+            if self.run.exists():  # another process made it between our check and the lock
+                self.lock.release()
+                raise RunDirError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+            self.run.metrics.unlink(missing_ok=True)
+        self.run.save_tokenizer(self.tok)
+        trained = self.tokenizer_trained_here if self.resumed else self.init_tok is None
+        data = {"path": str(self.data.path), "tokenizer": "trained" if trained else "given", "tokenizer_sha256": self.tok.sha256,
+                "train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens)}
+        self.run.write_config(self.model_cfg, asdict(self.cfg), data)
+
+    def close_run_dir(self) -> None:
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+            self.lock = None
+
+    def save(self) -> None:
+        """Checkpoint (rank 0): the training state and the weights, as one pair (see gradlm.rundir)."""
+        if not self.dd.main:
+            return
+        state = {k: getattr(self, k) for k in self.COUNTERS}
+        state.update(optimizer=self.opt.state_dict(), sampler=self.sampler.state_dict(), torch_rng=torch.get_rng_state())
+        self.run.save_checkpoint(state, self.model.state_dict(), self.step)
+
+    def describe(self) -> str:
+        m = self.model
+        lrs = base_lrs(self.opt)
+        lr_text = f"lr {lrs['lr']:g}" + (f" (muon matrices: lr {lrs['lr_muon']:g})" if "lr_muon" in lrs else "")
+        return (
+            f"model: {m.num_params():,} parameters ({m.num_params(True):,} non-embedding), {m.flops_per_token() / 1e6:.1f} MFLOP/token | "
+            f"batch {'full' if self.full_batch else self.batch} = {self.step_tokens:,} tokens/step ({self.accum} x {self.micro} windows x {self.block} tokens) | "
+            f"{self.cfg.optimizer}, {lr_text}, {self.cfg.schedule} | device {self.device}"
+        )
+
+
+def _validate_all(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """Report every problem of both configurations at once, before any work."""
+    problems = []
+    for c in (cfg, model_cfg):
+        try:
+            c.validate()
+        except ConfigError as e:
+            problems.append(str(e))
+    if cfg.from_best and not cfg.resume:
+        problems.append("--from-best only applies with --resume")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+# ---- the loop's parts ----------------------------------------------------------------------------------
+
+
+def diverged(loss: float, grad_norm: float, ln_vocab: float, ema: float | None, step: int) -> bool:
+    """A step overshot: the loss or gradient is not finite, the loss is far worse than knowing nothing
+    (uniform guessing scores ln V), or it jumped to 3x its recent average."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return True
+    return loss > 1.5 * ln_vocab or (ema is not None and step > 50 and loss > 3 * ema)
+
+
+def overfitting(gaps: list[float], evals: int = 3, min_gap: float = 0.05) -> bool:
+    """Validation loss minus training loss has grown at each of the last `evals` evaluations and is
+    now material: the model is fitting its training text rather than the language (high variance)."""
+    recent = gaps[-(evals + 1) :]
+    return len(recent) == evals + 1 and all(b > a + 1e-3 for a, b in zip(recent, recent[1:])) and recent[-1] > min_gap
+
+
+class DivergenceGuard:
+    """When a step overshoots, go back to the last good state with half the learning rate; after
+    guard_retries restarts, stop with a message naming the step, the loss and a learning rate to try."""
+
+    def __init__(self, t: Trainer):
+        self.t, self.ema = t, None
+        self.ln_vocab = math.log(t.model_cfg.vocab_size)
+        self.good = t.snapshot()
+
+    def mark_good(self) -> None:
+        self.good = self.t.snapshot()
+
+    def observe(self, loss: float, grad_norm: float) -> bool:
+        """True if the step was sane (apply it); False if the guard restored an earlier state."""
+        t = self.t
+        if not diverged(loss, grad_norm, self.ln_vocab, self.ema, t.step):
+            self.ema = loss if self.ema is None else 0.95 * self.ema + 0.05 * loss
+            return True
+        t.opt.zero_grad(set_to_none=True)
+        bad_step = t.step
+        t.restore(self.good)
+        if t.guard_used >= t.cfg.guard_retries:
+            t.save()
+            raise GradlmError(
+                f"training diverged at step {bad_step} (loss {loss:.4g}, gradient norm {grad_norm:.4g}) and the guard gave up "
+                f"after {t.guard_used} restarts with a halved learning rate; the last good state (step {t.step}) is saved in {t.out}. "
+                f"Try --lr {base_lrs(t.opt)['lr'] / 2:.2g} or lower (see `gradlm lr-find`)"
+            )
+        t.guard_used += 1
+        scale_base_lr(t.opt, 0.5)
+        self.good = t.snapshot()
+        self.ema = None
+        new = base_lrs(t.opt)
+        t.log(f"divergence guard: step {bad_step} loss {loss:.4g} (grad norm {grad_norm:.4g}); restored step {t.step}, lr halved to {new['lr']:.3g} ({t.guard_used}/{t.cfg.guard_retries})")
+        t.metrics.write(step=t.step, event="diverged", at_step=bad_step, loss=loss if math.isfinite(loss) else None, new_lr=new["lr"])
+        return False
+
+
+class TrainLog:
+    """What a run shows while it trains: a progress bar on a terminal (percent of whichever budget is
+    set, so its rate and ETA hold for every kind), plain log lines otherwise, and metrics.jsonl rows."""
+
+    def __init__(self, t: Trainer):
+        self.t = t
+        cfg = t.cfg
+        self.bar = tqdm(
+            total=100.0, initial=round(100 * t.progress(), 2), disable=not (cfg.progress and sys.stderr.isatty() and t.dd.main), dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]",
+        )
+        self.t_last, self.tokens_last = time.time(), t.tokens_seen
+        self.last_eval: dict = {}
+
+    def step(self, loss: float, grad_norm: float, lrs: dict[str, float]) -> None:
+        t, cfg = self.t, self.t.cfg
+        if t.step % cfg.log_every == 0 or t.step == 1:
+            now = time.time()
+            tps = (t.tokens_seen - self.tokens_last) / max(now - self.t_last, 1e-9)
+            self.t_last, self.tokens_last = now, t.tokens_seen
+            t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(t.elapsed, 3), epoch=round(t.epochs_done(), 4), **lrs, loss=loss, grad_norm=grad_norm, tokens_per_s=round(tps, 1))
+            lr_text = " | ".join(f"{k.replace('_', ' ')} {v:.2e}" for k, v in lrs.items())
+            if self.bar.disable and cfg.progress:
+                p = t.progress()
+                eta = t.elapsed * (1 - p) / p if p > 0 else float("nan")
+                t.log(f"step {t.step:>6} | loss {loss:.4f} | {lr_text} | grad norm {grad_norm:.3f} | {tps:,.0f} tok/s | {t.elapsed:.0f}s, eta {eta:.0f}s")
+            self.bar.set_postfix(step=t.step, loss=f"{loss:.3f}", lr=f"{lrs['lr']:.1e}", tok_s=f"{tps:,.0f}", val=f"{self.last_eval.get('val_loss', float('nan')):.3f}")
+        self.bar.update(min(100.0, 100 * t.progress()) - self.bar.n)
+
+    def evaluation(self, ev: dict, gap: float) -> None:
+        t = self.t
+        self.last_eval = ev
+        t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(t.elapsed, 3), epoch=round(t.epochs_done(), 4), **ev, gap=gap)
+        t.log(f"step {t.step:>6} | val loss {ev['val_loss']:.4f} | val bpb {ev['val_bpb']:.4f} | train loss {ev['train_eval_loss']:.4f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM ask training to stop after the current step: it saves a checkpoint
+    and says how to resume. A second signal stops at once (the last checkpoint stays intact)."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        for s, h in self.previous.items():  # a second Ctrl-C is not ignored
+            signal.signal(s, h)
+
+    def __enter__(self) -> StopSignals:
+        try:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self._handle)
+        except ValueError:  # not the main thread: signals stay as they are
+            self.previous = {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+    def requested(self, dd: Dist) -> int:
+        """The signal every rank should stop for (ranks agree, so none waits on another forever)."""
+        if dd.world > 1:
+            flag = torch.tensor([self.signum], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return int(flag.item())
+        return self.signum
+
+
+# ---- train() -------------------------------------------------------------------------------------------
+
+
+def train(model_cfg: ModelConfig, cfg: TrainConfig, on_step=None, given: Iterable[str] | None = None) -> dict:
+    """Train a model as configured; returns a summary (final validation loss, bits per byte, steps, ...).
+
+    on_step(step, loss, lr) is called after every update (the comparison lab uses it). given names the
+    settings the caller chose (the CLI passes the flags typed); on resume only those override the run's
+    saved settings. None means: every field that differs from its default.
+
+    Example:
+        >>> train(ModelConfig(n_layer=2), TrainConfig(data="notes.txt", out="runs/notes", max_time="2m"))  # doctest: +SKIP
+    """
+    t = Trainer(model_cfg, cfg, given=given)
+    t.start_run_dir()
+    try:
+        return _loop(t, on_step)
+    finally:
+        t.close_run_dir()
+
+
+def _loop(t: Trainer, on_step) -> dict:
+    cfg, out = t.cfg, t.out
+    for note in t.notes:
+        t.log(note)
+    guard, show = DivergenceGuard(t), TrainLog(t)
+    t.log(t.describe())
+    t.model.train()
+    stop_reason = ""
+    with StopSignals() as signals:
+        while True:
+            if t.progress() >= 1:
+                stop_reason = "budget"
+                break
+            if cfg.pause_at and t.step >= cfg.pause_at:
+                stop_reason = "paused"
+                break
+            if signals.requested(t.dd):
+                stop_reason = "interrupted"
+                break
+            t0 = time.time()
+            t.last_factor = t.lr_factor()
+            lrs = set_lr(t.opt, t.last_factor)
+            loss, gn = t.gradients()
+            if not guard.observe(loss, gn):
+                continue
+            t.update()
+            t.elapsed += time.time() - t0
+            if on_step is not None:
+                on_step(t.step, loss, lrs["lr"])
+            show.step(loss, gn, lrs)
+            done = t.progress() >= 1 or (cfg.pause_at and t.step >= cfg.pause_at)
+            if t.step % cfg.eval_every == 0 or done:
+                if _evaluate_and_checkpoint(t, show):
+                    stop_reason = "converged"
+                    break
+                guard.mark_good()
+    show.close()
+    if not show.last_eval:
+        show.last_eval = t.evaluate()
+    t.save()
+    summary = {
+        "run": str(out), "steps": t.step, "tokens": t.tokens_seen, "epochs": t.epochs_done(), "time_s": t.elapsed,
+        "tokens_per_s": t.tokens_seen / t.elapsed if t.elapsed else 0.0, "stop": stop_reason, "best_val_loss": t.best_val,
+        "divergence_restarts": t.guard_used, **show.last_eval,
+    }
+    if t.dd.main:
+        t.run.write_summary(summary)
+        if cfg.plots:
+            from gradlm.plots import plot_runs
+
+            plot_runs({out.name: read_metrics(out)}, t.run.plots / "training.png", title=str(out))
+    if stop_reason == "interrupted":
+        name = signal.Signals(signals.signum).name
+        raise Interrupted(f"{name}: stopped at step {t.step} and saved a checkpoint in {out}; continue with `gradlm train --out {out} --resume`", 128 + signals.signum)
+    return summary
+
+
+def _evaluate_and_checkpoint(t: Trainer, show: TrainLog) -> bool:
+    """Evaluate, checkpoint (and keep the best), warn on overfitting; True when training converged."""
+    cfg = t.cfg
+    ev = t.evaluate()
+    improved = ev["val_loss"] < t.best_val - cfg.min_delta
+    if improved:
+        t.best_val, t.bad_evals = ev["val_loss"], 0
+    else:
+        t.bad_evals += 1
+    gap = ev["val_loss"] - ev["train_eval_loss"]
+    t.gap_history.append(gap)
+    show.evaluation(ev, gap)
+    if overfitting(t.gap_history):
+        t.log(f"warning: the train/validation gap has grown for 3 evaluations ({t.gap_history[-4]:.3f} -> {gap:.3f}): the model is overfitting (high variance); consider --dropout, --weight-decay, --patience or more data")
+    t.save()
+    if improved and t.dd.main:
+        t.run.mark_best()
+    if cfg.patience and t.bad_evals >= cfg.patience:
+        t.log(f"converged: validation loss has not improved by {cfg.min_delta} for {cfg.patience} evaluations (best {t.best_val:.4f}); best weights in {t.run.best}")
+        return True
+    return False
