@@ -99,6 +99,40 @@ def fit(model, ids, steps: int, lr: float = 1e-2, batch: int = 16, block: int = 
     return model.eval()
 
 
+CYCLE = "Hi 🙂é!"  # cut into single bytes by the test tokenizer: 🙂 is four tokens, é two
+
+
+def cycle_model(tok, text: str = CYCLE, sharpness: float = 1.0, block_size: int = 64):
+    """A real GPT (eval mode) whose next token depends only on the current one: each token of `text`
+    is followed by the next one (cyclically) with probability ~0.9 at sharpness 1, so greedy decoding
+    from text[0] writes text[1:] + text + ... exactly, while sampling still varies.
+
+    Its blocks add nothing (their output projections are zero), so the last hidden state is the current
+    token's embedding; the head scores token y by how much the current token looks like y's predecessor."""
+    import torch
+
+    from gradlm.model import GPT
+
+    ids = tok.encode(text)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{text!r} repeats a token: the next token would be ambiguous")
+    torch.manual_seed(0)
+    m = GPT(tiny_config(tok.vocab_size, n_layer=1, d_model=64, block_size=block_size))
+    V, d = tok.vocab_size, 64
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        emb = torch.randn(V, d, generator=torch.Generator().manual_seed(0))
+        m.embed_tokens.weight.copy_(emb)
+        unit = emb / emb.pow(2).mean(-1, keepdim=True).sqrt()  # what the final RMSNorm makes of each embedding
+        head = torch.zeros(V, d)
+        for prev, nxt in zip(ids, ids[1:] + ids[:1]):
+            head[nxt] = sharpness * unit[prev] / d**0.5  # score d**0.5 * sharpness after its predecessor
+        m.lm_head.weight.copy_(head)
+    return m.eval()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test caches prepared data in its own folder, so tests never see each other's cache."""
