@@ -58,6 +58,16 @@ def hf_model(model: GPT):
     return hf
 
 
+def module_path(model: GPT) -> GPT:
+    """The same model whose generation forward (GPT.infer) takes the module path, forward(idx, cache=...),
+    instead of the fused inference path: to measure what the fused path earns."""
+    slow = GPT(model.cfg)
+    slow.load_state_dict(model.state_dict())
+    slow.eval()
+    slow._infer_fused = lambda idx, cache, last_only: slow.forward(idx, cache=cache, last_only=last_only)  # instance attribute shadows the method
+    return slow
+
+
 def ours(model: GPT, prompts: list[list[int]], n: int) -> list[list[int]]:
     out = [[] for _ in prompts]
     for step in Generation(model, prompts, SamplingConfig(temperature=0, max_new_tokens=n)):
@@ -103,6 +113,7 @@ def main() -> None:
     model.reset_parameters(seed=args.seed)
     model.eval()
     hf = hf_model(model)
+    slow = module_path(model)
     gen = torch.Generator().manual_seed(args.seed)
     n = args.new_tokens
 
@@ -113,23 +124,25 @@ def main() -> None:
     for B in [int(b) for b in args.batches.split(",")]:
         lengths = [32] if B == 1 else [16 + (48 * b) // max(B - 1, 1) for b in range(B)]  # 16 .. 64 tokens
         prompts = [torch.randint(0, cfg.vocab_size, (L,), generator=gen).tolist() for L in lengths]
-        a_out, b_out = ours(model, prompts, n), theirs(hf, prompts, n)  # warm-up
-        t_ours, t_hf = [], []
-        for _ in range(args.repeats):  # alternate, so both see the same machine load
+        a_out, b_out, m_out = ours(model, prompts, n), theirs(hf, prompts, n), ours(slow, prompts, n)  # warm-up
+        t_ours, t_hf, t_mod = [], [], []
+        for _ in range(args.repeats):  # alternate, so all see the same machine load
             t, a_out = timed(lambda: ours(model, prompts, n))
             t_ours.append(t)
             t, b_out = timed(lambda: theirs(hf, prompts, n))
             t_hf.append(t)
-        same = sum(a == b for a, b in zip(a_out, b_out))
+            t, m_out = timed(lambda: ours(slow, prompts, n))
+            t_mod.append(t)
+        same = sum(a == b == m for a, b, m in zip(a_out, b_out, m_out))
         first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(a_out, b_out)]
-        ours_tps, hf_tps = B * n / statistics.median(t_ours), B * n / statistics.median(t_hf)
-        rows.append((B, ours_tps, hf_tps, same, first_diff))
-    print("| batch | gradlm tokens/s | transformers tokens/s | gradlm / transformers | same tokens |")
-    print("|------:|----------------:|----------------------:|---------------------:|:------------|")
-    for B, a, b, same, diffs in rows:
-        note = f"{same}/{B} rows identical" + ("" if same == B else f" (first differences at {[d for d in diffs if d is not None]})")
-        print(f"| {B} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x | {note} |")
-    if any(same != B for B, _, _, same, _ in rows):
+        ours_tps, hf_tps, mod_tps = (B * n / statistics.median(ts) for ts in (t_ours, t_hf, t_mod))
+        rows.append((B, ours_tps, hf_tps, mod_tps, same, first_diff))
+    print("| batch | gradlm tokens/s | transformers tokens/s | gradlm / transformers | gradlm module path tokens/s | fused / module path | same tokens |")
+    print("|------:|----------------:|----------------------:|---------------------:|---------------------------:|-------------------:|:------------|")
+    for B, a, b, m, same, diffs in rows:
+        note = f"{same}/{B} rows identical in all three" + ("" if same == B else f" (first differences at {[d for d in diffs if d is not None]})")
+        print(f"| {B} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x | {m:,.0f} | {a / m:.2f}x | {note} |")
+    if any(same != B for B, *_, same, _ in rows):
         sys.exit(1)
 
 

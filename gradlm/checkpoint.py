@@ -122,7 +122,10 @@ def atomic_write_json(path: Path, obj) -> None:
 
 def write_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file (not atomically: see save_weights). Tied tensors are stored once
-    (safetensors forbids aliasing); metadata keys are sorted, so equal weights give equal bytes."""
+    (safetensors forbids aliasing). metadata holds at most one key: safetensors keeps metadata in a
+    hash map whose order changes from process to process, and equal weights must give equal bytes."""
+    if metadata and len(metadata) > 1:
+        raise ValueError(f"one metadata key at most, got {sorted(metadata)}")
     seen: set[int] = set()
     out = {}
     for k, v in state.items():
@@ -131,7 +134,7 @@ def write_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], metad
             continue
         seen.add(ptr)
         out[k] = v.detach().contiguous()
-    save_file(out, str(path), metadata=dict(sorted((metadata or {}).items())) or None)
+    save_file(out, str(path), metadata=metadata or None)
 
 
 def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

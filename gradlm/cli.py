@@ -135,7 +135,8 @@ def cmd_train(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from gradlm.generate import SamplingConfig, load, read_prompts, show_token
+    from gradlm.generate import SamplingConfig, load, read_prompts
+    from gradlm.tokenizer import show_token
 
     cfg = pick(args, SamplingConfig)
     cfg.validate()

@@ -123,45 +123,42 @@ def _truncate_sorted(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return logits
 
 
-def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """Temperature, then top-k / top-p / min-p truncation (removed tokens get -inf). logits (B, V).
+def candidates(logits: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Temperature, then top-k / top-p / min-p: the one implementation of the sampling filters.
 
-    softmax of the result is the distribution next_token samples from (with temperature > 0).
+    logits (B, V) -> (candidate logits (B, K), their ids (B, K)); removed candidates get -inf. With
+    top-k only the k best are sorted (no sort or softmax over the whole vocabulary); with neither
+    top-k nor top-p nothing is sorted and ids is None (the candidates are the vocabulary, in order).
     """
-    logits = logits.float() / cfg.temperature
-    V = logits.size(-1)
-    k = cfg.top_k if 0 < cfg.top_k < V else V
-    if k == V and cfg.top_p >= 1.0:  # no sort needed: min-p only compares with the maximum
-        if cfg.min_p > 0:
-            probs = logits.softmax(-1)
-            logits = logits.masked_fill(probs < cfg.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
-        return logits
-    values, order = torch.topk(logits, k, dim=-1) if k < V else torch.sort(logits, dim=-1, descending=True)
-    kept = _truncate_sorted(values, cfg)
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, kept)
-
-
-def next_token(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None = None) -> torch.Tensor:
-    """One id per row of logits (B, V) -> (B,). Samples from softmax(filter_logits(logits)).
-
-    With top-k the truncation and the draw happen among the k candidates only: no sort or softmax
-    over the whole vocabulary. temperature 0 is argmax (the other controls then change nothing)."""
-    if cfg.temperature == 0:
-        return logits.argmax(-1)
     logits = logits.float() / cfg.temperature
     V = logits.size(-1)
     if 0 < cfg.top_k < V:
         values, order = torch.topk(logits, cfg.top_k, dim=-1)  # (B, k), descending
-        pick = torch.multinomial(_truncate_sorted(values, cfg).softmax(-1), 1, generator=gen)
-        return order.gather(-1, pick).squeeze(-1)
-    if cfg.top_p < 1.0:
+    elif cfg.top_p < 1.0:
         values, order = torch.sort(logits, dim=-1, descending=True)
-        pick = torch.multinomial(_truncate_sorted(values, cfg).softmax(-1), 1, generator=gen)
-        return order.gather(-1, pick).squeeze(-1)
-    probs = logits.softmax(-1)
-    if cfg.min_p > 0:
-        probs = probs.masked_fill(probs < cfg.min_p * probs.max(-1, keepdim=True).values, 0.0)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    else:  # min-p only compares with the maximum: no sort needed
+        if cfg.min_p > 0:
+            probs = logits.softmax(-1)
+            logits = logits.masked_fill(probs < cfg.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+        return logits, None
+    return _truncate_sorted(values, cfg), order
+
+
+def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """The filtered logits over the whole vocabulary (B, V): softmax of the result is the distribution
+    next_token samples from (with temperature > 0)."""
+    values, order = candidates(logits, cfg)
+    return values if order is None else torch.full_like(logits, float("-inf"), dtype=values.dtype).scatter(-1, order, values)
+
+
+def next_token(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row of logits (B, V) -> (B,), drawn from the filtered distribution (see candidates).
+    temperature 0 is argmax (the other controls then change nothing)."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    values, order = candidates(logits, cfg)
+    pick = torch.multinomial(values.softmax(-1), 1, generator=gen)  # (B, 1)
+    return (pick if order is None else order.gather(-1, pick)).squeeze(-1)
 
 
 # ---- the loop over token ids --------------------------------------------------------------------------
@@ -554,15 +551,6 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     if not prompts:
         raise DataError(f"{p} holds no prompts")
     return prompts
-
-
-def show_token(tok: Tokenizer, token_id: int) -> str:
-    """A token for display: its text quoted, or its bytes when it cuts a multi-byte character."""
-    raw = tok.pieces[token_id]
-    try:
-        return repr(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        return repr(raw)
 
 
 def stream_text(model: GPT, tok: Tokenizer, prompt: str, cfg: SamplingConfig, stop_at_eot: bool = True) -> Iterator[str]:

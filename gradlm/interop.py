@@ -356,7 +356,7 @@ def import_hf(hf_dir: str | os.PathLike, run_dir: str | os.PathLike, block_size:
 
     def write(tmp: Path) -> None:
         tok.save(tmp / "tokenizer.json")
-        ckpt.save_weights(tmp / "model.safetensors", state, {"step": "0", "reason": "imported"})
+        ckpt.save_weights(tmp / "model.safetensors", state, {"step": "0"})
         ckpt.atomic_write_json(tmp / "config.json", run_config)  # last: config.json marks a complete run
 
     ckpt.atomic_write_dir(out, write)

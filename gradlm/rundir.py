@@ -254,7 +254,13 @@ class Metrics:
         """On resume, drop lines the interrupted run wrote after the checkpoint it resumes from."""
         if not self.path.is_file():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        keep = []
+        for ln in self.path.read_text(errors="replace").splitlines():
+            try:
+                if json.loads(ln).get("step", 0) <= step:
+                    keep.append(ln)
+            except (json.JSONDecodeError, AttributeError):  # a line cut short by a crash mid-write
+                continue
         ckpt.atomic_write_text(self.path, "".join(k + "\n" for k in keep))
 
     def write(self, **row) -> None:

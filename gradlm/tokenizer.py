@@ -73,11 +73,6 @@ def piece_to_bytes(piece: str) -> bytes:
     return bytes(table[c] for c in piece)
 
 
-def bytes_to_piece(data: bytes) -> str:
-    table = byte_to_char()
-    return "".join(table[b] for b in data)
-
-
 def _hf_merges(model_json: dict) -> list[tuple[str, str]]:
     """Merges from tokenizer.json, in either the old ("a b") or the new (["a", "b"]) format."""
     out = []
@@ -335,16 +330,22 @@ class StreamDecoder:
     def flush(self) -> str:
         return self._dec.decode(b"", final=True)
 
+    @property
+    def pending(self) -> bool:
+        """Whether bytes of an unfinished character are held back."""
+        return bool(self._dec.getstate()[0])
+
+
+def show_token(tok: Tokenizer, token_id: int) -> str:
+    """A token for display: its text quoted (' ' spaces stay visible), or its bytes, b'\\xf0\\x9f', when
+    it cuts a multi-byte character. The one display of a token: the inspector, logprobs, the server."""
+    raw = tok.pieces[token_id]
+    try:
+        return repr(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(raw)
+
 
 def describe(tok: Tokenizer, text: str) -> list[tuple[int, str]]:
-    """How text splits: (id, printable piece) per token. A piece that is whole UTF-8 shows as a quoted
-    string ('Ġ' spaces stay visible as ' '); a piece that cuts a character shows its bytes, b'\\xf0\\x9f'."""
-    out = []
-    for i in tok.encode(text):
-        raw = tok.pieces[i]
-        try:
-            shown = repr(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            shown = repr(raw)
-        out.append((i, shown))
-    return out
+    """How text splits: (id, printable piece) per token (see show_token)."""
+    return [(i, show_token(tok, i)) for i in tok.encode(text)]
