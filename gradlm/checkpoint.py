@@ -58,15 +58,18 @@ def sync_dir(folder: Path) -> None:
         pass
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    path = Path(path)
-    tmp = stage(path, write)
+def install(tmp: Path, path: Path) -> None:
+    """Rename a staged file over path, durably; a failure removes the staged file."""
     try:
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
-    sync_dir(path.parent)
+    sync_dir(Path(path).parent)
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    install(stage(path, write), path)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -79,12 +82,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, tmp)
     except OSError:
         tmp = stage(dst, lambda t: shutil.copyfile(src, t))
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    sync_dir(dst.parent)
+    install(tmp, dst)
 
 
 def atomic_write_dir(target: Path, write: Callable[[Path], None]) -> None:

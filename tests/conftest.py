@@ -99,6 +99,26 @@ def fit(model, ids, steps: int, lr: float = 1e-2, batch: int = 16, block: int = 
     return model.eval()
 
 
+def sft_fit(examples, tok, steps: int = 150, batch: int = 4, lr: float = 1e-2, seed: int = 0):
+    """A tiny model (eval mode) trained with AdamW on fine-tuning examples (gradlm.sft) for `steps` steps."""
+    import torch
+
+    from gradlm.model import GPT
+    from gradlm.sft import SFTSampler, pad_id
+
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(tok.vocab_size))
+    model.reset_parameters(seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    sampler = SFTSampler(examples, pad_id(tok), seed=seed)
+    for _ in range(steps):
+        loss = model(*sampler.next(batch))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
 CYCLE = "Hi 🙂é!"  # cut into single bytes by the test tokenizer: 🙂 is four tokens, é two
 
 

@@ -12,16 +12,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
 from gradlm import checkpoint as ckpt
 from gradlm.cli import main
 from gradlm.errors import DataError
 from gradlm.evaluate import EvalConfig, NAME_TYPO_KINDS, format_report, load_qa, misspell, near_keys, normalize_answer, run_eval, score_qa
-from gradlm.model import GPT
-from gradlm.sft import SFTSampler, load_sft, pad_id
+from gradlm.sft import load_sft
 
-from conftest import tiny_config
+from conftest import sft_fit
 
 DRUGQA = Path(__file__).resolve().parents[1] / "examples" / "drugqa"
 FACTS = [("zorvastatin", "40 mg"), ("quelmaprine", "a statin"), ("dralixil", "Brinavorant"), ("plexomab", "250 mg")]
@@ -47,17 +45,7 @@ def taught(tmp_path_factory, tok):
     """A tiny model fine-tuned on FACTS until it answers them, saved as a run directory."""
     d = tmp_path_factory.mktemp("qa")
     data = load_sft(write_jsonl(d / "train.jsonl", qa_rows()), tok, 32)
-    torch.manual_seed(0)
-    model = GPT(tiny_config(tok.vocab_size))
-    model.reset_parameters(seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sampler = SFTSampler(data.examples, pad_id(tok), seed=0)
-    for _ in range(150):
-        loss = model(*sampler.next(4))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model = sft_fit(data.examples, tok)
     run = d / "run"
     run.mkdir()
     ckpt.atomic_write_json(run / "config.json", {"model": model.cfg.to_dict()})

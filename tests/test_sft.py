@@ -18,14 +18,13 @@ from gradlm.sft import (
     collate,
     is_chat_file,
     load_sft,
-    make_examples,
     pad_id,
     read_conversations,
     split_examples,
 )
 from gradlm.tokenizer import EOT, Tokenizer
 
-from conftest import fit, tiny_config
+from conftest import sft_fit, tiny_config
 
 
 def write_jsonl(path, rows) -> str:
@@ -204,21 +203,10 @@ def test_a_tiny_model_learns_the_replies_from_sft_batches(tmp_path, tok):
     """Training on these batches teaches exactly the replies: greedy decoding after the prompt gives them."""
     from gradlm.chat import encode_chat, stop_ids
     from gradlm.generate import Generation, SamplingConfig
-    from gradlm.model import GPT
 
     rows = [{"prompt": f"dose of drug {c}?", "completion": f"{10 * (i + 1)} mg"} for i, c in enumerate("ABCD")]
     data = load_sft(write_jsonl(tmp_path / "qa.jsonl", rows), tok, 32)
-    torch.manual_seed(0)
-    model = GPT(tiny_config(tok.vocab_size))
-    model.reset_parameters(seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sampler = SFTSampler(data.examples, pad_id(tok), seed=0)
-    for _ in range(150):
-        loss = model(*sampler.next(4))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model = sft_fit(data.examples, tok)
     prompts = [encode_chat(tok, [{"role": "user", "content": r["prompt"]}]) for r in rows]
     out = [[] for _ in rows]
     for step in Generation(model, prompts, SamplingConfig(temperature=0, max_new_tokens=10), stop_ids(tok)):
