@@ -36,3 +36,7 @@ class Interrupted(GradlmError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Diverged(GradlmError):
+    """Training diverged and the divergence guard gave up (the last good state is saved)."""

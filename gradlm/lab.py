@@ -20,7 +20,7 @@ import numpy as np
 
 from gradlm import checkpoint as ckpt
 from gradlm import plots
-from gradlm.errors import ConfigError, GradlmError
+from gradlm.errors import ConfigError, Diverged, GradlmError
 from gradlm.model import ModelConfig
 from gradlm.optim import set_lr
 from gradlm.rundir import read_metrics
@@ -123,18 +123,31 @@ def compare(model_cfg: ModelConfig, base: TrainConfig, grid: list[dict], out_dir
         raise ConfigError(f"{out} already holds a comparison; choose another --out")
     if not (base.max_steps or base.max_tokens or base.max_time or base.max_epochs):
         raise ConfigError("give the comparison one budget for every run: --max-steps, --max-tokens, --max-time or --max-epochs")
-    table, curves = [], {}
-    for settings in grid:
+    runs = []
+    for settings in grid:  # every configuration is checked before any of them trains
         label = _label(settings, grid)
         cfg = dataclasses.replace(base, **settings, out=str(out / label.replace("=", "-").replace(",", "_")), progress=False, resume=False)
+        try:
+            cfg.validate()
+            model_cfg.validate()
+        except ConfigError as e:
+            raise ConfigError(f"{label}: {e}") from None
+        runs.append((label, settings, cfg))
+    table, curves = [], {}
+    for label, settings, cfg in runs:
         log(f"--- {label}")
         row = {"label": label, **settings}
         try:
             s = train(copy.deepcopy(model_cfg), cfg)
             row.update(steps=s["steps"], tokens=s["tokens"], time_s=round(s["time_s"], 1), val_loss=s["val_loss"], val_bpb=s["val_bpb"], best_val_loss=s["best_val_loss"], restarts=s["divergence_restarts"], status="ok")
-        except GradlmError as e:
+        except Diverged as e:
             row.update(status="diverged", error=str(e))
+        except GradlmError as e:  # not a property of gradient descent: a setting or input that cannot work
+            row.update(status="error", error=str(e))
+            log(f"error: {label}: {e}")
         table.append(row)
+    if all(r["status"] == "error" for r in table):
+        raise ConfigError("no run could start: " + "; ".join(f"{r['label']}: {r['error']}" for r in table))
         if Path(cfg.out, "metrics.jsonl").is_file():
             curves[label] = read_metrics(cfg.out)
     png = plots.plot_compare(curves, out / "compare.png", title=_budget(base))
@@ -153,6 +166,6 @@ def format_table(rows: list[dict]) -> str:
     head = "| run | steps | tokens | time (s) | val loss | val bits/byte | restarts |\n|---|---:|---:|---:|---:|---:|---:|\n"
     ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["val_loss"])
     lines = [f"| {r['label']} | {r['steps']} | {r['tokens']:,} | {r['time_s']} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {r['restarts']} |" for r in ok]
-    lines += [f"| {r['label']} | diverged | | | | | |" for r in rows if r["status"] != "ok"]
+    lines += [f"| {r['label']} | {r['status']} | | | | | |" for r in rows if r["status"] != "ok"]
     return head + "\n".join(lines) + "\n"
 

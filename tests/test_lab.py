@@ -37,3 +37,28 @@ def test_compare_runs_every_configuration_from_the_same_start(prepared, tmp_path
     # Same seed, same initial weights: both runs start from the same loss.
     firsts = [json.loads((tmp_path / "cmp" / d / "metrics.jsonl").read_text().splitlines()[0])["loss"] for d in ("optimizer-sgd", "optimizer-adamw")]
     assert abs(firsts[0] - firsts[1]) < 1e-6
+
+
+def test_compare_reports_a_bad_setting_as_an_error_before_any_run(prepared, tmp_path, tok):
+    import pytest
+
+    from gradlm.errors import ConfigError
+
+    grid = parse_grid({"lr": "0.001,-1"})
+    with pytest.raises(ConfigError, match="lr=-1.0: .*--lr must be a positive number"):
+        compare(tiny_config(tok.vocab_size), base(prepared, tmp_path, max_steps=4), grid, tmp_path / "cmp", log=lambda m: None)
+    assert not (tmp_path / "cmp").exists()  # refused before anything trained
+
+
+def test_compare_tells_errors_from_divergence_and_exits_2_when_nothing_ran(prepared, tmp_path, tok):
+    import pytest
+
+    from gradlm.errors import ConfigError
+
+    # An absurd learning rate diverges (a fact about gradient descent); a context window larger than the
+    # data cannot start (a setting error): the table keeps them apart.
+    grid = parse_grid({"optimizer": "sgd", "lr": "1e4,0.1"})
+    r = compare(tiny_config(tok.vocab_size), base(prepared, tmp_path, max_steps=4, grad_clip=0.0, guard_retries=0), grid, tmp_path / "a", log=lambda m: None)
+    assert [row["status"] for row in r["runs"]] == ["diverged", "ok"]
+    with pytest.raises(ConfigError, match="no run could start: .*context window"):
+        compare(tiny_config(tok.vocab_size, block_size=10**6), base(prepared, tmp_path, max_steps=4), parse_grid({"optimizer": "sgd,adamw"}), tmp_path / "b", log=lambda m: None)
