@@ -1,0 +1,83 @@
+"""Fine-tuning on the drug QA data: a base model, then full, frozen-layer and LoRA fine-tuning from it.
+
+Runs the gradlm commands the README shows, one after another in --out, and prints a Markdown table:
+trainable parameters, optimizer state, fine-tuning wall time and exact-match accuracy per split
+(train / heldout / misspelled) from `gradlm eval --qa`. Every command is printed before it runs, so
+the table can be reproduced by hand.
+
+    python benchmarks/finetune.py --out /tmp/ftbench            # the figures in docs/benchmarks.md
+    OMP_NUM_THREADS=1 python benchmarks/finetune.py --out /tmp/ftbench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+QA = Path(__file__).resolve().parents[1] / "examples" / "drugqa"
+SPLITS = ("train", "heldout", "misspelled")
+
+BASE = ["--vocab-size", "512", "--n-layer", "4", "--d-model", "128", "--n-head", "4", "--block-size", "128",
+        "--batch", "16", "--max-steps", "300", "--lr", "3e-3", "--eval-every", "100", "--val-fraction", "0.05"]
+COMMON = ["--batch", "32", "--val-fraction", "0.05", "--eval-every", "50", "--warmup-steps", "10"]
+RUNS = {  # name: finetune flags
+    "full": ["--method", "full", "--lr", "1e-3", "--max-epochs", "10"],
+    "freeze": ["--method", "freeze", "--freeze-layers", "2", "--lr", "3e-3", "--max-epochs", "10"],
+    "lora": ["--method", "lora", "--lora-rank", "16", "--lr", "1e-2", "--weight-decay", "0", "--max-epochs", "10"],
+    "lora-20ep": ["--method", "lora", "--lora-rank", "16", "--lr", "1e-2", "--weight-decay", "0", "--max-epochs", "20"],
+}
+
+
+def gradlm(*args: str) -> float:
+    """Run a gradlm command (printed first); returns its wall time in seconds."""
+    cmd = ["gradlm", *args]
+    print("$ " + shlex.join(cmd), file=sys.stderr, flush=True)
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "gradlm", *args], check=True)
+    return time.time() - t0
+
+
+def accuracy(run: Path) -> dict[str, float]:
+    out = run / "qa.json"
+    files = [str(QA / f"{s}.jsonl") for s in SPLITS]
+    print("$ " + shlex.join(["gradlm", "eval", str(run), "--qa", *files]), file=sys.stderr, flush=True)
+    res = subprocess.run([sys.executable, "-m", "gradlm", "eval", str(run), "--qa", *files, "--json", "--no-progress", "--batch", "64"], check=True, capture_output=True, text=True)
+    out.write_text(res.stdout)
+    return {s: v["accuracy"] for s, v in json.loads(res.stdout)["qa"]["splits"].items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="folder for the runs (must not hold them yet)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    base = out / "base"
+    t = gradlm("train", "--data", str(QA / "facts.txt"), "--out", str(base), *BASE)
+    s = json.loads((base / "summary.json").read_text())
+    rows.append({"name": "base (facts.txt as text)", "trainable": None, "state": None, "time": t, "steps": s["steps"], **accuracy(base)})
+    for name, flags in RUNS.items():
+        run = out / name
+        t = gradlm("finetune", str(base), "--data", str(QA / "train.jsonl"), "--out", str(run), *COMMON, *flags)
+        s = json.loads((run / "summary.json").read_text())
+        rows.append({"name": name, "trainable": s["trainable_params"], "full": s["full_finetune_params"], "state": s["optimizer_state_bytes"],
+                     "time": t, "steps": s["steps"], **accuracy(run)})
+    threads = os.environ.get("OMP_NUM_THREADS", "default")
+    print(f"\nCPU threads: {threads}\n")
+    print("| model | trainable parameters | AdamW state | steps | wall time (s) | train | heldout | misspelled |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        trainable = "—" if r["trainable"] is None else f"{r['trainable']:,} ({r['trainable'] / r['full']:.0%})"
+        state = "—" if r["state"] is None else f"{r['state'] / 1e6:.2f} MB"
+        print(f"| {r['name']} | {trainable} | {state} | {r['steps']} | {r['time']:.0f} | {r['train']:.3f} | {r['heldout']:.3f} | {r['misspelled']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
