@@ -20,7 +20,7 @@ DEMO_FLAGS ?= --n-layer 4 --d-model 192 --n-head 6 --block-size 128 --batch 32 -
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet "$(TORCH)" -e ".[dev]"
+	$(VENV)/bin/pip install --quiet "$(TORCH)" -e ".[dev,serve]"
 	touch $@
 
 venv: $(VENV)/.installed

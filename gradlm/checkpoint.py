@@ -19,13 +19,35 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from gradlm.errors import RunDirError
+from gradlm.errors import ConfigError, RunDirError
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_output(path: str | os.PathLike, what: str, is_dir: bool = False) -> Path:
+    """Check, before any work, that an output can be written at path; returns it as a Path.
+
+    The rule for every output: missing parent folders are created when the output is written; a parent
+    that is a file, a place that is not writable, or a file where a folder is wanted (or the reverse) is
+    a ConfigError naming the path, raised before a sweep or a training spends minutes. Whether an
+    existing output may be replaced is the caller's rule (runs need --resume, exports a previous export)."""
+    p = Path(path)
+    if p.exists() and is_dir and not p.is_dir():
+        raise ConfigError(f"{what} {p} is a file; give a directory")
+    if p.exists() and not is_dir and p.is_dir():
+        raise ConfigError(f"{what} {p} is a directory; give a file name")
+    place = p if p.is_dir() else p.parent
+    while not place.exists() and place != place.parent:  # the nearest folder that exists
+        place = place.parent
+    if not place.is_dir():
+        raise ConfigError(f"{what} {p} cannot be created: {place} is a file, not a directory")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {p} cannot be written: {place} is not writable; choose another place")
+    return p
 
 
 def stage(path: Path, write: Callable[[str], None]) -> Path:
@@ -36,8 +58,8 @@ def stage(path: Path, write: Callable[[str], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 (and a writer may recreate the file): the usual permissions
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     except BaseException:

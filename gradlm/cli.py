@@ -42,6 +42,31 @@ def add_fields(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), type
             p.add_argument(flag, type=kind, default=default, help=text + shown, metavar=f.name.upper())
 
 
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="", metavar="FILE", help="read settings from a TOML, YAML or JSON file (keys are the flags without '--'; a run's config.json works); flags typed here win")
+    p.add_argument("--print-config", action="store_true", help="print the effective settings (as YAML, which --config reads back) and exit")
+
+
+def typed_configs(args: argparse.Namespace, *classes) -> tuple[list, set[str]]:
+    """Instances of the config classes from --config FILE and the flags typed (flags win), and the names
+    of every setting given either way (what a resume may take as an override)."""
+    from gradlm.config import read_config_file
+
+    values = read_config_file(args.config, classes) if getattr(args, "config", "") else {}
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            if hasattr(args, f.name):
+                values[f.name] = getattr(args, f.name)
+    objs = [cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}) for cls in classes]
+    if getattr(args, "print_config", False):
+        import yaml
+
+        sections = {"ModelConfig": "model", "TrainConfig": "train", "FinetuneConfig": "finetune"}
+        print(yaml.safe_dump({sections.get(type(o).__name__, type(o).__name__): dataclasses.asdict(o) for o in objs}, sort_keys=False), end="")
+        raise SystemExit(0)
+    return objs, set(values)
+
+
 def pick(args: argparse.Namespace, cls, **overrides):
     """An instance of the dataclass cls from the parsed flags it has (fields not present keep their defaults)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
@@ -55,16 +80,16 @@ def pick(args: argparse.Namespace, cls, **overrides):
 def cmd_tokenizer_train(args) -> None:
     import time
 
+    from gradlm.checkpoint import check_output
     from gradlm.data import read_documents
     from gradlm.tokenizer import Tokenizer
 
+    out = Path(args.out)
+    out = check_output(out / "tokenizer.json" if out.is_dir() else out, "--out")
     docs = read_documents(args.data, args.text_field)
     t0 = time.time()
     tok = Tokenizer.train((d.text for d in docs), args.vocab_size, show_progress=sys.stderr.isatty(), length=len(docs))
     dt = time.time() - t0
-    out = Path(args.out)
-    if out.is_dir():
-        out = out / "tokenizer.json"
     tok.save(out)
     nbytes = sum(len(d.text.encode()) for d in docs)
     print(f"trained {tok.vocab_size} tokens ({tok.vocab_size - 256 - len(tok.specials)} merges + 256 bytes + {len(tok.specials)} special) on {nbytes:,} bytes in {dt:.2f}s -> {out}")
@@ -83,9 +108,18 @@ def cmd_tokenize(args) -> None:
 
     tok = _load_tokenizer(args.tokenizer)
     text = args.text if args.text != "-" else sys.stdin.read()
-    pieces = describe(tok, text)
+    pieces = describe(tok, text, allow_special=args.allow_special)
+    if args.typos < 0:
+        raise ConfigError(f"--typos is how many misspellings to show and must not be negative, got {args.typos}")
+    typos = []
+    if args.typos:  # made before anything is printed: a text that cannot be misspelled is an error
+        from gradlm.robust import typo_splits
+
+        typos = typo_splits(tok, text, args.typos, args.seed)
     if args.ids:
         print(" ".join(str(i) for i, _ in pieces))
+        for t in typos:
+            print(" ".join(map(str, t.ids)))
         return
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     palette = ["\x1b[30;48;5;153m", "\x1b[30;48;5;223m", "\x1b[30;48;5;194m", "\x1b[30;48;5;218m"]
@@ -96,12 +130,20 @@ def cmd_tokenize(args) -> None:
         print(f"{i:>7}  {p}")
     nbytes = len(text.encode())
     print(f"{len(pieces)} tokens for {nbytes} bytes ({nbytes / max(len(pieces), 1):.2f} bytes/token)")
+    if typos:
+        from gradlm.tokenizer import show_token
+
+        print(f"with one typo (seed {args.seed}):")
+        for t in typos:
+            print(f"  {t.kind:<8} {t.text!r} -> {len(t.ids)} tokens: {' '.join(show_token(tok, i) for i in t.ids)}")
 
 
 def cmd_prepare(args) -> None:
+    from gradlm.checkpoint import check_output
     from gradlm.data import prepare, read_documents
     from gradlm.tokenizer import Tokenizer
 
+    check_output(args.out, "--out", is_dir=True)
     docs = read_documents(args.data, args.text_field)
     if args.tokenizer:
         tok = _load_tokenizer(args.tokenizer)
@@ -117,9 +159,7 @@ def cmd_train(args) -> None:
     from gradlm.config import TrainConfig
     from gradlm.trainer import train
 
-    model_cfg = pick(args, ModelConfig)
-    cfg = pick(args, TrainConfig)
-    typed = {f.name for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    (model_cfg, cfg), typed = typed_configs(args, ModelConfig, TrainConfig)
     s = train(model_cfg, cfg, given=typed)
     import torch.distributed as dist
 
@@ -134,6 +174,45 @@ def cmd_train(args) -> None:
     )
 
 
+def cmd_finetune(args) -> None:
+    from gradlm.config import TrainConfig
+    from gradlm.finetune import FinetuneConfig, finetune
+
+    typed = {f.name for cls in (TrainConfig, FinetuneConfig) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    if not getattr(args, "resume", False) and "data" not in typed:
+        raise ConfigError("say what to fine-tune on: --data FILE (chat .jsonl for question answering, or raw text)")
+    dropout = getattr(args, "dropout", 0.0)
+    s = finetune(args.base, pick(args, TrainConfig), pick(args, FinetuneConfig), dropout=dropout, given=typed | ({"dropout"} if hasattr(args, "dropout") else set()))
+    print(
+        f"{s['run']}: {s['finetune_method']} fine-tuning, {s['trainable_params']:,} trainable parameters of {s['full_finetune_params']:,}, "
+        f"{s['steps']} steps in {s['time_s']:.1f}s, stopped by {s['stop']} | val loss {s['val_loss']:.4f} (best {s['best_val_loss']:.4f})"
+    )
+
+
+def cmd_merge(args) -> None:
+    from gradlm.finetune import merge
+
+    s = merge(args.run, args.out, best=args.best)
+    print(f"{s['run']}: {s['params']:,} parameters, the base weights with {s['from']} folded in")
+
+
+def cmd_chat(args) -> None:
+    from gradlm.chat import read_chat_template
+    from gradlm.generate import SamplingConfig, load
+    from gradlm.session import ChatSession, chat_loop
+
+    sampling = pick(args, SamplingConfig)
+    sampling.validate()
+    lm = load(args.run, best=args.best)
+    session = ChatSession(lm.model, lm.tok, system=args.system, sampling=sampling)
+    if read_chat_template(args.run) is None:
+        print(f"note: {args.run} was never fine-tuned for chat (it has no chat template), so it continues the conversation as text rather than answering; fine-tune it with `gradlm finetune`", file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {args.run} (context window {session.window} tokens): /reset starts over, /quit or Ctrl-D leaves", file=sys.stderr)
+    chat_loop(session, interactive=interactive)
+
+
 def cmd_generate(args) -> None:
     from gradlm.generate import SamplingConfig, load, read_prompts
     from gradlm.tokenizer import show_token
@@ -143,7 +222,7 @@ def cmd_generate(args) -> None:
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     if args.batch < 1:
         raise ConfigError(f"--batch must be at least 1, got {args.batch}")
-    lm = load(args.run, best=args.best)
+    lm = load(args.run, best=args.best, allow_special=args.allow_special)
     out = sys.stdout
     if len(prompts) <= 1 and not args.logprobs:  # one prompt: stream the text as it is written
         for piece in lm.stream(prompts[0] if prompts else "", cfg, truncate=args.truncate):
@@ -169,7 +248,7 @@ def cmd_serve(args) -> None:
     from gradlm.serve import serve
 
     key = args.api_key or os.environ.get("GRADLM_API_KEY", "")
-    serve(args.run, host=args.host, port=args.port, api_key=key, best=args.best, max_batch=args.max_batch, max_queue=args.max_queue)
+    serve(args.run, host=args.host, port=args.port, api_key=key, best=args.best, max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads)
 
 
 def cmd_eval(args) -> None:
@@ -189,7 +268,8 @@ def _train_configs(args):
     from gradlm.model import ModelConfig
     from gradlm.config import TrainConfig
 
-    return pick(args, ModelConfig), pick(args, TrainConfig)
+    (model_cfg, cfg), _ = typed_configs(args, ModelConfig, TrainConfig)
+    return model_cfg, cfg
 
 
 def cmd_lr_find(args) -> None:
@@ -197,7 +277,8 @@ def cmd_lr_find(args) -> None:
 
     model_cfg, cfg = _train_configs(args)
     r = lr_find(model_cfg, cfg, args.start_lr, args.end_lr, args.steps, args.png, log=lambda m: print(m, file=sys.stderr))
-    print(f"suggested lr for {r['optimizer']}: {r['suggested_lr']:.3g}\nwhy: {r['reason']}\nplot: {r['png']}")
+    plot = f"plot: {r['png']}" if args.png else "plot: none (add --png FILE to draw the curve)"
+    print(f"suggested lr for {r['optimizer']}: {r['suggested_lr']:.3g}\nwhy: {r['reason']}\n{plot}")
 
 
 def cmd_compare(args) -> None:
@@ -216,8 +297,10 @@ def cmd_plot(args) -> None:
     from gradlm.plots import plot_runs
     from gradlm.rundir import read_metrics
 
+    from gradlm.checkpoint import check_output
+
+    out = check_output(args.png or Path(args.runs[0]) / "plots" / "training.png", "--png")
     runs = {Path(r).name or str(r): read_metrics(r) for r in args.runs}
-    out = args.png or str(Path(args.runs[0]) / "plots" / "training.png")
     print(plot_runs(runs, out))
 
 
@@ -238,6 +321,13 @@ def cmd_import(args) -> None:
 # ---- wiring ------------------------------------------------------------------------------------------
 
 
+VOCAB_HELP = "tokenizer size: 256 bytes + merges (256 = pure bytes); the 6 reserved special tokens come on top, so 1024 gives 1030 ids"
+LR_FIND_SKIP = (
+    "out", "resume", "from_best", "pause_at", "init", "max_steps", "max_time", "max_tokens", "max_epochs", "patience", "min_delta",
+    "schedule", "warmup_steps", "min_lr_ratio", "decay_fraction", "plots", "guard_retries", "eval_every", "eval_tokens", "log_every", "lr",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gradlm.generate import SamplingConfig
     from gradlm.model import ModelConfig
@@ -250,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     tks = tk.add_subparsers(dest="action", required=True, parser_class=Parser)
     t = tks.add_parser("train", help="train a byte-level BPE tokenizer and save tokenizer.json")
     t.add_argument("--data", required=True, help="text file, directory, .jsonl, .gz or a registered dataset name")
-    t.add_argument("--vocab-size", type=int, default=1024, help="bytes + merges (256 = pure bytes)")
-    t.add_argument("--out", default="tokenizer.json", help="where to write tokenizer.json")
+    t.add_argument("--vocab-size", type=int, default=1024, help=VOCAB_HELP)
+    t.add_argument("--out", required=True, help="where to write the tokenizer: a .json file, or a directory (gets tokenizer.json)")
     t.add_argument("--text-field", default="text", help="field holding the text in .jsonl input")
     t.set_defaults(func=cmd_tokenizer_train)
 
@@ -259,13 +349,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("text", help="text to tokenize ('-' reads standard input)")
     t.add_argument("--tokenizer", default="", help="a run directory or tokenizer.json")
     t.add_argument("--ids", action="store_true", help="print only the ids")
+    t.add_argument("--allow-special", action="store_true", help="read <|endoftext|> etc. in the text as special tokens (default: plain text, as everywhere)")
+    t.add_argument("--typos", type=int, default=0, metavar="N", help="also show N misspellings of the text (one typo each: drop, swap, double, near key) and how each splits")
+    t.add_argument("--seed", type=int, default=0, help="seed of the misspellings")
     t.set_defaults(func=cmd_tokenize)
 
     t = sub.add_parser("prepare", help="tokenise a corpus into train/val token files")
     t.add_argument("--data", required=True, nargs="+", help="text files, directories, .jsonl, .gz or registered names")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--tokenizer", default="", help="tokenizer to use (default: train one with --vocab-size)")
-    t.add_argument("--vocab-size", type=int, default=1024, help="when training a tokenizer: bytes + merges")
+    t.add_argument("--vocab-size", type=int, default=1024, help="when training a tokenizer: " + VOCAB_HELP)
     t.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out for validation")
     t.add_argument("--seed", type=int, default=0, help="seed of the document split")
     t.add_argument("--text-field", default="text", help="field holding the text in .jsonl input")
@@ -275,7 +368,30 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model by gradient descent")
     add_fields(t, TrainConfig, typed_only=True)
     add_fields(t, ModelConfig, skip=("vocab_size",), typed_only=True)
+    add_config_flags(t)
     t.set_defaults(func=cmd_train)
+
+    from gradlm.finetune import FinetuneConfig
+
+    t = sub.add_parser("finetune", help="fine-tune a run on chat .jsonl (loss on the replies) or raw text: full, frozen layers or LoRA")
+    t.add_argument("base", nargs="?", default="", help="run directory to start from (may be left out with --resume)")
+    add_fields(t, FinetuneConfig, typed_only=True)
+    add_fields(t, TrainConfig, skip=("init", "vocab_size"), typed_only=True)
+    add_fields(t, ModelConfig, skip=tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "dropout"), typed_only=True)
+    t.set_defaults(func=cmd_finetune)
+
+    t = sub.add_parser("merge", help="fold a LoRA run's adapter into its base weights: a run of full weights")
+    t.add_argument("run", help="a run fine-tuned with --method lora")
+    t.add_argument("--out", required=True, help="run directory to create")
+    t.add_argument("--best", action="store_true", help="merge best_adapter.safetensors (best validation loss)")
+    t.set_defaults(func=cmd_merge)
+
+    t = sub.add_parser("chat", help="talk with a run in the terminal (multi-turn, streamed; /reset, /quit)")
+    t.add_argument("run", help="run directory (fine-tuned for chat, e.g. with gradlm finetune)")
+    t.add_argument("--system", default="", help="system message that starts the conversation and is kept when old turns are dropped")
+    t.add_argument("--best", action="store_true", help="use the best checkpoint (best validation loss)")
+    add_fields(t, SamplingConfig, skip=("stop",))
+    t.set_defaults(func=cmd_chat)
 
     t = sub.add_parser("generate", help="write text with a trained model (streamed)")
     t.add_argument("run", help="run directory")
@@ -286,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--logprobs", type=int, default=0, metavar="N", help="show each token's probability and the N most likely alternatives")
     t.add_argument("--truncate", choices=("error", "left"), default="error", help="a prompt longer than the context window: error, or keep its last tokens (left)")
     t.add_argument("--batch", type=int, default=8, help="prompts decoded together (default: 8)")
+    t.add_argument("--allow-special", action="store_true", help="read <|endoftext|>, <|user|> etc. in prompts as special tokens (default: plain text)")
     add_fields(t, SamplingConfig, skip=("stop",))
     t.set_defaults(func=cmd_generate)
 
@@ -297,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--best", action="store_true", help="serve best.safetensors (best validation loss)")
     t.add_argument("--max-batch", type=int, default=16, help="most sequences generated together (default: 16)")
     t.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get 503 (default: 64)")
+    t.add_argument("--threads", type=int, default=0, help="torch threads for the model (default: all but one, left to the HTTP side)")
     t.set_defaults(func=cmd_serve)
 
     from gradlm.evaluate import EvalConfig
@@ -314,9 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--start-lr", type=float, default=1e-6, help="first learning rate of the sweep")
     t.add_argument("--end-lr", type=float, default=10.0, help="last learning rate of the sweep")
     t.add_argument("--steps", type=int, default=100, help="steps of the sweep")
-    t.add_argument("--png", default="lr_find.png", help="where to write the plot")
-    add_fields(t, TrainConfig, skip=("out", "resume", "pause_at", "max_steps", "max_time", "max_tokens", "max_epochs", "patience", "schedule", "warmup_steps", "plots"))
-    add_fields(t, ModelConfig, skip=("vocab_size",))
+    t.add_argument("--png", default="", help="where to write the plot of loss against learning rate (checked before the sweep)")
+    # The sweep sets the learning rate itself, runs a fixed number of steps and writes no run: flags about
+    # budgets, schedules, evaluation, stopping and run directories mean nothing here and are not offered.
+    add_fields(t, TrainConfig, skip=LR_FIND_SKIP, typed_only=True)
+    add_fields(t, ModelConfig, skip=("vocab_size",), typed_only=True)
+    add_config_flags(t)
     t.set_defaults(func=cmd_lr_find)
 
     t = sub.add_parser("compare", help="train several configurations under one budget and plot them together")
@@ -326,9 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedules", "--schedule", dest="schedules", default="", help="comma-separated schedules")
     t.add_argument("--vary", action="append", metavar="FIELD=V1,V2", help="any other training setting to compare, e.g. --vary weight-decay=0,0.1")
     t.add_argument("--out", dest="compare_out", required=True, help="folder for the runs, compare.png, compare.md and compare.json")
-    add_fields(t, TrainConfig, skip=("out", "optimizer", "batch", "lr", "schedule", "resume", "pause_at"))
-    add_fields(t, ModelConfig, skip=("vocab_size",))
-    t.set_defaults(func=cmd_compare, optimizer="adamw", batch="32", lr=0.0, schedule="cosine", out="", resume=False, pause_at=0)
+    add_fields(t, TrainConfig, skip=("out", "optimizer", "batch", "lr", "schedule", "resume", "from_best", "pause_at"), typed_only=True)
+    add_fields(t, ModelConfig, skip=("vocab_size",), typed_only=True)
+    add_config_flags(t)
+    t.set_defaults(func=cmd_compare)
 
     t = sub.add_parser("plot", help="draw loss, learning-rate and gradient-norm curves of one or more runs")
     t.add_argument("runs", nargs="+", help="run directories")
@@ -366,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # the machine refused a read or write the checks before the work could not foresee
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot access{where}: {e.strerror or e}; check the path, its permissions and the free disk space", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -3,12 +3,21 @@ the rules for what a resumed run takes from the command line and what it keeps f
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
-from gradlm.errors import ConfigError
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
+
+from gradlm.errors import ConfigError, check_field_types
 from gradlm.optim import DEFAULT_LR, MUON_LR, OPTIMIZERS, SCHEDULES
 
 
@@ -18,7 +27,7 @@ class TrainConfig:
 
     data: str = field(default="shakespeare", metadata={"help": "raw text (file, directory, .jsonl, .gz, or a registered name such as shakespeare) or a `gradlm prepare` directory"})
     out: str = field(default="runs/default", metadata={"help": "run directory to write"})
-    vocab_size: int = field(default=1024, metadata={"help": "tokenizer size (bytes + merges) when --data is raw text; 256 = pure bytes"})
+    vocab_size: int = field(default=1024, metadata={"help": "tokenizer size when --data is raw text: 256 bytes + merges (256 = pure bytes); the 6 reserved special tokens come on top, so 1024 gives 1030 ids"})
     val_fraction: float = field(default=0.1, metadata={"help": "share of the text held out for validation"})
     text_field: str = field(default="text", metadata={"help": "field holding the text in .jsonl input"})
     batch: str = field(default="32", metadata={"help": "windows per update: N (mini-batch), 1 (stochastic GD) or full (batch GD: one update per epoch)"})
@@ -47,6 +56,8 @@ class TrainConfig:
     patience: int = field(default=0, metadata={"help": "early stopping: stop after N evaluations without improvement (0 = off)"})
     min_delta: float = field(default=0.0, metadata={"help": "improvement in validation loss that counts for --patience"})
     guard_retries: int = field(default=8, metadata={"help": "divergence guard: times to restore the last good state and halve the lr before giving up"})
+    bpe_dropout: float = field(default=0.0, metadata={"help": "BPE-dropout: re-split the training text (in fine-tuning: the system and user turns) with every merge skipped with this probability, e.g. 0.1, so the model learns to read words from their pieces; the loss, evaluation and the saved tokenizer stay deterministic"})
+    typo_rate: float = field(default=0.0, metadata={"help": "typo augmentation: give this share of the letters of the training text (in fine-tuning: the system and user turns) a typo (drop, swap, double, near key, case), e.g. 0.05; the loss stays on the clean text"})
     seed: int = field(default=1337, metadata={"help": "fixes initialisation, data order and dropout"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
     dtype: str = field(default="auto", metadata={"help": "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU"})
@@ -57,6 +68,13 @@ class TrainConfig:
     init: str = field(default="", metadata={"help": "start from the weights (and tokenizer) of this run directory: fine-tuning / transfer learning"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar on a terminal"})
     plots: bool = field(default=True, metadata={"help": "draw loss, learning-rate and gradient-norm curves into plots/ at the end"})
+
+    def __post_init__(self):
+        if isinstance(self.batch, int) and not isinstance(self.batch, bool):
+            self.batch = str(self.batch)  # TrainConfig(batch=32) means what --batch 32 means
+        if not isinstance(self.batch, str):
+            raise ConfigError(f"TrainConfig.batch must be a number of windows or 'full', got {self.batch!r} ({type(self.batch).__name__})")
+        check_field_types(self)
 
     def validate(self) -> None:
         problems = []
@@ -86,6 +104,10 @@ class TrainConfig:
             problems.append(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             problems.append(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if not 0 <= self.bpe_dropout < 1:
+            problems.append(f"--bpe-dropout is the chance of skipping a merge and must be in [0, 1), e.g. 0.1; got {self.bpe_dropout}")
+        if not 0 <= self.typo_rate < 1:
+            problems.append(f"--typo-rate is the share of letters given a typo and must be in [0, 1), e.g. 0.05; got {self.typo_rate}")
         try:
             parse_duration(self.max_time)
         except ConfigError as e:
@@ -107,6 +129,7 @@ FIXED_ON_RESUME = {
     "sampler": "the data order", "seed": "the data order and initialisation", "init": "the starting weights",
     "schedule": "the learning-rate schedule", "warmup_steps": "the learning-rate schedule",
     "min_lr_ratio": "the learning-rate schedule", "decay_fraction": "the learning-rate schedule",
+    "bpe_dropout": "the data augmentation", "typo_rate": "the data augmentation",
 }
 BUDGETS = ("max_steps", "max_tokens", "max_time", "max_epochs")
 OPTIMIZER_SETTINGS = ("lr", "muon_lr", "weight_decay", "momentum", "beta1", "beta2")
@@ -144,3 +167,72 @@ def parse_duration(text: str) -> float:
     if not m:
         raise ConfigError(f"--max-time {text!r} is not a duration; write e.g. 90s, 5m or 1h")
     return float(m.group(1)) * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, None: 1}[m.group(2)]
+
+
+# ---- config files ---------------------------------------------------------------------------------------
+
+CONFIG_SECTIONS = ("model", "train", "finetune")
+
+
+def read_config_file(path: str | os.PathLike, classes) -> dict:
+    """The settings in a TOML, YAML or JSON file, as {field name: value} for the given config classes.
+
+    Keys are field names (dashes or underscores), at the top level or in [model] / [train] / [finetune]
+    sections; a file with sections reads only those, so a run's own config.json reproduces its settings.
+    Unknown keys are an error listing them; values are type-checked by the dataclasses themselves.
+
+        # settings.toml
+        [train]
+        optimizer = "muon"
+        max-time = "5m"
+        [model]
+        n-layer = 6
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {p}: no such file")
+    suffix = p.suffix.lower()
+    try:
+        text = p.read_text(encoding="utf-8")
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"--config {p}: use a .toml, .yaml, .yml or .json file")
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--config {p} is not valid {suffix[1:].upper()}: {e}") from None
+    except Exception as e:  # yaml.YAMLError and its subclasses
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"--config {p} is not valid {suffix[1:].upper()}: {str(e).splitlines()[0]}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {p} must hold a table of settings (key = value), not a {type(data).__name__}")
+    sections = [k for k in CONFIG_SECTIONS if isinstance(data.get(k), dict)]
+    items: list[tuple[str, object]] = []
+    for k in sections:
+        items += list(data[k].items())
+    if not sections:
+        items = list(data.items())
+    known = {f.name: f for cls in classes for f in fields(cls)}
+    values, unknown = {}, []
+    for key, value in items:
+        name = str(key).replace("-", "_")
+        if name in known:
+            if isinstance(value, str) and isinstance(known[name].default, float) and not isinstance(known[name].default, bool):
+                try:  # YAML 1.1 reads 3e-3 (no dot) as a string
+                    value = float(value)
+                except ValueError:
+                    pass  # reported by the dataclass with its type
+            values[name] = value
+        else:
+            unknown.append(str(key))
+    if unknown:
+        raise ConfigError(f"--config {p}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(sorted(unknown))}; the settings are the command's flags without '--'")
+    return values

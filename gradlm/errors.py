@@ -40,3 +40,46 @@ class Interrupted(GradlmError):
 
 class Diverged(GradlmError):
     """Training diverged and the divergence guard gave up (the last good state is saved)."""
+
+
+def check_field_types(obj) -> None:
+    """Check (and where lossless, convert) the fields of a config dataclass against the types of their
+    defaults, so the Python API rejects a wrong type with one ConfigError, as the CLI's flags do.
+
+    bool fields take bools; int fields take ints (not bools); float fields take ints or floats (stored as
+    float); str fields take str; a field whose default is None takes None or an int; a tuple field takes
+    a list or tuple of str. Every problem is reported at once."""
+    import dataclasses
+
+    problems = []
+    for f in dataclasses.fields(obj):
+        default, value = f.default, getattr(obj, f.name)
+        where = f"{type(obj).__name__}.{f.name}"
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+            want = "True or False"
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            want = "an integer"
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok:
+                setattr(obj, f.name, float(value))
+            want = "a number"
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+            want = "a string"
+        elif default is None:
+            ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+            want = "None or an integer"
+        elif isinstance(default, tuple):
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            if ok:
+                setattr(obj, f.name, tuple(value))
+            want = "a list of strings"
+        else:
+            continue
+        if not ok:
+            problems.append(f"{where} must be {want}, got {value!r} ({type(value).__name__})")
+    if problems:
+        raise ConfigError("; ".join(problems))

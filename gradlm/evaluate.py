@@ -26,7 +26,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradlm.data import jsonl_objects
-from gradlm.errors import ConfigError, DataError
+from gradlm.errors import ConfigError, DataError, check_field_types
 from gradlm.model import GPT
 from gradlm.tokenizer import Tokenizer
 
@@ -53,6 +53,11 @@ class EvalConfig:
     qa_max_tokens: int = field(default=32, metadata={"help": "most tokens of a QA reply (generation stops earlier at <|end|>)"})
     text_field: str = field(default="text", metadata={"help": "field holding the text in .jsonl input"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar on a terminal"})
+
+    def __post_init__(self):
+        if isinstance(self.qa, str):
+            self.qa = [self.qa]
+        check_field_types(self)
 
     def validate(self, block_size: int | None = None) -> None:
         problems = []
@@ -168,13 +173,15 @@ class TextScore:
     chars: int
     windows: int
     stride: int
+    nll: torch.Tensor | None = field(default=None, repr=False, compare=False)  # per scored token, with keep_nll
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "nll"}
 
 
-def evaluate_text(model: GPT, tok: Tokenizer, text: str | list[str], stride: int = 0, batch: int = 8, progress: bool = False) -> TextScore:
-    """Loss, perplexity, bits per byte and bits per character of a text (or several documents)."""
+def evaluate_text(model: GPT, tok: Tokenizer, text: str | list[str], stride: int = 0, batch: int = 8, progress: bool = False, keep_nll: bool = False) -> TextScore:
+    """Loss, perplexity, bits per byte and bits per character of a text (or several documents); keep_nll
+    keeps each token's loss too (.nll, for the per-word view of typos)."""
     docs = [text] if isinstance(text, str) else list(text)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but the model only {model.cfg.vocab_size}; use the run's own tokenizer")
@@ -205,6 +212,7 @@ def evaluate_text(model: GPT, tok: Tokenizer, text: str | list[str], stride: int
         chars=chars,
         windows=len(window_plan(len(seq) - 1, window, stride)),
         stride=stride,
+        nll=nll if keep_nll else None,
     )
 
 
@@ -249,6 +257,7 @@ def _typo(text: str, i: int, kind: str, rng: random.Random, prev: str = "") -> t
         insert      a random letter follows it
         double      the letter is typed twice
         near_key    a neighbouring key is hit instead (QWERTY)
+        case        the letter is typed in the other case
         substitute  a random other letter is typed instead
     """
     c = text[i]
@@ -265,45 +274,51 @@ def _typo(text: str, i: int, kind: str, rng: random.Random, prev: str = "") -> t
     if kind == "near_key":
         keys = near_keys(c)
         return (rng.choice(keys), 1) if keys else None
+    if kind == "case":
+        other = c.swapcase()
+        return (other, 1) if len(other) == 1 and other != c else None
     if kind == "substitute":
         return (rng.choice(alphabet.replace(c, "")) if c in alphabet else rng.choice(alphabet)), 1
-    raise ConfigError(f"unknown typo kind {kind!r}; kinds are swap, drop, insert, double, near_key, substitute")
+    raise ConfigError(f"unknown typo kind {kind!r}; kinds are swap, drop, insert, double, near_key, case, substitute")
 
 
-def inject_typos(text: str, rate: float, seed: int = 0) -> Typos:
-    """A copy of text where each letter, with probability `rate`, gets one typo: swapped with the next
-    letter of its word, dropped, doubled by an inserted random letter, or substituted by another.
-    Only letters inside words change (spaces, digits and punctuation never do, and no word vanishes);
-    the same seed gives the same copy.
+def inject_typos(text: str, rate: float, seed: int = 0, kinds: tuple[str, ...] = TYPO_KINDS) -> Typos:
+    """A copy of text where each letter, with probability `rate`, gets one typo of a random kind from
+    kinds (see _typo; by default: swapped with the next letter of its word, dropped, followed by an
+    inserted random letter, or substituted by another). Only letters inside words change (spaces, digits
+    and punctuation never do, and no word vanishes); the same seed gives the same copy.
 
         >>> inject_typos("the quick brown fox", 0.2, seed=1).text
     """
     if not 0 <= rate <= 1:
         raise ConfigError(f"typo rate must be in [0, 1], got {rate}")
     rng = random.Random(seed)
+    letters = [i for i, c in enumerate(text) if c.isalpha()]
     out: list[str] = []
-    edits = letters = 0
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if not c.isalpha():
-            out.append(c)
-            i += 1
+    edits = done = 0  # text[:done] is written
+    last = ""  # the last character written
+    k = -1
+    while rate > 0:
+        # The next letter to get a typo: each letter has chance `rate`, so the letters skipped before it
+        # are geometrically distributed (drawing that gap is much faster than one draw per letter).
+        k += 1 + (int(math.log(1.0 - rng.random()) / math.log(1.0 - rate)) if rate < 1 else 0)
+        if k >= len(letters):
+            break
+        i = letters[k]
+        if i < done:  # the second letter of a swap: already written
             continue
-        letters += 1
-        if rng.random() >= rate:
-            out.append(c)
-            i += 1
-            continue
-        kind = rng.choice(TYPO_KINDS)
-        # A swap or drop that cannot happen here becomes a substitution.
-        written, used = _typo(text, i, kind, rng, out[-1][-1] if out else "") or _typo(text, i, "substitute", rng)
+        if i > done:
+            out.append(text[done:i])
+            last = text[i - 1]
+        # A typo that cannot happen here (a swap at a word's end, ...) becomes a substitution.
+        written, used = _typo(text, i, rng.choice(kinds), rng, last) or _typo(text, i, "substitute", rng)
         if written:
             out.append(written)
-        letters += used - 1  # a swapped-in letter is consumed too
-        i += used
+            last = written[-1]
+        done = i + used
         edits += 1
-    return Typos("".join(out), edits, letters)
+    out.append(text[done:])
+    return Typos("".join(out), edits, len(letters))
 
 
 def misspell(word: str, rng: random.Random, kinds: tuple[str, ...] = NAME_TYPO_KINDS) -> tuple[str, str]:
@@ -527,7 +542,7 @@ def run_eval(model: GPT, tok: Tokenizer, cfg: EvalConfig) -> dict:
         from gradlm.data import read_documents
 
         docs = [d.text for d in read_documents(cfg.data, cfg.text_field)]
-        clean = evaluate_text(model, tok, docs, cfg.stride, cfg.batch, cfg.progress)
+        clean = evaluate_text(model, tok, docs, cfg.stride, cfg.batch, cfg.progress, keep_nll=bool(cfg.typos))
         report["data"] = cfg.data
         report["clean"] = clean.to_dict()
         if cfg.typos:
@@ -536,7 +551,9 @@ def run_eval(model: GPT, tok: Tokenizer, cfg: EvalConfig) -> dict:
                 t = inject_typos(d, cfg.typos, cfg.seed + k)
                 noisy_docs.append(t.text)
                 edits, letters = edits + t.edits, letters + t.letters
-            noisy = evaluate_text(model, tok, noisy_docs, cfg.stride, cfg.batch, cfg.progress)
+            noisy = evaluate_text(model, tok, noisy_docs, cfg.stride, cfg.batch, cfg.progress, keep_nll=True)
+            from gradlm.robust import word_penalties
+
             report["typos"] = {
                 "rate": cfg.typos,
                 "seed": cfg.seed,
@@ -544,6 +561,7 @@ def run_eval(model: GPT, tok: Tokenizer, cfg: EvalConfig) -> dict:
                 "letters": letters,
                 "noisy": noisy.to_dict(),
                 "penalty_bits_per_byte": noisy.bits_per_byte - clean.bits_per_byte,
+                "words": word_penalties(tok, docs, noisy_docs, clean.nll, noisy.nll),
             }
     if cfg.choices:
         report["choices_file"] = cfg.choices
@@ -568,6 +586,10 @@ def format_report(report: dict) -> str:
             f"with typos (rate {t['rate']:g}, seed {t['seed']}: {t['edits']:,} typos in {t['letters']:,} letters): "
             f"bits per byte {noisy:.4f} vs clean {clean:.4f}, penalty {pen:+.4f} ({pen / clean:+.1%})"
         )
+        if "words" in t:
+            from gradlm.robust import format_word_penalties
+
+            lines.append(format_word_penalties(t["words"]))
     if "choices" in report:
         s = report["choices"]
         lines.append(

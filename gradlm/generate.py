@@ -38,8 +38,8 @@ from typing import NamedTuple
 import torch
 
 from gradlm.data import jsonl_objects, read_text
-from gradlm.errors import ConfigError, DataError
-from gradlm.model import GPT
+from gradlm.errors import ConfigError, DataError, check_field_types
+from gradlm.model import GPT, KVCache
 from gradlm.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -60,6 +60,7 @@ class SamplingConfig:
 
     def __post_init__(self):
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        check_field_types(self)
 
     def validate(self) -> None:
         problems = []
@@ -151,14 +152,27 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return values if order is None else torch.full_like(logits, float("-inf"), dtype=values.dtype).scatter(-1, order, values)
 
 
-def next_token(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None = None) -> torch.Tensor:
+def next_token(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None = None, uniform: torch.Tensor | None = None) -> torch.Tensor:
     """One id per row of logits (B, V) -> (B,), drawn from the filtered distribution (see candidates).
-    temperature 0 is argmax (the other controls then change nothing)."""
+    temperature 0 is argmax (the other controls then change nothing). Each row uses one uniform number:
+    from gen, or given as uniform (B, 1) (rows that keep random generators of their own)."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
     values, order = candidates(logits, cfg)
-    pick = torch.multinomial(values.softmax(-1), 1, generator=gen)  # (B, 1)
+    if uniform is None:
+        uniform = torch.rand(logits.shape[0], 1, generator=gen, device=logits.device)
+    pick = draw(values.softmax(-1), uniform)  # (B, 1)
     return (pick if order is None else order.gather(-1, pick)).squeeze(-1)
+
+
+def draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One index per row of probs (B, K) -> (B, 1) by inverse transform sampling: the first index whose
+    cumulative probability reaches the row's uniform number (B, 1) in [0, 1). torch.multinomial draws a
+    random number per vocabulary entry, which made it half of a 16-row serving step (benchmarks/serve.py).
+    Entries of probability 0 are never picked."""
+    cdf = probs.float().cumsum(-1)  # (B, K)
+    u = (uniform.to(cdf.device) * cdf[:, -1:]).clamp_(min=torch.finfo(torch.float32).tiny)
+    return torch.searchsorted(cdf, u).clamp_(max=probs.shape[-1] - 1)
 
 
 # ---- the loop over token ids --------------------------------------------------------------------------
@@ -184,9 +198,14 @@ class Generation:
 
         >>> for step in Generation(model, [[1, 2, 3], [4]], SamplingConfig(temperature=0)):
         ...     print([(t.row, t.id) for t in step])
+
+    cache: continue a KV cache (of one row, no padding) that already holds the first cache.pos ids of
+    the single prompt; only the rest is run through the model (a chat reuses its conversation so).
+    The caller keeps the cache: afterwards it holds the prompt and every generated token but the
+    last, as long as the window did not fill (prompt + max_new_tokens <= the cache's length).
     """
 
-    def __init__(self, model: GPT, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: Iterable[int] = (), logprobs: int = 0):
+    def __init__(self, model: GPT, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: Iterable[int] = (), logprobs: int = 0, cache: KVCache | None = None):
         cfg.validate()
         block = model.cfg.block_size
         if not prompts:
@@ -201,6 +220,9 @@ class Generation:
         self.model, self.prompts, self.cfg, self.logprobs = model, [list(p) for p in prompts], cfg, logprobs
         self.stop_ids = frozenset(stop_ids)
         self._finished: set[int] = set()
+        if cache is not None and (len(prompts) != 1 or cache.pad is not None or cache.kv.shape[1] != 1 or not 0 <= cache.pos < len(prompts[0])):
+            raise ValueError("a reused KV cache must have one unpadded row holding fewer tokens than the one prompt")
+        self.cache = cache
 
     def finish(self, row: int) -> None:
         """End this row: it is dropped from the batch before the next step."""
@@ -269,8 +291,11 @@ class Generation:
             for b, p in enumerate(history):
                 seen[b, torch.tensor(p, device=device)] = True
             counts = torch.zeros(len(rows), V, device=device)
-        # The cache holds the longest prompt plus every new token, up to the context window.
-        cache, logits = self._prefill(history, min(block, max(map(len, history)) + cfg.max_new_tokens))
+        if self.cache is not None:  # it holds the prompt's first cache.pos ids: run the rest
+            cache = self.cache
+            logits = model.infer(torch.tensor([history[0][cache.pos :]], device=device), cache, last_only=True)[:, -1]
+        else:  # the cache holds the longest prompt plus every new token, up to the context window
+            cache, logits = self._prefill(history, min(block, max(map(len, history)) + cfg.max_new_tokens))
         for step in range(cfg.max_new_tokens):
             scores = apply_penalties(logits.float(), seen, counts, cfg) if penalise else logits
             nxt = next_token(scores, cfg, gen)  # (B,)
@@ -400,14 +425,17 @@ class LM:
         >>> [c.text for c in lm.complete(["To be", "or not"], temperature=0, logprobs=3)]
 
     Settings come as a SamplingConfig, as keyword overrides of one (temperature=0, stop=[...]), or both.
-    Prompts may contain special tokens (<|endoftext|>, chat markers); an empty prompt starts a new
-    document. A prompt longer than the context window is an error unless truncate="left". The model is
+    Prompts are plain text: "<|endoftext|>" or "<|user|>" typed in a prompt are characters, never control
+    tokens, unless the LM was made with allow_special=True (`gradlm generate --allow-special`). An empty
+    prompt starts a new document. A prompt longer than the context window is an error unless
+    truncate="left", here and in every other entry point (generate_text, stream_text, the CLI). The model is
     used as it is: load() gives it in eval mode (in training mode, dropout would apply while sampling).
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, allow_special: bool = False):
         self.model = model
         self.tok = tokenizer
+        self.allow_special = allow_special  # read "<|endoftext|>" etc. in prompts as special tokens
 
     @property
     def context_window(self) -> int:
@@ -421,7 +449,7 @@ class LM:
             if self.tok.eot_id < 0:
                 raise ConfigError("the prompt is empty and this tokenizer has no <|endoftext|> token to start from; give a prompt")
             return [self.tok.eot_id]
-        ids = self.tok.encode(prompt, allow_special=True)
+        ids = self.tok.encode(prompt, allow_special=self.allow_special)
         block = self.context_window
         if len(ids) > block:
             if truncate == "left":
@@ -525,12 +553,12 @@ class LM:
         return [c.text for c in self.complete(prompts, cfg, truncate=truncate, batch_size=batch_size, **overrides)]
 
 
-def load(run_dir: str | os.PathLike, best: bool = False, device: str = "cpu") -> LM:
+def load(run_dir: str | os.PathLike, best: bool = False, device: str = "cpu", allow_special: bool = False) -> LM:
     """An LM from a run directory (model.safetensors, or best.safetensors with best=True)."""
     from gradlm.rundir import load_model
 
     model, tok = load_model(run_dir, best=best, device=device)
-    return LM(model, tok)
+    return LM(model, tok, allow_special)
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
@@ -553,11 +581,12 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
-def stream_text(model: GPT, tok: Tokenizer, prompt: str, cfg: SamplingConfig, stop_at_eot: bool = True) -> Iterator[str]:
-    """Yield pieces of generated text as tokens arrive (multi-byte characters are never cut)."""
-    return LM(model, tok).stream(prompt, cfg, stop_at_eot=stop_at_eot, truncate="left")
+def stream_text(model: GPT, tok: Tokenizer, prompt: str, cfg: SamplingConfig, stop_at_eot: bool = True, truncate: str = "error") -> Iterator[str]:
+    """Yield pieces of generated text as tokens arrive (multi-byte characters are never cut).
+    A prompt longer than the context window is an error unless truncate="left" (as everywhere)."""
+    return LM(model, tok).stream(prompt, cfg, stop_at_eot=stop_at_eot, truncate=truncate)
 
 
-def generate_text(model: GPT, tok: Tokenizer, prompt: str, cfg: SamplingConfig) -> str:
+def generate_text(model: GPT, tok: Tokenizer, prompt: str, cfg: SamplingConfig, truncate: str = "error") -> str:
     """The whole continuation of prompt as one string."""
-    return "".join(stream_text(model, tok, prompt, cfg))
+    return "".join(stream_text(model, tok, prompt, cfg, truncate=truncate))

@@ -166,6 +166,7 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
 
 def _check_export_target(out: Path) -> None:
     """Refuse to replace anything but an empty folder or a previous export (which we may rewrite)."""
+    ckpt.check_output(out, "the export target", is_dir=True)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"{out} is a file; give a directory to export into")
     if not out.is_dir() or not any(out.iterdir()):
@@ -344,7 +345,8 @@ def import_hf(hf_dir: str | os.PathLike, run_dir: str | os.PathLike, block_size:
     src, out = Path(hf_dir), Path(run_dir)
     if not (src / "config.json").is_file():
         raise RunDirError(f"{src} is not a Hugging Face checkpoint directory (no config.json)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    ckpt.check_output(out, "the run directory", is_dir=True)
+    if out.exists() and any(out.iterdir()):
         raise RunDirError(f"{out} already exists and is not empty; import into a new run directory")
     hf = _json_file(src / "config.json")
     cfg, arch = model_config_from_hf(hf, block_size)

@@ -38,6 +38,8 @@ def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, en
         raise ConfigError(f"the range test needs 0 < --start-lr < --end-lr, got {start_lr} and {end_lr}")
     if steps < 10:
         raise ConfigError(f"--steps must be at least 10 for a usable curve, got {steps}")
+    if png:
+        ckpt.check_output(png, "--png")  # before the sweep, not after it
     cfg = copy.deepcopy(cfg)
     cfg.lr = cfg.lr or 1.0
     with tempfile.TemporaryDirectory() as tmp:  # the trainer never writes here: no run directory is made
@@ -118,7 +120,7 @@ def compare(model_cfg: ModelConfig, base: TrainConfig, grid: list[dict], out_dir
     """Train every configuration in grid (each a dict of TrainConfig overrides) under base's budget,
     from the same seed (same initial weights, same data order), into out_dir/<label>/.
     Writes compare.png, compare.json and compare.md; returns the table rows."""
-    out = Path(out_dir)
+    out = ckpt.check_output(out_dir, "--out", is_dir=True)
     if (out / "compare.json").exists():
         raise ConfigError(f"{out} already holds a comparison; choose another --out")
     if not (base.max_steps or base.max_tokens or base.max_time or base.max_epochs):

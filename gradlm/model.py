@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gradlm.errors import ConfigError
+from gradlm.errors import ConfigError, check_field_types
 
 
 @dataclass
@@ -41,6 +41,7 @@ class ModelConfig:
     dropout: float = field(default=0.0, metadata={"help": "dropout on attention and residual branches (a regulariser)"})
 
     def __post_init__(self):
+        check_field_types(self)
         if not self.n_kv_head:
             self.n_kv_head = self.n_head
         if not self.d_ff:

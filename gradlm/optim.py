@@ -136,6 +136,26 @@ def _groups(named_params, weight_decay: float, lr: float) -> list[dict]:
     return groups
 
 
+def muon_updates(name: str, p: torch.Tensor) -> bool:
+    """Whether Muon updates this parameter: hidden 2-D matrices; everything that maps to or from tokens,
+    and all vectors, go to its AdamW part."""
+    return p.dim() == 2 and not name.startswith(("embed_tokens", "lm_head"))
+
+
+def state_floats(model: nn.Module, name: str, trainable_only: bool = True) -> int:
+    """Numbers of optimizer state that build_optimizer(model, name) keeps: per weight, none for sgd, one
+    momentum for momentum/nesterov, two moments for adamw; muon keeps one for its matrices and two for
+    the rest. trainable_only=False counts it as if every parameter trained (full fine-tuning)."""
+    slots = {"sgd": 0, "momentum": 1, "nesterov": 1, "adamw": 2}
+    seen, total = set(), 0
+    for n, p in model.named_parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel() * ((1 if muon_updates(n, p) else 2) if name == "muon" else slots[name])
+    return total
+
+
 def build_optimizer(
     model: nn.Module,
     name: str = "adamw",
@@ -162,8 +182,7 @@ def build_optimizer(
         return torch.optim.SGD(_groups(named, weight_decay, lr), lr=lr, momentum=mu, nesterov=name == "nesterov")
     if name == "adamw":
         return torch.optim.AdamW(_groups(named, weight_decay, lr), lr=lr, betas=betas, eps=eps)
-    # Muon: hidden 2-D matrices; everything that maps to or from tokens, and all vectors, go to AdamW.
-    hidden = [(n, p) for n, p in named if p.dim() == 2 and not n.startswith(("embed_tokens", "lm_head"))]
+    hidden = [(n, p) for n, p in named if muon_updates(n, p)]
     hidden_ids = {id(p) for _, p in hidden}
     rest = [(n, p) for n, p in named if id(p) not in hidden_ids]
     if muon_impl == "torch":  # the shipped implementation (bf16 Newton-Schulz), kept for benchmarks

@@ -5,6 +5,10 @@
       tokenizer.json       the tokenizer (Hugging Face format)
       model.safetensors    latest weights; metadata {"step"}
       best.safetensors     the weights with the best validation loss (a hard link to a past latest)
+      adapter_config.json  a LoRA run only: rank, alpha, targets and the base run it adapts; such a run
+      adapter.safetensors  keeps its adapter instead of full weights (best_adapter.safetensors for the
+                           best), and loading it loads the base run's weights and folds the adapter in
+      chat_template.jinja  the chat template, in a run fine-tuned for chat (gradlm/chat.py)
       state/trainer.pt     optimizer, sampler, RNG, counters of the latest checkpoint (weights_only load)
       state/previous.pt    the checkpoint before it, kept until the next one is complete
       state/best.pt        the state that goes with best.safetensors (resume with --from-best)
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -34,6 +39,7 @@ import torch
 
 from gradlm import checkpoint as ckpt
 from gradlm.errors import RunDirError
+from gradlm.lora import fold_adapter
 from gradlm.model import GPT, ModelConfig
 from gradlm.tokenizer import Tokenizer
 
@@ -67,6 +73,9 @@ class RunDir:
         self.summary = self.path / "summary.json"
         self.plots = self.path / "plots"
         self.lock_file = self.path / ".lock"
+        self.adapter_config = self.path / "adapter_config.json"
+        self.adapter = self.path / "adapter.safetensors"
+        self.best_adapter = self.path / "best_adapter.safetensors"
 
     def __str__(self) -> str:
         return str(self.path)
@@ -109,19 +118,67 @@ class RunDir:
     def save_tokenizer(self, tok: Tokenizer) -> None:
         tok.save(self.tokenizer)
 
-    def weights_path(self, best: bool = False) -> Path:
+    def has_adapter(self) -> bool:
+        """Whether this is a LoRA run: its checkpoints hold an adapter over a base run's weights."""
+        return self.adapter_config.is_file()
+
+    def checkpoint_path(self, best: bool = False) -> Path:
+        """The weights file a checkpoint writes: the adapter of a LoRA run, else the full weights."""
+        if self.has_adapter():
+            return self.best_adapter if best else self.adapter
         return self.best if best else self.weights
 
     def load_weights_into(self, model: GPT, best: bool = False) -> int:
-        """Load the latest (or best) weights into model; returns their step (-1 if not recorded)."""
-        path = self.weights_path(best)
+        """Load the latest (or best) weights into model; returns their step (-1 if not recorded).
+        A LoRA run loads its base run's weights and adds its adapter into them (fold_adapter)."""
+        path = self.checkpoint_path(best)
         if best and not path.is_file():
-            raise RunDirError(f"{self.path} has no best.safetensors yet (it is written at the first evaluation); drop --best")
+            raise RunDirError(f"{self.path} has no {path.name} yet (it is written at the first evaluation); drop --best")
         try:
-            model.load_weights(ckpt.load_weights(path))
+            if self.has_adapter():
+                adapter = self.read_adapter_config()
+                self.base_run(adapter).load_weights_into(model)
+                fold_adapter(model, ckpt.load_weights(path), adapter["lora_alpha"] / adapter["r"])
+            else:
+                model.load_weights(ckpt.load_weights(path))
         except ValueError as e:
             raise RunDirError(f"{path} does not fit the model in config.json: {e}") from None
         return weights_step(path)
+
+    # ---- LoRA adapters
+
+    def write_adapter_config(self, rank: int, alpha: float, dropout: float, targets: list[str], base: RunDir) -> None:
+        """adapter_config.json: the adapter's shape and the base run it adapts, by a path relative to this
+        run (move the two together) and the sha256 of the base weights it was trained on."""
+        base_path = Path(os.path.relpath(base.path.resolve(), self.path.resolve()))
+        ckpt.atomic_write_json(self.adapter_config, {
+            "format": "gradlm-lora", "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets),
+            "base_run": base_path.as_posix(), "base_weights_sha256": file_sha256(base.checkpoint_path()),
+        })
+
+    def read_adapter_config(self) -> dict:
+        cfg = ckpt.read_json(self.adapter_config, "adapter config")
+        need = {"r": int, "lora_alpha": (int, float), "target_modules": list, "base_run": str, "base_weights_sha256": str}
+        bad = [k for k, kind in need.items() if not isinstance(cfg.get(k) if isinstance(cfg, dict) else None, kind)]
+        if bad or cfg.get("r", 0) < 1:
+            raise RunDirError(f"{self.adapter_config} is corrupt ({', '.join(bad) or 'r'} missing or invalid); fine-tune the run again")
+        return cfg
+
+    def base_run(self, adapter: dict | None = None) -> RunDir:
+        """The run a LoRA run adapts, checked to hold the weights the adapter was trained on."""
+        adapter = adapter or self.read_adapter_config()
+        base = RunDir(self.path / adapter["base_run"])
+        if not base.checkpoint_path().is_file():
+            raise RunDirError(
+                f"{self.path} is a LoRA adapter over {base.path}, which has no weights; put the base run back at that path "
+                f"(it is relative to {self.path}), or use a run merged with `gradlm merge`"
+            )
+        if file_sha256(base.checkpoint_path()) != adapter["base_weights_sha256"]:
+            raise RunDirError(
+                f"the base run {base.path} has changed since the adapter in {self.path} was trained on it (its weights differ); "
+                "restore the base run's weights, or fine-tune again from it as it is now"
+            )
+        return base
 
     def load_model(self, best: bool = False, device: str = "cpu") -> tuple[GPT, Tokenizer]:
         """The model (eval mode, on device) and its tokenizer."""
@@ -138,11 +195,12 @@ class RunDir:
         staged: list[Path] = []
         try:
             staged.append(ckpt.stage(self.state, lambda tmp: torch.save(state, tmp)))
-            staged.append(ckpt.stage(self.weights, lambda tmp: ckpt.write_weights(tmp, weights, {"step": str(step)})))
+            target = self.checkpoint_path()
+            staged.append(ckpt.stage(target, lambda tmp: ckpt.write_weights(tmp, weights, {"step": str(step)})))
             if self.state.is_file():
                 os.replace(self.state, self.previous_state)
             os.replace(staged[0], self.state)
-            os.replace(staged[1], self.weights)
+            os.replace(staged[1], target)
             ckpt.sync_dir(self.state.parent)
             ckpt.sync_dir(self.path)
         except OSError as e:
@@ -154,13 +212,13 @@ class RunDir:
         """The latest checkpoint becomes the best one: hard links, no copy (fall back to copying)."""
         try:
             ckpt.link_or_copy(self.state, self.best_state)
-            ckpt.link_or_copy(self.weights, self.best)
+            ckpt.link_or_copy(self.checkpoint_path(), self.checkpoint_path(best=True))
         except OSError as e:
             raise RunDirError(_write_failure(self.path, e, "best checkpoint")) from None
 
     def load_state(self, from_best: bool = False) -> dict:
         """The training state matching the weights on disk (latest, or best with from_best)."""
-        weights = self.best if from_best else self.weights
+        weights = self.checkpoint_path(best=from_best)
         if not weights.is_file():
             raise RunDirError(f"cannot resume: {weights} is missing" + ("; resume without --from-best" if from_best else "; the run has no checkpoint yet, start it again"))
         step = weights_step(weights)
@@ -191,6 +249,14 @@ class RunDir:
 def config_dict(model: ModelConfig, train: dict, data: dict, **extra) -> dict:
     """The config.json schema: model shape, training settings, data identity, version, extras."""
     return {"model": model.to_dict(), "train": train, "data": data, **extra, "gradlm_version": package_version()}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def weights_step(path: Path) -> int:
@@ -233,6 +299,9 @@ class RunLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+    def __del__(self) -> None:  # a Trainer dropped without close_run_dir() (Python API, tests) frees the run
+        self.release()
 
     def __enter__(self) -> RunLock:
         return self.acquire()

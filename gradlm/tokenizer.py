@@ -346,6 +346,7 @@ def show_token(tok: Tokenizer, token_id: int) -> str:
         return repr(raw)
 
 
-def describe(tok: Tokenizer, text: str) -> list[tuple[int, str]]:
-    """How text splits: (id, printable piece) per token (see show_token)."""
-    return [(i, show_token(tok, i)) for i in tok.encode(text)]
+def describe(tok: Tokenizer, text: str, allow_special: bool = False) -> list[tuple[int, str]]:
+    """How text splits: (id, printable piece) per token (see show_token). Special-token text is plain
+    text unless allow_special, the same rule as generation."""
+    return [(i, show_token(tok, i)) for i in tok.encode(text, allow_special=allow_special)]

@@ -27,12 +27,14 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from gradlm.checkpoint import check_output
 from gradlm.config import BUDGETS, OPTIMIZER_SETTINGS, PER_INVOCATION, TrainConfig, given_fields, parse_duration, resume_settings
 from gradlm.data import EpochSampler, RandomSampler, resolve_data, windows
-from gradlm.errors import ConfigError, GradlmError, Interrupted, RunDirError
+from gradlm.errors import ConfigError, Interrupted, RunDirError
 from gradlm.evaluate import byte_bits
 from gradlm.model import GPT, ModelConfig
-from gradlm.optim import DEFAULT_LR, base_lrs, build_optimizer, lr_factor, override_hyperparams, scale_base_lr, set_lr
+from gradlm.monitor import DivergenceGuard, StopSignals, TrainLog, diverged, overfitting  # noqa: F401  (diverged, overfitting: public rules)
+from gradlm.optim import DEFAULT_LR, base_lrs, build_optimizer, lr_factor, override_hyperparams, set_lr
 from gradlm.rundir import Metrics, RunDir, read_metrics
 
 
@@ -123,6 +125,16 @@ class Trainer:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, log=None, given: Iterable[str] | None = None):
         _validate_all(model_cfg, cfg)
         self.run = RunDir(cfg.out)
+        self.lock = None
+        if cfg.resume and self.run.exists() and int(os.environ.get("RANK", "0")) == 0:
+            self.lock = self.run.lock().acquire()  # before reading the run: no other process changes it under us
+        try:
+            self._setup(model_cfg, cfg, log, given)
+        except BaseException:
+            self.close_run_dir()
+            raise
+
+    def _setup(self, model_cfg: ModelConfig, cfg: TrainConfig, log, given: Iterable[str] | None) -> None:
         typed = given_fields(cfg, given)
         typed_model = given_fields(model_cfg, given)
         self.notes: list[str] = []  # what a resume changed, said once the log is set up
@@ -140,6 +152,9 @@ class Trainer:
         if self.device.startswith("cuda"):
             torch.cuda.set_device(self.device)
         self.log = log or (lambda msg: _log(self.dd, msg))
+        # A resume restores a checkpoint, unless the run stopped before its first one: then it starts again
+        # from its settings (and from its --init weights, if it has any).
+        self.restoring = cfg.resume and (cfg.from_best or self.run.checkpoint_path().is_file())
         self._load_data(model_cfg)
         self._build()
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
@@ -147,16 +162,19 @@ class Trainer:
         self.gap_history: list[float] = []
         self.last_factor, self.phase = 1.0, None
         self.resumed = cfg.resume
-        if cfg.resume:
+        self.config_extra: dict = {}  # more sections of config.json (fine-tuning sets "finetune")
+        self.report: dict = {}  # more fields of the summary (fine-tuning: trainable parameters, optimizer memory)
+        self.command = "train"  # the gradlm command that resumes this run
+        if cfg.resume and not self.restoring:
+            self.notes.append(f"{self.out} has no checkpoint yet (it stopped before its first one): starting it from step 0 with its saved settings")
+        elif self.restoring:
             self._restore(self.run.load_state(cfg.from_best))
         self.metrics = Metrics(self.run.metrics, self.dd.main)
 
     # -- settings: where the run starts from
 
     def _fresh_settings(self, model_cfg: ModelConfig, cfg: TrainConfig) -> ModelConfig:
-        out = self.run.path
-        if out.is_file():
-            raise RunDirError(f"--out {out} is a file; give a directory")
+        out = check_output(self.run.path, "--out", is_dir=True)
         if self.run.exists():
             raise RunDirError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         self.init_tok = None
@@ -174,7 +192,7 @@ class Trainer:
             raise RunDirError(f"cannot resume: {cfg.out} is not a run directory (no config.json); drop --resume to start it")
         saved = self.run.read_config()
         saved_model = self.run.model_config()
-        for name in sorted(typed_model - {"dropout"}):
+        for name in sorted(typed_model - {"dropout", "vocab_size"}):  # vocab_size comes from the tokenizer, not a flag
             if getattr(model_cfg, name) != getattr(saved_model, name):
                 raise ConfigError(
                     f"--{name.replace('_', '-')} {getattr(model_cfg, name)} cannot change on --resume (the model's shape is fixed by its weights: "
@@ -223,16 +241,18 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = GPT(self.model_cfg)
         self.model.reset_parameters(seed=cfg.seed)
-        if cfg.init and not cfg.resume:
+        if cfg.init and not self.restoring:
             RunDir(cfg.init).load_weights_into(self.model)
             self.log(f"initialised from {cfg.init}")
+        self.adapt_model()
         self.model.to(self.device)
         use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.device.startswith("cuda"))
         self.autocast = (lambda: torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16)) if use_bf16 else nullcontext
         self.opt = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, (cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr)
         self.full_batch = cfg.batch == "full"
         self.sampler_kind = "epoch" if self.full_batch or cfg.sampler == "epoch" else "random"
-        self.sampler = (EpochSampler if self.sampler_kind == "epoch" else RandomSampler)(self.train_tokens, block, cfg.seed)
+        self.masked_targets = False  # True when the sampler's targets hold -1 (fine-tuning data): see gradients()
+        self.sampler = self.make_sampler()
         if self.full_batch:  # batch gradient descent: all windows, accumulated, per update
             self.micro = cfg.micro_batch or 32
             self.batch = self.sampler.n_windows
@@ -248,13 +268,43 @@ class Trainer:
             self.run_model = torch.nn.parallel.DistributedDataParallel(self.run_model, device_ids=[dd.local_rank] if self.device.startswith("cuda") else None)
         self.byte_lengths = torch.tensor(self.tok.token_byte_lengths(), dtype=torch.long, device=self.device)
 
+    # Hooks that fine-tuning (gradlm/finetune.py) overrides; pretraining uses them as they are.
+
+    def adapt_model(self) -> None:
+        """Change the model after its weights are loaded and before the optimizer sees it (freeze layers,
+        add adapters): the optimizer takes only parameters that require gradients."""
+
+    def make_sampler(self):
+        """The sampler of training batches: next(n) -> (x, y), with position, epochs and state_dict."""
+        sampler = (EpochSampler if self.sampler_kind == "epoch" else RandomSampler)(self.train_tokens, self.block, self.cfg.seed)
+        if self.cfg.bpe_dropout or self.cfg.typo_rate:  # re-split / misspell the inputs (gradlm/robust.py)
+            from gradlm.robust import RobustSampler
+
+            self.masked_targets = True  # inputs that do not line up with a clean token have no target
+            sampler = RobustSampler(sampler, self.tok, self.cfg.bpe_dropout, self.cfg.typo_rate, self.cfg.seed, self.block)
+        return sampler
+
+    def checkpoint_weights(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint saves (all weights; a LoRA run saves its adapter only)."""
+        return self.model.state_dict()
+
+    def restore_weights(self, best: bool) -> None:
+        """Load the checkpoint's weights (written by checkpoint_weights) into the model."""
+        self.run.load_weights_into(self.model, best=best)
+
+    def data_summary(self) -> dict:
+        """The "data" section of config.json."""
+        trained = self.tokenizer_trained_here if self.resumed else self.init_tok is None
+        return {"path": str(self.data.path), "tokenizer": "trained" if trained else "given", "tokenizer_sha256": self.tok.sha256,
+                "train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens)}
+
     # -- resume: restore the checkpoint, then apply what the caller typed
 
     COUNTERS = ("step", "tokens_seen", "elapsed", "best_val", "bad_evals", "guard_used", "gap_history", "last_factor", "phase")
 
     def _restore(self, state: dict) -> None:
         cfg = self.cfg
-        self.run.load_weights_into(self.model, best=cfg.from_best)
+        self.restore_weights(cfg.from_best)
         self.opt.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
@@ -298,17 +348,23 @@ class Trainer:
     # -- one step of gradient descent
 
     def gradients(self) -> tuple[float, float]:
-        """Forward + backward over this step's micro-batches; returns (loss, gradient norm before clipping)."""
+        """Forward + backward over this step's micro-batches; returns (loss, gradient norm before clipping).
+
+        The step's loss is the mean over all its targets (positions with y >= 0): each micro-batch's mean
+        loss is weighted by its share of the step's targets. A window of text has a target at every
+        position; fine-tuning examples mask and pad theirs, so their micro-batches hold different counts."""
         dd = self.dd
         loss_sum = torch.zeros((), device=self.device)
-        for k in range(self.accum):
-            n = min(self.micro, self.sampler.n_windows - self.sampler.pos) if self.full_batch else min(self.micro, self.batch - k * self.micro)
-            x, y = self.sampler.next(n)  # every rank draws the same global micro-batch, then takes its rows
-            x, y = x[dd.rank :: dd.world].to(self.device), y[dd.rank :: dd.world].to(self.device)
-            # This rank's rows' share of the step's tokens, times the world size because DDP averages
+        batches, targets = self._step_batches()
+        self.drawn_tokens = 0
+        for k, (x, y) in enumerate(batches):  # every rank draws the same global micro-batch, then takes its rows
+            self.drawn_tokens += x.numel()
+            x, y = x[dd.rank :: dd.world], y[dd.rank :: dd.world]
+            # This rank's share of the step's targets, times the world size because DDP averages
             # gradients over ranks: summed over ranks and micro-batches, the weights give the gradient
-            # of the mean loss over the whole global batch (also when n does not split evenly).
-            share = len(x) / self.batch * dd.world
+            # of the mean loss over the whole global batch (also when a micro-batch splits unevenly).
+            share = int((y >= 0).sum()) / targets * dd.world
+            x, y = x.to(self.device), y.to(self.device)
             sync = dd.world == 1 or k == self.accum - 1
             with (nullcontext() if sync else self.run_model.no_sync()), self.autocast():
                 loss = self.run_model(x, y)
@@ -321,11 +377,23 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         return loss_sum.item(), grad_norm.item()
 
+    def _step_batches(self) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], int]:
+        """This step's global micro-batches (x, y) and the number of targets they hold in all.
+
+        Windows of text are drawn one micro-batch at a time as the loop asks (batch gradient descent
+        never holds the whole training set): their count is known, batch x block. Masked fine-tuning
+        batches are drawn first and counted."""
+        sizes = [min(self.micro, self.batch - k * self.micro) for k in range(self.accum)]
+        if not self.masked_targets:
+            return (self.sampler.next(n) for n in sizes), self.batch * self.block
+        drawn = [self.sampler.next(n) for n in sizes]
+        return drawn, sum(int((y >= 0).sum()) for _, y in drawn)
+
     def update(self) -> None:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += self.step_tokens
+        self.tokens_seen += self.drawn_tokens  # positions processed (batch x block for windows of text)
 
     # -- progress and the learning rate
 
@@ -373,7 +441,8 @@ class Trainer:
         really used), tokenizer.json, and a fresh or trimmed metrics.jsonl."""
         if not self.dd.main:
             return
-        self.lock = self.run.lock().acquire()
+        if self.lock is None:
+            self.lock = self.run.lock().acquire()
         if self.resumed:
             self.metrics.truncate_after(self.step)
         else:
@@ -382,10 +451,7 @@ class Trainer:
                 raise RunDirError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
             self.run.metrics.unlink(missing_ok=True)
         self.run.save_tokenizer(self.tok)
-        trained = self.tokenizer_trained_here if self.resumed else self.init_tok is None
-        data = {"path": str(self.data.path), "tokenizer": "trained" if trained else "given", "tokenizer_sha256": self.tok.sha256,
-                "train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens)}
-        self.run.write_config(self.model_cfg, asdict(self.cfg), data)
+        self.run.write_config(self.model_cfg, asdict(self.cfg), self.data_summary(), **self.config_extra)
 
     def close_run_dir(self) -> None:
         if getattr(self, "lock", None) is not None:
@@ -398,7 +464,7 @@ class Trainer:
             return
         state = {k: getattr(self, k) for k in self.COUNTERS}
         state.update(optimizer=self.opt.state_dict(), sampler=self.sampler.state_dict(), torch_rng=torch.get_rng_state())
-        self.run.save_checkpoint(state, self.model.state_dict(), self.step)
+        self.run.save_checkpoint(state, self.checkpoint_weights(), self.step)
 
     def describe(self) -> str:
         m = self.model
@@ -423,135 +489,6 @@ def _validate_all(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
         problems.append("--from-best only applies with --resume")
     if problems:
         raise ConfigError("; ".join(problems))
-
-
-# ---- the loop's parts ----------------------------------------------------------------------------------
-
-
-def diverged(loss: float, grad_norm: float, ln_vocab: float, ema: float | None, step: int) -> bool:
-    """A step overshot: the loss or gradient is not finite, the loss is far worse than knowing nothing
-    (uniform guessing scores ln V), or it jumped to 3x its recent average."""
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        return True
-    return loss > 1.5 * ln_vocab or (ema is not None and step > 50 and loss > 3 * ema)
-
-
-def overfitting(gaps: list[float], evals: int = 3, min_gap: float = 0.05) -> bool:
-    """Validation loss minus training loss has grown at each of the last `evals` evaluations and is
-    now material: the model is fitting its training text rather than the language (high variance)."""
-    recent = gaps[-(evals + 1) :]
-    return len(recent) == evals + 1 and all(b > a + 1e-3 for a, b in zip(recent, recent[1:])) and recent[-1] > min_gap
-
-
-class DivergenceGuard:
-    """When a step overshoots, go back to the last good state with half the learning rate; after
-    guard_retries restarts, stop with a message naming the step, the loss and a learning rate to try."""
-
-    def __init__(self, t: Trainer):
-        self.t, self.ema = t, None
-        self.ln_vocab = math.log(t.model_cfg.vocab_size)
-        self.good = t.snapshot()
-
-    def mark_good(self) -> None:
-        self.good = self.t.snapshot()
-
-    def observe(self, loss: float, grad_norm: float) -> bool:
-        """True if the step was sane (apply it); False if the guard restored an earlier state."""
-        t = self.t
-        if not diverged(loss, grad_norm, self.ln_vocab, self.ema, t.step):
-            self.ema = loss if self.ema is None else 0.95 * self.ema + 0.05 * loss
-            return True
-        t.opt.zero_grad(set_to_none=True)
-        bad_step = t.step
-        t.restore(self.good)
-        if t.guard_used >= t.cfg.guard_retries:
-            t.save()
-            raise GradlmError(
-                f"training diverged at step {bad_step} (loss {loss:.4g}, gradient norm {grad_norm:.4g}) and the guard gave up "
-                f"after {t.guard_used} restarts with a halved learning rate; the last good state (step {t.step}) is saved in {t.out}. "
-                f"Try --lr {base_lrs(t.opt)['lr'] / 2:.2g} or lower (see `gradlm lr-find`)"
-            )
-        t.guard_used += 1
-        scale_base_lr(t.opt, 0.5)
-        self.good = t.snapshot()
-        self.ema = None
-        new = base_lrs(t.opt)
-        t.log(f"divergence guard: step {bad_step} loss {loss:.4g} (grad norm {grad_norm:.4g}); restored step {t.step}, lr halved to {new['lr']:.3g} ({t.guard_used}/{t.cfg.guard_retries})")
-        t.metrics.write(step=t.step, event="diverged", at_step=bad_step, loss=loss if math.isfinite(loss) else None, new_lr=new["lr"])
-        return False
-
-
-class TrainLog:
-    """What a run shows while it trains: a progress bar on a terminal (percent of whichever budget is
-    set, so its rate and ETA hold for every kind), plain log lines otherwise, and metrics.jsonl rows."""
-
-    def __init__(self, t: Trainer):
-        self.t = t
-        cfg = t.cfg
-        self.bar = tqdm(
-            total=100.0, initial=round(100 * t.progress(), 2), disable=not (cfg.progress and sys.stderr.isatty() and t.dd.main), dynamic_ncols=True,
-            bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]",
-        )
-        self.t_last, self.tokens_last = time.time(), t.tokens_seen
-        self.last_eval: dict = {}
-
-    def step(self, loss: float, grad_norm: float, lrs: dict[str, float]) -> None:
-        t, cfg = self.t, self.t.cfg
-        if t.step % cfg.log_every == 0 or t.step == 1:
-            now = time.time()
-            tps = (t.tokens_seen - self.tokens_last) / max(now - self.t_last, 1e-9)
-            self.t_last, self.tokens_last = now, t.tokens_seen
-            t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(t.elapsed, 3), epoch=round(t.epochs_done(), 4), **lrs, loss=loss, grad_norm=grad_norm, tokens_per_s=round(tps, 1))
-            lr_text = " | ".join(f"{k.replace('_', ' ')} {v:.2e}" for k, v in lrs.items())
-            if self.bar.disable and cfg.progress:
-                p = t.progress()
-                eta = t.elapsed * (1 - p) / p if p > 0 else float("nan")
-                t.log(f"step {t.step:>6} | loss {loss:.4f} | {lr_text} | grad norm {grad_norm:.3f} | {tps:,.0f} tok/s | {t.elapsed:.0f}s, eta {eta:.0f}s")
-            self.bar.set_postfix(step=t.step, loss=f"{loss:.3f}", lr=f"{lrs['lr']:.1e}", tok_s=f"{tps:,.0f}", val=f"{self.last_eval.get('val_loss', float('nan')):.3f}")
-        self.bar.update(min(100.0, 100 * t.progress()) - self.bar.n)
-
-    def evaluation(self, ev: dict, gap: float) -> None:
-        t = self.t
-        self.last_eval = ev
-        t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(t.elapsed, 3), epoch=round(t.epochs_done(), 4), **ev, gap=gap)
-        t.log(f"step {t.step:>6} | val loss {ev['val_loss']:.4f} | val bpb {ev['val_bpb']:.4f} | train loss {ev['train_eval_loss']:.4f}")
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM ask training to stop after the current step: it saves a checkpoint
-    and says how to resume. A second signal stops at once (the last checkpoint stays intact)."""
-
-    def __init__(self):
-        self.signum = 0
-        self.previous: dict[int, object] = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        for s, h in self.previous.items():  # a second Ctrl-C is not ignored
-            signal.signal(s, h)
-
-    def __enter__(self) -> StopSignals:
-        try:
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self.previous[s] = signal.signal(s, self._handle)
-        except ValueError:  # not the main thread: signals stay as they are
-            self.previous = {}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self.previous.items():
-            signal.signal(s, h)
-
-    def requested(self, dd: Dist) -> int:
-        """The signal every rank should stop for (ranks agree, so none waits on another forever)."""
-        if dd.world > 1:
-            flag = torch.tensor([self.signum], dtype=torch.int64)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            return int(flag.item())
-        return self.signum
 
 
 # ---- train() -------------------------------------------------------------------------------------------
@@ -618,7 +555,7 @@ def _loop(t: Trainer, on_step) -> dict:
     summary = {
         "run": str(out), "steps": t.step, "tokens": t.tokens_seen, "epochs": t.epochs_done(), "time_s": t.elapsed,
         "tokens_per_s": t.tokens_seen / t.elapsed if t.elapsed else 0.0, "stop": stop_reason, "best_val_loss": t.best_val,
-        "divergence_restarts": t.guard_used, **show.last_eval,
+        "divergence_restarts": t.guard_used, **show.last_eval, **t.report,
     }
     if t.dd.main:
         t.run.write_summary(summary)
@@ -628,7 +565,7 @@ def _loop(t: Trainer, on_step) -> dict:
             plot_runs({out.name: read_metrics(out)}, t.run.plots / "training.png", title=str(out))
     if stop_reason == "interrupted":
         name = signal.Signals(signals.signum).name
-        raise Interrupted(f"{name}: stopped at step {t.step} and saved a checkpoint in {out}; continue with `gradlm train --out {out} --resume`", 128 + signals.signum)
+        raise Interrupted(f"{name}: stopped at step {t.step} and saved a checkpoint in {out}; continue with `gradlm {t.command} --out {out} --resume`", 128 + signals.signum)
     return summary
 
 
@@ -650,6 +587,6 @@ def _evaluate_and_checkpoint(t: Trainer, show: TrainLog) -> bool:
     if improved and t.dd.main:
         t.run.mark_best()
     if cfg.patience and t.bad_evals >= cfg.patience:
-        t.log(f"converged: validation loss has not improved by {cfg.min_delta} for {cfg.patience} evaluations (best {t.best_val:.4f}); best weights in {t.run.best}")
+        t.log(f"converged: validation loss has not improved by {cfg.min_delta} for {cfg.patience} evaluations (best {t.best_val:.4f}); best weights in {t.run.checkpoint_path(best=True)}")
         return True
     return False

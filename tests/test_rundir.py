@@ -3,7 +3,6 @@ a signal, a second writer or a full disk."""
 
 import errno
 import json
-import os
 import random
 import signal
 import subprocess
@@ -115,6 +114,7 @@ def test_each_overridable_flag_takes_effect_when_typed_and_not_otherwise(paused,
     resume = dict(data=str(prepared), out=str(paused), resume=True)
     t = Trainer(tiny_config(tok.vocab_size), TrainConfig(**resume, **{flag: value}), given={flag, "data", "out", "resume"})
     assert used(t) == pytest.approx(value), flag
+    t.close_run_dir()  # a resumed Trainer holds the run's lock until closed (or dropped)
     t = Trainer(tiny_config(tok.vocab_size), TrainConfig(**resume, **{flag: value}), given={"data", "out", "resume"})
     saved = SAVED.get(flag, TrainConfig(max_steps=8).max_steps if flag == "max_steps" else None)
     assert used(t) == pytest.approx(saved), flag  # not typed: the run's own value, not the flag object's
@@ -196,7 +196,7 @@ def test_from_best_resumes_the_best_checkpoint_exactly(prepared, tmp_path, tok):
     assert t.step == 4 and t.tokens_seen == 4 * 8 * 32
     best = ckpt.load_weights(run.best)
     assert all(torch.equal(v, best[k]) for k, v in t.model.state_dict().items() if k in best)
-    t.model.zero_grad()
+    t.close_run_dir()
     s = train(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, max_steps=8, resume=True, from_best=True, min_delta=10.0))
     assert s["steps"] == 8  # steps 5..8 again, from the best checkpoint
     with pytest.raises(ConfigError, match="--from-best only applies with --resume"):
@@ -338,6 +338,18 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(prepared, tmp_pat
     p.communicate(timeout=300)
     assert p.returncode == 0
     assert kills >= 2
+    print(f"kill -9 test: {kills} kills at seeded random moments, {len(read_metrics(run))} metrics rows; final weights byte-identical")
     assert (run / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
     steps = [r["step"] for r in read_metrics(run) if "loss" in r]
     assert steps == list(range(1, 61))  # every step logged once: no duplicates, no gaps
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_from_its_init(prepared, tmp_path, tok):
+    train(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, name="a", max_steps=4))
+    t = Trainer(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, name="b", init=str(tmp_path / "a"), max_steps=4))
+    t.start_run_dir()  # config.json is written, then the process dies before any checkpoint
+    t.close_run_dir()
+    r = Trainer(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, name="b", resume=True))
+    assert r.step == 0 and any("no checkpoint yet" in n for n in r.notes)
+    a, _ = load_model(tmp_path / "a")
+    assert all(torch.equal(v, a.state_dict()[k]) for k, v in r.model.state_dict().items())

@@ -172,3 +172,15 @@ def test_overfitting_rule():
     assert not overfitting([0.0, 0.02, 0.06])  # too few evaluations
     assert not overfitting([0.0, 0.08, 0.06, 0.1])  # not growing every time
     assert not overfitting([0.0, 0.01, 0.02, 0.03])  # growing but still small
+
+
+def test_divergence_rule():
+    from gradlm.trainer import diverged
+
+    ln = math.log(1000)
+    assert diverged(float("nan"), 1.0, ln, None, 0) and diverged(1.0, float("inf"), ln, None, 0)
+    assert diverged(1.6 * ln, 1.0, ln, None, 0)  # far worse than uniform guessing
+    assert not diverged(1.6 * ln, 1.0, ln, None, 0, start=1.2 * ln)  # a fine-tune that starts above ln V
+    assert diverged(6.0, 1.0, ln, 1.5, 100)  # 4x its recent average, 4.5 nats up
+    assert not diverged(0.23, 1.0, ln, 0.05, 100)  # 4.6x, but a fifth of a nat: noise near zero
+    assert not diverged(6.0, 1.0, ln, 1.5, 10)  # the average is not settled in the first steps

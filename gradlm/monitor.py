@@ -1,0 +1,152 @@
+"""What watches a run while it trains: the divergence guard, the overfitting rule, what the run shows
+(progress bar, log lines, metrics.jsonl rows) and the signals that ask it to stop.
+
+Each piece is handed the Trainer (gradlm/trainer.py) and reads its counters; none of them decides what a
+step of gradient descent is.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from gradlm.errors import Diverged
+from gradlm.optim import base_lrs, scale_base_lr
+
+
+def diverged(loss: float, grad_norm: float, ln_vocab: float, ema: float | None, step: int, start: float = 0.0) -> bool:
+    """A step overshot: the loss or gradient is not finite, the loss is far worse than knowing nothing
+    (uniform guessing scores ln V) or than where training started (a fine-tune may start above ln V:
+    a base model is confidently wrong on new tokens), or it jumped to 3x its recent average and by more
+    than a nat (a loss near zero wobbling from 0.05 to 0.2 is noise, not divergence)."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return True
+    jumped = ema is not None and step > 50 and loss > 3 * ema and loss > ema + 1.0
+    return loss > 1.5 * max(ln_vocab, start) or jumped
+
+
+def overfitting(gaps: list[float], evals: int = 3, min_gap: float = 0.05) -> bool:
+    """Validation loss minus training loss has grown at each of the last `evals` evaluations and is
+    now material: the model is fitting its training text rather than the language (high variance)."""
+    recent = gaps[-(evals + 1) :]
+    return len(recent) == evals + 1 and all(b > a + 1e-3 for a, b in zip(recent, recent[1:])) and recent[-1] > min_gap
+
+
+class DivergenceGuard:
+    """When a step overshoots, go back to the last good state with half the learning rate; after
+    guard_retries restarts, stop with a message naming the step, the loss and a learning rate to try."""
+
+    def __init__(self, t: "Trainer"):  # noqa: F821
+        self.t, self.ema = t, None
+        self.ln_vocab = math.log(t.model_cfg.vocab_size)
+        self.start = 0.0  # the loss of the first step, before any update of this invocation
+        self.good = t.snapshot()
+
+    def mark_good(self) -> None:
+        self.good = self.t.snapshot()
+
+    def observe(self, loss: float, grad_norm: float) -> bool:
+        """True if the step was sane (apply it); False if the guard restored an earlier state."""
+        t = self.t
+        if not self.start and math.isfinite(loss):
+            self.start = loss
+        if not diverged(loss, grad_norm, self.ln_vocab, self.ema, t.step, self.start):
+            self.ema = loss if self.ema is None else 0.95 * self.ema + 0.05 * loss
+            return True
+        t.opt.zero_grad(set_to_none=True)
+        bad_step = t.step
+        t.restore(self.good)
+        if t.guard_used >= t.cfg.guard_retries:
+            t.save()
+            raise Diverged(
+                f"training diverged at step {bad_step} (loss {loss:.4g}, gradient norm {grad_norm:.4g}) and the guard gave up "
+                f"after {t.guard_used} restarts with a halved learning rate; the last good state (step {t.step}) is saved in {t.out}. "
+                f"Try --lr {base_lrs(t.opt)['lr'] / 2:.2g} or lower (see `gradlm lr-find`)"
+            )
+        t.guard_used += 1
+        scale_base_lr(t.opt, 0.5)
+        self.good = t.snapshot()
+        self.ema = None
+        new = base_lrs(t.opt)
+        t.log(f"divergence guard: step {bad_step} loss {loss:.4g} (grad norm {grad_norm:.4g}); restored step {t.step}, lr halved to {new['lr']:.3g} ({t.guard_used}/{t.cfg.guard_retries})")
+        t.metrics.write(step=t.step, event="diverged", at_step=bad_step, loss=loss if math.isfinite(loss) else None, new_lr=new["lr"])
+        return False
+
+
+class TrainLog:
+    """What a run shows while it trains: a progress bar on a terminal (percent of whichever budget is
+    set, so its rate and ETA hold for every kind), plain log lines otherwise, and metrics.jsonl rows."""
+
+    def __init__(self, t: "Trainer"):  # noqa: F821
+        self.t = t
+        cfg = t.cfg
+        self.bar = tqdm(
+            total=100.0, initial=round(100 * t.progress(), 2), disable=not (cfg.progress and sys.stderr.isatty() and t.dd.main), dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]",
+        )
+        self.t_last, self.tokens_last = time.time(), t.tokens_seen
+        self.last_eval: dict = {}
+
+    def step(self, loss: float, grad_norm: float, lrs: dict[str, float]) -> None:
+        t, cfg = self.t, self.t.cfg
+        if t.step % cfg.log_every == 0 or t.step == 1:
+            now = time.time()
+            tps = (t.tokens_seen - self.tokens_last) / max(now - self.t_last, 1e-9)
+            self.t_last, self.tokens_last = now, t.tokens_seen
+            t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(t.elapsed, 3), epoch=round(t.epochs_done(), 4), **lrs, loss=loss, grad_norm=grad_norm, tokens_per_s=round(tps, 1))
+            lr_text = " | ".join(f"{k.replace('_', ' ')} {v:.2e}" for k, v in lrs.items())
+            if self.bar.disable and cfg.progress:
+                p = t.progress()
+                eta = t.elapsed * (1 - p) / p if p > 0 else float("nan")
+                t.log(f"step {t.step:>6} | loss {loss:.4f} | {lr_text} | grad norm {grad_norm:.3f} | {tps:,.0f} tok/s | {t.elapsed:.0f}s, eta {eta:.0f}s")
+            self.bar.set_postfix(step=t.step, loss=f"{loss:.3f}", lr=f"{lrs['lr']:.1e}", tok_s=f"{tps:,.0f}", val=f"{self.last_eval.get('val_loss', float('nan')):.3f}")
+        self.bar.update(min(100.0, 100 * t.progress()) - self.bar.n)
+
+    def evaluation(self, ev: dict, gap: float) -> None:
+        t = self.t
+        self.last_eval = ev
+        t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(t.elapsed, 3), epoch=round(t.epochs_done(), 4), **ev, gap=gap)
+        t.log(f"step {t.step:>6} | val loss {ev['val_loss']:.4f} | val bpb {ev['val_bpb']:.4f} | train loss {ev['train_eval_loss']:.4f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM ask training to stop after the current step: it saves a checkpoint
+    and says how to resume. A second signal stops at once (the last checkpoint stays intact)."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        for s, h in self.previous.items():  # a second Ctrl-C is not ignored
+            signal.signal(s, h)
+
+    def __enter__(self) -> StopSignals:
+        try:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self._handle)
+        except ValueError:  # not the main thread: signals stay as they are
+            self.previous = {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+    def requested(self, dd) -> int:
+        """The signal every rank should stop for (ranks agree, so none waits on another forever)."""
+        if dd.world > 1:
+            flag = torch.tensor([self.signum], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return int(flag.item())
+        return self.signum
