@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import signal
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -90,15 +89,14 @@ class TrainLog:
             total=100.0, initial=round(100 * t.progress(), 2), disable=not (cfg.progress and sys.stderr.isatty() and t.dd.main), dynamic_ncols=True,
             bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]",
         )
-        self.t_last, self.tokens_last = time.time(), t.tokens_seen
+        self.t_last, self.tokens_last = t.train_time, t.tokens_seen
         self.last_eval: dict = {}
 
     def step(self, loss: float, grad_norm: float, lrs: dict[str, float]) -> None:
         t, cfg = self.t, self.t.cfg
         if t.step % cfg.log_every == 0 or t.step == 1:
-            now = time.time()
-            tps = (t.tokens_seen - self.tokens_last) / max(now - self.t_last, 1e-9)
-            self.t_last, self.tokens_last = now, t.tokens_seen
+            tps = (t.tokens_seen - self.tokens_last) / max(t.train_time - self.t_last, 1e-9)  # evaluations excluded
+            self.t_last, self.tokens_last = t.train_time, t.tokens_seen
             t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(t.elapsed, 3), epoch=round(t.epochs_done(), 4), **lrs, loss=loss, grad_norm=grad_norm, tokens_per_s=round(tps, 1))
             lr_text = " | ".join(f"{k.replace('_', ' ')} {v:.2e}" for k, v in lrs.items())
             if self.bar.disable and cfg.progress:

@@ -157,7 +157,9 @@ class Trainer:
         self.restoring = cfg.resume and (cfg.from_best or self.run.checkpoint_path().is_file())
         self._load_data(model_cfg)
         self._build()
-        self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
+        self.step, self.tokens_seen, self.elapsed, self.train_time = 0, 0, 0.0, 0.0
+        self.reserve_s = 0.0  # time kept back from --max-time for the final evaluation and checkpoint
+        self.evals_timed, self.saved_step = False, -1
         self.best_val, self.bad_evals, self.guard_used = float("inf"), 0, 0
         self.gap_history: list[float] = []
         self.last_factor, self.phase = 1.0, None
@@ -300,7 +302,9 @@ class Trainer:
 
     # -- resume: restore the checkpoint, then apply what the caller typed
 
-    COUNTERS = ("step", "tokens_seen", "elapsed", "best_val", "bad_evals", "guard_used", "gap_history", "last_factor", "phase")
+    # elapsed: wall time since the first step, evaluations and checkpoints included (what --max-time
+    # bounds); train_time: the steps alone (what tokens/s divides by).
+    COUNTERS = ("step", "tokens_seen", "elapsed", "train_time", "best_val", "bad_evals", "guard_used", "gap_history", "last_factor", "phase")
 
     def _restore(self, state: dict) -> None:
         cfg = self.cfg
@@ -404,7 +408,7 @@ class Trainer:
         """(used, budget, used at the phase start) for each budget that is set."""
         cfg, ph = self.cfg, self.phase or {}
         parts = [(self.step, cfg.max_steps, ph.get("step", 0)), (self.tokens_seen, cfg.max_tokens, ph.get("tokens", 0)),
-                 (self.elapsed, self.max_time_s, ph.get("elapsed", 0.0)), (self.epochs_done(), cfg.max_epochs, ph.get("epochs", 0.0))]
+                 (self.elapsed + self.reserve_s, self.max_time_s, ph.get("elapsed", 0.0)), (self.epochs_done(), cfg.max_epochs, ph.get("epochs", 0.0))]
         return [p for p in parts if p[1]]
 
     def progress(self) -> float:
@@ -462,6 +466,7 @@ class Trainer:
         """Checkpoint (rank 0): the training state and the weights, as one pair (see gradlm.rundir)."""
         if not self.dd.main:
             return
+        self.saved_step = self.step
         state = {k: getattr(self, k) for k in self.COUNTERS}
         state.update(optimizer=self.opt.state_dict(), sampler=self.sampler.state_dict(), torch_rng=torch.get_rng_state())
         self.run.save_checkpoint(state, self.checkpoint_weights(), self.step)
@@ -520,6 +525,14 @@ def _loop(t: Trainer, on_step) -> dict:
     t.log(t.describe())
     t.model.train()
     stop_reason = ""
+    clock = time.time()  # --max-time counts wall time from here: steps, evaluations and checkpoints
+
+    def tick() -> None:
+        nonlocal clock
+        now = time.time()
+        t.elapsed += now - clock
+        clock = now
+
     with StopSignals() as signals:
         while True:
             if t.progress() >= 1:
@@ -538,23 +551,34 @@ def _loop(t: Trainer, on_step) -> dict:
             if not guard.observe(loss, gn):
                 continue
             t.update()
-            t.elapsed += time.time() - t0
+            t.train_time += time.time() - t0
+            tick()
+            if t.max_time_s and not t.evals_timed:
+                # Until an evaluation has been timed, keep back an estimate of the final one: a forward pass
+                # (about a third of a training step's work) over eval_tokens of validation and of training text.
+                t.reserve_s = t.train_time / t.step * (2 * cfg.eval_tokens / t.step_tokens) / 3 + 0.5
             if on_step is not None:
                 on_step(t.step, loss, lrs["lr"])
             show.step(loss, gn, lrs)
             done = t.progress() >= 1 or (cfg.pause_at and t.step >= cfg.pause_at)
             if t.step % cfg.eval_every == 0 or done:
-                if _evaluate_and_checkpoint(t, show):
+                t0 = time.time()
+                converged = _evaluate_and_checkpoint(t, show)
+                t.reserve_s, t.evals_timed = time.time() - t0, True  # the final evaluation will cost about the same
+                tick()
+                if converged:
                     stop_reason = "converged"
                     break
                 guard.mark_good()
     show.close()
     if not show.last_eval:
         show.last_eval = t.evaluate()
-    t.save()
+    if t.saved_step != t.step:
+        t.save()
+    tick()
     summary = {
         "run": str(out), "steps": t.step, "tokens": t.tokens_seen, "epochs": t.epochs_done(), "time_s": t.elapsed,
-        "tokens_per_s": t.tokens_seen / t.elapsed if t.elapsed else 0.0, "stop": stop_reason, "best_val_loss": t.best_val,
+        "train_time_s": t.train_time, "tokens_per_s": t.tokens_seen / t.train_time if t.train_time else 0.0, "stop": stop_reason, "best_val_loss": t.best_val,
         "divergence_restarts": t.guard_used, **show.last_eval, **t.report,
     }
     if t.dd.main:

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -184,3 +185,19 @@ def test_divergence_rule():
     assert diverged(6.0, 1.0, ln, 1.5, 100)  # 4x its recent average, 4.5 nats up
     assert not diverged(0.23, 1.0, ln, 0.05, 100)  # 4.6x, but a fifth of a nat: noise near zero
     assert not diverged(6.0, 1.0, ln, 1.5, 10)  # the average is not settled in the first steps
+
+
+def test_max_time_is_wall_time_with_evaluations_and_the_final_save(prepared, tmp_path, tok, monkeypatch):
+    """--max-time bounds everything from the first step: evaluations and checkpoints count, and the time of
+    the final evaluation is kept back so the run ends within its budget; tokens/s counts the steps only."""
+    real = Trainer.evaluate
+
+    def slow_evaluate(self):
+        time.sleep(0.3)  # an evaluation that costs as much as many steps
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "evaluate", slow_evaluate)
+    s = train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=0, max_time="2s", eval_every=2))
+    assert s["time_s"] <= 2.0 + 0.35, s  # at most one evaluation's worth over, never several
+    assert s["train_time_s"] < s["time_s"] - 0.3  # evaluations are in the budget, not in tokens/s
+    assert s["tokens_per_s"] == pytest.approx(s["tokens"] / s["train_time_s"])
