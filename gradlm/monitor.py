@@ -100,8 +100,7 @@ class TrainLog:
             t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(t.elapsed, 3), epoch=round(t.epochs_done(), 4), **lrs, loss=loss, grad_norm=grad_norm, tokens_per_s=round(tps, 1))
             lr_text = " | ".join(f"{k.replace('_', ' ')} {v:.2e}" for k, v in lrs.items())
             if self.bar.disable and cfg.progress:
-                p = t.progress()
-                eta = t.elapsed * (1 - p) / p if p > 0 else float("nan")
+                eta = t.eta()
                 t.log(f"step {t.step:>6} | loss {loss:.4f} | {lr_text} | grad norm {grad_norm:.3f} | {tps:,.0f} tok/s | {t.elapsed:.0f}s, eta {eta:.0f}s")
             self.bar.set_postfix(step=t.step, loss=f"{loss:.3f}", lr=f"{lrs['lr']:.1e}", tok_s=f"{tps:,.0f}", val=f"{self.last_eval.get('val_loss', float('nan')):.3f}")
         self.bar.update(min(100.0, 100 * t.progress()) - self.bar.n)

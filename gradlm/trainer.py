@@ -404,16 +404,22 @@ class Trainer:
     def epochs_done(self) -> float:
         return self.sampler.epochs_done if self.sampler_kind == "epoch" else self.tokens_seen / len(self.train_tokens)
 
-    def _spent(self) -> list[tuple[float, float, float]]:
-        """(used, budget, used at the phase start) for each budget that is set."""
+    def _spent(self, reserve: bool = True) -> list[tuple[float, float, float]]:
+        """(used, budget, used at the phase start) for each budget that is set. Time counts the final
+        evaluation's reserve as spent (reserve=True), so training stops in time for it."""
         cfg, ph = self.cfg, self.phase or {}
         parts = [(self.step, cfg.max_steps, ph.get("step", 0)), (self.tokens_seen, cfg.max_tokens, ph.get("tokens", 0)),
-                 (self.elapsed + self.reserve_s, self.max_time_s, ph.get("elapsed", 0.0)), (self.epochs_done(), cfg.max_epochs, ph.get("epochs", 0.0))]
+                 (self.elapsed + (self.reserve_s if reserve else 0.0), self.max_time_s, ph.get("elapsed", 0.0)), (self.epochs_done(), cfg.max_epochs, ph.get("epochs", 0.0))]
         return [p for p in parts if p[1]]
 
-    def progress(self) -> float:
+    def progress(self, reserve: bool = True) -> float:
         """Fraction of the budget spent: the largest of steps, tokens, time and epochs used."""
-        return max((used / budget for used, budget, _ in self._spent()), default=0.0)
+        return max((used / budget for used, budget, _ in self._spent(reserve)), default=0.0)
+
+    def eta(self) -> float:
+        """Seconds left: the rest of the training at the pace so far, plus the final evaluation."""
+        p, done = self.progress(), self.progress(reserve=False)
+        return self.elapsed / done * max(1 - p, 0.0) + self.reserve_s if done > 0 else float("nan")
 
     def lr_factor(self) -> float:
         """The schedule's factor for the next step: the run's schedule, or the current phase's when the
