@@ -60,7 +60,7 @@ class TrainConfig:
     typo_rate: float = field(default=0.0, metadata={"help": "typo augmentation: give this share of the letters of the training text (in fine-tuning: the system and user turns) a typo (drop, swap, double, near key, case), e.g. 0.05; the loss stays on the clean text"})
     seed: int = field(default=1337, metadata={"help": "fixes initialisation, data order and dropout"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    dtype: str = field(default="auto", metadata={"help": "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU"})
+    dtype: str = field(default="auto", metadata={"help": "float32, or bfloat16 autocast (weights and optimizer state stay float32); auto = bfloat16 where the hardware multiplies it natively (CUDA, CPUs with AMX or AVX512-BF16), else float32"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (CUDA)"})
     log_every: int = field(default=10, metadata={"help": "log the training loss every N steps"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint; flags you type override its saved settings where they can"})

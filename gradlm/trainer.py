@@ -34,7 +34,7 @@ from gradlm.errors import ConfigError, Interrupted, RunDirError
 from gradlm.evaluate import byte_bits
 from gradlm.model import GPT, ModelConfig
 from gradlm.monitor import DivergenceGuard, StopSignals, TrainLog, diverged, overfitting  # noqa: F401  (diverged, overfitting: public rules)
-from gradlm.optim import DEFAULT_LR, base_lrs, build_optimizer, lr_factor, override_hyperparams, set_lr
+from gradlm.optim import DEFAULT_LR, fast_matmul_dtype, base_lrs, build_optimizer, lr_factor, override_hyperparams, set_lr
 from gradlm.rundir import Metrics, RunDir, read_metrics
 
 
@@ -248,8 +248,12 @@ class Trainer:
             self.log(f"initialised from {cfg.init}")
         self.adapt_model()
         self.model.to(self.device)
-        use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.device.startswith("cuda"))
-        self.autocast = (lambda: torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16)) if use_bf16 else nullcontext
+        # bf16 autocast where the hardware multiplies bf16 natively (CUDA; CPUs with AMX or AVX512-BF16), decided
+        # from the device's features so every resume and every rank agrees; weights and optimizer state stay fp32.
+        device_type = self.device.split(":")[0]
+        use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and fast_matmul_dtype(device_type) == torch.bfloat16)
+        self.compute_dtype = "bfloat16" if use_bf16 else "float32"
+        self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
         self.opt = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, (cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr)
         self.full_batch = cfg.batch == "full"
         self.sampler_kind = "epoch" if self.full_batch or cfg.sampler == "epoch" else "random"
@@ -484,7 +488,7 @@ class Trainer:
         return (
             f"model: {m.num_params():,} parameters ({m.num_params(True):,} non-embedding), {m.flops_per_token() / 1e6:.1f} MFLOP/token | "
             f"batch {'full' if self.full_batch else self.batch} = {self.step_tokens:,} tokens/step ({self.accum} x {self.micro} windows x {self.block} tokens) | "
-            f"{self.cfg.optimizer}, {lr_text}, {self.cfg.schedule} | device {self.device}"
+            f"{self.cfg.optimizer}, {lr_text}, {self.cfg.schedule} | device {self.device}, {self.compute_dtype}"
         )
 
 

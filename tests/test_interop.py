@@ -49,7 +49,7 @@ def _one_thread():
 
 
 def quick_train(model_cfg: ModelConfig, data: Path, out: Path, **kw) -> dict:
-    cfg = dict(data=str(data), out=str(out), batch="16", max_steps=200, lr=1e-2, warmup_steps=10, vocab_size=300, eval_every=1000, eval_tokens=1024, seed=0, progress=False, plots=False)
+    cfg = dict(data=str(data), out=str(out), batch="16", max_steps=200, lr=1e-2, warmup_steps=10, vocab_size=300, eval_every=1000, eval_tokens=1024, seed=0, progress=False, plots=False, dtype="float32")
     cfg.update(kw)
     with pytest.MonkeyPatch.context() as mp:  # module-scoped fixtures cannot use the autouse cache fixture
         mp.setenv("GRADLM_CACHE", str(out.parent / "cache"))

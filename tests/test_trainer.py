@@ -24,7 +24,8 @@ from conftest import tiny_config
 
 
 def cfg_for(prepared, tmp_path, name="run", **kw):
-    base = dict(data=str(prepared), out=str(tmp_path / name), batch="8", max_steps=20, eval_every=10, eval_tokens=2048, warmup_steps=0, seed=0, progress=False, plots=False)
+    # float32: these tests compare gradients and weights with float32 references (bf16 has a test of its own)
+    base = dict(data=str(prepared), out=str(tmp_path / name), batch="8", max_steps=20, eval_every=10, eval_tokens=2048, warmup_steps=0, seed=0, progress=False, plots=False, dtype="float32")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -154,7 +155,7 @@ def _free_port() -> int:
 
 def test_ddp_two_processes_match_one_with_the_same_global_batch(prepared, tmp_path, tok):
     common = ["train", "--data", str(prepared), "--batch", "8", "--max-steps", "3", "--eval-every", "3", "--eval-tokens", "1024",
-              "--block-size", "32", "--n-layer", "2", "--n-head", "4", "--d-model", "32", "--seed", "0", "--no-progress", "--no-plots"]
+              "--block-size", "32", "--n-layer", "2", "--n-head", "4", "--d-model", "32", "--seed", "0", "--no-progress", "--no-plots", "--dtype", "float32"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "-m", "gradlm", *common, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
@@ -201,3 +202,14 @@ def test_max_time_is_wall_time_with_evaluations_and_the_final_save(prepared, tmp
     assert s["time_s"] <= 2.0 + 0.35, s  # at most one evaluation's worth over, never several
     assert s["train_time_s"] < s["time_s"] - 0.3  # evaluations are in the budget, not in tokens/s
     assert s["tokens_per_s"] == pytest.approx(s["tokens"] / s["train_time_s"])
+
+
+def test_bf16_autocast_trains_and_resumes_bit_exactly_with_fp32_master_weights(prepared, tmp_path, tok):
+    kw = dict(max_steps=12, eval_every=4, dtype="bfloat16", warmup_steps=2)
+    straight = train(model_for(tok), cfg_for(prepared, tmp_path, name="straight", **kw))
+    train(model_for(tok), cfg_for(prepared, tmp_path, name="split", pause_at=5, **kw))
+    train(model_for(tok), cfg_for(prepared, tmp_path, name="split", resume=True, **kw))
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in a.values())  # master weights stay fp32
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight["val_loss"] < math.log(tok.vocab_size)
