@@ -98,6 +98,8 @@ OVERRIDES = {
     "micro_batch": (4, lambda t: t.micro),
     "max_steps": (12, lambda t: t.cfg.max_steps),
     "plots": (True, lambda t: t.cfg.plots),
+    "progress": (True, lambda t: t.cfg.progress),
+    "dtype": ("bfloat16", lambda t: t.compute_dtype),
 }
 
 
