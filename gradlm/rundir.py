@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 
 from gradlm import checkpoint as ckpt
+from gradlm.datasets import sha256_file
 from gradlm.errors import RunDirError
 from gradlm.lora import fold_adapter
 from gradlm.model import GPT, ModelConfig
@@ -153,7 +153,7 @@ class RunDir:
         base_path = Path(os.path.relpath(base.path.resolve(), self.path.resolve()))
         ckpt.atomic_write_json(self.adapter_config, {
             "format": "gradlm-lora", "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets),
-            "base_run": base_path.as_posix(), "base_weights_sha256": file_sha256(base.checkpoint_path()),
+            "base_run": base_path.as_posix(), "base_weights_sha256": sha256_file(base.checkpoint_path()),
         })
 
     def read_adapter_config(self) -> dict:
@@ -173,7 +173,7 @@ class RunDir:
                 f"{self.path} is a LoRA adapter over {base.path}, which has no weights; put the base run back at that path "
                 f"(it is relative to {self.path}), or use a run merged with `gradlm merge`"
             )
-        if file_sha256(base.checkpoint_path()) != adapter["base_weights_sha256"]:
+        if sha256_file(base.checkpoint_path()) != adapter["base_weights_sha256"]:
             raise RunDirError(
                 f"the base run {base.path} has changed since the adapter in {self.path} was trained on it (its weights differ); "
                 "restore the base run's weights, or fine-tune again from it as it is now"
@@ -249,14 +249,6 @@ class RunDir:
 def config_dict(model: ModelConfig, train: dict, data: dict, **extra) -> dict:
     """The config.json schema: model shape, training settings, data identity, version, extras."""
     return {"model": model.to_dict(), "train": train, "data": data, **extra, "gradlm_version": package_version()}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_step(path: Path) -> int:
