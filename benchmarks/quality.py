@@ -1,0 +1,107 @@
+"""Quality at equal wall time: gradlm's defaults against nanoGPT's README CPU recipe, on the same text.
+
+Side by side, in one run, on this machine:
+  1. the reference: nanoGPT's CPU recipe for Shakespeare, character level (4 layers x 128, 2000 iterations),
+     run from a checkout of github:karpathy/nanoGPT OUTSIDE this repository (--nanogpt, a git directory such as
+     the one `fetch github:karpathy/nanoGPT` brings; its files are extracted to a temporary folder and run
+     there, never copied into gradlm). Its wall time is T; its score is its own last validation loss
+     (nats per character, 20 batches) in bits per character.
+  2. ours: `gradlm train --data <first 90% of the text> --max-time T` with no model flags, then
+     `gradlm eval --data <last 10%>` (every character of the held-out text), bits per character.
+The split is nanoGPT's: the first 90% of the characters train, the last 10% are held out.
+
+    python benchmarks/quality.py --nanogpt /work/.mirror/karpathy+nanoGPT/repo            # ~8 minutes
+    python benchmarks/quality.py --nanogpt ... --minutes 10                                   # and a 10-minute run of ours
+    python benchmarks/quality.py --nanogpt ... --corpus path/to/text.txt                      # another corpus
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RECIPE = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12",
+          "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
+
+
+def corpus_text(path: str) -> str:
+    if path:
+        return Path(path).read_text(encoding="utf-8")
+    from gradlm.datasets import resolve
+
+    return resolve("shakespeare").read_text(encoding="utf-8")
+
+
+def run_reference(git_dir: Path, text: str, work: Path) -> tuple[float, float]:
+    """nanoGPT's recipe in a temporary extraction of its repository: (wall seconds, validation bits/char)."""
+    src = work / "nanogpt"
+    src.mkdir()
+    archive = subprocess.run(["git", "--git-dir", str(git_dir), "archive", "HEAD"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    (src / "data" / "shakespeare_char" / "input.txt").write_text(text, encoding="utf-8")
+    subprocess.run([sys.executable, "data/shakespeare_char/prepare.py"], cwd=src, check=True, capture_output=True)
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "train.py", "config/train_shakespeare_char.py", *RECIPE], cwd=src, capture_output=True, text=True)
+    wall = time.time() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"nanoGPT failed:\n{r.stderr[-2000:]}")
+    evals = re.findall(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)", r.stdout)
+    return wall, float(evals[-1][2]) / math.log(2)
+
+
+def run_ours(train_txt: Path, val_txt: Path, seconds: float, out: Path) -> dict:
+    gradlm = [sys.executable, "-m", "gradlm"]
+    t0 = time.time()
+    r = subprocess.run([*gradlm, "train", "--data", str(train_txt), "--out", str(out), "--max-time", f"{seconds:.0f}s", "--no-progress"], capture_output=True, text=True)
+    wall = time.time() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"gradlm train failed:\n{r.stderr[-2000:]}")
+    e = subprocess.run([*gradlm, "eval", str(out), "--data", str(val_txt), "--json", "--no-progress"], capture_output=True, text=True, check=True)
+    report = json.loads(e.stdout)
+    summary = json.loads((out / "summary.json").read_text())
+    config = json.loads((out / "config.json").read_text())["model"]
+    return {"wall_s": wall, "train_s": summary["time_s"], "bpc": report["clean"]["bits_per_char"], "tokens_per_s": summary["tokens_per_s"], "model": config}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nanogpt", required=True, help="git directory of a nanoGPT checkout (outside this repository)")
+    ap.add_argument("--corpus", default="", help="a UTF-8 text file (default: the shakespeare dataset)")
+    ap.add_argument("--minutes", type=float, default=0, help="also train ours for this many minutes")
+    ap.add_argument("--reference", default="", metavar="SECONDS,BPC", help="reuse a reference measured on this machine instead of running it again")
+    args = ap.parse_args()
+    text = corpus_text(args.corpus)
+    cut = int(len(text) * 0.9)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "train.txt").write_text(text[:cut], encoding="utf-8")
+        (work / "val.txt").write_text(text[cut:], encoding="utf-8")
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.processor())
+        print(f"machine: {cpu}, {os.cpu_count()} cores; corpus {len(text):,} characters (90% train / 10% held out)")
+        if args.reference:
+            T, ref_bpc = (float(v) for v in args.reference.split(","))
+        else:
+            T, ref_bpc = run_reference(Path(args.nanogpt), text, work)
+        print(f"reference (nanoGPT CPU recipe): {T:.0f} s, {ref_bpc:.3f} bits/char (its last validation loss)")
+        rows = [("nanoGPT README CPU recipe", T, ref_bpc, "4 layers x 128, char-level, 2000 iterations")]
+        for seconds in [T] + ([args.minutes * 60] if args.minutes else []):
+            o = run_ours(work / "train.txt", work / "val.txt", seconds, work / f"ours-{seconds:.0f}")
+            m = o["model"]
+            print(f"gradlm, --max-time {seconds:.0f}s: {o['bpc']:.3f} bits/char on the held-out 10% ({o['train_s']:.0f} s training, {o['wall_s']:.0f} s with data preparation)")
+            rows.append((f"gradlm train --max-time {seconds:.0f}s (no model flags)", seconds, o["bpc"], f"{m['n_layer']} layers x {m['d_model']}, vocab {m['vocab_size']}, {o['tokens_per_s']:,.0f} tok/s"))
+    print("\n| run | budget (s) | held-out bits/char | model |\n|---|---:|---:|---|")
+    for name, secs, bpc, what in rows:
+        print(f"| {name} | {secs:.0f} | {bpc:.3f} | {what} |")
+
+
+if __name__ == "__main__":
+    main()
