@@ -164,9 +164,9 @@ def _budget(cfg: TrainConfig) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The comparison as a Markdown table, best final validation loss first."""
+    """The comparison as a Markdown table, best final validation bits per byte first."""
     head = "| run | steps | tokens | time (s) | val loss | val bits/byte | restarts |\n|---|---:|---:|---:|---:|---:|---:|\n"
-    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["val_loss"])
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["val_bpb"])  # bits per byte: fair across vocabularies
     lines = [f"| {r['label']} | {r['steps']} | {r['tokens']:,} | {r['time_s']} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {r['restarts']} |" for r in ok]
     lines += [f"| {r['label']} | {r['status']} | | | | | |" for r in rows if r["status"] != "ok"]
     return head + "\n".join(lines) + "\n"
