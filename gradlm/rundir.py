@@ -293,7 +293,10 @@ class RunLock:
             self.fd = None
 
     def __del__(self) -> None:  # a Trainer dropped without close_run_dir() (Python API, tests) frees the run
-        self.release()
+        try:
+            self.release()
+        except Exception:  # at interpreter shutdown the modules it needs may be gone; the kernel frees the lock
+            pass
 
     def __enter__(self) -> RunLock:
         return self.acquire()
