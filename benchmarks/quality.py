@@ -12,7 +12,11 @@ The split is nanoGPT's: the first 90% of the characters train, the last 10% are 
 
     python benchmarks/quality.py --nanogpt /work/.mirror/karpathy+nanoGPT/repo            # ~8 minutes
     python benchmarks/quality.py --nanogpt ... --minutes 10                                   # and a 10-minute run of ours
-    python benchmarks/quality.py --nanogpt ... --corpus path/to/text.txt                      # another corpus
+    python benchmarks/quality.py --nanogpt ... --corpus python-stdlib                         # another corpus: Python sources
+    python benchmarks/quality.py --nanogpt ... --corpus path/to/text.txt                      # any UTF-8 text
+
+It also measures this machine's matrix-multiply peak in the dtype training uses (the best of a few shapes
+like the model's own), and reports the share of it that the chosen model's training reaches.
 """
 
 from __future__ import annotations
@@ -34,6 +38,15 @@ RECIPE = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=
 
 
 def corpus_text(path: str) -> str:
+    if path == "python-stdlib":  # a corpus unlike Shakespeare: the standard library's own modules, ~1.1 MB
+        import sysconfig
+
+        text, limit = "", 1_100_000
+        for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+            text += f.read_text(encoding="utf-8", errors="replace")
+            if len(text) >= limit:
+                return text[:limit]
+        return text
     if path:
         return Path(path).read_text(encoding="utf-8")
     from gradlm.datasets import resolve
@@ -68,14 +81,38 @@ def run_ours(train_txt: Path, val_txt: Path, seconds: float, out: Path) -> dict:
     e = subprocess.run([*gradlm, "eval", str(out), "--data", str(val_txt), "--json", "--no-progress"], capture_output=True, text=True, check=True)
     report = json.loads(e.stdout)
     summary = json.loads((out / "summary.json").read_text())
-    config = json.loads((out / "config.json").read_text())["model"]
-    return {"wall_s": wall, "train_s": summary["time_s"], "bpc": report["clean"]["bits_per_char"], "tokens_per_s": summary["tokens_per_s"], "model": config}
+    config = json.loads((out / "config.json").read_text())
+    from gradlm.model import ModelConfig, flops_per_token
+
+    flops = flops_per_token(ModelConfig.from_dict(config["model"]))
+    dtype = summary["dtype"]
+    return {"wall_s": wall, "train_s": summary["time_s"], "bpc": report["clean"]["bits_per_char"], "tokens_per_s": summary["tokens_per_s"],
+            "model": config["model"], "size": config.get("size", {}).get("reason", ""), "gflops": summary["tokens_per_s"] * flops / 1e9, "dtype": dtype}
+
+
+def matmul_peak(dtype_name: str) -> float:
+    """This machine's matrix-multiply rate in GFLOP/s for the dtype training uses (bf16 autocast or fp32):
+    the best over shapes like a small model's training matmuls (4096 tokens x width)."""
+    import torch
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
+    best = 0.0
+    for m, k, n in ((4096, 192, 576), (4096, 256, 768), (4096, 384, 1152), (4096, 512, 1536), (2048, 1024, 1024)):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        reps = 20
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nanogpt", required=True, help="git directory of a nanoGPT checkout (outside this repository)")
-    ap.add_argument("--corpus", default="", help="a UTF-8 text file (default: the shakespeare dataset)")
+    ap.add_argument("--corpus", default="", help="a UTF-8 text file, or python-stdlib (this Python's standard library modules, ~1.1 MB); default: the shakespeare dataset")
     ap.add_argument("--minutes", type=float, default=0, help="also train ours for this many minutes")
     ap.add_argument("--reference", default="", metavar="SECONDS,BPC", help="reuse a reference measured on this machine instead of running it again")
     args = ap.parse_args()
@@ -96,8 +133,13 @@ def main() -> None:
         for seconds in [T] + ([args.minutes * 60] if args.minutes else []):
             o = run_ours(work / "train.txt", work / "val.txt", seconds, work / f"ours-{seconds:.0f}")
             m = o["model"]
+            peak = matmul_peak(o["dtype"])
+            share = o["gflops"] / peak
             print(f"gradlm, --max-time {seconds:.0f}s: {o['bpc']:.3f} bits/char on the held-out 10% ({o['train_s']:.0f} s training, {o['wall_s']:.0f} s with data preparation)")
-            rows.append((f"gradlm train --max-time {seconds:.0f}s (no model flags)", seconds, o["bpc"], f"{m['n_layer']} layers x {m['d_model']}, vocab {m['vocab_size']}, {o['tokens_per_s']:,.0f} tok/s"))
+            print(f"  {o['size']}")
+            print(f"  training {o['gflops']:.0f} GFLOP/s = {share:.0%} of the {o['dtype']} matmul peak measured here ({peak:.0f} GFLOP/s)")
+            rows.append((f"gradlm train --max-time {seconds:.0f}s (no model flags)", seconds, o["bpc"],
+                         f"{m['n_layer']} layers x {m['d_model']}, context {m['block_size']}, vocab {m['vocab_size']}, {o['dtype']}, {o['tokens_per_s']:,.0f} tok/s = {share:.0%} of matmul peak"))
     print("\n| run | budget (s) | held-out bits/char | model |\n|---|---:|---:|---|")
     for name, secs, bpc, what in rows:
         print(f"| {name} | {secs:.0f} | {bpc:.3f} | {what} |")

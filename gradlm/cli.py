@@ -324,7 +324,7 @@ def cmd_import(args) -> None:
 VOCAB_HELP = "tokenizer size: 256 bytes + merges (256 = pure bytes); the 6 reserved special tokens come on top, so 1024 gives 1030 ids"
 LR_FIND_SKIP = (
     "out", "resume", "from_best", "pause_at", "init", "max_steps", "max_time", "max_tokens", "max_epochs", "patience", "min_delta",
-    "schedule", "warmup_steps", "min_lr_ratio", "decay_fraction", "plots", "guard_retries", "eval_every", "eval_tokens", "log_every", "lr",
+    "schedule", "warmup_steps", "min_lr_ratio", "decay_fraction", "plots", "guard_retries", "eval_every", "eval_tokens", "log_every", "lr", "size",
 )
 
 
@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedules", "--schedule", dest="schedules", default="", help="comma-separated schedules")
     t.add_argument("--vary", action="append", metavar="FIELD=V1,V2", help="any other training setting to compare, e.g. --vary weight-decay=0,0.1")
     t.add_argument("--out", dest="compare_out", required=True, help="folder for the runs, compare.png, compare.md and compare.json")
-    add_fields(t, TrainConfig, skip=("out", "optimizer", "batch", "lr", "schedule", "resume", "from_best", "pause_at"), typed_only=True)
+    add_fields(t, TrainConfig, skip=("out", "optimizer", "batch", "lr", "schedule", "resume", "from_best", "pause_at", "size"), typed_only=True)
     add_fields(t, ModelConfig, skip=("vocab_size",), typed_only=True)
     add_config_flags(t)
     t.set_defaults(func=cmd_compare)

@@ -34,6 +34,7 @@ class TrainConfig:
     micro_batch: int = field(default=0, metadata={"help": "windows per forward pass; 0 = the whole batch (or 32 with --batch full)"})
     accum: int = field(default=1, metadata={"help": "gradient accumulation: micro-batches summed into one update"})
     sampler: str = field(default="auto", metadata={"help": "random (windows at random offsets) or epoch (every window once per epoch, seeded order); auto = epoch for --batch full"})
+    size: str = field(default="auto", metadata={"help": "auto: choose depth, width, heads, context, batch, learning rate, warmup and tokenizer size from the budget, the corpus and this machine's speed (measured in a short probe), whenever no model-shape flag is given; the flags you give override their part of the choice. fixed: each flag's own default"})
     optimizer: str = field(default="adamw", metadata={"help": "sgd, momentum, nesterov, adamw or muon"})
     lr: float = field(default=0.0, metadata={"help": "peak learning rate (for muon: of its AdamW part); 0 = the optimizer's default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())})
     muon_lr: float = field(default=MUON_LR, metadata={"help": "learning rate of Muon's matrix updates"})
@@ -84,6 +85,8 @@ class TrainConfig:
             problems.append(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             problems.append(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.size not in ("auto", "fixed"):
+            problems.append(f"--size must be auto or fixed, got {self.size!r}")
         if self.sampler not in ("auto", "random", "epoch"):
             problems.append(f"--sampler must be auto, random or epoch, got {self.sampler!r}")
         if self.batch == "full" and self.sampler == "random":
@@ -129,7 +132,7 @@ FIXED_ON_RESUME = {
     "sampler": "the data order", "seed": "the data order and initialisation", "init": "the starting weights",
     "schedule": "the learning-rate schedule", "warmup_steps": "the learning-rate schedule",
     "min_lr_ratio": "the learning-rate schedule", "decay_fraction": "the learning-rate schedule",
-    "bpe_dropout": "the data augmentation", "typo_rate": "the data augmentation",
+    "size": "the model's shape", "bpe_dropout": "the data augmentation", "typo_rate": "the data augmentation",
 }
 BUDGETS = ("max_steps", "max_tokens", "max_time", "max_epochs")
 OPTIMIZER_SETTINGS = ("lr", "muon_lr", "weight_decay", "momentum", "beta1", "beta2")

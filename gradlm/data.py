@@ -393,16 +393,32 @@ class EpochSampler:
 # ---- training data: prepared once, cached --------------------------------------------------------------------------------------------
 
 
+def _source_files(sources: list[str]) -> list[Path]:
+    files = []
+    for s in sources:
+        p = locate(s)
+        files += sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+    return files
+
+
 def _source_key(sources: list[str], extra: dict) -> str:
     """Cache key of raw text: paths, sizes and modification times of every file, plus the settings."""
     h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
-    for s in sources:
-        p = locate(s)
-        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
-        for f in files:
-            st = f.stat()
-            h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    for f in _source_files(sources):
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+def source_bytes(data: str) -> int:
+    """Size on disk of the raw text a --data source names (compressed files count as stored)."""
+    return sum(f.stat().st_size for f in _source_files([data]))
+
+
+def is_prepared(data: str) -> bool:
+    """Whether --data names a `gradlm prepare` directory (tokens and tokenizer already made)."""
+    p = Path(data)
+    return p.is_dir() and (p / "meta.json").is_file()
 
 
 def resolve_data(cfg, tokenizer: Tokenizer | None = None, log=print, trained_here: bool | None = None) -> TokenData:
@@ -413,9 +429,8 @@ def resolve_data(cfg, tokenizer: Tokenizer | None = None, log=print, trained_her
     was, for a resumed run) trained from this text, else the given tokenizer's hash. So a run and its
     resume read the same cache; if the cache is gone, the resume re-tokenises with the run's tokenizer.
     """
-    p = Path(cfg.data)
-    if p.is_dir() and (p / "meta.json").is_file():
-        return TokenData(p)
+    if is_prepared(cfg.data):
+        return TokenData(Path(cfg.data))
     sources = [cfg.data]
     trained_here = tokenizer is None if trained_here is None else trained_here
     tok_key = "trained" if trained_here else tokenizer.sha256

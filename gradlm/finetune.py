@@ -153,6 +153,10 @@ class FineTuner(Trainer):
         self.train_probe = [self.train_examples[i * len(self.train_examples) // k] for i in range(k)]
         self.tok, self.model_cfg, self.block = tok, model_cfg, model_cfg.block_size
 
+    def _check_data_length(self) -> None:
+        if not self.chat:  # conversations are padded to the longest one, never cut into windows
+            super()._check_data_length()
+
     def make_sampler(self):
         if not self.chat:
             return super().make_sampler()

@@ -42,6 +42,7 @@ def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, en
         ckpt.check_output(png, "--png")  # before the sweep, not after it
     cfg = copy.deepcopy(cfg)
     cfg.lr = cfg.lr or 1.0
+    cfg.size = "fixed"  # the range test is for the model the flags describe
     with tempfile.TemporaryDirectory() as tmp:  # the trainer never writes here: no run directory is made
         cfg.out = str(Path(tmp) / "lr-find")
         t = Trainer(model_cfg, cfg, log=log)
@@ -128,7 +129,8 @@ def compare(model_cfg: ModelConfig, base: TrainConfig, grid: list[dict], out_dir
     runs = []
     for settings in grid:  # every configuration is checked before any of them trains
         label = _label(settings, grid)
-        cfg = dataclasses.replace(base, **settings, out=str(out / label.replace("=", "-").replace(",", "_")), progress=False, resume=False)
+        # One model for every configuration: the flags' shape (--size auto would size each run on its own probe)
+        cfg = dataclasses.replace(base, **settings, out=str(out / label.replace("=", "-").replace(",", "_")), progress=False, resume=False, size="fixed")
         try:
             cfg.validate()
             model_cfg.validate()
@@ -148,10 +150,10 @@ def compare(model_cfg: ModelConfig, base: TrainConfig, grid: list[dict], out_dir
             row.update(status="error", error=str(e))
             log(f"error: {label}: {e}")
         table.append(row)
-    if all(r["status"] == "error" for r in table):
-        raise ConfigError("no run could start: " + "; ".join(f"{r['label']}: {r['error']}" for r in table))
         if Path(cfg.out, "metrics.jsonl").is_file():
             curves[label] = read_metrics(cfg.out)
+    if all(r["status"] == "error" for r in table):
+        raise ConfigError("no run could start: " + "; ".join(f"{r['label']}: {r['error']}" for r in table))
     png = plots.plot_compare(curves, out / "compare.png", title=_budget(base))
     ckpt.atomic_write_json(out / "compare.json", {"budget": _budget(base), "runs": table})
     ckpt.atomic_write_text(out / "compare.md", format_table(table))

@@ -386,9 +386,16 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token (forward + backward): 6 per matmul weight, plus attention scores."""
-        T = seq_len or self.cfg.block_size
-        matmul = self.num_params(non_embedding=True) - sum(p.numel() for n, p in self.named_parameters() if p.dim() == 1)
-        if self.cfg.tie_embeddings:
-            matmul += self.embed_tokens.weight.numel()
-        return 6 * matmul + 12 * self.cfg.n_layer * self.cfg.d_model * T
+        return flops_per_token(self.cfg, seq_len)
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights used in matrix multiplications per token: every projection and the output head (the
+    input embedding is a lookup; the norms are elementwise)."""
+    d, kv = cfg.d_model, cfg.n_kv_head * cfg.head_dim
+    return cfg.n_layer * (2 * d * cfg.n_head * cfg.head_dim + 2 * d * kv + 3 * d * cfg.d_ff) + cfg.vocab_size * d
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
+    """Training FLOPs per token (forward + backward): 6 per matmul weight, plus attention scores."""
+    return 6 * matmul_params(cfg) + 12 * cfg.n_layer * cfg.d_model * (seq_len or cfg.block_size)

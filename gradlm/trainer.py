@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from gradlm.checkpoint import check_output
 from gradlm.config import BUDGETS, OPTIMIZER_SETTINGS, PER_INVOCATION, TrainConfig, given_fields, parse_duration, resume_settings
-from gradlm.data import EpochSampler, RandomSampler, resolve_data, windows
+from gradlm import autosize
+from gradlm.data import EpochSampler, RandomSampler, is_prepared, resolve_data, source_bytes, windows
 from gradlm.errors import ConfigError, Interrupted, RunDirError
 from gradlm.evaluate import byte_bits
 from gradlm.model import GPT, ModelConfig
@@ -144,7 +145,11 @@ class Trainer:
             model_cfg = self._fresh_settings(model_cfg, cfg)
         if not any(getattr(cfg, b) for b in BUDGETS):
             cfg.max_steps = 1000
-        cfg.lr = cfg.lr or DEFAULT_LR[cfg.optimizer]  # config.json records the learning rate really used
+        # --size auto: the default for a new run given no model-shape flag (or asked for with --size auto)
+        self.auto = (not cfg.resume and not cfg.init and cfg.size == "auto"
+                     and ("size" in typed or not typed_model & set(autosize.MODEL_KEYS)))
+        self.fixed = {k: getattr(model_cfg, k) for k in typed_model & set(autosize.MODEL_KEYS)}
+        self.fixed.update({k: getattr(cfg, k) for k in typed & set(autosize.TRAIN_KEYS)})
         self.cfg, self.out, self.typed = cfg, self.run.path, typed
         self.max_time_s = parse_duration(cfg.max_time)
         self.dd = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -155,7 +160,15 @@ class Trainer:
         # A resume restores a checkpoint, unless the run stopped before its first one: then it starts again
         # from its settings (and from its --init weights, if it has any).
         self.restoring = cfg.resume and (cfg.from_best or self.run.checkpoint_path().is_file())
+        self.config_extra: dict = {}  # more sections of config.json (--size auto sets "size", fine-tuning "finetune")
+        self._choose_dtype()
+        if self.auto and "vocab_size" not in typed and not is_prepared(cfg.data):
+            cfg.vocab_size = autosize.choose_vocab(source_bytes(cfg.data))
         self._load_data(model_cfg)
+        if self.auto:
+            self._auto_size()
+        cfg.lr = cfg.lr or DEFAULT_LR[cfg.optimizer]  # config.json records the learning rate really used
+        self._check_data_length()
         self._build()
         self.step, self.tokens_seen, self.elapsed, self.train_time = 0, 0, 0.0, 0.0
         self.reserve_s = 0.0  # time kept back from --max-time for the final evaluation and checkpoint
@@ -164,7 +177,6 @@ class Trainer:
         self.gap_history: list[float] = []
         self.last_factor, self.phase = 1.0, None
         self.resumed = cfg.resume
-        self.config_extra: dict = {}  # more sections of config.json (fine-tuning sets "finetune")
         self.report: dict = {}  # more fields of the summary (fine-tuning: trainable parameters, optimizer memory)
         self.command = "train"  # the gradlm command that resumes this run
         if cfg.resume and not self.restoring:
@@ -231,10 +243,42 @@ class Trainer:
             raise ConfigError(f"the tokenizer has {self.tok.vocab_size} ids but the model only {model_cfg.vocab_size}")
         self.model_cfg = model_cfg
         self.train_tokens, self.val_tokens = data.tokens("train"), data.tokens("val")
-        block = self.block = model_cfg.block_size
+
+    def _check_data_length(self) -> None:
+        block = self.block = self.model_cfg.block_size
         for name, toks, fix in (("training", self.train_tokens, "add text"), ("validation", self.val_tokens, "raise --val-fraction or add text")):
             if len(toks) < block + 1:
                 raise ConfigError(f"the {name} split has {len(toks):,} tokens, fewer than the context window + 1 ({block + 1}); lower --block-size or {fix}")
+
+    def _auto_size(self) -> None:
+        """--size auto: choose the shape, batch, learning rate and warmup for the budget, the corpus and
+        this machine's measured speed (gradlm/autosize.py); the settings the caller gave are kept."""
+        cfg, m = self.cfg, self.model_cfg
+        seconds = self.max_time_s
+        budget = autosize.Budget(
+            seconds=seconds, tokens=cfg.max_tokens or int(cfg.max_epochs * len(self.train_tokens)),
+            steps=cfg.max_steps)
+        shortest = min(len(self.train_tokens), len(self.val_tokens)) - 1
+        tokens = self.train_tokens
+
+        def sample(batch: int, block: int):
+            starts = torch.randint(0, len(tokens) - block, (batch,), generator=torch.Generator().manual_seed(0))
+            x, y = windows(tokens, starts, block)
+            return x.to(self.device), y.to(self.device)
+
+        probe = autosize.Probe(sample, self.autocast, self.device, limit_s=0.05 * seconds) if seconds else None
+        t0 = time.time()
+        choice = autosize.choose(budget, len(tokens), probe, m.vocab_size, self.fixed, max_block=max(shortest, 2))
+        probe_s = time.time() - t0
+        for k, v in choice.model.items():
+            setattr(m, k, v)
+        m.n_kv_head = choice.model["n_kv_head"]
+        for k, v in choice.train.items():
+            if k != "lr" or cfg.optimizer in ("adamw", "muon"):
+                setattr(cfg, k, v)
+        m.validate()
+        self.log(choice.reason + (f" (probe {probe_s:.1f} s, apart from the budget like data preparation)" if probe else ""))
+        self.config_extra["size"] = {"reason": choice.reason, "probe_s": round(probe_s, 2), "tokens_per_param": autosize.TOKENS_PER_PARAM}
 
     # -- model, optimizer, sampler, batch geometry
 
@@ -248,12 +292,6 @@ class Trainer:
             self.log(f"initialised from {cfg.init}")
         self.adapt_model()
         self.model.to(self.device)
-        # bf16 autocast where the hardware multiplies bf16 natively (CUDA; CPUs with AMX or AVX512-BF16), decided
-        # from the device's features so every resume and every rank agrees; weights and optimizer state stay fp32.
-        device_type = self.device.split(":")[0]
-        use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and fast_matmul_dtype(device_type) == torch.bfloat16)
-        self.compute_dtype = "bfloat16" if use_bf16 else "float32"
-        self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
         self.opt = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, (cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr)
         self.full_batch = cfg.batch == "full"
         self.sampler_kind = "epoch" if self.full_batch or cfg.sampler == "epoch" else "random"
@@ -273,6 +311,14 @@ class Trainer:
         if dd.world > 1:
             self.run_model = torch.nn.parallel.DistributedDataParallel(self.run_model, device_ids=[dd.local_rank] if self.device.startswith("cuda") else None)
         self.byte_lengths = torch.tensor(self.tok.token_byte_lengths(), dtype=torch.long, device=self.device)
+
+    def _choose_dtype(self) -> None:
+        """bf16 autocast where the hardware multiplies bf16 natively (CUDA; CPUs with AMX or AVX512-BF16), decided
+        from the device's features so every resume and every rank agrees; weights and optimizer state stay fp32."""
+        cfg, device_type = self.cfg, self.device.split(":")[0]
+        use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and fast_matmul_dtype(device_type) == torch.bfloat16)
+        self.compute_dtype = "bfloat16" if use_bf16 else "float32"
+        self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
     # Hooks that fine-tuning (gradlm/finetune.py) overrides; pretraining uses them as they are.
 
@@ -588,7 +634,7 @@ def _loop(t: Trainer, on_step) -> dict:
     tick()
     summary = {
         "run": str(out), "steps": t.step, "tokens": t.tokens_seen, "epochs": t.epochs_done(), "time_s": t.elapsed,
-        "train_time_s": t.train_time, "tokens_per_s": t.tokens_seen / t.train_time if t.train_time else 0.0, "stop": stop_reason, "best_val_loss": t.best_val,
+        "train_time_s": t.train_time, "tokens_per_s": t.tokens_seen / t.train_time if t.train_time else 0.0, "dtype": t.compute_dtype, "stop": stop_reason, "best_val_loss": t.best_val,
         "divergence_restarts": t.guard_used, **show.last_eval, **t.report,
     }
     if t.dd.main:

@@ -26,7 +26,12 @@ def test_parse_grid_is_a_typed_product():
     assert len(grid) == 8 and grid[0] == {"optimizer": "sgd", "lr": 0.1, "batch": "full"}
 
 
-def test_compare_runs_every_configuration_from_the_same_start(prepared, tmp_path, tok):
+def test_compare_runs_every_configuration_from_the_same_start(prepared, tmp_path, tok, monkeypatch):
+    from gradlm import plots
+
+    drawn = {}
+    draw = plots.plot_compare
+    monkeypatch.setattr(plots, "plot_compare", lambda curves, png, title="": drawn.update(curves) or draw(curves, png, title))
     grid = parse_grid({"optimizer": "sgd,adamw"})
     r = compare(tiny_config(tok.vocab_size), base(prepared, tmp_path, max_steps=6, eval_every=3), grid, tmp_path / "cmp", log=lambda m: None)
     assert [row["label"] for row in r["runs"]] == ["optimizer=sgd", "optimizer=adamw"]
@@ -37,6 +42,7 @@ def test_compare_runs_every_configuration_from_the_same_start(prepared, tmp_path
     # Same seed, same initial weights: both runs start from the same loss.
     firsts = [json.loads((tmp_path / "cmp" / d / "metrics.jsonl").read_text().splitlines()[0])["loss"] for d in ("optimizer-sgd", "optimizer-adamw")]
     assert abs(firsts[0] - firsts[1]) < 1e-6
+    assert sorted(drawn) == ["optimizer=adamw", "optimizer=sgd"] and all(len(c) for c in drawn.values())  # every run's curve is drawn
 
 
 def test_compare_reports_a_bad_setting_as_an_error_before_any_run(prepared, tmp_path, tok):

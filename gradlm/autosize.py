@@ -1,0 +1,204 @@
+"""--size auto: the model a budget buys on this machine.
+
+From the budget (seconds, tokens or steps), the corpus (unique training tokens) and the training speed
+measured on this machine, choose the tokenizer size, depth, width, heads, context, batch, learning rate
+and warmup. The rule is compute-optimal in the Chinchilla sense, tokens = TOKENS_PER_PARAM x parameters,
+with the ratio fitted by experiment for models this small (docs/benchmarks.md, "Choosing the model"),
+and repeated data counted only up to MAX_EPOCHS passes.
+
+`choose()` is a pure function of those inputs, so it is tested without a machine: the throughput is a
+callable from a candidate configuration to training tokens per second, which the trainer backs with a
+short probe (`Probe`) and a test with a formula. Explicit settings (`fixed`) always win.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from gradlm.model import GPT, ModelConfig, flops_per_token, matmul_params
+
+# The depth/width ladder the chooser walks: (layers, width). Heads are 32 wide up to 256, then 64.
+LADDER = ((2, 64), (3, 96), (4, 128), (4, 160), (4, 192), (5, 224), (6, 256), (6, 320), (8, 384),
+          (8, 448), (10, 512), (12, 640), (12, 768), (16, 1024))
+TOKENS_PER_PARAM = 1.0  # fitted: see docs/benchmarks.md
+MAX_EPOCHS = 8  # passes over the unique training tokens that still count as data
+BLOCK = 128  # context window (tokens) of the small rungs; wider models get 256
+MODEL_KEYS = ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "block_size")  # the model-shape settings
+TRAIN_KEYS = ("batch", "lr", "warmup_steps", "min_lr_ratio", "eval_every", "eval_tokens")
+EVALS = 8  # evaluations (and checkpoints) per run
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the run may spend: seconds of training, tokens, or optimizer steps (the first one set)."""
+
+    seconds: float = 0.0
+    tokens: int = 0
+    steps: int = 0
+
+
+@dataclass
+class Choice:
+    model: dict  # ModelConfig fields
+    train: dict  # TrainConfig fields: batch, lr, warmup_steps
+    params: int  # parameters in matrix multiplications (all but the embedding and the norms)
+    tokens: float  # training tokens the budget buys (before the epoch cap)
+    tokens_per_s: float  # measured (or modelled) training throughput of the chosen model
+    capped: bool  # the corpus, not the budget, limited the model
+    reason: str  # one line: what was chosen and why
+
+
+def choose_vocab(corpus_bytes: int) -> int:
+    """Tokenizer size (256 bytes + merges) for a corpus: 1024 for ~1 MB of text, doubling per 8x more
+    text, between 512 and 8192 (measured: 1024 beat 512 and 2048 on 1 MB of Shakespeare)."""
+    steps = math.log(max(corpus_bytes, 1) / 1e6, 8)
+    return int(min(8192, max(512, 1024 * 2 ** round(steps))))
+
+
+def rung(i: int, vocab_size: int, fixed: dict | None = None, max_block: int = 1 << 30) -> ModelConfig | None:
+    """The i-th ladder model, with the fixed model settings applied; None if they do not fit it.
+    max_block: the longest context the data allows (a window needs block + 1 tokens of each split)."""
+    layers, width = LADDER[i]
+    head = 32 if width <= 256 else 64
+    block = min(BLOCK if width <= 256 else 2 * BLOCK, max_block)
+    shape = {"n_layer": layers, "d_model": width, "n_head": width // head, "block_size": block}
+    shape.update(fixed or {})
+    cfg = ModelConfig(vocab_size=vocab_size, **shape)
+    try:
+        cfg.validate()
+    except Exception:
+        return None
+    return cfg
+
+
+def batch_for(tokens: float, block: int) -> int:
+    """Windows per step: 8 for a budget of about a million tokens, growing with the square root of the
+    tokens, so that short runs take many small steps and long runs larger ones (measured at 90 s of
+    Shakespeare: batch 8 beat 16 and 32)."""
+    windows = 8 * math.sqrt(max(tokens, 1) / 1e6) * (BLOCK / block)
+    return int(min(256, max(4, 2 ** round(math.log2(max(windows, 1))))))
+
+
+def lr_for(cfg: ModelConfig, batch: int) -> float:
+    """AdamW peak learning rate: 3e-3 at width 192 and batch 8 (measured), scaled as sqrt(batch / width)
+    (the square-root rule for Adam's batch size, 1/sqrt for width), at most 8e-3."""
+    return round(min(8e-3, 3e-3 * math.sqrt(batch / 8 * 192 / cfg.d_model)), 5)
+
+
+def choose(
+    budget: Budget,
+    corpus_tokens: int,
+    tokens_per_s: Callable[[ModelConfig, int], float],
+    vocab_size: int,
+    fixed: dict | None = None,
+    tokens_per_param: float = TOKENS_PER_PARAM,
+    max_epochs: float = MAX_EPOCHS,
+    max_block: int = 1 << 30,
+) -> Choice:
+    """The largest ladder model whose budget buys at least tokens_per_param tokens per parameter, counting
+    at most max_epochs passes over the corpus; then its batch, learning rate and warmup.
+
+    tokens_per_s(cfg, batch) is the training throughput of a candidate (only asked for time budgets).
+    fixed: settings the user gave (model fields and batch / lr / warmup_steps); they are kept as given."""
+    fixed = dict(fixed or {})
+    fixed_model = {k: v for k, v in fixed.items() if k in MODEL_KEYS}
+    data_tokens = max_epochs * corpus_tokens
+
+    def candidate(i: int):
+        cfg = rung(i, vocab_size, fixed_model, max_block)
+        if cfg is None:
+            return None
+        batch = int(fixed["batch"]) if "batch" in fixed else None
+        if budget.seconds:
+            b = batch or 16
+            tps = tokens_per_s(cfg, b)
+            tokens = tps * budget.seconds
+        elif budget.tokens:
+            tps, tokens = 0.0, float(budget.tokens)
+        else:
+            b = batch or batch_for(budget.steps * 16 * cfg.block_size, cfg.block_size)
+            tps, tokens = 0.0, float(budget.steps * b * cfg.block_size)
+        return cfg, tps, tokens
+
+    chosen = None
+    for i in range(len(LADDER)):
+        c = candidate(i)
+        if c is None:
+            continue
+        cfg, tps, tokens = c
+        fits = min(tokens, data_tokens) >= tokens_per_param * matmul_params(cfg)
+        if chosen is None or fits:
+            chosen = (cfg, tps, tokens, fits)
+        if not fits:
+            break
+    if chosen is None:
+        raise ValueError("no ladder model fits the fixed model settings")
+    cfg, tps, tokens, _ = chosen
+    params = matmul_params(cfg)
+    capped = tokens > data_tokens  # the budget buys more tokens than the corpus is worth: the data set the size
+    batch = int(fixed["batch"]) if "batch" in fixed else batch_for(min(tokens, data_tokens), cfg.block_size)
+    steps = max(1.0, tokens / (batch * cfg.block_size))
+    train = {
+        "batch": str(batch),
+        "lr": fixed.get("lr") or lr_for(cfg, batch),
+        "warmup_steps": fixed["warmup_steps"] if "warmup_steps" in fixed else int(min(200, max(10, 0.05 * steps))),
+        "min_lr_ratio": fixed.get("min_lr_ratio", 0.0),  # a fixed budget decays to zero (measured: better than 0.1)
+        # about EVALS evaluations, each over ~1% of the run's tokens (two passes, train and validation,
+        # at a third of a training step's cost each: ~5% of the budget in all)
+        "eval_every": fixed.get("eval_every") or max(10, int(steps / EVALS)),
+        "eval_tokens": fixed.get("eval_tokens") or int(min(32768, max(4096, tokens / 100))),
+    }
+    model = {k: getattr(cfg, k) for k in MODEL_KEYS}
+    spend = f"{budget.seconds:g} s at {tps:,.0f} tok/s measured" if budget.seconds else (f"a budget of {budget.tokens:,} tokens" if budget.tokens else f"{budget.steps:,} steps")
+    why = f"the corpus ({corpus_tokens:,} tokens x {max_epochs:g} epochs) caps it" if capped else f"≈ {tokens / max(params, 1):.1f} tokens/param"
+    reason = (
+        f"size auto: {cfg.n_layer} layers x {cfg.d_model} ({cfg.n_head} heads, context {cfg.block_size}), ~{params / 1e6:.2f}M params, "
+        f"batch {batch}, lr {train['lr']:g}; ~{tokens / 1e6:.1f}M tokens ({tokens / max(corpus_tokens, 1):.1f} epochs) in {spend}, {why}"
+    )
+    return Choice(model=model, train=train, params=params, tokens=tokens, tokens_per_s=tps, capped=capped, reason=reason)
+
+
+class Probe:
+    """Training throughput of candidate models on this machine, measured by timing a few real steps
+    (forward, backward, AdamW update, in the run's dtype) on batches of the run's data. Results are
+    memoised; the probe stops measuring new shapes once it has spent `limit_s` seconds and then
+    extrapolates from the FLOP rate of the largest shape it did measure."""
+
+    def __init__(self, sample: Callable[[int, int], tuple], autocast, device: str, limit_s: float):
+        self.sample, self.autocast, self.device, self.limit_s = sample, autocast, device, limit_s
+        self.spent, self.results = 0.0, {}
+        self.flops_rate = 0.0
+
+    def __call__(self, cfg: ModelConfig, batch: int) -> float:
+        import torch
+
+        key = (cfg.n_layer, cfg.d_model, cfg.n_head, cfg.block_size, batch)
+        if key in self.results:
+            return self.results[key]
+        flops = flops_per_token(cfg)
+        if self.spent >= self.limit_s and self.flops_rate:
+            return self.flops_rate / flops
+        t_start = time.perf_counter()
+        model = GPT(replace(cfg, dropout=0.0)).to(self.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x, y = self.sample(batch, cfg.block_size)
+        times = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            with self.autocast():
+                loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+            if time.perf_counter() - t_start > self.limit_s / 3:
+                break
+        self.spent += time.perf_counter() - t_start
+        step = min(times[1:]) if len(times) > 1 else times[0]  # the first step pays one-off costs
+        tps = batch * cfg.block_size / step
+        self.results[key] = tps
+        self.flops_rate = max(self.flops_rate, tps * flops)
+        return tps

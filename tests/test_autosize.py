@@ -1,0 +1,151 @@
+"""--size auto: the chooser is a pure function of (budget, corpus tokens, throughput); the trainer applies it."""
+
+import json
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from gradlm import autosize
+from gradlm.autosize import Budget, Probe, choose, choose_vocab
+from gradlm.model import ModelConfig, flops_per_token, matmul_params
+
+
+def flat_machine(flops_per_s: float = 1e11):
+    """A machine that runs every model at the same FLOP rate."""
+    return lambda cfg, batch: flops_per_s / flops_per_token(cfg)
+
+
+def test_more_time_never_gives_a_smaller_model():
+    last = 0
+    sizes = []
+    for seconds in (5, 10, 30, 60, 90, 180, 300, 600, 1800, 3600, 4 * 3600):
+        c = choose(Budget(seconds=seconds), corpus_tokens=10**9, tokens_per_s=flat_machine(), vocab_size=1030)
+        assert c.params >= last, (seconds, c.reason)
+        last = c.params
+        sizes.append(c.params)
+        assert not c.capped
+    assert sizes[-1] > 20 * sizes[0]  # the dial really moves
+
+
+def test_bigger_budgets_of_tokens_and_steps_grow_the_model_too():
+    by_tokens = [choose(Budget(tokens=n), 10**9, flat_machine(), 1030).params for n in (10**5, 10**6, 10**7, 10**8)]
+    by_steps = [choose(Budget(steps=n), 10**9, flat_machine(), 1030).params for n in (10, 100, 1000, 10000)]
+    assert by_tokens == sorted(by_tokens) and by_tokens[-1] > by_tokens[0]
+    assert by_steps == sorted(by_steps) and by_steps[-1] > by_steps[0]
+
+
+def test_the_chosen_model_fits_its_budget_and_the_next_one_would_not():
+    c = choose(Budget(seconds=600), 10**9, flat_machine(), 1030, tokens_per_param=2.0)
+    assert c.tokens >= 2.0 * c.params
+    i = next(i for i, (n, d) in enumerate(autosize.LADDER) if (n, d) == (c.model["n_layer"], c.model["d_model"]))
+    bigger = autosize.rung(i + 1, 1030)
+    assert flat_machine()(bigger, 16) * 600 < 2.0 * matmul_params(bigger)
+
+
+def test_a_small_corpus_caps_the_model_however_long_the_budget():
+    corpus = 50_000
+    sizes = [choose(Budget(seconds=s), corpus, flat_machine(), 1030) for s in (60, 600, 6000, 60000)]
+    assert sizes[-1].capped
+    assert sizes[-1].params == sizes[-2].params  # capped: more time no longer grows it
+    assert sizes[-1].params <= autosize.MAX_EPOCHS * corpus / autosize.TOKENS_PER_PARAM or sizes[-1].params == sizes[0].params
+    big = choose(Budget(seconds=60000), 10**9, flat_machine(), 1030)
+    assert big.params > sizes[-1].params and not big.capped
+    assert "caps it" in sizes[-1].reason
+
+
+def test_a_faster_machine_buys_a_model_at_least_as_large():
+    slow = choose(Budget(seconds=300), 10**9, flat_machine(3e10), 1030)
+    fast = choose(Budget(seconds=300), 10**9, flat_machine(3e11), 1030)
+    assert fast.params > slow.params
+
+
+def test_explicit_settings_always_win():
+    fixed = {"n_layer": 3, "block_size": 64, "batch": "24", "lr": 1e-3, "warmup_steps": 7, "min_lr_ratio": 0.2, "eval_every": 5, "eval_tokens": 999}
+    for seconds in (10, 600, 6000):
+        c = choose(Budget(seconds=seconds), 10**9, flat_machine(), 1030, fixed=fixed)
+        assert c.model["n_layer"] == 3 and c.model["block_size"] == 64
+        assert c.train == {k: v for k, v in fixed.items() if k in autosize.TRAIN_KEYS}
+    wide = choose(Budget(seconds=6000), 10**9, flat_machine(), 1030, fixed={"d_model": 96, "n_head": 3})
+    assert wide.model["d_model"] == 96 and wide.model["n_head"] == 3
+
+
+def test_the_context_fits_the_data():
+    c = choose(Budget(seconds=60), 200, flat_machine(), 1030, max_block=50)
+    assert c.model["block_size"] <= 50
+
+
+def test_the_reason_names_the_choice_and_the_measurement():
+    c = choose(Budget(seconds=600), 10**7, flat_machine(), 1030)
+    for part in (f"{c.model['n_layer']} layers x {c.model['d_model']}", "tok/s measured", "tokens/param", "epochs", "600 s"):
+        assert part in c.reason, c.reason
+
+
+def test_vocabulary_grows_with_the_corpus_within_bounds():
+    sizes = [choose_vocab(n) for n in (10_000, 10**6, 8 * 10**6, 64 * 10**6, 10**10)]
+    assert sizes == sorted(sizes)
+    assert sizes[0] == 512 and sizes[1] == 1024 and sizes[-1] == 8192
+
+
+def test_probe_measures_real_steps_and_extrapolates_once_spent():
+    torch.manual_seed(0)
+
+    def sample(batch, block):
+        x = torch.randint(0, 300, (batch, block))
+        return x, x
+
+    probe = Probe(sample, nullcontext, "cpu", limit_s=0.0)
+    small = ModelConfig(vocab_size=300, n_layer=1, d_model=32, n_head=2, block_size=16)
+    tps = probe(small, 4)
+    assert tps > 0 and probe.flops_rate == pytest.approx(tps * flops_per_token(small))
+    big = ModelConfig(vocab_size=300, n_layer=2, d_model=64, n_head=2, block_size=16)
+    assert probe(big, 4) == pytest.approx(probe.flops_rate / flops_per_token(big))  # limit spent: no new measurement
+    assert probe(small, 4) == tps  # memoised
+
+
+# ---- the trainer applies the choice ------------------------------------------------------------------
+
+
+def _run(args):
+    from gradlm.cli import main
+
+    try:
+        main(args)
+    except SystemExit as e:
+        assert not e.code, e.code
+
+
+def test_train_without_model_flags_sizes_itself_and_records_why(text_file, tmp_path, capsys):
+    out = tmp_path / "auto"
+    _run(["train", "--data", str(text_file), "--out", str(out), "--max-time", "4s", "--no-progress", "--no-plots"])
+    log = capsys.readouterr()
+    said = [ln for ln in (log.out + log.err).splitlines() if ln.startswith("size auto:")]
+    assert len(said) == 1 and "tok/s measured" in said[0] and "probe" in said[0]
+    config = json.loads((out / "config.json").read_text())
+    assert config["size"]["reason"] in said[0]
+    m, t = config["model"], config["train"]
+    i = [tuple(r) for r in autosize.LADDER].index((m["n_layer"], m["d_model"]))
+    assert f"{m['n_layer']} layers x {m['d_model']}" in said[0] and i >= 0
+    assert t["min_lr_ratio"] == 0.0 and t["size"] == "auto"
+    assert config["size"]["probe_s"] <= 0.05 * 4 + 1.0  # the probe's limit (plus one step it cannot cut short)
+    # The run resumes with its recorded shape and settings; no new choice is made.
+    _run(["train", "--out", str(out), "--resume", "--max-time", "6s", "--no-progress", "--no-plots"])
+    log = capsys.readouterr()
+    assert "size auto:" not in log.out + log.err
+    assert json.loads((out / "config.json").read_text())["model"] == m
+
+
+def test_typed_flags_win_and_a_model_flag_turns_auto_sizing_off(text_file, tmp_path, capsys):
+    out = tmp_path / "flags"
+    _run(["train", "--data", str(text_file), "--out", str(out), "--max-steps", "2", "--batch", "3", "--lr", "0.002", "--vocab-size", "300", "--no-progress", "--no-plots"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["batch"] == "3" and config["train"]["lr"] == 0.002 and config["model"]["vocab_size"] == 306
+    assert "size" in config  # sized, with those three kept
+    fixed = tmp_path / "fixed"
+    _run(["train", "--data", str(text_file), "--out", str(fixed), "--max-steps", "2", "--n-layer", "1", "--no-progress", "--no-plots"])
+    config = json.loads((fixed / "config.json").read_text())
+    assert "size" not in config and config["model"]["n_layer"] == 1 and config["model"]["d_model"] == ModelConfig().d_model
+    partial = tmp_path / "partial"
+    _run(["train", "--data", str(text_file), "--out", str(partial), "--max-steps", "2", "--n-layer", "1", "--size", "auto", "--no-progress", "--no-plots"])
+    config = json.loads((partial / "config.json").read_text())
+    assert "size" in config and config["model"]["n_layer"] == 1
