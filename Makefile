@@ -12,8 +12,7 @@ endif
 
 DEMO_RUN   ?= runs/demo
 DEMO_TIME  ?= 2m
-DEMO_FLAGS ?= --n-layer 4 --d-model 192 --n-head 6 --block-size 128 --batch 32 --vocab-size 1024 \
-              --lr 4e-3 --warmup-steps 30 --eval-every 100 --eval-tokens 16384
+DEMO_FLAGS ?=   # none: --size auto chooses the model, batch and learning rate for the 2 minutes on this machine
 
 .PHONY: demo test venv clean
 

@@ -88,6 +88,31 @@ def theirs(hf, prompts: list[list[int]], n: int) -> list[list[int]]:
     return out[:, P:].tolist()
 
 
+def matmul_floor(model: GPT, B: int, n: int, repeats: int) -> float:
+    """Seconds that n decoding steps at batch B spend in their weight matrix products alone (the fused
+    path's own matrices and shapes: [q;k;v], o, [gate;up], down per layer, then the head), with nothing
+    else: no attention, norms, rotary, sampling or Python loop. No implementation that multiplies by
+    these fp32 weights with this BLAS can decode faster."""
+    from gradlm.infer import inference_weights
+
+    layers, head_t = inference_weights(model)[:2]
+    x = torch.randn(B, model.cfg.d_model)
+    y = {w.shape[0]: torch.randn(B, w.shape[0]) for layer in layers for w in layer[:4]}
+
+    def steps():
+        for _ in range(n):
+            for w_qkv, w_o, w_gu, w_down, *_ in layers:
+                torch.mm(x, w_qkv)
+                torch.addmm(x, y[w_o.shape[0]], w_o)
+                torch.mm(x, w_gu)
+                torch.addmm(x, y[w_down.shape[0]], w_down)
+            torch.mm(x, head_t)
+
+    with torch.inference_mode():
+        steps()
+        return statistics.median(timed(steps)[0] for _ in range(repeats))
+
+
 def timed(fn) -> tuple[float, list[list[int]]]:
     t0 = time.perf_counter()
     out = fn()
@@ -120,7 +145,7 @@ def main() -> None:
     print(f"model: {model.num_params() / 1e6:.1f}M parameters ({cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, vocab {cfg.vocab_size}), fp32")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, Python {platform.python_version()}")
     print(f"greedy, {n} new tokens per prompt, median of {args.repeats} runs\n")
-    rows = []
+    rows, floors = [], []
     for B in [int(b) for b in args.batches.split(",")]:
         lengths = [32] if B == 1 else [16 + (48 * b) // max(B - 1, 1) for b in range(B)]  # 16 .. 64 tokens
         prompts = [torch.randint(0, cfg.vocab_size, (L,), generator=gen).tolist() for L in lengths]
@@ -136,12 +161,18 @@ def main() -> None:
         same = sum(a == b == m for a, b, m in zip(a_out, b_out, m_out))
         first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(a_out, b_out)]
         ours_tps, hf_tps, mod_tps = (B * n / statistics.median(ts) for ts in (t_ours, t_hf, t_mod))
+        floor_tps = B * n / matmul_floor(model, B, n, args.repeats)
         rows.append((B, ours_tps, hf_tps, mod_tps, same, first_diff))
+        floors.append((B, floor_tps, hf_tps, ours_tps))
     print("| batch | gradlm tokens/s | transformers tokens/s | gradlm / transformers | gradlm module path tokens/s | fused / module path | same tokens |")
     print("|------:|----------------:|----------------------:|---------------------:|---------------------------:|-------------------:|:------------|")
     for B, a, b, m, same, diffs in rows:
         note = f"{same}/{B} rows identical in all three" + ("" if same == B else f" (first differences at {[d for d in diffs if d is not None]})")
         print(f"| {B} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x | {m:,.0f} | {a / m:.2f}x | {note} |")
+    print("\nThe weight matrix products alone (no attention, norms, sampling or loop): the fastest any fp32 decoder on this BLAS can go")
+    print("| batch | matmuls-only tokens/s | / transformers | gradlm's share of it |\n|------:|------:|------:|------:|")
+    for B, f, h, a in floors:
+        print(f"| {B} | {f:,.0f} | {f / h:.2f}x | {a / f:.0%} |")
     if any(same != B for B, *_, same, _ in rows):
         sys.exit(1)
 

@@ -4,7 +4,8 @@ From the budget (seconds, tokens or steps), the corpus (unique training tokens) 
 measured on this machine, choose the tokenizer size, depth, width, heads, context, batch, learning rate
 and warmup. The rule is compute-optimal in the Chinchilla sense, tokens = TOKENS_PER_PARAM x parameters,
 with the ratio fitted by experiment for models this small (docs/benchmarks.md, "Choosing the model"),
-and repeated data counted only up to MAX_EPOCHS passes.
+and repeated passes over the corpus counted at a value that decays (`useful_tokens`), so a small corpus
+bounds the model however long the budget.
 
 `choose()` is a pure function of those inputs, so it is tested without a machine: the throughput is a
 callable from a candidate configuration to training tokens per second, which the trainer backs with a
@@ -23,8 +24,8 @@ from gradlm.model import GPT, ModelConfig, flops_per_token, matmul_params
 # The depth/width ladder the chooser walks: (layers, width). Heads are 32 wide up to 256, then 64.
 LADDER = ((2, 64), (3, 96), (4, 128), (4, 160), (4, 192), (5, 224), (6, 256), (6, 320), (8, 384),
           (8, 448), (10, 512), (12, 640), (12, 768), (16, 1024))
-TOKENS_PER_PARAM = 1.0  # fitted: see docs/benchmarks.md
-MAX_EPOCHS = 8  # passes over the unique training tokens that still count as data
+TOKENS_PER_PARAM = 0.3  # fitted at 90 s of Shakespeare on 2 cores (docs/benchmarks.md, "Choosing the model")
+REPEATS = 4.0  # repeated data: the k-th pass over the corpus is worth exp(-(k-1)/REPEATS) of the first (fitted)
 BLOCK = 128  # context window (tokens) of the small rungs; wider models get 256
 MODEL_KEYS = ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "block_size")  # the model-shape settings
 TRAIN_KEYS = ("batch", "lr", "warmup_steps", "min_lr_ratio", "eval_every", "eval_tokens")
@@ -82,6 +83,22 @@ def batch_for(tokens: float, block: int) -> int:
     return int(min(256, max(4, 2 ** round(math.log2(max(windows, 1))))))
 
 
+def useful_tokens(tokens: float, corpus_tokens: int, repeats: float = REPEATS) -> float:
+    """What `tokens` of training are worth as data when the corpus holds corpus_tokens: the first pass
+    counts in full, later passes less and less (Muennighoff et al., 2023, "Scaling Data-Constrained
+    Language Models"): corpus * R (1 - exp(-epochs / R)), never more than corpus * R."""
+    if corpus_tokens <= 0:
+        return 0.0
+    return corpus_tokens * repeats * (1 - math.exp(-tokens / corpus_tokens / repeats))
+
+
+def dropout_for(epochs: float) -> float:
+    """Dropout for a run of this many passes over its corpus: none while the data is mostly fresh, more
+    as it repeats (measured on Shakespeare: 6 x 256 over 7-10 passes did better with 0.2 than without; 4 x 192
+    over 3 passes did worse with 0.1: 2.545 against 2.480 bits/char)."""
+    return 0.0 if epochs <= 4 else (0.1 if epochs <= 8 else 0.2)
+
+
 def lr_for(cfg: ModelConfig, batch: int) -> float:
     """AdamW peak learning rate: 3e-3 at width 192 and batch 8 (measured), scaled as sqrt(batch / width)
     (the square-root rule for Adam's batch size, 1/sqrt for width), at most 8e-3."""
@@ -95,17 +112,17 @@ def choose(
     vocab_size: int,
     fixed: dict | None = None,
     tokens_per_param: float = TOKENS_PER_PARAM,
-    max_epochs: float = MAX_EPOCHS,
+    repeats: float = REPEATS,
     max_block: int = 1 << 30,
 ) -> Choice:
-    """The largest ladder model whose budget buys at least tokens_per_param tokens per parameter, counting
-    at most max_epochs passes over the corpus; then its batch, learning rate and warmup.
+    """The largest ladder model whose budget buys at least tokens_per_param useful tokens per parameter
+    (repeated passes over the corpus worth less and less: `useful_tokens`); then its batch, learning rate,
+    warmup, dropout and evaluation cadence.
 
     tokens_per_s(cfg, batch) is the training throughput of a candidate (only asked for time budgets).
     fixed: settings the user gave (model fields and batch / lr / warmup_steps); they are kept as given."""
     fixed = dict(fixed or {})
     fixed_model = {k: v for k, v in fixed.items() if k in MODEL_KEYS}
-    data_tokens = max_epochs * corpus_tokens
 
     def candidate(i: int):
         cfg = rung(i, vocab_size, fixed_model, max_block)
@@ -129,7 +146,7 @@ def choose(
         if c is None:
             continue
         cfg, tps, tokens = c
-        fits = min(tokens, data_tokens) >= tokens_per_param * matmul_params(cfg)
+        fits = useful_tokens(tokens, corpus_tokens, repeats) >= tokens_per_param * matmul_params(cfg)
         if chosen is None or fits:
             chosen = (cfg, tps, tokens, fits)
         if not fits:
@@ -138,13 +155,15 @@ def choose(
         raise ValueError("no ladder model fits the fixed model settings")
     cfg, tps, tokens, _ = chosen
     params = matmul_params(cfg)
-    capped = tokens > data_tokens  # the budget buys more tokens than the corpus is worth: the data set the size
-    batch = int(fixed["batch"]) if "batch" in fixed else batch_for(min(tokens, data_tokens), cfg.block_size)
+    epochs = tokens / max(corpus_tokens, 1)
+    capped = epochs > repeats  # past R passes the corpus, not the budget, bounds the model
+    batch = int(fixed["batch"]) if "batch" in fixed else batch_for(tokens, cfg.block_size)
     steps = max(1.0, tokens / (batch * cfg.block_size))
     train = {
         "batch": str(batch),
         "lr": fixed.get("lr") or lr_for(cfg, batch),
-        "warmup_steps": fixed["warmup_steps"] if "warmup_steps" in fixed else int(min(200, max(10, 0.05 * steps))),
+        # AdamW needs ~50 steps before its full learning rate (measured: 20 was far worse, 50 to 200 equal)
+        "warmup_steps": fixed["warmup_steps"] if "warmup_steps" in fixed else int(min(max(50, 0.05 * steps), steps / 4)),
         "min_lr_ratio": fixed.get("min_lr_ratio", 0.0),  # a fixed budget decays to zero (measured: better than 0.1)
         # about EVALS evaluations, each over ~1% of the run's tokens (two passes, train and validation,
         # at a third of a training step's cost each: ~5% of the budget in all)
@@ -152,13 +171,19 @@ def choose(
         "eval_tokens": fixed.get("eval_tokens") or int(min(32768, max(4096, tokens / 100))),
     }
     model = {k: getattr(cfg, k) for k in MODEL_KEYS}
+    model["dropout"] = fixed["dropout"] if "dropout" in fixed else dropout_for(epochs)
     spend = f"{budget.seconds:g} s at {tps:,.0f} tok/s measured" if budget.seconds else (f"a budget of {budget.tokens:,} tokens" if budget.tokens else f"{budget.steps:,} steps")
-    why = f"the corpus ({corpus_tokens:,} tokens x {max_epochs:g} epochs) caps it" if capped else f"≈ {tokens / max(params, 1):.1f} tokens/param"
+    useful = useful_tokens(tokens, corpus_tokens, repeats)
+    why = (f"the corpus ({corpus_tokens:,} tokens, worth at most {repeats:g} passes) caps it" if capped else "") or f"≈ {useful / max(params, 1):.1f} useful tokens/param"
     reason = (
         f"size auto: {cfg.n_layer} layers x {cfg.d_model} ({cfg.n_head} heads, context {cfg.block_size}), ~{params / 1e6:.2f}M params, "
-        f"batch {batch}, lr {train['lr']:g}; ~{tokens / 1e6:.1f}M tokens ({tokens / max(corpus_tokens, 1):.1f} epochs) in {spend}, {why}"
+        f"batch {batch}, lr {train['lr']:g}, dropout {model['dropout']:g}; ~{_count(tokens)} tokens ({epochs:.1f} epochs) in {spend}, {why}"
     )
     return Choice(model=model, train=train, params=params, tokens=tokens, tokens_per_s=tps, capped=capped, reason=reason)
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.0f}k" if n >= 1e3 else f"{n:.0f}"
 
 
 class Probe:

@@ -148,7 +148,7 @@ class Trainer:
         # --size auto: the default for a new run given no model-shape flag (or asked for with --size auto)
         self.auto = (not cfg.resume and not cfg.init and cfg.size == "auto"
                      and ("size" in typed or not typed_model & set(autosize.MODEL_KEYS)))
-        self.fixed = {k: getattr(model_cfg, k) for k in typed_model & set(autosize.MODEL_KEYS)}
+        self.fixed = {k: getattr(model_cfg, k) for k in typed_model & {*autosize.MODEL_KEYS, "dropout"}}
         self.fixed.update({k: getattr(cfg, k) for k in typed & set(autosize.TRAIN_KEYS)})
         self.cfg, self.out, self.typed = cfg, self.run.path, typed
         self.max_time_s = parse_duration(cfg.max_time)
@@ -272,7 +272,6 @@ class Trainer:
         probe_s = time.time() - t0
         for k, v in choice.model.items():
             setattr(m, k, v)
-        m.n_kv_head = choice.model["n_kv_head"]
         for k, v in choice.train.items():
             if k != "lr" or cfg.optimizer in ("adamw", "muon"):
                 setattr(cfg, k, v)

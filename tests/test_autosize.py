@@ -48,10 +48,22 @@ def test_a_small_corpus_caps_the_model_however_long_the_budget():
     sizes = [choose(Budget(seconds=s), corpus, flat_machine(), 1030) for s in (60, 600, 6000, 60000)]
     assert sizes[-1].capped
     assert sizes[-1].params == sizes[-2].params  # capped: more time no longer grows it
-    assert sizes[-1].params <= autosize.MAX_EPOCHS * corpus / autosize.TOKENS_PER_PARAM or sizes[-1].params == sizes[0].params
+    assert sizes[-1].params <= autosize.REPEATS * corpus / autosize.TOKENS_PER_PARAM  # the most the corpus is worth
     big = choose(Budget(seconds=60000), 10**9, flat_machine(), 1030)
     assert big.params > sizes[-1].params and not big.capped
-    assert "caps it" in sizes[-1].reason
+    assert "caps it" in sizes[-1].reason and "caps it" not in big.reason
+
+
+def test_repeated_data_is_worth_less_and_less_and_brings_dropout():
+    corpus = 100_000
+    worth = [autosize.useful_tokens(e * corpus, corpus) for e in (0.5, 1, 2, 4, 8, 16, 1000)]
+    assert worth[0] == pytest.approx(0.5 * corpus, rel=0.1)  # fresh data counts in full
+    gains = [b - a for a, b in zip(worth, worth[1:])]
+    assert all(g > 0 for g in gains) and worth[-1] <= autosize.REPEATS * corpus
+    assert worth[3] / 4 > worth[5] / 16  # a pass is worth less the more often it repeats
+    drops = [choose(Budget(seconds=s), corpus, flat_machine(), 1030).model["dropout"] for s in (1, 10, 100, 1000)]
+    assert drops == sorted(drops) and drops[0] == 0.0 and drops[-1] > 0
+    assert choose(Budget(seconds=1000), corpus, flat_machine(), 1030, fixed={"dropout": 0.0}).model["dropout"] == 0.0
 
 
 def test_a_faster_machine_buys_a_model_at_least_as_large():

@@ -102,6 +102,8 @@ CASES = {
     "bad duration": (["train", "--data", "ok.txt", "--out", "new", "--max-time", "soon"], "--max-time"),
     "lr not a number": (["train", "--data", "ok.txt", "--out", "new", "--lr", "fast"], "invalid float"),
     "unknown optimizer": (["train", "--data", "ok.txt", "--out", "new", "--optimizer", "adam"], "--optimizer"),
+    "unknown size": (["train", "--data", "ok.txt", "--out", "new", "--size", "large"], "--size must be auto or fixed"),
+    "resume with another size": (["train", "--out", "run", "--resume", "--size", "fixed"], "--size fixed cannot change on --resume"),
     "from-best without resume": (["train", "--data", "ok.txt", "--out", "new", "--from-best"], "--from-best only applies with --resume"),
     "negative temperature": (["generate", "run", "hi", "--temperature", "-1"], "temperature"),
     "prompt longer than the window": (["generate", "run", "word " * 400], "context window"),
