@@ -1,8 +1,8 @@
 """--size auto: the model a budget buys on this machine.
 
 From the budget (seconds, tokens or steps), the corpus (unique training tokens) and the training speed
-measured on this machine, choose the tokenizer size, depth, width, heads, context, batch, learning rate
-and warmup. The rule is compute-optimal in the Chinchilla sense, tokens = TOKENS_PER_PARAM x parameters,
+measured on this machine, choose the tokenizer size, depth, width, heads, context, batch, learning rate,
+warmup, dropout and evaluation cadence. The rule is compute-optimal in the Chinchilla sense, tokens = TOKENS_PER_PARAM x parameters,
 with the ratio fitted by experiment for models this small (docs/benchmarks.md, "Choosing the model"),
 and repeated passes over the corpus counted at a value that decays (`useful_tokens`), so a small corpus
 bounds the model however long the budget.
@@ -19,13 +19,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from gradlm.errors import ConfigError
 from gradlm.model import GPT, ModelConfig, flops_per_token, matmul_params
 
 # The depth/width ladder the chooser walks: (layers, width). Heads are 32 wide up to 256, then 64.
 LADDER = ((2, 64), (3, 96), (4, 128), (4, 160), (4, 192), (5, 224), (6, 256), (6, 320), (8, 384),
           (8, 448), (10, 512), (12, 640), (12, 768), (16, 1024))
 TOKENS_PER_PARAM = 0.3  # fitted at 90 s of Shakespeare on 2 cores (docs/benchmarks.md, "Choosing the model")
-REPEATS = 4.0  # repeated data: the k-th pass over the corpus is worth exp(-(k-1)/REPEATS) of the first (fitted)
+# Repeated data: the k-th pass over the corpus is worth exp(-(k-1)/REPEATS) of the first. Muennighoff et al. found
+# ~15 for large models; ten-minute Shakespeare runs overfit badly when 8 passes counted in full, so 4 here.
+REPEATS = 4.0
 BLOCK = 128  # context window (tokens) of the small rungs; wider models get 256
 MODEL_KEYS = ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "block_size")  # the model-shape settings
 TRAIN_KEYS = ("batch", "lr", "warmup_steps", "min_lr_ratio", "eval_every", "eval_tokens")
@@ -44,9 +47,9 @@ class Budget:
 @dataclass
 class Choice:
     model: dict  # ModelConfig fields
-    train: dict  # TrainConfig fields: batch, lr, warmup_steps
+    train: dict  # TrainConfig fields: TRAIN_KEYS
     params: int  # parameters in matrix multiplications (all but the embedding and the norms)
-    tokens: float  # training tokens the budget buys (before the epoch cap)
+    tokens: float  # training tokens the budget buys (every pass, before repeats are discounted)
     tokens_per_s: float  # measured (or modelled) training throughput of the chosen model
     capped: bool  # the corpus, not the budget, limited the model
     reason: str  # one line: what was chosen and why
@@ -70,7 +73,7 @@ def rung(i: int, vocab_size: int, fixed: dict | None = None, max_block: int = 1 
     cfg = ModelConfig(vocab_size=vocab_size, **shape)
     try:
         cfg.validate()
-    except Exception:
+    except ConfigError:  # e.g. a fixed --n-head that does not divide this width
         return None
     return cfg
 
