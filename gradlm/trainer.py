@@ -251,8 +251,9 @@ class Trainer:
                 raise ConfigError(f"the {name} split has {len(toks):,} tokens, fewer than the context window + 1 ({block + 1}); lower --block-size or {fix}")
 
     def _auto_size(self) -> None:
-        """--size auto: choose the shape, batch, learning rate and warmup for the budget, the corpus and
-        this machine's measured speed (gradlm/autosize.py); the settings the caller gave are kept."""
+        """--size auto: choose the shape, batch, learning rate, warmup, dropout and evaluation cadence for the
+        budget, the corpus and this machine's measured speed (gradlm/autosize.py); the settings the caller
+        gave are kept. Rank 0 chooses and every other rank takes its choice (probes could differ by rank)."""
         cfg, m = self.cfg, self.model_cfg
         seconds = self.max_time_s
         budget = autosize.Budget(
@@ -268,7 +269,11 @@ class Trainer:
 
         probe = autosize.Probe(sample, self.autocast, self.device, limit_s=0.05 * seconds) if seconds else None
         t0 = time.time()
-        choice = autosize.choose(budget, len(tokens), probe, m.vocab_size, self.fixed, max_block=max(shortest, 2))
+        choice = autosize.choose(budget, len(tokens), probe, m.vocab_size, self.fixed, max_block=max(shortest, 2)) if self.dd.main else None
+        if self.dd.world > 1:
+            shared = [choice]
+            dist.broadcast_object_list(shared, src=0)
+            choice = shared[0]
         probe_s = time.time() - t0
         for k, v in choice.model.items():
             setattr(m, k, v)
@@ -587,6 +592,10 @@ def _loop(t: Trainer, on_step) -> dict:
         now = time.time()
         t.elapsed += now - clock
         clock = now
+        if t.dd.world > 1 and t.max_time_s:  # ranks stop at the same step only if they read the same clock
+            agreed = torch.tensor([t.elapsed, t.train_time, t.reserve_s], dtype=torch.float64, device=t.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            t.elapsed, t.train_time, t.reserve_s = agreed.tolist()
 
     with StopSignals() as signals:
         while True:

@@ -161,3 +161,30 @@ def test_typed_flags_win_and_a_model_flag_turns_auto_sizing_off(text_file, tmp_p
     _run(["train", "--data", str(text_file), "--out", str(partial), "--max-steps", "2", "--n-layer", "1", "--size", "auto", "--no-progress", "--no-plots"])
     config = json.loads((partial / "config.json").read_text())
     assert "size" in config and config["model"]["n_layer"] == 1
+
+
+def test_no_ladder_model_fitting_the_fixed_settings_is_a_config_error():
+    from gradlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--n-head 9"):
+        choose(Budget(steps=10), 10**6, flat_machine(), 1030, fixed={"n_head": 9})
+
+
+def test_ddp_ranks_train_the_shape_rank_0_chose(text_file, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_trainer import _free_port
+
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "gradlm",
+         "train", "--data", str(text_file), "--out", str(out), "--max-time", "3s", "--no-progress", "--no-plots"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("size auto:")]
+    assert len(said) == 1 and "tok/s measured" in said[0]  # one choice, made on rank 0
+    assert json.loads((out / "config.json").read_text())["size"]["reason"] in said[0]
