@@ -122,8 +122,9 @@ def choose(
     (repeated passes over the corpus worth less and less: `useful_tokens`); then its batch, learning rate,
     warmup, dropout and evaluation cadence.
 
-    tokens_per_s(cfg, batch) is the training throughput of a candidate (only asked for time budgets).
-    fixed: settings the user gave (model fields and batch / lr / warmup_steps); they are kept as given."""
+    tokens_per_s(cfg, batch) is the training throughput of a candidate (only asked for time budgets; the
+    candidates are measured at batch 16 unless the batch is fixed, before the batch itself is chosen).
+    fixed: settings the user gave (MODEL_KEYS, TRAIN_KEYS and dropout); they are kept as given."""
     fixed = dict(fixed or {})
     fixed_model = {k: v for k, v in fixed.items() if k in MODEL_KEYS}
 
@@ -149,14 +150,16 @@ def choose(
         if c is None:
             continue
         cfg, tps, tokens = c
-        fits = useful_tokens(tokens, corpus_tokens, repeats) >= tokens_per_param * matmul_params(cfg)
+        useful = useful_tokens(tokens, corpus_tokens, repeats)
+        fits = useful >= tokens_per_param * matmul_params(cfg)
         if chosen is None or fits:
-            chosen = (cfg, tps, tokens, fits)
+            chosen = (cfg, tps, tokens, useful)
         if not fits:
             break
     if chosen is None:
-        raise ValueError("no ladder model fits the fixed model settings")
-    cfg, tps, tokens, _ = chosen
+        shape = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in fixed_model.items())
+        raise ConfigError(f"--size auto found no model of its ladder that fits {shape}; give the whole shape (e.g. --d-model as well) or drop --size auto")
+    cfg, tps, tokens, useful = chosen
     params = matmul_params(cfg)
     epochs = tokens / max(corpus_tokens, 1)
     capped = epochs > repeats  # past R passes the corpus, not the budget, bounds the model
@@ -176,8 +179,7 @@ def choose(
     model = {k: getattr(cfg, k) for k in MODEL_KEYS}
     model["dropout"] = fixed["dropout"] if "dropout" in fixed else dropout_for(epochs)
     spend = f"{budget.seconds:g} s at {tps:,.0f} tok/s measured" if budget.seconds else (f"a budget of {budget.tokens:,} tokens" if budget.tokens else f"{budget.steps:,} steps")
-    useful = useful_tokens(tokens, corpus_tokens, repeats)
-    why = (f"the corpus ({corpus_tokens:,} tokens, worth at most {repeats:g} passes) caps it" if capped else "") or f"≈ {useful / max(params, 1):.1f} useful tokens/param"
+    why = f"the corpus ({corpus_tokens:,} tokens, worth at most {repeats:g} passes) caps it" if capped else f"≈ {useful / max(params, 1):.1f} useful tokens/param"
     reason = (
         f"size auto: {cfg.n_layer} layers x {cfg.d_model} ({cfg.n_head} heads, context {cfg.block_size}), ~{params / 1e6:.2f}M params, "
         f"batch {batch}, lr {train['lr']:g}, dropout {model['dropout']:g}; ~{_count(tokens)} tokens ({epochs:.1f} epochs) in {spend}, {why}"

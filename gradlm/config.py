@@ -34,7 +34,7 @@ class TrainConfig:
     micro_batch: int = field(default=0, metadata={"help": "windows per forward pass; 0 = the whole batch (or 32 with --batch full)"})
     accum: int = field(default=1, metadata={"help": "gradient accumulation: micro-batches summed into one update"})
     sampler: str = field(default="auto", metadata={"help": "random (windows at random offsets) or epoch (every window once per epoch, seeded order); auto = epoch for --batch full"})
-    size: str = field(default="auto", metadata={"help": "auto: choose depth, width, heads, context, batch, learning rate, warmup and tokenizer size from the budget, the corpus and this machine's speed (measured in a short probe), whenever no model-shape flag is given; the flags you give override their part of the choice. fixed: each flag's own default"})
+    size: str = field(default="auto", metadata={"help": "auto: choose depth, width, heads, context, batch, learning rate, warmup, dropout, evaluation cadence and tokenizer size from the budget, the corpus and this machine's speed (measured in a short probe); the default when no model-shape flag is given, and the flags you give override their part of the choice. fixed: each flag's own default"})
     optimizer: str = field(default="adamw", metadata={"help": "sgd, momentum, nesterov, adamw or muon"})
     lr: float = field(default=0.0, metadata={"help": "peak learning rate (for muon: of its AdamW part); 0 = the optimizer's default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())})
     muon_lr: float = field(default=MUON_LR, metadata={"help": "learning rate of Muon's matrix updates"})
