@@ -166,6 +166,45 @@ class KVCache:
         return [self.pos - p for p in self.pad.tolist()]
 
 
+EXPLICIT_ATTENTION_MAX_CONTEXT = 128  # measured faster up to here; from 256 on, SDPA's flash kernel is as fast
+
+
+def _explicit_attention_pays(q: torch.Tensor) -> bool:
+    """True under bf16 autocast on CPU for contexts up to EXPLICIT_ATTENTION_MAX_CONTEXT. There autocast
+    runs SDPA in float32 through its CPU flash kernel, the slowest part of a small model's training step;
+    two plain products make the whole step 1.2-1.3x faster at context 64-128, and no faster at 256
+    (benchmarks/train_step.py; docs/benchmarks.md, "Attention under bf16 autocast on CPU")."""
+    if q.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return False
+    return q.shape[-2] <= EXPLICIT_ATTENTION_MAX_CONTEXT
+
+
+_CAUSAL_BIAS: dict[int, torch.Tensor] = {}
+
+
+def _causal_bias(T: int) -> torch.Tensor:
+    """(T, T) float32: 0 where query i may see key j <= i, -inf above the diagonal; built once per length."""
+    if T not in _CAUSAL_BIAS:
+        _CAUSAL_BIAS[T] = torch.full((T, T), float("-inf")).triu(1)
+    return _CAUSAL_BIAS[T]
+
+
+def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+    """Causal softmax(q k^T / sqrt(D)) v as two batched products, for q (B, H, T, D) and k, v (B, Hkv, T, D):
+    the same function as SDPA with is_causal=True. Scores and softmax stay float32 (scores rounded to
+    bf16 cost ~0.01 bits/char at equal steps); under autocast the second product runs in its dtype."""
+    B, H, T, D = q.shape
+    if k.shape[1] != H:  # grouped-query attention: each key/value head serves H / Hkv query heads
+        k, v = k.repeat_interleave(H // k.shape[1], dim=1), v.repeat_interleave(H // v.shape[1], dim=1)
+    with torch.autocast(q.device.type, enabled=False):
+        q, k = q.float().reshape(B * H, T, D), k.float().reshape(B * H, T, D)
+        scores = torch.baddbmm(_causal_bias(T).to(q.device).expand(B * H, T, T), q, k.transpose(1, 2), alpha=D**-0.5)
+        probs = torch.softmax(scores, dim=-1)
+    if dropout:
+        probs = F.dropout(probs, dropout)
+    return torch.bmm(probs, v.reshape(B * H, T, D)).view(B, H, T, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -191,15 +230,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )
+        dropout = self.dropout if self.training else 0.0
+        if mask is None and T > 1 and _explicit_attention_pays(q):
+            y = explicit_causal_attention(q, k, v, dropout)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, dropout_p=dropout, enable_gqa=self.n_kv_head != self.n_head
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, H, T, D) -> (B, T, H*D)
 
 

@@ -1,8 +1,9 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gradlm.errors import ConfigError
-from gradlm.model import GPT, ModelConfig
+from gradlm.model import GPT, ModelConfig, explicit_causal_attention
 
 from conftest import tiny_config
 
@@ -107,3 +108,49 @@ def test_same_seed_same_weights():
     a.reset_parameters(seed=1)
     b.reset_parameters(seed=1)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_explicit_attention_equals_sdpa(heads, kv_heads):
+    """The bf16-on-CPU attention path is the same function as SDPA's causal attention, GQA included."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, heads, 12, 8), torch.randn(2, kv_heads, 12, 8), torch.randn(2, kv_heads, 12, 8)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
+    torch.testing.assert_close(explicit_causal_attention(q, k, v), want, atol=1e-6, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = explicit_causal_attention(q, k, v)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.03, rtol=0.03)
+
+
+def test_bf16_autocast_training_takes_the_explicit_path_and_matches_sdpa(monkeypatch):
+    """Under bf16 autocast on CPU the model uses explicit_causal_attention (faster there); its loss and
+    gradients agree with the SDPA path's to bf16 precision. Causality is kept (future tokens change nothing)."""
+    import gradlm.model as model_module
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(100))
+    x = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    calls = []
+    real = model_module.explicit_causal_attention
+    monkeypatch.setattr(model_module, "explicit_causal_attention", lambda *a: calls.append(1) or real(*a))
+
+    def loss_and_grad():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x, x)
+        loss.backward()
+        return loss.item(), model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    explicit_loss, explicit_grad = loss_and_grad()
+    assert len(calls) == 2  # one per layer
+    monkeypatch.setattr(model_module, "EXPLICIT_ATTENTION_MAX_CONTEXT", 0)
+    sdpa_loss, sdpa_grad = loss_and_grad()
+    assert len(calls) == 2
+    assert abs(explicit_loss - sdpa_loss) < 0.02
+    assert torch.nn.functional.cosine_similarity(explicit_grad.flatten(), sdpa_grad.flatten(), dim=0) > 0.99
+    monkeypatch.setattr(model_module, "EXPLICIT_ATTENTION_MAX_CONTEXT", 128)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        changed = x.clone()
+        changed[:, 10:] = (changed[:, 10:] + 1) % model.cfg.vocab_size
+        torch.testing.assert_close(model(x)[:, :10].float(), model(changed)[:, :10].float())
