@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from gradlm.errors import ConfigError
-from gradlm.model import GPT, ModelConfig, explicit_causal_attention
+from gradlm.model import GPT, ModelConfig, dropout, explicit_causal_attention
 
 from conftest import tiny_config
 
@@ -154,3 +154,19 @@ def test_bf16_autocast_training_takes_the_explicit_path_and_matches_sdpa(monkeyp
         changed = x.clone()
         changed[:, 10:] = (changed[:, 10:] + 1) % model.cfg.vocab_size
         torch.testing.assert_close(model(x)[:, :10].float(), model(changed)[:, :10].float())
+
+
+def test_dropout_drops_the_rounded_share_keeps_the_mean_and_follows_the_seed():
+    x = torch.ones(200_000, requires_grad=True)
+    torch.manual_seed(3)
+    y = dropout(x, 0.1, training=True)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 26 / 256) < 0.003  # p = 0.1 rounds to 26/256 on CPU
+    assert abs(y.mean().item() - 1.0) < 0.01  # inverted dropout keeps the expectation
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient passes where the mask kept, with the same scale
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x, 0.1, training=True), y)
+    assert not torch.equal(dropout(x, 0.1, training=True), y)
+    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0, training=True) is x
+    assert (dropout(torch.ones(10_000), 0.5, training=True) == 0).float().mean().item() == pytest.approx(0.5, abs=0.03)
