@@ -111,7 +111,7 @@ def lr_for(cfg: ModelConfig, batch: int) -> float:
 def choose(
     budget: Budget,
     corpus_tokens: int,
-    tokens_per_s: Callable[[ModelConfig, int], float],
+    tokens_per_s: Callable[[ModelConfig, int, float], float],
     vocab_size: int,
     fixed: dict | None = None,
     tokens_per_param: float = TOKENS_PER_PARAM,
@@ -122,8 +122,9 @@ def choose(
     (repeated passes over the corpus worth less and less: `useful_tokens`); then its batch, learning rate,
     warmup, dropout and evaluation cadence.
 
-    tokens_per_s(cfg, batch) is the training throughput of a candidate (only asked for time budgets; the
-    candidates are measured at batch 16 unless the batch is fixed, before the batch itself is chosen).
+    tokens_per_s(cfg, batch, dropout) is the training throughput of a candidate (only asked for time
+    budgets): the ladder is compared at batch 16 without dropout (unless the batch is fixed), then the
+    chosen model is timed again at the batch and dropout its token count gives it.
     fixed: settings the user gave (MODEL_KEYS, TRAIN_KEYS and dropout); they are kept as given."""
     fixed = dict(fixed or {})
     fixed_model = {k: v for k, v in fixed.items() if k in MODEL_KEYS}
@@ -135,7 +136,7 @@ def choose(
         batch = int(fixed["batch"]) if "batch" in fixed else None
         if budget.seconds:
             b = batch or 16
-            tps = tokens_per_s(cfg, b)
+            tps = tokens_per_s(cfg, b, 0.0)
             tokens = tps * budget.seconds
         elif budget.tokens:
             tps, tokens = 0.0, float(budget.tokens)
@@ -160,10 +161,28 @@ def choose(
         shape = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in fixed_model.items())
         raise ConfigError(f"--size auto found no model of its ladder that fits {shape}; give the whole shape (e.g. --d-model as well) or drop --size auto")
     cfg, tps, tokens, useful = chosen
+
+    def batch_and_dropout(tokens: float) -> tuple[int, float]:
+        batch = int(fixed["batch"]) if "batch" in fixed else batch_for(tokens, cfg.block_size)
+        return batch, fixed["dropout"] if "dropout" in fixed else dropout_for(tokens / max(corpus_tokens, 1))
+
+    batch, dropout = batch_and_dropout(tokens)
+    if budget.seconds:
+        # The ladder was timed at one batch without dropout; time the chosen model as it will train (a
+        # smaller batch or dropout is slower per token), until the settings agree with the measurement.
+        tried = set()
+        while True:
+            tried.add((batch, dropout))
+            tps = tokens_per_s(cfg, batch, dropout)
+            tokens = tps * budget.seconds
+            settled = batch_and_dropout(tokens)
+            if settled in tried:  # agreed, or on the edge between two settings: keep the one just measured
+                break
+            batch, dropout = settled
+        useful = useful_tokens(tokens, corpus_tokens, repeats)
     params = matmul_params(cfg)
     epochs = tokens / max(corpus_tokens, 1)
     capped = epochs > repeats  # past R passes the corpus, not the budget, bounds the model
-    batch = int(fixed["batch"]) if "batch" in fixed else batch_for(tokens, cfg.block_size)
     steps = max(1.0, tokens / (batch * cfg.block_size))
     train = {
         "batch": str(batch),
@@ -177,7 +196,7 @@ def choose(
         "eval_tokens": fixed.get("eval_tokens") or int(min(32768, max(4096, tokens / 100))),
     }
     model = {k: getattr(cfg, k) for k in MODEL_KEYS}
-    model["dropout"] = fixed["dropout"] if "dropout" in fixed else dropout_for(epochs)
+    model["dropout"] = dropout
     spend = f"{budget.seconds:g} s at {tps:,.0f} tok/s measured" if budget.seconds else (f"a budget of {budget.tokens:,} tokens" if budget.tokens else f"{budget.steps:,} steps")
     why = f"the corpus ({corpus_tokens:,} tokens, worth at most {repeats:g} passes) caps it" if capped else f"≈ {useful / max(params, 1):.1f} useful tokens/param"
     reason = (
@@ -202,17 +221,17 @@ class Probe:
         self.spent, self.results = 0.0, {}
         self.flops_rate = 0.0
 
-    def __call__(self, cfg: ModelConfig, batch: int) -> float:
+    def __call__(self, cfg: ModelConfig, batch: int, dropout: float = 0.0) -> float:
         import torch
 
-        key = (cfg.n_layer, cfg.d_model, cfg.n_head, cfg.block_size, batch)
+        key = (cfg.n_layer, cfg.d_model, cfg.n_head, cfg.block_size, batch, dropout)
         if key in self.results:
             return self.results[key]
         flops = flops_per_token(cfg)
         if self.spent >= self.limit_s and self.flops_rate:
             return self.flops_rate / flops
         t_start = time.perf_counter()
-        model = GPT(replace(cfg, dropout=0.0)).to(self.device)
+        model = GPT(replace(cfg, dropout=dropout)).to(self.device)  # in training mode: dropout costs time
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x, y = self.sample(batch, cfg.block_size)
         times = []

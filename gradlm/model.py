@@ -38,7 +38,7 @@ class ModelConfig:
     norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon"})
     qk_norm: bool = field(default=False, metadata={"help": "RMS-normalise queries and keys per head (Qwen3 style)"})
     tie_embeddings: bool = field(default=False, metadata={"help": "share the input embedding with the output head"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on attention and residual branches (a regulariser)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on attention and residual branches (a regulariser; on CPU rounded to a multiple of 1/256)"})
 
     def __post_init__(self):
         check_field_types(self)
@@ -173,7 +173,7 @@ def _explicit_attention_pays(q: torch.Tensor) -> bool:
     """True under bf16 autocast on CPU for contexts up to EXPLICIT_ATTENTION_MAX_CONTEXT. There autocast
     runs SDPA in float32 through its CPU flash kernel, the slowest part of a small model's training step;
     two plain products make the whole step 1.2-1.3x faster at context 64-128, and no faster at 256
-    (benchmarks/train_step.py; docs/benchmarks.md, "Attention under bf16 autocast on CPU")."""
+    (benchmarks/train_step.py; docs/benchmarks.md, "Where a training step's time goes")."""
     if q.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
         return False
     return q.shape[-2] <= EXPLICIT_ATTENTION_MAX_CONTEXT

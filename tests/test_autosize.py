@@ -13,7 +13,7 @@ from gradlm.model import ModelConfig, flops_per_token, matmul_params
 
 def flat_machine(flops_per_s: float = 1e11):
     """A machine that runs every model at the same FLOP rate."""
-    return lambda cfg, batch: flops_per_s / flops_per_token(cfg)
+    return lambda cfg, batch, dropout=0.0: flops_per_s / flops_per_token(cfg)
 
 
 def test_more_time_never_gives_a_smaller_model():
@@ -64,6 +64,33 @@ def test_repeated_data_is_worth_less_and_less_and_brings_dropout():
     drops = [choose(Budget(seconds=s), corpus, flat_machine(), 1030).model["dropout"] for s in (1, 10, 100, 1000)]
     assert drops == sorted(drops) and drops[0] == 0.0 and drops[-1] > 0
     assert choose(Budget(seconds=1000), corpus, flat_machine(), 1030, fixed={"dropout": 0.0}).model["dropout"] == 0.0
+
+
+def test_the_chosen_model_is_timed_as_it_will_train():
+    """The ladder is compared at batch 16 without dropout; the chosen model's tokens come from a measurement
+    at its own batch and dropout. Here small batches and dropout are slower, as on a CPU: the first estimate
+    (> 4 passes) would bring dropout, the real speed gives < 4 passes and so none."""
+    asked = []
+
+    def machine(cfg, batch, dropout=0.0):
+        asked.append((batch, dropout))
+        return 1e11 / flops_per_token(cfg) * (1.0 if batch >= 16 else 0.7) * (0.8 if dropout else 1.0)
+
+    shape = {"n_layer": 4, "d_model": 128, "n_head": 4}  # one model, so the corpus alone sets the passes
+    flat = choose(Budget(seconds=60), 10**6, flat_machine(), 1030, fixed=shape)
+    corpus = int(flat.tokens / 4.2)
+    assert choose(Budget(seconds=60), corpus, flat_machine(), 1030, fixed=shape).model["dropout"] > 0  # at batch 16's speed
+    c = choose(Budget(seconds=60), corpus, machine, 1030, fixed=shape)
+    batch, dropout = int(c.train["batch"]), c.model["dropout"]
+    assert asked[-1] == (batch, dropout) and batch < 16 and dropout == 0.0
+    assert c.tokens / corpus < 4
+    assert c.tokens_per_s == pytest.approx(machine(ModelConfig(vocab_size=1030, **{k: c.model[k] for k in autosize.MODEL_KEYS}), batch, dropout))
+    assert c.tokens == pytest.approx(60 * c.tokens_per_s)
+
+    asked.clear()  # on the edge (dropout's cost flips the decision back and forth): the last measured setting stands
+    flip = lambda cfg, batch, dropout=0.0: asked.append((batch, dropout)) or (1e11 / flops_per_token(cfg) * (0.5 if dropout else 1.0))
+    c = choose(Budget(seconds=60), corpus, flip, 1030, fixed=shape)
+    assert asked[-1] == (int(c.train["batch"]), c.model["dropout"])
 
 
 def test_a_faster_machine_buys_a_model_at_least_as_large():
