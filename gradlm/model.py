@@ -244,12 +244,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        dropout = self.dropout if self.training else 0.0
-        if mask is None and T > 1 and _explicit_attention_pays(q):
-            y = explicit_causal_attention(q, k, v, dropout)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is None and mask is None and T > 1 and _explicit_attention_pays(q):
+            y = explicit_causal_attention(q, k, v, dropout_p)
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, dropout_p=dropout, enable_gqa=self.n_kv_head != self.n_head
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, dropout_p=dropout_p, enable_gqa=self.n_kv_head != self.n_head
             )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, H, T, D) -> (B, T, H*D)
 
