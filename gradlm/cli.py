@@ -164,13 +164,8 @@ def cmd_train(args) -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():  # under torchrun: only rank 0 reports
-        import gc
-
         rank = dist.get_rank()
-        # Free the trainer (its DDP reducer holds gloo work objects) while the interpreter is whole: left to
-        # interpreter shutdown they abort the process ("terminate called without an active exception").
-        gc.collect()
-        dist.barrier()
+        dist.barrier()  # leave together: rank 0 may still be writing the summary
         dist.destroy_process_group()
         if rank != 0:
             return

@@ -215,7 +215,7 @@ def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q, k = q.float().reshape(B * H, T, D), k.float().reshape(B * H, T, D)
         scores = torch.baddbmm(_causal_bias(T).to(q.device).expand(B * H, T, T), q, k.transpose(1, 2), alpha=D**-0.5)
         probs = torch.softmax(scores, dim=-1)
-    probs = dropout(probs, dropout_p, training=dropout_p > 0)
+    probs = dropout(probs, dropout_p, training=True)  # the identity when dropout_p is 0
     return torch.bmm(probs, v.reshape(B * H, T, D)).view(B, H, T, D)
 
 

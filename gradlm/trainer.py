@@ -575,6 +575,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, on_step=None, given: Iterabl
         return _loop(t, on_step)
     finally:
         t.close_run_dir()
+        # Under torchrun, drop the DDP wrapper now: its reducer holds gloo work objects, and freed only at
+        # interpreter shutdown they abort the process ("terminate called without an active exception").
+        t.run_model = t.model
 
 
 def _loop(t: Trainer, on_step) -> dict:
