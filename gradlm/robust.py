@@ -34,12 +34,11 @@ import regex
 import torch
 
 from gradlm.errors import ConfigError
-from gradlm.evaluate import NAME_TYPO_KINDS, inject_typos, misspell
+from gradlm.evaluate import NAME_TYPO_KINDS, Typos, inject_typos, misspell
 from gradlm.tokenizer import SPLIT_PATTERN, Tokenizer
 
 TRAIN_TYPO_KINDS = (*NAME_TYPO_KINDS, "case")  # the slips of a typist: drop, swap, double, near_key, case
 PRE_TOKENS = regex.compile(SPLIT_PATTERN)
-LETTERS = regex.compile(r"\p{L}+")  # the words inject_typos edits: runs of letters (str.isalpha)
 WORDS = regex.compile(r"[^\r\n\p{L}\p{N}]?(\p{L}+)")  # a run of letters with the space or sign before it, as pre-tokens are
 _NONE = np.iinfo(np.int64).max  # rank of a pair that is not a merge
 
@@ -167,30 +166,51 @@ def _common_ends(a: str, b: str) -> tuple[int, int]:
     return pre, suf
 
 
-def align_typos(clean: str, noisy: str) -> np.ndarray:
-    """For each byte offset of noisy (0..len in bytes), the clean byte offset it corresponds to, or -1.
+class Alignment(NamedTuple):
+    """How a text with typos lines up with the clean text, in the noisy text's UTF-8 byte offsets."""
 
-    inject_typos only edits letters inside words and never adds or removes a word, so the runs of
-    letters of the two texts pair up one to one and everything between them is the same. In a word that
-    changed, the offsets within its common prefix and suffix with the clean word line up; those in
-    between do not. (-1 everywhere, should the words ever fail to pair up.)"""
-    nb = _byte_offsets(noisy)
-    out = np.arange(nb[-1] + 1)
-    if clean == noisy:
-        return out
-    runs_c, runs_n = [m.span() for m in LETTERS.finditer(clean)], [m.span() for m in LETTERS.finditer(noisy)]
-    if len(runs_c) != len(runs_n):
-        return np.full(nb[-1] + 1, -1)
-    cb = _byte_offsets(clean)
-    for (cs, ce), (ns, ne) in zip(runs_c, runs_n):
+    offsets: np.ndarray  # (noisy bytes + 1,) the clean byte offset each noisy offset corresponds to, or -1
+    words: np.ndarray  # (n, 2) start and end of each misspelled word
+    edits: np.ndarray  # (n, 2) start and end of its typos: what lies between its common prefix and suffix with the
+    # clean word (a dropped letter is an empty edit at the drop). A piece [s, t) holds no typo when t <= a or s >= b.
+
+
+def align_typos(clean: str, typos: Typos) -> Alignment:
+    """Line typos.text (inject_typos(clean, ...)) up with clean.
+
+    inject_typos only edits letters inside words and never adds or removes a word, so everything outside
+    the words it changed is the same text. In a misspelled word, the offsets within its common prefix and
+    suffix with the clean word line up, those in between do not."""
+    noisy = typos.text
+    nb, cb = _byte_offsets(noisy), _byte_offsets(clean)
+    spans = []
+    shift = k = 0  # shift: len(noisy) - len(clean) over the edits before the current word
+    while k < len(typos.at):
+        cs = ce = typos.at[k][0]  # the clean word around this edit: its run of letters
+        while cs > 0 and clean[cs - 1].isalpha():
+            cs -= 1
+        while ce < len(clean) and clean[ce].isalpha():
+            ce += 1
+        ns = cs + shift
+        while k < len(typos.at) and typos.at[k][0] < ce:  # every edit in this word
+            i, used, written = typos.at[k]
+            shift += len(written) - used
+            k += 1
+        ne = ce + shift
         a, b = clean[cs:ce], noisy[ns:ne]
         if a == b:
             continue
         pre, suf = _common_ends(a, b)
-        # From the end of this word on, noisy offset o is clean offset o + (cb[ce] - nb[ne]).
-        out[nb[ne - suf] :] += (cb[ce] - nb[ne]) - (cb[cs] - nb[ns])
-        out[nb[ns + pre] + 1 : nb[ne - suf]] = -1
-    return out
+        # Columns: the word's start and end, its edit's start and end, and how far clean offsets are ahead
+        # of noisy ones from the edit's end on (up to the next word's edit).
+        spans.append((nb[ns], nb[ne], nb[ns + pre], nb[ne - suf], cb[ce] - nb[ne]))
+    spans = np.array(spans, dtype=np.int64).reshape(-1, 5)
+    ahead = np.zeros(nb[-1] + 1, dtype=np.int64)
+    np.add.at(ahead, spans[:, 3], np.diff(spans[:, 4], prepend=0))
+    offsets = np.arange(nb[-1] + 1) + np.cumsum(ahead)
+    for a, b in spans[:, 2:4].tolist():  # inside an edit nothing lines up
+        offsets[a + 1 : b] = -1
+    return Alignment(offsets, spans[:, :2], spans[:, 2:4])
 
 
 class RobustSampler:
@@ -254,44 +274,61 @@ class RobustSampler:
                 start = c + 1
         # 2. Parts that change: typos, then pre-tokens, all re-segmented together.
         words: list[bytes] = []
-        maps, n_words = [], []
+        aligned: list[Alignment | None] = []  # for each part with typos
+        n_words = []
         for r, a, b, changed in parts:
             if not changed:
-                maps.append(None)
+                aligned.append(None)
                 n_words.append(0)
                 continue
-            clean = b"".join(self.tok.pieces[i] for i in rows[r][a:b].tolist()).decode("utf-8", "surrogateescape")
-            noisy = clean
-            if self.rate:
-                noisy = inject_typos(clean, self.rate, int(self.rng.integers(1 << 62)), TRAIN_TYPO_KINDS).text
+            clean = b"".join([self.tok.pieces[i] for i in rows[r][a:b].tolist()]).decode("utf-8", "surrogateescape")
+            typos = inject_typos(clean, self.rate, int(self.rng.integers(1 << 62)), TRAIN_TYPO_KINDS) if self.rate else None
+            noisy = typos.text if typos else clean
             pieces = [w.encode("utf-8", "surrogateescape") for w in PRE_TOKENS.findall(noisy)]
             words += pieces
-            maps.append(align_typos(clean, noisy) if noisy != clean else None)
+            aligned.append(align_typos(clean, typos) if typos and typos.edits else None)
             n_words.append(len(pieces))
         ids, counts = self.seg.segment(words, self.p, self.rng)
         # Part k's new ids are ids[bound[k]:bound[k + 1]].
         bound = np.concatenate([[0], np.cumsum(counts)])[np.concatenate([[0], np.cumsum(n_words)])]
-        # 3. Per row: the inputs, where each ends in the clean text (in units), and the target there.
+        # 3. Per row: the inputs, where each ends in the clean text (in units), the target there, and
+        # which inputs are typo-free pieces of a misspelled word (the targets where no clean token begins).
         starts = [np.concatenate([[0], np.cumsum(self.units[row])]) for row in rows]  # where each clean id begins; then the end
         xs: list[list[np.ndarray]] = [[] for _ in rows]
         ends: list[list[np.ndarray]] = [[] for _ in rows]
+        word_piece: list[list[np.ndarray]] = [[] for _ in rows]
         for k, (r, a, b, changed) in enumerate(parts):
             got = ids[bound[k] : bound[k + 1]] if changed else rows[r][a:b]
             e = np.cumsum(self.units[got])
-            if maps[k] is not None:
-                e = maps[k][e]
+            al = aligned[k]
+            # Word pieces are targets in pre-training only: in fine-tuning the changed text carries no loss.
+            word_piece[r].append(self._word_pieces(e - self.units[got], e, al) if al is not None and not self.context_only else np.zeros(len(got), dtype=bool))
+            if al is not None:
+                e = al.offsets[e]
             xs[r].append(got)
             ends[r].append(np.where(e >= 0, e + starts[r][a], -1))
         width = min(self.block, max(sum(map(len, x)) for x in xs))
         X = np.full((len(rows), width), self.pad, dtype=np.int64)
         Y = np.full((len(rows), width), -1, dtype=np.int64)
         for r, row in enumerate(rows):
-            x, e = np.concatenate(xs[r])[:width], np.concatenate(ends[r])[:width]
+            x, e = np.concatenate(xs[r]), np.concatenate(ends[r])[:width]
+            piece = np.append(np.concatenate(word_piece[r])[1:], False)[:width]  # piece[i]: x[i + 1] is a typo-free piece
             at = np.minimum(np.searchsorted(starts[r][:-1], e), len(row) - 1)
             hit = (e >= 0) & (starts[r][at] == e) & (e < starts[r][-1]) & targeted[r][at]
+            nxt = np.append(x[1:], 0)[:width]
+            x = x[:width]
             X[r, : len(x)] = x
-            Y[r, : len(x)] = np.where(hit, row[at], -1)
+            Y[r, : len(x)] = np.where(hit, row[at], np.where(piece, nxt, -1))
         return torch.from_numpy(X), torch.from_numpy(Y)
+
+    @staticmethod
+    def _word_pieces(s: np.ndarray, t: np.ndarray, al: Alignment) -> np.ndarray:
+        """Which tokens [s, t) (noisy byte offsets) lie inside a misspelled word and hold none of its typos:
+        the rest of the word as it is spelled, which follows from what was typed, never a typo itself."""
+        words, edits = al.words, al.edits
+        inside = ((words[None, :, 0] <= s[:, None]) & (t[:, None] <= words[None, :, 1])).any(1)
+        typo = ((s[:, None] < edits[None, :, 1]) & (t[:, None] > edits[None, :, 0])).any(1)
+        return inside & ~typo
 
 
 # ---- where the typo penalty goes: word by word ---------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import regex
 import torch
 from safetensors.torch import load_file
 
@@ -13,13 +14,14 @@ from gradlm.cli import main
 from gradlm.config import TrainConfig
 from gradlm.data import RandomSampler
 from gradlm.errors import ConfigError
-from gradlm.evaluate import EvalConfig, inject_typos, run_eval
-from gradlm.robust import LETTERS, TRAIN_TYPO_KINDS, RobustSampler, Segmenter, align_typos, typo_splits
+from gradlm.evaluate import EvalConfig, Typos, inject_typos, run_eval
+from gradlm.robust import TRAIN_TYPO_KINDS, RobustSampler, Segmenter, align_typos, typo_splits
 from gradlm.tokenizer import Tokenizer
 from gradlm.trainer import Trainer, train
 
 from conftest import tiny_config
 
+LETTERS = regex.compile(r"\p{L}+")  # the words inject_typos edits: runs of letters (str.isalpha)
 UNICODE = "naïve café — Ærø 🙂 ÿ\n\n  tabs\tand 123456 numbers, CAPS'll don't \r\n"
 
 
@@ -84,16 +86,37 @@ def test_training_typos_are_seeded_and_each_changes_a_word_by_at_most_one_letter
 
 
 def test_align_typos_maps_the_unchanged_text_and_the_ends_of_changed_words():
-    clean, noisy = "the cat sat", "the act sa"  # 'cat' swapped two letters, 'sat' dropped one
-    m = align_typos(clean, noisy)
-    assert len(m) == len(noisy) + 1
+    clean = "the cat sat"
+    al = align_typos(clean, Typos("the act sa", 2, 9, ((4, 2, "ac"), (10, 1, ""))))  # 'cat' swapped two letters, 'sat' dropped one
+    m = al.offsets
+    assert len(m) == len("the act sa") + 1
     assert m[:5].tolist() == [0, 1, 2, 3, 4]  # "the " is the same, and so is where the word begins
     assert m[5] == -1  # "a|ct": no place in "cat" to line up with
     assert m[6:10].tolist() == [6, 7, 8, 9]  # "t s" lines up again after the common suffix "t"
     assert m[10] == len(clean)  # the end of "sa" is the end of "sat"
-    u_clean, u_noisy = "café au lait", "cafée au lait"
-    mu = align_typos(u_clean, u_noisy)
-    assert mu[-1] == len(u_clean.encode()) and mu[len("cafée ".encode())] == len("café ".encode())
+    assert al.words.tolist() == [[4, 7], [8, 10]]
+    assert al.edits.tolist() == [[4, 6], [10, 10]]  # "ac" before the common "t"; the drop: empty, at the end of "sa"
+    u_clean = "café au lait"
+    mu = align_typos(u_clean, Typos("cafée au lait", 1, 9, ((3, 1, "ée"),)))
+    assert mu.offsets[-1] == len(u_clean.encode()) and mu.offsets[len("cafée ".encode())] == len("café ".encode())
+    assert mu.words.tolist() == [[0, 6]] and mu.edits.tolist() == [[5, 6]]
+
+
+def test_align_typos_finds_every_misspelled_word_and_lines_up_the_rest(corpus):
+    clean = corpus[:20_000] + UNICODE * 3
+    t = inject_typos(clean, 0.1, 3, TRAIN_TYPO_KINDS)
+    al = align_typos(clean, t)
+    nbytes = lambda s: len(s.encode("utf-8"))
+    pairs = [(c, n) for c, n in zip(LETTERS.finditer(clean), LETTERS.finditer(t.text)) if c.group() != n.group()]
+    assert len(pairs) > 300 and al.words.tolist() == [[nbytes(t.text[: n.start()]), nbytes(t.text[: n.end()])] for _, n in pairs]
+    # Outside the misspelled words every byte is the clean byte its offset maps to.
+    noisy_b, clean_b = t.text.encode(), clean.encode()
+    inside = np.zeros(len(noisy_b), dtype=bool)
+    for a, b in al.words.tolist():
+        inside[a:b] = True
+    outside = np.flatnonzero(~inside)
+    assert (al.offsets[outside] >= 0).all()
+    assert bytes(noisy_b[o] for o in outside) == bytes(clean_b[al.offsets[o]] for o in outside)
 
 
 # ---- augmented training windows -------------------------------------------------------------------------
@@ -125,20 +148,41 @@ def test_dropout_windows_read_the_same_text_with_targets_on_the_deterministic_to
     assert 0.7 < has_target / y.numel() < 0.99
 
 
-def test_typo_windows_keep_targets_on_the_clean_tokens_in_order(corpus, tok1k):
+def test_typo_windows_target_the_clean_tokens_and_the_typo_free_rest_of_misspelled_words(corpus, tok1k):
     ids, block = windows_of(tok1k, corpus)
     sampler = RobustSampler(RandomSampler(ids, block, 5), tok1k, 0.0, 0.1, 5, block)
     x, y = sampler.next(8)
     xp, yp = RandomSampler(ids, block, 5).next(8)
     assert not torch.equal(x, xp)
+    pieces = 0
     for r in range(8):
-        targets = [t for t in y[r].tolist() if t >= 0]
+        clean_words = LETTERS.findall(tok1k.decode([int(xp[r, 0]), *yp[r].tolist()]))
+        noisy = tok1k.decode(x[r].tolist())
+        noisy_words = list(LETTERS.finditer(noisy))
+        targets = []
+        for i in range(block - 1):
+            t = int(y[r, i])
+            if t >= 0 and t == int(x[r, i + 1]):
+                # Either a clean token or a piece of a misspelled word, the next input: then it holds no typo,
+                # it lies in the word's common prefix or common suffix with the clean word.
+                s0 = len(tok1k.decode(x[r, : i + 1].tolist()))
+                piece = tok1k.pieces[t].decode()
+                k = next((k for k, m in enumerate(noisy_words) if m.start() <= s0 and s0 + len(piece) <= m.end()), None)
+                if k is not None and noisy_words[k].group() != clean_words[k]:
+                    word, at = noisy_words[k].group(), s0 - noisy_words[k].start()
+                    cut = noisy_words[k].end() == len(noisy)  # the window may end inside the word: its suffix is unknown
+                    assert clean_words[k].startswith(word[: at + len(piece)]) or (not cut and clean_words[k].endswith(word[at:]))
+                    pieces += 1
+                    continue
+            targets.append(t)
+        targets = [t for t in targets if t >= 0]
         assert len(targets) > 0.6 * block
-        # Clean tokens in the window's order: two inputs can line up with the same clean place (the
+        # The clean targets in the window's order: two inputs can line up with the same clean place (the
         # end of a misspelled word's common prefix and the start of its common suffix), so a target may
         # repeat; once repeats are dropped they are a subsequence of the clean window.
         it = iter(yp[r].tolist())
         assert all(t in it for k, t in enumerate(targets) if k == 0 or t != targets[k - 1])
+    assert pieces > 8
 
 
 def test_resume_is_bit_identical_with_dropout_and_typos(prepared, tmp_path, tok):
