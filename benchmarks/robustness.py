@@ -8,6 +8,7 @@ validation text, clean and with typos (gradlm eval --typos: the same rate and se
 typo penalty (noisy bits/byte - clean bits/byte) is compared with plain training's.
 
     python benchmarks/robustness.py                   # --steps 300 --bpe-dropout 0.1 --typo-rate 0.05 --typos 0.05 --threads 1
+    python benchmarks/robustness.py --steps 600 --jobs 2   # twice the training, two configurations at a time
     python benchmarks/robustness.py --throughput      # how fast each way of doing BPE-dropout is
     python benchmarks/robustness.py --qa              # drug-name QA: plain vs augmented fine-tuning
 
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gradlm.checkpoint import atomic_write_text
 from gradlm.config import TrainConfig
 from gradlm.data import RandomSampler, TokenData, resolve_data
 from gradlm.evaluate import EvalConfig, run_eval
@@ -49,7 +51,7 @@ def base_config(a, out: Path) -> TrainConfig:
     return TrainConfig(data=a.data, out=str(out), vocab_size=1024, batch="32", seed=a.seed, warmup_steps=30, eval_every=10**6, progress=False, plots=False)
 
 
-def step_times(a, runs: dict[str, dict], out: Path, rounds: int = 8) -> dict[str, float]:
+def step_times(a, runs: dict[str, dict], out: Path, rounds: int = 16) -> dict[str, float]:
     """Median seconds per training step (sampler, forward, backward, update) of each configuration,
     measured round-robin so that other load on the machine hits them all alike."""
     trainers = {}
@@ -77,8 +79,22 @@ def val_text(run: Path) -> Path:
     cuts = np.flatnonzero(ids == eot).tolist() + [len(ids)]
     docs = [data.tokenizer.decode(ids[a + 1 : b].tolist()) for a, b in zip(cuts, cuts[1:]) if b > a + 1]
     path = run.parent / "val.txt"
-    path.write_text("\n\n".join(docs), encoding="utf-8")
+    atomic_write_text(path, "\n\n".join(docs))  # configurations trained in parallel (--jobs) write the same file
     return path
+
+
+def train_and_score(job) -> dict:
+    """Train one configuration for its steps, then score it on the validation text, clean and with typos."""
+    a, name, extra, steps, step_s = job
+    torch.set_num_threads(a.threads)
+    run = Path(a.out) / name.replace(" ", "-")
+    t0 = time.time()
+    summary = train(ModelConfig(**DEMO), replace(base_config(a, run), max_steps=steps, **extra))
+    print(f"{name}: {steps} steps in {time.time() - t0:.0f}s, val bpb {summary['val_bpb']:.4f}", flush=True)
+    model, tok = load_model(run)
+    report = run_eval(model, tok, EvalConfig(data=str(val_text(run)), typos=a.typos, seed=a.seed, progress=False))
+    return {"run": name, "steps": steps, "step_s": step_s, "train_s": summary["time_s"], "clean_bpb": report["clean"]["bits_per_byte"],
+            "noisy_bpb": report["typos"]["noisy"]["bits_per_byte"], "penalty": report["typos"]["penalty_bits_per_byte"], "words": report["typos"]["words"]}
 
 
 def benchmark(a) -> None:
@@ -86,17 +102,14 @@ def benchmark(a) -> None:
     runs = configs(a)
     t_step = step_times(a, runs, out)
     print("step time (median, s): " + ", ".join(f"{n} {t:.3f}" for n, t in t_step.items()))
-    rows = []
-    for name, extra in runs.items():
-        steps = max(1, round(a.steps * t_step["plain"] / t_step[name]))
-        run = out / name.replace(" ", "-")
-        t0 = time.time()
-        summary = train(ModelConfig(**DEMO), replace(base_config(a, run), max_steps=steps, **extra))
-        print(f"{name}: {steps} steps in {time.time() - t0:.0f}s, val bpb {summary['val_bpb']:.4f}", flush=True)
-        model, tok = load_model(run)
-        report = run_eval(model, tok, EvalConfig(data=str(val_text(run)), typos=a.typos, seed=a.seed, progress=False))
-        rows.append({"run": name, "steps": steps, "step_s": t_step[name], "train_s": summary["time_s"], "clean_bpb": report["clean"]["bits_per_byte"],
-                     "noisy_bpb": report["typos"]["noisy"]["bits_per_byte"], "penalty": report["typos"]["penalty_bits_per_byte"], "words": report["typos"]["words"]})
+    jobs = [(a, name, extra, max(1, round(a.steps * t_step["plain"] / t_step[name])), t_step[name]) for name, extra in runs.items()]
+    if a.jobs > 1:  # each configuration trains in a process of its own, a.jobs at a time (1 torch thread each)
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(a.jobs) as pool:
+            rows = pool.map(train_and_score, jobs, chunksize=1)
+    else:
+        rows = [train_and_score(job) for job in jobs]
     plain = rows[0]
     for r in rows:
         r["penalty_change"] = r["penalty"] / plain["penalty"] - 1
@@ -128,7 +141,7 @@ def plot(rows: list[dict], a) -> None:
     lo = min(r["clean_bpb"] for r in rows)
     ax1.set_ylim(lo * 0.95, max(r["noisy_bpb"] for r in rows) * 1.07)
     ax1.set_ylabel("validation bits per byte")
-    ax1.legend(loc="upper left")
+    ax1.legend(loc="upper right")
     # The penalty split by where its extra bits go (gradlm eval --typos, per word).
     inside = [r["penalty"] * r["words"]["extra_bits_in_misspelled_words"] / r["words"]["extra_bits"] for r in rows]
     ax2.bar(x, inside, 0.5, color="C3", label="on the misspelled words")
@@ -267,6 +280,8 @@ def main() -> None:
     ap.add_argument("--qa-seeds", type=lambda t: [int(x) for x in t.split(",")], default=[1337, 1], help="fine-tuning seeds, comma-separated (results are averaged)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)")
+    ap.add_argument("--jobs", type=int, default=1, help="train this many configurations at once, each in its own process (with --threads 1, one per core); "
+                    "steps are fixed from the step times measured first, so the results do not depend on it")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.plot_only:

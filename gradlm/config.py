@@ -58,7 +58,7 @@ class TrainConfig:
     min_delta: float = field(default=0.0, metadata={"help": "improvement in validation loss that counts for --patience"})
     guard_retries: int = field(default=8, metadata={"help": "divergence guard: times to restore the last good state and halve the lr before giving up"})
     bpe_dropout: float = field(default=0.0, metadata={"help": "BPE-dropout: re-split the training text (in fine-tuning: the system and user turns) with every merge skipped with this probability, e.g. 0.1, so the model learns to read words from their pieces; the loss, evaluation and the saved tokenizer stay deterministic"})
-    typo_rate: float = field(default=0.0, metadata={"help": "typo augmentation: give this share of the letters of the training text (in fine-tuning: the system and user turns) a typo (drop, swap, double, near key, case), e.g. 0.05; the loss stays on the clean text"})
+    typo_rate: float = field(default=0.0, metadata={"help": "typo augmentation: give this share of the letters of the training text (in fine-tuning: the system and user turns) a typo (drop, swap, double, near key, case), e.g. 0.05; the loss stays on the clean text (a misspelled word's typo-free pieces are targets, a typo never is)"})
     seed: int = field(default=1337, metadata={"help": "fixes initialisation, data order and dropout"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
     dtype: str = field(default="auto", metadata={"help": "float32, or bfloat16 autocast (weights and optimizer state stay float32); auto = bfloat16 where the hardware multiplies it natively (CUDA, CPUs with AMX or AVX512-BF16), else float32"})
