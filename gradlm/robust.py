@@ -209,7 +209,7 @@ def align_typos(clean: str, typos: Typos) -> Alignment:
         spans.append((nb[ns], nb[ne], nb[ns + pre], nb[ne - suf], cb[ce] - nb[ne]))
     spans = np.array(spans, dtype=np.int64).reshape(-1, 5)
     ahead = np.zeros(nb[-1] + 1, dtype=np.int64)
-    np.add.at(ahead, spans[:, 3], np.diff(spans[:, 4], prepend=0))
+    ahead[spans[:, 3]] = np.diff(spans[:, 4], prepend=0)  # one edit end per word, so no two land on one offset
     offsets = np.arange(nb[-1] + 1) + np.cumsum(ahead)
     for a, b in spans[:, 2:4].tolist():  # inside an edit nothing lines up
         offsets[a + 1 : b] = -1
