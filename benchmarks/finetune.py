@@ -28,7 +28,7 @@ BASE = ["--vocab-size", "512", "--n-layer", "4", "--d-model", "128", "--n-head",
 COMMON = ["--batch", "32", "--val-fraction", "0.05", "--eval-every", "50", "--warmup-steps", "10"]
 RUNS = {  # name: finetune flags
     "full": ["--method", "full", "--lr", "1e-3", "--max-epochs", "10"],
-    "freeze": ["--method", "freeze", "--freeze-layers", "2", "--lr", "3e-3", "--max-epochs", "10"],
+    "freeze": ["--method", "freeze", "--train-top", "2", "--lr", "3e-3", "--max-epochs", "10"],
     "lora": ["--method", "lora", "--lora-rank", "16", "--lr", "1e-2", "--weight-decay", "0", "--max-epochs", "10"],
     "lora-20ep": ["--method", "lora", "--lora-rank", "16", "--lr", "1e-2", "--weight-decay", "0", "--max-epochs", "20"],
 }

@@ -9,6 +9,7 @@ torch.load(weights_only=True).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -136,8 +137,30 @@ def atomic_write_text(path: Path, text: str) -> None:
     _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def strict(obj):
+    """obj with every float that JSON cannot hold (NaN, +-Infinity) as None, and numpy/torch scalars as
+    Python numbers: what `json.dumps(allow_nan=False)` accepts and every JSON parser reads back."""
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and not isinstance(obj, (str, bytes)):  # numpy / torch scalar
+        try:
+            obj = obj.item()
+        except (TypeError, ValueError, RuntimeError):
+            return obj
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def dumps(obj, **kw) -> str:
+    """Strict JSON text of obj (see strict): never NaN or Infinity, which JSON.parse and jq reject."""
+    return json.dumps(strict(obj), allow_nan=False, **kw)
+
+
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    atomic_write_text(path, dumps(obj, indent=2) + "\n")
 
 
 def write_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,7 +18,16 @@ from gradlm.errors import ConfigError, GradlmError, Interrupted
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (exit 2), like every other user mistake."""
+    """argparse that reports a bad flag in one line (exit 2), like every other user mistake.
+
+    Flags are matched by their whole name only (no prefixes: `--optim` is not `--optimizer`), and a value
+    that starts with a minus and a digit (-1m, -5, -1e-3) is a value, so `--max-time -1m` reaches the check
+    that explains why a budget must be positive instead of "expected one argument"."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
@@ -262,7 +272,9 @@ def cmd_eval(args) -> None:
     cfg.validate()  # bad flags fail before the model loads
     model, tok = load_model(args.run, best=args.best)
     report = run_eval(model, tok, cfg)
-    print(json.dumps({"run": args.run, **report}, indent=2) if args.json else format_report(report))
+    from gradlm.checkpoint import dumps
+
+    print(dumps({"run": args.run, **report}, indent=2) if args.json else format_report(report))
 
 
 def _train_configs(args):
@@ -442,10 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_lr_find)
 
     t = sub.add_parser("compare", help="train several configurations under one budget and plot them together")
-    t.add_argument("--optimizers", "--optimizer", dest="optimizers", default="", help="comma-separated, e.g. sgd,momentum,adamw,muon")
-    t.add_argument("--batches", "--batch", dest="batches", default="", help="comma-separated batch modes, e.g. full,1,32")
-    t.add_argument("--lrs", "--lr", dest="lrs", default="", help="comma-separated learning rates (default: each optimizer's own)")
-    t.add_argument("--schedules", "--schedule", dest="schedules", default="", help="comma-separated schedules")
+    t.add_argument("--optimizer", dest="optimizers", default="", metavar="A,B,...", help="optimizers to compare, comma-separated, e.g. sgd,momentum,adamw,muon")
+    t.add_argument("--batch", dest="batches", default="", metavar="A,B,...", help="batch modes to compare, comma-separated, e.g. full,1,32")
+    t.add_argument("--lr", dest="lrs", default="", metavar="A,B,...", help="learning rates to compare, comma-separated (default: each optimizer's own)")
+    t.add_argument("--schedule", dest="schedules", default="", metavar="A,B,...", help="schedules to compare, comma-separated")
     t.add_argument("--vary", action="append", metavar="FIELD=V1,V2", help="any other training setting to compare, e.g. --vary weight-decay=0,0.1")
     t.add_argument("--out", dest="compare_out", required=True, help="folder for the runs, compare.png, compare.md and compare.json")
     add_fields(t, TrainConfig, skip=("out", "optimizer", "batch", "lr", "schedule", "resume", "from_best", "pause_at", "size"), typed_only=True)

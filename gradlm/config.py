@@ -47,10 +47,10 @@ class TrainConfig:
     warmup_steps: int = field(default=20, metadata={"help": "steps of linear warmup"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a fraction of the peak"})
     decay_fraction: float = field(default=0.2, metadata={"help": "wsd: share of the budget spent decaying"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many updates (0 = no limit)"})
-    max_time: str = field(default="", metadata={"help": "stop after this much training time, e.g. 90s, 5m, 1h"})
-    max_tokens: int = field(default=0, metadata={"help": "stop after this many training tokens"})
-    max_epochs: float = field(default=0.0, metadata={"help": "stop after this many passes over the training set"})
+    max_steps: int = field(default=0, metadata={"help": "budget: stop after this many updates (with no budget of any kind: 1000 steps, and the log says so)"})
+    max_time: str = field(default="", metadata={"help": "budget: stop after this much wall time from the first step, evaluations included, e.g. 90s, 5m, 1h"})
+    max_tokens: int = field(default=0, metadata={"help": "budget: stop after this many training tokens"})
+    max_epochs: float = field(default=0.0, metadata={"help": "budget: stop after this many passes over the training set"})
     pause_at: int = field(default=0, metadata={"help": "save and stop at this step without ending the schedule; continue with --resume"})
     eval_every: int = field(default=50, metadata={"help": "evaluate (and checkpoint) every N steps"})
     eval_tokens: int = field(default=32768, metadata={"help": "validation tokens per evaluation"})
@@ -98,7 +98,10 @@ class TrainConfig:
         for name in ("accum", "eval_every", "eval_tokens", "log_every"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "max_tokens", "max_epochs", "warmup_steps", "patience", "guard_retries", "micro_batch", "pause_at", "weight_decay", "grad_clip", "min_delta"):
+        for name in ("max_steps", "max_tokens", "max_epochs"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name.replace('_', '-')} is a budget and must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "patience", "guard_retries", "micro_batch", "pause_at", "weight_decay", "grad_clip", "min_delta"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -112,7 +115,8 @@ class TrainConfig:
         if not 0 <= self.typo_rate < 1:
             problems.append(f"--typo-rate is the share of letters given a typo and must be in [0, 1), e.g. 0.05; got {self.typo_rate}")
         try:
-            parse_duration(self.max_time)
+            if parse_duration(self.max_time) < 0:
+                problems.append(f"--max-time is a budget and must be a positive duration such as 90s, 5m or 1h, got {self.max_time!r}")
         except ConfigError as e:
             problems.append(str(e))
         if problems:
@@ -135,6 +139,18 @@ FIXED_ON_RESUME = {
     "size": "the model's shape", "bpe_dropout": "the data augmentation", "typo_rate": "the data augmentation",
 }
 BUDGETS = ("max_steps", "max_tokens", "max_time", "max_epochs")
+DEFAULT_STEPS = 1000  # the budget of a run given none, said in the log
+
+
+def check_budgets(cfg: TrainConfig, typed: set[str]) -> None:
+    """A budget the caller gave must be positive: `--max-time 0` or `--max-steps 0` would otherwise mean
+    "no limit" (and train until Ctrl-C) or "the default" by accident. Negative ones fail in validate()."""
+    zero = [b for b in BUDGETS if b in typed and not (parse_duration(cfg.max_time) if b == "max_time" else getattr(cfg, b))]
+    if zero:
+        flags = ", ".join(f"--{b.replace('_', '-')} {getattr(cfg, b) if getattr(cfg, b) != '' else repr('')}" for b in zero)
+        raise ConfigError(
+            f"{flags}: a budget must be positive (e.g. --max-time 5m or --max-steps 2000); leave the flag out for the default "
+            f"of {DEFAULT_STEPS} steps when no budget is given")
 OPTIMIZER_SETTINGS = ("lr", "muon_lr", "weight_decay", "momentum", "beta1", "beta2")
 PER_INVOCATION = ("out", "resume", "from_best", "pause_at")  # never taken from the saved run
 
@@ -163,10 +179,10 @@ def resume_settings(saved: TrainConfig, given: TrainConfig, typed: set[str]) -> 
 
 
 def parse_duration(text: str) -> float:
-    """'90s' -> 90.0, '5m' -> 300.0, '1.5h' -> 5400.0, '' -> 0 (no limit), '120' -> 120 seconds."""
+    """'90s' -> 90.0, '5m' -> 300.0, '1.5h' -> 5400.0, '' -> 0 (not set), '120' -> 120 seconds, '-1m' -> -60."""
     if not text:
         return 0.0
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?\s*", str(text))
+    m = re.fullmatch(r"\s*([-+]?\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?\s*", str(text))
     if not m:
         raise ConfigError(f"--max-time {text!r} is not a duration; write e.g. 90s, 5m or 1h")
     return float(m.group(1)) * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, None: 1}[m.group(2)]

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradlm import datasets
+from gradlm import checkpoint as ckpt
 from gradlm.checkpoint import atomic_write_dir
 from gradlm.errors import DataError
 from gradlm.tokenizer import Tokenizer
@@ -283,10 +284,12 @@ def prepare(
     def write(tmp: Path) -> None:
         for name, texts in (("train", train_docs), ("val", val_docs)):
             ids = tokenize_documents(texts, tok, workers, progress, desc=f"tokenize {name}")
-            ids.astype(dtype).tofile(tmp / f"{name}.bin")
-            meta["splits"][name] = {"tokens": int(len(ids)), "bytes": sum(len(t.encode()) for t in texts), "documents": len(texts)}
+            ids = ids.astype(dtype)
+            ids.tofile(tmp / f"{name}.bin")
+            meta["splits"][name] = {"tokens": int(len(ids)), "bytes": sum(len(t.encode()) for t in texts), "documents": len(texts),
+                                    "sha256": hashlib.sha256(ids.tobytes()).hexdigest()}
         tok.save(tmp / "tokenizer.json")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "meta.json").write_text(ckpt.dumps(meta, indent=2) + "\n")
 
     atomic_write_dir(out_dir, write)
     return meta
@@ -316,6 +319,19 @@ class TokenData:
 
     def tokens(self, split: str) -> np.ndarray:
         return self.splits[split]
+
+    @property
+    def identity(self) -> str:
+        """A content hash of the data a run trains on: the tokenizer and the token ids of both splits. A run
+        records it, so a resume finds its own tokens again wherever they are cached, and never trains on
+        other ones by mistake."""
+        h = hashlib.sha256(self.meta["tokenizer_sha256"].encode())
+        for name in ("train", "val"):
+            digest = self.meta["splits"][name].get("sha256")
+            if digest is None:  # prepared before the hashes were recorded
+                digest = hashlib.sha256(np.ascontiguousarray(self.splits[name]).tobytes()).hexdigest()
+            h.update(f"|{name}:{digest}".encode())
+        return h.hexdigest()[:32]
 
 
 def windows(tokens: np.ndarray, starts: torch.Tensor | list[int], block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -421,14 +437,49 @@ def is_prepared(data: str) -> bool:
     return p.is_dir() and (p / "meta.json").is_file()
 
 
-def resolve_data(cfg, tokenizer: Tokenizer | None = None, log=print, trained_here: bool | None = None) -> TokenData:
+def find_prepared(identity: str, hint: str | os.PathLike | None = None) -> TokenData | None:
+    """The prepared data with this identity (see TokenData.identity): at hint (the folder a run recorded)
+    or anywhere in the cache of prepared text; None if there is none. Reads no raw text, so it works offline."""
+    hinted = Path(hint) if hint else None
+    cache = datasets.cache_dir() / "prepared"
+    places = ([hinted] if hinted else []) + (sorted(p for p in cache.iterdir() if p != hinted) if cache.is_dir() else [])
+    for p in places:
+        if not (p / "meta.json").is_file():
+            continue
+        try:
+            data = TokenData(p)
+            # elsewhere in the cache only folders that carry their hashes are looked at (no hashing of every folder)
+            if (p == hinted or all("sha256" in s for s in data.meta["splits"].values())) and data.identity == identity:
+                return data
+        except (DataError, OSError, ValueError, KeyError, json.JSONDecodeError):
+            continue  # a folder left half-made or corrupt is not ours
+    return None
+
+
+def resolve_data(cfg, tokenizer: Tokenizer | None = None, log=print, trained_here: bool | None = None, identity: str = "", hint: str = "") -> TokenData:
     """The data of a training run (cfg: a TrainConfig): a prepared directory as it is, or raw text
     tokenised (and the tokenizer trained) once and cached.
 
     The cache key names the text, the settings and the tokenizer: "trained" when the tokenizer is (or
     was, for a resumed run) trained from this text, else the given tokenizer's hash. So a run and its
     resume read the same cache; if the cache is gone, the resume re-tokenises with the run's tokenizer.
+    A resumed run passes the identity of the tokens it trained on (and where they were): they are used
+    wherever they are found without reading the raw text (offline), and other tokens are refused.
     """
+    if identity:
+        found = find_prepared(identity, hint)
+        if found is not None:
+            return found
+    data = _resolve_data(cfg, tokenizer, log, trained_here)
+    if identity and data.identity != identity:
+        raise DataError(
+            f"--data {cfg.data} no longer gives the tokens this run trained on (identity {data.identity}, the run recorded {identity}); "
+            "restore the original text or prepared folder, or start a new run from this one with --init"
+        )
+    return data
+
+
+def _resolve_data(cfg, tokenizer: Tokenizer | None, log, trained_here: bool | None) -> TokenData:
     if is_prepared(cfg.data):
         return TokenData(Path(cfg.data))
     sources = [cfg.data]

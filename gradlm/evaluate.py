@@ -84,12 +84,14 @@ class EvalConfig:
 
 
 class _Progress:
-    """A tqdm bar on a terminal; otherwise a plain log line at most every 10 s (with rate and ETA)."""
+    """A tqdm bar on a terminal; otherwise a plain log line at most every 10 s (with rate and ETA), and a
+    closing line at 100% once any line was shown, so the log never ends at 97%."""
 
     def __init__(self, total: int, enabled: bool, what: str):
         self.total, self.enabled, self.what, self.done = total, enabled, what, 0
         self.bar = tqdm(total=total, unit=what, desc="eval", dynamic_ncols=True) if enabled and sys.stderr.isatty() else None
         self.t0 = self.last = time.time()
+        self.shown = False
 
     def update(self, n: int) -> None:
         self.done += n
@@ -99,10 +101,13 @@ class _Progress:
             self.last = time.time()
             rate = self.done / max(self.last - self.t0, 1e-9)
             print(f"eval: {self.done / self.total:.0%} ({self.done:,}/{self.total:,} {self.what}s, {rate:.1f}/s, ETA {(self.total - self.done) / rate:.0f}s)", file=sys.stderr)
+            self.shown = True
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        elif self.shown and self.done >= self.total:
+            print(f"eval: 100% ({self.done:,}/{self.total:,} {self.what}s in {time.time() - self.t0:.0f}s)", file=sys.stderr)
 
 
 # ---- scoring text -----------------------------------------------------------------------------------------

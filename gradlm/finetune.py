@@ -9,7 +9,7 @@ The data decides what is learned:
   raw text                                                      continued pretraining, as `train --init`.
 The method decides what trains (gradlm/lora.py):
   full     every weight;
-  freeze   the top --freeze-layers blocks, the final norm and the head;
+  freeze   the top --train-top blocks, the final norm and the head;
   lora     low-rank adapters on --lora-targets; the run keeps only the adapter (adapter.safetensors)
            and refers to its base run, and every command that loads a run folds it in.
 
@@ -49,8 +49,8 @@ METHODS = ("full", "freeze", "lora")
 class FinetuneConfig:
     """What a fine-tune trains. Saved as the "finetune" section of the run's config.json."""
 
-    method: str = field(default="full", metadata={"help": "full (every weight), freeze (only the top --freeze-layers blocks + head) or lora (low-rank adapters)"})
-    freeze_layers: int = field(default=1, metadata={"help": "--method freeze: train the top N blocks, the final norm and the head (0 = the head only)"})
+    method: str = field(default="full", metadata={"help": "full (every weight), freeze (only the top --train-top blocks + head) or lora (low-rank adapters)"})
+    train_top: int = field(default=1, metadata={"help": "--method freeze: train only the top N blocks, the final norm and the head (0 = the head only); every block below them is frozen"})
     lora_rank: int = field(default=8, metadata={"help": "--method lora: rank r of each adapter"})
     lora_alpha: float = field(default=16.0, metadata={"help": "--method lora: the adapter's update is scaled by alpha / r"})
     lora_dropout: float = field(default=0.0, metadata={"help": "--method lora: dropout on the adapters' input"})
@@ -61,8 +61,8 @@ class FinetuneConfig:
         problems = []
         if self.method not in METHODS:
             problems.append(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.freeze_layers < 0:
-            problems.append(f"--freeze-layers must not be negative, got {self.freeze_layers}")
+        if self.train_top < 0:
+            problems.append(f"--train-top must not be negative, got {self.train_top}")
         if self.lora_rank < 1:
             problems.append(f"--lora-rank must be at least 1, got {self.lora_rank}")
         if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
@@ -74,7 +74,7 @@ class FinetuneConfig:
         except ConfigError as e:
             problems.append(str(e))
         for name in sorted(set(typed) & {f.name for f in fields(self)} - {"method"}):
-            wanted = name.split("_")[0]  # freeze_layers -> freeze, lora_rank -> lora
+            wanted = "freeze" if name == "train_top" else name.split("_")[0]  # lora_rank -> lora
             if self.method != wanted:
                 problems.append(f"--{name.replace('_', '-')} applies to --method {wanted}, not {self.method}")
         if problems:
@@ -82,7 +82,7 @@ class FinetuneConfig:
 
     def describe(self) -> str:
         if self.method == "freeze":
-            return f"freeze (training the top {self.freeze_layers} blocks, the final norm and the head)"
+            return f"freeze (training the top {self.train_top} blocks, the final norm and the head)"
         if self.method == "lora":
             return f"lora (rank {self.lora_rank}, alpha {self.lora_alpha:g}, dropout {self.lora_dropout:g}, on {','.join(parse_targets(self.lora_targets))})"
         return "full (every weight)"
@@ -108,8 +108,8 @@ class FineTuner(Trainer):
             raise ConfigError("say which run to fine-tune: gradlm finetune BASE_RUN --data FILE --out RUN")
         if ft.method == "freeze" and not cfg.resume:  # before any work: the base's depth is in its config
             n = RunDir(cfg.init).model_config().n_layer
-            if ft.freeze_layers > n:
-                raise ConfigError(f"--freeze-layers {ft.freeze_layers}: the model has {n} blocks; train between 0 (the head only) and {n} of them")
+            if ft.train_top > n:
+                raise ConfigError(f"--train-top {ft.train_top}: the model has {n} blocks; train between 0 (the head only) and {n} of them")
         self.ft = ft
         super().__init__(ModelConfig(dropout=dropout), cfg, log=log, given=given)
         self.command = "finetune"
@@ -126,6 +126,8 @@ class FineTuner(Trainer):
         saved = RunDir(out).read_config().get("finetune")
         if not isinstance(saved, dict):
             raise RunDirError(f"{out} was not made by `gradlm finetune`; continue it with `gradlm train --out {out} --resume`")
+        if "freeze_layers" in saved:  # runs made before the flag was renamed (its old name said the opposite of what it did)
+            saved = {"train_top": saved["freeze_layers"], **saved}
         ft = FinetuneConfig(**{f.name: saved[f.name] for f in fields(FinetuneConfig) if f.name in saved})
         for name in sorted(typed):
             if getattr(given, name) != getattr(ft, name):
@@ -185,7 +187,7 @@ class FineTuner(Trainer):
         self.full_params = count_params(m)
         self.full_state_bytes = 4 * state_floats(m, self.cfg.optimizer, trainable_only=False)
         if ft.method == "freeze":
-            freeze_below(m, ft.freeze_layers)
+            freeze_below(m, ft.train_top)
         elif ft.method == "lora":
             add_adapters(m, ft.lora_rank, ft.lora_alpha, ft.lora_dropout, parse_targets(ft.lora_targets))
 

@@ -16,7 +16,10 @@ import os
 import tempfile
 from pathlib import Path
 
+import sys
+
 import numpy as np
+from tqdm.auto import tqdm
 
 from gradlm import checkpoint as ckpt
 from gradlm import plots
@@ -28,8 +31,10 @@ from gradlm.config import TrainConfig
 from gradlm.trainer import Trainer, train
 
 
-def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, steps: int = 100, png: str | os.PathLike | None = "lr_find.png", log=print) -> dict:
-    """Learning-rate range test. Returns {"suggested_lr", "reason", "lrs", "losses", ...} and writes a PNG.
+def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, steps: int = 100, png: str | os.PathLike | None = None, log=print) -> dict:
+    """Learning-rate range test. Returns {"suggested_lr", "reason", "lrs", "losses", ...}; with png, draws
+    the loss against the learning rate there. Shows a progress bar on a terminal (cfg.progress), a log line
+    every tenth of the sweep otherwise.
 
     The suggestion is the learning rate where the smoothed loss falls fastest per decade of learning
     rate: large enough to make quick progress, well below the point where the loss turns back up.
@@ -49,6 +54,7 @@ def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, en
         t.model.train()
         lrs, losses, smoothed = [], [], []
         best = float("inf")
+        bar = tqdm(total=steps, desc="lr-find", disable=not (cfg.progress and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
         for i in range(steps):
             lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
             set_lr(t.opt, lr / cfg.lr)
@@ -60,8 +66,14 @@ def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, en
             losses.append(loss)
             smoothed = plots.smooth(losses, 0.9)
             best = min(best, smoothed[-1])
+            bar.update()
+            bar.set_postfix(lr=f"{lr:.1e}", loss=f"{smoothed[-1]:.3f}")
+            if bar.disable and cfg.progress and (i + 1) % max(steps // 10, 1) == 0:
+                log(f"lr-find: step {i + 1}/{steps} | lr {lr:.2e} | loss {loss:.4f} (smoothed {smoothed[-1]:.4f})")
             if i > 10 and smoothed[-1] > 4 * best:  # clearly diverging: the rest of the range tells nothing
+                log(f"lr-find: the loss diverged at lr {lr:.2e} (step {i + 1}); the rest of the range tells nothing")
                 break
+        bar.close()
     if len(lrs) < 5:
         raise GradlmError(f"the loss diverged within {len(lrs)} steps from lr {start_lr:g}; lower --start-lr")
     # Analyse a centred moving average: the online EMA lags ~10 steps, which on an exponential sweep
@@ -144,6 +156,10 @@ def compare(model_cfg: ModelConfig, base: TrainConfig, grid: list[dict], out_dir
         try:
             s = train(copy.deepcopy(model_cfg), cfg)
             row.update(steps=s["steps"], tokens=s["tokens"], time_s=round(s["time_s"], 1), val_loss=s["val_loss"], val_bpb=s["val_bpb"], best_val_loss=s["best_val_loss"], restarts=s["divergence_restarts"], status="ok")
+            warning = rank_warning(s["steps"], cfg.warmup_steps)
+            if warning:
+                row["warning"] = warning
+                log(f"warning: {label}: {warning}")
         except Diverged as e:
             row.update(status="diverged", error=str(e))
         except GradlmError as e:  # not a property of gradient descent: a setting or input that cannot work
@@ -160,16 +176,32 @@ def compare(model_cfg: ModelConfig, base: TrainConfig, grid: list[dict], out_dir
     return {"runs": table, "png": str(png)}
 
 
+MIN_STEPS_TO_RANK = 50  # fewer updates than this say more about the start than about the method
+
+
+def rank_warning(steps: int, warmup_steps: int) -> str:
+    """Why a run's final loss cannot rank it against others, or '' when it can: it ended inside its learning-rate
+    warmup (it never trained at its own learning rate), or after too few steps for the loss to separate methods."""
+    if steps <= warmup_steps:
+        return f"ended inside its warmup ({steps} of {warmup_steps} warmup steps): it never trained at its learning rate; give a larger budget or fewer --warmup-steps"
+    if steps < MIN_STEPS_TO_RANK:
+        return f"only {steps} steps: too few to rank (at least {MIN_STEPS_TO_RANK}); give a larger budget"
+    return ""
+
+
 def _budget(cfg: TrainConfig) -> str:
     parts = [f"{k.replace('_', ' ')} {getattr(cfg, k)}" for k in ("max_steps", "max_tokens", "max_time", "max_epochs") if getattr(cfg, k)]
     return "budget: " + ", ".join(parts)
 
 
 def format_table(rows: list[dict]) -> str:
-    """The comparison as a Markdown table, best final validation bits per byte first."""
-    head = "| run | steps | tokens | time (s) | val loss | val bits/byte | restarts |\n|---|---:|---:|---:|---:|---:|---:|\n"
+    """The comparison as a Markdown table, best final validation bits per byte first; a run that cannot be
+    ranked (ended in its warmup, too few steps) says so in the last column."""
+    head = "| run | steps | tokens | time (s) | val loss | val bits/byte | restarts | note |\n|---|---:|---:|---:|---:|---:|---:|---|\n"
     ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["val_bpb"])  # bits per byte: fair across vocabularies
-    lines = [f"| {r['label']} | {r['steps']} | {r['tokens']:,} | {r['time_s']} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {r['restarts']} |" for r in ok]
-    lines += [f"| {r['label']} | {r['status']} | | | | | |" for r in rows if r["status"] != "ok"]
-    return head + "\n".join(lines) + "\n"
+    lines = [f"| {r['label']} | {r['steps']} | {r['tokens']:,} | {r['time_s']} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {r['restarts']} | {r.get('warning', '')} |" for r in ok]
+    lines += [f"| {r['label']} | {r['status']} | | | | | | {r.get('error', '')} |" for r in rows if r["status"] != "ok"]
+    unranked = sum(1 for r in ok if r.get("warning"))
+    foot = f"\nwarning: {unranked} of {len(ok)} runs cannot be ranked by this table (see the note column)\n" if unranked else ""
+    return head + "\n".join(lines) + "\n" + foot
 

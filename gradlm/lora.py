@@ -88,7 +88,7 @@ def freeze_below(model: nn.Module, trained_blocks: int) -> None:
     gradients. With tied embeddings the head is the input embedding, which then trains too."""
     n = len(model.layers)
     if not 0 <= trained_blocks <= n:
-        raise ConfigError(f"--freeze-layers {trained_blocks}: the model has {n} blocks; train between 0 (the head only) and {n} of them")
+        raise ConfigError(f"--train-top {trained_blocks}: the model has {n} blocks; train between 0 (the head only) and {n} of them")
     for p in model.parameters():
         p.requires_grad_(False)
     for part in [*model.layers[n - trained_blocks :], model.norm, model.lm_head]:

@@ -196,34 +196,35 @@ def build_optimizer(
 
 
 def lr_factor(
-    progress: float, step: int, schedule: str = "cosine", warmup_steps: int = 0, min_lr_ratio: float = 0.1, decay_fraction: float = 0.2, peak: float = 1.0
+    progress: float, step: int, schedule: str = "cosine", warmup_steps: int = 0, min_lr_ratio: float = 0.1, decay_fraction: float = 0.2, warm_from: float = 0.0
 ) -> float:
     """Multiplier on the base learning rate.
 
     progress is the fraction of the budget spent (steps, tokens, time or epochs), in [0, 1]; warmup
-    ramps linearly over the first warmup_steps steps and multiplies whatever the schedule gives.
-      constant  peak
-      cosine    from peak down to min_lr_ratio along half a cosine
-      linear    from peak down to min_lr_ratio in a straight line
-      wsd       warmup-stable-decay: peak until the last decay_fraction of the budget, then linear to min
-    peak is 1 for a run's schedule; a run extended on resume starts a new phase with peak = the factor
-    it had reached, so the learning rate continues from where it was instead of jumping back up.
+    ramps linearly from warm_from to what the schedule gives over the first warmup_steps steps.
+      constant  1
+      cosine    from 1 down to min_lr_ratio along half a cosine
+      linear    from 1 down to min_lr_ratio in a straight line
+      wsd       warmup-stable-decay: 1 until the last decay_fraction of the budget, then linear to min
+    warm_from is 0 for a run's schedule; a run extended on resume starts a new phase that warms up again
+    from the factor it had reached (step and progress counted from the phase start), so the learning rate
+    climbs back to the peak without a jump and then decays over the new budget.
     """
     p = min(max(progress, 0.0), 1.0)
-    lo = min(min_lr_ratio, peak)
+    lo = min_lr_ratio
     if schedule == "constant":
-        f = peak
+        f = 1.0
     elif schedule == "cosine":
-        f = lo + (peak - lo) * 0.5 * (1 + math.cos(math.pi * p))
+        f = lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * p))
     elif schedule == "linear":
-        f = lo + (peak - lo) * (1 - p)
+        f = lo + (1 - lo) * (1 - p)
     elif schedule == "wsd":
         start = 1 - decay_fraction
-        f = peak if p <= start else lo + (peak - lo) * (1 - (p - start) / max(decay_fraction, 1e-12))
+        f = 1.0 if p <= start else lo + (1 - lo) * (1 - (p - start) / max(decay_fraction, 1e-12))
     else:
         raise ConfigError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if warmup_steps > 0 and step < warmup_steps:
-        f *= (step + 1) / warmup_steps
+        f = warm_from + (f - warm_from) * (step + 1) / warmup_steps
     return f
 
 

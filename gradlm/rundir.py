@@ -247,7 +247,11 @@ class RunDir:
 
 
 def config_dict(model: ModelConfig, train: dict, data: dict, **extra) -> dict:
-    """The config.json schema: model shape, training settings, data identity, version, extras."""
+    """The config.json schema: model shape, training settings, data identity, version, extras.
+    A batch of N windows is stored as the number N ("full" stays a string)."""
+    batch = train.get("batch")
+    if isinstance(batch, str) and batch.isdigit():
+        train = {**train, "batch": int(batch)}
     return {"model": model.to_dict(), "train": train, "data": data, **extra, "gradlm_version": package_version()}
 
 
@@ -330,7 +334,7 @@ class Metrics:
     def write(self, **row) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(ckpt.dumps(row) + "\n")
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

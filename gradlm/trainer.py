@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from gradlm.checkpoint import check_output
-from gradlm.config import BUDGETS, OPTIMIZER_SETTINGS, PER_INVOCATION, TrainConfig, given_fields, parse_duration, resume_settings
+from gradlm.config import BUDGETS, DEFAULT_STEPS, OPTIMIZER_SETTINGS, PER_INVOCATION, TrainConfig, check_budgets, given_fields, parse_duration, resume_settings
 from gradlm import autosize
 from gradlm.data import EpochSampler, RandomSampler, is_prepared, resolve_data, source_bytes, windows
 from gradlm.errors import ConfigError, Interrupted, RunDirError
@@ -125,6 +125,7 @@ class Trainer:
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, log=None, given: Iterable[str] | None = None):
         _validate_all(model_cfg, cfg)
+        model_cfg, cfg = copy.deepcopy(model_cfg), copy.deepcopy(cfg)  # the caller's settings stay as they were
         self.run = RunDir(cfg.out)
         self.lock = None
         if cfg.resume and self.run.exists() and int(os.environ.get("RANK", "0")) == 0:
@@ -143,8 +144,10 @@ class Trainer:
             model_cfg, cfg = self._resume_settings(model_cfg, cfg, typed, typed_model)
         else:
             model_cfg = self._fresh_settings(model_cfg, cfg)
+        check_budgets(cfg, typed)
         if not any(getattr(cfg, b) for b in BUDGETS):
-            cfg.max_steps = 1000
+            cfg.max_steps = DEFAULT_STEPS
+            self.notes.append(f"no budget given: training for {DEFAULT_STEPS} steps, the default (set --max-steps, --max-tokens, --max-time or --max-epochs)")
         # --size auto: the default for a new run given no model-shape flag (or asked for with --size auto)
         self.auto = (not cfg.resume and not cfg.init and cfg.size == "auto"
                      and ("size" in typed or not typed_model & set(autosize.MODEL_KEYS)))
@@ -172,7 +175,8 @@ class Trainer:
         self._build()
         self.step, self.tokens_seen, self.elapsed, self.train_time = 0, 0, 0.0, 0.0
         self.reserve_s = 0.0  # time kept back from --max-time for the final evaluation and checkpoint
-        self.evals_timed, self.saved_step = False, -1
+        self.step_s, self.eval_s, self.eval_step_s = 0.0, 0.0, 0.0  # recent step time; last evaluation's time and the step time then
+        self.saved_step = -1
         self.best_val, self.bad_evals, self.guard_used = float("inf"), 0, 0
         self.gap_history: list[float] = []
         self.last_factor, self.phase = 1.0, None
@@ -221,6 +225,7 @@ class Trainer:
             if getattr(new, name) != getattr(saved_cfg, name):
                 self.notes.append(f"--{name.replace('_', '-')}: {getattr(saved_cfg, name)!r} -> {getattr(new, name)!r}")
         self.saved_cfg = saved_cfg
+        self.saved_data = saved.get("data", {})  # where the run's tokens were, and their identity
         self.init_tok = self.run.load_tokenizer()
         self.tokenizer_trained_here = saved.get("data", {}).get("tokenizer") == "trained"
         return saved_model, new
@@ -230,10 +235,12 @@ class Trainer:
     def _load_data(self, model_cfg: ModelConfig) -> None:
         cfg, dd = self.cfg, self.dd
         trained = self.tokenizer_trained_here if self.cfg.resume else None
-        data = resolve_data(cfg, self.init_tok, self.log, trained) if dd.main else None
+        saved = getattr(self, "saved_data", {}) if cfg.resume else {}
+        where = dict(identity=saved.get("identity", ""), hint=saved.get("path", ""))  # a resume reads its own tokens, offline
+        data = resolve_data(cfg, self.init_tok, self.log, trained, **where) if dd.main else None
         if dd.world > 1:
             dist.barrier()
-            data = data or resolve_data(cfg, self.init_tok, self.log, trained)
+            data = data or resolve_data(cfg, self.init_tok, self.log, trained, **where)
         self.data, self.tok = data, data.tokenizer
         if self.init_tok is not None and self.init_tok.sha256 != self.tok.sha256:
             raise ConfigError(f"{cfg.data} was tokenised with another tokenizer than {cfg.init or cfg.out}; pass raw text so it is tokenised with the run's tokenizer")
@@ -352,13 +359,15 @@ class Trainer:
         """The "data" section of config.json."""
         trained = self.tokenizer_trained_here if self.resumed else self.init_tok is None
         return {"path": str(self.data.path), "tokenizer": "trained" if trained else "given", "tokenizer_sha256": self.tok.sha256,
-                "train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens)}
+                "train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens), "identity": self.data.identity}
 
     # -- resume: restore the checkpoint, then apply what the caller typed
 
     # elapsed: wall time since the first step, evaluations and checkpoints included (what --max-time
     # bounds); train_time: the steps alone (what tokens/s divides by).
-    COUNTERS = ("step", "tokens_seen", "elapsed", "train_time", "best_val", "bad_evals", "guard_used", "gap_history", "last_factor", "phase")
+    # reserve_s is kept so a resume judges "finished" by the very rule that stopped the run.
+    COUNTERS = ("step", "tokens_seen", "elapsed", "train_time", "best_val", "bad_evals", "guard_used", "gap_history", "last_factor", "phase",
+                "reserve_s", "step_s", "eval_s", "eval_step_s")
 
     def _restore(self, state: dict) -> None:
         cfg = self.cfg
@@ -381,11 +390,12 @@ class Trainer:
         self.notes.insert(0, f"resumed {self.out} from its {where} at step {self.step}")
 
     def _extend_budget(self) -> None:
-        """A budget typed on resume that differs from the run's: refuse one already spent; otherwise the
-        rest of the run is a new schedule phase from the learning rate reached, so it never jumps."""
+        """A budget typed on resume that differs from the run's: refuse one already spent; otherwise the rest
+        of the run is a new schedule phase that warms the learning rate up again, from the factor reached to
+        the peak (a typed --lr, else the run's own peak), and decays it over the new budget."""
         cfg, saved = self.cfg, self.saved_cfg
         changed = [b for b in BUDGETS if b in self.typed and getattr(cfg, b) != getattr(saved, b)]
-        spent = self.progress() >= 1
+        spent = self.progress() >= 1  # the rule that stops the loop, final evaluation's reserve included
         done = f"{self.step} steps, {self.tokens_seen:,} tokens, {self.elapsed:.1f}s, {self.epochs_done():.2f} epochs"
         if spent and changed:
             flags = ", ".join(f"--{b.replace('_', '-')} {getattr(cfg, b)}" for b in changed)
@@ -394,14 +404,32 @@ class Trainer:
             budget = ", ".join(f"--{b.replace('_', '-')} {getattr(cfg, b)}" for b in BUDGETS if getattr(cfg, b))
             raise ConfigError(
                 f"{self.out} has finished its budget ({budget}; trained {done}); to train further, give a larger budget "
-                f"(e.g. --max-steps {2 * self.step}): the learning rate continues from where it is, in a new decay phase"
+                f"(e.g. --max-steps {2 * self.step}): the learning rate warms up again to the run's peak (or to --lr) and decays over the new budget"
             )
         if changed and self.step > 0:
-            self.phase = {"step": self.step, "tokens": self.tokens_seen, "elapsed": self.elapsed, "epochs": self.epochs_done(), "peak": self.last_factor}
+            warmup = max(1, min(max(cfg.warmup_steps, 10), self._steps_left() // 5))  # a fifth of the phase at most
+            self.phase = {"step": self.step, "tokens": self.tokens_seen, "elapsed": self.elapsed, "epochs": self.epochs_done(),
+                          "warm_from": self.last_factor, "warmup": warmup}
+            lr = base_lrs(self.opt)["lr"]
+            whose = "--lr" if "lr" in self.typed else "the run's peak"
+            rise = f"warms the learning rate up from {lr * self.last_factor:.3g} to {lr:.3g} ({whose}) over {warmup} steps"
             self.notes.append(
-                f"budget extended: a new {cfg.schedule} phase from the learning-rate factor reached ({self.last_factor:.3g} x base) "
-                f"down to {min(cfg.min_lr_ratio, self.last_factor):.3g} x base over the rest of the budget; the learning rate does not jump"
+                f"budget extended: a new {cfg.schedule} phase {rise if self.last_factor < 0.999 else f'keeps the learning rate at {lr:.3g} ({whose})'}, "
+                f"then decays it to {lr * cfg.min_lr_ratio:.3g} over the rest of the budget"
             )
+
+    def _steps_left(self) -> int:
+        """About how many updates the budget has left (for time, at the pace of the last steps run)."""
+        cfg, left = self.cfg, []
+        if cfg.max_steps:
+            left.append(cfg.max_steps - self.step)
+        if cfg.max_tokens:
+            left.append((cfg.max_tokens - self.tokens_seen) / self.step_tokens)
+        if cfg.max_epochs:
+            left.append((cfg.max_epochs - self.epochs_done()) * len(self.train_tokens) / self.step_tokens)
+        if self.max_time_s and self.step_s:
+            left.append((self.max_time_s - self.elapsed - self.reserve_s) / self.step_s)
+        return max(0, int(min(left))) if left else 1 << 30
 
     # -- one step of gradient descent
 
@@ -477,12 +505,13 @@ class Trainer:
 
     def lr_factor(self) -> float:
         """The schedule's factor for the next step: the run's schedule, or the current phase's when the
-        budget was extended on resume (progress counted from the phase start, no warmup)."""
-        c = self.cfg
-        if self.phase is None:
+        budget was extended on resume (steps and progress counted from the phase start, warming up again
+        from the factor the run had reached)."""
+        c, ph = self.cfg, self.phase
+        if ph is None:
             return lr_factor(self.progress(), self.step, c.schedule, c.warmup_steps, c.min_lr_ratio, c.decay_fraction)
         p = max(((used - start) / max(budget - start, 1e-12) for used, budget, start in self._spent()), default=0.0)
-        return lr_factor(p, self.step, c.schedule, 0, c.min_lr_ratio, c.decay_fraction, peak=self.phase["peak"])
+        return lr_factor(p, self.step - ph["step"], c.schedule, ph.get("warmup", 0), c.min_lr_ratio, c.decay_fraction, warm_from=ph.get("warm_from", 0.0))
 
     # -- evaluation and state
 
@@ -618,12 +647,16 @@ def _loop(t: Trainer, on_step) -> dict:
             if not guard.observe(loss, gn):
                 continue
             t.update()
-            t.train_time += time.time() - t0
+            step_s = time.time() - t0
+            t.train_time += step_s
+            t.step_s = step_s if not t.step_s else 0.7 * t.step_s + 0.3 * step_s  # recent pace: follows a machine that slows down
             tick()
-            if t.max_time_s and not t.evals_timed:
-                # Until an evaluation has been timed, keep back an estimate of the final one: a forward pass
-                # (about a third of a training step's work) over eval_tokens of validation and of training text.
-                t.reserve_s = t.train_time / t.step * (2 * cfg.eval_tokens / t.step_tokens) / 3 + 0.5
+            if t.max_time_s:
+                # Keep back the final evaluation and checkpoint: the last one's time scaled by how much slower (or
+                # faster) steps run now than then; before any, a forward pass (a third of a step's work) over
+                # eval_tokens of validation and of training text.
+                t.reserve_s = (t.eval_s * t.step_s / t.eval_step_s if t.eval_s
+                               else t.step_s * (2 * cfg.eval_tokens / t.step_tokens) / 3 + 0.5)
             if on_step is not None:
                 on_step(t.step, loss, lrs["lr"])
             show.step(loss, gn, lrs)
@@ -631,7 +664,7 @@ def _loop(t: Trainer, on_step) -> dict:
             if t.step % cfg.eval_every == 0 or done:
                 t0 = time.time()
                 converged = _evaluate_and_checkpoint(t, show)
-                t.reserve_s, t.evals_timed = time.time() - t0, True  # the final evaluation will cost about the same
+                t.eval_s, t.eval_step_s = time.time() - t0, t.step_s  # the final evaluation costs about the same, at the same pace
                 tick()
                 if converged:
                     stop_reason = "converged"

@@ -78,7 +78,7 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_frozen_layers_do_not_change_bit_for_bit(base_run, qa_file, tmp_path):
-    s = finetune(str(base_run), ft_cfg(qa_file, tmp_path / "ft", lr=1e-2), FinetuneConfig(method="freeze", freeze_layers=1))
+    s = finetune(str(base_run), ft_cfg(qa_file, tmp_path / "ft", lr=1e-2), FinetuneConfig(method="freeze", train_top=1))
     before, after = weights(base_run), weights(tmp_path / "ft")
     trained = [k for k in before if k.startswith(("layers.1.", "norm.", "lm_head."))]
     frozen = [k for k in before if k not in trained]
@@ -237,7 +237,7 @@ def test_a_lora_run_refuses_a_base_that_changed(base_run, qa_file, tmp_path):
         (["BASE"], "--data FILE"),
         (["BASE", "--data", "QA", "--lora-rank", "4"], "--lora-rank applies to --method lora, not full"),
         (["BASE", "--data", "QA", "--method", "lora", "--lora-targets", "q_proj,wq"], "unknown wq"),
-        (["BASE", "--data", "QA", "--method", "freeze", "--freeze-layers", "5"], "the model has 2 blocks"),
+        (["BASE", "--data", "QA", "--method", "freeze", "--train-top", "5"], "the model has 2 blocks"),
         (["BASE", "--data", "QA", "--method", "sideways"], "--method must be one of full, freeze, lora"),
         (["BASE", "--data", "QA", "--val-fraction", "0", "--patience", "2"], "--val-fraction 0 holds no conversations out"),
     ],

@@ -178,15 +178,39 @@ def test_a_spent_budget_is_an_error_not_a_silent_exit(prepared, tmp_path, tok):
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd", "linear"])
-def test_extending_a_run_continues_the_learning_rate_without_a_jump(prepared, tmp_path, tok, schedule):
+def test_extending_a_run_warms_the_learning_rate_up_again_without_a_jump(prepared, tmp_path, tok, schedule):
     kw = dict(schedule=schedule, log_every=1, decay_fraction=0.5)
     train(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, max_steps=10, pause_at=6, **kw))
-    train(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, max_steps=20, resume=True, **kw), given={"max_steps"})
+    train(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, max_steps=30, resume=True, **kw), given={"max_steps"})
     lrs = [r["lr"] for r in sorted((r for r in read_metrics(tmp_path / "run") if "lr" in r), key=lambda r: r["step"])]
-    assert len(lrs) == 20
-    assert all(b <= a * (1 + 1e-9) for a, b in zip(lrs[5:], lrs[6:])), lrs  # never rises after the resume point
-    assert lrs[6] >= lrs[5] * 0.9  # and continues from where it was
-    assert 3e-3 * 0.1 <= lrs[-1] <= 0.35 * lrs[6]  # and decays over the new budget, towards (never below) the floor
+    assert len(lrs) == 30
+    peak, warmup = 3e-3, 24 // 5  # the phase warms over a fifth of its 24 steps at most
+    top = lrs.index(max(lrs[6:]), 6)
+    assert all(a <= b * (1 + 1e-9) for a, b in zip(lrs[5:top], lrs[6 : top + 1])), lrs  # climbs from where it was (wsd: at the peak) ...
+    assert all(b - a <= (peak - lrs[5]) / warmup * 1.001 for a, b in zip(lrs[5:top], lrs[6 : top + 1]))  # ... in even steps, no jump
+    assert top - 5 <= warmup and max(lrs) == pytest.approx(peak, rel=0.02)  # back at the run's peak within the warmup
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(lrs[top:], lrs[top + 1 :])), lrs  # then decays over the new budget
+    assert 3e-3 * 0.1 <= lrs[-1] <= 0.35 * peak  # towards (never below) the floor
+
+
+def test_extending_a_finished_run_trains_at_the_typed_lr_or_the_runs_peak(text_file, tmp_path):
+    """The README's "extend it" line after a run that decayed to 0: the new phase trains at a real learning rate."""
+    out = tmp_path / "run"
+    first = cli("train", "--data", text_file, "--out", out, "--vocab-size", 300, "--max-steps", 10, "--eval-every", 5, "--lr", 3e-3,
+                "--min-lr-ratio", 0, "--warmup-steps", 2, "--log-every", 1, *TINY)
+    assert first.returncode == 0, first.stderr
+    rows = lambda: sorted((r for r in read_metrics(out) if "lr" in r), key=lambda r: r["step"])  # noqa: E731
+    assert rows()[-1]["lr"] < 3e-4  # decayed nearly to 0
+    typed = cli("train", "--out", out, "--resume", "--max-steps", 30, "--lr", 1e-3, "--no-progress")
+    assert typed.returncode == 0, typed.stderr
+    assert "to 0.001 (--lr)" in typed.stderr
+    after = [r["lr"] for r in rows() if r["step"] > 10]
+    assert max(after) == pytest.approx(1e-3, rel=0.1) and after[-1] < 1e-4  # warms to the typed --lr (the cosine has begun), decays over the new budget
+    again = cli("train", "--out", out, "--resume", "--max-steps", 60, "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert "(the run's peak)" in again.stderr
+    assert max(r["lr"] for r in rows() if r["step"] > 30) == pytest.approx(1e-3, rel=0.1)  # the peak the run now has: the typed one
+    assert RunDir(out).read_config()["train"]["lr"] == pytest.approx(1e-3)
 
 
 def test_from_best_resumes_the_best_checkpoint_exactly(prepared, tmp_path, tok):
