@@ -68,6 +68,7 @@ def typed_configs(args: argparse.Namespace, *classes) -> tuple[list, set[str]]:
             if hasattr(args, f.name):
                 values[f.name] = getattr(args, f.name)
     objs = [cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}) for cls in classes]
+    _check_typed_budgets(args, objs)
     if getattr(args, "print_config", False):
         import yaml
 
@@ -75,6 +76,16 @@ def typed_configs(args: argparse.Namespace, *classes) -> tuple[list, set[str]]:
         print(yaml.safe_dump({sections.get(type(o).__name__, type(o).__name__): dataclasses.asdict(o) for o in objs}, sort_keys=False), end="")
         raise SystemExit(0)
     return objs, set(values)
+
+
+def _check_typed_budgets(args: argparse.Namespace, objs) -> None:
+    """A budget typed on the command line must be positive (`--max-time 0` is a mistake, not "no limit").
+    A config file's 0 or "" means "not set": that is how --print-config and a run's config.json write it."""
+    from gradlm.config import BUDGETS, TrainConfig, check_budgets
+
+    for o in objs:
+        if isinstance(o, TrainConfig):
+            check_budgets(o, {b for b in BUDGETS if hasattr(args, b)})
 
 
 def pick(args: argparse.Namespace, cls, **overrides):
@@ -193,7 +204,9 @@ def cmd_finetune(args) -> None:
     if not getattr(args, "resume", False) and "data" not in typed:
         raise ConfigError("say what to fine-tune on: --data FILE (chat .jsonl for question answering, or raw text)")
     dropout = getattr(args, "dropout", 0.0)
-    s = finetune(args.base, pick(args, TrainConfig), pick(args, FinetuneConfig), dropout=dropout, given=typed | ({"dropout"} if hasattr(args, "dropout") else set()))
+    ft_train = pick(args, TrainConfig)
+    _check_typed_budgets(args, [ft_train])
+    s = finetune(args.base, ft_train, pick(args, FinetuneConfig), dropout=dropout, given=typed | ({"dropout"} if hasattr(args, "dropout") else set()))
     print(
         f"{s['run']}: {s['finetune_method']} fine-tuning, {s['trainable_params']:,} trainable parameters of {s['full_finetune_params']:,}, "
         f"{s['steps']} steps in {s['time_s']:.1f}s, stopped by {s['stop']} | val loss {s['val_loss']:.4f} (best {s['best_val_loss']:.4f})"

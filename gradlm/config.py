@@ -151,6 +151,8 @@ def check_budgets(cfg: TrainConfig, typed: set[str]) -> None:
         raise ConfigError(
             f"{flags}: a budget must be positive (e.g. --max-time 5m or --max-steps 2000); leave the flag out for the default "
             f"of {DEFAULT_STEPS} steps when no budget is given")
+
+
 OPTIMIZER_SETTINGS = ("lr", "muon_lr", "weight_decay", "momentum", "beta1", "beta2")
 PER_INVOCATION = ("out", "resume", "from_best", "pause_at")  # never taken from the saved run
 

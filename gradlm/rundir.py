@@ -236,6 +236,14 @@ class RunDir:
 
     # ---- summary, lock
 
+    def read_summary(self) -> dict:
+        """summary.json of the last training ({} when there is none or it cannot be read)."""
+        try:
+            out = json.loads(self.summary.read_text())
+            return out if isinstance(out, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
     def write_summary(self, summary: dict) -> None:
         try:
             ckpt.atomic_write_json(self.summary, summary)

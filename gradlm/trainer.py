@@ -144,7 +144,8 @@ class Trainer:
             model_cfg, cfg = self._resume_settings(model_cfg, cfg, typed, typed_model)
         else:
             model_cfg = self._fresh_settings(model_cfg, cfg)
-        check_budgets(cfg, typed)
+        unset = TrainConfig()
+        check_budgets(cfg, {b for b in typed if getattr(cfg, b) != getattr(unset, b)})  # e.g. max_time="0" (the CLI checks typed flags)
         if not any(getattr(cfg, b) for b in BUDGETS):
             cfg.max_steps = DEFAULT_STEPS
             self.notes.append(f"no budget given: training for {DEFAULT_STEPS} steps, the default (set --max-steps, --max-tokens, --max-time or --max-epochs)")
@@ -395,7 +396,12 @@ class Trainer:
         the peak (a typed --lr, else the run's own peak), and decays it over the new budget."""
         cfg, saved = self.cfg, self.saved_cfg
         changed = [b for b in BUDGETS if b in self.typed and getattr(cfg, b) != getattr(saved, b)]
-        spent = self.progress() >= 1  # the rule that stops the loop, final evaluation's reserve included
+        # Spent: by the rule that stops the loop (the final evaluation's reserve included), or by the verdict the
+        # run itself recorded when it stopped at this very checkpoint (a budget can run out during an evaluation,
+        # after the checkpoint was written).
+        last = self.run.read_summary()
+        stopped_here = last.get("stop") == "budget" and last.get("steps") == self.step and not cfg.from_best
+        spent = self.progress() >= 1 or (stopped_here and not changed)
         done = f"{self.step} steps, {self.tokens_seen:,} tokens, {self.elapsed:.1f}s, {self.epochs_done():.2f} epochs"
         if spent and changed:
             flags = ", ".join(f"--{b.replace('_', '-')} {getattr(cfg, b)}" for b in changed)

@@ -178,7 +178,7 @@ def test_typed_flags_win_and_a_model_flag_turns_auto_sizing_off(text_file, tmp_p
     out = tmp_path / "flags"
     _run(["train", "--data", str(text_file), "--out", str(out), "--max-steps", "2", "--batch", "3", "--lr", "0.002", "--vocab-size", "300", "--no-progress", "--no-plots"])
     config = json.loads((out / "config.json").read_text())
-    assert config["train"]["batch"] == "3" and config["train"]["lr"] == 0.002 and config["model"]["vocab_size"] == 306
+    assert config["train"]["batch"] == 3 and config["train"]["lr"] == 0.002 and config["model"]["vocab_size"] == 306
     assert "size" in config  # sized, with those three kept
     fixed = tmp_path / "fixed"
     _run(["train", "--data", str(text_file), "--out", str(fixed), "--max-steps", "2", "--n-layer", "1", "--no-progress", "--no-plots"])

@@ -246,7 +246,7 @@ def test_import_matches_transformers(hf_dir, tmp_path, capsys):
     assert (cfg.n_head, cfg.n_kv_head, cfg.d_model, cfg.d_ff, cfg.block_size) == (4, 2, 64, 96, 128)
     assert cfg.rope_theta == 5000.0 and cfg.norm_eps == 1e-6 and tok.eos_token == "<|endoftext|>"
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["train"] == asdict(TrainConfig(out=str(tmp_path / "run")))  # defaults, ready for --init
+    assert saved["train"] == {**asdict(TrainConfig(out=str(tmp_path / "run"))), "batch": 32}  # defaults, ready for --init
     ht = AutoTokenizer.from_pretrained(src)
     ids = tok.encode(" ".join(TEXTS))
     assert ids == ht(" ".join(TEXTS), add_special_tokens=False)["input_ids"]

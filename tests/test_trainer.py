@@ -214,3 +214,121 @@ def test_bf16_autocast_trains_and_resumes_bit_exactly_with_fp32_master_weights(p
     assert all(v.dtype == torch.float32 for v in a.values())  # master weights stay fp32
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight["val_loss"] < math.log(tok.vocab_size)
+
+
+# ---- budgets, resume and files: what the README promises holds under every condition
+
+
+def _strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as JSON.parse and jq do."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_json_file_is_strict_and_numbers_are_numbers(prepared, tmp_path, tok, monkeypatch):
+    # Ctrl-C before the first evaluation: best_val_loss has no value, and must say so as null
+    import signal
+
+    from gradlm.errors import Interrupted
+    from gradlm.monitor import StopSignals
+
+    calls = []
+
+    def requested(self, dd):
+        calls.append(1)
+        self.signum = signal.SIGINT
+        return len(calls) > 3
+
+    monkeypatch.setattr(StopSignals, "requested", requested)
+    with pytest.raises(Interrupted):
+        train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=20, eval_every=10))
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    summary = _strict_json((run / "summary.json").read_text())
+    assert summary["best_val_loss"] is None and summary["stop"] == "interrupted" and summary["steps"] == 3
+    config = _strict_json((run / "config.json").read_text())
+    assert config["train"]["batch"] == 8 and isinstance(config["train"]["batch"], int)
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        _strict_json(line)
+    assert train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=20, eval_every=10, resume=True))["steps"] == 20  # "8" read back
+
+
+def test_train_leaves_the_callers_configs_as_they_were(prepared, tmp_path, tok):
+    import copy
+
+    m, c = model_for(tok), cfg_for(prepared, tmp_path, max_steps=0, max_tokens=2048, lr=0.0)
+    m0, c0 = copy.deepcopy(m), copy.deepcopy(c)
+    train(m, c)
+    assert m == m0 and c == c0
+
+
+def test_no_budget_is_the_stated_default_and_a_zero_budget_an_error(prepared, tmp_path, tok):
+    lines = []
+    t = Trainer(model_for(tok), cfg_for(prepared, tmp_path, max_steps=0), log=lines.append)
+    assert t.cfg.max_steps == 1000 and any("no budget given: training for 1000 steps" in n for n in t.notes)
+    t.close_run_dir()
+    for budget in ("0", "0s", "0.0m"):  # (a typed --max-steps 0 and the like: tests/test_bad_inputs.py)
+        with pytest.raises(ConfigError, match="a budget must be positive"):
+            Trainer(model_for(tok), cfg_for(prepared, tmp_path, name="zero", max_steps=0, max_time=budget))
+    with pytest.raises(ConfigError, match="--max-time is a budget and must be a positive duration"):
+        Trainer(model_for(tok), cfg_for(prepared, tmp_path, name="neg", max_time="-1m"))
+    assert not (tmp_path / "zero").exists() and not (tmp_path / "neg").exists()
+
+
+def test_a_finished_time_budgeted_run_is_finished_on_resume(prepared, tmp_path, tok):
+    """The run stops when the time used plus the final evaluation's reserve reaches the budget; a resume
+    without a budget judges "finished" by that same rule (the reserve is part of the checkpoint)."""
+    s = train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=0, max_time="2s", eval_every=5))
+    assert s["stop"] == "budget"
+    with pytest.raises(ConfigError, match="has finished its budget"):
+        train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=0, max_time="2s", eval_every=5, resume=True))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == s["steps"]
+
+
+def test_max_time_holds_when_the_machine_slows_down_mid_run(prepared, tmp_path, tok, monkeypatch):
+    """A machine that becomes 6x slower halfway (another job starts): the final evaluation's reserve follows
+    the pace, so the run ends within its budget + 2% + one step instead of one old-pace evaluation early."""
+    real_gradients, real_evaluate = Trainer.gradients, Trainer.evaluate
+    start = time.time()
+    slow = lambda: 6.0 if time.time() - start > 1.5 else 1.0  # noqa: E731
+
+    def gradients(self):
+        time.sleep(0.01 * slow())
+        return real_gradients(self)
+
+    def evaluate(self):
+        time.sleep(0.1 * slow())  # an evaluation costs ten steps' sleep, at the pace of the moment
+        return real_evaluate(self)
+
+    monkeypatch.setattr(Trainer, "gradients", gradients)
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    s = train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=0, max_time="4s", eval_every=10, eval_tokens=512))
+    step = s["train_time_s"] / s["steps"] * 6
+    assert s["stop"] == "budget" and s["time_s"] <= 4 * 1.02 + step, s
+
+
+def test_resume_reads_its_own_tokens_offline_and_refuses_other_ones(text_file, tmp_path, tok, monkeypatch):
+    """A run on raw text resumes from the tokens it recorded (by content hash) without reading the text:
+    here the text is gone, as when a registered corpus was found in a mirror that is no longer set."""
+    import shutil
+
+    from gradlm import datasets
+    from gradlm.errors import DataError
+
+    monkeypatch.setenv("GRADLM_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "corpus.txt"
+    shutil.copy(text_file, text)
+    kw = dict(data=str(text), vocab_size=300, max_steps=8, eval_every=4, pause_at=4)
+    train(model_for(tok), cfg_for(None, tmp_path, **kw))
+    identity = json.loads((tmp_path / "run" / "config.json").read_text())["data"]["identity"]
+    text.unlink()
+    monkeypatch.setattr(datasets, "_download", lambda *a: pytest.fail("a resume must not download"))
+    assert train(model_for(tok), cfg_for(None, tmp_path, **{**kw, "pause_at": 0, "resume": True}))["steps"] == 8
+    # other text under the same name: refused by identity, not trained on
+    text.write_text("other words entirely. " * 3000)
+    for p in (tmp_path / "cache" / "prepared").iterdir():
+        shutil.rmtree(p)
+    with pytest.raises(DataError, match=f"no longer gives the tokens this run trained on.*{identity}"):
+        train(model_for(tok), cfg_for(None, tmp_path, **{**kw, "pause_at": 0, "max_steps": 12, "resume": True}), given={"max_steps"})
