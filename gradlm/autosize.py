@@ -15,6 +15,7 @@ short probe (`Probe`) and a test with a formula. Explicit settings (`fixed`) alw
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -210,11 +211,40 @@ def _count(n: float) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.0f}k" if n >= 1e3 else f"{n:.0f}"
 
 
+def _run_queue_wait() -> dict[str, float]:
+    """Seconds each thread of this process has spent runnable but waiting for a core, by thread id (Linux's
+    per-thread schedstat; {} elsewhere): a difference across a step is each thread's wait in it."""
+    waits = {}
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                waits[tid] = int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return {}
+    return waits
+
+
+def own_time(fn: Callable[[], object]) -> float:
+    """Wall time of fn() less the longest time one of our threads waited for a core while another process
+    held it: what the step costs this machine, not what a busy neighbour made it cost. Unloaded the two are
+    equal; under one busy core of two a training step's wall time grows ~2.4-2.9x and this ~1.0-1.8x
+    (docs/benchmarks.md, "The probe under load"). Where schedstat is missing it is the wall time."""
+    before = _run_queue_wait()
+    t0 = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - t0
+    after = _run_queue_wait()
+    waited = max((after[k] - before.get(k, 0.0) for k in after), default=0.0)
+    return max(wall - waited, 0.5 * wall)  # never credit more than half: a bound on what schedstat can explain
+
+
 class Probe:
     """Training throughput of candidate models on this machine, measured by timing a few real steps
-    (forward, backward, AdamW update, in the run's dtype) on batches of the run's data. Results are
-    memoised; the probe stops measuring new shapes once it has spent `limit_s` seconds and then
-    extrapolates from the FLOP rate of the largest shape it did measure."""
+    (forward, backward, AdamW update, in the run's dtype) on batches of the run's data: the fastest of them,
+    each less the time a busy neighbour kept our threads waiting for a core (`own_time`), so the choice
+    follows the machine and not its momentary load. Results are memoised; the probe stops measuring new
+    shapes once it has spent `limit_s` seconds and then extrapolates from the FLOP rate of the largest shape
+    it did measure."""
 
     def __init__(self, sample: Callable[[int, int], tuple], autocast, device: str, limit_s: float):
         self.sample, self.autocast, self.device, self.limit_s = sample, autocast, device, limit_s
@@ -235,14 +265,18 @@ class Probe:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x, y = self.sample(batch, cfg.block_size)
         times = []
-        for _ in range(4):
-            t0 = time.perf_counter()
+
+        def step() -> None:
             with self.autocast():
                 loss = model(x, y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t0)
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize()  # time the step, not the launch of its kernels
+
+        for _ in range(6):
+            times.append(own_time(step))
             if time.perf_counter() - t_start > self.limit_s / 3:
                 break
         self.spent += time.perf_counter() - t_start

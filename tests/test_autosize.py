@@ -215,3 +215,59 @@ def test_ddp_ranks_train_the_shape_rank_0_chose(text_file, tmp_path):
     said = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("size auto:")]
     assert len(said) == 1 and "tok/s measured" in said[0]  # one choice, made on rank 0
     assert json.loads((out / "config.json").read_text())["size"]["reason"] in said[0]
+
+
+# ---- the probe under a busy neighbour: one core shared with a process that never sleeps
+
+_PINNED_PROBE = r"""
+import json, os, subprocess, sys, time
+import torch
+from gradlm import autosize
+from gradlm.autosize import Budget, Probe, choose, own_time
+os.sched_setaffinity(0, {0})        # this process and its threads on core 0 ...
+torch.set_num_threads(1)
+tokens = torch.randint(0, 300, (200_000,))
+
+def sample(batch, block):
+    starts = torch.randint(0, len(tokens) - block - 1, (batch,), generator=torch.Generator().manual_seed(0))
+    x = torch.stack([tokens[s : s + block] for s in starts])
+    return x, torch.stack([tokens[s + 1 : s + block + 1] for s in starts])
+
+def spin():  # 0.15 s of this process's CPU time
+    end = time.process_time() + 0.15
+    while time.process_time() < end:
+        pass
+
+def measure():
+    probe = Probe(sample, __import__("contextlib").nullcontext, "cpu", limit_s=2.0)
+    c = choose(Budget(seconds=40), 10**8, probe, 306)
+    rung = [(l, d) for l, d in autosize.LADDER].index((c.model["n_layer"], c.model["d_model"]))
+    walls = []
+    for _ in range(3):
+        t0 = time.perf_counter(); spin(); walls.append(time.perf_counter() - t0)
+    return {"rung": rung, "tps": c.tokens_per_s, "own": min(own_time(spin) for _ in range(3)), "wall": min(walls)}
+
+quiet = measure()
+busy = subprocess.Popen([sys.executable, "-c", "import os; os.sched_setaffinity(0, {0})\nwhile True: pass"])  # ... and a neighbour
+time.sleep(0.3)
+try:
+    loaded = measure()
+finally:
+    busy.kill()
+print(json.dumps({"quiet": quiet, "loaded": loaded}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity") or not __import__("os").path.exists("/proc/self/task"), reason="Linux only")
+def test_the_probe_follows_the_machine_not_a_busy_neighbour():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _PINNED_PROBE], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    quiet, loaded = m["quiet"], m["loaded"]
+    assert loaded["wall"] > 1.6 * quiet["wall"], m  # the neighbour really took half the core ...
+    assert loaded["own"] < 1.3 * quiet["own"], m  # ... and own_time does not count what it took
+    assert abs(loaded["rung"] - quiet["rung"]) <= 1, m  # the same rung, or the next one
+    assert loaded["tps"] > 0.6 * quiet["tps"], m
