@@ -7,6 +7,8 @@ the table can be reproduced by hand.
 
     python benchmarks/finetune.py --out /tmp/ftbench            # the figures in docs/benchmarks.md
     OMP_NUM_THREADS=1 python benchmarks/finetune.py --out /tmp/ftbench
+    python benchmarks/finetune.py --out /tmp/ftdtype --dtype-study --seeds 1,2,3
+        # float32 against bfloat16: a base in each dtype, then the full fine-tune in each dtype and seed
 """
 
 from __future__ import annotations
@@ -52,12 +54,44 @@ def accuracy(run: Path) -> dict[str, float]:
     return {s: v["accuracy"] for s, v in json.loads(res.stdout)["qa"]["splits"].items()}
 
 
+def dtype_study(out: Path, seeds: list[int]) -> None:
+    """The README's base + full fine-tune with every combination of base dtype and fine-tuning dtype, the
+    fine-tune repeated over seeds: exact match per split, mean and spread over the seeds."""
+    import statistics
+
+    dtypes = ("float32", "bfloat16")
+    rows = []
+    for base_dtype in dtypes:
+        base = out / f"base-{base_dtype}"
+        if not (base / "summary.json").is_file():
+            gradlm("train", "--data", str(QA / "facts.txt"), "--out", str(base), *BASE, "--dtype", base_dtype, "--no-progress")
+        for ft_dtype in dtypes:
+            accs = []
+            for seed in seeds:
+                run = out / f"full-{base_dtype}-{ft_dtype}-{seed}"
+                if not (run / "summary.json").is_file():
+                    gradlm("finetune", str(base), "--data", str(QA / "train.jsonl"), "--out", str(run), *COMMON, *RUNS["full"],
+                           "--dtype", ft_dtype, "--seed", str(seed), "--no-progress")
+                accs.append(accuracy(run))
+            rows.append((base_dtype, ft_dtype, {s: [a[s] for a in accs] for s in SPLITS}))
+    print(f"\nseeds {', '.join(map(str, seeds))}: mean exact match (min-max over the seeds)\n")
+    print("| base dtype | fine-tuning dtype | train | heldout | misspelled |")
+    print("|---|---|---:|---:|---:|")
+    for base_dtype, ft_dtype, acc in rows:
+        cells = [f"{statistics.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})" for v in (acc[s] for s in SPLITS)]
+        print(f"| {base_dtype} | {ft_dtype} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for the runs (must not hold them yet)")
+    ap.add_argument("--dtype-study", action="store_true", help="compare float32 and bfloat16 (base and full fine-tune) over --seeds")
+    ap.add_argument("--seeds", default="1,2,3", help="fine-tuning seeds of --dtype-study")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.dtype_study:
+        return dtype_study(out, [int(s) for s in args.seeds.split(",")])
     rows = []
     base = out / "base"
     t = gradlm("train", "--data", str(QA / "facts.txt"), "--out", str(base), *BASE)

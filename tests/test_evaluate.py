@@ -287,3 +287,18 @@ def test_cli_eval_errors_exit_2_with_one_line(run_dir, capsys, args, message):
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_plain_progress_lines_end_at_100_percent(monkeypatch, capsys):
+    """Off a terminal the progress is a line every 10 s; the last one says 100% (it used to stop at 97%)."""
+    from gradlm import evaluate
+
+    clock = iter(range(0, 10_000, 4))  # every call to time.time() is 4 s later
+    monkeypatch.setattr(evaluate.time, "time", lambda: next(clock))
+    bar = evaluate._Progress(33, True, "window")
+    for _ in range(33):
+        bar.update(1)
+    bar.close()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) > 2 and lines[-1].startswith("eval: 100% (33/33 windows")
+    assert all(not ln.startswith("eval: 100%") for ln in lines[:-1])

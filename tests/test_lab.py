@@ -68,3 +68,45 @@ def test_compare_tells_errors_from_divergence_and_exits_2_when_nothing_ran(prepa
     assert [row["status"] for row in r["runs"]] == ["diverged", "ok"]
     with pytest.raises(ConfigError, match="no run could start: .*context window"):
         compare(tiny_config(tok.vocab_size, block_size=10**6), base(prepared, tmp_path, max_steps=4), parse_grid({"optimizer": "sgd,adamw"}), tmp_path / "b", log=lambda m: None)
+
+
+def _cli(*args, cwd=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "gradlm", *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+TINY = ["--block-size", "32", "--n-layer", "2", "--n-head", "4", "--d-model", "32", "--vocab-size", "300", "--eval-tokens", "1024", "--no-plots"]
+
+
+def test_compare_warns_when_a_run_cannot_be_ranked(text_file, tmp_path):
+    """Runs that end inside their warmup, or after a handful of steps, are marked in the table and the log."""
+    r = _cli("compare", "--data", text_file, "--optimizer", "sgd,adamw", "--batch", "8", "--max-steps", 6, "--warmup-steps", 10,
+             "--out", tmp_path / "cmp", *TINY)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("ended inside its warmup (6 of 10 warmup steps)") == 2 and "warning: 2 of 2 runs cannot be ranked" in r.stdout
+    assert "warning: optimizer=sgd: ended inside its warmup" in r.stderr
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert all("warmup" in row["warning"] for row in saved["runs"])
+    r = _cli("compare", "--data", text_file, "--optimizer", "adamw", "--batch", "8", "--max-steps", 12, "--warmup-steps", 2,
+             "--out", tmp_path / "cmp2", *TINY)
+    assert r.returncode == 0 and "only 12 steps: too few to rank" in r.stdout
+
+
+def test_compare_takes_the_flag_names_the_readme_uses_and_no_prefixes(text_file, tmp_path):
+    r = _cli("compare", "--data", text_file, "--optimizers", "sgd", "--max-steps", 2, "--out", tmp_path / "cmp", *TINY)
+    assert r.returncode == 2 and "unrecognized arguments: --optimizers" in r.stderr
+    r = _cli("compare", "--data", text_file, "--optim", "sgd", "--max-steps", 2, "--out", tmp_path / "cmp", *TINY)
+    assert r.returncode == 2 and "--optim" in r.stderr
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_lr_find_shows_progress_and_writes_only_where_told(text_file, tmp_path):
+    shape = TINY[:-3]  # lr-find has no evaluations and no plots of a run
+    r = _cli("lr-find", "--data", text_file, "--steps", 20, "--batch", "8", *shape, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "lr-find: step 10/20" in r.stderr and "lr-find: step 20/20" in r.stderr  # plain progress lines off a terminal
+    assert "plot: none (add --png FILE" in r.stdout and not list(tmp_path.glob("*.png"))
+    r = _cli("lr-find", "--data", text_file, "--steps", 20, "--batch", "8", "--png", "lr.png", *shape, cwd=tmp_path)
+    assert r.returncode == 0 and (tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG"
