@@ -16,10 +16,18 @@ DEMO_FLAGS ?=   # none: --size auto chooses the model, batch and learning rate f
 
 .PHONY: demo test venv clean
 
+# llama-cpp-python (a dev extra: the GGUF tests run llama.cpp) builds from source: only the library, for this CPU.
+LLAMA_CMAKE ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF
+
+# demo needs the package (and the server); the tests add the dev extras on top, llama.cpp among them.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet "$(TORCH)" -e ".[dev,serve]"
+	$(VENV)/bin/pip install --quiet "$(TORCH)" -e ".[serve,gguf]"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VENV)/bin/pip install --quiet "$(TORCH)" -e ".[dev,serve,gguf]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -32,7 +40,7 @@ demo: venv
 	@echo "--- validation ---"
 	@$(PY) -c "import json; s=json.load(open('$(DEMO_RUN)/summary.json')); print(f\"val loss {s['val_loss']:.4f} | val bits per byte {s['val_bpb']:.4f} | {s['steps']} steps, {s['tokens_per_s']:,.0f} tok/s\")"
 
-test: venv
+test: $(VENV)/.installed-dev
 	$(PY) -m pytest
 
 clean:

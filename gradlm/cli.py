@@ -331,9 +331,20 @@ def cmd_plot(args) -> None:
 
 
 def cmd_export(args) -> None:
+    if args.format == "gguf":
+        from gradlm.llamacpp import export_gguf
+
+        if args.dtype is not None:
+            raise ConfigError("--dtype is the Hugging Face export's precision; a GGUF export takes --gguf-type f32, f16 or q8_0")
+        s = export_gguf(args.run, args.out_dir, args.gguf_type or "f16", best=args.best)
+        print(f"{s['out']}: {s['architecture']} ({s['gguf_type']}), {s['params']:,} parameters ({s['bytes'] / 1e6:.1f} MB); "
+              f"run it with llama.cpp: llama-server -m {s['out']}{' --jinja' if s['chat'] else ''}  (Ollama: ollama create NAME -f {Path(s['out']).parent / 'Modelfile'})")
+        return
     from gradlm.interop import export_hf
 
-    s = export_hf(args.run, args.out_dir, dtype=args.dtype, best=args.best)
+    if args.gguf_type is not None:
+        raise ConfigError("--gguf-type applies to --format gguf")
+    s = export_hf(args.run, args.out_dir, dtype=args.dtype or "float32", best=args.best)
     print(f"{s['out']}: {s['architecture']}, {s['params']:,} parameters in {s['dtype']} ({s['bytes'] / 1e6:.1f} MB); load it with transformers' AutoModelForCausalLM.from_pretrained")
 
 
@@ -483,10 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--png", default="", help="output file (default: RUN/plots/training.png)")
     t.set_defaults(func=cmd_plot)
 
-    t = sub.add_parser("export", help="write a run as a Hugging Face transformers checkpoint (Llama / Qwen3)")
+    t = sub.add_parser("export", help="write a run as a Hugging Face transformers checkpoint (Llama / Qwen3) or a llama.cpp GGUF file")
     t.add_argument("run", help="run directory")
-    t.add_argument("out_dir", help="output directory (new, empty, or a previous export)")
-    t.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weight precision")
+    t.add_argument("out_dir", help="output directory (new, empty, or a previous export of the same format)")
+    t.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf: transformers' layout (config.json, model.safetensors, tokenizer files); gguf: OUT/model.gguf for llama.cpp, Ollama and LM Studio, and an Ollama Modelfile (default: hf)")
+    t.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="--format hf: weight precision (default: float32)")
+    t.add_argument("--gguf-type", choices=("f32", "f16", "q8_0"), default=None, help="--format gguf: f32 (exact), f16 (half the size) or q8_0 (a quarter; 32 weights share a scale) (default: f16)")
     t.add_argument("--best", action="store_true", help="export best.safetensors (best validation loss)")
     t.set_defaults(func=cmd_export)
 

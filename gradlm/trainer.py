@@ -658,10 +658,10 @@ def _loop(t: Trainer, on_step) -> dict:
             t.step_s = step_s if not t.step_s else 0.7 * t.step_s + 0.3 * step_s  # recent pace: follows a machine that slows down
             tick()
             if t.max_time_s:
-                # Keep back the final evaluation and checkpoint: the last one's time scaled by how much slower (or
-                # faster) steps run now than then; before any, a forward pass (a third of a step's work) over
-                # eval_tokens of validation and of training text.
-                t.reserve_s = (t.eval_s * t.step_s / t.eval_step_s if t.eval_s
+                # Keep back the final evaluation and checkpoint: the last one's time, scaled up by how much slower
+                # steps run now than then (never down: a reserve too small overshoots the budget); before any, a
+                # forward pass (a third of a step's work) over eval_tokens of validation and of training text.
+                t.reserve_s = (t.eval_s * max(1.0, t.step_s / t.eval_step_s) if t.eval_s
                                else t.step_s * (2 * cfg.eval_tokens / t.step_tokens) / 3 + 0.5)
             if on_step is not None:
                 on_step(t.step, loss, lrs["lr"])

@@ -267,7 +267,7 @@ def test_the_probe_follows_the_machine_not_a_busy_neighbour():
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout.strip().splitlines()[-1])
     quiet, loaded = m["quiet"], m["loaded"]
-    assert loaded["wall"] > 1.6 * quiet["wall"], m  # the neighbour really took half the core ...
+    assert loaded["wall"] > 1.3 * loaded["own"], m  # the neighbour really took a share of the core ...
     assert loaded["own"] < 1.3 * quiet["own"], m  # ... and own_time does not count what it took
     assert abs(loaded["rung"] - quiet["rung"]) <= 1, m  # the same rung, or the next one
     assert loaded["tps"] > 0.6 * quiet["tps"], m

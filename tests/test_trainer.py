@@ -191,15 +191,26 @@ def test_divergence_rule():
 def test_max_time_is_wall_time_with_evaluations_and_the_final_save(prepared, tmp_path, tok, monkeypatch):
     """--max-time bounds everything from the first step: evaluations and checkpoints count, and the time of
     the final evaluation is kept back so the run ends within its budget; tokens/s counts the steps only."""
-    real = Trainer.evaluate
+    real, real_gradients = Trainer.evaluate, Trainer.gradients
+    steps = []
 
     def slow_evaluate(self):
         time.sleep(0.3)  # an evaluation that costs as much as many steps
         return real(self)
 
+    def timed_gradients(self):
+        t0 = time.time()
+        try:
+            return real_gradients(self)
+        finally:
+            steps.append(time.time() - t0)
+
     monkeypatch.setattr(Trainer, "evaluate", slow_evaluate)
+    monkeypatch.setattr(Trainer, "gradients", timed_gradients)
     s = train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=0, max_time="2s", eval_every=2))
-    assert s["time_s"] <= 2.0 + 0.35, s  # at most one evaluation's worth over, never several
+    # The budget holds to one step (a busy machine's first step can take seconds) and at most one evaluation's
+    # worth of misestimate, never several. (A fixed 0.35 s once failed here when the first step took 2.5 s.)
+    assert s["time_s"] <= 2.0 + max(steps) + 0.35, (s, max(steps))
     assert s["train_time_s"] < s["time_s"] - 0.3  # evaluations are in the budget, not in tokens/s
     assert s["tokens_per_s"] == pytest.approx(s["tokens"] / s["train_time_s"])
 
@@ -294,9 +305,14 @@ def test_max_time_holds_when_the_machine_slows_down_mid_run(prepared, tmp_path, 
     start = time.time()
     slow = lambda: 6.0 if time.time() - start > 1.5 else 1.0  # noqa: E731
 
+    steps = []
+
     def gradients(self):
+        t0 = time.time()
         time.sleep(0.01 * slow())
-        return real_gradients(self)
+        out = real_gradients(self)
+        steps.append(time.time() - t0)
+        return out
 
     def evaluate(self):
         time.sleep(0.1 * slow())  # an evaluation costs ten steps' sleep, at the pace of the moment
@@ -305,8 +321,7 @@ def test_max_time_holds_when_the_machine_slows_down_mid_run(prepared, tmp_path, 
     monkeypatch.setattr(Trainer, "gradients", gradients)
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
     s = train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=0, max_time="4s", eval_every=10, eval_tokens=512))
-    step = s["train_time_s"] / s["steps"] * 6
-    assert s["stop"] == "budget" and s["time_s"] <= 4 * 1.02 + step, s
+    assert s["stop"] == "budget" and s["time_s"] <= 4 * 1.02 + max(steps), (s, max(steps))
 
 
 def test_resume_reads_its_own_tokens_offline_and_refuses_other_ones(text_file, tmp_path, tok, monkeypatch):
