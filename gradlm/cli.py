@@ -276,8 +276,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    import json
-
+    from gradlm.checkpoint import dumps
     from gradlm.evaluate import EvalConfig, format_report, run_eval
     from gradlm.rundir import load_model
 
@@ -285,8 +284,6 @@ def cmd_eval(args) -> None:
     cfg.validate()  # bad flags fail before the model loads
     model, tok = load_model(args.run, best=args.best)
     report = run_eval(model, tok, cfg)
-    from gradlm.checkpoint import dumps
-
     print(dumps({"run": args.run, **report}, indent=2) if args.json else format_report(report))
 
 

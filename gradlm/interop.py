@@ -133,12 +133,8 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
     _check_export_target(out)
-    model, tok = load_model(run_dir, best=best)
+    model, tok = load_for_export(run_dir, best, "transformers")
     cfg = model.cfg
-    if tok.eot_id < 0:
-        raise TokenizerError(f"the tokenizer of {run_dir} has no end-of-text token ({EOT}); transformers needs an eos token")
-    if tok.vocab_size > cfg.vocab_size:
-        raise RunDirError(f"{run_dir}: the tokenizer has {tok.vocab_size} ids but the model only {cfg.vocab_size}")
     weights = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
@@ -162,6 +158,17 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
         "params": model.num_params(),
         "bytes": (out / "model.safetensors").stat().st_size,
     }
+
+
+def load_for_export(run_dir: str | os.PathLike, best: bool, where: str) -> tuple[GPT, Tokenizer]:
+    """The run's model (a LoRA run folded into its base) and tokenizer, checked for what every export needs:
+    an end-of-text token (the target's end of sequence) and a vocabulary the model covers."""
+    model, tok = load_model(run_dir, best=best)
+    if tok.eot_id < 0:
+        raise TokenizerError(f"the tokenizer of {run_dir} has no end-of-text token ({EOT}); {where} needs an end-of-sequence token")
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise RunDirError(f"{run_dir}: the tokenizer has {tok.vocab_size} ids but the model only {model.cfg.vocab_size}")
+    return model, tok
 
 
 def _check_export_target(out: Path) -> None:

@@ -38,7 +38,8 @@ from gradlm import checkpoint as ckpt
 from gradlm.chat import END, ROLE_TOKENS, has_chat_tokens, read_chat_template
 from gradlm.errors import ConfigError, RunDirError, TokenizerError
 from gradlm.model import ModelConfig
-from gradlm.rundir import load_model, package_version
+from gradlm.interop import load_for_export
+from gradlm.rundir import package_version
 from gradlm.tokenizer import EOT, Tokenizer
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -146,12 +147,8 @@ def export_gguf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, gguf_typ
         raise ConfigError("GGUF export needs the gguf package (llama.cpp's writer): pip install gguf  (or pip install -e \".[gguf]\")") from None
     out = Path(out_dir)
     _check_target(out)
-    model, tok = load_model(run_dir, best=best)
+    model, tok = load_for_export(run_dir, best, "llama.cpp")
     cfg = model.cfg
-    if tok.eot_id < 0:
-        raise TokenizerError(f"the tokenizer of {run_dir} has no end-of-text token ({EOT}); llama.cpp needs an end-of-generation token")
-    if tok.vocab_size > cfg.vocab_size:
-        raise RunDirError(f"{run_dir}: the tokenizer has {tok.vocab_size} ids but the model only {cfg.vocab_size}")
     arch = "qwen3" if cfg.qk_norm else "llama"
     tokens, types, merges = _vocabulary(tok)
     if len(tokens) < cfg.vocab_size:  # the embedding has rows no token uses: llama.cpp wants a token for each

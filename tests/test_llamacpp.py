@@ -73,6 +73,18 @@ def run(tmp_path_factory, small_text) -> Path:
 
 
 @pytest.fixture(scope="module")
+def qk_run(run, tmp_path_factory) -> Path:
+    """A Qwen3-shaped model (--qk-norm): exported as llama.cpp's "qwen3" architecture."""
+    d = tmp_path_factory.mktemp("gguf-qk")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADLM_CACHE", str(d / "cache"))
+        cfg = TrainConfig(data=str(run.parent / "text.txt"), out=str(d / "run"), batch="16", max_steps=60, lr=1e-2, warmup_steps=10, vocab_size=400,
+                          eval_every=1000, eval_tokens=1024, seed=0, progress=False, plots=False, dtype="float32")
+        train(ModelConfig(n_layer=2, d_model=64, n_head=4, n_kv_head=2, block_size=64, qk_norm=True, tie_embeddings=True), cfg)
+    return d / "run"
+
+
+@pytest.fixture(scope="module")
 def exports(run, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("exports")
     return {t: Path(export_gguf(run, out / t, t)["out"]) for t in ("f32", "f16", "q8_0")}
@@ -153,6 +165,24 @@ def test_llama_cpp_decodes_the_exported_model_as_gradlm_does(run, exports, kind)
         assert out == ids
     else:
         assert agree >= 0.95 and diff < 0.5, (kind, diff, agree)  # stated in the README: f16 and q8_0 agree on >= 95%
+
+
+def test_a_qk_norm_model_runs_as_qwen3_in_llama_cpp(qk_run, tmp_path):
+    import gguf
+
+    path = Path(export_gguf(qk_run, tmp_path / "q", "f32")["out"])
+    r = gguf.GGUFReader(path)
+    assert bytes(r.fields["general.architecture"].parts[-1]).decode() == "qwen3"
+    assert "blk.0.attn_q_norm.weight" in {t.name for t in r.tensors} and "output.weight" not in {t.name for t in r.tensors}  # tied head
+    model, tok = load_model(qk_run)
+    ids = tok.encode("ROMEO: But soft")
+    while len(ids) < 40:
+        ids.append(int(_gradlm_logits(model, ids)[-1].argmax()))
+    llm = _llama(path, logits_all=True)
+    llm.eval(ids)
+    theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    ours = _gradlm_logits(model, ids)
+    assert (theirs[:, : ours.shape[1]] - ours).abs().max().item() < 5e-3
 
 
 def test_the_chat_template_renders_gradlms_ids(run, tmp_path):
