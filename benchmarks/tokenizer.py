@@ -12,7 +12,7 @@ import argparse
 import statistics
 import time
 
-from gradlm.data import locate
+from gradlm.corpus import locate
 from gradlm.tokenizer import Tokenizer
 
 

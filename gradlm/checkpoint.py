@@ -159,6 +159,10 @@ def dumps(obj, **kw) -> str:
     return json.dumps(strict(obj), allow_nan=False, **kw)
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, dumps(obj, indent=2) + "\n")
 

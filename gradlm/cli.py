@@ -98,22 +98,21 @@ def pick(args: argparse.Namespace, cls, **overrides):
 # ---- commands ----------------------------------------------------------------------------------------
 
 
-def cmd_tokenizer_train(args) -> None:
-    import time
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
 
+
+def cmd_tokenizer_train(args) -> None:
     from gradlm.checkpoint import check_output
-    from gradlm.data import read_documents
-    from gradlm.tokenizer import Tokenizer
+    from gradlm.data import train_tokenizer
+    from gradlm.prepare import parse_size
 
     out = Path(args.out)
     out = check_output(out / "tokenizer.json" if out.is_dir() else out, "--out")
-    docs = read_documents(args.data, args.text_field)
-    t0 = time.time()
-    tok = Tokenizer.train((d.text for d in docs), args.vocab_size, show_progress=sys.stderr.isatty(), length=len(docs))
-    dt = time.time() - t0
+    tok = train_tokenizer(args.data, args.vocab_size, parse_size(args.tokenizer_sample, "--tokenizer-sample"), args.text_field,
+                          args.encoding_errors, _stderr, progress=sys.stderr.isatty())
     tok.save(out)
-    nbytes = sum(len(d.text.encode()) for d in docs)
-    print(f"trained {tok.vocab_size} tokens ({tok.vocab_size - 256 - len(tok.specials)} merges + 256 bytes + {len(tok.specials)} special) on {nbytes:,} bytes in {dt:.2f}s -> {out}")
+    print(f"{out}: {tok.vocab_size} tokens ({tok.vocab_size - 256 - len(tok.specials)} merges + 256 bytes + {len(tok.specials)} special)")
 
 
 def _load_tokenizer(path: str):
@@ -161,18 +160,22 @@ def cmd_tokenize(args) -> None:
 
 def cmd_prepare(args) -> None:
     from gradlm.checkpoint import check_output
-    from gradlm.data import prepare, read_documents
-    from gradlm.tokenizer import Tokenizer
+    from gradlm.data import train_tokenizer
+    from gradlm.prepare import parse_size, prepare
 
     check_output(args.out, "--out", is_dir=True)
-    docs = read_documents(args.data, args.text_field)
+    if args.shard_tokens < 1:
+        raise ConfigError(f"--shard-tokens must be positive, got {args.shard_tokens}")
     if args.tokenizer:
         tok = _load_tokenizer(args.tokenizer)
     else:
-        tok = Tokenizer.train((d.text for d in docs), args.vocab_size, length=len(docs))
-    meta = prepare(args.data, tok, args.out, args.val_fraction, args.seed, args.text_field, args.workers, sys.stderr.isatty(), docs=docs)
+        tok = train_tokenizer(args.data, args.vocab_size, parse_size(args.tokenizer_sample, "--tokenizer-sample"), args.text_field, args.encoding_errors, _stderr)
+    meta = prepare(args.data, tok, args.out, args.val_fraction, args.seed, args.text_field, args.workers, sys.stderr.isatty(),
+                   errors=args.encoding_errors, shard_tokens=args.shard_tokens, log=_stderr)
     s = meta["splits"]
-    print(f"{args.out}: {s['train']['tokens']:,} train tokens, {s['val']['tokens']:,} val tokens ({meta['dtype']}, split by {meta['split']})")
+    print(f"{args.out}: {s['train']['tokens']:,} train tokens in {len(s['train']['shards'])} shards, {s['val']['tokens']:,} val tokens "
+          f"({meta['dtype']}, split by {meta['split']}; {meta['documents']:,} documents, {meta['skipped_documents']:,} skipped, "
+          f"{meta['replaced_characters']:,} undecodable sequences replaced)")
 
 
 def cmd_train(args) -> None:
@@ -355,11 +358,26 @@ def cmd_import(args) -> None:
 # ---- wiring ------------------------------------------------------------------------------------------
 
 
+DATA_HELP = "text files, directories, .jsonl, .parquet, .gz/.zst of those, or registered names such as shakespeare"
+
+
+def add_reading_flags(p: argparse.ArgumentParser) -> None:
+    """How raw text is read, for the commands that read it outside a run (tokenizer train, prepare)."""
+    from gradlm.config import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("text_field", "encoding_errors", "tokenizer_sample"):
+            p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"] + f" (default: {f.default})")
+
+
 VOCAB_HELP = "tokenizer size: 256 bytes + merges (256 = pure bytes); the 6 reserved special tokens come on top, so 1024 gives 1030 ids"
 LR_FIND_SKIP = (
     "out", "resume", "from_best", "pause_at", "init", "max_steps", "max_time", "max_tokens", "max_epochs", "patience", "min_delta",
     "schedule", "warmup_steps", "min_lr_ratio", "decay_fraction", "plots", "guard_retries", "eval_every", "eval_tokens", "log_every", "lr", "size",
 )
+
+
+SHARD_TOKENS = 1 << 26  # gradlm.prepare.SHARD_TOKENS (not imported here: --help stays fast)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -373,10 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     tk = sub.add_parser("tokenizer", help="tokenizer tools")
     tks = tk.add_subparsers(dest="action", required=True, parser_class=Parser)
     t = tks.add_parser("train", help="train a byte-level BPE tokenizer and save tokenizer.json")
-    t.add_argument("--data", required=True, help="text file, directory, .jsonl, .gz or a registered dataset name")
+    t.add_argument("--data", required=True, nargs="+", help=DATA_HELP)
     t.add_argument("--vocab-size", type=int, default=1024, help=VOCAB_HELP)
     t.add_argument("--out", required=True, help="where to write the tokenizer: a .json file, or a directory (gets tokenizer.json)")
-    t.add_argument("--text-field", default="text", help="field holding the text in .jsonl input")
+    add_reading_flags(t)
     t.set_defaults(func=cmd_tokenizer_train)
 
     t = sub.add_parser("tokenize", help="show how text splits into tokens")
@@ -389,14 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_tokenize)
 
     t = sub.add_parser("prepare", help="tokenise a corpus into train/val token files")
-    t.add_argument("--data", required=True, nargs="+", help="text files, directories, .jsonl, .gz or registered names")
-    t.add_argument("--out", required=True, help="output directory")
-    t.add_argument("--tokenizer", default="", help="tokenizer to use (default: train one with --vocab-size)")
+    t.add_argument("--data", required=True, nargs="+", help=DATA_HELP)
+    t.add_argument("--out", required=True, help="output directory (new or empty; a prepare that was killed there resumes)")
+    t.add_argument("--tokenizer", default="", help="tokenizer to use (default: train one with --vocab-size on a sample of the corpus)")
     t.add_argument("--vocab-size", type=int, default=1024, help="when training a tokenizer: " + VOCAB_HELP)
     t.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out for validation")
     t.add_argument("--seed", type=int, default=0, help="seed of the document split")
-    t.add_argument("--text-field", default="text", help="field holding the text in .jsonl input")
     t.add_argument("--workers", type=int, default=0, help="tokenising processes (0 = one per core)")
+    t.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help=f"token ids per shard file (default: {SHARD_TOKENS:,})")
+    add_reading_flags(t)
     t.set_defaults(func=cmd_prepare)
 
     t = sub.add_parser("train", help="train a model by gradient descent")

@@ -29,7 +29,9 @@ class TrainConfig:
     out: str = field(default="runs/default", metadata={"help": "run directory to write"})
     vocab_size: int = field(default=1024, metadata={"help": "tokenizer size when --data is raw text: 256 bytes + merges (256 = pure bytes); the 6 reserved special tokens come on top, so 1024 gives 1030 ids"})
     val_fraction: float = field(default=0.1, metadata={"help": "share of the text held out for validation"})
-    text_field: str = field(default="text", metadata={"help": "field holding the text in .jsonl input"})
+    text_field: str = field(default="text", metadata={"help": "field (or Parquet column) holding the text in .jsonl and .parquet input"})
+    encoding_errors: str = field(default="replace", metadata={"help": "bytes that are not UTF-8 in raw text: replace (by U+FFFD, counted), skip (the document, counted) or strict (stop, naming the file and offset)"})
+    tokenizer_sample: str = field(default="64MB", metadata={"help": "when a tokenizer is trained from raw text: how much text it learns from, a seeded sample across the whole corpus (e.g. 16MB, 1GB); memory follows it"})
     batch: str = field(default="32", metadata={"help": "windows per update: N (mini-batch), 1 (stochastic GD) or full (batch GD: one update per epoch)"})
     micro_batch: int = field(default=0, metadata={"help": "windows per forward pass; 0 = the whole batch (or 32 with --batch full)"})
     accum: int = field(default=1, metadata={"help": "gradient accumulation: micro-batches summed into one update"})
@@ -108,6 +110,14 @@ class TrainConfig:
             problems.append(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.decay_fraction <= 1:
             problems.append(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
+        try:
+            from gradlm.prepare import parse_size
+
+            parse_size(self.tokenizer_sample, "--tokenizer-sample")
+        except ConfigError as e:
+            problems.append(str(e))
+        if self.encoding_errors not in ("strict", "replace", "skip"):
+            problems.append(f"--encoding-errors must be strict, replace or skip, got {self.encoding_errors!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             problems.append(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if not 0 <= self.bpe_dropout < 1:
@@ -132,6 +142,7 @@ class TrainConfig:
 # are fixed by its checkpoint, and changing the schedule would make the learning rate jump.
 FIXED_ON_RESUME = {
     "data": "the data", "vocab_size": "the tokenizer", "val_fraction": "the data split", "text_field": "the data",
+    "encoding_errors": "the data", "tokenizer_sample": "the tokenizer",
     "optimizer": "the optimizer (its state is restored)", "batch": "the batch geometry", "accum": "the batch geometry",
     "sampler": "the data order", "seed": "the data order and initialisation", "init": "the starting weights",
     "schedule": "the learning-rate schedule", "warmup_steps": "the learning-rate schedule",

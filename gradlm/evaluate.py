@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradlm.data import jsonl_objects
+from gradlm.corpus import jsonl_objects
 from gradlm.errors import ConfigError, DataError, check_field_types
 from gradlm.model import GPT
 from gradlm.tokenizer import Tokenizer
@@ -557,7 +557,7 @@ def run_eval(model: GPT, tok: Tokenizer, cfg: EvalConfig) -> dict:
     cfg.validate(model.cfg.block_size)
     report: dict = {}
     if cfg.data:
-        from gradlm.data import read_documents
+        from gradlm.corpus import read_documents
 
         docs = [d.text for d in read_documents(cfg.data, cfg.text_field)]
         clean = evaluate_text(model, tok, docs, cfg.stride, cfg.batch, cfg.progress, keep_nll=bool(cfg.typos))

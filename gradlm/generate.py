@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import torch
 
-from gradlm.data import jsonl_objects, read_text
+from gradlm.corpus import jsonl_objects, read_text
 from gradlm.errors import ConfigError, DataError, check_field_types
 from gradlm.model import GPT, KVCache
 from gradlm.tokenizer import StreamDecoder, Tokenizer

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from gradlm.chat import Message, encode_for_training, validate_messages
-from gradlm.data import JSONL_SUFFIXES, jsonl_objects
+from gradlm.corpus import JSONL_SUFFIXES, jsonl_objects
 from gradlm.errors import DataError, TokenizerError
 from gradlm.tokenizer import Tokenizer
 

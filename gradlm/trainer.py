@@ -449,9 +449,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         batches, targets = self._step_batches()
         self.drawn_tokens = 0
-        for k, (x, y) in enumerate(batches):  # every rank draws the same global micro-batch, then takes its rows
-            self.drawn_tokens += x.numel()
-            x, y = x[dd.rank :: dd.world], y[dd.rank :: dd.world]
+        for k, (x, y, positions) in enumerate(batches):  # this rank's rows of the global micro-batch
+            self.drawn_tokens += positions
             # This rank's share of the step's targets, times the world size because DDP averages
             # gradients over ranks: summed over ranks and micro-batches, the weights give the gradient
             # of the mean loss over the whole global batch (also when a micro-batch splits unevenly).
@@ -469,17 +468,25 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         return loss_sum.item(), grad_norm.item()
 
-    def _step_batches(self) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], int]:
-        """This step's global micro-batches (x, y) and the number of targets they hold in all.
+    def _step_batches(self) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor, int]], int]:
+        """This rank's rows (x, y) of this step's global micro-batches, with the positions of each global
+        micro-batch, and the number of targets they hold in all.
 
         Windows of text are drawn one micro-batch at a time as the loop asks (batch gradient descent
         never holds the whole training set): their count is known, batch x block. Masked fine-tuning
         batches are drawn first and counted."""
         sizes = [min(self.micro, self.batch - k * self.micro) for k in range(self.accum)]
-        if not self.masked_targets:
-            return (self.sampler.next(n) for n in sizes), self.batch * self.block
+        dd = self.dd
+        if not self.masked_targets:  # each rank reads only its own windows of text
+            def text_windows():
+                for n in sizes:
+                    x, y = self.sampler.next(n, dd.rank, dd.world)
+                    yield x, y, self.sampler.last_rows * self.block  # the global micro-batch's positions, alike on every rank
+            return text_windows(), self.batch * self.block
+        # masked batches are drawn whole (every rank counts the step's targets), then each takes its rows
         drawn = [self.sampler.next(n) for n in sizes]
-        return drawn, sum(int((y >= 0).sum()) for _, y in drawn)
+        targets = sum(int((y >= 0).sum()) for _, y in drawn)
+        return [(x[dd.rank :: dd.world], y[dd.rank :: dd.world], x.numel()) for x, y in drawn], targets
 
     def update(self) -> None:
         self.opt.step()

@@ -54,7 +54,7 @@ def text_file(tmp_path_factory, small_text) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory, text_file, tok) -> Path:
-    from gradlm.data import prepare
+    from gradlm.prepare import prepare
 
     out = tmp_path_factory.mktemp("prep") / "data"
     prepare(str(text_file), tok, out, val_fraction=0.1, progress=False, workers=1)

@@ -4,7 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from gradlm.data import EpochSampler, RandomSampler, TokenData, _chunks, prepare, read_documents, split_documents, tokenize_documents
+from gradlm.corpus import Document, read_documents
+from gradlm.data import EpochSampler, RandomSampler, TokenData
+from gradlm.prepare import _chunks, prepare, split_documents, tokenize_documents
 from gradlm.errors import DataError
 
 
@@ -44,8 +46,6 @@ def test_prepare_directory_round_trips(corpus_dir, tok, tmp_path):
 
 
 def test_single_file_splits_off_its_tail(small_text):
-    from gradlm.data import Document
-
     train, val, mode = split_documents([Document("x", small_text)], 0.1)
     assert mode == "tail" and train[0] + val[0] == small_text
     assert abs(len(val[0]) - 0.1 * len(small_text)) < 0.02 * len(small_text)
@@ -57,7 +57,7 @@ def test_chunked_parallel_tokenisation_equals_whole(tok, corpus):
     pieces = _chunks(text, size=20_000)
     assert len(pieces) > 10 and "".join(pieces) == text
     whole = [tok.eot_id] + tok.encode(text)
-    assert tokenize_documents([text], tok, workers=2, progress=False).tolist() == whole
+    assert tokenize_documents([text], tok, workers=2).tolist() == whole
 
 
 @pytest.mark.parametrize(
@@ -94,8 +94,8 @@ def test_missing_path():
 def test_prepare_failure_leaves_nothing(tmp_path, tok):
     p = tmp_path / "bad.txt"
     p.write_bytes(b"\xff\xfe")
-    with pytest.raises(DataError):
-        prepare(str(p), tok, tmp_path / "out", progress=False)
+    with pytest.raises(DataError, match="bad.txt is not valid UTF-8"):
+        prepare(str(p), tok, tmp_path / "out", progress=False, errors="strict")
     assert not (tmp_path / "out").exists()
     assert [x.name for x in tmp_path.iterdir()] == ["bad.txt"]
 
@@ -127,8 +127,6 @@ def test_samplers_resume_exactly():
 
 
 def test_document_split_keeps_the_validation_share_near_the_target():
-    from gradlm.data import Document
-
     big = Document("big", "x" * 100_000)
     small = [Document(f"s{i}", "note %d " % i * 20) for i in range(200)]
     train, val, mode = split_documents([big, *small], 0.1, seed=0)

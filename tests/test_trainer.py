@@ -61,7 +61,7 @@ def test_sgd_batch_one_visits_windows_in_seeded_order(prepared, tmp_path, tok):
     t = Trainer(model_for(tok), cfg_for(prepared, tmp_path, batch="1", sampler="epoch", optimizer="sgd", seed=5))
     seen = []
     real_next = t.sampler.next
-    t.sampler.next = lambda n: (lambda xy: (seen.append(int(xy[0][0, 0])), xy)[1])(real_next(n))
+    t.sampler.next = lambda n, *rows: (lambda xy: (seen.append(int(xy[0][0, 0])), xy)[1])(real_next(n, *rows))
     for _ in range(12):
         t.gradients()
         t.update()
@@ -167,6 +167,27 @@ def test_ddp_two_processes_match_one_with_the_same_global_batch(prepared, tmp_pa
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert not any(torch.equal(a[k], GPT(tiny_config(tok.vocab_size)).state_dict()[k]) for k in a if k.endswith("q_proj.weight"))
+
+
+def test_two_nodes_match_one_process_with_the_same_global_batch(prepared, tmp_path, tok):
+    """torchrun --nnodes 2: two agents (two "machines" on 127.0.0.1, static rendezvous, gloo), one process
+    each, reading the same prepared shards; the weights equal one process's with the same global batch."""
+    common = ["train", "--data", str(prepared), "--batch", "8", "--max-steps", "3", "--eval-every", "3", "--eval-tokens", "1024",
+              "--block-size", "32", "--n-layer", "2", "--n-head", "4", "--d-model", "32", "--seed", "0", "--no-progress", "--no-plots", "--dtype", "float32"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "gradlm", *common, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    port = str(_free_port())
+    nodes = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(r),
+                          "--master_addr", "127.0.0.1", "--master_port", port, "-m", "gradlm", *common, "--out", str(tmp_path / "two")],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300) for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), [o[1][-2000:] for o in outs]
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
 def test_overfitting_rule():

@@ -1,0 +1,478 @@
+"""prepare(): a corpus -> token shards + meta.json, streamed, in memory bounded by the workers and the chunk.
+
+    OUT/
+      train-00000.bin ...   token ids (uint16 when the vocabulary fits, else uint32), each document preceded
+      val-00000.bin ...     by <|endoftext|>; at most `shard_tokens` ids a shard, each written atomically
+      tokenizer.json        the tokenizer that produced them
+      meta.json             format 2: per split its shards (tokens, sha256), documents and bytes; the
+                            tokenizer's sha256, dtype, split rule, sources (written last: marks a complete folder)
+      progress.json         while preparing: the shards done and where the stream stands (a killed prepare
+                            resumes from it and writes the same shards as an uninterrupted one)
+
+The pipeline: documents are read one at a time (gradlm/corpus.py); each goes to train or validation (below);
+its text is cut into pieces of ~CHUNK_CHARS at pre-token boundaries, so pieces encode to exactly the ids of
+the whole; worker processes encode the pieces (tiktoken's fast path) with a bounded number in flight, and the
+ids are appended to the split's current shard, which is flushed when full.
+
+The validation split, decided without holding the corpus:
+- whole text files are chosen from their sizes on disk before any is read (a seeded choice of files making
+  up about val_fraction of the bytes, skipping one that would overshoot by half); when no such choice exists
+  (one file, or a few large ones) each file gives its last val_fraction of bytes instead, cut after a line break;
+- records (.jsonl lines, Parquet rows) are chosen one by one by a seeded hash of where they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import zlib
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from gradlm import checkpoint as ckpt
+from gradlm.corpus import DEFAULT_ERRORS, Document, ReadStats, StreamedDocument, iter_documents, kind, source_files
+from gradlm.errors import ConfigError, DataError
+from gradlm.tokenizer import Tokenizer
+
+CHUNK_CHARS = 1 << 20  # tokenise in ~1 MB pieces, in parallel
+SHARD_TOKENS = 1 << 26  # ids per shard: 64M (128 MB as uint16)
+SAMPLE_PIECE = 8 << 10  # the tokenizer's sample is drawn in pieces of this many characters
+TOKENIZER_SAMPLE = 64 << 20  # bytes of text a tokenizer learns from by default: memory stays ~2 GB whatever the corpus
+FORMAT = 2
+SPLITS = ("train", "val")
+
+
+# ---- the validation split --------------------------------------------------------------------------------
+
+
+def choose_val(sizes: list[int], val_fraction: float, seed: int = 0) -> set[int] | None:
+    """Indices of whole documents (by size) making up about val_fraction of the total: a seeded order,
+    skipping any that would overshoot it by half, always keeping one for training. None when whole documents
+    cannot make at least half the share (one document, or a few large ones): split by tail instead."""
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"validation fraction must be in [0, 1), got {val_fraction}")
+    target = val_fraction * sum(sizes)
+    order = list(range(len(sizes)))
+    random.Random(seed).shuffle(order)
+    val, total = set(), 0
+    for i in order:
+        if total >= target or len(val) == len(sizes) - 1:
+            break
+        if total + sizes[i] <= 1.5 * target:
+            val.add(i)
+            total += sizes[i]
+    return val if len(sizes) > 1 and total >= 0.5 * target else None
+
+
+def split_documents(docs: list[Document], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str], str]:
+    """In memory: (train texts, validation texts, "document" | "tail") by the rule above."""
+    val = choose_val([len(d.text) for d in docs], val_fraction, seed)
+    if val is not None:
+        return [d.text for i, d in enumerate(docs) if i not in val], [d.text for i, d in enumerate(docs) if i in val], "document"
+    pairs = [_tail_split(d.text, val_fraction) for d in docs]
+    return [h for h, _ in pairs], [t for _, t in pairs if t.strip()], "tail"
+
+
+def _tail_split(text: str, val_fraction: float) -> tuple[str, str]:
+    """(head, tail) with the tail about val_fraction of text, cut after a line break when one is near."""
+    cut = int(len(text) * (1 - val_fraction))
+    nl = text.rfind("\n", 0, cut)
+    if nl > len(text) // 2:
+        cut = nl + 1
+    return text[:cut], text[cut:]
+
+
+def record_in_val(source: str, val_fraction: float, seed: int) -> bool:
+    """A record (jsonl line, Parquet row) goes to validation by a seeded hash of where it is."""
+    return zlib.crc32(f"{seed}:{source}".encode()) < val_fraction * 2**32
+
+
+@dataclass
+class SplitPlan:
+    val_files: set[str] | None  # text files held out whole; None: every text file gives its tail
+    val_fraction: float
+    seed: int
+
+    @property
+    def mode(self) -> str:
+        return "document" if self.val_files is not None else "tail"
+
+
+def plan_split(files: list[Path], val_fraction: float, seed: int) -> SplitPlan:
+    text = [p for p in files if kind(p)[0] not in ("jsonl", "parquet")]
+    val = choose_val([p.stat().st_size for p in text], val_fraction, seed) if text else set()
+    return SplitPlan(None if val is None else {str(text[i]) for i in val}, val_fraction, seed)
+
+
+def _segments(doc: StreamedDocument, plan: SplitPlan) -> Iterator[tuple[str, Iterator[str]]]:
+    """(split, parts) for the pieces of one document: all of it in one split, or (tail mode) its head in
+    train and, after the cut, its tail in validation."""
+    if doc.record:
+        yield ("val" if record_in_val(doc.source, plan.val_fraction, plan.seed) else "train"), iter(doc.parts)
+    elif plan.val_files is not None or plan.val_fraction == 0:
+        yield ("val" if plan.val_files and doc.source in plan.val_files else "train"), iter(doc.parts)
+    else:
+        yield from _tail_segments(doc, plan.val_fraction)
+
+
+def _tail_segments(doc: StreamedDocument, val_fraction: float) -> Iterator[tuple[str, Iterator[str]]]:
+    """Head and tail of a text file read in blocks: the cut is the first line break at or after
+    (1 - val_fraction) of its bytes (a compressed file's size was counted by reading it through once)."""
+    parts = iter(doc.parts)
+    cut_at = int(doc.nbytes * (1 - val_fraction))
+    state = {"tail": None}
+
+    def head() -> Iterator[str]:
+        seen = 0
+        for p in parts:
+            size = len(p.encode())
+            if state["tail"] is None and seen + size > cut_at:
+                local = len(p.encode()[: max(cut_at - seen, 0)].decode("utf-8", "ignore"))
+                nl = p.find("\n", local)
+                if nl >= 0:
+                    yield p[: nl + 1]
+                    state["tail"] = p[nl + 1 :]
+                    return
+            seen += size
+            yield p
+        state["tail"] = ""
+
+    yield "train", head()
+
+    def tail() -> Iterator[str]:
+        if state["tail"]:
+            yield state["tail"]
+        yield from parts
+
+    yield "val", tail()
+
+
+# ---- tokenising ----------------------------------------------------------------------------------------
+
+
+def _safe_cut(text: str, size: int) -> int:
+    """A cut position at or after `size` where the split pattern must break: after a newline followed by
+    a non-space character (the pattern never joins the two); -1 when the text has none after `size`."""
+    cut = size
+    while cut < len(text):
+        nl = text.find("\n", cut - 1)
+        if nl < 0 or nl + 1 >= len(text):
+            return -1
+        if not text[nl + 1].isspace():
+            return nl + 1
+        cut = nl + 2
+    return -1
+
+
+def _chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
+    """Cut text into ~size pieces at safe cuts (see _safe_cut): encoding the pieces separately gives exactly
+    the ids of the whole text."""
+    return list(rechunk([text], size))
+
+
+def rechunk(parts: Iterable[str], size: int = CHUNK_CHARS) -> Iterator[str]:
+    """The text of consecutive parts, re-cut into ~size pieces at safe cuts: whatever the parts' own
+    boundaries (a file's blocks), the pieces encode to the ids of the whole text."""
+    buf = ""
+    for p in parts:
+        buf += p
+        while len(buf) > size:
+            cut = _safe_cut(buf, size)
+            if cut < 0:
+                break
+            yield buf[:cut]
+            buf = buf[cut:]
+    if buf:
+        yield buf
+
+
+_WORKER_TOK: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    global _WORKER_TOK
+    from tokenizers import Tokenizer as HF
+
+    _WORKER_TOK = Tokenizer(HF.from_str(tokenizer_json))
+
+
+def _encode_chunk(text: str) -> np.ndarray:
+    return np.asarray(_WORKER_TOK.encode(text), dtype=np.uint32)
+
+
+def bounded_map(pool: ProcessPoolExecutor | None, fn, items: Iterable, ahead: int) -> Iterator:
+    """fn over items, in order, with at most `ahead` in flight (Executor.map would submit them all at once,
+    holding the whole corpus in its queue). pool None: in this process."""
+    if pool is None:
+        yield from map(fn, items)
+        return
+    window: deque = deque()
+    for item in items:
+        window.append(pool.submit(fn, item))
+        if len(window) >= ahead:
+            yield window.popleft().result()
+    while window:
+        yield window.popleft().result()
+
+
+def _encode_or_skip(text: str | None) -> np.ndarray | None:
+    return None if text is None else _encode_chunk(text)
+
+
+def encoded(texts: Iterable[str | None], tok: Tokenizer, workers: int) -> Iterator[np.ndarray | None]:
+    """The ids of each text, in order (None passes through: a piece not to encode again), encoded in
+    `workers` processes with at most 2 x workers pieces in flight."""
+    if workers <= 1:
+        for t in texts:
+            yield None if t is None else np.asarray(tok.encode(t), dtype=np.uint32)
+        return
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tok.hf.to_str(),)) as pool:
+        yield from bounded_map(pool, _encode_or_skip, texts, 2 * workers)
+
+
+def tokenize_documents(docs: list[str], tok: Tokenizer, workers: int | None = None) -> np.ndarray:
+    """In memory: the documents' ids concatenated, each preceded by <|endoftext|>."""
+    pieces = [(d, c) for d, text in enumerate(docs) for c in _chunks(text)]
+    out, prev = [], -1
+    eot = np.asarray([tok.eot_id], dtype=np.uint32)
+    for (d, _), ids in zip(pieces, encoded((c for _, c in pieces), tok, workers or min(os.cpu_count() or 1, 8))):
+        if d != prev:
+            out.append(eot)
+            prev = d
+        out.append(ids)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.uint32)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+# ---- shards -------------------------------------------------------------------------------------------------
+
+
+class _ShardWriter:
+    """One split's shards: ids are appended; a full shard is written atomically and recorded."""
+
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int, done: list[dict]):
+        self.out, self.split, self.dtype, self.cap = out, split, dtype, shard_tokens
+        self.shards = list(done)  # shards already on disk (a resumed prepare)
+        self.committed = sum(s["tokens"] for s in done)
+        self.buf = np.empty(shard_tokens, dtype=dtype)
+        self.n = 0
+        self.skip = 0  # ids to drop before appending (already in a shard written before a resume)
+
+    def add(self, ids: np.ndarray) -> bool:
+        """Append ids; True when a shard was written."""
+        if self.skip:
+            drop = min(self.skip, len(ids))
+            ids, self.skip = ids[drop:], self.skip - drop
+        wrote = False
+        while len(ids):
+            take = min(self.cap - self.n, len(ids))
+            self.buf[self.n : self.n + take] = ids[:take]
+            self.n += take
+            ids = ids[take:]
+            if self.n == self.cap:
+                self.flush()
+                wrote = True
+        return wrote
+
+    def flush(self) -> None:
+        if not self.n and self.shards:
+            return
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        data = self.buf[: self.n]
+        ckpt.atomic_write_bytes(self.out / name, data.tobytes())
+        self.shards.append({"file": name, "tokens": int(self.n), "sha256": hashlib.sha256(data.tobytes()).hexdigest()})
+        self.committed += self.n
+        self.n = 0
+
+
+def prepare(
+    sources: list[str] | str,
+    tok: Tokenizer,
+    out_dir: str | os.PathLike,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    text_field: str = "text",
+    workers: int | None = None,
+    progress: bool = True,
+    errors: str = DEFAULT_ERRORS,
+    shard_tokens: int = SHARD_TOKENS,
+    log=None,
+    stop_after_shards: int = 0,
+) -> dict:
+    """Tokenise a corpus into out_dir (see the module docstring); returns meta.json's content. A folder left
+    by a killed prepare of the same corpus and settings is resumed; anything else in out_dir is refused.
+
+    Example:
+        >>> meta = prepare("my_texts/", tok, "data/mine", errors="replace")   # doctest: +SKIP
+    """
+    sources = [sources] if isinstance(sources, str) else list(sources)
+    out = Path(out_dir)
+    files = source_files(sources)
+    plan = plan_split(files, val_fraction, seed)
+    dtype = token_dtype(tok.vocab_size)
+    settings = {"format": FORMAT, "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "dtype": dtype.name,
+                "split": plan.mode, "val_fraction": val_fraction, "seed": seed, "text_field": text_field, "encoding_errors": errors,
+                "shard_tokens": shard_tokens, "sources": [str(s) for s in sources],
+                "files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+    created = not out.exists()
+    resume = _start(out, settings)
+    stats = ReadStats()  # documents, skipped documents and replaced characters (the encoding policy)
+    writers = {s: _ShardWriter(out, s, dtype, shard_tokens, resume.get("shards", {}).get(s, [])) for s in SPLITS}
+    counts = {s: {"documents": 0, "bytes": 0} for s in SPLITS}
+    done_jobs: list[list] = resume.get("jobs", [])  # [split, ids] of each piece whose ids are all in written shards
+    before = {s: sum(n for sp, n in done_jobs if sp == s) for s in SPLITS}
+    for s in SPLITS:
+        writers[s].skip = writers[s].committed - before[s]
+    jobs: list[list] = []  # [split, ids] of every piece handed on, in order
+    bar = tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="prepare", disable=not progress, leave=False)
+    tags: deque = deque()  # (split, starts a document) of the pieces in flight
+    has_text = False
+
+    def texts() -> Iterator[str | None]:
+        """Every piece's text in order; pieces before the resume point are read and counted, not encoded again."""
+        nonlocal has_text
+        k = 0
+        for doc in iter_documents(sources, text_field, errors, stats):
+            for split, parts in _segments(doc, plan):
+                first = True
+                for text in rechunk(parts):
+                    counts[split]["documents"] += first
+                    counts[split]["bytes"] += len(text.encode())
+                    has_text = has_text or not text.isspace()
+                    bar.update(len(text))
+                    tags.append((split, first))
+                    yield None if k < len(done_jobs) else text
+                    first, k = False, k + 1
+
+    eot = np.asarray([tok.eot_id], dtype=np.uint32)
+    try:
+        for k, ids in enumerate(encoded(texts(), tok, workers or min(os.cpu_count() or 1, 8))):
+            split, first = tags.popleft()
+            if ids is None:  # already in shards
+                jobs.append(done_jobs[k])
+                continue
+            if first:
+                ids = np.concatenate([eot, ids])
+            jobs.append([split, int(len(ids))])
+            if writers[split].add(ids):
+                _save_progress(out, settings, writers, jobs)
+                if stop_after_shards and sum(len(w.shards) for w in writers.values()) >= stop_after_shards:
+                    raise _Stop()
+        if not has_text:
+            raise DataError(f"no text in {', '.join(sources)}: the corpus is empty" + (f" ({stats.summary()})" if stats.skipped else ""))
+        for w in writers.values():
+            w.flush()
+    except DataError:  # a mistake in the input: leave nothing behind (a killed prepare keeps its shards to resume)
+        _abandon(out, created)
+        raise
+    finally:
+        bar.close()
+    if log and stats.summary():
+        log(f"encoding: {stats.summary()}")
+    tok.save(out / "tokenizer.json")
+    meta = {**settings, "splits": {s: {"tokens": writers[s].committed, **counts[s], "shards": writers[s].shards} for s in SPLITS},
+            "documents": stats.documents, "skipped_documents": stats.skipped, "replaced_characters": stats.replaced}
+    meta.pop("files")
+    ckpt.atomic_write_text(out / "meta.json", ckpt.dumps(meta, indent=2) + "\n")
+    (out / "progress.json").unlink(missing_ok=True)
+    return meta
+
+
+class _Stop(Exception):
+    """Raised by stop_after_shards (tests: a prepare killed after N shards)."""
+
+
+def _start(out: Path, settings: dict) -> dict:
+    """Make out ready: new, empty, or a prepare of the same corpus and settings to resume (its progress)."""
+    ckpt.check_output(out, "--out", is_dir=True)
+    if not out.exists() or not any(out.iterdir()):
+        out.mkdir(parents=True, exist_ok=True)
+        return {}
+    if (out / "meta.json").is_file():
+        raise DataError(f"{out} already holds prepared data; choose another --out (or delete it to prepare again)")
+    progress = out / "progress.json"
+    if progress.is_file():
+        state = json.loads(progress.read_text())
+        if state.get("settings") == settings:
+            for stray in out.glob(".*.tmp"):  # a shard a kill cut off mid-write: written again
+                stray.unlink()
+            for split, shards in state["shards"].items():
+                for s in shards:
+                    f = out / s["file"]
+                    if not f.is_file() or f.stat().st_size != s["tokens"] * np.dtype(settings["dtype"]).itemsize:
+                        raise DataError(f"{f} is missing or cut short; delete {out} and prepare again")
+            return state
+        raise DataError(f"{out} holds an unfinished prepare of other data or settings; delete it or choose another --out")
+    raise DataError(f"{out} exists and is not a prepared data directory; choose another --out")
+
+
+def _save_progress(out: Path, settings: dict, writers: dict, jobs: list[list]) -> None:
+    """Where the stream stands after a shard: the pieces whose ids are all in written shards (in order,
+    up to the first that is not), and the shards."""
+    left = {s: w.committed for s, w in writers.items()}
+    k = 0
+    for split, n in jobs:
+        if left[split] < n:
+            break
+        left[split] -= n
+        k += 1
+    state = {"settings": settings, "shards": {s: w.shards for s, w in writers.items()}, "jobs": jobs[:k]}
+    ckpt.atomic_write_text(out / "progress.json", json.dumps(state))
+
+
+def _abandon(out: Path, created: bool) -> None:
+    """Remove what this prepare wrote: shards, progress, temporary files (and the folder if it made it)."""
+    for p in out.iterdir():
+        if p.is_file() and (p.suffix in (".bin", ".tmp") or p.name == "progress.json"):
+            p.unlink()
+    if created and not any(out.iterdir()):
+        out.rmdir()
+
+
+# ---- a bounded sample for the tokenizer ---------------------------------------------------------------------
+
+
+def tokenizer_sample(sources: list[str] | str, budget: int = TOKENIZER_SAMPLE, seed: int = 0, text_field: str = "text",
+                     errors: str = DEFAULT_ERRORS) -> tuple[list[str], int]:
+    """(pieces, bytes read): pieces of the corpus (~8 KB, cut between pre-tokens) drawn with a seeded chance
+    so that about `budget` bytes are kept, spread over the whole corpus (at most 1.2 x budget: memory stays
+    bounded even where compressed files hold more than their size on disk suggests)."""
+    sources = [sources] if isinstance(sources, str) else list(sources)
+    total = sum(p.stat().st_size for p in source_files(sources))
+    share = min(1.0, budget / max(total, 1))
+    rng = random.Random(seed)
+    pieces, taken, seen = [], 0, 0
+    for doc in iter_documents(sources, text_field, errors):
+        for text in rechunk(doc.parts, SAMPLE_PIECE):
+            n = len(text.encode())
+            seen += n
+            if taken < 1.2 * budget and rng.random() < share:
+                taken += n
+                pieces.append(text)
+    if not any(not p.isspace() for p in pieces):
+        raise DataError(f"no text in {', '.join(sources)}: the corpus is empty")
+    return pieces, seen
+
+
+def parse_size(text: str | int, flag: str) -> int:
+    """'64MB' -> 64 * 2**20 bytes, '1.5GB', '500kB', '1000000' (bytes)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?)?\s*", str(text).lower())
+    if not m:
+        raise ConfigError(f"{flag} {text!r} is not a size; write e.g. 64MB, 1GB or a number of bytes")
+    unit = (m.group(2) or "b")[0]
+    value = float(m.group(1)) * {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
+    if value < 1:
+        raise ConfigError(f"{flag} must be positive, got {text!r}")
+    return int(value)
