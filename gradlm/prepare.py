@@ -196,17 +196,25 @@ def rechunk(parts: Iterable[str], size: int = CHUNK_CHARS) -> Iterator[str]:
 
 
 _WORKER_TOK: Tokenizer | None = None
+_WORKER_DTYPE = np.dtype(np.uint32)
 
 
-def _init_worker(tokenizer_json: str) -> None:
-    global _WORKER_TOK
+def _init_worker(tokenizer_json: str, dtype: str = "uint32") -> None:
+    global _WORKER_TOK, _WORKER_DTYPE
     from tokenizers import Tokenizer as HF
 
     _WORKER_TOK = Tokenizer(HF.from_str(tokenizer_json))
+    _WORKER_DTYPE = np.dtype(dtype)
 
 
 def _encode_chunk(text: str) -> np.ndarray:
-    return np.asarray(_WORKER_TOK.encode(text), dtype=np.uint32)
+    return np.asarray(_WORKER_TOK.encode(text), dtype=_WORKER_DTYPE)
+
+
+def _encode_group(texts: list[str | None]) -> list[tuple[np.ndarray | None, int]]:
+    """(ids in the shards' dtype, UTF-8 bytes) of each text of a task; None (already in a shard) stays None.
+    Counting bytes here keeps that pass over the text off the one process that reads the corpus."""
+    return [(None, 0) if t is None else (_encode_chunk(t), len(t.encode())) for t in texts]
 
 
 def bounded_map(pool: ProcessPoolExecutor | None, fn, items: Iterable, ahead: int) -> Iterator:
@@ -222,34 +230,6 @@ def bounded_map(pool: ProcessPoolExecutor | None, fn, items: Iterable, ahead: in
             yield window.popleft().result()
     while window:
         yield window.popleft().result()
-
-
-def _encode_or_skip(text: str | None) -> np.ndarray | None:
-    return None if text is None else _encode_chunk(text)
-
-
-def encoded(texts: Iterable[str | None], tok: Tokenizer, workers: int) -> Iterator[np.ndarray | None]:
-    """The ids of each text, in order (None passes through: a piece not to encode again), encoded in
-    `workers` processes with at most 2 x workers pieces in flight."""
-    if workers <= 1:
-        for t in texts:
-            yield None if t is None else np.asarray(tok.encode(t), dtype=np.uint32)
-        return
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tok.hf.to_str(),)) as pool:
-        yield from bounded_map(pool, _encode_or_skip, texts, 2 * workers)
-
-
-def tokenize_documents(docs: list[str], tok: Tokenizer, workers: int | None = None) -> np.ndarray:
-    """In memory: the documents' ids concatenated, each preceded by <|endoftext|>."""
-    pieces = [(d, c) for d, text in enumerate(docs) for c in _chunks(text)]
-    out, prev = [], -1
-    eot = np.asarray([tok.eot_id], dtype=np.uint32)
-    for (d, _), ids in zip(pieces, encoded((c for _, c in pieces), tok, workers or min(os.cpu_count() or 1, 8))):
-        if d != prev:
-            out.append(eot)
-            prev = d
-        out.append(ids)
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.uint32)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -337,39 +317,63 @@ def prepare(
         writers[s].skip = writers[s].committed - before[s]
     jobs: list[list] = []  # [split, ids] of every piece handed on, in order
     bar = tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="prepare", disable=not progress, leave=False)
-    tags: deque = deque()  # (split, starts a document) of the pieces in flight
+    tags: deque = deque()  # [(split, starts a document), ...] of each task in flight
     has_text = False
 
-    def texts() -> Iterator[str | None]:
-        """Every piece's text in order; pieces before the resume point are read and counted, not encoded again."""
+    def tasks() -> Iterator[list[str | None]]:
+        """Every piece's text in order, grouped into tasks of ~CHUNK_CHARS (a directory of small files would
+        otherwise cost a round trip to a worker per file); pieces before the resume point are read, not
+        encoded again (None)."""
         nonlocal has_text
-        k = 0
+        k, group, tag, size = 0, [], [], 0
         for doc in iter_documents(sources, text_field, errors, stats):
             for split, parts in _segments(doc, plan):
                 first = True
                 for text in rechunk(parts):
                     counts[split]["documents"] += first
-                    counts[split]["bytes"] += len(text.encode())
                     has_text = has_text or not text.isspace()
                     bar.update(len(text))
-                    tags.append((split, first))
-                    yield None if k < len(done_jobs) else text
+                    skip = k < len(done_jobs)
+                    if skip:
+                        counts[split]["bytes"] += len(text.encode())
+                    group.append(None if skip else text)
+                    tag.append((split, first))
+                    size += len(text)
                     first, k = False, k + 1
+                    if size >= CHUNK_CHARS:
+                        tags.append(tag)
+                        yield group
+                        group, tag, size = [], [], 0
+        if group:
+            tags.append(tag)
+            yield group
 
-    eot = np.asarray([tok.eot_id], dtype=np.uint32)
+    eot = np.asarray([tok.eot_id], dtype=dtype)
+    workers = workers or min(os.cpu_count() or 1, 8)
+    if workers > 1:
+        pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tok.hf.to_str(), dtype.name))
+        results = bounded_map(pool, _encode_group, tasks(), 2 * workers)
+    else:
+        pool = None
+        _init_worker(tok.hf.to_str(), dtype.name)
+        results = map(_encode_group, tasks())
     try:
-        for k, ids in enumerate(encoded(texts(), tok, workers or min(os.cpu_count() or 1, 8))):
-            split, first = tags.popleft()
-            if ids is None:  # already in shards
-                jobs.append(done_jobs[k])
-                continue
-            if first:
-                ids = np.concatenate([eot, ids])
-            jobs.append([split, int(len(ids))])
-            if writers[split].add(ids):
-                _save_progress(out, settings, writers, jobs)
-                if stop_after_shards and sum(len(w.shards) for w in writers.values()) >= stop_after_shards:
-                    raise _Stop()
+        k = 0
+        for group in results:
+            for (split, first), (ids, nbytes) in zip(tags.popleft(), group):
+                if ids is None:  # already in shards
+                    jobs.append(done_jobs[k])
+                    k += 1
+                    continue
+                counts[split]["bytes"] += nbytes
+                if first:
+                    ids = np.concatenate([eot, ids])
+                jobs.append([split, int(len(ids))])
+                k += 1
+                if writers[split].add(ids):
+                    _save_progress(out, settings, writers, jobs)
+                    if stop_after_shards and sum(len(w.shards) for w in writers.values()) >= stop_after_shards:
+                        raise _Stop()
         if not has_text:
             raise DataError(f"no text in {', '.join(sources)}: the corpus is empty" + (f" ({stats.summary()})" if stats.skipped else ""))
         for w in writers.values():
@@ -378,6 +382,8 @@ def prepare(
         _abandon(out, created)
         raise
     finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
         bar.close()
     if log and stats.summary():
         log(f"encoding: {stats.summary()}")

@@ -6,7 +6,7 @@ import pytest
 
 from gradlm.corpus import Document, read_documents
 from gradlm.data import EpochSampler, RandomSampler, TokenData
-from gradlm.prepare import _chunks, prepare, split_documents, tokenize_documents
+from gradlm.prepare import _chunks, prepare, split_documents
 from gradlm.errors import DataError
 
 
@@ -52,12 +52,16 @@ def test_single_file_splits_off_its_tail(small_text):
     assert train[0].endswith("\n")
 
 
-def test_chunked_parallel_tokenisation_equals_whole(tok, corpus):
+def test_chunked_parallel_tokenisation_equals_whole(tok, corpus, tmp_path, monkeypatch):
+    from gradlm import prepare as prepare_module
+
     text = corpus[:300_000]
     pieces = _chunks(text, size=20_000)
     assert len(pieces) > 10 and "".join(pieces) == text
-    whole = [tok.eot_id] + tok.encode(text)
-    assert tokenize_documents([text], tok, workers=2).tolist() == whole
+    (tmp_path / "t.txt").write_text(text)
+    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 20_000)  # many pieces, many tasks, two workers
+    prepare(str(tmp_path / "t.txt"), tok, tmp_path / "out", val_fraction=0.0, progress=False, workers=2)
+    assert TokenData(tmp_path / "out").tokens("train").tolist() == [tok.eot_id] + tok.encode(text)
 
 
 @pytest.mark.parametrize(
