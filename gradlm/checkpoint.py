@@ -159,7 +159,7 @@ def dumps(obj, **kw) -> str:
     return json.dumps(strict(obj), allow_nan=False, **kw)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
     _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 

@@ -246,7 +246,7 @@ class _ShardWriter:
         self.out, self.split, self.dtype, self.cap = out, split, dtype, shard_tokens
         self.shards = list(done)  # shards already on disk (a resumed prepare)
         self.committed = sum(s["tokens"] for s in done)
-        self.buf = np.empty(shard_tokens, dtype=dtype)
+        self.buf = np.empty(min(shard_tokens, 1 << 22), dtype=dtype)  # grows to the shard's size as ids come
         self.n = 0
         self.skip = 0  # ids to drop before appending (already in a shard written before a resume)
 
@@ -257,6 +257,10 @@ class _ShardWriter:
             ids, self.skip = ids[drop:], self.skip - drop
         wrote = False
         while len(ids):
+            if self.n + len(ids) > len(self.buf) and len(self.buf) < self.cap:
+                grown = np.empty(min(self.cap, max(2 * len(self.buf), self.n + len(ids))), dtype=self.dtype)
+                grown[: self.n] = self.buf[: self.n]
+                self.buf = grown
             take = min(self.cap - self.n, len(ids))
             self.buf[self.n : self.n + take] = ids[:take]
             self.n += take
@@ -270,9 +274,9 @@ class _ShardWriter:
         if not self.n and self.shards:
             return
         name = f"{self.split}-{len(self.shards):05d}.bin"
-        data = self.buf[: self.n]
-        ckpt.atomic_write_bytes(self.out / name, data.tobytes())
-        self.shards.append({"file": name, "tokens": int(self.n), "sha256": hashlib.sha256(data.tobytes()).hexdigest()})
+        data = memoryview(self.buf[: self.n]).cast("B")  # the bytes in place: no copy of a 128 MB shard
+        ckpt.atomic_write_bytes(self.out / name, data)
+        self.shards.append({"file": name, "tokens": int(self.n), "sha256": hashlib.sha256(data).hexdigest()})
         self.committed += self.n
         self.n = 0
 

@@ -57,7 +57,9 @@ def prepared(tmp_path_factory, text_file, tok) -> Path:
     from gradlm.prepare import prepare
 
     out = tmp_path_factory.mktemp("prep") / "data"
-    prepare(str(text_file), tok, out, val_fraction=0.1, progress=False, workers=1)
+    # several shards: every test that trains on `prepared` (exact resume, kill -9, DDP) reads across shard boundaries
+    meta = prepare(str(text_file), tok, out, val_fraction=0.1, progress=False, workers=1, shard_tokens=4096)
+    assert len(meta["splits"]["train"]["shards"]) >= 4
     return out
 
 
