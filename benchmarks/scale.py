@@ -13,8 +13,10 @@ tokenizer's own tiktoken encoding: the ceiling gradlm's prepare is measured agai
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -104,7 +106,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="0.15,0.5,2", help="corpus sizes in GB")
     ap.add_argument("--work", default="/tmp/gradlm-scale", help="folder for the corpora and outputs (outside the repo)")
     ap.add_argument("--vocab-size", type=int, default=4096)
-    ap.add_argument("--train-steps", type=int, default=40, help="steps of the shards-against-one-file training comparison (0: skip)")
+    ap.add_argument("--train-steps", type=int, default=100, help="steps of the shards-against-one-file training comparison (0: skip)")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs of that comparison")
     args = ap.parse_args()
     work = Path(args.work)
     cores = os.cpu_count() or 1
@@ -130,20 +133,27 @@ def main() -> None:
         print(f"| {mb:,.0f} MB | {t_tok:.0f} s | {mb / t_tok:.1f} | {rss_tok / 1e9:.2f} GB | {t_prep:.0f} s | {mb / t_prep:.1f} | {rss_prep / 1e9:.2f} GB | "
               f"{t_raw:.0f} s | {mb / t_raw:.1f} | {t_raw / t_prep:.2f}x |")
     if args.train_steps:
+        # the first corpus prepared twice: in 4M-token shards, and as one file; trained alternately, --repeats times
         gb = float(args.sizes.split(",")[0])
-        one = work / f"prepared-{gb:g}GB-one-shard"
-        shutil.rmtree(one, ignore_errors=True)
-        measured([*gradlm, "prepare", "--data", str(work / f"corpus-{gb:g}GB"), "--tokenizer", str(work / f"tok-{gb:g}GB.json"), "--out", str(one), "--shard-tokens", str(1 << 40)])
+        data = {}
+        for name, shard in (("shards", 1 << 22), ("one file", 1 << 40)):
+            data[name] = work / f"prepared-{gb:g}GB-{name.replace(' ', '-')}"
+            shutil.rmtree(data[name], ignore_errors=True)
+            measured([*gradlm, "prepare", "--data", str(work / f"corpus-{gb:g}GB"), "--tokenizer", str(work / f"tok-{gb:g}GB.json"),
+                      "--out", str(data[name]), "--shard-tokens", str(shard)])
         shape = ["--n-layer", "4", "--d-model", "192", "--n-head", "6", "--block-size", "128", "--batch", "16", "--max-steps", str(args.train_steps),
                  "--eval-every", str(args.train_steps), "--eval-tokens", "4096", "--no-progress", "--no-plots"]
-        speed = {}
-        for name, data in (("shards", work / f"prepared-{gb:g}GB"), ("one file", one)):
-            run = work / f"train-{name.replace(' ', '-')}"
-            shutil.rmtree(run, ignore_errors=True)
-            r = subprocess.run([*gradlm, "train", "--data", str(data), "--out", str(run), *shape], capture_output=True, text=True, check=True)
-            speed[name] = float(r.stdout.split("(")[1].split(" tok/s")[0].replace(",", ""))
-        print(f"\ntraining from {gb:g} GB: {speed['shards']:,.0f} tok/s from shards, {speed['one file']:,.0f} tok/s from one file "
-              f"({speed['shards'] / speed['one file']:.2f}x)")
+        speed: dict[str, list[float]] = {"shards": [], "one file": []}
+        for _ in range(args.repeats):
+            for name in speed:
+                run = work / f"train-{name.replace(' ', '-')}"
+                shutil.rmtree(run, ignore_errors=True)
+                r = subprocess.run([*gradlm, "train", "--data", str(data[name]), "--out", str(run), *shape], capture_output=True, text=True, check=True)
+                speed[name].append(float(r.stdout.split("(")[1].split(" tok/s")[0].replace(",", "")))
+        n_shards = len(json.loads((data["shards"] / "meta.json").read_text())["splits"]["train"]["shards"])
+        a, b = statistics.median(speed["shards"]), statistics.median(speed["one file"])
+        print(f"\ntraining from {gb:g} GB ({args.train_steps} steps, median of {args.repeats} alternating runs): {a:,.0f} tok/s from "
+              f"{n_shards} shards, {b:,.0f} tok/s from one file ({a / b:.2f}x)")
 
 
 if __name__ == "__main__":

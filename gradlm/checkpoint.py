@@ -16,9 +16,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where tensors are written or read: preparing data never loads it
+    import torch
 
 from gradlm.errors import ConfigError, RunDirError
 
@@ -181,6 +182,8 @@ def write_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], metad
             continue
         seen.add(ptr)
         out[k] = v.detach().contiguous()
+    from safetensors.torch import save_file
+
     save_file(out, str(path), metadata=metadata or None)
 
 
@@ -194,6 +197,8 @@ def weights_metadata(path: Path) -> dict[str, str]:
     if not Path(path).is_file():
         raise RunDirError(f"missing weights file {path}")
     try:
+        from safetensors import safe_open
+
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except Exception as e:
@@ -204,17 +209,17 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise RunDirError(f"missing weights file {path}")
     try:
+        from safetensors.torch import load_file
+
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise RunDirError(f"cannot read weights {path} ({e}); the file is corrupt or not safetensors") from None
 
 
-def save_torch(path: Path, obj) -> None:
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
 def load_torch(path: Path):
     try:
+        import torch
+
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise RunDirError(f"missing training state {path}") from None

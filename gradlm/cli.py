@@ -104,8 +104,7 @@ def _stderr(msg: str) -> None:
 
 def cmd_tokenizer_train(args) -> None:
     from gradlm.checkpoint import check_output
-    from gradlm.data import train_tokenizer
-    from gradlm.prepare import parse_size
+    from gradlm.prepare import parse_size, train_tokenizer
 
     out = Path(args.out)
     out = check_output(out / "tokenizer.json" if out.is_dir() else out, "--out")
@@ -160,8 +159,7 @@ def cmd_tokenize(args) -> None:
 
 def cmd_prepare(args) -> None:
     from gradlm.checkpoint import check_output
-    from gradlm.data import train_tokenizer
-    from gradlm.prepare import parse_size, prepare
+    from gradlm.prepare import parse_size, prepare, train_tokenizer
 
     check_output(args.out, "--out", is_dir=True)
     if args.shard_tokens < 1:

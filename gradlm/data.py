@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from gradlm import datasets
-from gradlm.corpus import DEFAULT_ERRORS, source_files
+from gradlm.corpus import source_files
 from gradlm.errors import DataError
-from gradlm.prepare import TOKENIZER_SAMPLE, parse_size, prepare, tokenizer_sample
+from gradlm.prepare import parse_size, prepare, train_tokenizer
 from gradlm.tokenizer import Tokenizer
 
 
@@ -252,24 +252,6 @@ def resolve_data(cfg, tokenizer: Tokenizer | None = None, log=print, trained_her
             "restore the original text or prepared folder, or start a new run from this one with --init"
         )
     return data
-
-
-def train_tokenizer(sources: list[str] | str, vocab_size: int, sample: int = TOKENIZER_SAMPLE, text_field: str = "text",
-                    errors: str = DEFAULT_ERRORS, log=print, progress: bool = False) -> Tokenizer:
-    """A tokenizer learned from a seeded sample of about `sample` bytes drawn across the whole corpus (memory
-    follows the sample, not the corpus); the log says how much of the corpus it learned from."""
-    t0 = time.time()
-    pieces, seen = tokenizer_sample(sources, sample, 0, text_field, errors)
-    taken = sum(len(p.encode()) for p in pieces)
-    tok = Tokenizer.train(pieces, vocab_size, show_progress=progress, length=len(pieces))
-    share = taken / max(seen, 1)
-    log(f"trained a {tok.vocab_size}-token tokenizer in {time.time() - t0:.1f}s on {_bytes(taken)} of {_bytes(seen)} of text "
-        f"({share:.1%} of the corpus{', a seeded sample; --tokenizer-sample sets its size' if share < 1 else ''})")
-    return tok
-
-
-def _bytes(n: float) -> str:
-    return next(f"{n / d:,.1f} {u}" for d, u in ((1 << 30, "GB"), (1 << 20, "MB"), (1 << 10, "kB"), (1, "bytes")) if n >= d or d == 1)
 
 
 def _resolve_data(cfg, tokenizer: Tokenizer | None, log, trained_here: bool | None) -> TokenData:

@@ -28,6 +28,7 @@ import json
 import os
 import random
 import re
+import time
 import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -486,3 +487,21 @@ def parse_size(text: str | int, flag: str) -> int:
     if value < 1:
         raise ConfigError(f"{flag} must be positive, got {text!r}")
     return int(value)
+
+
+def train_tokenizer(sources: list[str] | str, vocab_size: int, sample: int = TOKENIZER_SAMPLE, text_field: str = "text",
+                    errors: str = DEFAULT_ERRORS, log=print, progress: bool = False) -> Tokenizer:
+    """A tokenizer learned from a seeded sample of about `sample` bytes drawn across the whole corpus (memory
+    follows the sample, not the corpus); the log says how much of the corpus it learned from."""
+    t0 = time.time()
+    pieces, seen = tokenizer_sample(sources, sample, 0, text_field, errors)
+    taken = sum(len(p.encode()) for p in pieces)
+    tok = Tokenizer.train(pieces, vocab_size, show_progress=progress, length=len(pieces))
+    share = taken / max(seen, 1)
+    log(f"trained a {tok.vocab_size}-token tokenizer in {time.time() - t0:.1f}s on {_bytes(taken)} of {_bytes(seen)} of text "
+        f"({share:.1%} of the corpus{', a seeded sample; --tokenizer-sample sets its size' if share < 1 else ''})")
+    return tok
+
+
+def _bytes(n: float) -> str:
+    return next(f"{n / d:,.1f} {u}" for d, u in ((1 << 30, "GB"), (1 << 20, "MB"), (1 << 10, "kB"), (1, "bytes")) if n >= d or d == 1)

@@ -637,10 +637,10 @@ def _loop(t: Trainer, on_step) -> dict:
         now = time.time()
         t.elapsed += now - clock
         clock = now
-        if t.dd.world > 1 and t.max_time_s:  # ranks stop at the same step only if they read the same clock
-            agreed = torch.tensor([t.elapsed, t.train_time, t.reserve_s], dtype=torch.float64, device=t.device)
+        if t.dd.world > 1 and t.max_time_s:  # ranks stop at the same step only if they read the same clock and reserve
+            agreed = torch.tensor([t.elapsed, t.train_time, t.reserve_s, t.step_s, t.eval_s, t.eval_step_s], dtype=torch.float64, device=t.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-            t.elapsed, t.train_time, t.reserve_s = agreed.tolist()
+            t.elapsed, t.train_time, t.reserve_s, t.step_s, t.eval_s, t.eval_step_s = agreed.tolist()
 
     with StopSignals() as signals:
         while True:
@@ -663,13 +663,14 @@ def _loop(t: Trainer, on_step) -> dict:
             step_s = time.time() - t0
             t.train_time += step_s
             t.step_s = step_s if not t.step_s else 0.7 * t.step_s + 0.3 * step_s  # recent pace: follows a machine that slows down
-            tick()
             if t.max_time_s:
                 # Keep back the final evaluation and checkpoint: the last one's time, scaled up by how much slower
                 # steps run now than then (never down: a reserve too small overshoots the budget); before any, a
                 # forward pass (a third of a step's work) over eval_tokens of validation and of training text.
+                # Computed before tick(), which makes every rank take the largest: they stop at the same step.
                 t.reserve_s = (t.eval_s * max(1.0, t.step_s / t.eval_step_s) if t.eval_s
                                else t.step_s * (2 * cfg.eval_tokens / t.step_tokens) / 3 + 0.5)
+            tick()
             if on_step is not None:
                 on_step(t.step, loss, lrs["lr"])
             show.step(loss, gn, lrs)

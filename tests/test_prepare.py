@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gradlm.corpus import ReadStats, iter_documents
-from gradlm.data import EpochSampler, RandomSampler, TokenData, Tokens, train_tokenizer, windows
+from gradlm.data import EpochSampler, RandomSampler, TokenData, Tokens, windows
+from gradlm.prepare import train_tokenizer
 from gradlm.errors import DataError
 from gradlm.prepare import _Stop, prepare
 
