@@ -40,7 +40,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gradlm import checkpoint as ckpt
-from gradlm.corpus import DEFAULT_ERRORS, Document, ReadStats, StreamedDocument, iter_documents, kind, source_files
+from gradlm.corpus import DEFAULT_ERRORS, ReadStats, StreamedDocument, iter_documents, kind, source_files
 from gradlm.errors import ConfigError, DataError
 from gradlm.tokenizer import Tokenizer
 
@@ -72,24 +72,6 @@ def choose_val(sizes: list[int], val_fraction: float, seed: int = 0) -> set[int]
             val.add(i)
             total += sizes[i]
     return val if len(sizes) > 1 and total >= 0.5 * target else None
-
-
-def split_documents(docs: list[Document], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str], str]:
-    """In memory: (train texts, validation texts, "document" | "tail") by the rule above."""
-    val = choose_val([len(d.text) for d in docs], val_fraction, seed)
-    if val is not None:
-        return [d.text for i, d in enumerate(docs) if i not in val], [d.text for i, d in enumerate(docs) if i in val], "document"
-    pairs = [_tail_split(d.text, val_fraction) for d in docs]
-    return [h for h, _ in pairs], [t for _, t in pairs if t.strip()], "tail"
-
-
-def _tail_split(text: str, val_fraction: float) -> tuple[str, str]:
-    """(head, tail) with the tail about val_fraction of text, cut after a line break when one is near."""
-    cut = int(len(text) * (1 - val_fraction))
-    nl = text.rfind("\n", 0, cut)
-    if nl > len(text) // 2:
-        cut = nl + 1
-    return text[:cut], text[cut:]
 
 
 def record_in_val(source: str, val_fraction: float, seed: int) -> bool:

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from gradlm.corpus import Document, read_documents
+from gradlm.corpus import read_documents
 from gradlm.data import EpochSampler, RandomSampler, TokenData
-from gradlm.prepare import _chunks, prepare, split_documents
+from gradlm.prepare import _chunks, choose_val, prepare
 from gradlm.errors import DataError
 
 
@@ -45,11 +45,15 @@ def test_prepare_directory_round_trips(corpus_dir, tok, tmp_path):
     assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == sum(len(d.text.encode()) for d in read_documents(str(corpus_dir)))
 
 
-def test_single_file_splits_off_its_tail(small_text):
-    train, val, mode = split_documents([Document("x", small_text)], 0.1)
-    assert mode == "tail" and train[0] + val[0] == small_text
-    assert abs(len(val[0]) - 0.1 * len(small_text)) < 0.02 * len(small_text)
-    assert train[0].endswith("\n")
+def test_single_file_splits_off_its_tail(small_text, tok, tmp_path):
+    (tmp_path / "one.txt").write_text(small_text)
+    assert choose_val([len(small_text.encode())], 0.1) is None  # one document: no whole-document split
+    meta = prepare(str(tmp_path / "one.txt"), tok, tmp_path / "out", val_fraction=0.1, progress=False, workers=1)
+    data = TokenData(tmp_path / "out")
+    train, val = (tok.decode(data.tokens(s).tolist()[1:]) for s in ("train", "val"))
+    assert meta["split"] == "tail" and train + val == small_text
+    assert abs(len(val) - 0.1 * len(small_text)) < 0.02 * len(small_text)
+    assert train.endswith("\n")
 
 
 def test_chunked_parallel_tokenisation_equals_whole(tok, corpus, tmp_path, monkeypatch):
@@ -131,13 +135,9 @@ def test_samplers_resume_exactly():
 
 
 def test_document_split_keeps_the_validation_share_near_the_target():
-    big = Document("big", "x" * 100_000)
-    small = [Document(f"s{i}", "note %d " % i * 20) for i in range(200)]
-    train, val, mode = split_documents([big, *small], 0.1, seed=0)
-    total = sum(len(d.text) for d in [big, *small])
-    share = sum(map(len, val)) / total
-    assert 0.05 <= share <= 0.15, (mode, share)
-    assert sorted(train + val) != [] and sum(map(len, train)) + sum(map(len, val)) == total
+    sizes = [100_000] + [len("note %d " % i * 20) for i in range(200)]
+    val = choose_val(sizes, 0.1, seed=0)
+    share = sum(sizes[i] for i in val) / sum(sizes)
+    assert 0.05 <= share <= 0.15 and 0 not in val  # the big document would overshoot: never held out
     # Two large documents only: whole documents cannot make 10%, so each gives its tail instead.
-    train, val, mode = split_documents([Document("a", "a\n" * 40_000), Document("b", "b\n" * 40_000)], 0.1)
-    assert mode == "tail" and 0.05 <= sum(map(len, val)) / 160_000 <= 0.15
+    assert choose_val([80_000, 80_000], 0.1) is None
