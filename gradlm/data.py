@@ -245,6 +245,10 @@ def resolve_data(cfg, tokenizer: Tokenizer | None = None, log=print, trained_her
         found = find_prepared(identity, hint)
         if found is not None:
             return found
+    elif hint and is_prepared(hint):  # a run from before identities were recorded: the folder it trained on
+        data = TokenData(hint)
+        if tokenizer is not None and data.tokenizer.sha256 == tokenizer.sha256:
+            return data
     data = _resolve_data(cfg, tokenizer, log, trained_here)
     if identity and data.identity != identity:
         raise DataError(

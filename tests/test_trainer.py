@@ -368,3 +368,18 @@ def test_resume_reads_its_own_tokens_offline_and_refuses_other_ones(text_file, t
         shutil.rmtree(p)
     with pytest.raises(DataError, match=f"no longer gives the tokens this run trained on.*{identity}"):
         train(model_for(tok), cfg_for(None, tmp_path, **{**kw, "pause_at": 0, "max_steps": 12, "resume": True}), given={"max_steps"})
+
+
+def test_a_run_from_before_identities_resumes_from_the_folder_it_recorded(text_file, tmp_path, tok, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("GRADLM_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "corpus.txt"
+    shutil.copy(text_file, text)
+    kw = dict(data=str(text), vocab_size=300, max_steps=8, eval_every=4)
+    train(model_for(tok), cfg_for(None, tmp_path, pause_at=4, **kw))
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    del cfg["data"]["identity"]  # as gradlm wrote it before
+    (tmp_path / "run" / "config.json").write_text(json.dumps(cfg))
+    text.unlink()
+    assert train(model_for(tok), cfg_for(None, tmp_path, resume=True, **kw))["steps"] == 8
