@@ -9,7 +9,7 @@ together. Two augmentations, applied each time a batch is drawn, make it read wo
   --bpe-dropout P   the window's text is re-segmented with every merge skipped with probability P
                     (Provilkov et al. 2020), so the model sees the same words in many splits;
   --typo-rate R     first, each letter gets a typo with probability R (drop, swap, double, near key, case;
-                    evaluate.inject_typos), so it reads misspelled words in context.
+                    typos.inject_typos), so it reads misspelled words in context.
 
 Targets stay on the clean text. An input position whose text ends where a clean token begins predicts
 that token, in the deterministic split. Inside a misspelled word, where no clean token begins, a position
@@ -37,7 +37,7 @@ import regex
 import torch
 
 from gradlm.errors import ConfigError
-from gradlm.evaluate import NAME_TYPO_KINDS, Typos, inject_typos, misspell
+from gradlm.typos import NAME_TYPO_KINDS, Typos, inject_typos, misspell
 from gradlm.tokenizer import SPLIT_PATTERN, Tokenizer
 
 TRAIN_TYPO_KINDS = (*NAME_TYPO_KINDS, "case")  # the slips of a typist: drop, swap, double, near_key, case

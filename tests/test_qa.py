@@ -16,7 +16,8 @@ import pytest
 from gradlm import checkpoint as ckpt
 from gradlm.cli import main
 from gradlm.errors import DataError
-from gradlm.evaluate import EvalConfig, NAME_TYPO_KINDS, format_report, load_qa, misspell, near_keys, normalize_answer, run_eval, score_qa
+from gradlm.evaluate import EvalConfig, format_report, load_qa, normalize_answer, run_eval, score_qa
+from gradlm.typos import NAME_TYPO_KINDS, misspell, near_keys
 from gradlm.sft import load_sft
 
 from conftest import sft_fit

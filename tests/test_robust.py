@@ -14,7 +14,8 @@ from gradlm.cli import main
 from gradlm.config import TrainConfig
 from gradlm.data import RandomSampler
 from gradlm.errors import ConfigError
-from gradlm.evaluate import EvalConfig, Typos, inject_typos, run_eval
+from gradlm.evaluate import EvalConfig, run_eval
+from gradlm.typos import Typos, inject_typos
 from gradlm.robust import TRAIN_TYPO_KINDS, RobustSampler, Segmenter, align_typos, typo_splits
 from gradlm.tokenizer import Tokenizer
 from gradlm.trainer import Trainer, train

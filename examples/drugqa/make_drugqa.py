@@ -28,7 +28,7 @@ import json
 import random
 from pathlib import Path
 
-from gradlm.evaluate import NAME_TYPO_KINDS, misspell
+from gradlm.typos import NAME_TYPO_KINDS, misspell
 
 # Syllables chosen to sound drug-like without spelling a real drug.
 ONSETS = ("zor", "quel", "vex", "dral", "thrim", "plox", "brin", "cav", "jex", "kulm", "skar", "trev",
