@@ -98,6 +98,10 @@ def pick(args: argparse.Namespace, cls, **overrides):
 # ---- commands ----------------------------------------------------------------------------------------
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
@@ -171,8 +175,8 @@ def cmd_prepare(args) -> None:
     meta = prepare(args.data, tok, args.out, args.val_fraction, args.seed, args.text_field, args.workers, sys.stderr.isatty(),
                    errors=args.encoding_errors, shard_tokens=args.shard_tokens, log=_stderr)
     s = meta["splits"]
-    print(f"{args.out}: {s['train']['tokens']:,} train tokens in {len(s['train']['shards'])} shard{'s' if len(s['train']['shards']) != 1 else ''}, {s['val']['tokens']:,} val tokens "
-          f"({meta['dtype']}, split by {meta['split']}; {meta['documents']:,} documents, {meta['skipped_documents']:,} skipped, "
+    print(f"{args.out}: {s['train']['tokens']:,} train tokens in {_count(len(s['train']['shards']), 'shard')}, {s['val']['tokens']:,} val tokens "
+          f"({meta['dtype']}, split by {meta['split']}; {_count(meta['documents'], 'document')}, {meta['skipped_documents']:,} skipped, "
           f"{meta['replaced_characters']:,} undecodable sequences replaced)")
 
 
