@@ -15,7 +15,6 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported where tensors are written or read: preparing data never loads it

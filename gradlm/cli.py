@@ -379,13 +379,11 @@ LR_FIND_SKIP = (
 )
 
 
-SHARD_TOKENS = 1 << 26  # gradlm.prepare.SHARD_TOKENS (not imported here: --help stays fast)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from gradlm.generate import SamplingConfig
     from gradlm.model import ModelConfig
     from gradlm.config import TrainConfig
+    from gradlm.prepare import SHARD_TOKENS
 
     p = Parser(prog="gradlm", description="Train small GPT-style language models from your own text.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)

@@ -44,7 +44,7 @@ class StreamedDocument:
 
     source: str
     parts: list[str] | Iterator[str]
-    nbytes: int = -1  # bytes of text (decompressed), known before reading for files; -1 for records
+    nbytes: int = -1  # bytes of a plain file, known before reading; -1 for records and compressed files
     record: bool = False  # a .jsonl line or Parquet row (split by a hash of where it is), not a whole file
 
     @property
@@ -181,7 +181,7 @@ def _binary(path: Path, errors: str, stats: ReadStats) -> None:
 def _text_file(path: Path, comp: str, errors: str, stats: ReadStats) -> Iterator[StreamedDocument]:
     """One document of blocks. Under skip, a bad byte found mid-file drops the blocks not yet handed on only:
     so skip decodes the whole file before handing any of it on (one file's text in memory at a time)."""
-    size = path.stat().st_size if not comp else _decompressed_size(path, comp)
+    size = path.stat().st_size if not comp else -1  # compressed: counted only if a tail split needs it (decompressed_size)
     decode = _Decoder(str(path), errors, stats)
     f = _open(path, comp)
 
@@ -215,11 +215,11 @@ def _text_file(path: Path, comp: str, errors: str, stats: ReadStats) -> Iterator
     yield StreamedDocument(str(path), parts, size)
 
 
-def _decompressed_size(path: Path, comp: str) -> int:
-    """Bytes a compressed file holds, counted by reading it through once (in blocks)."""
+def decompressed_size(path: Path) -> int:
+    """Bytes a (compressed) file holds, counted by reading it through once (in blocks)."""
     n = 0
     try:
-        with _open(path, comp) as f:
+        with _open(path, kind(path)[1]) as f:
             while block := f.read(BLOCK_BYTES):
                 n += len(block)
     except (OSError, EOFError) as e:
@@ -232,9 +232,7 @@ def _chain(head: str, rest: Iterator[str]) -> Iterator[str]:
         yield head
     try:
         yield from rest
-    except _Binary:
-        raise DataError("a file turned binary after its first block (NUL bytes); gradlm reads UTF-8 text") from None
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError) as e:  # a compressed file cut short, say
         raise DataError(f"cannot read the corpus: {e}") from None
 
 
@@ -256,10 +254,7 @@ def _jsonl(path: Path, comp: str, text_field: str, errors: str, stats: ReadStats
                     continue
                 if not line.strip():
                     continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {n} is not JSON ({e.msg}); each line must be one JSON value") from None
+                obj = _json_line(path, n, line)
                 if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
                     raise DataError(f"{path} line {n} has no string field {text_field!r}; set --text-field to the field that holds the text")
                 stats.documents += 1
@@ -311,18 +306,21 @@ def read_text(path: Path, errors: str = "strict") -> str:
     try:
         return _Decoder(str(path), errors, ReadStats())(raw, final=True)
     except _Binary:
-        raise DataError(f"{path} looks binary (it contains NUL bytes); gradlm reads UTF-8 text, .jsonl, .parquet and .gz/.zst of those") from None
+        _binary(path, "strict", ReadStats())  # raises
 
 
 def jsonl_objects(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, parsed value) for every non-blank line of a .jsonl file (or .jsonl.gz / .zst)."""
     for n, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {n} is not JSON ({e.msg}); each line must be one JSON value") from None
+        if line.strip():
+            yield n, _json_line(path, n, line)
+
+
+def _json_line(path: Path, n: int, line: str) -> object:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {n} is not JSON ({e.msg}); each line must be one JSON value") from None
 
 
 def read_documents(sources: Iterable[str] | str, text_field: str = "text", errors: str = "strict") -> list[Document]:

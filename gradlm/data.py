@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -104,9 +105,9 @@ class TokenData:
         for name in ("train", "val"):
             split = self.meta["splits"][name]
             if split.get("shards"):
-                digest = "+".join(sh["sha256"] for sh in split["shards"]) if len(split["shards"]) > 1 else split["shards"][0]["sha256"]
-            else:  # format 1
-                digest = split.get("sha256") or hashlib.sha256(np.asarray(self.splits[name]).tobytes()).hexdigest()
+                digest = "+".join(sh["sha256"] for sh in split["shards"])
+            else:  # format 1: one file a split, no hash recorded
+                digest = hashlib.sha256(np.asarray(self.splits[name]).tobytes()).hexdigest()
             h.update(f"|{name}:{digest}".encode())
         return h.hexdigest()[:32]
 
@@ -223,7 +224,7 @@ def find_prepared(identity: str, hint: str | os.PathLike | None = None) -> Token
         try:
             data = TokenData(p)
             # elsewhere in the cache only folders that carry their hashes are looked at (no hashing of every folder)
-            hashed = all("sha256" in s or s.get("shards") for s in data.meta["splits"].values())
+            hashed = all(s.get("shards") for s in data.meta["splits"].values())
             if (p == hinted or hashed) and data.identity == identity:
                 return data
         except (DataError, OSError, ValueError, KeyError, json.JSONDecodeError):
@@ -273,8 +274,6 @@ def _resolve_data(cfg, tokenizer: Tokenizer | None, log, trained_here: bool | No
         if tokenizer is None or data.tokenizer.sha256 == tokenizer.sha256:
             return data
     if cached.exists() and not (cached / "progress.json").is_file():  # left by a crash before any shard: start over
-        import shutil
-
         shutil.rmtree(cached)
     if tokenizer is None:
         tokenizer = train_tokenizer(sources, cfg.vocab_size, sample, cfg.text_field, cfg.encoding_errors, log)

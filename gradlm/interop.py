@@ -132,7 +132,7 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
-    _check_export_target(out)
+    check_export_target(out, EXPORT_FILES, "config.json", _exported_by_gradlm)
     model, tok = load_for_export(run_dir, best, "transformers")
     cfg = model.cfg
     weights = {}
@@ -171,21 +171,25 @@ def load_for_export(run_dir: str | os.PathLike, best: bool, where: str) -> tuple
     return model, tok
 
 
-def _check_export_target(out: Path) -> None:
-    """Refuse to replace anything but an empty folder or a previous export (which we may rewrite)."""
+def check_export_target(out: Path, files: tuple[str, ...], marker: str, is_ours, kind: str = "") -> None:
+    """Refuse to replace anything but an empty folder or a previous export of this kind (which we may rewrite):
+    one holding only `files`, whose `marker` file is_ours(path) says gradlm wrote."""
     ckpt.check_output(out, "the export target", is_dir=True)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"{out} is a file; give a directory to export into")
     if not out.is_dir() or not any(out.iterdir()):
         return
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in files)
+    if foreign or not is_ours(out / marker):
+        what = f"it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}" if foreign else f"its {marker} was not written by gradlm export"
+        raise RunDirError(f"{out} is not empty and not a previous gradlm {kind}export ({what}); export into a new or empty directory")
+
+
+def _exported_by_gradlm(config: Path) -> bool:
     try:
-        marked = str(json.loads((out / "config.json").read_text(encoding="utf-8")).get("exported_by", "")).startswith("gradlm")
+        return str(json.loads(config.read_text(encoding="utf-8")).get("exported_by", "")).startswith("gradlm")
     except (OSError, ValueError, AttributeError):
-        marked = False
-    if foreign or not marked:
-        what = f"it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}" if foreign else "its config.json was not written by gradlm export"
-        raise RunDirError(f"{out} is not empty and not a previous gradlm export ({what}); export into a new or empty directory")
+        return False
 
 
 # ---- import ------------------------------------------------------------------------------------------

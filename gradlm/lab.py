@@ -154,7 +154,7 @@ def compare(model_cfg: ModelConfig, base: TrainConfig, grid: list[dict], out_dir
         log(f"--- {label}")
         row = {"label": label, **settings}
         try:
-            s = train(copy.deepcopy(model_cfg), cfg)
+            s = train(model_cfg, cfg)
             row.update(steps=s["steps"], tokens=s["tokens"], time_s=round(s["time_s"], 1), val_loss=s["val_loss"], val_bpb=s["val_bpb"], best_val_loss=s["best_val_loss"], restarts=s["divergence_restarts"], status="ok")
             warning = rank_warning(s["steps"], cfg.warmup_steps)
             if warning:

@@ -36,9 +36,9 @@ import torch
 
 from gradlm import checkpoint as ckpt
 from gradlm.chat import END, ROLE_TOKENS, has_chat_tokens, read_chat_template
-from gradlm.errors import ConfigError, RunDirError, TokenizerError
+from gradlm.errors import ConfigError, TokenizerError
 from gradlm.model import ModelConfig
-from gradlm.interop import load_for_export
+from gradlm.interop import check_export_target, load_for_export
 from gradlm.rundir import package_version
 from gradlm.tokenizer import EOT, Tokenizer
 
@@ -117,23 +117,14 @@ def modelfile(chat: bool, gguf_type: str) -> str:
     return "\n".join(lines)
 
 
-def _check_target(out: Path) -> None:
-    """OUT must be missing, empty, or a previous GGUF export of gradlm's (replaced whole)."""
-    ckpt.check_output(out, "the export target", is_dir=True)
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in GGUF_FILES)
-    ours = False
-    if not foreign and (out / "model.gguf").is_file():
-        try:
-            import gguf
+def _written_by_gradlm(path: Path) -> bool:
+    """Whether a GGUF file carries our marker key (any unreadable file is simply not ours)."""
+    try:
+        import gguf
 
-            ours = MARKER in gguf.GGUFReader(out / "model.gguf").fields
-        except Exception:  # noqa: BLE001  (any unreadable file is simply not ours)
-            ours = False
-    if foreign or not ours:
-        what = f"it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}" if foreign else "its model.gguf was not written by gradlm export"
-        raise RunDirError(f"{out} is not empty and not a previous gradlm GGUF export ({what}); export into a new or empty directory")
+        return path.is_file() and MARKER in gguf.GGUFReader(path).fields
+    except Exception:  # noqa: BLE001  (the reader raises its own types for a file that is not GGUF)
+        return False
 
 
 def export_gguf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, gguf_type: str = "f16", best: bool = False) -> dict:
@@ -146,7 +137,7 @@ def export_gguf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, gguf_typ
     except ImportError:
         raise ConfigError("GGUF export needs the gguf package (llama.cpp's writer): pip install gguf  (or pip install -e \".[gguf]\")") from None
     out = Path(out_dir)
-    _check_target(out)
+    check_export_target(out, GGUF_FILES, "model.gguf", _written_by_gradlm, "GGUF ")
     model, tok = load_for_export(run_dir, best, "llama.cpp")
     cfg = model.cfg
     arch = "qwen3" if cfg.qk_norm else "llama"

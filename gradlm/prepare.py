@@ -40,7 +40,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gradlm import checkpoint as ckpt
-from gradlm.corpus import DEFAULT_ERRORS, ReadStats, StreamedDocument, iter_documents, kind, source_files
+from gradlm.corpus import DEFAULT_ERRORS, ReadStats, StreamedDocument, decompressed_size, iter_documents, kind, source_files
 from gradlm.errors import ConfigError, DataError
 from gradlm.tokenizer import Tokenizer
 
@@ -109,9 +109,10 @@ def _segments(doc: StreamedDocument, plan: SplitPlan) -> Iterator[tuple[str, Ite
 
 def _tail_segments(doc: StreamedDocument, val_fraction: float) -> Iterator[tuple[str, Iterator[str]]]:
     """Head and tail of a text file read in blocks: the cut is the first line break at or after
-    (1 - val_fraction) of its bytes (a compressed file's size was counted by reading it through once)."""
+    (1 - val_fraction) of its bytes (a compressed file's are counted by reading it through once first)."""
     parts = iter(doc.parts)
-    cut_at = int(doc.nbytes * (1 - val_fraction))
+    nbytes = doc.nbytes if doc.nbytes >= 0 else decompressed_size(Path(doc.source))
+    cut_at = int(nbytes * (1 - val_fraction))
     state = {"tail": None}
 
     def head() -> Iterator[str]:
@@ -298,11 +299,11 @@ def prepare(
     stats = ReadStats()  # documents, skipped documents and replaced characters (the encoding policy)
     writers = {s: _ShardWriter(out, s, dtype, shard_tokens, resume.get("shards", {}).get(s, [])) for s in SPLITS}
     counts = {s: {"documents": 0, "bytes": 0} for s in SPLITS}
-    done_jobs: list[list] = resume.get("jobs", [])  # [split, ids] of each piece whose ids are all in written shards
+    done_jobs: list[list] = resume.get("jobs", [])  # [split, number of ids] of each piece whose ids are all in written shards
     before = {s: sum(n for sp, n in done_jobs if sp == s) for s in SPLITS}
     for s in SPLITS:
         writers[s].skip = writers[s].committed - before[s]
-    jobs: list[list] = []  # [split, ids] of every piece handed on, in order
+    jobs: list[list] = []  # [split, number of ids] of every piece handed on, in order
     bar = tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="prepare", disable=not progress, leave=False)
     tags: deque = deque()  # [(split, starts a document), ...] of each task in flight
     has_text = False
@@ -337,13 +338,10 @@ def prepare(
 
     eot = np.asarray([tok.eot_id], dtype=dtype)
     workers = workers or min(os.cpu_count() or 1, 8)
-    if workers > 1:
-        pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tok.hf.to_str(), dtype.name))
-        results = bounded_map(pool, _encode_group, tasks(), 2 * workers)
-    else:
-        pool = None
-        _init_worker(tok.hf.to_str(), dtype.name)
-        results = map(_encode_group, tasks())
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tok.hf.to_str(), dtype.name)) if workers > 1 else None
+    if pool is None:
+        _init_worker(tok.hf.to_str(), dtype.name)  # one worker: this process encodes
+    results = bounded_map(pool, _encode_group, tasks(), 2 * workers)
     try:
         k = 0
         for group in results:

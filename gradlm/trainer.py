@@ -228,7 +228,7 @@ class Trainer:
         self.saved_cfg = saved_cfg
         self.saved_data = saved.get("data", {})  # where the run's tokens were, and their identity
         self.init_tok = self.run.load_tokenizer()
-        self.tokenizer_trained_here = saved.get("data", {}).get("tokenizer") == "trained"
+        self.tokenizer_trained_here = self.saved_data.get("tokenizer") == "trained"
         return saved_model, new
 
     # -- data: rank 0 prepares (and caches); the other ranks then read the same cache
