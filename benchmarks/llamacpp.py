@@ -2,7 +2,7 @@
 
 Takes a run (--run; by default trains one: 6 layers x 320 on Shakespeare for 200 steps), exports it with
 `gradlm export --format gguf` in each type, and decodes greedily, side by side in one process, alternating:
-gradlm (its Generation loop, float32, KV cache) and llama.cpp through llama-cpp-python's low-level API (one
+gradlm (its engine, float32, KV cache) and llama.cpp through llama-cpp-python's low-level API (one
 context, a batch of N sequences, greedy argmax in numpy, so both pay a Python loop per step). Prompts are
 Shakespeare lines of different lengths; every row decodes --new-tokens tokens, no early stop. Tokens/s counts
 new tokens over the whole call, prefill included; each figure is the median of --repeats runs after a warm-up.
@@ -29,17 +29,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gradlm.generate import Generation, SamplingConfig
+from gradlm.engine import Engine, Request
+from gradlm.sampling import SamplingConfig
 from gradlm.llamacpp import export_gguf
 from gradlm.rundir import load_model
 
 
-def gradlm_decode(model, prompts: list[list[int]], n: int) -> list[list[int]]:
-    out = [[] for _ in prompts]
-    for step in Generation(model, prompts, SamplingConfig(temperature=0, max_new_tokens=n)):
-        for t in step:
-            out[t.row].append(t.id)
-    return out
+def gradlm_decode(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """Greedy decoding of every prompt together through gradlm's engine."""
+    engine.max_batch = len(prompts)
+    cfg = SamplingConfig(temperature=0, max_new_tokens=n)
+    return [[p.token.id for p in pieces] for pieces in engine.run([Request(ids, cfg) for ids in prompts])]
 
 
 class LlamaCpp:
@@ -146,11 +146,12 @@ def main() -> None:
     for B in [int(b) for b in args.batches.split(",")]:
         prompts = [tok.encode(lines[i * 7 % len(lines)])[:48] for i in range(B)]
         engines = {t: LlamaCpp(f, B, max(map(len, prompts)) + n + 1, threads) for t, f in files.items()}
-        ref = gradlm_decode(model, prompts, n)
+        ours = Engine(model, tok)
+        ref = gradlm_decode(ours, prompts, n)
         outs = {t: e.decode(prompts, n) for t, e in engines.items()}  # warm-up
         times = {"gradlm": [], **{t: [] for t in engines}}
         for _ in range(args.repeats):
-            t, ref = timed(lambda: gradlm_decode(model, prompts, n))
+            t, ref = timed(lambda: gradlm_decode(ours, prompts, n))
             times["gradlm"].append(t)
             for k, e in engines.items():
                 t, outs[k] = timed(lambda: e.decode(prompts, n))

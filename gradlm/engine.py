@@ -1,23 +1,30 @@
-"""Continuous batching: requests that arrive at any time share one running batch of the generation loop.
+"""The one decode engine: every row that gradlm generates is stepped here.
 
-One thread owns the model and repeats a step:
+Rows are decoded together in one running batch (continuous batching): a request joins at the next step
+and each of its rows leaves when it finishes, so rows never wait for one another. One step:
 
-  1. admit waiting requests while the batch has room: each prompt runs through the model once on its
-     own (prefill), and its rows (n rows for n samples of one prompt) join the running batch's KV cache
-     (GPT.join_caches: each row right-aligned, keeping its own left padding and rotary positions);
-  2. pick every row's next token from its own logits, with its own sampling settings and its own
-     random generator, so a seeded row writes the same text whatever it is batched with;
-  3. turn each row's tokens into text at the edge (StreamDecoder: never half a character; StopMatcher:
-     never any part of a stop string) and hand the new text to the request's callback;
-  4. drop the rows that finished (an end token, a stop string, max_new_tokens, a cancelled request);
-  5. feed the surviving rows' new tokens through the model in one batched forward (GPT.infer).
+  1. admit waiting requests while the batch has room: their prompts run through the model together
+     (left-padded prefill; a request that continues a KV cache runs only its new ids), and their rows
+     (n rows for n samples of one prompt) join the running batch's cache (each row right-aligned,
+     keeping its own padding and rotary positions);
+  2. pick every row's next token from its own logits with the sampler (gradlm/sampling.py), its own
+     settings and its own random generator, so a seeded row writes the same text whatever it is
+     batched with;
+  3. turn each row's tokens into text at the one text edge (_Row): never half a character
+     (StreamDecoder), never any part of a stop string (StopMatcher), never a special token as text;
+     hand the new text to the request's callback as a Piece;
+  4. drop the rows that finished (a stop id, a stop string, max_new_tokens, a cancelled request);
+  5. feed the surviving rows' new tokens through the model in one batched forward. When a row's
+     context fills the window it slides (if its request allows): it keeps its newest half, re-run
+     once, exactly as it would alone.
 
-A request that arrives while others generate joins at the next step, and rows finish independently.
-The waiting line is bounded: submit() raises BusyError when it is full. The model never sees more than
-its context window: submit() refuses a prompt that, with max_new_tokens, would not fit.
+Who drives it: the server starts a thread that steps while there is work (start/stop); everything
+else drives it synchronously through stream()/run() ("admit these rows, step until they are done"):
+`gradlm generate` and the LM API (gradlm/generate.py), `gradlm chat` (gradlm/session.py) and QA
+evaluation. The engine owns the inference fast path and its weight copies (gradlm/infer.py).
 
-    >>> engine = Engine(load("runs/demo")); engine.start()
-    >>> engine.submit(Request(tok.encode("ROMEO:"), SamplingConfig(max_new_tokens=20, seed=1)), print)
+    >>> engine = Engine(model, tok)
+    >>> [p.text for _, p in engine.stream([Request(tok.encode("ROMEO:"), SamplingConfig(max_new_tokens=5, seed=1))])]
 """
 
 from __future__ import annotations
@@ -25,23 +32,17 @@ from __future__ import annotations
 import collections
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from gradlm.errors import BusyError, ConfigError
-from gradlm.generate import (
-    LM,
-    SamplingConfig,
-    StopMatcher,
-    Token,
-    apply_penalties,
-    next_token,
-    penalties_active,
-)
-from gradlm.tokenizer import StreamDecoder
+from gradlm.infer import Forward
+from gradlm.model import GPT, KVCache
+from gradlm.sampling import SamplingConfig, apply_penalties, next_token, penalties_active
+from gradlm.tokenizer import StreamDecoder, Tokenizer
 
 
 @dataclass
@@ -52,6 +53,11 @@ class Request:
     generated (e.g. <|endoftext|>, or <|end|> for chat). logprobs=None asks for no probabilities;
     logprobs=k gives each token's log probability and the k most likely alternatives, under the model's
     own distribution (log softmax of its logits, before penalties, temperature and top-k/p filters).
+    slide: a row whose context fills the window keeps its newest half and goes on; without it, a
+    prompt that with max_new_tokens would not fit is refused.
+    cache: a one-row KV cache that already holds the first cache.pos ids of the prompt (n = 1): only the
+    rest runs through the model, and when the row ends the cache holds the prompt and every generated
+    token but the last (a chat keeps its conversation so). A row that slid leaves it at pos 0.
     """
 
     prompt: list[int]
@@ -59,14 +65,28 @@ class Request:
     n: int = 1
     stop_ids: frozenset[int] = frozenset()
     logprobs: int | None = None
+    slide: bool = False
+    cache: KVCache | None = None
+
+
+class Token(NamedTuple):
+    """One generated token of one row. logprob and top (the best alternatives, (id, logprob) pairs)
+    are under the model's own distribution, log softmax of its logits, before any sampling control;
+    they are filled in only when logprobs were asked for."""
+
+    row: int
+    id: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class Piece(NamedTuple):
-    """New output of one sample (index in 0..n-1), delivered as soon as it is safe to show.
+    """New output of one sample (index in 0..n-1) after one step, delivered as soon as it is safe to show.
 
-    tokens are the generated tokens whose text is now wholly shown (Token.row is the sample index),
-    offsets the character offset of each in the sample's text; tokens that spelled a stop string or
-    ended the sample are never listed. finish is "stop" or "length" on a sample's last piece.
+    token is the token this step generated (every one, including a stop id or one that spelled a stop
+    string). tokens are the generated tokens whose text is now wholly shown (Token.row is the sample
+    index), offsets the character offset of each in the sample's text; tokens that spelled a stop string
+    or ended the sample are never listed. finish is "stop" or "length" on a sample's last piece.
     generated counts every token the sample produced so far (usage)."""
 
     index: int
@@ -75,6 +95,46 @@ class Piece(NamedTuple):
     offsets: list[int]
     finish: str | None
     generated: int
+    token: Token
+
+
+class StopMatcher:
+    """Finds stop strings in text that arrives in pieces, holding back what might be the start of one.
+
+    push(piece) returns (text that is safe to show, whether a stop string was found). The held-back
+    text is the longest tail that is a prefix of some stop string; it is released as soon as the next
+    piece shows it is not one, or by flush() when generation ends for another reason.
+
+        >>> m = StopMatcher(["\\n\\n"])
+        >>> m.push("Hello\\n"), m.push("\\nmore")
+        (('Hello', False), ('', True))
+    """
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = [s for s in stops if s]
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.pending = ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        if not self.stops:
+            return piece, False
+        text = self.pending + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.pending = ""
+            return text[: min(hits)], True
+        hold = 0
+        for n in range(min(len(text), self.longest - 1), 0, -1):
+            tail = text[-n:]
+            if any(s.startswith(tail) for s in self.stops):
+                hold = n
+                break
+        self.pending = text[len(text) - hold :]
+        return text[: len(text) - hold], False
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
 
 
 class Handle:
@@ -90,24 +150,26 @@ class Handle:
 
 
 class _Row:
-    """One sample being generated: its random generator, penalty counts and text edge."""
+    """One sample being generated: its ids, random generator, penalty counts and the text edge."""
 
-    def __init__(self, lm: LM, handle: Handle, index: int):
+    def __init__(self, engine: Engine, handle: Handle, index: int):
         req = handle.request
         self.handle, self.index, self.cfg = handle, index, req.cfg
-        self.stop_ids = req.stop_ids
+        self.stop_ids, self.specials = req.stop_ids, engine.specials
+        self.ids = list(req.prompt)  # prompt + generated: what a sliding window re-runs
+        self.slid = False
         self.gen = torch.Generator()
-        if req.cfg.seed is None:
-            self.gen.seed()
-        else:  # sample i of a request with seed s draws from seed s + i: the samples differ, reproducibly
-            self.gen.manual_seed((req.cfg.seed + index) % 2**64)
+        # Sample i of a request with seed s draws from seed s + i: the samples differ, reproducibly. Without
+        # a seed, the seed comes from torch's global generator (torch.manual_seed makes it reproducible).
+        seed = req.cfg.seed if req.cfg.seed is not None else int(torch.randint(2**62, ()))
+        self.gen.manual_seed((seed + index) % 2**64)
         self.penalised = penalties_active(req.cfg)
         if self.penalised:
-            V = lm.model.cfg.vocab_size
-            self.seen = torch.zeros(1, V, dtype=torch.bool)
-            self.seen[0, torch.tensor(req.prompt)] = True
-            self.counts = torch.zeros(1, V)
-        self.decoder, self.matcher = StreamDecoder(lm.tok), StopMatcher(req.cfg.stop)
+            V, device = engine.model.cfg.vocab_size, engine.device
+            self.seen = torch.zeros(1, V, dtype=torch.bool, device=device)
+            self.seen[0, torch.tensor(req.prompt, device=device)] = True
+            self.counts = torch.zeros(1, V, device=device)
+        self.decoder, self.matcher = StreamDecoder(engine.tok), StopMatcher(req.cfg.stop)
         self.generated = 0
         self.decoded = 0  # characters the decoder has produced
         self.shown = 0  # characters handed out (the rest is held back as a possible stop string)
@@ -116,36 +178,36 @@ class _Row:
         self.held: list[list] = []
 
     def pick(self, logits: torch.Tensor) -> int:
-        """This row's next token from its logits (1, V)."""
-        if self.penalised:
-            logits = apply_penalties(logits, self.seen, self.counts, self.cfg)
+        """This row's next token from its logits (1, V), with its penalties."""
+        logits = apply_penalties(logits, self.seen, self.counts, self.cfg)
         t = int(next_token(logits, self.cfg, self.gen))
-        if self.penalised:
-            self.seen[0, t] = True
-            self.counts[0, t] += 1
+        self.seen[0, t] = True
+        self.counts[0, t] += 1
         return t
 
     def accept(self, t: Token) -> Piece:
         """Take the next generated token; the text it makes safe to show."""
         self.generated += 1
+        self.ids.append(t.id)
         if t.id in self.stop_ids:
-            return self._finish("", "stop")
-        piece = self.decoder.push(t.id)
+            return self._finish("", "stop", t)
+        # A special token (<|user|>, <|end|> where it is not a stop id...) is never text that looks typed.
+        piece = "" if t.id in self.specials else self.decoder.push(t.id)
         self.held.append([t, self.decoded, None])
         self._decoded(piece, self.decoder.pending)
         text, hit = self.matcher.push(piece)
         if hit:
-            return self._emit(text, "stop")
+            return self._emit(text, "stop", t)
         if self.generated >= self.cfg.max_new_tokens:
-            return self._finish(text, "length")
-        return self._emit(text, None)
+            return self._finish(text, "length", t)
+        return self._emit(text, None, t)
 
-    def _finish(self, text: str, reason: str) -> Piece:
+    def _finish(self, text: str, reason: str, t: Token) -> Piece:
         """Generation ended: release what was held back (a cut character, a possible stop string)."""
         rest = self.decoder.flush()
         self._decoded(rest, False)
         tail, hit = self.matcher.push(rest)
-        return self._emit(text + (tail if hit else tail + self.matcher.flush()), "stop" if hit else reason)
+        return self._emit(text + (tail if hit else tail + self.matcher.flush()), "stop" if hit else reason, t)
 
     def _decoded(self, text: str, pending: bool) -> None:
         """The decoder produced text; unless a character is still unfinished, every held token's text is known."""
@@ -155,32 +217,35 @@ class _Row:
                 if h[2] is None:
                     h[2] = self.decoded
 
-    def _emit(self, text: str, finish: str | None) -> Piece:
+    def _emit(self, text: str, finish: str | None, t: Token) -> Piece:
         self.shown += len(text)
         n = 0
         while n < len(self.held) and self.held[n][2] is not None and self.held[n][2] <= self.shown:
             n += 1
         done, self.held = self.held[:n], self.held[n:]
-        return Piece(self.index, text, [t for t, _, _ in done], [s for _, s, _ in done], finish, self.generated)
+        return Piece(self.index, text, [h[0] for h in done], [h[1] for h in done], finish, self.generated, t)
 
 
 class Engine:
     """Runs requests through one model with continuous batching (see the module docstring).
 
     max_batch: most rows (samples) decoded together; max_queue: most requests waiting to join.
-    Callbacks run on the engine's thread and must return quickly (the server hands pieces to its
-    event loop). start() runs the loop in a thread; step() runs one step by hand (tests).
+    Callbacks run on the thread that steps and must return quickly (the server hands pieces to its
+    event loop). start() steps in a thread of its own; stream()/run() step in the caller's.
     """
 
-    def __init__(self, lm: LM, max_batch: int = 16, max_queue: int = 64):
+    def __init__(self, model: GPT, tok: Tokenizer, max_batch: int = 16, max_queue: int = 64):
         if max_batch < 1 or max_queue < 0:
             raise ConfigError(f"max batch must be >= 1 and max queue >= 0, got {max_batch} and {max_queue}")
-        self.lm, self.model = lm, lm.model
+        self.model, self.tok = model, tok
+        self.forward = Forward(model)  # the fast path in inference mode; owns its weight copies
+        self.device = model.embed_tokens.weight.device
+        self.specials = frozenset(tok.specials.values())
         self.max_batch, self.max_queue = max_batch, max_queue
         self._waiting: collections.deque[Handle] = collections.deque()
         self._cond = threading.Condition()
         self._rows: list[_Row] = []
-        self._cache = None  # KVCache of the running rows, in _rows order
+        self._cache: KVCache | None = None  # the running rows' keys and values, in _rows order
         self._logits: torch.Tensor | None = None  # (rows, V): each row's next-token logits
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -198,7 +263,7 @@ class Engine:
             raise ConfigError("the prompt is empty: give at least one token")
         if cfg.max_new_tokens < 1:
             raise ConfigError(f"max new tokens must be at least 1, got {cfg.max_new_tokens}")
-        if len(request.prompt) + cfg.max_new_tokens > block:
+        if len(request.prompt) > block or (not request.slide and len(request.prompt) + cfg.max_new_tokens > block):
             raise ConfigError(
                 f"the prompt has {len(request.prompt)} tokens and asks for {cfg.max_new_tokens} more, "
                 f"{len(request.prompt) + cfg.max_new_tokens} in all, but the context window is {block}"
@@ -207,6 +272,9 @@ class Engine:
             raise ConfigError(f"n must be between 1 and {self.max_batch} (the batch size), got {request.n}")
         if request.logprobs is not None and not 0 <= request.logprobs <= self.model.cfg.vocab_size:
             raise ConfigError(f"logprobs must be between 0 and the vocabulary size, got {request.logprobs}")
+        c = request.cache
+        if c is not None and (request.n != 1 or c.kv.shape[1] != 1 or c.pad is not None or not 0 <= c.pos < len(request.prompt)):
+            raise ValueError("a continued KV cache must have one unpadded row holding fewer ids than the prompt, for n = 1")
         handle = Handle(self, request, on_piece)
         with self._cond:
             if len(self._waiting) >= self.max_queue:
@@ -214,6 +282,35 @@ class Engine:
             self._waiting.append(handle)
             self._cond.notify()
         return handle
+
+    def stream(self, requests: list[Request]) -> Iterator[tuple[int, Piece]]:
+        """Synchronously: admit these requests and step until every row is done, yielding (request
+        index, Piece) as they come. Leaving the loop early cancels what is left."""
+        out: collections.deque = collections.deque()
+        handles: list[Handle] = []
+        try:
+            for i, r in enumerate(requests):
+                handles.append(self.submit(r, lambda piece, i=i: out.append((i, piece))))
+            left = sum(r.n for r in requests)
+            while left:
+                if not out:
+                    self.step()
+                while out:
+                    i, piece = out.popleft()
+                    if isinstance(piece, Exception):
+                        raise piece
+                    left -= piece.finish is not None
+                    yield i, piece
+        finally:
+            for h in handles:
+                h.cancel()
+
+    def run(self, requests: list[Request]) -> list[list[Piece]]:
+        """Synchronously: every request's pieces, in order, once all are done."""
+        out: list[list[Piece]] = [[] for _ in requests]
+        for i, piece in self.stream(requests):
+            out[i].append(piece)
+        return out
 
     def _forget(self, handle: Handle) -> None:
         """A cancelled request leaves the waiting line at once; its running rows leave at the next step."""
@@ -278,25 +375,65 @@ class Engine:
                 taken.append(h)
         if not taken:
             return
-        caches = [self._cache] if self._rows else []
-        logits = [self._logits] if self._rows else []
-        rows = []
         try:
-            for h in taken:
-                prompt = torch.tensor([h.request.prompt], device=self.model.embed_tokens.weight.device)
-                cache = self.model.new_cache(1, prompt.shape[1])
-                first = self.model.infer(prompt, cache, last_only=True)[:, -1]  # (1, V)
-                for i in range(h.request.n):  # n samples share the prompt's prefill
-                    caches.append(cache)
-                    logits.append(first)
-                    rows.append(_Row(self.lm, h, i))
+            self.forward.check()  # the model's weights may have changed since the last admission
+            parts, logits = self._prefill(taken)
+            rows = [_Row(self, h, i) for h in taken for i in range(h.request.n)]
         except Exception as e:  # (a bug) these requests are in neither the line nor the batch: tell them
             for h in taken:
                 h.on_piece(e)
             raise
-        self._cache = self.model.join_caches(caches)  # room for the whole context window
-        self._logits = torch.cat(logits)
+        if self._rows:
+            parts = [(self._cache, b) for b in range(len(self._rows))] + parts
+            logits = torch.cat([self._logits, logits])
+        self._cache = self._join(parts)
+        self._logits = logits
         self._rows += rows
+
+    def _prefill(self, taken: list[Handle]) -> tuple[list[tuple[KVCache, int]], torch.Tensor]:
+        """Run the new requests' prompts through the model: (cache, row) of each new row, in order, and
+        their last logits (rows, V). Fresh prompts go together, left-padded, in one forward; a request
+        continuing a KV cache runs only its new ids, in that cache."""
+        fresh = [h for h in taken if h.request.cache is None]
+        where: dict[int, tuple[KVCache, int, torch.Tensor]] = {}
+        if fresh:
+            prompts = [h.request.prompt for h in fresh]
+            P = max(map(len, prompts))
+            x = torch.zeros(len(prompts), P, dtype=torch.long)
+            for b, p in enumerate(prompts):
+                x[b, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+            pad = [P - len(p) for p in prompts]
+            cache = self.model.new_cache(len(prompts), P, pad=pad if any(pad) else None)
+            last = self.forward(x.to(self.device), cache, last_only=True)[:, -1]
+            for b, h in enumerate(fresh):
+                where[id(h)] = (cache, b, last[b : b + 1])
+        for h in taken:
+            c = h.request.cache
+            if c is not None:
+                ids = torch.tensor([h.request.prompt[c.pos :]], device=self.device)
+                where[id(h)] = (c, 0, self.forward(ids, c, last_only=True)[:, -1])
+        parts, logits = [], []
+        for h in taken:
+            cache, b, last = where[id(h)]
+            parts += [(cache, b)] * h.request.n  # n samples share the prompt's prefill
+            logits += [last] * h.request.n
+        return parts, torch.cat(logits)
+
+    def _join(self, parts: list[tuple[KVCache, int]], lengths: list[int] | None = None) -> KVCache:
+        """One cache with room for the whole context window, holding these (cache, row) rows in order.
+        Each row's newest lengths[i] (default: all its) keys and values are copied right-aligned, so pos
+        becomes the longest row's length and padding every row had is dropped; rows keep their rotary
+        positions (keys are stored rotated, and padding counts from the left)."""
+        if lengths is None:
+            lengths = [c.lengths()[b] for c, b in parts]
+        P = max(lengths, default=0)
+        pad = [P - n for n in lengths]
+        new = self.model.new_cache(len(parts), self.model.cfg.block_size, pad=pad if any(pad) else None)
+        for i, ((c, b), n) in enumerate(zip(parts, lengths)):
+            if n:
+                new.kv[:, i, :, P - n : P] = c.kv[:, b, :, c.pos - n : c.pos]
+        new.pos = P
+        return new
 
     def _decode(self) -> None:
         self._keep([b for b, row in enumerate(self._rows) if not row.handle.cancelled])  # clients that left
@@ -307,6 +444,8 @@ class Engine:
         keep = []
         for b, (row, t) in enumerate(zip(rows, self._with_logprobs(rows, logits, ids))):
             piece = row.accept(t)
+            if piece.finish is not None:
+                self._give_back_cache(b, row)
             row.handle.on_piece(piece)
             if piece.finish is None:
                 keep.append(b)
@@ -316,11 +455,41 @@ class Engine:
         if not self._rows:
             return
         if self._cache.pos >= self._cache.max_len:
-            # Rows that left kept their place: drop the padding every remaining row has (each row
-            # holds at most block - 1 tokens here, as submit() checked prompt + max_new_tokens).
-            self._cache = self.model.join_caches([self._cache])
-        feed = torch.tensor([ids[b] for b in keep], device=self.model.embed_tokens.weight.device)[:, None]  # (rows, 1)
-        self._logits = self.model.infer(feed, self._cache)[:, -1]
+            self._make_room()
+        feed = torch.tensor([row.ids[-1] for row in self._rows], device=self.device)[:, None]  # (rows, 1)
+        self._logits = self.forward(feed, self._cache)[:, -1]
+
+    def _make_room(self) -> None:
+        """The cache is full. Rows that left kept their place: drop the padding every remaining row has.
+        A row whose own context fills the window slides: it keeps its newest block // 2 - 1 ids (its
+        newest token is fed next), re-run through the model from rotary position 0; the other rows keep
+        their keys and values. So a row slides exactly when, and as, it would alone."""
+        block = self.model.cfg.block_size
+        lengths = self._cache.lengths()
+        full = [b for b, n in enumerate(lengths) if n >= block]
+        keep = max(1, block // 2) - 1
+        parts = [(self._cache, b) for b in range(len(self._rows))]
+        if full and keep:
+            sub = self.model.new_cache(len(full), keep)
+            self.forward(torch.tensor([self._rows[b].ids[-keep - 1 : -1] for b in full], device=self.device), sub, last_only=True)
+            for i, b in enumerate(full):
+                parts[b] = (sub, i)
+        for b in full:
+            lengths[b] = keep
+            self._rows[b].slid = True
+        self._cache = self._join(parts, lengths)
+
+    def _give_back_cache(self, b: int, row: _Row) -> None:
+        """A finished row that continued a request's KV cache leaves its keys and values there."""
+        c = row.handle.request.cache
+        if c is None:
+            return
+        n = self._cache.lengths()[b]
+        if row.slid or n > c.max_len:
+            c.pos = 0
+            return
+        c.kv[:, 0, :, :n] = self._cache.kv[:, b, :, self._cache.pos - n : self._cache.pos]
+        c.pos = n
 
     def _pick(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """Each row's next token. Rows with the same filters (temperature, top-k, top-p, min-p) are drawn
@@ -359,7 +528,7 @@ class Engine:
         if all(k is None for k in wanted):
             return [Token(r.index, t) for r, t in zip(rows, ids)]
         lp = torch.log_softmax(logits, dim=-1)  # the model's own distribution, before any sampling control
-        chosen = lp.gather(1, torch.tensor(ids)[:, None]).squeeze(1).tolist()
+        chosen = lp.gather(1, torch.tensor(ids, device=lp.device)[:, None]).squeeze(1).tolist()
         k = max(k or 0 for k in wanted)
         best = lp.topk(k, dim=-1) if k else None
         best_v = best.values.tolist() if k else []

@@ -1,4 +1,4 @@
-"""The generation fast path: GPT.infer's computation in eval mode without autograd.
+"""The inference fast path: what GPT.forward(idx, cache=...) computes, in inference mode, faster.
 
 Decoding one token at a time costs little arithmetic, so per-operation overhead and reading the weights
 dominate. This path computes exactly what the module path (GPT.forward with a KV cache) computes, up to
@@ -11,6 +11,9 @@ float rounding, with fewer and cheaper operations:
 It earns its place: greedy decoding of the benchmark's 8.1M model runs 1.9x faster than the module path
 at batch 1 and 1.2x at batch 8, with identical tokens (benchmarks/generate.py, docs/benchmarks.md).
 tests/test_generate.py checks it against the module path, with padding, GQA and QK-norm.
+
+The model knows nothing of this path: the engine (gradlm/engine.py) holds a Forward, which chooses it
+and owns the weight copies it uses.
 """
 
 from __future__ import annotations
@@ -21,20 +24,49 @@ import torch.nn.functional as F
 from gradlm.model import GPT, KVCache
 
 
-def fused_forward(model: GPT, idx: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
+class Forward:
+    """The forward over a KV cache that generation uses: logits (B, T or 1, V) of idx (B, T) appended to
+    the cache. In eval mode without autograd it is fused_forward, with weight copies made on first use;
+    otherwise GPT.forward itself. check() remakes the copies when any weight changed since they were made
+    (training, load_state_dict, .to()): the engine calls it whenever it admits rows, not at every step,
+    since the check costs ~0.1 ms and a decoding step a few. The copies cost one extra copy of the
+    matrices while this Forward lives."""
+
+    def __init__(self, model: GPT):
+        self.model = model
+        self._key: tuple | None = None
+        self._weights: tuple | None = None
+
+    def __call__(self, idx: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        model = self.model
+        if cache.pos + idx.shape[1] > min(model.cfg.block_size, cache.max_len):
+            raise ValueError(f"sequence of {cache.pos + idx.shape[1]} tokens exceeds the context window ({model.cfg.block_size}) or the KV cache ({cache.max_len})")
+        if model.training or torch.is_grad_enabled():
+            return model(idx, cache=cache, last_only=last_only)
+        return fused_forward(model, self._weights or self.check(), idx, cache, last_only)
+
+    def check(self) -> tuple:
+        """The inference weights (see inference_weights), remade if a weight's storage or in-place
+        version changed since they were made."""
+        key = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        if key != self._key:
+            self._weights, self._key = inference_weights(self.model), key
+        return self._weights
+
+
+def fused_forward(model: GPT, weights: tuple, idx: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
     """Logits (B, T or 1, V) of idx (B, T) appended to the cache: GPT.forward(idx, cache=cache)'s
-    result up to float rounding, by the fused operations described above."""
+    result up to float rounding, by the fused operations described above, with weights from
+    inference_weights(model)."""
     B, T = idx.shape
     H, KV, D, C = model.cfg.n_head, model.cfg.n_kv_head, model.cfg.head_dim, model.cfg.d_model
     start, end, half = cache.pos, cache.pos + T, model.cfg.head_dim // 2
-    if cache.weights is None:
-        cache.weights = inference_weights(model)
-    layers, head_t, sin_signed, mean_of, eps_t = cache.weights
+    layers, head_t, sin_signed, mean_of, eps_t = weights
     x = F.embedding(idx, model.embed_tokens.weight).view(B * T, C)
     if cache.pad is None and T == 1:  # the common decoding step: one position for every row
         cos, sin, mask = model.rope_cos.narrow(0, start, 1), sin_signed.narrow(0, start, 1), None  # (1, D)
     else:
-        cos, sin, mask = model._rope_and_mask(idx, start, T, cache, x.dtype)
+        cos, sin, mask = model.rope_and_mask(idx, start, T, cache, x.dtype)
         # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated)
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
     causal = mask is None and T > 1
@@ -43,7 +75,7 @@ def fused_forward(model: GPT, idx: torch.Tensor, cache: KVCache, last_only: bool
     def norm(h, w=None):
         # RMSNorm in float32, the mean of squares as a matmul with a column of 1/dim (a third of the
         # operations of .mean() or F.rms_norm here). w=None: the weight is folded into the next
-        # matmul (see _inference_weights). Equal to the module path up to float rounding.
+        # matmul (see inference_weights). Equal to the module path up to float rounding.
         hf = h if fp32 else h.float()
         if hf.dim() == 2:
             hf = hf * torch.rsqrt_(torch.addmm(eps_t, hf * hf, mean_of[hf.shape[-1]]))
@@ -82,48 +114,32 @@ def fused_forward(model: GPT, idx: torch.Tensor, cache: KVCache, last_only: bool
         T = 1
     return torch.mm(norm(x), head_t).view(B, T, -1)  # the final norm's weight is in head_t
 
+
 def inference_weights(model: GPT) -> tuple:
-    """The weights as the cached path uses them: per layer ([q;k;v]^T scaled by the input norm's
+    """The weights as the fused path uses them: per layer ([q;k;v]^T scaled by the input norm's
     weight, o^T, [gate;up]^T scaled by the post-attention norm's weight, down^T, q norm, k norm),
     the output head^T scaled by the final norm's weight, the rotary sin table with the first half
-    of each row negated, the 1/dim columns and the epsilon of the norms.
-
-    The transposed (input-major, contiguous) copies are made once and reused while no weight
-    changes: they are rebuilt when any weight's storage or in-place version changes (training,
-    load_state_dict, .to()). They cost one extra copy of the matrices while the model generates;
-    train() drops them. Each KVCache fetches them once, on its first forward.
-    """
-    key = []
-    for layer in model.layers:
-        a, m = layer.self_attn, layer.mlp
-        for p in (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight, m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, layer.input_layernorm.weight, layer.post_attention_layernorm.weight):
-            key.append((p.data_ptr(), p._version))
-    for p in (model.lm_head.weight, model.norm.weight):
-        key.append((p.data_ptr(), p._version))
-    key = tuple(key)
-    if getattr(model, "_fused", None) is None or model._fused[0] != key:
-        with torch.no_grad():
-            layers = []
-            for layer in model.layers:
-                a, m = layer.self_attn, layer.mlp
-                # (x * w) @ W^T == x @ (W * w)^T: each norm's weight scales the next matmul's inputs.
-                w_in, w_post = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-                layers.append(
-                    (
-                        (torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) * w_in).t().contiguous(),
-                        a.o_proj.weight.t().contiguous(),
-                        (torch.cat([m.gate_proj.weight, m.up_proj.weight]) * w_post).t().contiguous(),
-                        m.down_proj.weight.t().contiguous(),
-                        a.q_norm.weight if a.qk_norm else None,
-                        a.k_norm.weight if a.qk_norm else None,
-                    )
+    of each row negated, the 1/dim columns and the epsilon of the norms."""
+    with torch.no_grad():
+        layers = []
+        for layer in model.layers:
+            a, m = layer.self_attn, layer.mlp
+            # (x * w) @ W^T == x @ (W * w)^T: each norm's weight scales the next matmul's inputs.
+            w_in, w_post = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+            layers.append(
+                (
+                    (torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) * w_in).t().contiguous(),
+                    a.o_proj.weight.t().contiguous(),
+                    (torch.cat([m.gate_proj.weight, m.up_proj.weight]) * w_post).t().contiguous(),
+                    m.down_proj.weight.t().contiguous(),
+                    a.q_norm.weight if a.qk_norm else None,
+                    a.k_norm.weight if a.qk_norm else None,
                 )
-            device, D = model.rope_sin.device, model.cfg.head_dim
-            dtype = model.embed_tokens.weight.dtype
-            sin_signed = torch.cat([-model.rope_sin[:, : D // 2], model.rope_sin[:, D // 2 :]], dim=1).to(dtype)
-            mean_of = {n: torch.full((n, 1), 1.0 / n, device=device) for n in {model.cfg.d_model, D}}
-            eps = torch.tensor([model.cfg.norm_eps], device=device)  # a tensor: adding a Python float costs a conversion per call
-            head_t = (model.lm_head.weight * model.norm.weight).t().contiguous()
-            model._fused = (key, (layers, head_t, sin_signed, mean_of, eps))
-    return model._fused[1]
-
+            )
+        device, D = model.rope_sin.device, model.cfg.head_dim
+        dtype = model.embed_tokens.weight.dtype
+        sin_signed = torch.cat([-model.rope_sin[:, : D // 2], model.rope_sin[:, D // 2 :]], dim=1).to(dtype)
+        mean_of = {n: torch.full((n, 1), 1.0 / n, device=device) for n in {model.cfg.d_model, D}}
+        eps = torch.tensor([model.cfg.norm_eps], device=device)  # a tensor: adding a Python float costs a conversion per call
+        head_t = (model.lm_head.weight * model.norm.weight).t().contiguous()
+        return layers, head_t, sin_signed, mean_of, eps

@@ -125,7 +125,6 @@ class KVCache:
         self._bias: torch.Tensor | None = None
         self.max_pad = int(self.pad.max()) if self.pad is not None and self.pad.numel() else 0
         self._layers: list | None = None  # per-layer views, made on first use
-        self.weights = None  # the model's inference weights, fetched once per cache (see GPT._inference_weights)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end, n = self.pos + k.shape[2], self.n_kv_head
@@ -326,7 +325,7 @@ class GPT(nn.Module):
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the KV cache's {cache.max_len} positions")
         x = self.embed_tokens(idx)
-        cos, sin, mask = self._rope_and_mask(idx, start, T, cache, x.dtype)
+        cos, sin, mask = self.rope_and_mask(idx, start, T, cache, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
@@ -338,7 +337,7 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction)
         return loss if reduction != "none" else loss.view(B, T)
 
-    def _rope_and_mask(self, idx: torch.Tensor, start: int, T: int, cache: KVCache | None, dtype):
+    def rope_and_mask(self, idx: torch.Tensor, start: int, T: int, cache: KVCache | None, dtype):
         """Rotary cos/sin for positions start..start+T-1, (1 or B, 1, T, D), and the attention mask
         (None = plain causal, handled by SDPA's is_causal)."""
         mask = None
@@ -361,27 +360,6 @@ class GPT(nn.Module):
         if cos.dtype != dtype:
             cos, sin = cos.to(dtype), sin.to(dtype)
         return cos, sin, mask
-
-    def infer(self, idx: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
-        """Generation's forward: idx (B, T) appended to the KV cache; logits (B, T or 1, V).
-        In eval mode without autograd it takes the fused inference path (_infer_fused); otherwise it
-        is forward(idx, cache=cache)."""
-        B, T = idx.shape
-        if cache.pos + T > min(self.cfg.block_size, cache.max_len):
-            raise ValueError(f"sequence of {cache.pos + T} tokens exceeds the context window ({self.cfg.block_size}) or the KV cache ({cache.max_len})")
-        if self.training or torch.is_grad_enabled():
-            return self.forward(idx, cache=cache, last_only=last_only)
-        return self._infer_fused(idx, cache, last_only)
-
-    def _infer_fused(self, idx: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
-        from gradlm.infer import fused_forward  # the generation fast path lives in a module of its own
-
-        return fused_forward(self, idx, cache, last_only)
-
-    def train(self, mode: bool = True):
-        if mode:
-            self._fused = None  # training changes the weights: drop the inference copies (see _inference_weights)
-        return super().train(mode)
 
     @staticmethod
     def _mask(start: int, T: int, pad: torch.Tensor | None, device) -> torch.Tensor:
@@ -410,25 +388,6 @@ class GPT(nn.Module):
     def new_cache(self, batch: int, max_len: int | None = None, pad=None) -> KVCache:
         p = self.embed_tokens.weight
         return KVCache(self.cfg, batch, max_len or self.cfg.block_size, p.device, p.dtype, pad)
-
-    def join_caches(self, caches: list[KVCache], max_len: int | None = None) -> KVCache:
-        """One cache holding the rows of several caches, in order (continuous batching: rows prefilled
-        on their own join a running batch). Each row's keys and values are copied right-aligned, so pos
-        becomes the longest row's length and padding that every row had is dropped; rows keep their
-        rotary positions (the keys are stored rotated, and the padding counts from the left).
-        A cache may appear several times (n samples of one prompt share its prefill)."""
-        lengths = [n for c in caches for n in c.lengths()]
-        P = max(lengths, default=0)
-        pad = [P - n for n in lengths]
-        new = self.new_cache(len(lengths), max_len, pad=pad if any(pad) else None)
-        b = 0
-        for c in caches:
-            for r, n in enumerate(c.lengths()):
-                if n:
-                    new.kv[:, b, :, P - n : P] = c.kv[:, r, :, c.pos - n : c.pos]
-                b += 1
-        new.pos = P
-        return new
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

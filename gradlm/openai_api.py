@@ -372,8 +372,8 @@ class Server:
     async def completions(self, body: CompletionRequest, request: HTTPRequest):
         prompts = self.completion_prompts(body.prompt)
         cfg = self.sampling(body, max(len(p) for p in prompts), "prompt")
-        eot = {self.tok.eot_id} if self.tok.eot_id >= 0 else set()
-        handles, queue = self.submit(prompts, cfg, body.n, eot, body.logprobs, body.stream)
+        # Where `gradlm generate` stops: <|endoftext|>, and <|end|> too for a chat-tuned model.
+        handles, queue = self.submit(prompts, cfg, body.n, self.lm.stop_ids, body.logprobs, body.stream)
         choices = len(prompts) * body.n  # choice p * n + j is sample j of prompt p
         usage = _Usage(sum(len(p) for p in prompts))
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": self.name}

@@ -113,7 +113,7 @@ def create_app(lm: LM, name: str, api_key: str = "", max_batch: int = 16, max_qu
     import contextlib
 
     own_engine = engine is None
-    engine = engine or Engine(lm, max_batch=max_batch, max_queue=max_queue)
+    engine = engine or Engine(lm.model, lm.tok, max_batch=max_batch, max_queue=max_queue)
     server = Server(lm, name, engine, api_key)
 
     @contextlib.asynccontextmanager

@@ -6,8 +6,8 @@
     you> /reset
 
 Each turn lays the whole conversation out with the chat template (gradlm/chat.py) and generates the
-reply with the one generation loop (gradlm/generate.py Generation), streamed as it is written and
-stopped at <|end|>. The KV cache is kept between turns: it is rewound to the longest prefix it shares
+reply as one row of the engine (gradlm/engine.py: the sampler, stop strings and the text edge every
+entry point shares), streamed as it is written and stopped at <|end|>. The KV cache is kept between turns: it is rewound to the longest prefix it shares
 with the new conversation's ids, so usually only the new user message runs through the model. When
 the conversation plus room for a reply no longer fits the context window, the oldest turns are
 dropped (the system message stays) and the cache keeps only what still matches (the system message).
@@ -21,25 +21,25 @@ from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from gradlm.chat import Message, encode_chat, stop_ids
+from gradlm.engine import Request
 from gradlm.errors import ConfigError
-from gradlm.generate import Generation, SamplingConfig
-from gradlm.model import GPT
-from gradlm.tokenizer import StreamDecoder, Tokenizer
+from gradlm.generate import LM
+from gradlm.sampling import SamplingConfig
 
 
 class ChatSession:
     """A conversation with a model that keeps its KV cache from turn to turn.
 
-        >>> chat = ChatSession(model, tok, system="Answer briefly.", sampling=SamplingConfig(temperature=0))
+        >>> chat = ChatSession(load("runs/drugqa"), system="Answer briefly.", sampling=SamplingConfig(temperature=0))
         >>> "".join(chat.send("Max daily dose of zorvastatin?"))
         '40 mg'
     """
 
-    def __init__(self, model: GPT, tok: Tokenizer, system: str = "", sampling: SamplingConfig | None = None):
-        self.model, self.tok = model, tok
+    def __init__(self, lm: LM, system: str = "", sampling: SamplingConfig | None = None):
+        self.lm, self.model, self.tok = lm, lm.model, lm.tok
         self.sampling = sampling or SamplingConfig()
         self.sampling.validate()
-        self.stops = stop_ids(tok)  # a TokenizerError when the tokenizer has no chat tokens
+        self.stops = frozenset(stop_ids(self.tok))  # a TokenizerError when the tokenizer has no chat tokens
         self.system: list[Message] = [{"role": "system", "content": system}] if system else []
         self.cache = None
         self.dropped = 0  # turns dropped so far to fit the window
@@ -65,22 +65,19 @@ class ChatSession:
         # Room for the reply inside the window, so the cache never has to slide in the middle of it.
         sampling = dataclasses.replace(self.sampling, max_new_tokens=min(self.sampling.max_new_tokens, self.window - len(ids)))
         cache = self._reuse(ids)
-        decoder, reply = StreamDecoder(self.tok), []
+        reply = []
         try:
-            for step in Generation(self.model, [ids], sampling, self.stops, cache=cache):
-                token = step[0].id
-                if token in self.stops:
-                    break
-                reply.append(token)
-                piece = decoder.push(token)
-                if piece:
-                    yield piece
-            tail = decoder.flush()
-            if tail:
-                yield tail
+            if sampling.max_new_tokens < 1:
+                return
+            for _, piece in self.lm.engine.stream([Request(ids, sampling, 1, self.stops, cache=cache)]):
+                if piece.token.id not in self.stops:
+                    reply.append(piece.token.id)
+                if piece.text:
+                    yield piece.text
         finally:
             self._cached = (ids + reply)[: cache.pos]  # what the cache holds: the prompt and the reply fed so far
-            self.turns.append({"role": "assistant", "content": self.tok.decode(reply)})
+            content = [i for i in reply if i not in self.lm.engine.specials]  # a special token is never text
+            self.turns.append({"role": "assistant", "content": self.tok.decode(content)})
 
     def _prompt(self, turns: list[Message]) -> list[int]:
         """The conversation's ids, ending with <|assistant|>. While it leaves less than

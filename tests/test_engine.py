@@ -55,7 +55,7 @@ def run_until_idle(engine: Engine, limit: int = 1000) -> None:
 
 
 def test_requests_joining_at_different_steps_write_what_they_would_alone(tlm):
-    engine = Engine(tlm, max_batch=8)
+    engine = Engine(tlm.model, tlm.tok, max_batch=8)
     prompts = ["ROMEO:", "To be or not", "KING HENRY:\nWhat say", "a"]
     outs = []
     for i, p in enumerate(prompts):  # each joins a batch already running, two steps after the previous
@@ -71,7 +71,7 @@ def test_requests_joining_at_different_steps_write_what_they_would_alone(tlm):
 
 
 def test_a_new_request_joins_at_the_next_step_and_rows_finish_on_their_own(cycle):
-    engine, tok = Engine(cycle, max_batch=4), cycle.tok
+    engine, tok = Engine(cycle.model, cycle.tok, max_batch=4), cycle.tok
     a, b = Collect(), Collect()
     engine.submit(Request(tok.encode("H"), SamplingConfig(max_new_tokens=5, temperature=0)), a)
     engine.step()
@@ -88,7 +88,7 @@ def test_a_new_request_joins_at_the_next_step_and_rows_finish_on_their_own(cycle
 
 
 def test_n_samples_share_a_prompt_and_draw_from_seed_plus_index(tlm):
-    engine = Engine(tlm, max_batch=8)
+    engine = Engine(tlm.model, tlm.tok, max_batch=8)
     out = Collect()
     engine.submit(Request(tlm.tok.encode("ROMEO:"), SamplingConfig(max_new_tokens=20, temperature=1.0, seed=3), n=3), out)
     run_until_idle(engine)
@@ -98,7 +98,7 @@ def test_n_samples_share_a_prompt_and_draw_from_seed_plus_index(tlm):
 
 
 def test_stop_strings_and_stop_ids_end_a_row_and_are_never_shown(cycle):
-    engine, tok = Engine(cycle), cycle.tok
+    engine, tok = Engine(cycle.model, cycle.tok), cycle.tok
     stop, end, last = Collect(), Collect(), Collect()
     engine.submit(Request(tok.encode("H"), SamplingConfig(max_new_tokens=30, temperature=0, stop=("é!",))), stop)
     engine.submit(Request(tok.encode("H"), SamplingConfig(max_new_tokens=30, temperature=0), stop_ids=frozenset(tok.encode("!"))), end)
@@ -114,7 +114,7 @@ def test_stop_strings_and_stop_ids_end_a_row_and_are_never_shown(cycle):
 
 
 def test_logprobs_are_the_models_own_distribution(cycle):
-    engine, tok = Engine(cycle), cycle.tok
+    engine, tok = Engine(cycle.model, cycle.tok), cycle.tok
     out = Collect()
     prompt = tok.encode("H")
     engine.submit(Request(prompt, SamplingConfig(max_new_tokens=4, temperature=0.5, top_k=2, seed=0), logprobs=3), out)
@@ -130,7 +130,7 @@ def test_logprobs_are_the_models_own_distribution(cycle):
 
 
 def test_cancel_frees_the_slot_at_once(cycle):
-    engine, tok = Engine(cycle, max_batch=1, max_queue=1), cycle.tok
+    engine, tok = Engine(cycle.model, cycle.tok, max_batch=1, max_queue=1), cycle.tok
     first, second = Collect(), Collect()
     h1 = engine.submit(Request(tok.encode("H"), SamplingConfig(max_new_tokens=50, temperature=0)), first)
     engine.step()
@@ -146,7 +146,7 @@ def test_cancel_frees_the_slot_at_once(cycle):
 
 
 def test_requests_that_cannot_fit_are_refused_with_their_numbers(cycle):
-    engine, tok = Engine(cycle, max_batch=2), cycle.tok
+    engine, tok = Engine(cycle.model, cycle.tok, max_batch=2), cycle.tok
     with pytest.raises(ConfigError, match=r"5 tokens and asks for 60 more, 65 in all, but the context window is 64"):
         engine.submit(Request(tok.encode("H") * 5, SamplingConfig(max_new_tokens=60)), Collect())
     with pytest.raises(ConfigError, match="n must be between 1 and 2"):
@@ -160,7 +160,7 @@ def test_requests_that_cannot_fit_are_refused_with_their_numbers(cycle):
 def test_the_engine_thread_serves_requests_and_stops(cycle):
     import threading
 
-    engine, tok = Engine(cycle, max_batch=4), cycle.tok
+    engine, tok = Engine(cycle.model, cycle.tok, max_batch=4), cycle.tok
     engine.start()
     try:
         done = threading.Event()

@@ -13,20 +13,19 @@ import torch
 from gradlm import checkpoint as ckpt
 from gradlm.cli import main
 from gradlm.errors import ConfigError
-from gradlm.generate import (
-    LM,
-    Generation,
-    SamplingConfig,
-    StopMatcher,
-    apply_penalties,
-    filter_logits,
-    generate_ids,
-    load,
-    next_token,
-)
+from gradlm.engine import Engine, Request, StopMatcher
+from gradlm.generate import LM, SamplingConfig, load
+from gradlm.infer import Forward, fused_forward, inference_weights
 from gradlm.model import GPT
+from gradlm.sampling import apply_penalties, candidates, next_token
 
-from conftest import fit, sharp_model, tiny_config
+from conftest import fit, generate_ids, sharp_model, tiny_config
+
+
+def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """The sampler's filtered logits over the whole vocabulary (B, V): what next_token samples from."""
+    values, order = candidates(logits, cfg)
+    return values if order is None else torch.full_like(logits, float("-inf")).scatter(-1, order, values)
 
 GREEDY = SamplingConfig(temperature=0, max_new_tokens=12)
 
@@ -165,9 +164,9 @@ def test_penalties_lower_repeated_tokens():
 
 def test_presence_penalty_in_the_loop_stops_repeats(model, tok):
     prompt = tok.encode("ROMEO:")
-    plain = list(generate_ids(model, prompt, SamplingConfig(temperature=0, max_new_tokens=25)))
+    plain = list(generate_ids(model, tok, prompt, SamplingConfig(temperature=0, max_new_tokens=25)))
     assert len(set(plain)) < len(plain)  # this model repeats itself when left alone ...
-    penalised = list(generate_ids(model, prompt, SamplingConfig(temperature=0, max_new_tokens=25, presence_penalty=1e4)))
+    penalised = list(generate_ids(model, tok, prompt, SamplingConfig(temperature=0, max_new_tokens=25, presence_penalty=1e4)))
     assert len(set(penalised)) == len(penalised)  # ... and never with a huge presence penalty
 
 
@@ -185,26 +184,23 @@ def test_invalid_settings_report_all_problems():
 def test_kv_cached_greedy_equals_naive_loop(kw, tok):
     m = sharp_model(tok.vocab_size, seed=3, **kw)
     prompt = tok.encode("ROMEO:\nWhat light")
-    got = list(generate_ids(m, prompt, SamplingConfig(temperature=0, max_new_tokens=20)))
+    got = list(generate_ids(m, tok, prompt, SamplingConfig(temperature=0, max_new_tokens=20)))
     assert got == naive_greedy(m, prompt, 20)
 
 
 def test_sliding_window_past_the_context(model, tok):
     prompt = tok.encode("To be, or not to be")
     n = 2 * model.cfg.block_size  # slides several times
-    got = list(generate_ids(model, prompt, SamplingConfig(temperature=0, max_new_tokens=n)))
+    got = list(generate_ids(model, tok, prompt, SamplingConfig(temperature=0, max_new_tokens=n)))
     assert got == naive_greedy(model, prompt, n)
 
 
 def test_batched_equals_one_at_a_time(model, tok):
     prompts = [tok.encode(p) for p in ("ROMEO:", "To be, or not to be, that is", "A", "KING RICHARD III:\nNow is the")]
     cfg = SamplingConfig(temperature=0, max_new_tokens=2 * model.cfg.block_size)  # includes sliding with padding
-    rows = {i: [] for i in range(len(prompts))}
-    for step in Generation(model, prompts, cfg):
-        for t in step:
-            rows[t.row].append(t.id)
+    rows = generate_ids(model, tok, prompts, cfg)
     for i, p in enumerate(prompts):
-        assert rows[i] == list(generate_ids(model, p, cfg)), f"prompt {i}"
+        assert rows[i] == generate_ids(model, tok, p, cfg), f"prompt {i}"
 
 
 def test_rows_leave_the_batch_and_the_rest_are_unchanged(tlm):
@@ -222,13 +218,19 @@ def test_rows_leave_the_batch_and_the_rest_are_unchanged(tlm):
 
 
 def test_finished_rows_are_dropped_from_the_cache(model, tok):
-    gen = Generation(model, [tok.encode("ab"), tok.encode("cd"), tok.encode("ef")], SamplingConfig(temperature=0, max_new_tokens=6))
-    sizes = []
-    for k, step in enumerate(gen):
-        sizes.append(len(step))
+    engine, pieces = Engine(model, tok), []
+    cfg = SamplingConfig(temperature=0, max_new_tokens=6)
+    handles = [engine.submit(Request(tok.encode(p), cfg), pieces.append) for p in ("ab", "cd", "ef")]
+    sizes, rows = [], []
+    for k in range(6):
+        engine.step()
+        sizes.append(len(pieces))
+        rows.append(engine.stats()["running"])
+        pieces.clear()
         if k == 1:
-            gen.finish(step[1].row)
+            handles[1].cancel()
     assert sizes == [3, 3, 2, 2, 2, 2]
+    assert rows == [3, 3, 2, 2, 2, 0]
 
 
 def test_same_seed_same_text(lm):
@@ -241,13 +243,13 @@ def test_same_seed_same_text(lm):
 
 def test_fused_inference_weights_follow_weight_changes(tok):
     m = sharp_model(tok.vocab_size, seed=5)
-    prompt = tok.encode("ROMEO:")
-    before = list(generate_ids(m, prompt, GREEDY))
+    lm = LM(m, tok)  # one engine, one Forward: its weight copies must notice the change
+    before = lm.complete("ROMEO:", GREEDY)[0].token_ids
     with torch.no_grad():
         m.layers[0].self_attn.k_proj.weight.mul_(-1.0)  # in place: the cached concatenation must notice
         m.layers[1].mlp.up_proj.weight.add_(0.5)
-    after = list(generate_ids(m, prompt, GREEDY))
-    assert after == naive_greedy(m, prompt, GREEDY.max_new_tokens)
+    after = lm.complete("ROMEO:", GREEDY)[0].token_ids
+    assert after == naive_greedy(m, tok.encode("ROMEO:"), GREEDY.max_new_tokens)
     assert after != before
 
 
@@ -256,14 +258,17 @@ def test_cached_fast_path_matches_module_path_with_padding(tok):
     x = torch.randint(0, tok.vocab_size, (3, 9))
     pad = [0, 3, 5]
     outs = []
-    for grad in (False, True):  # no_grad: fast path; enable_grad: the module path
-        with torch.set_grad_enabled(grad):
+    for fast in (True, False):  # the engine's Forward in inference mode: fused; GPT.forward: the module path
+        with torch.inference_mode():
             cache = m.new_cache(3, 16, pad=pad)
-            a = m(x, cache=cache)
-            b = m(torch.tensor([[1], [2], [3]]), cache=cache)
-            c = m(torch.tensor([[4], [5], [6]]), cache=cache)
-            outs.append(torch.cat([a, b, c], 1).detach())
+            step = (lambda idx: fused_forward(m, inference_weights(m), idx, cache, False)) if fast else (lambda idx: m(idx, cache=cache))
+            outs.append(torch.cat([step(x), step(torch.tensor([[1], [2], [3]])), step(torch.tensor([[4], [5], [6]]))], 1))
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    with torch.inference_mode():  # Forward takes the fused path here, and refuses to overrun the cache
+        cache = m.new_cache(3, 16, pad=pad)
+        assert torch.allclose(Forward(m)(x, cache), outs[1][:, :9], atol=1e-5)
+        with pytest.raises(ValueError, match="exceeds"):
+            Forward(m)(torch.zeros(3, 8, dtype=torch.long), cache)
 
 
 # ---- text: stop strings, logprobs, prompts ---------------------------------------------------------------
@@ -326,7 +331,7 @@ def test_prompt_longer_than_context(lm, tok):
         lm.generate(long_prompt)
     text = lm.generate(long_prompt, truncate="left", temperature=0, max_new_tokens=5)
     ids = tok.encode(long_prompt)[-lm.context_window :]
-    assert text == tok.decode(list(generate_ids(lm.model, ids, SamplingConfig(temperature=0, max_new_tokens=5), {tok.eot_id})))
+    assert text == tok.decode(list(generate_ids(lm.model, tok, ids, SamplingConfig(temperature=0, max_new_tokens=5), {tok.eot_id})))
 
 
 def test_empty_prompt_starts_a_document_and_unknown_settings_fail(lm):

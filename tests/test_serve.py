@@ -62,7 +62,7 @@ def lm(tok):
 
 @pytest.fixture(scope="module")
 def engine(lm):
-    engine = Engine(lm, max_batch=16)
+    engine = Engine(lm.model, lm.tok, max_batch=16)
     engine.start()
     yield engine
     engine.stop()
@@ -303,7 +303,7 @@ def test_api_key(lm, monkeypatch):
 
 def test_a_full_queue_answers_503_and_a_client_that_leaves_frees_its_slot(lm):
     """An engine stepped by hand (not started): one row of batch, one request of queue."""
-    engine = Engine(lm, max_batch=1, max_queue=1)
+    engine = Engine(lm.model, lm.tok, max_batch=1, max_queue=1)
     body = {"prompt": "H", "max_tokens": 60, "temperature": 0, "stream": True}
 
     def wait_for(condition):
@@ -423,3 +423,80 @@ def test_playground_generates_tokens_with_probabilities_and_alternatives(url, tm
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000
+
+
+# ---- one engine: every entry point decodes alike -----------------------------------------------------------
+
+ANSWER = "Ok, 20 mg."
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory, tok):
+    """A chat-tuned run (it has a chat template) whose model answers ANSWER and then <|end|>: greedy decoding
+    cycles <|assistant|> ANSWER <|end|> <|user|> <|assistant|> ... (see cycle_model)."""
+    from gradlm.chat import chat_ids, write_chat_template
+
+    ids = chat_ids(tok)
+    m = cycle_model(tok, ids=[ids["assistant"], *tok.encode(ANSWER), ids["end"], ids["user"]])
+    d = tmp_path_factory.mktemp("chatrun") / "chatrun"
+    d.mkdir()
+    ckpt.atomic_write_json(d / "config.json", {"model": m.cfg.to_dict()})
+    tok.save(d / "tokenizer.json")
+    ckpt.save_weights(d / "model.safetensors", m.state_dict())
+    write_chat_template(d)
+    return d
+
+
+def test_chat_qa_cli_and_server_give_the_same_greedy_text(chat_run, tok, capsys):
+    from gradlm.evaluate import QAItem, score_qa
+    from gradlm.generate import load
+    from gradlm.sampling import SamplingConfig
+    from gradlm.session import ChatSession
+
+    lm = load(chat_run)
+    question = "Dose of zorvastatin?"
+    chat = "".join(ChatSession(lm, sampling=SamplingConfig(temperature=0, max_new_tokens=20)).send(question))
+    qa = score_qa(lm.model, lm.tok, [QAItem([{"role": "user", "content": question}], ANSWER, "train", "q1")], max_new_tokens=20).predictions[0]["got"]
+    template = tok.decode(encode_chat(tok, [{"role": "user", "content": question}]))  # the same ids, typed
+    assert main(["generate", str(chat_run), template, "--allow-special", "--temperature", "0", "--max-new-tokens", "20"]) == 0
+    cli = capsys.readouterr().out.removesuffix("\n")
+    with live(create_app(lm, NAME)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=20)
+        server = r.choices[0].message.content
+        assert r.choices[0].finish_reason == "stop"
+    assert chat == qa == cli == server == ANSWER
+
+
+def test_completions_on_a_chat_tuned_run_stop_at_end_and_never_show_special_tokens(chat_run, tok):
+    """The fault: /v1/completions printed '<|end|> statin<|end|>20 mg<|end|> ...'."""
+    from gradlm.generate import LM, load
+
+    lm = load(chat_run)
+    first = tok.decode(tok.encode(ANSWER)[:1])  # a prompt inside the answer: the model finishes it, then <|end|>
+    with live(create_app(lm, NAME)) as url:
+        r = httpx.post(url + "/v1/completions", json={"prompt": first, "max_tokens": 30, "temperature": 0}, timeout=60).json()
+    assert r["choices"][0]["text"] == ANSWER[len(first):] and r["choices"][0]["finish_reason"] == "stop"
+    assert lm.generate(first, temperature=0, max_new_tokens=30) == ANSWER[len(first):]
+    # The same model read as a base model (no chat template) runs on past <|end|>, and still never
+    # writes a special token as text: it continues with the answer again.
+    base = LM(lm.model, tok).complete(first, temperature=0, max_new_tokens=30)[0]
+    assert "<|" not in base.text and base.text.startswith(ANSWER[len(first):] + ANSWER) and base.finish_reason == "length"
+    assert tok.specials["<|end|>"] in base.token_ids
+
+
+def test_chat_refuses_a_message_longer_than_the_context_window(chat_run, tok):
+    """The fault: `gradlm chat` answered a too-long message after silently cutting it; `generate` refuses."""
+    from gradlm.errors import ConfigError
+    from gradlm.generate import load
+    from gradlm.session import ChatSession
+
+    lm = load(chat_run)
+    long = "zorvastatin " * lm.context_window
+    with pytest.raises(ConfigError, match="context window"):
+        list(ChatSession(lm).send(long))
+    with pytest.raises(ConfigError, match="context window"):
+        lm.generate(long)
+    out = subprocess.run([sys.executable, "-m", "gradlm", "chat", str(chat_run), "--temperature", "0"], input=long + "\nHi\n", capture_output=True, text=True, timeout=120)
+    assert "context window" in out.stderr and "Traceback" not in out.stderr
+    assert out.stdout.strip() == ANSWER  # only the second message was answered

@@ -24,7 +24,7 @@ from gradlm.sft import (
 )
 from gradlm.tokenizer import EOT, Tokenizer
 
-from conftest import sft_fit, tiny_config
+from conftest import generate_ids, sft_fit, tiny_config
 
 
 def write_jsonl(path, rows) -> str:
@@ -202,14 +202,11 @@ def test_split_and_ordered_batches(tmp_path, tok):
 def test_a_tiny_model_learns_the_replies_from_sft_batches(tmp_path, tok):
     """Training on these batches teaches exactly the replies: greedy decoding after the prompt gives them."""
     from gradlm.chat import encode_chat, stop_ids
-    from gradlm.generate import Generation, SamplingConfig
+    from gradlm.generate import SamplingConfig
 
     rows = [{"prompt": f"dose of drug {c}?", "completion": f"{10 * (i + 1)} mg"} for i, c in enumerate("ABCD")]
     data = load_sft(write_jsonl(tmp_path / "qa.jsonl", rows), tok, 32)
     model = sft_fit(data.examples, tok)
     prompts = [encode_chat(tok, [{"role": "user", "content": r["prompt"]}]) for r in rows]
-    out = [[] for _ in rows]
-    for step in Generation(model, prompts, SamplingConfig(temperature=0, max_new_tokens=10), stop_ids(tok)):
-        for t in step:
-            out[t.row].append(t.id)
+    out = generate_ids(model, tok, prompts, SamplingConfig(temperature=0, max_new_tokens=10), stop_ids(tok))
     assert [tok.decode(o) for o in out] == [r["completion"] + END for r in rows]
