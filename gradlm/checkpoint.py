@@ -1,7 +1,9 @@
-"""Atomic file writes and run-directory save/load.
+"""Atomic file I/O: writes that a crash cannot leave half done, and reads that never unpickle.
 
 Every write goes to a temporary file in the destination folder, is fsynced, then renamed over the
-target, so a crash at any moment leaves either the old file or the new one, never half of one.
+target, so a crash at any moment leaves either the old file or the new one, never half of one; a
+folder is written whole the same way (atomic_write_dir). What goes where in a run directory is
+gradlm/rundir.py's business; this module only knows files.
 Loading never unpickles: tensors come from safetensors, metadata from JSON, and optimizer state through
 torch.load(weights_only=True).
 """

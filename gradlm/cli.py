@@ -322,14 +322,14 @@ def cmd_compare(args) -> None:
 
 
 def cmd_plot(args) -> None:
-    from gradlm.plots import plot_runs
-    from gradlm.rundir import read_metrics
-
     from gradlm.checkpoint import check_output
+    from gradlm.plots import plot_runs
+    from gradlm.rundir import RunDir, read_metrics
 
-    out = check_output(args.png or Path(args.runs[0]) / "plots" / "training.png", "--png")
+    first = RunDir(args.runs[0])
+    out = check_output(args.png or first.training_plot, "--png")
     runs = {Path(r).name or str(r): read_metrics(r) for r in args.runs}
-    print(plot_runs(runs, out))
+    print(plot_runs(runs, out) if args.png else first.write_training_plot(runs))  # by default, the first run's plots/training.png
 
 
 def cmd_export(args) -> None:

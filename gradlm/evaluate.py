@@ -5,6 +5,7 @@ Whole-file scoring slides a window of the model's context over the text. The fir
 every token it holds; each later window moves `stride` tokens on and scores only its newest `stride`
 tokens, so every token is scored exactly once, with at least (context - stride) tokens of left
 context (stride 1: always the full window; stride = context: non-overlapping windows, cheapest).
+The windows go through the one scorer (gradlm/scoring.py) in float32, the reference precision.
 
     loss            mean cross-entropy per token, in nats
     perplexity      exp(loss): the model is as unsure as a uniform choice among this many tokens
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 from gradlm.corpus import jsonl_objects
 from gradlm.errors import ConfigError, DataError, check_field_types
 from gradlm.model import GPT
+from gradlm.scoring import score, sliding_windows, window_plan
 from gradlm.tokenizer import Tokenizer
 from gradlm.typos import inject_typos
 
@@ -111,61 +113,6 @@ class _Progress:
 # ---- scoring text -----------------------------------------------------------------------------------------
 
 
-def window_plan(n_targets: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """Windows over a sequence seq[0..n_targets] whose targets seq[1..n_targets] are each scored once.
-
-    Returns (begin, end, first) per window: inputs seq[begin:end], targets seq[begin+1:end+1], of which
-    positions first..end are scored. Every window but a lone short one holds exactly `window` inputs.
-    """
-    if n_targets < 1:
-        return []
-    end = min(window, n_targets)
-    plan = [(0, end, 1)]
-    while end < n_targets:
-        new_end = min(end + stride, n_targets)
-        plan.append((new_end - window, new_end, end + 1))
-        end = new_end
-    return plan
-
-
-@torch.inference_mode()
-def token_nll(model: GPT, seq: list[int] | torch.Tensor, stride: int = 0, batch: int = 8, progress: bool = False) -> torch.Tensor:
-    """Cross-entropy (nats, float64) of every token of seq but the first, given the tokens before it
-    (as many as the sliding window allows). seq: 1-D token ids. Returns (len(seq) - 1,)."""
-    seq = torch.as_tensor(seq, dtype=torch.long).flatten()
-    window = model.cfg.block_size
-    stride = stride or max(1, window // 2)
-    plan = window_plan(len(seq) - 1, window, stride)
-    device = model.embed_tokens.weight.device
-    was_training = model.training
-    model.eval()
-    out = []
-    bar = _Progress(len(plan), progress, "window")
-    try:
-        for i in range(0, len(plan), batch):
-            group = plan[i : i + batch]
-            x = torch.stack([seq[b:e] for b, e, _ in group])  # (B, W)
-            y = torch.stack([seq[b + 1 : e + 1] for b, e, _ in group])
-            for row, (b, _, first) in enumerate(group):
-                y[row, : first - b - 1] = -1  # already scored by an earlier window
-            loss = model(x.to(device), y.to(device), reduction="none").double().cpu()  # (B, W)
-            for row, (b, e, first) in enumerate(group):
-                out.append(loss[row, first - b - 1 : e - b])
-            bar.update(len(group))
-    finally:
-        bar.close()
-        model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
-
-
-def byte_bits(nll: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bits, bytes) of predicted tokens: the loss in bits over the tokens that stand for bytes, and
-    the number of those bytes. Their ratio is bits per byte, comparable across tokenizers; special
-    tokens cover no bytes and are left out. nll (nats) and targets have the same shape."""
-    nbytes = byte_lengths.to(targets.device)[targets].double()
-    return (nll.double() * (nbytes > 0)).sum() / math.log(2), nbytes.sum()
-
-
 @dataclass
 class TextScore:
     loss: float  # mean cross-entropy per token (nats)
@@ -202,21 +149,24 @@ def evaluate_text(model: GPT, tok: Tokenizer, text: str | list[str], stride: int
         chars -= len(tok.decode(seq[:1]))
     if len(seq) < 2:
         raise DataError("the text is too short to evaluate: it needs at least one token to predict")
-    nll = token_nll(model, seq, stride, batch, progress)
-    bits_t, bytes_t = byte_bits(nll, torch.tensor(seq[1:]), torch.tensor(tok.token_byte_lengths(), dtype=torch.long))
-    bits, total_bytes = float(bits_t), int(bytes_t)
-    loss = float(nll.mean())
+    plan = window_plan(len(seq) - 1, window, stride)
+    bar = _Progress(len(plan), progress, "window")
+    try:  # float32: the reference figure (training's validation uses the run's compute dtype; see gradlm/scoring.py)
+        s = score(model, sliding_windows(torch.tensor(seq), window, stride, batch), torch.tensor(tok.token_byte_lengths()), "float32", keep=keep_nll, on_window=bar.update)
+    finally:
+        bar.close()
+    bits, total_bytes, loss = s.bits, s.bytes, s.loss
     return TextScore(
         loss=loss,
         perplexity=math.exp(min(loss, 700.0)),
         bits_per_byte=bits / total_bytes if total_bytes else float("nan"),
         bits_per_char=bits / chars if chars > 0 else float("nan"),
-        tokens=len(nll),
+        tokens=s.tokens,
         bytes=total_bytes,
         chars=chars,
-        windows=len(window_plan(len(seq) - 1, window, stride)),
+        windows=len(plan),
         stride=stride,
-        nll=nll if keep_nll else None,
+        nll=s.per_token,
     )
 
 

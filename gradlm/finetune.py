@@ -13,9 +13,10 @@ The method decides what trains (gradlm/lora.py):
   lora     low-rank adapters on --lora-targets; the run keeps only the adapter (adapter.safetensors)
            and refers to its base run, and every command that loads a run folds it in.
 
-It is the gradient-descent loop of gradlm/trainer.py: FineTuner is a Trainer whose hooks load
-conversations, freeze or add adapters, checkpoint the adapter and score masked validation loss, so
-optimizers, schedules, the divergence guard, early stopping, exact resume and plots all apply.
+It is the gradient-descent loop of gradlm/trainer.py: FineTuner is a Trainer whose public hooks load
+conversations, freeze or add adapters, checkpoint the adapter and give validation the held-out
+conversations (scored by the one scorer, gradlm/scoring.py, on the replies only), so optimizers,
+schedules, the divergence guard, early stopping, exact resume and plots all apply.
 """
 
 from __future__ import annotations
@@ -23,24 +24,21 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from gradlm import checkpoint as ckpt
-from gradlm.chat import read_chat_template, write_chat_template
 from gradlm.config import TrainConfig, given_fields
 from gradlm.errors import ConfigError, RunDirError
-from gradlm.evaluate import byte_bits
 from gradlm.lora import LORA_TARGETS, add_adapters, adapter_weights, count_params, freeze_below, load_adapter_weights, parse_targets
 from gradlm.model import ModelConfig
 from gradlm.optim import base_lrs, state_floats
 from gradlm.rundir import RunDir, config_dict, weights_step
 from gradlm.sft import SFTSampler, batches, is_chat_file, load_sft, pad_id, split_examples
-from gradlm.trainer import Trainer, _loop
+from gradlm.trainer import Trainer, run
 
 METHODS = ("full", "freeze", "lora")
 
@@ -136,11 +134,11 @@ class FineTuner(Trainer):
 
     # -- data: conversations (SFT) or text (continued pretraining, as Trainer does it)
 
-    def _load_data(self, model_cfg: ModelConfig) -> None:
+    def load_data(self, model_cfg: ModelConfig) -> None:
         cfg = self.cfg
         self.chat = is_chat_file(cfg.data)
         if not self.chat:
-            return super()._load_data(model_cfg)
+            return super().load_data(model_cfg)
         if cfg.sampler == "random":
             raise ConfigError("--sampler random draws windows of text; conversations are visited once per epoch in a seeded order: drop --sampler")
         if cfg.patience and cfg.val_fraction == 0:
@@ -155,9 +153,9 @@ class FineTuner(Trainer):
         self.train_probe = [self.train_examples[i * len(self.train_examples) // k] for i in range(k)]
         self.tok, self.model_cfg, self.block = tok, model_cfg, model_cfg.block_size
 
-    def _check_data_length(self) -> None:
+    def check_data(self) -> None:
         if not self.chat:  # conversations are padded to the longest one, never cut into windows
-            super()._check_data_length()
+            super().check_data()
 
     def make_sampler(self):
         if not self.chat:
@@ -169,6 +167,9 @@ class FineTuner(Trainer):
 
             sampler = RobustSampler(sampler, self.tok, self.cfg.bpe_dropout, self.cfg.typo_rate, self.cfg.seed, self.block, context_only=True)
         return sampler
+
+    def steps_per_epoch(self) -> float:
+        return len(self.train_examples) / self.batch if self.chat else super().steps_per_epoch()
 
     def data_summary(self) -> dict:
         if not self.chat:
@@ -210,36 +211,19 @@ class FineTuner(Trainer):
         if self.ft.method == "lora" and not self.run.has_adapter():
             ft = self.ft
             self.run.write_adapter_config(ft.lora_rank, ft.lora_alpha, ft.lora_dropout, parse_targets(ft.lora_targets), RunDir(self.cfg.init))
-        if self.chat or read_chat_template(self.cfg.init) is not None:
-            write_chat_template(self.run.path)
+        if self.chat or RunDir(self.cfg.init).has_chat_template():
+            self.run.write_chat_template()
 
-    # -- evaluation: masked loss on held-out conversations
+    # -- validation: held-out conversations, scored on the replies
 
-    def evaluate(self) -> dict:
+    def eval_windows(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Conversations in batches, this rank's share: the held-out ones ("val"), or as many training
+        ones spread evenly ("train"). Their targets are the assistant's tokens and each <|end|>; every
+        other position is -1, so the scorer leaves it out. Text is scored as pretraining scores it."""
         if not self.chat:
-            return super().evaluate()
-        val, train = self._masked_loss(self.val_examples), self._masked_loss(self.train_probe)
-        return {"val_loss": val["loss"], "val_bpb": val["bpb"], "train_eval_loss": train["loss"]}
-
-    @torch.no_grad()
-    def _masked_loss(self, examples: list) -> dict:
-        """Mean loss over every target (assistant token or <|end|>) of the examples, and bits per byte of
-        the replies' text; NaN for no examples (--val-fraction 0)."""
-        was_training = self.model.training
-        self.model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss sum, targets, bits on bytes, bytes
-        for x, y in batches(examples[self.dd.rank :: self.dd.world], self.micro, self.pad):
-            x, y = x.to(self.device), y.to(self.device)
-            with self.autocast():
-                loss = self.model(x, y, reduction="none").double()  # (B, T), 0 where y is -1
-            keep = y >= 0
-            bits, nbytes = byte_bits(loss[keep], y[keep], self.byte_lengths)
-            sums += torch.stack([loss.sum(), keep.sum().double(), bits, nbytes])
-        if self.dd.world > 1:
-            dist.all_reduce(sums)
-        self.model.train(was_training)
-        nan = float("nan")
-        return {"loss": (sums[0] / sums[1]).item() if sums[1] > 0 else nan, "bpb": (sums[2] / sums[3]).item() if sums[3] > 0 else nan}
+            return super().eval_windows(split)
+        examples = self.val_examples if split == "val" else self.train_probe
+        return batches(examples[self.dd.rank :: self.dd.world], self.micro, self.pad)
 
     def describe(self) -> str:
         r, cfg = self.report, self.cfg
@@ -268,12 +252,7 @@ def finetune(base: str, cfg: TrainConfig, ft: FinetuneConfig | None = None, drop
 
         >>> finetune("runs/base", TrainConfig(data="qa.jsonl", out="runs/qa", max_epochs=3), FinetuneConfig(method="lora"))  # doctest: +SKIP
     """
-    t = FineTuner(base, ft or FinetuneConfig(), cfg, dropout=dropout, given=given)
-    t.start_run_dir()
-    try:
-        return _loop(t, None)
-    finally:
-        t.close_run_dir()
+    return run(FineTuner(base, ft or FinetuneConfig(), cfg, dropout=dropout, given=given))
 
 
 def merge(run_dir: str | os.PathLike, out_dir: str | os.PathLike, best: bool = False) -> dict:
@@ -290,14 +269,5 @@ def merge(run_dir: str | os.PathLike, out_dir: str | os.PathLike, best: bool = F
     adapter = src.read_adapter_config()
     merged_from = {"run": str(src.path.resolve()), "adapter": path.name, "base_run": str((src.path / adapter["base_run"]).resolve())}
     config = config_dict(model.cfg, cfg.get("train", {}), cfg.get("data", {}), finetune=cfg.get("finetune"), merged_from=merged_from)
-    template = read_chat_template(src.path)
-
-    def write(tmp: Path) -> None:
-        tok.save(tmp / "tokenizer.json")
-        ckpt.save_weights(tmp / "model.safetensors", model.state_dict(), {"step": str(weights_step(path))})
-        if template is not None:
-            write_chat_template(tmp)
-        ckpt.atomic_write_json(tmp / "config.json", config)  # last: config.json marks a complete run
-
-    ckpt.atomic_write_dir(out, write)
+    RunDir.create(out, config, tok, model.state_dict(), weights_step(path), chat_template=src.has_chat_template())
     return {"run": str(out), "params": model.num_params(), "from": str(path)}

@@ -39,7 +39,7 @@ from gradlm.errors import ConfigError, RunDirError, TokenizerError
 from gradlm.model import GPT, ModelConfig
 from gradlm.tokenizer import EOT, Tokenizer
 from gradlm.config import TrainConfig
-from gradlm.rundir import config_dict, load_model, package_version
+from gradlm.rundir import RunDir, config_dict, load_model, package_version
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -366,13 +366,7 @@ def import_hf(hf_dir: str | os.PathLike, run_dir: str | os.PathLike, block_size:
         raise TokenizerError(f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is {cfg.vocab_size}")
     state = gradlm_state(_read_hf_weights(src), cfg)
     run_config = config_dict(cfg, asdict(TrainConfig(out=str(out))), {"tokenizer": "given", "tokenizer_sha256": tok.sha256}, imported_from={"path": str(src.resolve()), "architecture": arch})
-
-    def write(tmp: Path) -> None:
-        tok.save(tmp / "tokenizer.json")
-        ckpt.save_weights(tmp / "model.safetensors", state, {"step": "0"})
-        ckpt.atomic_write_json(tmp / "config.json", run_config)  # last: config.json marks a complete run
-
-    ckpt.atomic_write_dir(out, write)
+    RunDir.create(out, run_config, tok, state, step=0)
     return {"run": str(out), "architecture": arch, "params": sum(t.numel() for t in state.values()), "eos_token": tok.eos_token}
 
 

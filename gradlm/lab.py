@@ -26,7 +26,7 @@ from gradlm import plots
 from gradlm.errors import ConfigError, Diverged, GradlmError
 from gradlm.model import ModelConfig
 from gradlm.optim import set_lr
-from gradlm.rundir import read_metrics
+from gradlm.rundir import RunDir, read_metrics
 from gradlm.config import TrainConfig
 from gradlm.trainer import Trainer, train
 
@@ -166,7 +166,7 @@ def compare(model_cfg: ModelConfig, base: TrainConfig, grid: list[dict], out_dir
             row.update(status="error", error=str(e))
             log(f"error: {label}: {e}")
         table.append(row)
-        if Path(cfg.out, "metrics.jsonl").is_file():
+        if RunDir(cfg.out).metrics.is_file():
             curves[label] = read_metrics(cfg.out)
     if all(r["status"] == "error" for r in table):
         raise ConfigError("no run could start: " + "; ".join(f"{r['label']}: {r['error']}" for r in table))

@@ -26,7 +26,6 @@ import torch.nn as nn
 from gradlm.errors import ConfigError
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ADAPTER_FORMAT = "gradlm-lora"  # "format" in adapter_config.json
 
 
 def parse_targets(text: str) -> list[str]:

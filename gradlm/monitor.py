@@ -1,8 +1,9 @@
-"""What watches a run while it trains: the divergence guard, the overfitting rule, what the run shows
-(progress bar, log lines, metrics.jsonl rows) and the signals that ask it to stop.
+"""What watches a run while it trains: the evaluations (checkpoint, best weights, early stopping, the
+overfitting warning), the divergence guard, what the run shows (progress bar, log lines, metrics.jsonl
+rows) and the signals that ask it to stop.
 
 Each piece is handed the Trainer (gradlm/trainer.py) and reads its counters; none of them decides what a
-step of gradient descent is.
+step of gradient descent is: the loop in gradlm/trainer.py calls them, in order, once per step.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class DivergenceGuard:
     """When a step overshoots, go back to the last good state with half the learning rate; after
     guard_retries restarts, stop with a message naming the step, the loss and a learning rate to try."""
 
-    def __init__(self, t: "Trainer"):  # noqa: F821
+    def __init__(self, t):  # t: the Trainer (gradlm/trainer.py)
         self.t, self.ema = t, None
         self.ln_vocab = math.log(t.model_cfg.vocab_size)
         self.start = 0.0  # the loss of the first step, before any update of this invocation
@@ -78,37 +79,59 @@ class DivergenceGuard:
         return False
 
 
+def evaluate_and_checkpoint(t, show: TrainLog) -> bool:
+    """Evaluate, checkpoint (and keep the best), warn on overfitting; True when training converged."""
+    cfg = t.cfg
+    ev = t.evaluate()
+    improved = ev["val_loss"] < t.best_val - cfg.min_delta
+    if improved:
+        t.best_val, t.bad_evals = ev["val_loss"], 0
+    else:
+        t.bad_evals += 1
+    gap = ev["val_loss"] - ev["train_eval_loss"]
+    t.gap_history.append(gap)
+    show.evaluation(ev, gap)
+    if overfitting(t.gap_history):
+        t.log(f"warning: the train/validation gap has grown for 3 evaluations ({t.gap_history[-4]:.3f} -> {gap:.3f}): the model is overfitting (high variance); consider --dropout, --weight-decay, --patience or more data")
+    t.save()
+    if improved and t.dd.main:
+        t.run.mark_best()
+    if cfg.patience and t.bad_evals >= cfg.patience:
+        t.log(f"converged: validation loss has not improved by {cfg.min_delta} for {cfg.patience} evaluations (best {t.best_val:.4f}); best weights in {t.run.checkpoint_path(best=True)}")
+        return True
+    return False
+
+
 class TrainLog:
     """What a run shows while it trains: a progress bar on a terminal (percent of whichever budget is
     set, so its rate and ETA hold for every kind), plain log lines otherwise, and metrics.jsonl rows."""
 
-    def __init__(self, t: "Trainer"):  # noqa: F821
+    def __init__(self, t):  # t: the Trainer (gradlm/trainer.py)
         self.t = t
         cfg = t.cfg
         self.bar = tqdm(
-            total=100.0, initial=round(100 * t.progress(), 2), disable=not (cfg.progress and sys.stderr.isatty() and t.dd.main), dynamic_ncols=True,
+            total=100.0, initial=round(100 * t.budget.progress(), 2), disable=not (cfg.progress and sys.stderr.isatty() and t.dd.main), dynamic_ncols=True,
             bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]",
         )
-        self.t_last, self.tokens_last = t.train_time, t.tokens_seen
+        self.t_last, self.tokens_last = t.budget.train_time, t.tokens_seen
         self.last_eval: dict = {}
 
     def step(self, loss: float, grad_norm: float, lrs: dict[str, float]) -> None:
-        t, cfg = self.t, self.t.cfg
+        t, cfg, budget = self.t, self.t.cfg, self.t.budget
         if t.step % cfg.log_every == 0 or t.step == 1:
-            tps = (t.tokens_seen - self.tokens_last) / max(t.train_time - self.t_last, 1e-9)  # evaluations excluded
-            self.t_last, self.tokens_last = t.train_time, t.tokens_seen
-            t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(t.elapsed, 3), epoch=round(t.epochs_done(), 4), **lrs, loss=loss, grad_norm=grad_norm, tokens_per_s=round(tps, 1))
+            tps = (t.tokens_seen - self.tokens_last) / max(budget.train_time - self.t_last, 1e-9)  # evaluations excluded
+            self.t_last, self.tokens_last = budget.train_time, t.tokens_seen
+            t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(budget.elapsed, 3), epoch=round(t.epochs_done(), 4), **lrs, loss=loss, grad_norm=grad_norm, tokens_per_s=round(tps, 1))
             lr_text = " | ".join(f"{k.replace('_', ' ')} {v:.2e}" for k, v in lrs.items())
             if self.bar.disable and cfg.progress:
-                eta = t.eta()
-                t.log(f"step {t.step:>6} | loss {loss:.4f} | {lr_text} | grad norm {grad_norm:.3f} | {tps:,.0f} tok/s | {t.elapsed:.0f}s, eta {eta:.0f}s")
+                t.log(f"step {t.step:>6} | loss {loss:.4f} | {lr_text} | grad norm {grad_norm:.3f} | {tps:,.0f} tok/s | {budget.elapsed:.0f}s, eta {budget.eta():.0f}s")
             self.bar.set_postfix(step=t.step, loss=f"{loss:.3f}", lr=f"{lrs['lr']:.1e}", tok_s=f"{tps:,.0f}", val=f"{self.last_eval.get('val_loss', float('nan')):.3f}")
-        self.bar.update(min(100.0, 100 * t.progress()) - self.bar.n)
+        self.bar.update(min(100.0, 100 * budget.progress()) - self.bar.n)
 
     def evaluation(self, ev: dict, gap: float) -> None:
         t = self.t
         self.last_eval = ev
-        t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(t.elapsed, 3), epoch=round(t.epochs_done(), 4), **ev, gap=gap)
+        t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(t.budget.elapsed, 3), epoch=round(t.epochs_done(), 4), **ev, gap=gap)
         t.log(f"step {t.step:>6} | val loss {ev['val_loss']:.4f} | val bpb {ev['val_bpb']:.4f} | train loss {ev['train_eval_loss']:.4f}")
 
     def close(self) -> None:

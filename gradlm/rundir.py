@@ -17,8 +17,10 @@
       plots/               curves as PNG
       .lock                held (flock) by the one process writing the run
 
-Every other module reads and writes a run through this one: training, generation, evaluation, export,
-import and the CLI. Loading a model imports the model and the tokenizer, never the trainer.
+Every other module reads and writes a run through this one: training and fine-tuning write it through
+RunDir's methods (config, tokenizer, checkpoints, metrics, summary, plots, chat template, adapter config),
+merge and import write a whole run at once with RunDir.create; generation, evaluation, export and the
+CLI read it here. Loading a model imports the model and the tokenizer, never the trainer.
 
 A checkpoint is the pair (state, weights). Both are written to temporary files first; only then are
 they renamed into place, state before weights, keeping the previous state as previous.pt. A crash at
@@ -72,6 +74,7 @@ class RunDir:
         self.metrics = self.path / "metrics.jsonl"
         self.summary = self.path / "summary.json"
         self.plots = self.path / "plots"
+        self.training_plot = self.plots / "training.png"
         self.lock_file = self.path / ".lock"
         self.adapter_config = self.path / "adapter_config.json"
         self.adapter = self.path / "adapter.safetensors"
@@ -110,6 +113,22 @@ class RunDir:
     def write_config(self, model: ModelConfig, train: dict, data: dict, **extra) -> None:
         ckpt.atomic_write_json(self.config, config_dict(model, train, data, **extra))
 
+    @classmethod
+    def create(cls, path: str | os.PathLike, config: dict, tok: Tokenizer, weights: dict[str, torch.Tensor], step: int, chat_template: bool = False) -> RunDir:
+        """Write a complete run in one go (merge, import): tokenizer, weights (at step), the chat template
+        if asked, and config.json (a config_dict) last, since it marks a complete run. All of it is built in
+        a temporary folder renamed into place: a failure leaves no half-written run."""
+        def write(tmp: Path) -> None:
+            run = cls(tmp)
+            run.save_tokenizer(tok)
+            ckpt.save_weights(run.weights, weights, {"step": str(step)})
+            if chat_template:
+                run.write_chat_template()
+            ckpt.atomic_write_json(run.config, config)
+
+        ckpt.atomic_write_dir(Path(path), write)
+        return cls(path)
+
     # ---- tokenizer, weights
 
     def load_tokenizer(self) -> Tokenizer:
@@ -144,6 +163,17 @@ class RunDir:
         except ValueError as e:
             raise RunDirError(f"{path} does not fit the model in config.json: {e}") from None
         return weights_step(path)
+
+    def write_chat_template(self) -> Path:
+        """chat_template.jinja: the run was fine-tuned for chat (or from a run that was); see gradlm/chat.py."""
+        from gradlm.chat import write_chat_template
+
+        return write_chat_template(self.path)
+
+    def has_chat_template(self) -> bool:
+        from gradlm.chat import read_chat_template
+
+        return read_chat_template(self.path) is not None
 
     # ---- LoRA adapters
 
@@ -249,6 +279,13 @@ class RunDir:
             ckpt.atomic_write_json(self.summary, summary)
         except OSError as e:
             raise RunDirError(_write_failure(self.path, e, "summary")) from None
+
+    def write_training_plot(self, runs: dict[str, list[dict]] | None = None) -> Path:
+        """plots/training.png: this run's loss, learning rate and gradient-norm curves (runs: several runs'
+        metrics to draw together instead, as `gradlm plot` does)."""
+        from gradlm.plots import plot_runs
+
+        return plot_runs(runs or {self.path.name or str(self.path): read_metrics(self.path)}, self.training_plot, title="" if runs else str(self.path))
 
     def lock(self) -> RunLock:
         return RunLock(self.lock_file)

@@ -1,13 +1,19 @@
 """The gradient-descent loop: cost -> gradients -> update, repeated until a budget ends or it converges.
 
-One step:
-    for each micro-batch:   loss = cross-entropy(model(x), y) * (its share of the step's tokens)
-                            loss.backward()                     (gradients accumulate)
-    clip the gradient norm; check the loss and the norm are sane (divergence guard)
-    lr = base_lr * schedule(progress);  optimizer.step()       (the gradient-descent update)
+One step (run() below, top to bottom):
+    lr = base_lr * schedule(progress)                            (gradlm/budget.py: progress of the budget)
+    for each micro-batch:   loss = cross-entropy(model(x), y) * (its share of the step's targets)
+                            loss.backward()                      (gradients accumulate)
+    clip the gradient norm; check the loss and the norm are sane (the divergence guard, gradlm/monitor.py)
+    optimizer.step()                                             (the gradient-descent update)
+    every --eval-every steps: validation loss (gradlm/scoring.py), checkpoint, best weights, early stop
 
 The batch mode decides how much data one step sees: --batch full is batch gradient descent (one update
 per pass over every training window), --batch 1 is stochastic gradient descent, --batch N is mini-batch.
+
+Trainer holds what one run needs: settings (gradlm/resume.py decides them for a fresh, --init or resumed
+run), data, model, optimizer, sampler and counters. Fine-tuning (gradlm/finetune.py) is a Trainer whose
+public hooks load conversations, choose what trains, what a checkpoint keeps and what validation scores.
 """
 
 from __future__ import annotations
@@ -18,25 +24,25 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from gradlm.checkpoint import check_output
-from gradlm.config import BUDGETS, DEFAULT_STEPS, OPTIMIZER_SETTINGS, PER_INVOCATION, TrainConfig, check_budgets, given_fields, parse_duration, resume_settings
 from gradlm import autosize
+from gradlm.budget import Budget
+from gradlm.config import BUDGETS, DEFAULT_STEPS, TrainConfig, check_budgets, given_fields
 from gradlm.data import EpochSampler, RandomSampler, is_prepared, resolve_data, source_bytes, windows
 from gradlm.errors import ConfigError, Interrupted, RunDirError
-from gradlm.evaluate import byte_bits
 from gradlm.model import GPT, ModelConfig
-from gradlm.monitor import DivergenceGuard, StopSignals, TrainLog, diverged, overfitting  # noqa: F401  (diverged, overfitting: public rules)
-from gradlm.optim import DEFAULT_LR, fast_matmul_dtype, base_lrs, build_optimizer, lr_factor, override_hyperparams, set_lr
-from gradlm.rundir import Metrics, RunDir, read_metrics
+from gradlm.monitor import DivergenceGuard, StopSignals, TrainLog, evaluate_and_checkpoint
+from gradlm.optim import DEFAULT_LR, base_lrs, build_optimizer, fast_matmul_dtype, set_lr
+from gradlm.resume import checkpoint_state, fresh_start, restore_checkpoint, resume_start
+from gradlm.rundir import Metrics, RunDir
+from gradlm.scoring import autocast, score, spaced_windows
 
 
 # ---- distributed -------------------------------------------------------------------------------------
@@ -71,41 +77,6 @@ def pick_device(cfg: TrainConfig, dd: Dist) -> str:
     return cfg.device
 
 
-# ---- evaluation --------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate_windows(model: GPT, tokens: np.ndarray, block: int, max_tokens: int, byte_lengths: torch.Tensor, batch: int = 32, dd: Dist = Dist(), autocast=nullcontext) -> dict:
-    """Mean loss and bits per byte over fixed, evenly spaced, non-overlapping windows of `tokens`.
-
-    Bits per byte = total loss in bits / total bytes of the predicted tokens: independent of the
-    tokenizer, so runs with different vocabularies compare fairly. Special tokens cover no bytes and
-    are left out of it.
-    """
-    n_windows = (len(tokens) - 1) // block
-    if n_windows < 1:
-        return {"loss": float("nan"), "bpb": float("nan"), "tokens": 0}
-    take = max(1, min(n_windows, max_tokens // block))
-    starts = (np.linspace(0, n_windows - 1, take).round().astype(np.int64) * block)[dd.rank :: dd.world]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, token count, bits on bytes, bytes
-    for i in range(0, len(starts), batch):
-        x, y = windows(tokens, starts[i : i + batch].tolist(), block)
-        x, y = x.to(device), y.to(device)
-        with autocast():
-            loss = model(x, y, reduction="none").double()  # (B, T)
-        bits, nbytes = byte_bits(loss, y, byte_lengths)
-        sums += torch.stack([loss.sum(), torch.tensor(loss.numel(), device=device, dtype=torch.float64), bits, nbytes])
-    if dd.world > 1:
-        dist.all_reduce(sums)
-    model.train(was_training)
-    loss = (sums[0] / sums[1]).item()
-    bpb = (sums[2] / sums[3]).item() if sums[3] > 0 else float("nan")
-    return {"loss": loss, "bpb": bpb, "tokens": int(sums[1].item())}
-
-
 # ---- the run -----------------------------------------------------------------------------------------
 
 
@@ -115,12 +86,23 @@ def _log(dd: Dist, msg: str) -> None:
 
 
 class Trainer:
-    """Everything one run holds: data, model, optimizer, sampler, batch geometry and counters.
+    """Everything one run holds: settings, data, model, optimizer, sampler, batch geometry and counters.
 
     `gradients()` runs one step's forward and backward passes over its micro-batches and clips the
-    gradient; `update()` applies the optimizer step. train() loops over these; the LR finder reuses
+    gradient; `update()` applies the optimizer step; run() loops over these, and the LR finder reuses
     them with learning rates of its own. Construction reads in this order: settings (fresh, resumed
-    or initialised from another run), data, model and optimizer, then the resumed state.
+    or initialised from another run: gradlm/resume.py), data, model and optimizer, then the resumed state.
+
+    Public hooks, which fine-tuning (gradlm/finetune.py) overrides; pretraining uses them as they are:
+        load_data(model_cfg)   the tokenizer and the training/validation data
+        check_data()           refuse data too short for the model
+        adapt_model()          change the model before the optimizer sees it (freeze, adapters)
+        make_sampler()         the sampler of training batches
+        eval_windows(split)    the windows validation scores ("val", or a "train" probe)
+        checkpoint_weights(), restore_weights(best)   what a checkpoint keeps of the model
+        data_summary()         the "data" section of config.json
+        steps_per_epoch()      updates in one pass over the training data
+        start_run_dir()        write the run's files before the first step
     """
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, log=None, given: Iterable[str] | None = None):
@@ -139,11 +121,11 @@ class Trainer:
     def _setup(self, model_cfg: ModelConfig, cfg: TrainConfig, log, given: Iterable[str] | None) -> None:
         typed = given_fields(cfg, given)
         typed_model = given_fields(model_cfg, given)
-        self.notes: list[str] = []  # what a resume changed, said once the log is set up
-        if cfg.resume:
-            model_cfg, cfg = self._resume_settings(model_cfg, cfg, typed, typed_model)
-        else:
-            model_cfg = self._fresh_settings(model_cfg, cfg)
+        start = resume_start(self.run, model_cfg, cfg, typed, typed_model) if cfg.resume else fresh_start(self.run, model_cfg, cfg)
+        model_cfg, cfg = start.model_cfg, start.cfg
+        self.init_tok, self.tokenizer_trained_here = start.init_tok, start.tokenizer_trained_here
+        self.saved_cfg, self.saved_data = start.saved_cfg, start.saved_data
+        self.notes = start.notes  # what a resume changed, said once the log is set up
         unset = TrainConfig()
         check_budgets(cfg, {b for b in typed if getattr(cfg, b) != getattr(unset, b)})  # e.g. max_time="0" (the CLI checks typed flags)
         if not any(getattr(cfg, b) for b in BUDGETS):
@@ -155,7 +137,7 @@ class Trainer:
         self.fixed = {k: getattr(model_cfg, k) for k in typed_model & {*autosize.MODEL_KEYS, "dropout"}}
         self.fixed.update({k: getattr(cfg, k) for k in typed & set(autosize.TRAIN_KEYS)})
         self.cfg, self.out, self.typed = cfg, self.run.path, typed
-        self.max_time_s = parse_duration(cfg.max_time)
+        self.budget = Budget(cfg, lambda: (self.step, self.tokens_seen, self.epochs_done()))
         self.dd = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = pick_device(cfg, self.dd)
         if self.device.startswith("cuda"):
@@ -168,75 +150,32 @@ class Trainer:
         self._choose_dtype()
         if self.auto and "vocab_size" not in typed and not is_prepared(cfg.data):
             cfg.vocab_size = autosize.choose_vocab(source_bytes(cfg.data))
-        self._load_data(model_cfg)
+        self.load_data(model_cfg)
         if self.auto:
             self._auto_size()
         cfg.lr = cfg.lr or DEFAULT_LR[cfg.optimizer]  # config.json records the learning rate really used
-        self._check_data_length()
+        self.check_data()
         self._build()
-        self.step, self.tokens_seen, self.elapsed, self.train_time = 0, 0, 0.0, 0.0
-        self.reserve_s = 0.0  # time kept back from --max-time for the final evaluation and checkpoint
-        self.step_s, self.eval_s, self.eval_step_s = 0.0, 0.0, 0.0  # recent step time; last evaluation's time and the step time then
+        self.step, self.tokens_seen = 0, 0
         self.saved_step = -1
         self.best_val, self.bad_evals, self.guard_used = float("inf"), 0, 0
         self.gap_history: list[float] = []
-        self.last_factor, self.phase = 1.0, None
         self.resumed = cfg.resume
         self.report: dict = {}  # more fields of the summary (fine-tuning: trainable parameters, optimizer memory)
         self.command = "train"  # the gradlm command that resumes this run
         if cfg.resume and not self.restoring:
             self.notes.append(f"{self.out} has no checkpoint yet (it stopped before its first one): starting it from step 0 with its saved settings")
         elif self.restoring:
-            self._restore(self.run.load_state(cfg.from_best))
+            restore_checkpoint(self, self.run.load_state(cfg.from_best))
         self.metrics = Metrics(self.run.metrics, self.dd.main)
-
-    # -- settings: where the run starts from
-
-    def _fresh_settings(self, model_cfg: ModelConfig, cfg: TrainConfig) -> ModelConfig:
-        out = check_output(self.run.path, "--out", is_dir=True)
-        if self.run.exists():
-            raise RunDirError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        self.init_tok = None
-        if cfg.init:
-            init = RunDir(cfg.init)
-            dropout = model_cfg.dropout
-            model_cfg = init.model_config()
-            model_cfg.dropout = dropout
-            self.init_tok = init.load_tokenizer()
-        self.tokenizer_trained_here = None  # decided by resolve_data: trained when no tokenizer is given
-        return model_cfg
-
-    def _resume_settings(self, model_cfg: ModelConfig, cfg: TrainConfig, typed: set[str], typed_model: set[str]) -> tuple[ModelConfig, TrainConfig]:
-        if not self.run.exists():
-            raise RunDirError(f"cannot resume: {cfg.out} is not a run directory (no config.json); drop --resume to start it")
-        saved = self.run.read_config()
-        saved_model = self.run.model_config()
-        for name in sorted(typed_model - {"dropout", "vocab_size"}):  # vocab_size comes from the tokenizer, not a flag
-            if getattr(model_cfg, name) != getattr(saved_model, name):
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} {getattr(model_cfg, name)} cannot change on --resume (the model's shape is fixed by its weights: "
-                    f"{name} is {getattr(saved_model, name)}); drop it, or start a new run with --init {cfg.out}"
-                )
-        if "dropout" in typed_model:
-            saved_model.dropout = model_cfg.dropout
-        saved_cfg = TrainConfig.from_dict(saved.get("train", {}))
-        new = resume_settings(saved_cfg, cfg, typed)
-        new.validate()
-        for name in sorted(typed - set(PER_INVOCATION)):
-            if getattr(new, name) != getattr(saved_cfg, name):
-                self.notes.append(f"--{name.replace('_', '-')}: {getattr(saved_cfg, name)!r} -> {getattr(new, name)!r}")
-        self.saved_cfg = saved_cfg
-        self.saved_data = saved.get("data", {})  # where the run's tokens were, and their identity
-        self.init_tok = self.run.load_tokenizer()
-        self.tokenizer_trained_here = self.saved_data.get("tokenizer") == "trained"
-        return saved_model, new
 
     # -- data: rank 0 prepares (and caches); the other ranks then read the same cache
 
-    def _load_data(self, model_cfg: ModelConfig) -> None:
+    def load_data(self, model_cfg: ModelConfig) -> None:
+        """Hook: the tokenizer (self.tok), the training and validation data, and model_cfg's vocabulary."""
         cfg, dd = self.cfg, self.dd
         trained = self.tokenizer_trained_here if self.cfg.resume else None
-        saved = getattr(self, "saved_data", {}) if cfg.resume else {}
+        saved = self.saved_data if cfg.resume else {}
         where = dict(identity=saved.get("identity", ""), hint=saved.get("path", ""))  # a resume reads its own tokens, offline
         data = resolve_data(cfg, self.init_tok, self.log, trained, **where) if dd.main else None
         if dd.world > 1:
@@ -252,7 +191,8 @@ class Trainer:
         self.model_cfg = model_cfg
         self.train_tokens, self.val_tokens = data.tokens("train"), data.tokens("val")
 
-    def _check_data_length(self) -> None:
+    def check_data(self) -> None:
+        """Hook: refuse data too short for the model's context window."""
         block = self.block = self.model_cfg.block_size
         for name, toks, fix in (("training", self.train_tokens, "add text"), ("validation", self.val_tokens, "raise --val-fraction or add text")):
             if len(toks) < block + 1:
@@ -263,7 +203,7 @@ class Trainer:
         budget, the corpus and this machine's measured speed (gradlm/autosize.py); the settings the caller
         gave are kept. Rank 0 chooses and every other rank takes its choice (probes could differ by rank)."""
         cfg, m = self.cfg, self.model_cfg
-        seconds = self.max_time_s
+        seconds = self.budget.max_time_s
         budget = autosize.Budget(
             seconds=seconds, tokens=cfg.max_tokens or int(cfg.max_epochs * len(self.train_tokens)),
             steps=cfg.max_steps)
@@ -322,17 +262,18 @@ class Trainer:
         self.run_model = torch.compile(self.model) if cfg.compile else self.model
         if dd.world > 1:
             self.run_model = torch.nn.parallel.DistributedDataParallel(self.run_model, device_ids=[dd.local_rank] if self.device.startswith("cuda") else None)
-        self.byte_lengths = torch.tensor(self.tok.token_byte_lengths(), dtype=torch.long, device=self.device)
+        self.byte_lengths = torch.tensor(self.tok.token_byte_lengths(), dtype=torch.long, device=self.device)  # for bits per byte
 
     def _choose_dtype(self) -> None:
         """bf16 autocast where the hardware multiplies bf16 natively (CUDA; CPUs with AMX or AVX512-BF16), decided
-        from the device's features so every resume and every rank agrees; weights and optimizer state stay fp32."""
+        from the device's features so every resume and every rank agrees; weights and optimizer state stay fp32.
+        Training and its validation both compute in this dtype (gradlm/scoring.py names the rule)."""
         cfg, device_type = self.cfg, self.device.split(":")[0]
         use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and fast_matmul_dtype(device_type) == torch.bfloat16)
         self.compute_dtype = "bfloat16" if use_bf16 else "float32"
-        self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+        self.autocast = autocast(self.device, self.compute_dtype)
 
-    # Hooks that fine-tuning (gradlm/finetune.py) overrides; pretraining uses them as they are.
+    # -- the other hooks (see the class docstring)
 
     def adapt_model(self) -> None:
         """Change the model after its weights are loaded and before the optimizer sees it (freeze layers,
@@ -362,80 +303,15 @@ class Trainer:
         return {"path": str(self.data.path), "tokenizer": "trained" if trained else "given", "tokenizer_sha256": self.tok.sha256,
                 "train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens), "identity": self.data.identity}
 
-    # -- resume: restore the checkpoint, then apply what the caller typed
+    def eval_windows(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The windows validation scores: "val", or "train" (a probe of the training text, for the gap).
+        This rank's share of --eval-tokens of evenly spaced windows (the same at every evaluation)."""
+        tokens = self.val_tokens if split == "val" else self.train_tokens
+        return spaced_windows(tokens, self.block, self.cfg.eval_tokens, self.micro, self.dd.rank, self.dd.world)
 
-    # elapsed: wall time since the first step, evaluations and checkpoints included (what --max-time
-    # bounds); train_time: the steps alone (what tokens/s divides by).
-    # reserve_s is kept so a resume judges "finished" by the very rule that stopped the run.
-    COUNTERS = ("step", "tokens_seen", "elapsed", "train_time", "best_val", "bad_evals", "guard_used", "gap_history", "last_factor", "phase",
-                "reserve_s", "step_s", "eval_s", "eval_step_s")
-
-    def _restore(self, state: dict) -> None:
-        cfg = self.cfg
-        self.restore_weights(cfg.from_best)
-        self.opt.load_state_dict(state["optimizer"])
-        self.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        for k in self.COUNTERS:
-            if k in state:
-                setattr(self, k, state[k])
-        given_opt = {k: getattr(cfg, k) for k in OPTIMIZER_SETTINGS if k in self.typed}
-        if "lr" in given_opt and not given_opt["lr"]:
-            given_opt["lr"] = DEFAULT_LR[cfg.optimizer]
-        override_hyperparams(self.opt, **given_opt)
-        lrs = base_lrs(self.opt)  # what the optimizer really uses (guard halvings included) goes in config.json
-        cfg.lr = lrs["lr"]
-        cfg.muon_lr = lrs.get("lr_muon", cfg.muon_lr)
-        self._extend_budget()
-        where = "best checkpoint" if cfg.from_best else "checkpoint"
-        self.notes.insert(0, f"resumed {self.out} from its {where} at step {self.step}")
-
-    def _extend_budget(self) -> None:
-        """A budget typed on resume that differs from the run's: refuse one already spent; otherwise the rest
-        of the run is a new schedule phase that warms the learning rate up again, from the factor reached to
-        the peak (a typed --lr, else the run's own peak), and decays it over the new budget."""
-        cfg, saved = self.cfg, self.saved_cfg
-        changed = [b for b in BUDGETS if b in self.typed and getattr(cfg, b) != getattr(saved, b)]
-        # Spent: by the rule that stops the loop (the final evaluation's reserve included), or by the verdict the
-        # run itself recorded when it stopped at this very checkpoint (a budget can run out during an evaluation,
-        # after the checkpoint was written).
-        last = self.run.read_summary()
-        stopped_here = last.get("stop") == "budget" and last.get("steps") == self.step and not cfg.from_best
-        spent = self.progress() >= 1 or (stopped_here and not changed)
-        done = f"{self.step} steps, {self.tokens_seen:,} tokens, {self.elapsed:.1f}s, {self.epochs_done():.2f} epochs"
-        if spent and changed:
-            flags = ", ".join(f"--{b.replace('_', '-')} {getattr(cfg, b)}" for b in changed)
-            raise ConfigError(f"{flags} is already spent: {self.out} has trained {done}; give a larger budget to train further")
-        if spent:
-            budget = ", ".join(f"--{b.replace('_', '-')} {getattr(cfg, b)}" for b in BUDGETS if getattr(cfg, b))
-            raise ConfigError(
-                f"{self.out} has finished its budget ({budget}; trained {done}); to train further, give a larger budget "
-                f"(e.g. --max-steps {2 * self.step}): the learning rate warms up again to the run's peak (or to --lr) and decays over the new budget"
-            )
-        if changed and self.step > 0:
-            warmup = max(1, min(max(cfg.warmup_steps, 10), self._steps_left() // 5))  # a fifth of the phase at most
-            self.phase = {"step": self.step, "tokens": self.tokens_seen, "elapsed": self.elapsed, "epochs": self.epochs_done(),
-                          "warm_from": self.last_factor, "warmup": warmup}
-            lr = base_lrs(self.opt)["lr"]
-            whose = "--lr" if "lr" in self.typed else "the run's peak"
-            rise = f"warms the learning rate up from {lr * self.last_factor:.3g} to {lr:.3g} ({whose}) over {warmup} steps"
-            self.notes.append(
-                f"budget extended: a new {cfg.schedule} phase {rise if self.last_factor < 0.999 else f'keeps the learning rate at {lr:.3g} ({whose})'}, "
-                f"then decays it to {lr * cfg.min_lr_ratio:.3g} over the rest of the budget"
-            )
-
-    def _steps_left(self) -> int:
-        """About how many updates the budget has left (for time, at the pace of the last steps run)."""
-        cfg, left = self.cfg, []
-        if cfg.max_steps:
-            left.append(cfg.max_steps - self.step)
-        if cfg.max_tokens:
-            left.append((cfg.max_tokens - self.tokens_seen) / self.step_tokens)
-        if cfg.max_epochs:
-            left.append((cfg.max_epochs - self.epochs_done()) * len(self.train_tokens) / self.step_tokens)
-        if self.max_time_s and self.step_s:
-            left.append((self.max_time_s - self.elapsed - self.reserve_s) / self.step_s)
-        return max(0, int(min(left))) if left else 1 << 30
+    def steps_per_epoch(self) -> float:
+        """Updates in one pass over the training data."""
+        return len(self.train_tokens) / self.step_tokens
 
     # -- one step of gradient descent
 
@@ -494,45 +370,17 @@ class Trainer:
         self.step += 1
         self.tokens_seen += self.drawn_tokens  # positions processed (batch x block for windows of text)
 
-    # -- progress and the learning rate
-
     def epochs_done(self) -> float:
         return self.sampler.epochs_done if self.sampler_kind == "epoch" else self.tokens_seen / len(self.train_tokens)
-
-    def _spent(self, reserve: bool = True) -> list[tuple[float, float, float]]:
-        """(used, budget, used at the phase start) for each budget that is set. Time counts the final
-        evaluation's reserve as spent (reserve=True), so training stops in time for it."""
-        cfg, ph = self.cfg, self.phase or {}
-        parts = [(self.step, cfg.max_steps, ph.get("step", 0)), (self.tokens_seen, cfg.max_tokens, ph.get("tokens", 0)),
-                 (self.elapsed + (self.reserve_s if reserve else 0.0), self.max_time_s, ph.get("elapsed", 0.0)), (self.epochs_done(), cfg.max_epochs, ph.get("epochs", 0.0))]
-        return [p for p in parts if p[1]]
-
-    def progress(self, reserve: bool = True) -> float:
-        """Fraction of the budget spent: the largest of steps, tokens, time and epochs used."""
-        return max((used / budget for used, budget, _ in self._spent(reserve)), default=0.0)
-
-    def eta(self) -> float:
-        """Seconds left: the rest of the training at the pace so far, plus the final evaluation."""
-        p, done = self.progress(), self.progress(reserve=False)
-        return self.elapsed / done * max(1 - p, 0.0) + self.reserve_s if done > 0 else float("nan")
-
-    def lr_factor(self) -> float:
-        """The schedule's factor for the next step: the run's schedule, or the current phase's when the
-        budget was extended on resume (steps and progress counted from the phase start, warming up again
-        from the factor the run had reached)."""
-        c, ph = self.cfg, self.phase
-        if ph is None:
-            return lr_factor(self.progress(), self.step, c.schedule, c.warmup_steps, c.min_lr_ratio, c.decay_fraction)
-        p = max(((used - start) / max(budget - start, 1e-12) for used, budget, start in self._spent()), default=0.0)
-        return lr_factor(p, self.step - ph["step"], c.schedule, ph.get("warmup", 0), c.min_lr_ratio, c.decay_fraction, warm_from=ph.get("warm_from", 0.0))
 
     # -- evaluation and state
 
     def evaluate(self) -> dict:
-        args = (self.block, self.cfg.eval_tokens, self.byte_lengths, self.micro, self.dd, self.autocast)
-        val = evaluate_windows(self.model, self.val_tokens, *args)
-        tr = evaluate_windows(self.model, self.train_tokens, *args)
-        return {"val_loss": val["loss"], "val_bpb": val["bpb"], "train_eval_loss": tr["loss"]}
+        """Validation loss and bits per byte, and the loss on a probe of the training data (for the gap),
+        through the one scorer in the run's compute dtype; every rank scores its share of the windows."""
+        val, train = (score(self.model, self.eval_windows(split), self.byte_lengths, self.compute_dtype, distributed=self.dd.world > 1)
+                      for split in ("val", "train"))
+        return {"val_loss": val.loss, "val_bpb": val.bits_per_byte, "train_eval_loss": train.loss}
 
     def snapshot(self) -> dict:
         return {"model": copy.deepcopy(self.model.state_dict()), "opt": copy.deepcopy(self.opt.state_dict()), "step": self.step, "tokens_seen": self.tokens_seen}
@@ -569,9 +417,7 @@ class Trainer:
         if not self.dd.main:
             return
         self.saved_step = self.step
-        state = {k: getattr(self, k) for k in self.COUNTERS}
-        state.update(optimizer=self.opt.state_dict(), sampler=self.sampler.state_dict(), torch_rng=torch.get_rng_state())
-        self.run.save_checkpoint(state, self.checkpoint_weights(), self.step)
+        self.run.save_checkpoint(checkpoint_state(self), self.checkpoint_weights(), self.step)
 
     def describe(self) -> str:
         m = self.model
@@ -598,11 +444,12 @@ def _validate_all(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
         raise ConfigError("; ".join(problems))
 
 
-# ---- train() -------------------------------------------------------------------------------------------
+# ---- train() and the loop -------------------------------------------------------------------------------
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, on_step=None, given: Iterable[str] | None = None) -> dict:
     """Train a model as configured; returns a summary (final validation loss, bits per byte, steps, ...).
+    The caller's configurations are left as they were (the Trainer works on copies).
 
     on_step(step, loss, lr) is called after every update (the comparison lab uses it). given names the
     settings the caller chose (the CLI passes the flags typed); on resume only those override the run's
@@ -611,7 +458,13 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, on_step=None, given: Iterabl
     Example:
         >>> train(ModelConfig(n_layer=2), TrainConfig(data="notes.txt", out="runs/notes", max_time="2m"))  # doctest: +SKIP
     """
-    t = Trainer(model_cfg, cfg, given=given)
+    return run(Trainer(model_cfg, cfg, given=given), on_step)
+
+
+def run(t: Trainer, on_step=None) -> dict:
+    """Train t until its budget is spent, it converges, it is paused (--pause-at) or a signal stops it;
+    returns the summary. Writes the run directory (config, checkpoints, metrics, summary, plots) and
+    closes it. Pretraining (train) and fine-tuning (gradlm/finetune.py) both run here."""
     t.start_run_dir()
     try:
         return _loop(t, on_step)
@@ -623,28 +476,17 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, on_step=None, given: Iterabl
 
 
 def _loop(t: Trainer, on_step) -> dict:
-    cfg, out = t.cfg, t.out
+    cfg, budget = t.cfg, t.budget
     for note in t.notes:
         t.log(note)
     guard, show = DivergenceGuard(t), TrainLog(t)
     t.log(t.describe())
     t.model.train()
     stop_reason = ""
-    clock = time.time()  # --max-time counts wall time from here: steps, evaluations and checkpoints
-
-    def tick() -> None:
-        nonlocal clock
-        now = time.time()
-        t.elapsed += now - clock
-        clock = now
-        if t.dd.world > 1 and t.max_time_s:  # ranks stop at the same step only if they read the same clock and reserve
-            agreed = torch.tensor([t.elapsed, t.train_time, t.reserve_s, t.step_s, t.eval_s, t.eval_step_s], dtype=torch.float64, device=t.device)
-            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-            t.elapsed, t.train_time, t.reserve_s, t.step_s, t.eval_s, t.eval_step_s = agreed.tolist()
-
+    budget.start_clock()
     with StopSignals() as signals:
         while True:
-            if t.progress() >= 1:
+            if budget.progress() >= 1:
                 stop_reason = "budget"
                 break
             if cfg.pause_at and t.step >= cfg.pause_at:
@@ -653,78 +495,52 @@ def _loop(t: Trainer, on_step) -> dict:
             if signals.requested(t.dd):
                 stop_reason = "interrupted"
                 break
+            # ---- one step of gradient descent
             t0 = time.time()
-            t.last_factor = t.lr_factor()
-            lrs = set_lr(t.opt, t.last_factor)
-            loss, gn = t.gradients()
-            if not guard.observe(loss, gn):
+            budget.last_factor = budget.lr_factor()
+            lrs = set_lr(t.opt, budget.last_factor)  # lr = base_lr * schedule(progress)
+            loss, grad_norm = t.gradients()  # forward + backward over the step's micro-batches, clipped
+            if not guard.observe(loss, grad_norm):  # overshot: the guard restored the last good state, lr halved
                 continue
-            t.update()
-            step_s = time.time() - t0
-            t.train_time += step_s
-            t.step_s = step_s if not t.step_s else 0.7 * t.step_s + 0.3 * step_s  # recent pace: follows a machine that slows down
-            if t.max_time_s:
-                # Keep back the final evaluation and checkpoint: the last one's time, scaled up by how much slower
-                # steps run now than then (never down: a reserve too small overshoots the budget); before any, a
-                # forward pass (a third of a step's work) over eval_tokens of validation and of training text.
-                # Computed before tick(), which makes every rank take the largest: they stop at the same step.
-                t.reserve_s = (t.eval_s * max(1.0, t.step_s / t.eval_step_s) if t.eval_s
-                               else t.step_s * (2 * cfg.eval_tokens / t.step_tokens) / 3 + 0.5)
-            tick()
+            t.update()  # the gradient-descent update
+            budget.stepped(time.time() - t0, cfg.eval_tokens, t.step_tokens)  # the pace, and the final evaluation's reserve
+            budget.tick(t.dd.world, t.device)
             if on_step is not None:
                 on_step(t.step, loss, lrs["lr"])
-            show.step(loss, gn, lrs)
-            done = t.progress() >= 1 or (cfg.pause_at and t.step >= cfg.pause_at)
+            show.step(loss, grad_norm, lrs)
+            # ---- every --eval-every steps, and at the end: validation, checkpoint, early stopping
+            done = budget.progress() >= 1 or (cfg.pause_at and t.step >= cfg.pause_at)
             if t.step % cfg.eval_every == 0 or done:
                 t0 = time.time()
-                converged = _evaluate_and_checkpoint(t, show)
-                t.eval_s, t.eval_step_s = time.time() - t0, t.step_s  # the final evaluation costs about the same, at the same pace
-                tick()
+                converged = evaluate_and_checkpoint(t, show)
+                budget.evaluated(time.time() - t0)
+                budget.tick(t.dd.world, t.device)
                 if converged:
                     stop_reason = "converged"
                     break
                 guard.mark_good()
     show.close()
+    return _finish(t, show, stop_reason, signals.signum)
+
+
+def _finish(t: Trainer, show: TrainLog, stop_reason: str, signum: int) -> dict:
+    """The final evaluation and checkpoint (unless the last step had them), the summary and the plots."""
+    budget, out = t.budget, t.out
     if not show.last_eval:
         show.last_eval = t.evaluate()
     if t.saved_step != t.step:
         t.save()
-    tick()
+    budget.tick(t.dd.world, t.device)
     summary = {
-        "run": str(out), "steps": t.step, "tokens": t.tokens_seen, "epochs": t.epochs_done(), "time_s": t.elapsed,
-        "train_time_s": t.train_time, "tokens_per_s": t.tokens_seen / t.train_time if t.train_time else 0.0, "dtype": t.compute_dtype, "stop": stop_reason, "best_val_loss": t.best_val,
-        "divergence_restarts": t.guard_used, **show.last_eval, **t.report,
+        "run": str(out), "steps": t.step, "tokens": t.tokens_seen, "epochs": t.epochs_done(), "time_s": budget.elapsed,
+        "train_time_s": budget.train_time, "tokens_per_s": t.tokens_seen / budget.train_time if budget.train_time else 0.0, "dtype": t.compute_dtype,
+        "stop": stop_reason, "best_val_loss": t.best_val, "divergence_restarts": t.guard_used, **show.last_eval, **t.report,
     }
     if t.dd.main:
         t.run.write_summary(summary)
-        if cfg.plots:
-            from gradlm.plots import plot_runs
-
-            plot_runs({out.name: read_metrics(out)}, t.run.plots / "training.png", title=str(out))
+        if t.cfg.plots:
+            t.run.write_training_plot()
     if stop_reason == "interrupted":
-        name = signal.Signals(signals.signum).name
-        raise Interrupted(f"{name}: stopped at step {t.step} and saved a checkpoint in {out}; continue with `gradlm {t.command} --out {out} --resume`", 128 + signals.signum)
+        name = signal.Signals(signum).name
+        raise Interrupted(f"{name}: stopped at step {t.step} and saved a checkpoint in {out}; continue with `gradlm {t.command} --out {out} --resume`", 128 + signum)
     return summary
-
-
-def _evaluate_and_checkpoint(t: Trainer, show: TrainLog) -> bool:
-    """Evaluate, checkpoint (and keep the best), warn on overfitting; True when training converged."""
-    cfg = t.cfg
-    ev = t.evaluate()
-    improved = ev["val_loss"] < t.best_val - cfg.min_delta
-    if improved:
-        t.best_val, t.bad_evals = ev["val_loss"], 0
-    else:
-        t.bad_evals += 1
-    gap = ev["val_loss"] - ev["train_eval_loss"]
-    t.gap_history.append(gap)
-    show.evaluation(ev, gap)
-    if overfitting(t.gap_history):
-        t.log(f"warning: the train/validation gap has grown for 3 evaluations ({t.gap_history[-4]:.3f} -> {gap:.3f}): the model is overfitting (high variance); consider --dropout, --weight-decay, --patience or more data")
-    t.save()
-    if improved and t.dd.main:
-        t.run.mark_best()
-    if cfg.patience and t.bad_evals >= cfg.patience:
-        t.log(f"converged: validation loss has not improved by {cfg.min_delta} for {cfg.patience} evaluations (best {t.best_val:.4f}); best weights in {t.run.checkpoint_path(best=True)}")
-        return True
-    return False

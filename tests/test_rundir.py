@@ -79,12 +79,12 @@ def _group(t, label="lr", decay=True):
 
 def _lr_used(t, label="lr"):
     """The learning rate the optimizer really applies at the next step (base lr x schedule factor)."""
-    return set_lr(t.opt, t.lr_factor())[label]
+    return set_lr(t.opt, t.budget.lr_factor())[label]
 
 
 # flag -> (value typed on resume, how to read what the resumed trainer really uses)
 OVERRIDES = {
-    "lr": (1e-3, lambda t: _lr_used(t) / t.lr_factor()),
+    "lr": (1e-3, lambda t: _lr_used(t) / t.budget.lr_factor()),
     "weight_decay": (0.2, lambda t: _group(t)["weight_decay"]),
     "beta1": (0.7, lambda t: _group(t)["betas"][0]),
     "beta2": (0.99, lambda t: _group(t)["betas"][1]),

@@ -18,7 +18,8 @@ from gradlm.model import GPT
 from gradlm.optim import OPTIMIZERS
 from gradlm.rundir import read_metrics
 from gradlm.config import TrainConfig
-from gradlm.trainer import Trainer, overfitting, train
+from gradlm.monitor import overfitting
+from gradlm.trainer import Trainer, train
 
 from conftest import tiny_config
 
@@ -198,7 +199,7 @@ def test_overfitting_rule():
 
 
 def test_divergence_rule():
-    from gradlm.trainer import diverged
+    from gradlm.monitor import diverged
 
     ln = math.log(1000)
     assert diverged(float("nan"), 1.0, ln, None, 0) and diverged(1.0, float("inf"), ln, None, 0)
