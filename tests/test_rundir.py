@@ -379,3 +379,25 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_from_its_init(pre
     assert r.step == 0 and any("no checkpoint yet" in n for n in r.notes)
     a, _ = load_model(tmp_path / "a")
     assert all(torch.equal(v, a.state_dict()[k]) for k, v in r.model.state_dict().items())
+
+
+def test_a_run_written_whole_loads_and_a_failed_one_leaves_nothing(tmp_path, tok, monkeypatch):
+    """RunDir.create (merge, import): config.json last, in a folder renamed into place; a failure midway
+    leaves neither a run nor a temporary folder."""
+    from gradlm.model import GPT
+    from gradlm.rundir import config_dict
+
+    model = GPT(tiny_config(tok.vocab_size))
+    config = config_dict(model.cfg, {}, {"tokenizer": "given"})
+    run = RunDir.create(tmp_path / "whole", config, tok, model.state_dict(), step=7, chat_template=True)
+    loaded, loaded_tok = run.load_model()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert loaded_tok.sha256 == tok.sha256 and run.has_chat_template() and run.load_weights_into(loaded) == 7
+
+    def broken(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_weights", broken)
+    with pytest.raises(OSError):
+        RunDir.create(tmp_path / "half", config, tok, model.state_dict(), step=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["whole"]
