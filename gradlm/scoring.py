@@ -18,7 +18,7 @@ The windows each command uses:
 The dtype rule is the caller's and is named, never implied: "float32" (what `gradlm eval` uses: the
 reference figure) or "bfloat16" (autocast, what training computes in where the hardware multiplies
 bf16 natively). The logits are cast to float32 before the cross-entropy either way. For the same model,
-windows and dtype, every command gets the same figure (tests/test_evaluate.py checks the three agree).
+windows and dtype, every command gets the same figure (tests/test_scoring.py checks the three agree).
 
     >>> s = score(model, spaced_windows(tokens, 256, 65536, 32), byte_lengths, "float32")   # doctest: +SKIP
     >>> s.loss, s.bits_per_byte

@@ -1,0 +1,39 @@
+"""Where a run starts again: a budget extended on resume starts a new schedule phase, for text and for
+conversations alike (tests/test_rundir.py and tests/test_trainer.py hold exact resume and the run's files)."""
+
+import json
+
+import pytest
+
+from gradlm.config import TrainConfig
+from gradlm.errors import ConfigError
+from gradlm.finetune import finetune
+from gradlm.rundir import read_metrics
+from gradlm.trainer import train
+
+from conftest import tiny_config
+
+BASE = dict(batch="4", eval_every=5, log_every=1, warmup_steps=0, progress=False, plots=False, dtype="float32", vocab_size=300, seed=0)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, text_file):
+    out = tmp_path_factory.mktemp("base") / "run"
+    train(tiny_config(300), TrainConfig(data=str(text_file), out=str(out), max_steps=3, **BASE))
+    return out
+
+
+def test_a_chat_finetune_extended_by_epochs_on_resume_trains_the_new_epoch(base, tmp_path):
+    """Extending a fine-tune on conversations by --max-epochs sizes the new phase's warmup from the
+    conversations' epochs (it once read the token count of a text corpus it does not have, and crashed)."""
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]} for i in range(30)]
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    ft = dict(data=str(qa), out=str(tmp_path / "ft"), **BASE)
+    first = finetune(str(base), TrainConfig(max_epochs=1, **ft))
+    with pytest.raises(ConfigError, match="has finished its budget"):
+        finetune("", TrainConfig(max_epochs=1, resume=True, **ft), given={"resume", "data", "out"})
+    second = finetune("", TrainConfig(max_epochs=2, resume=True, **ft), given={"max_epochs", "resume", "data", "out"})
+    assert second["epochs"] == 2 and second["steps"] == 2 * first["steps"]
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "ft") if "lr" in r and r["step"] > first["steps"]]
+    assert lrs and max(lrs) > lrs[-1]  # the new phase warmed up, then decayed
