@@ -226,15 +226,14 @@ def cmd_merge(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from gradlm.chat import read_chat_template
     from gradlm.generate import SamplingConfig, load
     from gradlm.session import ChatSession, chat_loop
 
     sampling = pick(args, SamplingConfig)
     sampling.validate()
     lm = load(args.run, best=args.best)
-    session = ChatSession(lm.model, lm.tok, system=args.system, sampling=sampling)
-    if read_chat_template(args.run) is None:
+    session = ChatSession(lm, system=args.system, sampling=sampling)
+    if not lm.chat:
         print(f"note: {args.run} was never fine-tuned for chat (it has no chat template), so it continues the conversation as text rather than answering; fine-tune it with `gradlm finetune`", file=sys.stderr)
     interactive = sys.stdin.isatty()
     if interactive:

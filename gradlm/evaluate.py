@@ -324,32 +324,32 @@ class QAScore:
 
 
 def score_qa(model: GPT, tok: Tokenizer, items: list[QAItem], batch: int = 8, max_new_tokens: int = 32, progress: bool = False) -> QAScore:
-    """Greedy replies through the chat template, stopped at <|end|>, scored by exact match (normalize_answer)."""
+    """Greedy replies through the chat template, stopped at <|end|>, scored by exact match (normalize_answer).
+    The questions are rows of the engine, batch at a time (a finished row makes room for the next)."""
     from gradlm.chat import encode_chat, stop_ids
-    from gradlm.generate import Generation, SamplingConfig
+    from gradlm.engine import Engine, Request
+    from gradlm.sampling import SamplingConfig
 
     if not items:
         raise DataError("no QA items to score")
-    block, stops = model.cfg.block_size, stop_ids(tok)
+    block, stops = model.cfg.block_size, frozenset(stop_ids(tok))
     prompts = [encode_chat(tok, it.messages) for it in items]
     for it, p in zip(items, prompts):
         if len(p) > block:
             raise DataError(f"{it.where}: the question is {len(p)} tokens, more than the context window ({block})")
     sampling = SamplingConfig(temperature=0, max_new_tokens=max_new_tokens)
-    replies: list[list[int]] = [[] for _ in items]
+    engine = Engine(model, tok, max_batch=batch, max_queue=len(items))
+    replies: list[str] = [""] * len(items)
     bar = _Progress(len(items), progress, "question")
     try:
-        for start in range(0, len(items), batch):
-            for step in Generation(model, prompts[start : start + batch], sampling, stops):
-                for t in step:
-                    if t.id not in stops:
-                        replies[start + t.row].append(t.id)
-            bar.update(len(prompts[start : start + batch]))
+        for i, piece in engine.stream([Request(p, sampling, 1, stops, slide=True) for p in prompts]):
+            replies[i] += piece.text
+            if piece.finish:
+                bar.update(1)
     finally:
         bar.close()
     predictions, splits = [], {}
-    for it, ids in zip(items, replies):
-        got = tok.decode(ids)
+    for it, got in zip(items, replies):
         ok = normalize_answer(got) == normalize_answer(it.answer)
         predictions.append({"where": it.where, "split": it.split, "expected": it.answer, "got": got, "correct": ok})
         s = splits.setdefault(it.split, {"items": 0, "correct": 0})

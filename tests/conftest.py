@@ -124,7 +124,7 @@ def sft_fit(examples, tok, steps: int = 150, batch: int = 4, lr: float = 1e-2, s
 CYCLE = "Hi 🙂é!"  # cut into single bytes by the test tokenizer: 🙂 is four tokens, é two
 
 
-def cycle_model(tok, text: str = CYCLE, sharpness: float = 1.0, block_size: int = 64):
+def cycle_model(tok, text: str = CYCLE, sharpness: float = 1.0, block_size: int = 64, ids: list[int] | None = None):
     """A real GPT (eval mode) whose next token depends only on the current one: each token of `text`
     is followed by the next one (cyclically) with probability ~0.9 at sharpness 1, so greedy decoding
     from text[0] writes text[1:] + text + ... exactly, while sampling still varies.
@@ -135,7 +135,7 @@ def cycle_model(tok, text: str = CYCLE, sharpness: float = 1.0, block_size: int 
 
     from gradlm.model import GPT
 
-    ids = tok.encode(text)
+    ids = tok.encode(text) if ids is None else ids  # ids: a cycle of token ids (special tokens allowed)
     if len(set(ids)) != len(ids):
         raise ValueError(f"{text!r} repeats a token: the next token would be ambiguous")
     torch.manual_seed(0)
@@ -159,3 +159,16 @@ def cycle_model(tok, text: str = CYCLE, sharpness: float = 1.0, block_size: int 
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test caches prepared data in its own folder, so tests never see each other's cache."""
     monkeypatch.setenv("GRADLM_CACHE", str(tmp_path / "cache"))
+
+
+def generate_ids(model, tok, prompts, cfg, stop_ids=frozenset()):
+    """Generated ids through the engine: a list for one prompt (a list of ids), a list of lists for several
+    (decoded together). Every generated id is listed, a final stop id included."""
+    from gradlm.engine import Engine, Request
+
+    one = bool(prompts) and isinstance(prompts[0], int)
+    prompts = [prompts] if one else prompts
+    engine = Engine(model, tok, max_batch=len(prompts))
+    runs = engine.run([Request(list(p), cfg, 1, frozenset(stop_ids), slide=True) for p in prompts])
+    out = [[piece.token.id for piece in pieces] for pieces in runs]
+    return out[0] if one else out

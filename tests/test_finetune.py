@@ -18,7 +18,7 @@ from gradlm.cli import main
 from gradlm.config import TrainConfig
 from gradlm.errors import ConfigError, RunDirError
 from gradlm.finetune import FineTuner, FinetuneConfig, finetune, merge
-from gradlm.generate import SamplingConfig
+from gradlm.generate import LM, SamplingConfig
 from gradlm.lora import count_params
 from gradlm.optim import state_floats
 from gradlm.rundir import RunDir, load_model
@@ -270,19 +270,19 @@ def test_chat_through_stdin_holds_a_two_turn_conversation(taught, monkeypatch, c
 def test_chat_reuses_the_cache_across_turns_and_gives_what_a_fresh_prompt_gives(taught):
     model, tok = load_model(taught["full"])
     greedy = SamplingConfig(temperature=0, max_new_tokens=10)
-    chat = ChatSession(model, tok, sampling=greedy)
+    chat = ChatSession(LM(model, tok), sampling=greedy)
     first = "".join(chat.send(ASK.format(FACTS[1][0])))
     second = "".join(chat.send(ASK.format(FACTS[2][0])))
     assert (first, second) == (FACTS[1][1], FACTS[2][1])
     assert chat.reused > 10  # the first turn's ids were not run again
-    fresh = ChatSession(model, tok, sampling=greedy)
+    fresh = ChatSession(LM(model, tok), sampling=greedy)
     fresh.turns = chat.turns[:2]
     assert "".join(fresh.send(ASK.format(FACTS[2][0]))) == second and fresh.reused == 0
 
 
 def test_chat_drops_the_oldest_turns_and_keeps_the_system_message(taught):
     model, tok = load_model(taught["full"])  # a context window of 96 tokens
-    chat = ChatSession(model, tok, system="Be brief.", sampling=SamplingConfig(temperature=0, max_new_tokens=8))
+    chat = ChatSession(LM(model, tok), system="Be brief.", sampling=SamplingConfig(temperature=0, max_new_tokens=8))
     out, err = io.StringIO(), io.StringIO()
     lines = [ASK.format(d) for d, _ in FACTS] + ["/reset", "/oops", ASK.format(FACTS[0][0])]
 

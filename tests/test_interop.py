@@ -17,13 +17,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTr
 
 from gradlm.cli import main  # noqa: E402
 from gradlm.data import TokenData  # noqa: E402
-from gradlm.generate import SamplingConfig, generate_ids  # noqa: E402
+from gradlm.generate import SamplingConfig  # noqa: E402
 from gradlm.interop import EXPORT_FILES, export_hf, import_hf  # noqa: E402
 from gradlm.model import ModelConfig  # noqa: E402
 from gradlm.tokenizer import Tokenizer  # noqa: E402
 from gradlm.rundir import load_model  # noqa: E402
 from gradlm.config import TrainConfig
 from gradlm.trainer import train  # noqa: E402
+
+from conftest import generate_ids  # noqa: E402
 
 TEXTS = [
     "Helo wrold!! Thsi is teh qeustion, isnt it?",
@@ -144,7 +146,7 @@ def test_export_greedy_generation_matches_transformers(exported):
     model, tok = load_model(run)
     hm = hf_model(hf)
     prompt = tok.encode("ROMEO:\nWhat")
-    ours = list(generate_ids(model, prompt, SamplingConfig(temperature=0, max_new_tokens=32), {tok.eot_id}))
+    ours = list(generate_ids(model, tok, prompt, SamplingConfig(temperature=0, max_new_tokens=32), {tok.eot_id}))
     x = torch.tensor([prompt])
     theirs = hm.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=32)[0, len(prompt) :].tolist()
     assert len(set(ours)) > 3, ours  # the model learned something: not one token repeated
