@@ -25,6 +25,7 @@ import warnings
 import torch
 
 from gradlm.engine import Engine, Request
+from gradlm.infer import Forward
 from gradlm.model import GPT, ModelConfig
 from gradlm.sampling import SamplingConfig
 
@@ -68,11 +69,16 @@ class ByteTokens:
         self.specials: dict[str, int] = {}
 
 
+class ModulePath(Forward):
+    """The engine's forward on the module path, GPT.forward(idx, cache=...), instead of the fused inference
+    path: to measure what the fused path earns."""
+
+    def __call__(self, idx, cache, last_only=False):
+        return self.model(idx, cache=cache, last_only=last_only)
+
+
 def module_path(engine: Engine) -> Engine:
-    """The engine with its forward on the module path, GPT.forward(idx, cache=...), instead of the fused
-    inference path: to measure what the fused path earns."""
-    model = engine.model
-    engine.forward = lambda idx, cache, last_only=False: model(idx, cache=cache, last_only=last_only)
+    engine.forward = ModulePath(engine.model)
     return engine
 
 

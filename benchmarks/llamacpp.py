@@ -108,6 +108,26 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> str:
     return "exact" if sum(prefix) == total else f"{sum(prefix) / total:.0%} before the first difference"
 
 
+def benchmark_run(run: str, tmp: Path) -> Path:
+    """The run to decode: `run` if given, else one trained into tmp (6 layers x 320 on Shakespeare, 200 steps)."""
+    if run:
+        return Path(run)
+    out = tmp / "run"
+    subprocess.run([sys.executable, "-m", "gradlm", "train", "--data", "shakespeare", "--out", str(out), "--max-steps", "200", "--n-layer", "6",
+                    "--d-model", "320", "--n-head", "10", "--block-size", "512", "--batch", "8", "--vocab-size", "1024", "--no-progress", "--no-plots"], check=True)
+    return out
+
+
+def shakespeare_text() -> str:
+    path = Path(os.environ.get("GRADLM_DATA_MIRROR", ""), "tinyshakespeare.txt")
+    return path.read_text() if path.is_file() else "ROMEO:\nJULIET:\nKING HENRY:\n" * 4000
+
+
+def shakespeare_lines(n: int = 64) -> list[str]:
+    """Prompts: the first n lines of Shakespeare longer than 20 characters."""
+    return [ln for ln in shakespeare_text().splitlines() if len(ln) > 20][:n]
+
+
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -126,15 +146,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     tmp = Path(tempfile.mkdtemp(prefix="gradlm-llamacpp-"))
-    run = Path(args.run) if args.run else tmp / "run"
-    if not args.run:
-        subprocess.run([sys.executable, "-m", "gradlm", "train", "--data", "shakespeare", "--out", str(run), "--max-steps", "200", "--n-layer", "6",
-                        "--d-model", "320", "--n-head", "10", "--block-size", "512", "--batch", "8", "--vocab-size", "1024", "--no-progress", "--no-plots"], check=True)
+    run = benchmark_run(args.run, tmp)
     model, tok = load_model(run)
     model.float().eval()
     files = {t: Path(export_gguf(run, tmp / t, t)["out"]) for t in ("f32", "f16", "q8_0")}
-    text = Path(os.environ.get("GRADLM_DATA_MIRROR", ""), "tinyshakespeare.txt")
-    lines = [ln for ln in (text.read_text() if text.is_file() else "ROMEO:\nJULIET:\nKING HENRY:\n" * 10).splitlines() if len(ln) > 20][:64]
+    lines = shakespeare_lines()
     n = args.new_tokens
     import llama_cpp
 

@@ -88,6 +88,29 @@ def _check_typed_budgets(args: argparse.Namespace, objs) -> None:
             check_budgets(o, {b for b in BUDGETS if hasattr(args, b)})
 
 
+def add_runtime_flags(p: argparse.ArgumentParser, decoding: bool = False, merge: bool = False) -> None:
+    """--device, --dtype and --compile of a command that runs a trained model (gradlm/runtime.py)."""
+    from gradlm.runtime import COMPILE, DEVICE_HELP
+
+    if merge:
+        dtype = "auto or float32: the adapter is folded into float32 weights, saved so like every run's"
+        compiled = "accepted like everywhere; merge runs no forward pass, so nothing is compiled"
+    else:
+        dtype = ("the weights while the model runs: float32, bfloat16" + (", or int8 (CPU: int8 copies of the matrices, faster, see docs/benchmarks.md)" if decoding else "")
+                 + "; auto = bfloat16 on CUDA, float32 on the CPU")
+        compiled = "on, off or auto (= off): torch.compile the " + ("decoding step" if decoding else "scored forward pass")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="auto", help=dtype)
+    p.add_argument("--compile", default="auto", choices=COMPILE, help=compiled)
+
+
+def model_runtime(args: argparse.Namespace, decoding: bool = False):
+    """The Runtime of a command that runs a trained model, from its --device, --dtype and --compile."""
+    from gradlm.runtime import resolve
+
+    return resolve(args.device, args.dtype, args.compile, inference=True, decoding=decoding)
+
+
 def pick(args: argparse.Namespace, cls, **overrides):
     """An instance of the dataclass cls from the parsed flags it has (fields not present keep their defaults)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
@@ -221,7 +244,12 @@ def cmd_finetune(args) -> None:
 def cmd_merge(args) -> None:
     from gradlm.finetune import merge
 
-    s = merge(args.run, args.out, best=args.best)
+    from gradlm.runtime import resolve
+
+    rt = resolve(args.device, "float32" if args.dtype == "auto" else args.dtype, args.compile, inference=True)
+    if rt.dtype != "float32":
+        raise ConfigError(f"--dtype {args.dtype}: merge folds the adapter into float32 weights and saves them so, as every run is; leave --dtype out")
+    s = merge(args.run, args.out, best=args.best, device=rt.device)
     print(f"{s['run']}: {s['params']:,} parameters, the base weights with {s['from']} folded in")
 
 
@@ -231,7 +259,7 @@ def cmd_chat(args) -> None:
 
     sampling = pick(args, SamplingConfig)
     sampling.validate()
-    lm = load(args.run, best=args.best)
+    lm = load(args.run, best=args.best, runtime=model_runtime(args, decoding=True))
     session = ChatSession(lm, system=args.system, sampling=sampling)
     if not lm.chat:
         print(f"note: {args.run} was never fine-tuned for chat (it has no chat template), so it continues the conversation as text rather than answering; fine-tune it with `gradlm finetune`", file=sys.stderr)
@@ -250,7 +278,7 @@ def cmd_generate(args) -> None:
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     if args.batch < 1:
         raise ConfigError(f"--batch must be at least 1, got {args.batch}")
-    lm = load(args.run, best=args.best, allow_special=args.allow_special)
+    lm = load(args.run, best=args.best, allow_special=args.allow_special, runtime=model_runtime(args, decoding=True))
     out = sys.stdout
     if len(prompts) <= 1 and not args.logprobs:  # one prompt: stream the text as it is written
         for piece in lm.stream(prompts[0] if prompts else "", cfg, truncate=args.truncate):
@@ -276,7 +304,8 @@ def cmd_serve(args) -> None:
     from gradlm.serve import serve
 
     key = args.api_key or os.environ.get("GRADLM_API_KEY", "")
-    serve(args.run, host=args.host, port=args.port, api_key=key, best=args.best, max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads)
+    rt = model_runtime(args, decoding=True)
+    serve(args.run, host=args.host, port=args.port, api_key=key, best=args.best, max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads, runtime=rt)
 
 
 def cmd_eval(args) -> None:
@@ -286,8 +315,9 @@ def cmd_eval(args) -> None:
 
     cfg = pick(args, EvalConfig)
     cfg.validate()  # bad flags fail before the model loads
-    model, tok = load_model(args.run, best=args.best)
-    report = run_eval(model, tok, cfg)
+    rt = model_runtime(args)
+    model, tok = load_model(args.run, best=args.best, device=rt.device, dtype=rt.dtype)
+    report = run_eval(model, tok, cfg, runtime=rt)
     print(dumps({"run": args.run, **report}, indent=2) if args.json else format_report(report))
 
 
@@ -436,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("run", help="a run fine-tuned with --method lora")
     t.add_argument("--out", required=True, help="run directory to create")
     t.add_argument("--best", action="store_true", help="merge best_adapter.safetensors (best validation loss)")
+    add_runtime_flags(t, merge=True)
     t.set_defaults(func=cmd_merge)
 
     t = sub.add_parser("chat", help="talk with a run in the terminal (multi-turn, streamed; /reset, /quit)")
@@ -443,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--system", default="", help="system message that starts the conversation and is kept when old turns are dropped")
     t.add_argument("--best", action="store_true", help="use the best checkpoint (best validation loss)")
     add_fields(t, SamplingConfig, skip=("stop",))
+    add_runtime_flags(t, decoding=True)
     t.set_defaults(func=cmd_chat)
 
     t = sub.add_parser("generate", help="write text with a trained model (streamed)")
@@ -456,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=8, help="prompts decoded together (default: 8)")
     t.add_argument("--allow-special", action="store_true", help="read <|endoftext|>, <|user|> etc. in prompts as special tokens (default: plain text)")
     add_fields(t, SamplingConfig, skip=("stop",))
+    add_runtime_flags(t, decoding=True)
     t.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("serve", help="serve a run over HTTP: OpenAI-compatible API and a playground page")
@@ -467,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-batch", type=int, default=16, help="most sequences generated together (default: 16)")
     t.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get 503 (default: 64)")
     t.add_argument("--threads", type=int, default=0, help="torch threads for the model (default: all but one, left to the HTTP side)")
+    add_runtime_flags(t, decoding=True)
     t.set_defaults(func=cmd_serve)
 
     from gradlm.evaluate import EvalConfig
@@ -478,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(t, EvalConfig, skip=("qa",))
     qa_help = next(f for f in dataclasses.fields(EvalConfig) if f.name == "qa").metadata["help"]
     t.add_argument("--qa", nargs="+", default=[], metavar="FILE", help=qa_help)
+    add_runtime_flags(t)
     t.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("lr-find", help="learning-rate range test: plot loss vs an exponentially growing lr, suggest one")

@@ -19,6 +19,7 @@ else:  # Python 3.10
 
 from gradlm.errors import ConfigError, check_field_types
 from gradlm.optim import DEFAULT_LR, MUON_LR, OPTIMIZERS, SCHEDULES
+from gradlm.runtime import COMPILE, DEVICE_HELP, DTYPES
 
 
 @dataclass
@@ -62,9 +63,9 @@ class TrainConfig:
     bpe_dropout: float = field(default=0.0, metadata={"help": "BPE-dropout: re-split the training text (in fine-tuning: the system and user turns) with every merge skipped with this probability, e.g. 0.1, so the model learns to read words from their pieces; the loss, evaluation and the saved tokenizer stay deterministic"})
     typo_rate: float = field(default=0.0, metadata={"help": "typo augmentation: give this share of the letters of the training text (in fine-tuning: the system and user turns) a typo (drop, swap, double, near key, case), e.g. 0.05; the loss stays on the clean text (a misspelled word's typo-free pieces are targets, a typo never is)"})
     seed: int = field(default=1337, metadata={"help": "fixes initialisation, data order and dropout"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    dtype: str = field(default="auto", metadata={"help": "float32, or bfloat16 autocast (weights and optimizer state stay float32); auto = bfloat16 where the hardware multiplies it natively (CUDA, CPUs with AMX or AVX512-BF16), else float32"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model (CUDA)"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    dtype: str = field(default="auto", metadata={"help": "float32, or bfloat16 autocast (weights and optimizer state stay float32); auto = bfloat16 where the hardware multiplies it natively (CUDA from compute capability 8, CPUs with AMX or AVX512-BF16), else float32"})
+    compile: str = field(default="auto", metadata={"help": "torch.compile the training step and evaluation: on, off, or auto = on for CUDA when the time budget pays for the compile, off on the CPU"})
     log_every: int = field(default=10, metadata={"help": "log the training loss every N steps"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint; flags you type override its saved settings where they can"})
     from_best: bool = field(default=False, metadata={"help": "with --resume: continue from the best checkpoint (best.safetensors) instead of the latest"})
@@ -73,6 +74,8 @@ class TrainConfig:
     plots: bool = field(default=True, metadata={"help": "draw loss, learning-rate and gradient-norm curves into plots/ at the end"})
 
     def __post_init__(self):
+        if isinstance(self.compile, bool):  # config.json of runs from before --compile auto
+            self.compile = "on" if self.compile else "off"
         if isinstance(self.batch, int) and not isinstance(self.batch, bool):
             self.batch = str(self.batch)  # TrainConfig(batch=32) means what --batch 32 means
         if not isinstance(self.batch, str):
@@ -118,8 +121,10 @@ class TrainConfig:
             problems.append(str(e))
         if self.encoding_errors not in ("strict", "replace", "skip"):
             problems.append(f"--encoding-errors must be strict, replace or skip, got {self.encoding_errors!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            problems.append(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            problems.append(f"--dtype must be {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.compile not in COMPILE:
+            problems.append(f"--compile must be {', '.join(COMPILE)}, got {self.compile!r}")
         if not 0 <= self.bpe_dropout < 1:
             problems.append(f"--bpe-dropout is the chance of skipping a merge and must be in [0, 1), e.g. 0.1; got {self.bpe_dropout}")
         if not 0 <= self.typo_rate < 1:

@@ -41,6 +41,7 @@ import torch
 from gradlm.errors import BusyError, ConfigError
 from gradlm.infer import Forward
 from gradlm.model import GPT, KVCache
+from gradlm.runtime import Runtime
 from gradlm.sampling import SamplingConfig, apply_penalties, next_token, penalties_active
 from gradlm.tokenizer import StreamDecoder, Tokenizer
 
@@ -229,16 +230,18 @@ class _Row:
 class Engine:
     """Runs requests through one model with continuous batching (see the module docstring).
 
-    max_batch: most rows (samples) decoded together; max_queue: most requests waiting to join.
+    max_batch: most rows (samples) decoded together; max_queue: most requests waiting to join; runtime: the
+    command's --dtype int8 (multiply by int8 copies of the weights, gradlm/infer.py) and --compile.
     Callbacks run on the thread that steps and must return quickly (the server hands pieces to its
     event loop). start() steps in a thread of its own; stream()/run() step in the caller's.
     """
 
-    def __init__(self, model: GPT, tok: Tokenizer, max_batch: int = 16, max_queue: int = 64):
+    def __init__(self, model: GPT, tok: Tokenizer, max_batch: int = 16, max_queue: int = 64, runtime: Runtime | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ConfigError(f"max batch must be >= 1 and max queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tok = model, tok
-        self.forward = Forward(model)  # the fast path in inference mode; owns its weight copies
+        rt = runtime or Runtime(str(model.embed_tokens.weight.device))
+        self.forward = Forward(model, int8=rt.dtype == "int8", compile=rt.compile)  # the fast path in inference mode; owns its weight copies
         self.device = model.embed_tokens.weight.device
         self.specials = frozenset(tok.specials.values())
         self.max_batch, self.max_queue = max_batch, max_queue

@@ -323,7 +323,7 @@ class QAScore:
         return asdict(self)
 
 
-def score_qa(model: GPT, tok: Tokenizer, items: list[QAItem], batch: int = 8, max_new_tokens: int = 32, progress: bool = False) -> QAScore:
+def score_qa(model: GPT, tok: Tokenizer, items: list[QAItem], batch: int = 8, max_new_tokens: int = 32, progress: bool = False, runtime=None) -> QAScore:
     """Greedy replies through the chat template, stopped at <|end|>, scored by exact match (normalize_answer).
     The questions are rows of the engine, batch at a time (a finished row makes room for the next)."""
     from gradlm.chat import encode_chat, stop_ids
@@ -338,7 +338,7 @@ def score_qa(model: GPT, tok: Tokenizer, items: list[QAItem], batch: int = 8, ma
         if len(p) > block:
             raise DataError(f"{it.where}: the question is {len(p)} tokens, more than the context window ({block})")
     sampling = SamplingConfig(temperature=0, max_new_tokens=max_new_tokens)
-    engine = Engine(model, tok, max_batch=batch, max_queue=len(items))
+    engine = Engine(model, tok, max_batch=batch, max_queue=len(items), runtime=runtime)
     replies: list[str] = [""] * len(items)
     bar = _Progress(len(items), progress, "question")
     try:
@@ -364,15 +364,18 @@ def score_qa(model: GPT, tok: Tokenizer, items: list[QAItem], batch: int = 8, ma
 # ---- the command --------------------------------------------------------------------------------------------
 
 
-def run_eval(model: GPT, tok: Tokenizer, cfg: EvalConfig) -> dict:
-    """Everything `gradlm eval` reports, as a JSON-ready dict."""
+def run_eval(model: GPT, tok: Tokenizer, cfg: EvalConfig, runtime=None) -> dict:
+    """Everything `gradlm eval` reports, as a JSON-ready dict. runtime (gradlm/runtime.py): the device and
+    weights' dtype the model was loaded in, and whether to compile what is scored (QA decodes on the engine)."""
     cfg.validate(model.cfg.block_size)
-    report: dict = {}
+    scored = torch.compile(model) if runtime is not None and runtime.compile else model
+    param = next(model.parameters())
+    report: dict = {"device": str(param.device), "dtype": str(param.dtype).removeprefix("torch.")}
     if cfg.data:
         from gradlm.corpus import read_documents
 
         docs = [d.text for d in read_documents(cfg.data, cfg.text_field)]
-        clean = evaluate_text(model, tok, docs, cfg.stride, cfg.batch, cfg.progress, keep_nll=bool(cfg.typos))
+        clean = evaluate_text(scored, tok, docs, cfg.stride, cfg.batch, cfg.progress, keep_nll=bool(cfg.typos))
         report["data"] = cfg.data
         report["clean"] = clean.to_dict()
         if cfg.typos:
@@ -381,7 +384,7 @@ def run_eval(model: GPT, tok: Tokenizer, cfg: EvalConfig) -> dict:
                 t = inject_typos(d, cfg.typos, cfg.seed + k)
                 noisy_docs.append(t.text)
                 edits, letters = edits + t.edits, letters + t.letters
-            noisy = evaluate_text(model, tok, noisy_docs, cfg.stride, cfg.batch, cfg.progress, keep_nll=True)
+            noisy = evaluate_text(scored, tok, noisy_docs, cfg.stride, cfg.batch, cfg.progress, keep_nll=True)
             from gradlm.robust import word_penalties
 
             report["typos"] = {
@@ -395,10 +398,10 @@ def run_eval(model: GPT, tok: Tokenizer, cfg: EvalConfig) -> dict:
             }
     if cfg.choices:
         report["choices_file"] = cfg.choices
-        report["choices"] = score_choices(model, tok, load_choices(cfg.choices), cfg.batch, cfg.progress).to_dict()
+        report["choices"] = score_choices(scored, tok, load_choices(cfg.choices), cfg.batch, cfg.progress).to_dict()
     if cfg.qa:
         report["qa_files"] = list(cfg.qa)
-        report["qa"] = score_qa(model, tok, load_qa(cfg.qa), cfg.batch, cfg.qa_max_tokens, cfg.progress).to_dict()
+        report["qa"] = score_qa(model, tok, load_qa(cfg.qa), cfg.batch, cfg.qa_max_tokens, cfg.progress, runtime).to_dict()
     return report
 
 

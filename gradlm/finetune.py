@@ -255,19 +255,21 @@ def finetune(base: str, cfg: TrainConfig, ft: FinetuneConfig | None = None, drop
     return run(FineTuner(base, ft or FinetuneConfig(), cfg, dropout=dropout, given=given))
 
 
-def merge(run_dir: str | os.PathLike, out_dir: str | os.PathLike, best: bool = False) -> dict:
+def merge(run_dir: str | os.PathLike, out_dir: str | os.PathLike, best: bool = False, device: str = "cpu") -> dict:
     """Write a LoRA run as a run of full weights (its base's weights with the adapter folded in), which
-    needs neither the base run nor peft. out_dir must not exist yet (or be empty)."""
+    needs neither the base run nor peft. out_dir must not exist yet (or be empty). The weights are loaded
+    on device (the fold itself happens as they load, in float32) and saved in float32."""
     src, out = RunDir(run_dir), Path(out_dir)
     cfg = src.read_config()
     if not src.has_adapter():
         raise RunDirError(f"{src.path} has no LoRA adapter to merge: its weights are already full; use it as it is")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunDirError(f"{out} already exists; merge into a new directory")
-    model, tok = src.load_model(best)
+    model, tok = src.load_model(best, device)
     path = src.checkpoint_path(best)
     adapter = src.read_adapter_config()
     merged_from = {"run": str(src.path.resolve()), "adapter": path.name, "base_run": str((src.path / adapter["base_run"]).resolve())}
     config = config_dict(model.cfg, cfg.get("train", {}), cfg.get("data", {}), finetune=cfg.get("finetune"), merged_from=merged_from)
-    RunDir.create(out, config, tok, model.state_dict(), weights_step(path), chat_template=src.has_chat_template())
+    weights = {k: v.float().cpu() for k, v in model.state_dict().items()}
+    RunDir.create(out, config, tok, weights, weights_step(path), chat_template=src.has_chat_template())
     return {"run": str(out), "params": model.num_params(), "from": str(path)}

@@ -26,6 +26,7 @@ from gradlm.corpus import jsonl_objects, read_text
 from gradlm.engine import Engine, Request, Token
 from gradlm.errors import ConfigError, DataError
 from gradlm.model import GPT
+from gradlm.runtime import Runtime
 from gradlm.sampling import SamplingConfig
 from gradlm.tokenizer import Tokenizer
 
@@ -90,12 +91,13 @@ class LM:
     or batched with others.
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, allow_special: bool = False, chat: bool = False):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, allow_special: bool = False, chat: bool = False, runtime: Runtime | None = None):
         self.model = model
         self.tok = tokenizer
         self.allow_special = allow_special  # read "<|endoftext|>" etc. in prompts as special tokens
         self.chat = chat
-        self.engine = Engine(model, tokenizer, max_queue=1 << 30)  # stepped synchronously, in the caller's thread
+        self.runtime = runtime or Runtime(str(model.embed_tokens.weight.device))  # where it runs; int8: decode with int8 weight copies
+        self.engine = Engine(model, tokenizer, max_queue=1 << 30, runtime=self.runtime)  # stepped synchronously, in the caller's thread
 
     @property
     def context_window(self) -> int:
@@ -203,14 +205,19 @@ class LM:
         return [c.text for c in self.complete(prompts, cfg, truncate=truncate, batch_size=batch_size, **overrides)]
 
 
-def load(run_dir: str | os.PathLike, best: bool = False, device: str = "cpu", allow_special: bool = False) -> LM:
-    """An LM from a run directory (model.safetensors, or best.safetensors with best=True); chat-tuned
-    when the run has a chat template (it was fine-tuned on conversations)."""
+def load(run_dir: str | os.PathLike, best: bool = False, allow_special: bool = False, runtime: Runtime | None = None) -> LM:
+    """An LM from a run directory (model.safetensors, or best.safetensors with best=True), run as runtime
+    says (gradlm/runtime.py: its device and weights' dtype, int8 copies for decoding on the CPU, compile;
+    default: the CPU in float32); chat-tuned when the run has a chat template (fine-tuned on conversations).
+
+        >>> lm = load("runs/demo", runtime=resolve("auto", "auto", decoding=True))      # the GPU if there is one
+    """
     from gradlm.chat import read_chat_template
     from gradlm.rundir import load_model
 
-    model, tok = load_model(run_dir, best=best, device=device)
-    return LM(model, tok, allow_special, chat=read_chat_template(run_dir) is not None)
+    rt = runtime or Runtime()
+    model, tok = load_model(run_dir, best=best, device=rt.device, dtype=rt.dtype)
+    return LM(model, tok, allow_special, chat=read_chat_template(run_dir) is not None, runtime=rt)
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:

@@ -18,6 +18,8 @@ and owns the weight copies it uses.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -27,30 +29,32 @@ from gradlm.model import GPT, KVCache
 class Forward:
     """The forward over a KV cache that generation uses: logits (B, T or 1, V) of idx (B, T) appended to
     the cache. In eval mode without autograd it is fused_forward, with weight copies made on first use;
-    otherwise GPT.forward itself. check() remakes the copies when any weight changed since they were made
+    otherwise GPT.forward itself (int8 always takes the fused path: the module path has no int8 form). check() remakes the copies when any weight changed since they were made
     (training, load_state_dict, .to()): the engine calls it whenever it admits rows, not at every step,
     since the check costs ~0.1 ms and a decoding step a few. The copies cost one extra copy of the
     matrices while this Forward lives."""
 
-    def __init__(self, model: GPT):
-        self.model = model
+    def __init__(self, model: GPT, int8: bool = False, compile: bool = False):
+        self.model, self.int8 = model, int8
         self._key: tuple | None = None
         self._weights: tuple | None = None
+        # compile: torch.compile the fused step (`--compile on`), shapes dynamic (batch, prompt and cache length vary)
+        self._fused = torch.compile(fused_forward, dynamic=True) if compile else fused_forward
 
     def __call__(self, idx: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         model = self.model
         if cache.pos + idx.shape[1] > min(model.cfg.block_size, cache.max_len):
             raise ValueError(f"sequence of {cache.pos + idx.shape[1]} tokens exceeds the context window ({model.cfg.block_size}) or the KV cache ({cache.max_len})")
-        if model.training or torch.is_grad_enabled():
+        if (model.training or torch.is_grad_enabled()) and not self.int8:
             return model(idx, cache=cache, last_only=last_only)
-        return fused_forward(model, self._weights or self.check(), idx, cache, last_only)
+        return self._fused(model, self._weights or self.check(), idx, cache, last_only)
 
     def check(self) -> tuple:
         """The inference weights (see inference_weights), remade if a weight's storage or in-place
         version changed since they were made."""
         key = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
         if key != self._key:
-            self._weights, self._key = inference_weights(self.model), key
+            self._weights, self._key = inference_weights(self.model, self.int8), key
         return self._weights
 
 
@@ -61,7 +65,7 @@ def fused_forward(model: GPT, weights: tuple, idx: torch.Tensor, cache: KVCache,
     B, T = idx.shape
     H, KV, D, C = model.cfg.n_head, model.cfg.n_kv_head, model.cfg.head_dim, model.cfg.d_model
     start, end, half = cache.pos, cache.pos + T, model.cfg.head_dim // 2
-    layers, head_t, sin_signed, mean_of, eps_t = weights
+    layers, head_t, sin_signed, mean_of, eps_t, mm, addmm = weights
     x = F.embedding(idx, model.embed_tokens.weight).view(B * T, C)
     if cache.pad is None and T == 1:  # the common decoding step: one position for every row
         cos, sin, mask = model.rope_cos.narrow(0, start, 1), sin_signed.narrow(0, start, 1), None  # (1, D)
@@ -85,7 +89,7 @@ def fused_forward(model: GPT, weights: tuple, idx: torch.Tensor, cache: KVCache,
         return hf if w is None else hf * w
 
     for (w_qkv, w_o, w_gu, w_down, w_qn, w_kn), (kv_cache, k_cache, v_cache) in zip(layers, cache.layers()):
-        qkv = torch.mm(norm(x), w_qkv)  # (B*T, (H+2KV)*D); the input norm's weight is in w_qkv
+        qkv = mm(norm(x), w_qkv)  # (B*T, (H+2KV)*D); the input norm's weight is in w_qkv
         if T == 1:
             qkv = qkv.view(B, H + 2 * KV, 1, D)
         else:
@@ -105,21 +109,42 @@ def fused_forward(model: GPT, weights: tuple, idx: torch.Tensor, cache: KVCache,
             qkv.narrow(1, 0, H), k_cache.narrow(2, 0, end), v_cache.narrow(2, 0, end), attn_mask=mask, is_causal=causal, enable_gqa=KV != H
         )  # (B, H, T, D)
         y = y.reshape(B, H * D) if T == 1 else y.transpose(1, 2).reshape(B * T, H * D)
-        x = torch.addmm(x, y, w_o)  # x + attention (B*T, C)
-        gate, up = torch.mm(norm(x), w_gu).chunk(2, 1)  # (B*T, d_ff) each; the post-attention norm's weight folded in
-        x = torch.addmm(x, F.silu(gate) * up, w_down)  # x + MLP
+        x = addmm(x, y, w_o)  # x + attention (B*T, C)
+        gate, up = mm(norm(x), w_gu).chunk(2, 1)  # (B*T, d_ff) each; the post-attention norm's weight folded in
+        x = addmm(x, F.silu(gate) * up, w_down)  # x + MLP
     cache.pos = end
     if last_only and T > 1:
         x = x.view(B, T, C)[:, -1]
         T = 1
-    return torch.mm(norm(x), head_t).view(B, T, -1)  # the final norm's weight is in head_t
+    return mm(norm(x), head_t).view(B, T, -1)  # the final norm's weight is in head_t
 
 
-def inference_weights(model: GPT) -> tuple:
+def _int8(w: torch.Tensor) -> torch.ScriptObject:
+    """w (in, out), float32, as a packed int8 matrix for dynamic quantization: one scale per output column
+    (symmetric, round to nearest); the activations are quantized per call by linear_dynamic."""
+    w = w.t().contiguous()  # (out, in): the layout the packer takes
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
+    with warnings.catch_warnings():  # torch >= 2.10 marks its quantized tensors deprecated; they still run, fast
+        warnings.simplefilter("ignore", UserWarning)
+        q = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(q, None)
+
+
+def _mm_int8(a: torch.Tensor, w) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic(a, w)
+
+
+def _addmm_int8(x: torch.Tensor, a: torch.Tensor, w) -> torch.Tensor:
+    return x + torch.ops.quantized.linear_dynamic(a, w)
+
+
+def inference_weights(model: GPT, int8: bool = False) -> tuple:
     """The weights as the fused path uses them: per layer ([q;k;v]^T scaled by the input norm's
     weight, o^T, [gate;up]^T scaled by the post-attention norm's weight, down^T, q norm, k norm),
     the output head^T scaled by the final norm's weight, the rotary sin table with the first half
-    of each row negated, the 1/dim columns and the epsilon of the norms."""
+    of each row negated, the 1/dim columns and the epsilon of the norms, and the two matrix products
+    that multiply by the matrices. int8: the matrices (and the head) as int8 with a scale per output
+    column, multiplied by dynamic quantization (CPU; see docs/benchmarks.md for its speed and cost)."""
     with torch.no_grad():
         layers = []
         for layer in model.layers:
@@ -142,4 +167,7 @@ def inference_weights(model: GPT) -> tuple:
         mean_of = {n: torch.full((n, 1), 1.0 / n, device=device) for n in {model.cfg.d_model, D}}
         eps = torch.tensor([model.cfg.norm_eps], device=device)  # a tensor: adding a Python float costs a conversion per call
         head_t = (model.lm_head.weight * model.norm.weight).t().contiguous()
-        return layers, head_t, sin_signed, mean_of, eps
+        if not int8:
+            return layers, head_t, sin_signed, mean_of, eps, torch.mm, torch.addmm
+        layers = [(_int8(qkv), _int8(o), _int8(gu), _int8(down), qn, kn) for qkv, o, gu, down, qn, kn in layers]
+        return layers, _int8(head_t), sin_signed, mean_of, eps, _mm_int8, _addmm_int8

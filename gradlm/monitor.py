@@ -163,10 +163,11 @@ class StopSignals:
         for s, h in self.previous.items():
             signal.signal(s, h)
 
-    def requested(self, dd) -> int:
-        """The signal every rank should stop for (ranks agree, so none waits on another forever)."""
+    def requested(self, dd, rt) -> int:
+        """The signal every rank should stop for (ranks agree, so none waits on another forever); the flag
+        is a tensor on the runtime's collective device (nccl reduces CUDA tensors only)."""
         if dd.world > 1:
-            flag = torch.tensor([self.signum], dtype=torch.int64)
+            flag = rt.tensor([self.signum], dtype=torch.int64)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             return int(flag.item())
         return self.signum

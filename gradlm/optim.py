@@ -166,9 +166,10 @@ def build_optimizer(
     eps: float = 1e-8,
     muon_lr: float = MUON_LR,
     muon_impl: str = "gradlm",
+    fused: bool = False,
 ) -> torch.optim.Optimizer:
     """The optimizer for `model`, with weight decay on matrices only and base_lr on every group.
-    lr 0 means the optimizer's default (DEFAULT_LR)."""
+    lr 0 means the optimizer's default (DEFAULT_LR). fused: AdamW's single-kernel update (for CUDA)."""
     if name not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     lr = lr or DEFAULT_LR[name]
@@ -180,8 +181,8 @@ def build_optimizer(
     if name in ("sgd", "momentum", "nesterov"):
         mu = 0.0 if name == "sgd" else momentum
         return torch.optim.SGD(_groups(named, weight_decay, lr), lr=lr, momentum=mu, nesterov=name == "nesterov")
-    if name == "adamw":
-        return torch.optim.AdamW(_groups(named, weight_decay, lr), lr=lr, betas=betas, eps=eps)
+    if name == "adamw":  # fused: one kernel for every parameter's update (CUDA)
+        return torch.optim.AdamW(_groups(named, weight_decay, lr), lr=lr, betas=betas, eps=eps, fused=fused or None)
     hidden = [(n, p) for n, p in named if muon_updates(n, p)]
     hidden_ids = {id(p) for _, p in hidden}
     rest = [(n, p) for n, p in named if id(p) not in hidden_ids]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 
 from gradlm.checkpoint import check_output
 from gradlm.config import BUDGETS, OPTIMIZER_SETTINGS, PER_INVOCATION, TrainConfig, resume_settings
@@ -90,7 +89,7 @@ def checkpoint_state(t) -> dict:
     """What a checkpoint keeps of a Trainer besides its weights: counters, clock, optimizer, sampler, RNG."""
     state = {k: getattr(t, k) for k in COUNTERS}
     state.update(t.budget.state_dict())
-    state.update(optimizer=t.opt.state_dict(), sampler=t.sampler.state_dict(), torch_rng=torch.get_rng_state())
+    state.update(optimizer=t.opt.state_dict(), sampler=t.sampler.state_dict(), torch_rng=t.rt.rng_state())  # CPU and CUDA generators
     return state
 
 
@@ -101,7 +100,7 @@ def restore_checkpoint(t, state: dict) -> None:
     t.restore_weights(cfg.from_best)
     t.opt.load_state_dict(state["optimizer"])
     t.sampler.load_state_dict(state["sampler"])
-    torch.set_rng_state(state["torch_rng"])
+    t.rt.set_rng_state(state["torch_rng"])
     for k in COUNTERS:
         if k in state:
             setattr(t, k, state[k])

@@ -210,11 +210,11 @@ class RunDir:
             )
         return base
 
-    def load_model(self, best: bool = False, device: str = "cpu") -> tuple[GPT, Tokenizer]:
-        """The model (eval mode, on device) and its tokenizer."""
+    def load_model(self, best: bool = False, device: str = "cpu", dtype: str = "float32") -> tuple[GPT, Tokenizer]:
+        """The model (eval mode, on device, weights in dtype: "bfloat16", else float32) and its tokenizer."""
         model = GPT(self.model_config())
         self.load_weights_into(model, best)
-        return model.to(device).eval(), self.load_tokenizer()
+        return model.to(device, torch.bfloat16 if dtype == "bfloat16" else torch.float32).eval(), self.load_tokenizer()
 
     # ---- checkpoints: (training state, weights)
 
@@ -392,9 +392,9 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
         raise RunDirError(f"{path} is corrupt ({e})") from None
 
 
-def load_model(run_dir: str | os.PathLike, best: bool = False, device: str = "cpu") -> tuple[GPT, Tokenizer]:
-    """A trained model (in eval mode) and its tokenizer from a run directory.
+def load_model(run_dir: str | os.PathLike, best: bool = False, device: str = "cpu", dtype: str = "float32") -> tuple[GPT, Tokenizer]:
+    """A trained model (in eval mode, on device, weights in dtype) and its tokenizer from a run directory.
 
         >>> model, tok = load_model("runs/demo")          # doctest: +SKIP
     """
-    return RunDir(run_dir).load_model(best, device)
+    return RunDir(run_dir).load_model(best, device, dtype)

@@ -28,23 +28,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from gradlm.runtime import Runtime
+
 DTYPES = ("float32", "bfloat16")
-
-
-def autocast(device: str | torch.device, dtype: str) -> Callable:
-    """The compute-precision context for dtype on device, as a factory: `with autocast(dev, dt)(): ...`.
-    bfloat16 autocasts the matrix products (weights stay float32); float32 changes nothing."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    device_type = torch.device(device).type
-    return (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if dtype == "bfloat16" else nullcontext
 
 
 def byte_bits(nll: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,15 +77,17 @@ def score(model: torch.nn.Module, windows: Iterable[tuple[torch.Tensor, torch.Te
     (each rank passes its own windows). on_window(rows) is called after each window (progress bars).
     The model is scored in eval mode and left in the mode it was in."""
     device = next(model.parameters()).device
-    context = autocast(device, dtype)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    rt = Runtime(str(device), dtype)  # autocast for bfloat16, nothing for float32
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, targets, bits on bytes, bytes
     kept: list[torch.Tensor] = []
     try:
         for x, y in windows:
-            x, y = x.to(device), y.to(device)
-            with context():
+            x, y = rt.to_device(x, y)
+            with rt.autocast():
                 nll = model(x, y, reduction="none").double()  # (B, T), 0 where y is -1
             scored = y >= 0
             bits, nbytes = byte_bits(nll, y, byte_lengths)

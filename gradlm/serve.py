@@ -39,11 +39,11 @@ except ImportError:  # the [serve] extra is missing: serve() says how to install
 MAX_BODY = 1 << 20  # bytes; a larger request body gets 413
 
 
-def load_lm(run: str, best: bool = False) -> LM:
-    """The model to serve (the one place the server loads a run)."""
+def load_lm(run: str, best: bool = False, runtime=None) -> LM:
+    """The model to serve (the one place the server loads a run), run as runtime says (gradlm/runtime.py)."""
     from gradlm.generate import load
 
-    return load(run, best=best)
+    return load(run, best=best, runtime=runtime)
 
 
 # ---- the HTTP app ------------------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def create_app(lm: LM, name: str, api_key: str = "", max_batch: int = 16, max_qu
     import contextlib
 
     own_engine = engine is None
-    engine = engine or Engine(lm.model, lm.tok, max_batch=max_batch, max_queue=max_queue)
+    engine = engine or Engine(lm.model, lm.tok, max_batch=max_batch, max_queue=max_queue, runtime=lm.runtime)
     server = Server(lm, name, engine, api_key)
 
     @contextlib.asynccontextmanager
@@ -206,7 +206,8 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(
-    run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str = "", best: bool = False, max_batch: int = 16, max_queue: int = 64, threads: int = 0
+    run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str = "", best: bool = False, max_batch: int = 16, max_queue: int = 64, threads: int = 0,
+    runtime=None,
 ) -> None:
     """Serve a run directory until interrupted (the `gradlm serve` command).
 
@@ -222,7 +223,7 @@ def serve(
     if max_batch < 1 or max_queue < 0 or threads < 0:
         raise ConfigError(f"--max-batch must be at least 1, --max-queue and --threads at least 0; got {max_batch}, {max_queue} and {threads}")
     torch.set_num_threads(threads or max(1, torch.get_num_threads() - 1))
-    lm = load_lm(run, best)
+    lm = load_lm(run, best, runtime)
     name = Path(run).resolve().name
     app = create_app(lm, name, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
     sock = listen(host, port)
@@ -231,7 +232,7 @@ def serve(
     shown = f"[{host}]" if ":" in host else host
     port = sock.getsockname()[1]
     print(
-        f"serving {name} ({lm.model.num_params():,} parameters, context {lm.context_window} tokens; torch threads: {torch.get_num_threads()}) at http://{shown}:{port}/ "
+        f"serving {name} ({lm.model.num_params():,} parameters, context {lm.context_window} tokens; {lm.runtime.describe()}; torch threads: {torch.get_num_threads()}) at http://{shown}:{port}/ "
         f"(playground); OpenAI base URL http://{shown}:{port}/v1{'; API key required' if api_key else ''}",
         flush=True,
     )

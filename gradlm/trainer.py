@@ -32,17 +32,17 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from gradlm import autosize
+from gradlm import autosize, runtime
 from gradlm.budget import Budget
 from gradlm.config import BUDGETS, DEFAULT_STEPS, TrainConfig, check_budgets, given_fields
 from gradlm.data import EpochSampler, RandomSampler, is_prepared, resolve_data, source_bytes, windows
 from gradlm.errors import ConfigError, Interrupted, RunDirError
 from gradlm.model import GPT, ModelConfig
 from gradlm.monitor import DivergenceGuard, StopSignals, TrainLog, evaluate_and_checkpoint
-from gradlm.optim import DEFAULT_LR, base_lrs, build_optimizer, fast_matmul_dtype, set_lr
+from gradlm.optim import DEFAULT_LR, base_lrs, build_optimizer, set_lr
 from gradlm.resume import checkpoint_state, fresh_start, restore_checkpoint, resume_start
 from gradlm.rundir import Metrics, RunDir
-from gradlm.scoring import autocast, score, spaced_windows
+from gradlm.scoring import score, spaced_windows
 
 
 # ---- distributed -------------------------------------------------------------------------------------
@@ -67,14 +67,6 @@ def init_distributed(device: str) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def pick_device(cfg: TrainConfig, dd: Dist) -> str:
-    if cfg.device == "auto":
-        return f"cuda:{dd.local_rank}" if torch.cuda.is_available() else "cpu"
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    return cfg.device
 
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -138,16 +130,20 @@ class Trainer:
         self.fixed.update({k: getattr(cfg, k) for k in typed & set(autosize.TRAIN_KEYS)})
         self.cfg, self.out, self.typed = cfg, self.run.path, typed
         self.budget = Budget(cfg, lambda: (self.step, self.tokens_seen, self.epochs_done()))
-        self.dd = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.device = pick_device(cfg, self.dd)
-        if self.device.startswith("cuda"):
+        # Device, compute dtype and compilation, decided once from the flags and the machine (gradlm/runtime.py):
+        # bf16 autocast where the device multiplies bf16 natively, decided from its features so every resume
+        # and every rank agrees; weights and optimizer state stay fp32. Validation computes in the same dtype.
+        self.rt = runtime.resolve(cfg.device, cfg.dtype, cfg.compile, budget_s=self.budget.max_time_s or None)
+        self.device, self.compute_dtype, self.autocast = self.rt.device, self.rt.dtype, self.rt.autocast
+        self.dd = init_distributed(self.device)
+        if self.rt.kind == "cuda":
             torch.cuda.set_device(self.device)
+            runtime.set_fast_matmul(self.device)
         self.log = log or (lambda msg: _log(self.dd, msg))
         # A resume restores a checkpoint, unless the run stopped before its first one: then it starts again
         # from its settings (and from its --init weights, if it has any).
         self.restoring = cfg.resume and (cfg.from_best or self.run.checkpoint_path().is_file())
         self.config_extra: dict = {}  # more sections of config.json (--size auto sets "size", fine-tuning "finetune")
-        self._choose_dtype()
         if self.auto and "vocab_size" not in typed and not is_prepared(cfg.data):
             cfg.vocab_size = autosize.choose_vocab(source_bytes(cfg.data))
         self.load_data(model_cfg)
@@ -212,8 +208,7 @@ class Trainer:
 
         def sample(batch: int, block: int):
             starts = torch.randint(0, len(tokens) - block, (batch,), generator=torch.Generator().manual_seed(0))
-            x, y = windows(tokens, starts, block)
-            return x.to(self.device), y.to(self.device)
+            return self.rt.to_device(*windows(tokens, starts, block))
 
         probe = autosize.Probe(sample, self.autocast, self.device, limit_s=0.05 * seconds) if seconds else None
         t0 = time.time()
@@ -244,7 +239,8 @@ class Trainer:
             self.log(f"initialised from {cfg.init}")
         self.adapt_model()
         self.model.to(self.device)
-        self.opt = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, (cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr)
+        self.opt = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, (cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr,
+                                   fused=self.rt.kind == "cuda")
         self.full_batch = cfg.batch == "full"
         self.sampler_kind = "epoch" if self.full_batch or cfg.sampler == "epoch" else "random"
         self.masked_targets = False  # True when the sampler's targets hold -1 (fine-tuning data): see gradients()
@@ -259,19 +255,12 @@ class Trainer:
         if self.micro % dd.world:
             raise ConfigError(f"the micro-batch ({self.micro}) must divide evenly over {dd.world} processes; set --micro-batch to a multiple of {dd.world}")
         self.step_tokens = self.batch * block
-        self.run_model = torch.compile(self.model) if cfg.compile else self.model
+        # The compiled model (when compiling) serves the step and evaluation alike; DDP wraps it for the step.
+        self.fast_model = torch.compile(self.model) if self.rt.compile else self.model
+        self.run_model = self.fast_model
         if dd.world > 1:
             self.run_model = torch.nn.parallel.DistributedDataParallel(self.run_model, device_ids=[dd.local_rank] if self.device.startswith("cuda") else None)
         self.byte_lengths = torch.tensor(self.tok.token_byte_lengths(), dtype=torch.long, device=self.device)  # for bits per byte
-
-    def _choose_dtype(self) -> None:
-        """bf16 autocast where the hardware multiplies bf16 natively (CUDA; CPUs with AMX or AVX512-BF16), decided
-        from the device's features so every resume and every rank agrees; weights and optimizer state stay fp32.
-        Training and its validation both compute in this dtype (gradlm/scoring.py names the rule)."""
-        cfg, device_type = self.cfg, self.device.split(":")[0]
-        use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and fast_matmul_dtype(device_type) == torch.bfloat16)
-        self.compute_dtype = "bfloat16" if use_bf16 else "float32"
-        self.autocast = autocast(self.device, self.compute_dtype)
 
     # -- the other hooks (see the class docstring)
 
@@ -331,7 +320,7 @@ class Trainer:
             # gradients over ranks: summed over ranks and micro-batches, the weights give the gradient
             # of the mean loss over the whole global batch (also when a micro-batch splits unevenly).
             share = int((y >= 0).sum()) / targets * dd.world
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = self.rt.to_device(x, y)  # pinned and non-blocking on CUDA
             sync = dd.world == 1 or k == self.accum - 1
             with (nullcontext() if sync else self.run_model.no_sync()), self.autocast():
                 loss = self.run_model(x, y)
@@ -342,7 +331,8 @@ class Trainer:
             loss_sum /= dd.world
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        return loss_sum.item(), grad_norm.item()
+        loss, norm = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()  # the step's one read to the host
+        return loss, norm
 
     def _step_batches(self) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor, int]], int]:
         """This rank's rows (x, y) of this step's global micro-batches, with the positions of each global
@@ -378,7 +368,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """Validation loss and bits per byte, and the loss on a probe of the training data (for the gap),
         through the one scorer in the run's compute dtype; every rank scores its share of the windows."""
-        val, train = (score(self.model, self.eval_windows(split), self.byte_lengths, self.compute_dtype, distributed=self.dd.world > 1)
+        val, train = (score(self.fast_model, self.eval_windows(split), self.byte_lengths, self.compute_dtype, distributed=self.dd.world > 1)
                       for split in ("val", "train"))
         return {"val_loss": val.loss, "val_bpb": val.bits_per_byte, "train_eval_loss": train.loss}
 
@@ -492,7 +482,7 @@ def _loop(t: Trainer, on_step) -> dict:
             if cfg.pause_at and t.step >= cfg.pause_at:
                 stop_reason = "paused"
                 break
-            if signals.requested(t.dd):
+            if signals.requested(t.dd, t.rt):
                 stop_reason = "interrupted"
                 break
             # ---- one step of gradient descent

@@ -172,3 +172,14 @@ def generate_ids(model, tok, prompts, cfg, stop_ids=frozenset()):
     runs = engine.run([Request(list(p), cfg, 1, frozenset(stop_ids), slide=True) for p in prompts])
     out = [[piece.token.id for piece in pieces] for pieces in runs]
     return out[0] if one else out
+
+
+def write_run(d, model, tok):
+    """A minimal run directory holding model and tok (config.json, tokenizer.json, model.safetensors)."""
+    from gradlm import checkpoint as ckpt
+
+    d.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_json(d / "config.json", {"model": model.cfg.to_dict()})
+    tok.save(d / "tokenizer.json")
+    ckpt.save_weights(d / "model.safetensors", model.state_dict())
+    return d

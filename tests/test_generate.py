@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-from gradlm import checkpoint as ckpt
 from gradlm.cli import main
 from gradlm.errors import ConfigError
 from gradlm.engine import Engine, Request, StopMatcher
@@ -19,7 +18,7 @@ from gradlm.infer import Forward, fused_forward, inference_weights
 from gradlm.model import GPT
 from gradlm.sampling import apply_penalties, candidates, next_token
 
-from conftest import fit, generate_ids, sharp_model, tiny_config
+from conftest import fit, generate_ids, sharp_model, tiny_config, write_run
 
 
 def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
@@ -345,12 +344,7 @@ def test_empty_prompt_starts_a_document_and_unknown_settings_fail(lm):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, model, tok):
-    d = tmp_path_factory.mktemp("gen") / "run"
-    d.mkdir()
-    ckpt.atomic_write_json(d / "config.json", {"model": model.cfg.to_dict()})
-    tok.save(d / "tokenizer.json")
-    ckpt.save_weights(d / "model.safetensors", model.state_dict())
-    return d
+    return write_run(tmp_path_factory.mktemp("gen") / "run", model, tok)
 
 
 def test_load_and_cli_generate_batch(run_dir, lm, tmp_path, capsys):

@@ -16,7 +16,7 @@ PACKAGE = Path(gradlm.__file__).parent
 # Lowest first. A module may import modules of its own layer and of the layers before it, except that the
 # two sides of the product, training and inference, never import each other.
 LAYERS: dict[str, set[str]] = {
-    "foundation": {"errors", "checkpoint", "typos"},
+    "foundation": {"errors", "checkpoint", "typos", "runtime"},
     "text": {"tokenizer", "datasets", "corpus", "chat", "prepare", "data", "sft", "robust"},
     "model": {"model", "lora", "infer", "sampling"},
     "runs": {"rundir", "plots", "scoring"},

@@ -24,14 +24,13 @@ import pytest
 import torch
 import uvicorn
 
-from gradlm import checkpoint as ckpt
 from gradlm.chat import encode_chat
 from gradlm.cli import main
 from gradlm.engine import Engine
 from gradlm.generate import LM
 from gradlm.serve import create_app, listen
 
-from conftest import CYCLE, cycle_model
+from conftest import CYCLE, cycle_model, write_run
 
 NAME = "cycle"
 
@@ -343,12 +342,7 @@ def test_a_full_queue_answers_503_and_a_client_that_leaves_frees_its_slot(lm):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, lm):
-    d = tmp_path_factory.mktemp("serve") / "cyclerun"
-    d.mkdir()
-    ckpt.atomic_write_json(d / "config.json", {"model": lm.model.cfg.to_dict()})
-    lm.tok.save(d / "tokenizer.json")
-    ckpt.save_weights(d / "model.safetensors", lm.model.state_dict())
-    return d
+    return write_run(tmp_path_factory.mktemp("serve") / "cyclerun", lm.model, lm.tok)
 
 
 def test_cli_serve_answers_and_stops(run_dir):
@@ -438,11 +432,7 @@ def chat_run(tmp_path_factory, tok):
 
     ids = chat_ids(tok)
     m = cycle_model(tok, ids=[ids["assistant"], *tok.encode(ANSWER), ids["end"], ids["user"]])
-    d = tmp_path_factory.mktemp("chatrun") / "chatrun"
-    d.mkdir()
-    ckpt.atomic_write_json(d / "config.json", {"model": m.cfg.to_dict()})
-    tok.save(d / "tokenizer.json")
-    ckpt.save_weights(d / "model.safetensors", m.state_dict())
+    d = write_run(tmp_path_factory.mktemp("chatrun") / "chatrun", m, tok)
     write_chat_template(d)
     return d
 

@@ -269,7 +269,7 @@ def test_every_json_file_is_strict_and_numbers_are_numbers(prepared, tmp_path, t
 
     calls = []
 
-    def requested(self, dd):
+    def requested(self, dd, rt):
         calls.append(1)
         self.signum = signal.SIGINT
         return len(calls) > 3

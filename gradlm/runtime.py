@@ -1,0 +1,208 @@
+"""Where and how a model runs: the device, the dtype and compilation, resolved once for every command.
+
+Every command that runs a model (train, finetune, lr-find, compare, generate, chat, eval, serve, merge) takes
+the same three flags with the same meaning, and resolve() turns them into a Runtime:
+
+    --device   auto = CUDA if present (cuda:LOCAL_RANK under torchrun), else the CPU. cpu, cuda, cuda:N
+               and mps (Apple's GPU: untested on our machines, so auto never picks it) are taken as asked;
+               one that this machine lacks is a ConfigError naming what it has.
+    --dtype    training: the precision the matrix products compute in (autocast; weights and optimizer
+               state stay float32). auto = bfloat16 where the device multiplies it natively (CUDA from
+               compute capability 8.0; CPUs with AMX or AVX512-BF16), else float32.
+               inference: the weights' dtype. auto = bfloat16 on CUDA, float32 on the CPU (bfloat16 matrix
+               products measured slower than float32 there at batch 1). Commands that decode (generate,
+               chat, serve) also take int8 on the CPU: int8 copies of the matrices, multiplied by dynamic
+               quantization (faster; its cost in quality is in docs/benchmarks.md), never auto.
+    --compile  on, off or auto: torch.compile the training step and evaluation. auto = on for CUDA when
+               the time budget is long enough to pay for the compile (COMPILE_SECONDS at COMPILE_SPEEDUP),
+               off on the CPU and MPS. For the commands that only run a trained model, auto = off (not yet
+               measured to pay); on compiles the decoding step (generate, chat, serve) or the scored
+               forward (eval).
+
+The rules are pure functions of the flags and of what the machine has (Machine), so tests can state them
+for any machine, and every rank and every resume of a run makes the same choice. The Runtime then owns
+what depends on the device: autocast, moving batches (pinned memory and non-blocking copies on CUDA), the
+random state a checkpoint keeps (CPU and CUDA), the device collectives run on, and synchronisation for
+timing.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from gradlm.errors import ConfigError
+
+DEVICE_HELP = "cpu, cuda, cuda:N, mps or auto (CUDA if present, else the CPU)"
+DTYPES = ("auto", "float32", "bfloat16")
+DECODING_DTYPES = (*DTYPES, "int8")
+COMPILE = ("auto", "on", "off")
+# torch.compile of a GPT-2-small-sized step takes ~1 minute on a GPU and speeds the step up ~1.8x in
+# nanoGPT's figures (250 -> 135 ms/iter); auto compiles where the budget recovers that minute.
+COMPILE_SECONDS = 60.0
+COMPILE_SPEEDUP = 1.5
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What this machine offers a model: CUDA devices (and whether they multiply bfloat16 natively),
+    Apple's MPS, and whether its CPU multiplies bfloat16 natively (AMX or AVX512-BF16)."""
+
+    cuda: int = 0
+    cuda_bf16: bool = False
+    mps: bool = False
+    cpu_bf16: bool = False
+
+    @classmethod
+    def here(cls) -> Machine:
+        cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+        cpu_bf16 = any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+        cuda_bf16 = bool(cuda) and all(torch.cuda.get_device_capability(i)[0] >= 8 for i in range(cuda))
+        return cls(cuda, cuda_bf16, mps, cpu_bf16)
+
+    def describe(self) -> str:
+        gpus = f"{self.cuda} CUDA GPU{'s' if self.cuda != 1 else ''}" if self.cuda else "no CUDA GPU"
+        return gpus + (", Apple MPS" if self.mps else "")
+
+
+def resolve_device(device: str, machine: Machine, local_rank: int = 0) -> str:
+    """The device a model runs on: "cpu", "cuda:N" or "mps" (see the module docstring)."""
+    device = (device or "auto").strip().lower()
+    if device == "auto":
+        return f"cuda:{local_rank}" if machine.cuda else "cpu"
+    if device == "cpu":
+        return "cpu"
+    if device == "mps":
+        if not machine.mps:
+            raise ConfigError(f"--device mps was asked for but this machine has no Apple MPS device ({machine.describe()}); use --device cpu or auto")
+        return "mps"
+    if device == "cuda" or device.startswith("cuda:"):
+        index = local_rank if device == "cuda" else device.removeprefix("cuda:")
+        if not machine.cuda:
+            raise ConfigError(f"--device {device} was asked for but this machine has no CUDA GPU; use --device cpu or auto")
+        if not str(index).isdigit() or int(index) >= machine.cuda:
+            raise ConfigError(f"--device {device}: this machine has {machine.describe()} (cuda:0 to cuda:{machine.cuda - 1})")
+        return f"cuda:{int(index)}"
+    raise ConfigError(f"--device must be {DEVICE_HELP}, got {device!r}")
+
+
+def native_bf16(device: str, machine: Machine) -> bool:
+    """Whether device multiplies bfloat16 natively (faster than float32)."""
+    kind = device.split(":")[0]
+    return machine.cuda_bf16 if kind == "cuda" else machine.cpu_bf16 if kind == "cpu" else False
+
+
+def resolve_dtype(dtype: str, device: str, machine: Machine, inference: bool = False, decoding: bool = False) -> str:
+    """"float32" or "bfloat16" (see the module docstring): training's compute dtype, or with inference=True
+    the weights' dtype for decoding and scoring; "int8" too for decoding on the CPU."""
+    dtype = (dtype or "auto").strip().lower()
+    allowed = DECODING_DTYPES if decoding else DTYPES
+    if dtype == "int8" and not decoding:
+        what = "training computes" if not inference else "scoring computes"
+        raise ConfigError(f"--dtype int8 is for decoding on the CPU (generate, chat, serve); {what} in float32 or bfloat16")
+    if dtype not in allowed:
+        raise ConfigError(f"--dtype must be {', '.join(allowed)}, got {dtype!r}")
+    if dtype == "int8" and device != "cpu":
+        raise ConfigError(f"--dtype int8 runs on the CPU (torch's dynamic quantization); on {device} use bfloat16")
+    if dtype != "auto":
+        return dtype
+    if inference:
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    return "bfloat16" if native_bf16(device, machine) else "float32"
+
+
+def resolve_compile(compile: str | bool, device: str, budget_s: float | None = None, inference: bool = False) -> bool:
+    """Whether to torch.compile (see the module docstring). budget_s: the run's time budget in seconds,
+    None when it has none (a step budget: assumed long enough)."""
+    if isinstance(compile, bool):  # config files written before "auto" existed
+        return compile
+    compile = (compile or "auto").strip().lower()
+    if compile not in COMPILE:
+        raise ConfigError(f"--compile must be {', '.join(COMPILE)}, got {compile!r}")
+    if compile != "auto":
+        return compile == "on"
+    if inference or not device.startswith("cuda"):
+        return False
+    return budget_s is None or budget_s * (1 - 1 / COMPILE_SPEEDUP) > COMPILE_SECONDS
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A resolved device, dtype and compile choice, and what depends on the device."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    compile: bool = False
+
+    @property
+    def kind(self) -> str:
+        return self.device.split(":")[0]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The weights' torch dtype (int8 decoding keeps float32 weights beside its int8 copies)."""
+        return torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+
+    def autocast(self):
+        """The compute-precision context: bfloat16 autocasts the matrix products (weights stay float32);
+        float32 changes nothing. `with rt.autocast(): ...`"""
+        return torch.autocast(self.kind, dtype=torch.bfloat16) if self.dtype == "bfloat16" else nullcontext()
+
+    def to_device(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Tensors on this runtime's device: on CUDA from pinned memory without blocking the host (the copy
+        overlaps the previous step's work), elsewhere a plain .to()."""
+        if self.kind != "cuda":
+            return tuple(t.to(self.device) for t in tensors)
+        return tuple((t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True) for t in tensors)
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (before reading a clock)."""
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.kind == "mps":
+            torch.mps.synchronize()
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """The random state a checkpoint keeps: the CPU generator's, and this CUDA device's when on CUDA
+        (dropout on the GPU draws from it)."""
+        state = {"cpu": torch.get_rng_state()}
+        if self.kind == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def set_rng_state(self, state: dict[str, torch.Tensor] | torch.Tensor) -> None:
+        """Restore rng_state()'s result (or a bare CPU state, as checkpoints before this kept)."""
+        if isinstance(state, torch.Tensor):
+            state = {"cpu": state}
+        torch.set_rng_state(state["cpu"])
+        if self.kind == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+    def tensor(self, values, dtype=torch.float64) -> torch.Tensor:
+        """A tensor for a collective (all-reduce): on the GPU under nccl, which only reduces CUDA tensors."""
+        return torch.tensor(values, dtype=dtype, device=self.device if self.kind == "cuda" else "cpu")
+
+    def describe(self) -> str:
+        return f"{self.device}, {self.dtype}" + (", compiled" if self.compile else "")
+
+
+def resolve(device: str = "auto", dtype: str = "auto", compile: str | bool = "auto", *, inference: bool = False, decoding: bool = False,
+            budget_s: float | None = None, machine: Machine | None = None) -> Runtime:
+    """The Runtime for these flags on this machine (or on `machine`, for tests). inference: a command that
+    runs a trained model (its dtype is the weights'); decoding: one that generates (int8 allowed)."""
+    machine = machine or Machine.here()
+    dev = resolve_device(device, machine, int(os.environ.get("LOCAL_RANK", "0")))
+    inference = inference or decoding
+    return Runtime(dev, resolve_dtype(dtype, dev, machine, inference, decoding), resolve_compile(compile, dev, budget_s, inference))
+
+
+def set_fast_matmul(device: str) -> None:
+    """On CUDA, float32 matrix products may use TF32 tensor cores (10 mantissa bits, float32 range): ~3x
+    the strict float32 rate on Ampere and later; bfloat16 autocast is unaffected."""
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
