@@ -181,7 +181,9 @@ class _Row:
     def pick(self, logits: torch.Tensor) -> int:
         """This row's next token from its logits (1, V), with its penalties."""
         logits = apply_penalties(logits, self.seen, self.counts, self.cfg)
-        t = int(next_token(logits, self.cfg, self.gen))
+        # The row's generator lives on the CPU (the same draws on every device); draw() moves the number.
+        uniform = None if self.cfg.temperature == 0 else torch.rand(1, 1, generator=self.gen)
+        t = int(next_token(logits, self.cfg, uniform=uniform))
         self.seen[0, t] = True
         self.counts[0, t] += 1
         return t
