@@ -65,8 +65,8 @@ def random_run(directory: Path, shape: str) -> Path:
     return run
 
 
-def start_server(run: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str, str]:
-    cmd = [sys.executable, "-m", "gradlm", "serve", str(run), "--port", "0", "--max-batch", str(max_batch), "--threads", str(threads)]
+def start_server(run: Path, max_batch: int, threads: int, device: str = "auto") -> tuple[subprocess.Popen, str, str]:
+    cmd = [sys.executable, "-m", "gradlm", "serve", str(run), "--port", "0", "--max-batch", str(max_batch), "--threads", str(threads), "--device", device]
     env = {k: v for k, v in os.environ.items() if k != "GRADLM_API_KEY"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     ready = select.select([proc.stdout], [], [], 300)[0]
@@ -174,6 +174,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.8, help="temperature of every request (0 = greedy)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of every request (1 = off, the API default)")
     ap.add_argument("--threads", type=int, default=0, help="the server's --threads (0 = its default)")
+    ap.add_argument("--device", default="auto", help="the server's --device (default auto: the GPU if there is one)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds alternating the two phases (each does 1/rounds of the requests)")
     args = ap.parse_args()
 
@@ -181,7 +182,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.run) if args.run else random_run(Path(tmp), args.model)
-        proc, url, banner = start_server(run, max_batch=max(args.clients, 1), threads=args.threads)
+        proc, url, banner = start_server(run, max_batch=max(args.clients, 1), threads=args.threads, device=args.device)
         try:
             print(banner)
             print(f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; torch {torch.__version__}; Python {platform.python_version()}")
