@@ -38,6 +38,7 @@ from typing import NamedTuple
 
 import torch
 
+from gradlm.constrain import Constraint, Guide, mask_logits
 from gradlm.errors import BusyError, ConfigError
 from gradlm.infer import Forward
 from gradlm.model import GPT, KVCache
@@ -59,6 +60,9 @@ class Request:
     cache: a one-row KV cache that already holds the first cache.pos ids of the prompt (n = 1): only the
     rest runs through the model, and when the row ends the cache holds the prompt and every generated
     token but the last (a chat keeps its conversation so). A row that slid leaves it at pos 0.
+    constraint: what the output must be (gradlm/constrain.py: choices, regex, JSON schema, any JSON object,
+    Lark grammar). Tokens that cannot come next are masked before every sampling control, a stop id is
+    allowed only where the output is complete, and the row ends ("stop") once nothing more can follow.
     """
 
     prompt: list[int]
@@ -68,6 +72,7 @@ class Request:
     logprobs: int | None = None
     slide: bool = False
     cache: KVCache | None = None
+    constraint: Constraint | None = None
 
 
 class Token(NamedTuple):
@@ -144,6 +149,7 @@ class Handle:
     def __init__(self, engine: Engine, request: Request, on_piece: Callable[[Piece | Exception], None]):
         self.engine, self.request, self.on_piece = engine, request, on_piece
         self.cancelled = False
+        self.matchers: list = []  # one per row when the request has a constraint
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -156,6 +162,7 @@ class _Row:
     def __init__(self, engine: Engine, handle: Handle, index: int):
         req = handle.request
         self.handle, self.index, self.cfg = handle, index, req.cfg
+        self.constraint = handle.matchers[index] if handle.matchers else None  # its llguidance matcher
         self.stop_ids, self.specials = req.stop_ids, engine.specials
         self.ids = list(req.prompt)  # prompt + generated: what a sliding window re-runs
         self.slid = False
@@ -192,6 +199,10 @@ class _Row:
         """Take the next generated token; the text it makes safe to show."""
         self.generated += 1
         self.ids.append(t.id)
+        complete = False
+        if self.constraint is not None:
+            self.constraint.consume_token(t.id)
+            complete = self.constraint.is_stopped()  # the output is whole and nothing more may follow
         if t.id in self.stop_ids:
             return self._finish("", "stop", t)
         # A special token (<|user|>, <|end|> where it is not a stop id...) is never text that looks typed.
@@ -201,6 +212,8 @@ class _Row:
         text, hit = self.matcher.push(piece)
         if hit:
             return self._emit(text, "stop", t)
+        if complete:
+            return self._finish(text, "stop", t)
         if self.generated >= self.cfg.max_new_tokens:
             return self._finish(text, "length", t)
         return self._emit(text, None, t)
@@ -245,6 +258,7 @@ class Engine:
         rt = runtime or Runtime(str(model.embed_tokens.weight.device))
         self.forward = Forward(model, int8=rt.dtype == "int8", compile=rt.compile)  # the fast path in inference mode; owns its weight copies
         self.device = model.embed_tokens.weight.device
+        self.guide: Guide | None = None  # compiles constraints, made on the first request that has one
         self.specials = frozenset(tok.specials.values())
         self.max_batch, self.max_queue = max_batch, max_queue
         self._waiting: collections.deque[Handle] = collections.deque()
@@ -281,12 +295,19 @@ class Engine:
         if c is not None and (request.n != 1 or c.kv.shape[1] != 1 or c.pad is not None or not 0 <= c.pos < len(request.prompt)):
             raise ValueError("a continued KV cache must have one unpadded row holding fewer ids than the prompt, for n = 1")
         handle = Handle(self, request, on_piece)
+        if request.constraint is not None:
+            handle.matchers = self.matchers(request.constraint, request.n, request.stop_ids)
         with self._cond:
             if len(self._waiting) >= self.max_queue:
                 raise BusyError(f"{len(self._waiting)} requests are already waiting (the most this server queues); retry shortly")
             self._waiting.append(handle)
             self._cond.notify()
         return handle
+
+    def matchers(self, constraint: Constraint, n: int, stop_ids: Iterable[int]) -> list:
+        """n rows' matchers for constraint (gradlm/constrain.py); a ConfigError when it cannot compile."""
+        self.guide = self.guide or Guide(self.tok, self.model.cfg.vocab_size)
+        return self.guide.matchers(constraint, n, stop_ids)
 
     def stream(self, requests: list[Request]) -> Iterator[tuple[int, Piece]]:
         """Synchronously: admit these requests and step until every row is done, yielding (request
@@ -500,8 +521,13 @@ class Engine:
         """Each row's next token. Rows with the same filters (temperature, top-k, top-p, min-p) are drawn
         together, one batched call, each with a uniform number from its own seeded generator, so a row
         gets exactly the token it would get alone; rows with penalties (which keep per-row counts) go
-        one at a time."""
+        one at a time. Rows with a constraint first have the tokens it forbids masked (-inf); the other
+        rows' logits are left as they are."""
         ids: list[int] = [0] * len(rows)
+        constrained = [b for b, row in enumerate(rows) if row.constraint is not None]
+        if constrained:
+            logits = logits.clone()
+            logits[constrained] = mask_logits(logits[constrained], [rows[b].constraint for b in constrained])
         groups: dict[tuple, list[int]] = {}
         for b, row in enumerate(rows):
             if row.penalised:

@@ -18,7 +18,7 @@ PACKAGE = Path(gradlm.__file__).parent
 LAYERS: dict[str, set[str]] = {
     "foundation": {"errors", "checkpoint", "typos", "runtime"},
     "text": {"tokenizer", "datasets", "corpus", "chat", "prepare", "data", "sft", "robust"},
-    "model": {"model", "lora", "infer", "sampling"},
+    "model": {"model", "lora", "infer", "sampling", "constrain"},
     "runs": {"rundir", "plots", "scoring"},
     "training": {"optim", "config", "budget", "monitor", "autosize", "resume", "trainer", "finetune", "lab"},
     "inference": {"engine", "generate", "session", "evaluate"},
