@@ -121,6 +121,41 @@ def pick(args: argparse.Namespace, cls, **overrides):
 # ---- commands ----------------------------------------------------------------------------------------
 
 
+def constraint_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--choices", default="", metavar="FILE", help="constrain the output to one of the lines of FILE (one choice per line)")
+    p.add_argument("--regex", default="", metavar="R", help="constrain the output to match this regular expression whole")
+    p.add_argument("--json-schema", default="", metavar="FILE", help="constrain the output to JSON valid against the JSON schema in FILE")
+    p.add_argument("--json-object", action="store_true", help="constrain the output to any JSON object")
+    p.add_argument("--grammar", default="", metavar="FILE", help="constrain the output to the Lark grammar in FILE")
+
+
+def constraint_args(args: argparse.Namespace) -> dict:
+    """The constraint the flags ask for, as LM keywords (choices=..., regex=...); {} when none."""
+    from gradlm.constrain import make_constraint
+    from gradlm.corpus import read_text
+
+    def read(path: str, what: str) -> str:
+        if not Path(path).is_file():
+            raise ConfigError(f"no {what} file at {path}")
+        return read_text(Path(path))
+
+    given = {}
+    if args.choices:
+        given["choices"] = [ln.strip() for ln in read(args.choices, "choices").splitlines() if ln.strip()]
+        if not given["choices"]:
+            raise ConfigError(f"{args.choices} holds no choices: write one per line")
+    if args.regex:
+        given["regex"] = args.regex
+    if args.json_schema:
+        given["json_schema"] = read(args.json_schema, "JSON schema")
+    if args.json_object:
+        given["json_object"] = True
+    if args.grammar:
+        given["grammar"] = read(args.grammar, "grammar")
+    c = make_constraint(**given)
+    return {} if c is None else {c.kind: c.value}
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
@@ -259,8 +294,12 @@ def cmd_chat(args) -> None:
 
     sampling = pick(args, SamplingConfig)
     sampling.validate()
+    from gradlm.constrain import make_constraint
+
+    constraint = make_constraint(**constraint_args(args))
     lm = load(args.run, best=args.best, runtime=model_runtime(args, decoding=True))
-    session = ChatSession(lm, system=args.system, sampling=sampling)
+    session = ChatSession(lm, system=args.system, sampling=sampling, constraint=constraint)
+
     if not lm.chat:
         print(f"note: {args.run} was never fine-tuned for chat (it has no chat template), so it continues the conversation as text rather than answering; fine-tune it with `gradlm finetune`", file=sys.stderr)
     interactive = sys.stdin.isatty()
@@ -275,20 +314,21 @@ def cmd_generate(args) -> None:
 
     cfg = pick(args, SamplingConfig)
     cfg.validate()
+    constrain = constraint_args(args)
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     if args.batch < 1:
         raise ConfigError(f"--batch must be at least 1, got {args.batch}")
     lm = load(args.run, best=args.best, allow_special=args.allow_special, runtime=model_runtime(args, decoding=True))
     out = sys.stdout
     if len(prompts) <= 1 and not args.logprobs:  # one prompt: stream the text as it is written
-        for piece in lm.stream(prompts[0] if prompts else "", cfg, truncate=args.truncate):
+        for piece in lm.stream(prompts[0] if prompts else "", cfg, truncate=args.truncate, **constrain):
             out.write(piece)
             out.flush()
         out.write("\n")
         return
     prompts = prompts or [""]
     for start in range(0, len(prompts), args.batch):  # several prompts: decoded together, --batch at a time
-        for k, c in enumerate(lm.complete(prompts[start : start + args.batch], cfg, logprobs=args.logprobs, truncate=args.truncate), start + 1):
+        for k, c in enumerate(lm.complete(prompts[start : start + args.batch], cfg, logprobs=args.logprobs, truncate=args.truncate, **constrain), start + 1):
             if len(prompts) > 1:
                 out.write(f"--- {k}/{len(prompts)}: {c.prompt[:60]!r} ---\n")
             out.write(c.text + "\n")
@@ -474,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--system", default="", help="system message that starts the conversation and is kept when old turns are dropped")
     t.add_argument("--best", action="store_true", help="use the best checkpoint (best validation loss)")
     add_fields(t, SamplingConfig, skip=("stop",))
+    constraint_flags(t)
     add_runtime_flags(t, decoding=True)
     t.set_defaults(func=cmd_chat)
 
@@ -488,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=8, help="prompts decoded together (default: 8)")
     t.add_argument("--allow-special", action="store_true", help="read <|endoftext|>, <|user|> etc. in prompts as special tokens (default: plain text)")
     add_fields(t, SamplingConfig, skip=("stop",))
+    constraint_flags(t)
     add_runtime_flags(t, decoding=True)
     t.set_defaults(func=cmd_generate)
 

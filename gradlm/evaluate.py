@@ -51,6 +51,7 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "seed of the typos"})
     choices: str = field(default="", metadata={"help": "multiple-choice items to score: .jsonl with {\"context\", \"choices\", \"answer\"} per line"})
     qa: list[str] = field(default_factory=list, metadata={"help": "question-answering files to score by exact match of greedy chat replies: .jsonl whose last message is the expected answer (see gradlm/sft.py); accuracy per file or per \"split\" field"})
+    answers: str = field(default="free", metadata={"help": "QA replies: free, or choices (the model picks among the distinct answers the QA files hold; the report shows exact match both ways)"})
     qa_max_tokens: int = field(default=32, metadata={"help": "most tokens of a QA reply (generation stops earlier at <|end|>)"})
     text_field: str = field(default="text", metadata={"help": "field holding the text in .jsonl input"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar on a terminal"})
@@ -64,6 +65,10 @@ class EvalConfig:
         problems = []
         if not self.data and not self.choices and not self.qa:
             problems.append("nothing to evaluate: give --data FILE (text), --choices FILE.jsonl and/or --qa FILE.jsonl")
+        if self.answers not in ("free", "choices"):
+            problems.append(f"--answers must be free or choices, got {self.answers!r}")
+        elif self.answers == "choices" and not self.qa:
+            problems.append("--answers choices needs --qa FILE.jsonl")
         if self.qa_max_tokens < 1:
             problems.append(f"--qa-max-tokens must be at least 1, got {self.qa_max_tokens}")
         if not (0 <= self.typos <= 1):
@@ -306,6 +311,11 @@ def load_qa(paths: list[str] | str) -> list[QAItem]:
     return items
 
 
+def qa_answers(items: list[QAItem]) -> list[str]:
+    """The distinct expected answers of QA items, in order of first appearance (what --answers choices allows)."""
+    return list(dict.fromkeys(it.answer for it in items))
+
+
 def normalize_answer(text: str) -> str:
     """What exact match compares: case folded, runs of whitespace as one space, no space at the ends."""
     return " ".join(text.split()).casefold()
@@ -323,10 +333,14 @@ class QAScore:
         return asdict(self)
 
 
-def score_qa(model: GPT, tok: Tokenizer, items: list[QAItem], batch: int = 8, max_new_tokens: int = 32, progress: bool = False, runtime=None) -> QAScore:
+def score_qa(
+    model: GPT, tok: Tokenizer, items: list[QAItem], batch: int = 8, max_new_tokens: int = 32, progress: bool = False, runtime=None, choices: list[str] | None = None
+) -> QAScore:
     """Greedy replies through the chat template, stopped at <|end|>, scored by exact match (normalize_answer).
-    The questions are rows of the engine, batch at a time (a finished row makes room for the next)."""
+    The questions are rows of the engine, batch at a time (a finished row makes room for the next). With
+    choices, every reply is constrained to be one of them (gradlm/constrain.py)."""
     from gradlm.chat import encode_chat, stop_ids
+    from gradlm.constrain import make_constraint
     from gradlm.engine import Engine, Request
     from gradlm.sampling import SamplingConfig
 
@@ -342,7 +356,8 @@ def score_qa(model: GPT, tok: Tokenizer, items: list[QAItem], batch: int = 8, ma
     replies: list[str] = [""] * len(items)
     bar = _Progress(len(items), progress, "question")
     try:
-        for i, piece in engine.stream([Request(p, sampling, 1, stops, slide=True) for p in prompts]):
+        constraint = make_constraint(choices=choices) if choices else None
+        for i, piece in engine.stream([Request(p, sampling, 1, stops, slide=True, constraint=constraint) for p in prompts]):
             replies[i] += piece.text
             if piece.finish:
                 bar.update(1)
@@ -401,7 +416,11 @@ def run_eval(model: GPT, tok: Tokenizer, cfg: EvalConfig, runtime=None) -> dict:
         report["choices"] = score_choices(scored, tok, load_choices(cfg.choices), cfg.batch, cfg.progress).to_dict()
     if cfg.qa:
         report["qa_files"] = list(cfg.qa)
-        report["qa"] = score_qa(model, tok, load_qa(cfg.qa), cfg.batch, cfg.qa_max_tokens, cfg.progress, runtime).to_dict()
+        items = load_qa(cfg.qa)
+        report["qa"] = score_qa(model, tok, items, cfg.batch, cfg.qa_max_tokens, cfg.progress, runtime).to_dict()
+        if cfg.answers == "choices":
+            answers = qa_answers(items)
+            report["qa_choices"] = {"answers": answers, **score_qa(model, tok, items, cfg.batch, cfg.qa_max_tokens, cfg.progress, runtime, answers).to_dict()}
     return report
 
 
@@ -431,8 +450,13 @@ def format_report(report: dict) -> str:
         )
     if "qa" in report:
         q = report["qa"]
+        c = report.get("qa_choices")
         lines.append(f"QA exact match ({', '.join(report['qa_files'])}):")
-        for name, s in q["splits"].items():
-            lines.append(f"  {name:<12} {s['accuracy']:.3f} ({s['correct']}/{s['items']})")
-        lines.append(f"  {'all':<12} {q['accuracy']:.3f} ({q['correct']}/{q['items']})")
+        if c:
+            lines.append(f"  {'split':<12} {'free':<17} choices ({len(c['answers'])} answers)")
+        rows = [(name, s, c["splits"][name] if c else None) for name, s in q["splits"].items()] + [("all", q, c)]
+        for name, s, cs in rows:
+            free = f"{s['accuracy']:.3f} ({s['correct']}/{s['items']})"
+            both = f"  {cs['accuracy']:.3f} ({cs['correct']}/{cs['items']})" if cs else ""
+            lines.append(f"  {name:<12} {free:<17}{both}".rstrip())
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from gradlm.constrain import KINDS, Constraint, make_constraint
 from gradlm.corpus import jsonl_objects, read_text
 from gradlm.engine import Engine, Request, Token
 from gradlm.errors import ConfigError, DataError
@@ -89,6 +90,12 @@ class LM:
     (chat=True; load() sets it for a run that has a chat template) also at <|end|>, where the chat
     endpoint stops. Special tokens never appear in the text. A seeded prompt writes the same text alone
     or batched with others.
+
+    Constrained decoding (gradlm/constrain.py): choices=[...], regex="...", json_schema={...},
+    json_object=True or grammar="<Lark>" (one of them) make every continuation fit; it ends as soon as it
+    is complete. A constraint that cannot compile is a ConfigError.
+
+        >>> lm.generate("Dose of zorvastatin?", regex=r"[0-9]+ mg", temperature=0)
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, allow_special: bool = False, chat: bool = False, runtime: Runtime | None = None):
@@ -130,12 +137,23 @@ class LM:
             )
         return ids
 
-    def _config(self, cfg: SamplingConfig | None, overrides: dict) -> SamplingConfig:
+    def _config(self, cfg: SamplingConfig | None, overrides: dict) -> tuple[SamplingConfig, Constraint | None]:
+        """The sampling settings and the constraint (choices=, regex=, ...) among a call's keywords."""
+        constraint = make_constraint(**{k: overrides.pop(k) for k in KINDS if k in overrides})
         cfg = (cfg or SamplingConfig()).with_overrides(**overrides)
         cfg.validate()
-        return cfg
+        return cfg, constraint
 
-    def events(self, prompts: list[str], cfg: SamplingConfig, logprobs: int = 0, truncate: str = "error", stop_at_eot: bool = True, batch_size: int = 0) -> Iterator[Event]:
+    def events(
+        self,
+        prompts: list[str],
+        cfg: SamplingConfig,
+        logprobs: int = 0,
+        truncate: str = "error",
+        stop_at_eot: bool = True,
+        batch_size: int = 0,
+        constraint: Constraint | None = None,
+    ) -> Iterator[Event]:
         """The text of several prompts' continuations as it becomes safe to show, row by row: the
         prompts are the engine's rows, batch_size of them at a time (0 = all), and a row that finishes
         makes room for the next prompt at once."""
@@ -150,7 +168,7 @@ class LM:
         stops = self.stop_ids if stop_at_eot else frozenset()
         if not stop_at_eot and self.chat:  # a chat-tuned model still ends its reply at <|end|>
             stops = self.stop_ids - {self.tok.eot_id}
-        requests = [Request(p, cfg, 1, stops, logprobs or None, slide=True) for p in ids]
+        requests = [Request(p, cfg, 1, stops, logprobs or None, slide=True, constraint=constraint) for p in ids]
         self.engine.max_batch = batch_size or max(len(requests), 1)
         for r, piece in self.engine.stream(requests):
             finish = piece.finish
@@ -161,7 +179,8 @@ class LM:
     def stream(self, prompt: str, cfg: SamplingConfig | None = None, *, truncate: str = "error", stop_at_eot: bool = True, **overrides) -> Iterator[str]:
         """Yield pieces of the continuation as they are generated (never half a character, never a
         stop string or the text after it)."""
-        for ev in self.events([prompt], self._config(cfg, overrides), 0, truncate, stop_at_eot):
+        cfg, constraint = self._config(cfg, overrides)
+        for ev in self.events([prompt], cfg, 0, truncate, stop_at_eot, constraint=constraint):
             if ev.text:
                 yield ev.text
 
@@ -179,12 +198,12 @@ class LM:
         """Continue every prompt (decoded together, batch_size at a time; 0 = all at once). With
         logprobs=N each token comes with its probability and the N most likely alternatives."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        cfg = self._config(cfg, overrides)
+        cfg, constraint = self._config(cfg, overrides)
         texts: list[list[str]] = [[] for _ in prompts]
         ids: list[list[int]] = [[] for _ in prompts]
         lps: list[list[TokenLogprob]] = [[] for _ in prompts]
         reasons = ["length"] * len(prompts)
-        for ev in self.events(prompts, cfg, logprobs, truncate, stop_at_eot, batch_size):
+        for ev in self.events(prompts, cfg, logprobs, truncate, stop_at_eot, batch_size, constraint):
             texts[ev.row].append(ev.text)
             if ev.token is not None:
                 ids[ev.row].append(ev.token.id)

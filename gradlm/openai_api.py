@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gradlm.chat import encode_chat
 from gradlm.chat import stop_ids as chat_stop_ids
+from gradlm.constrain import Constraint, make_constraint
 from gradlm.engine import Engine, Piece, Request
 from gradlm.errors import BusyError, ConfigError, GradlmError
 from gradlm.generate import LM, SamplingConfig
@@ -81,6 +82,10 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
+    # Constrained decoding (gradlm/constrain.py): OpenAI's response_format, and gradlm's choices and regex.
+    response_format: Any = None
+    choices: Any = None
+    regex: Any = None
 
 
 class CompletionRequest(Sampling):
@@ -237,6 +242,31 @@ class Server:
             raise APIError(400, str(e)) from None
         return cfg
 
+    def constraint(self, body: Sampling) -> Constraint | None:
+        """What the output must be: response_format {"type": "json_object"} or {"type": "json_schema",
+        "json_schema": {"name": ..., "schema": {...}}} as OpenAI defines them, or gradlm's "choices" (a list
+        of strings) or "regex"; at most one. Whether it compiles is checked when it is submitted."""
+        given: dict[str, Any] = {}
+        rf = body.response_format
+        kind = rf.get("type") if isinstance(rf, dict) else rf
+        if rf is not None and kind not in ("text", "json_object", "json_schema"):
+            raise APIError(400, 'response_format must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}', "response_format")
+        if kind == "json_object":
+            given["json_object"] = True
+        elif kind == "json_schema":
+            spec = rf.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise APIError(400, 'response_format json_schema needs "json_schema": {"name": ..., "schema": {...}}', "response_format")
+            given["json_schema"] = spec["schema"]
+        if body.choices is not None:
+            given["choices"] = body.choices
+        if body.regex is not None:
+            given["regex"] = body.regex
+        try:
+            return make_constraint(**given)
+        except ConfigError as e:
+            raise APIError(400, str(e), "response_format" if rf is not None else next(iter(given), None)) from None
+
     def completion_prompts(self, prompt: Any) -> list[list[int]]:
         """Token ids of each prompt: always plain text (special-token text stays text); "" starts a document."""
         if prompt is None:
@@ -265,7 +295,7 @@ class Server:
 
     # ---- running -----------------------------------------------------------------------------------
 
-    def submit(self, prompts: list[list[int]], cfg: SamplingConfig, n: int, stop_ids: set[int], logprobs: int | None, stream: bool):
+    def submit(self, prompts: list[list[int]], cfg: SamplingConfig, n: int, stop_ids: set[int], logprobs: int | None, stream: bool, constraint: Constraint | None = None):
         """Queue every prompt (n samples each). Returns the handles and the queue on which lists of
         pieces arrive, tagged with the prompt's first choice index: each piece as it comes when
         streaming, else each sample's pieces all at once when it is done (one wake-up per sample)."""
@@ -289,7 +319,7 @@ class Server:
 
         try:
             for i, ids in enumerate(prompts):
-                req = Request(ids, cfg, n, frozenset(stop_ids), logprobs)
+                req = Request(ids, cfg, n, frozenset(stop_ids), logprobs, constraint=constraint)
                 handles.append(self.engine.submit(req, deliver(i * n)))
         except BusyError as e:
             for h in handles:
@@ -373,7 +403,7 @@ class Server:
         prompts = self.completion_prompts(body.prompt)
         cfg = self.sampling(body, max(len(p) for p in prompts), "prompt")
         # Where `gradlm generate` stops: <|endoftext|>, and <|end|> too for a chat-tuned model.
-        handles, queue = self.submit(prompts, cfg, body.n, self.lm.stop_ids, body.logprobs, body.stream)
+        handles, queue = self.submit(prompts, cfg, body.n, self.lm.stop_ids, body.logprobs, body.stream, self.constraint(body))
         choices = len(prompts) * body.n  # choice p * n + j is sample j of prompt p
         usage = _Usage(sum(len(p) for p in prompts))
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": self.name}
@@ -405,7 +435,7 @@ class Server:
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        handles, queue = self.submit([prompt], cfg, body.n, chat_stop_ids(self.tok), top, body.stream)
+        handles, queue = self.submit([prompt], cfg, body.n, chat_stop_ids(self.tok), top, body.stream, self.constraint(body))
         choices, usage = body.n, _Usage(len(prompt))
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": self.name}
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from gradlm.chat import Message, encode_chat, stop_ids
+from gradlm.constrain import Constraint
 from gradlm.engine import Request
 from gradlm.errors import ConfigError
 from gradlm.generate import LM
@@ -33,13 +34,18 @@ class ChatSession:
         >>> chat = ChatSession(load("runs/drugqa"), system="Answer briefly.", sampling=SamplingConfig(temperature=0))
         >>> "".join(chat.send("Max daily dose of zorvastatin?"))
         '40 mg'
+
+    constraint (gradlm/constrain.py) makes every reply fit a choice list, a regex, a JSON schema...
     """
 
-    def __init__(self, lm: LM, system: str = "", sampling: SamplingConfig | None = None):
+    def __init__(self, lm: LM, system: str = "", sampling: SamplingConfig | None = None, constraint: Constraint | None = None):
         self.lm, self.model, self.tok = lm, lm.model, lm.tok
         self.sampling = sampling or SamplingConfig()
         self.sampling.validate()
         self.stops = frozenset(stop_ids(self.tok))  # a TokenizerError when the tokenizer has no chat tokens
+        self.constraint = constraint
+        if constraint is not None:  # compiled now: a constraint that cannot compile fails before the first turn
+            lm.engine.matchers(constraint, 1, self.stops)
         self.system: list[Message] = [{"role": "system", "content": system}] if system else []
         self.cache = None
         self.dropped = 0  # turns dropped so far to fit the window
@@ -69,7 +75,7 @@ class ChatSession:
         try:
             if sampling.max_new_tokens < 1:
                 return
-            for _, piece in self.lm.engine.stream([Request(ids, sampling, 1, self.stops, cache=cache)]):
+            for _, piece in self.lm.engine.stream([Request(ids, sampling, 1, self.stops, cache=cache, constraint=self.constraint)]):
                 if piece.token.id not in self.stops:
                     reply.append(piece.token.id)
                 if piece.text:
