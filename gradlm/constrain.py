@@ -11,9 +11,10 @@ and the row ends as soon as nothing more can follow.
     >>> guide = Guide(tok, model.cfg.vocab_size)
     >>> [m] = guide.matchers(c, 1, end_ids=[tok.eot_id])
 
-Why llguidance: it reads gradlm's byte-level tokenizer.json as it is, computes a 300-token mask in
-microseconds on the CPU and a 32k-token one in tens of microseconds (docs/benchmarks.md, "Constrained
-decoding"), and covers all the kinds below, a Lark grammar included.
+Why llguidance: it reads gradlm's byte-level tokenizer.json as it is, computes one row's mask in 12-25
+microseconds on the CPU for a 4k vocabulary (xgrammar is faster, 1-2 µs, but needs the vocabulary rebuilt by
+hand and pulls in transformers; docs/benchmarks.md, "Constrained decoding"), and covers all the kinds below,
+a Lark grammar included.
 """
 
 from __future__ import annotations
