@@ -29,6 +29,7 @@ import torch
 from gradlm.engine import Engine, Request
 from gradlm.infer import Forward
 from gradlm.rundir import load_model
+from gradlm.runtime import Runtime
 from gradlm.sampling import SamplingConfig
 from gradlm.scoring import byte_bits
 
@@ -71,7 +72,7 @@ def main() -> None:
     text, lines = shakespeare_text(), shakespeare_lines()
     held_out = tok.encode(text[int(len(text) * 0.9) :][:60_000])
     byte_lengths = torch.tensor(tok.token_byte_lengths())
-    fp32, int8 = Engine(model, tok), Engine(model, tok, int8=True)
+    fp32, int8 = Engine(model, tok), Engine(model, tok, runtime=Runtime("cpu", "int8"))
     n = args.new_tokens
     print(f"model: {run} ({model.num_params() / 1e6:.1f}M parameters, {model.cfg.n_layer} x {model.cfg.d_model}, vocab {model.cfg.vocab_size})")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads); "

@@ -412,9 +412,9 @@ class Engine:
         if self._rows:
             parts = [(self._cache, b) for b in range(len(self._rows))] + parts
             logits = torch.cat([self._logits, logits])
+        self._rows += rows
         self._cache = self._join(parts)
         self._logits = logits
-        self._rows += rows
 
     def _prefill(self, taken: list[Handle]) -> tuple[list[tuple[KVCache, int]], torch.Tensor]:
         """Run the new requests' prompts through the model: (cache, row) of each new row, in order, and
@@ -446,15 +446,18 @@ class Engine:
         return parts, torch.cat(logits)
 
     def _join(self, parts: list[tuple[KVCache, int]], lengths: list[int] | None = None) -> KVCache:
-        """One cache with room for the whole context window, holding these (cache, row) rows in order.
-        Each row's newest lengths[i] (default: all its) keys and values are copied right-aligned, so pos
-        becomes the longest row's length and padding every row had is dropped; rows keep their rotary
-        positions (keys are stored rotated, and padding counts from the left)."""
+        """One cache holding these (cache, row) rows in order: the running rows (self._rows), each row's
+        newest lengths[i] (default: all its) keys and values copied right-aligned, so pos becomes the longest
+        row's length and padding every row had is dropped; rows keep their rotary positions (keys are stored
+        rotated, and padding counts from the left). Its room: what the rows can still feed (each feeds at most
+        its tokens still to generate, so the cache fills only when they are done), up to the context window,
+        where a row that goes on slides (_make_room)."""
         if lengths is None:
             lengths = [c.lengths()[b] for c, b in parts]
         P = max(lengths, default=0)
         pad = [P - n for n in lengths]
-        new = self.model.new_cache(len(parts), self.model.cfg.block_size, pad=pad if any(pad) else None)
+        room = max((r.cfg.max_new_tokens - r.generated for r in self._rows), default=1)
+        new = self.model.new_cache(len(parts), min(self.model.cfg.block_size, P + room), pad=pad if any(pad) else None)
         for i, ((c, b), n) in enumerate(zip(parts, lengths)):
             if n:
                 new.kv[:, i, :, P - n : P] = c.kv[:, b, :, c.pos - n : c.pos]

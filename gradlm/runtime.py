@@ -10,7 +10,7 @@ the same three flags with the same meaning, and resolve() turns them into a Runt
                state stay float32). auto = bfloat16 where the device multiplies it natively (CUDA from
                compute capability 8.0; CPUs with AMX or AVX512-BF16), else float32.
                inference: the weights' dtype. auto = bfloat16 on CUDA, float32 on the CPU (bfloat16 matrix
-               products measured slower than float32 there at batch 1). Commands that decode (generate,
+               products were no clear win there at batch 1; docs/benchmarks.md, "int8 decoding"). Commands that decode (generate,
                chat, serve) also take int8 on the CPU: int8 copies of the matrices, multiplied by dynamic
                quantization (faster; its cost in quality is in docs/benchmarks.md), never auto.
     --compile  on, off or auto: torch.compile the training step and evaluation. auto = on for CUDA when
