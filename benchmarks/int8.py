@@ -26,21 +26,14 @@ from pathlib import Path
 
 import torch
 
-from gradlm.engine import Engine, Request
+from gradlm.engine import Engine
 from gradlm.infer import Forward
 from gradlm.rundir import load_model
 from gradlm.runtime import Runtime
-from gradlm.sampling import SamplingConfig
 from gradlm.scoring import byte_bits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llamacpp import benchmark_run, shakespeare_lines, shakespeare_text  # noqa: E402  (the same run and prompts as that benchmark)
-
-
-def decode(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int]]:
-    engine.max_batch = len(prompts)
-    cfg = SamplingConfig(temperature=0, max_new_tokens=n)
-    return [[p.token.id for p in pieces] for pieces in engine.run([Request(ids, cfg) for ids in prompts])]
+from llamacpp import benchmark_run, gradlm_decode as decode, shakespeare_lines, shakespeare_text  # noqa: E402  (the same run and prompts as that benchmark)
 
 
 @torch.inference_mode()
