@@ -7,11 +7,14 @@ so the library and the CLI cannot drift apart. A GradlmError prints one line and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
 import re
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from gradlm.errors import ConfigError, GradlmError, Interrupted
@@ -244,7 +247,8 @@ def cmd_train(args) -> None:
     from gradlm.trainer import train
 
     (model_cfg, cfg), typed = typed_configs(args, ModelConfig, TrainConfig)
-    s = train(model_cfg, cfg, given=typed)
+    with watching(args, cfg.out):
+        s = train(model_cfg, cfg, given=typed)
     import torch.distributed as dist
 
     if dist.is_initialized():  # under torchrun: only rank 0 reports
@@ -269,7 +273,8 @@ def cmd_finetune(args) -> None:
     dropout = getattr(args, "dropout", 0.0)
     ft_train = pick(args, TrainConfig)
     _check_typed_budgets(args, [ft_train])
-    s = finetune(args.base, ft_train, pick(args, FinetuneConfig), dropout=dropout, given=typed | ({"dropout"} if hasattr(args, "dropout") else set()))
+    with watching(args, ft_train.out):
+        s = finetune(args.base, ft_train, pick(args, FinetuneConfig), dropout=dropout, given=typed | ({"dropout"} if hasattr(args, "dropout") else set()))
     print(
         f"{s['run']}: {s['finetune_method']} fine-tuning, {s['trainable_params']:,} trainable parameters of {s['full_finetune_params']:,}, "
         f"{s['steps']} steps in {s['time_s']:.1f}s, stopped by {s['stop']} | val loss {s['val_loss']:.4f} (best {s['best_val_loss']:.4f})"
@@ -340,6 +345,44 @@ def cmd_generate(args) -> None:
             out.flush()
 
 
+def watch_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--watch", action="store_true", help="serve a live page of this run (gradlm watch) while it trains, and print its address")
+    p.add_argument("--watch-port", type=int, default=8008, help="port of that page (default: 8008; 0 picks a free one)")
+
+
+@contextlib.contextmanager
+def watching(args, path: str):
+    """With --watch: `gradlm watch PATH --wait` in a process of its own beside the work (reading the run there
+    never takes the training's interpreter), its address printed before training starts; it stops when the
+    work ends. Under torchrun only rank 0 starts it."""
+    if not getattr(args, "watch", False) or int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    import subprocess
+
+    cmd = [sys.executable, "-m", "gradlm", "watch", str(path), "--wait", "--port", str(args.watch_port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)  # its errors go to our stderr
+    line = proc.stdout.readline()  # "watching NAME at http://127.0.0.1:PORT/", or nothing when it failed
+    if not line.startswith("watching"):
+        proc.wait()
+        raise ConfigError("--watch: the page could not start (see the line above); pick another --watch-port, or leave --watch out")
+    print(f"watch it live: {line.split()[-1]} (the page stops with this command; `gradlm watch {path}` shows the run again)", file=sys.stderr, flush=True)
+    try:
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def cmd_watch(args) -> None:
+    from gradlm.watch import serve
+
+    serve(args.runs, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("GRADLM_API_KEY", ""), wait=args.wait)
+
+
 def cmd_serve(args) -> None:
     from gradlm.serve import serve
 
@@ -373,8 +416,15 @@ def cmd_lr_find(args) -> None:
     from gradlm.lab import lr_find
 
     model_cfg, cfg = _train_configs(args)
-    r = lr_find(model_cfg, cfg, args.start_lr, args.end_lr, args.steps, args.png, log=lambda m: print(m, file=sys.stderr))
-    plot = f"plot: {r['png']}" if args.png else "plot: none (add --png FILE to draw the curve)"
+    with contextlib.ExitStack() as stack:
+        out = args.lr_out
+        if args.watch and not out:  # the page reads the sweep from a folder: a temporary one unless --out names one
+            out = str(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gradlm-lr-find-"))) / "lr-find")
+        stack.enter_context(watching(args, out))
+        r = lr_find(model_cfg, cfg, args.start_lr, args.end_lr, args.steps, args.png, log=lambda m: print(m, file=sys.stderr), out=out if args.lr_out or args.watch else None)
+        if args.watch:
+            time.sleep(1.5)  # the page's next look at the folder finds lr_find.json: the suggestion is drawn before the page stops
+    plot = f"plot: {r['png']}" if r.get("png") else "plot: none (add --png FILE to draw the curve)"
     print(f"suggested lr for {r['optimizer']}: {r['suggested_lr']:.3g}\nwhy: {r['reason']}\n{plot}")
 
 
@@ -386,7 +436,8 @@ def cmd_compare(args) -> None:
     for extra in args.vary or []:
         name, _, values = extra.partition("=")
         grid = [dict(g, **h) for g in grid for h in parse_grid({name.replace("-", "_"): values})]
-    r = compare(model_cfg, cfg, grid, args.compare_out, log=lambda m: print(m, file=sys.stderr))
+    with watching(args, args.compare_out):
+        r = compare(model_cfg, cfg, grid, args.compare_out, log=lambda m: print(m, file=sys.stderr))
     print(format_table(r["runs"]) + f"plot: {r['png']}")
 
 
@@ -491,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(t, TrainConfig, typed_only=True)
     add_fields(t, ModelConfig, skip=("vocab_size",), typed_only=True)
     add_config_flags(t)
+    watch_flags(t)
     t.set_defaults(func=cmd_train)
 
     from gradlm.finetune import FinetuneConfig
@@ -500,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(t, FinetuneConfig, typed_only=True)
     add_fields(t, TrainConfig, skip=("init", "vocab_size"), typed_only=True)
     add_fields(t, ModelConfig, skip=tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "dropout"), typed_only=True)
+    watch_flags(t)
     t.set_defaults(func=cmd_finetune)
 
     t = sub.add_parser("merge", help="fold a LoRA run's adapter into its base weights: a run of full weights")
@@ -545,6 +598,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_flags(t, decoding=True)
     t.set_defaults(func=cmd_serve)
 
+    t = sub.add_parser("watch", help="a live page of one or more runs: curves, events, samples, progress (a compare or lr-find directory too)")
+    t.add_argument("runs", nargs="+", metavar="RUN", help="run directories, a `gradlm compare` output directory, or an `lr-find --out` directory")
+    t.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    t.add_argument("--port", type=int, default=8008, help="port to listen on (default: 8008; 0 picks a free one)")
+    t.add_argument("--api-key", default="", help="require this key (as 'Authorization: Bearer KEY' or the page's ?key=KEY) (default: $GRADLM_API_KEY, else none)")
+    t.add_argument("--wait", action="store_true", help="accept a run directory that does not exist yet and show it once training starts")
+    t.set_defaults(func=cmd_watch)
+
     from gradlm.evaluate import EvalConfig
 
     t = sub.add_parser("eval", help="loss, perplexity, bits per byte/char of a text; typo robustness; multiple choice; QA exact match")
@@ -562,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--end-lr", type=float, default=10.0, help="last learning rate of the sweep")
     t.add_argument("--steps", type=int, default=100, help="steps of the sweep")
     t.add_argument("--png", default="", help="where to write the plot of loss against learning rate (checked before the sweep)")
+    t.add_argument("--out", dest="lr_out", default="", help="folder to record the sweep in as it runs: lr_find.jsonl, then lr_find.json and lr_find.png (what `gradlm watch` shows)")
+    watch_flags(t)
     # The sweep sets the learning rate itself, runs a fixed number of steps and writes no run: flags about
     # budgets, schedules, evaluation, stopping and run directories mean nothing here and are not offered.
     add_fields(t, TrainConfig, skip=LR_FIND_SKIP, typed_only=True)
@@ -579,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(t, TrainConfig, skip=("out", "optimizer", "batch", "lr", "schedule", "resume", "from_best", "pause_at", "size"), typed_only=True)
     add_fields(t, ModelConfig, skip=("vocab_size",), typed_only=True)
     add_config_flags(t)
+    watch_flags(t)
     t.set_defaults(func=cmd_compare)
 
     t = sub.add_parser("plot", help="draw loss, learning-rate and gradient-norm curves of one or more runs")

@@ -57,6 +57,8 @@ class TrainConfig:
     pause_at: int = field(default=0, metadata={"help": "save and stop at this step without ending the schedule; continue with --resume"})
     eval_every: int = field(default=50, metadata={"help": "evaluate (and checkpoint) every N steps"})
     eval_tokens: int = field(default=32768, metadata={"help": "validation tokens per evaluation"})
+    sample_tokens: int = field(default=48, metadata={"help": "at every evaluation, write a seeded sample of this many tokens from a fixed prompt to samples.jsonl: what the model writes as it learns (0 = none)"})
+    sample_prompt: str = field(default="", metadata={"help": "the fixed prompt of those samples (default: the first tokens of the validation text)"})
     patience: int = field(default=0, metadata={"help": "early stopping: stop after N evaluations without improvement (0 = off)"})
     min_delta: float = field(default=0.0, metadata={"help": "improvement in validation loss that counts for --patience"})
     guard_retries: int = field(default=8, metadata={"help": "divergence guard: times to restore the last good state and halve the lr before giving up"})
@@ -106,7 +108,7 @@ class TrainConfig:
         for name in ("max_steps", "max_tokens", "max_epochs"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} is a budget and must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "patience", "guard_retries", "micro_batch", "pause_at", "weight_decay", "grad_clip", "min_delta"):
+        for name in ("warmup_steps", "sample_tokens", "patience", "guard_retries", "micro_batch", "pause_at", "weight_decay", "grad_clip", "min_delta"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from gradlm import checkpoint as ckpt
+from gradlm.chat import encode_chat
 from gradlm.config import TrainConfig, given_fields
 from gradlm.errors import ConfigError, RunDirError
 from gradlm.lora import LORA_TARGETS, add_adapters, adapter_weights, count_params, freeze_below, load_adapter_weights, parse_targets
@@ -224,6 +225,16 @@ class FineTuner(Trainer):
             return super().eval_windows(split)
         examples = self.val_examples if split == "val" else self.train_probe
         return batches(examples[self.dd.rank :: self.dd.world], self.micro, self.pad)
+
+    def sample_prompt_ids(self) -> list[int]:
+        """Chat data: the first held-out conversation up to where the assistant's reply starts, so the samples
+        show the model answering a question it never trained on (--sample-prompt: that text as a user turn)."""
+        if not self.chat:
+            return super().sample_prompt_ids()
+        if self.cfg.sample_prompt:
+            return encode_chat(self.tok, [{"role": "user", "content": self.cfg.sample_prompt}])
+        e = (self.val_examples or self.train_examples)[0]
+        return e.ids[: e.mask.index(True)] if True in e.mask else e.ids
 
     def describe(self) -> str:
         r, cfg = self.report, self.cfg

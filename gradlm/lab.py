@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,15 +27,20 @@ from gradlm import plots
 from gradlm.errors import ConfigError, Diverged, GradlmError
 from gradlm.model import ModelConfig
 from gradlm.optim import set_lr
-from gradlm.rundir import RunDir, read_metrics
+from gradlm.rundir import Metrics, RunDir, read_metrics
 from gradlm.config import TrainConfig
 from gradlm.trainer import Trainer, train
 
 
-def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, steps: int = 100, png: str | os.PathLike | None = None, log=print) -> dict:
+def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, steps: int = 100, png: str | os.PathLike | None = None, log=print,
+            out: str | os.PathLike | None = None) -> dict:
     """Learning-rate range test. Returns {"suggested_lr", "reason", "lrs", "losses", ...}; with png, draws
     the loss against the learning rate there. Shows a progress bar on a terminal (cfg.progress), a log line
     every tenth of the sweep otherwise.
+
+    With out (a folder), the sweep is recorded there as it runs, for `gradlm watch`: a row per step in
+    lr_find.jsonl ({"step", "lr", "loss", "smoothed"}), then lr_find.json (the result) and lr_find.png. A
+    sweep that fails leaves no record behind.
 
     The suggestion is the learning rate where the smoothed loss falls fastest per decade of learning
     rate: large enough to make quick progress, well below the point where the loss turns back up.
@@ -45,6 +51,35 @@ def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, en
         raise ConfigError(f"--steps must be at least 10 for a usable curve, got {steps}")
     if png:
         ckpt.check_output(png, "--png")  # before the sweep, not after it
+    record = None
+    if out:
+        out = ckpt.check_output(out, "--out", is_dir=True)
+        if (out / LR_FIND_RESULT).exists() or (out / LR_FIND_ROWS).exists():
+            raise ConfigError(f"{out} already holds a learning-rate sweep; choose another --out")
+        png = png or out / "lr_find.png"
+        made = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        record = Metrics(out / LR_FIND_ROWS)
+    try:
+        result = _sweep(model_cfg, cfg, start_lr, end_lr, steps, log, record)
+    except BaseException:
+        if record is not None:  # no half-written record
+            record.path.unlink(missing_ok=True)
+            if made:
+                shutil.rmtree(out, ignore_errors=True)
+        raise
+    if png:
+        result["png"] = str(plots.plot_lr_find(result["lrs"], result["losses"], result["smoothed"], result["suggested_lr"], png))
+    if out:
+        ckpt.atomic_write_json(out / LR_FIND_RESULT, result)
+    return result
+
+
+LR_FIND_ROWS, LR_FIND_RESULT = "lr_find.jsonl", "lr_find.json"
+
+
+def _sweep(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float, end_lr: float, steps: int, log, record) -> dict:
+    """The sweep itself and its reading (see lr_find)."""
     cfg = copy.deepcopy(cfg)
     cfg.lr = cfg.lr or 1.0
     cfg.size = "fixed"  # the range test is for the model the flags describe
@@ -66,6 +101,8 @@ def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, en
             losses.append(loss)
             smoothed = plots.smooth(losses, 0.9)
             best = min(best, smoothed[-1])
+            if record is not None:
+                record.write(step=i + 1, lr=lr, loss=loss, smoothed=smoothed[-1])
             bar.update()
             bar.set_postfix(lr=f"{lr:.1e}", loss=f"{smoothed[-1]:.3f}")
             if bar.disable and cfg.progress and (i + 1) % max(steps // 10, 1) == 0:
@@ -94,10 +131,7 @@ def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, en
         f"and {'turns up after it' if lowest < len(lrs) - 1 else 'was still falling at the end of the range'}: "
         f"start at the fastest-falling point; learning rates near {lrs[lowest]:.2g} are already too large for a whole run"
     )
-    result = {"suggested_lr": suggested, "min_loss_lr": float(lrs[lowest]), "reason": reason, "lrs": lrs, "losses": losses, "smoothed": smoothed, "optimizer": cfg.optimizer}
-    if png:
-        result["png"] = str(plots.plot_lr_find(lrs, losses, smoothed, suggested, png))
-    return result
+    return {"suggested_lr": suggested, "min_loss_lr": float(lrs[lowest]), "reason": reason, "lrs": lrs, "losses": losses, "smoothed": smoothed, "optimizer": cfg.optimizer}
 
 
 # ---- comparison lab ----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """What watches a run while it trains: the evaluations (checkpoint, best weights, early stopping, the
-overfitting warning), the divergence guard, what the run shows (progress bar, log lines, metrics.jsonl
-rows) and the signals that ask it to stop.
+overfitting warning, a sample of what the model writes), the divergence guard, what the run shows
+(progress bar, log lines, metrics.jsonl and samples.jsonl rows: what `gradlm watch` draws) and the
+signals that ask it to stop.
 
 Each piece is handed the Trainer (gradlm/trainer.py) and reads its counters; none of them decides what a
 step of gradient descent is: the loop in gradlm/trainer.py calls them, in order, once per step.
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from gradlm.errors import Diverged
 from gradlm.optim import base_lrs, scale_base_lr
+from gradlm.sampling import SamplingConfig, next_token
 
 
 def diverged(loss: float, grad_norm: float, ln_vocab: float, ema: float | None, step: int, start: float = 0.0) -> bool:
@@ -64,6 +66,7 @@ class DivergenceGuard:
         t.restore(self.good)
         if t.guard_used >= t.cfg.guard_retries:
             t.save()
+            t.event("stopped", f"stopped: diverged at step {bad_step} and the guard gave up after {t.guard_used} restarts", log=False, reason="diverged")
             raise Diverged(
                 f"training diverged at step {bad_step} (loss {loss:.4g}, gradient norm {grad_norm:.4g}) and the guard gave up "
                 f"after {t.guard_used} restarts with a halved learning rate; the last good state (step {t.step}) is saved in {t.out}. "
@@ -74,8 +77,8 @@ class DivergenceGuard:
         self.good = t.snapshot()
         self.ema = None
         new = base_lrs(t.opt)
-        t.log(f"divergence guard: step {bad_step} loss {loss:.4g} (grad norm {grad_norm:.4g}); restored step {t.step}, lr halved to {new['lr']:.3g} ({t.guard_used}/{t.cfg.guard_retries})")
-        t.metrics.write(step=t.step, event="diverged", at_step=bad_step, loss=loss if math.isfinite(loss) else None, new_lr=new["lr"])
+        t.event("diverged", f"divergence guard: step {bad_step} loss {loss:.4g} (grad norm {grad_norm:.4g}); restored step {t.step}, lr halved to {new['lr']:.3g} ({t.guard_used}/{t.cfg.guard_retries})",
+                at_step=bad_step, loss=loss if math.isfinite(loss) else None, new_lr=new["lr"])
         return False
 
 
@@ -90,16 +93,48 @@ def evaluate_and_checkpoint(t, show: TrainLog) -> bool:
         t.bad_evals += 1
     gap = ev["val_loss"] - ev["train_eval_loss"]
     t.gap_history.append(gap)
-    show.evaluation(ev, gap)
+    show.evaluation(ev, gap, improved)
     if overfitting(t.gap_history):
-        t.log(f"warning: the train/validation gap has grown for 3 evaluations ({t.gap_history[-4]:.3f} -> {gap:.3f}): the model is overfitting (high variance); consider --dropout, --weight-decay, --patience or more data")
+        t.event("overfitting", f"warning: the train/validation gap has grown for 3 evaluations ({t.gap_history[-4]:.3f} -> {gap:.3f}): the model is overfitting (high variance); consider --dropout, --weight-decay, --patience or more data")
+    write_sample(t)
     t.save()
     if improved and t.dd.main:
         t.run.mark_best()
     if cfg.patience and t.bad_evals >= cfg.patience:
-        t.log(f"converged: validation loss has not improved by {cfg.min_delta} for {cfg.patience} evaluations (best {t.best_val:.4f}); best weights in {t.run.checkpoint_path(best=True)}")
+        t.event("converged", f"converged: validation loss has not improved by {cfg.min_delta} for {cfg.patience} evaluations (best {t.best_val:.4f}); best weights in {t.run.checkpoint_path(best=True)}")
         return True
     return False
+
+
+SAMPLING = SamplingConfig(temperature=0.8, top_k=50)  # the evaluation samples: readable, and the same draw each time
+
+
+@torch.no_grad()
+def write_sample(t) -> None:
+    """samples.jsonl: what the model writes from the run's fixed prompt (t.sample_prompt_ids()) at this
+    evaluation, seeded with the run's seed, so that from one evaluation to the next only the weights change.
+
+    A short decode with the KV cache on rank 0, in eval mode (no dropout) and with a generator of its own:
+    the training's random state is untouched, so a run with samples resumes bit for bit as one without.
+    (The engine, gradlm/engine.py, is the decoder for users' requests; training may not import it.)"""
+    if not (t.cfg.sample_tokens and t.dd.main):
+        return
+    prompt = t.sample_prompt_ids()[-(t.block - 1):]  # the newest tokens if the prompt fills the window
+    n = min(t.cfg.sample_tokens, t.block - len(prompt))
+    model, gen = t.model, torch.Generator(device=t.device).manual_seed(t.cfg.seed)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(1, len(prompt) + n)
+        ids, new = torch.tensor([prompt], device=t.device), []
+        with t.autocast():
+            for _ in range(n):
+                logits = model(ids, cache=cache, last_only=True)[:, -1, : t.tok.vocab_size]  # (1, V): ids the tokenizer has
+                ids = next_token(logits, SAMPLING, gen)[:, None]  # (1, 1)
+                new.append(int(ids))
+    finally:
+        model.train(was_training)
+    t.samples.write(step=t.step, tokens=t.tokens_seen, time=round(t.budget.elapsed, 3), prompt=t.tok.decode(prompt), text=t.tok.decode(new))
 
 
 class TrainLog:
@@ -121,17 +156,19 @@ class TrainLog:
         if t.step % cfg.log_every == 0 or t.step == 1:
             tps = (t.tokens_seen - self.tokens_last) / max(budget.train_time - self.t_last, 1e-9)  # evaluations excluded
             self.t_last, self.tokens_last = budget.train_time, t.tokens_seen
-            t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(budget.elapsed, 3), epoch=round(t.epochs_done(), 4), **lrs, loss=loss, grad_norm=grad_norm, tokens_per_s=round(tps, 1))
+            eta = budget.eta()
+            t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(budget.elapsed, 3), epoch=round(t.epochs_done(), 4), **lrs, loss=loss, grad_norm=grad_norm, tokens_per_s=round(tps, 1),
+                            progress=round(min(budget.progress(), 1.0), 4), eta_s=round(eta, 1) if math.isfinite(eta) else None)
             lr_text = " | ".join(f"{k.replace('_', ' ')} {v:.2e}" for k, v in lrs.items())
             if self.bar.disable and cfg.progress:
                 t.log(f"step {t.step:>6} | loss {loss:.4f} | {lr_text} | grad norm {grad_norm:.3f} | {tps:,.0f} tok/s | {budget.elapsed:.0f}s, eta {budget.eta():.0f}s")
             self.bar.set_postfix(step=t.step, loss=f"{loss:.3f}", lr=f"{lrs['lr']:.1e}", tok_s=f"{tps:,.0f}", val=f"{self.last_eval.get('val_loss', float('nan')):.3f}")
         self.bar.update(min(100.0, 100 * budget.progress()) - self.bar.n)
 
-    def evaluation(self, ev: dict, gap: float) -> None:
+    def evaluation(self, ev: dict, gap: float, best: bool) -> None:
         t = self.t
         self.last_eval = ev
-        t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(t.budget.elapsed, 3), epoch=round(t.epochs_done(), 4), **ev, gap=gap)
+        t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(t.budget.elapsed, 3), epoch=round(t.epochs_done(), 4), **ev, gap=gap, best=best)
         t.log(f"step {t.step:>6} | val loss {ev['val_loss']:.4f} | val bpb {ev['val_bpb']:.4f} | train loss {ev['train_eval_loss']:.4f}")
 
     def close(self) -> None:

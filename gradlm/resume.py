@@ -115,6 +115,9 @@ def restore_checkpoint(t, state: dict) -> None:
     extend_budget(t)
     where = "best checkpoint" if cfg.from_best else "checkpoint"
     t.notes.insert(0, f"resumed {t.out} from its {where} at step {t.step}")
+    t.pending_events.append(("resumed", t.notes[0]))
+    if any(n.startswith("budget extended") for n in t.notes):
+        t.pending_events.append(("budget_extended", next(n for n in t.notes if n.startswith("budget extended"))))
 
 
 def extend_budget(t) -> None:
@@ -144,8 +147,9 @@ def extend_budget(t) -> None:
         budget.start_phase(warmup)
         lr, factor = base_lrs(t.opt)["lr"], budget.last_factor
         whose = "--lr" if "lr" in t.typed else "the run's peak"
+        flags = ", ".join(f"--{b.replace('_', '-')} {getattr(cfg, b)}" for b in changed)
         rise = f"warms the learning rate up from {lr * factor:.3g} to {lr:.3g} ({whose}) over {warmup} steps"
         t.notes.append(
-            f"budget extended: a new {cfg.schedule} phase {rise if factor < 0.999 else f'keeps the learning rate at {lr:.3g} ({whose})'}, "
+            f"budget extended ({flags}): a new {cfg.schedule} phase {rise if factor < 0.999 else f'keeps the learning rate at {lr:.3g} ({whose})'}, "
             f"then decays it to {lr * cfg.min_lr_ratio:.3g} over the rest of the budget"
         )

@@ -12,7 +12,9 @@
       state/trainer.pt     optimizer, sampler, RNG, counters of the latest checkpoint (weights_only load)
       state/previous.pt    the checkpoint before it, kept until the next one is complete
       state/best.pt        the state that goes with best.safetensors (resume with --from-best)
-      metrics.jsonl        one JSON object per logged step / evaluation / event
+      metrics.jsonl        one JSON object per logged step / evaluation / event (guard restores, overfitting,
+                           early stopping, resumes, budget extensions, why it stopped)
+      samples.jsonl        what the model writes at each evaluation: a seeded sample from a fixed prompt
       summary.json         the final report of the last training
       plots/               curves as PNG
       .lock                held (flock) by the one process writing the run
@@ -72,6 +74,7 @@ class RunDir:
         self.previous_state = self.path / "state" / "previous.pt"
         self.best_state = self.path / "state" / "best.pt"
         self.metrics = self.path / "metrics.jsonl"
+        self.samples = self.path / "samples.jsonl"
         self.summary = self.path / "summary.json"
         self.plots = self.path / "plots"
         self.training_plot = self.plots / "training.png"
@@ -358,7 +361,8 @@ class RunLock:
 
 
 class Metrics:
-    """metrics.jsonl: one JSON object per logged step or evaluation, appended as written."""
+    """A JSON-lines file of the run (metrics.jsonl, samples.jsonl): one JSON object per row, appended as written,
+    each row one write of one line (a reader tailing the file sees whole lines, or a last one still coming)."""
 
     def __init__(self, path: Path, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled

@@ -94,6 +94,7 @@ class Trainer:
         checkpoint_weights(), restore_weights(best)   what a checkpoint keeps of the model
         data_summary()         the "data" section of config.json
         steps_per_epoch()      updates in one pass over the training data
+        sample_prompt_ids()    the fixed prompt of the samples written at every evaluation
         start_run_dir()        write the run's files before the first step
     """
 
@@ -118,6 +119,7 @@ class Trainer:
         self.init_tok, self.tokenizer_trained_here = start.init_tok, start.tokenizer_trained_here
         self.saved_cfg, self.saved_data = start.saved_cfg, start.saved_data
         self.notes = start.notes  # what a resume changed, said once the log is set up
+        self.pending_events: list[tuple[str, str]] = []  # (kind, message) of a resume, written once the run directory is open
         unset = TrainConfig()
         check_budgets(cfg, {b for b in typed if getattr(cfg, b) != getattr(unset, b)})  # e.g. max_time="0" (the CLI checks typed flags)
         if not any(getattr(cfg, b) for b in BUDGETS):
@@ -164,6 +166,7 @@ class Trainer:
         elif self.restoring:
             restore_checkpoint(self, self.run.load_state(cfg.from_best))
         self.metrics = Metrics(self.run.metrics, self.dd.main)
+        self.samples = Metrics(self.run.samples, self.dd.main)
 
     # -- data: rank 0 prepares (and caches); the other ranks then read the same cache
 
@@ -302,6 +305,20 @@ class Trainer:
         """Updates in one pass over the training data."""
         return len(self.train_tokens) / self.step_tokens
 
+    def sample_prompt_ids(self) -> list[int]:
+        """The fixed prompt of the samples written at every evaluation: --sample-prompt, or the first tokens of
+        the validation text (a quarter of the window, at most 16), which the model never trains on."""
+        if self.cfg.sample_prompt:
+            return self.tok.encode(self.cfg.sample_prompt) or self.val_tokens[:1].tolist()
+        return self.val_tokens[: max(1, min(16, self.block // 4))].tolist()
+
+    def event(self, kind: str, message: str, log: bool = True, **extra) -> None:
+        """Something happened to the run (a guard restore, overfitting, early stopping, a resume, a budget
+        extension, the stop): log the message (unless said otherwise) and write it to metrics.jsonl as an event row."""
+        if log:
+            self.log(message)
+        self.metrics.write(step=self.step, tokens=self.tokens_seen, time=round(self.budget.elapsed, 3), event=kind, message=message, **extra)
+
     # -- one step of gradient descent
 
     def gradients(self) -> tuple[float, float]:
@@ -389,11 +406,13 @@ class Trainer:
             self.lock = self.run.lock().acquire()
         if self.resumed:
             self.metrics.truncate_after(self.step)
+            self.samples.truncate_after(self.step)
         else:
             if self.run.exists():  # another process made it between our check and the lock
                 self.lock.release()
                 raise RunDirError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
             self.run.metrics.unlink(missing_ok=True)
+            self.run.samples.unlink(missing_ok=True)
         self.run.save_tokenizer(self.tok)
         self.run.write_config(self.model_cfg, asdict(self.cfg), self.data_summary(), **self.config_extra)
 
@@ -469,6 +488,8 @@ def _loop(t: Trainer, on_step) -> dict:
     cfg, budget = t.cfg, t.budget
     for note in t.notes:
         t.log(note)
+    for kind, message in t.pending_events:  # a resume, a budget extension: also events on the curves (gradlm watch)
+        t.event(kind, message, log=False)  # logged with the notes
     guard, show = DivergenceGuard(t), TrainLog(t)
     t.log(t.describe())
     t.model.train()
@@ -526,6 +547,9 @@ def _finish(t: Trainer, show: TrainLog, stop_reason: str, signum: int) -> dict:
         "train_time_s": budget.train_time, "tokens_per_s": t.tokens_seen / budget.train_time if budget.train_time else 0.0, "dtype": t.compute_dtype,
         "stop": stop_reason, "best_val_loss": t.best_val, "divergence_restarts": t.guard_used, **show.last_eval, **t.report,
     }
+    why = {"budget": "its budget is spent", "converged": "it converged (early stopping)", "paused": f"--pause-at {t.cfg.pause_at}",
+           "interrupted": f"{signal.Signals(signum).name if signum else 'a signal'}: continue with `gradlm {t.command} --out {out} --resume`"}.get(stop_reason, stop_reason)
+    t.event("stopped", f"stopped at step {t.step}: {why}", log=False, reason=stop_reason)
     if t.dd.main:
         t.run.write_summary(summary)
         if t.cfg.plots:

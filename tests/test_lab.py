@@ -110,3 +110,23 @@ def test_lr_find_shows_progress_and_writes_only_where_told(text_file, tmp_path):
     assert "plot: none (add --png FILE" in r.stdout and not list(tmp_path.glob("*.png"))
     r = _cli("lr-find", "--data", text_file, "--steps", 20, "--batch", "8", "--png", "lr.png", *shape, cwd=tmp_path)
     assert r.returncode == 0 and (tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lr_find_records_the_sweep_in_out_as_it_runs_and_nothing_when_it_fails(prepared, tmp_path, tok):
+    import pytest
+
+    from gradlm.errors import ConfigError, GradlmError
+
+    out = tmp_path / "sweep"
+    r = lr_find(tiny_config(tok.vocab_size), base(prepared, tmp_path), 1e-5, 10.0, 30, log=lambda m: None, out=out)
+    rows = [json.loads(ln) for ln in (out / "lr_find.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == list(range(1, len(r["lrs"]) + 1))
+    assert [x["lr"] for x in rows] == r["lrs"] and [x["loss"] for x in rows] == r["losses"]
+    saved = json.loads((out / "lr_find.json").read_text())
+    assert saved["suggested_lr"] == r["suggested_lr"] and (out / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ConfigError, match="already holds a learning-rate sweep"):
+        lr_find(tiny_config(tok.vocab_size), base(prepared, tmp_path), 1e-5, 10.0, 30, log=lambda m: None, out=out)
+    failing = tmp_path / "failing"
+    with pytest.raises(GradlmError, match="lower --start-lr"):  # diverges at once: no half-written record is left
+        lr_find(tiny_config(tok.vocab_size), base(prepared, tmp_path, optimizer="sgd", grad_clip=0.0), 1e6, 1e9, 30, log=lambda m: None, out=failing)
+    assert not failing.exists()

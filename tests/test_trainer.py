@@ -384,3 +384,69 @@ def test_a_run_from_before_identities_resumes_from_the_folder_it_recorded(text_f
     (tmp_path / "run" / "config.json").write_text(json.dumps(cfg))
     text.unlink()
     assert train(model_for(tok), cfg_for(None, tmp_path, resume=True, **kw))["steps"] == 8
+
+
+# ---- what a run records for `gradlm watch`: samples, events, progress -------------------------------------------
+
+
+def _rows(run, name="metrics.jsonl"):
+    return [json.loads(ln) for ln in (run / name).read_text().splitlines()]
+
+
+def test_samples_are_written_at_every_evaluation_and_leave_training_untouched(prepared, tmp_path, tok):
+    kw = dict(max_steps=12, eval_every=4)
+    train(model_for(tok, dropout=0.1), cfg_for(prepared, tmp_path, name="with", **kw))
+    train(model_for(tok, dropout=0.1), cfg_for(prepared, tmp_path, name="without", sample_tokens=0, **kw))
+    train(model_for(tok, dropout=0.1), cfg_for(prepared, tmp_path, name="again", **kw))
+    samples = _rows(tmp_path / "with", "samples.jsonl")
+    assert [s["step"] for s in samples] == [4, 8, 12]
+    assert len({s["prompt"] for s in samples}) == 1 and samples[0]["prompt"]  # one fixed prompt: only the weights change
+    assert all(len(tok.encode(s["text"])) >= 1 for s in samples) and len({s["text"] for s in samples}) > 1
+    untimed = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]  # noqa: E731
+    assert untimed(samples) == untimed(_rows(tmp_path / "again", "samples.jsonl"))  # seeded: the same run writes the same samples
+    assert not (tmp_path / "without" / "samples.jsonl").exists()
+    a, b = load_file(tmp_path / "with" / "model.safetensors"), load_file(tmp_path / "without" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # sampling draws from its own generator, in eval mode
+
+
+def test_a_given_sample_prompt_is_used(prepared, tmp_path, tok):
+    train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=4, eval_every=4, sample_prompt="ROMEO:", sample_tokens=5))
+    (s,) = _rows(tmp_path / "run", "samples.jsonl")
+    assert s["prompt"] == "ROMEO:" and s["text"]
+
+
+def test_metrics_rows_carry_progress_best_and_events_with_messages(prepared, tmp_path, tok):
+    train(model_for(tok), cfg_for(prepared, tmp_path, lr=10.0, grad_clip=0.0, max_steps=30, eval_every=10, guard_retries=20, log_every=1))
+    rows = read_metrics(tmp_path / "run")
+    steps = [r for r in rows if "grad_norm" in r and "event" not in r]
+    assert all(0 < r["progress"] <= 1 and r["eta_s"] >= 0 for r in steps) and steps[-1]["progress"] == 1.0
+    evals = [r for r in rows if "val_loss" in r]
+    assert evals and all(isinstance(r["best"], bool) for r in evals) and evals[0]["best"]
+    events = [r for r in rows if "event" in r]
+    assert {e["event"] for e in events} >= {"diverged", "stopped"} and all(e["message"] and "time" in e and "tokens" in e for e in events)
+    assert events[-1] == rows[-1] and events[-1]["event"] == "stopped" and events[-1]["reason"] == "budget"
+
+
+def test_a_resume_and_a_budget_extension_are_events_and_samples_are_trimmed_like_metrics(prepared, tmp_path, tok):
+    train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=8, eval_every=4, pause_at=6))
+    run = tmp_path / "run"
+    (run / "samples.jsonl").open("a").write(json.dumps({"step": 7, "text": "written after the checkpoint"}) + "\n")  # a crash after it
+    train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=12, eval_every=4, resume=True), given={"max_steps"})
+    events = [r for r in read_metrics(run) if "event" in r]
+    assert [e["event"] for e in events] == ["stopped", "resumed", "budget_extended", "stopped"]
+    assert events[0]["reason"] == "paused" and events[1]["step"] == 6 and "--max-steps 12" in events[2]["message"]
+    assert [s["step"] for s in _rows(run, "samples.jsonl")] == [4, 6, 8, 12]
+
+
+def test_a_chat_finetune_samples_an_answer_to_a_held_out_question(prepared, tmp_path, tok):
+    from gradlm.chat import encode_chat
+    from gradlm.finetune import FinetuneConfig, finetune
+
+    train(model_for(tok), cfg_for(prepared, tmp_path, name="base", max_steps=2))
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is {i}?"}, {"role": "assistant", "content": f"it is {i}"}]}) + "\n" for i in range(20)))
+    finetune(str(tmp_path / "base"), cfg_for(qa, tmp_path, name="ft", max_steps=4, eval_every=2, val_fraction=0.2, sample_tokens=4), FinetuneConfig())
+    samples = _rows(tmp_path / "ft", "samples.jsonl")
+    question = samples[0]["prompt"].split("<|user|>")[1].split("<|end|>")[0]
+    assert len(samples) == 2 and question.startswith("what is ")
+    assert samples[0]["prompt"] == tok.decode(encode_chat(tok, [{"role": "user", "content": question}]))  # up to where the reply starts
