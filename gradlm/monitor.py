@@ -50,8 +50,11 @@ class DivergenceGuard:
         self.start = 0.0  # the loss of the first step, before any update of this invocation
         self.good = t.snapshot()
 
-    def mark_good(self) -> None:
-        self.good = self.t.snapshot()
+    def mark_good(self, val_loss: float) -> None:
+        """After an evaluation: this state is the one to come back to, unless its validation loss itself says
+        it has diverged (a state worse than guessing is no refuge: every restore would land in it again)."""
+        if not diverged(val_loss, 0.0, self.ln_vocab, None, self.t.step, self.start):
+            self.good = self.t.snapshot()
 
     def observe(self, loss: float, grad_norm: float) -> bool:
         """True if the step was sane (apply it); False if the guard restored an earlier state."""

@@ -37,6 +37,12 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
+def step_rows(rows: list[dict]) -> list[dict]:
+    """The rows of metrics.jsonl that log a training step (not an evaluation, not an event such as a guard
+    restore, which also names a loss)."""
+    return [r for r in rows if "grad_norm" in r and "event" not in r]
+
+
 def plot_runs(runs: dict[str, list[dict]], path: str | os.PathLike, title: str = "") -> Path:
     """Loss (train, smoothed, and validation), learning rate and gradient norm against step.
 
@@ -45,7 +51,7 @@ def plot_runs(runs: dict[str, list[dict]], path: str | os.PathLike, title: str =
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for k, (label, rows) in enumerate(runs.items()):
         color = f"C{k % 10}"
-        train = [r for r in rows if "loss" in r and "step" in r]
+        train = step_rows(rows)
         val = [r for r in rows if "val_loss" in r]
         if train:
             axes[0].plot([r["step"] for r in train], smooth([r["loss"] for r in train], 0.6), color=color, label=f"{label} train")
@@ -76,7 +82,7 @@ def plot_compare(runs: dict[str, list[dict]], path: str | os.PathLike, title: st
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), sharey=True)
     for k, (label, rows) in enumerate(runs.items()):
         color = f"C{k % 10}"
-        train = [r for r in rows if "loss" in r and "tokens" in r]
+        train = step_rows(rows)
         val = [r for r in rows if "val_loss" in r]
         for ax, key in zip(axes, ("step", "tokens", "time")):
             if train:  # a run with few logged steps (batch GD) gets markers, or its curve would not show

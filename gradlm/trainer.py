@@ -529,7 +529,7 @@ def _loop(t: Trainer, on_step) -> dict:
                 if converged:
                     stop_reason = "converged"
                     break
-                guard.mark_good()
+                guard.mark_good(show.last_eval["val_loss"])
     show.close()
     return _finish(t, show, stop_reason, signals.signum)
 

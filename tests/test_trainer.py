@@ -89,11 +89,25 @@ def test_early_stopping_fires_on_a_plateau(prepared, tmp_path, tok):
 
 
 def test_divergence_guard_recovers_from_an_absurd_lr(prepared, tmp_path, tok):
-    s = train(model_for(tok), cfg_for(prepared, tmp_path, lr=10.0, grad_clip=0.0, max_steps=30, guard_retries=20))
+    s = train(model_for(tok), cfg_for(prepared, tmp_path, lr=10.0, grad_clip=0.0, max_steps=30, guard_retries=20, plots=True))
     assert s["divergence_restarts"] >= 1 and math.isfinite(s["val_loss"])
+    assert (tmp_path / "run" / "plots" / "training.png").is_file()  # the plot draws a run with guard events
     assert s["val_loss"] < math.log(tok.vocab_size)
     events = [r for r in read_metrics(tmp_path / "run") if r.get("event") == "diverged"]
     assert len(events) == s["divergence_restarts"] and events[1]["new_lr"] == events[0]["new_lr"] / 2
+
+
+def test_the_guard_never_takes_a_diverged_evaluation_as_its_refuge(prepared, tmp_path, tok):
+    from gradlm.monitor import DivergenceGuard
+
+    t = Trainer(model_for(tok), cfg_for(prepared, tmp_path))
+    guard = DivergenceGuard(t)
+    first = guard.good
+    guard.mark_good(val_loss=3 * math.log(tok.vocab_size))  # far worse than guessing: restoring here would diverge again
+    assert guard.good is first
+    guard.mark_good(val_loss=0.9 * math.log(tok.vocab_size))
+    assert guard.good is not first
+    t.close_run_dir()
 
 
 def test_divergence_guard_gives_up_with_a_suggestion(prepared, tmp_path, tok):
