@@ -499,7 +499,23 @@ LR_FIND_SKIP = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_watch_command(sub) -> None:
+    t = sub.add_parser("watch", help="a live page of one or more runs: curves, events, samples, progress (a compare or lr-find directory too)")
+    t.add_argument("runs", nargs="+", metavar="RUN", help="run directories, a `gradlm compare` output directory, or an `lr-find --out` directory")
+    t.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    t.add_argument("--port", type=int, default=8008, help="port to listen on (default: 8008; 0 picks a free one)")
+    t.add_argument("--api-key", default="", help="require this key (as 'Authorization: Bearer KEY' or the page's ?key=KEY) (default: $GRADLM_API_KEY, else none)")
+    t.add_argument("--wait", action="store_true", help="accept a run directory that does not exist yet and show it once training starts")
+    t.set_defaults(func=cmd_watch)
+
+
+def build_parser(command: str = "") -> argparse.ArgumentParser:
+    """The parser of every command; for `watch` only, one that imports nothing heavy (the watcher reads JSON
+    files and never loads torch, so `gradlm watch` and `train --watch` start in a fraction of a second)."""
+    if command == "watch":
+        p = Parser(prog="gradlm", description="Train small GPT-style language models from your own text.")
+        add_watch_command(p.add_subparsers(dest="command", required=True, parser_class=Parser))
+        return p
     from gradlm.generate import SamplingConfig
     from gradlm.model import ModelConfig
     from gradlm.config import TrainConfig
@@ -598,13 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_flags(t, decoding=True)
     t.set_defaults(func=cmd_serve)
 
-    t = sub.add_parser("watch", help="a live page of one or more runs: curves, events, samples, progress (a compare or lr-find directory too)")
-    t.add_argument("runs", nargs="+", metavar="RUN", help="run directories, a `gradlm compare` output directory, or an `lr-find --out` directory")
-    t.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    t.add_argument("--port", type=int, default=8008, help="port to listen on (default: 8008; 0 picks a free one)")
-    t.add_argument("--api-key", default="", help="require this key (as 'Authorization: Bearer KEY' or the page's ?key=KEY) (default: $GRADLM_API_KEY, else none)")
-    t.add_argument("--wait", action="store_true", help="accept a run directory that does not exist yet and show it once training starts")
-    t.set_defaults(func=cmd_watch)
+    add_watch_command(sub)
 
     from gradlm.evaluate import EvalConfig
 
@@ -668,7 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv else "")
     args = parser.parse_args(argv)
     try:
         args.func(args)

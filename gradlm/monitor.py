@@ -151,14 +151,15 @@ class TrainLog:
             total=100.0, initial=round(100 * t.budget.progress(), 2), disable=not (cfg.progress and sys.stderr.isatty() and t.dd.main), dynamic_ncols=True,
             bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]",
         )
-        self.t_last, self.tokens_last = t.budget.train_time, t.tokens_seen
+        self.t_last, self.tokens_since = t.budget.train_time, 0
         self.last_eval: dict = {}
 
     def step(self, loss: float, grad_norm: float, lrs: dict[str, float]) -> None:
         t, cfg, budget = self.t, self.t.cfg, self.t.budget
+        self.tokens_since += t.drawn_tokens  # counted per step: a guard restore moves tokens_seen back
         if t.step % cfg.log_every == 0 or t.step == 1:
-            tps = (t.tokens_seen - self.tokens_last) / max(budget.train_time - self.t_last, 1e-9)  # evaluations excluded
-            self.t_last, self.tokens_last = budget.train_time, t.tokens_seen
+            tps = self.tokens_since / max(budget.train_time - self.t_last, 1e-9)  # evaluations excluded
+            self.t_last, self.tokens_since = budget.train_time, 0
             eta = budget.eta()
             t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(budget.elapsed, 3), epoch=round(t.epochs_done(), 4), **lrs, loss=loss, grad_norm=grad_norm, tokens_per_s=round(tps, 1),
                             progress=round(min(budget.progress(), 1.0), 4), eta_s=round(eta, 1) if math.isfinite(eta) else None)

@@ -414,7 +414,8 @@ class Trainer:
             self.run.metrics.unlink(missing_ok=True)
             self.run.samples.unlink(missing_ok=True)
         self.run.save_tokenizer(self.tok)
-        self.run.write_config(self.model_cfg, asdict(self.cfg), self.data_summary(), **self.config_extra)
+        self.run.write_config(self.model_cfg, asdict(self.cfg), self.data_summary(), **self.config_extra, params=self.model.num_params(),
+                              runtime={"device": self.device, "dtype": self.compute_dtype})  # what "auto" resolved to here
 
     def close_run_dir(self) -> None:
         if getattr(self, "lock", None) is not None:

@@ -36,3 +36,46 @@ def test_tokenizer_train_and_tokenize(tmp_path, text_file, capsys):
 def test_prepare_then_train_on_prepared(tmp_path, text_file):
     assert main(["prepare", "--data", str(text_file), "--out", str(tmp_path / "prep"), "--vocab-size", "300", "--workers", "1"]) == 0
     assert main(["train", "--data", str(tmp_path / "prep"), "--out", str(tmp_path / "run"), "--max-steps", "2", "--no-plots", *TINY]) == 0
+
+
+def test_train_watch_serves_the_run_while_it_trains_and_stops_with_it(tmp_path, text_file):
+    """--watch starts `gradlm watch` beside the training, prints its address before the first step, the page
+    streams the run while it trains, and the watcher ends with the command (no process left behind)."""
+    import httpx
+
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "gradlm", "train", "--data", str(text_file), "--out", str(out), "--vocab-size", "300",
+                          "--max-steps", "400", "--eval-every", "50", "--watch", "--watch-port", "0", *TINY],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stderr.readline()
+        while line and "watch it live:" not in line:
+            line = p.stderr.readline()
+        url = line.split("watch it live: ")[1].split()[0]
+        assert httpx.get(url, timeout=10).status_code == 200
+        seen = ""
+        with httpx.stream("GET", url + "events", timeout=httpx.Timeout(10.0, read=60.0)) as r:
+            for chunk in r.iter_text():
+                seen += chunk
+                if '"val_loss"' in seen:  # an evaluation row of the running training reached the page
+                    break
+        _, err = p.communicate(timeout=300)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    try:
+        httpx.get(url, timeout=2)
+        raise AssertionError("the watcher outlived the training")
+    except httpx.ConnectError:
+        pass
+
+
+def test_watch_port_in_use_is_one_line_before_training(tmp_path, text_file):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        r = run("train", "--data", text_file, "--out", tmp_path / "run", "--max-steps", 2, "--watch", "--watch-port", s.getsockname()[1], *TINY)
+    assert r.returncode == 2 and "--watch" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()

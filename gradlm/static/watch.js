@@ -358,8 +358,10 @@
     if (cfg.train) rows.push(['budget', budget || 'none: until stopped']);
     if (num(t.eval_every) && t.eval_every > 0) rows.push(['evaluation', parts(`every ${fmtInt(t.eval_every)} steps`, num(t.patience) && t.patience > 0 && `patience ${t.patience}`)]);
     if (num(m.dropout) && m.dropout > 0) rows.push(['dropout', String(m.dropout)]);
-    const dtype = (summary && summary.dtype) || t.dtype;
-    if (t.device || dtype) rows.push(['device', parts(t.device === 'auto' ? 'auto-detected' : t.device, dtype !== 'auto' && dtype)]);
+    const rt = cfg.runtime || {};  // what --device/--dtype auto resolved to on the training machine
+    const dtype = rt.dtype || (summary && summary.dtype) || t.dtype;
+    const device = rt.device || (t.device === 'auto' ? 'auto-detected' : t.device);
+    if (device || dtype) rows.push(['device', parts(device, dtype !== 'auto' && dtype)]);
     if (t.data || d.train_tokens != null) {
       const tokens = num(d.train_tokens) ? `${fmtCompact(d.train_tokens)} train + ${fmtCompact(d.val_tokens)} val tokens` : null;
       rows.push(['data', parts(typeof t.data === 'string' ? t.data.split('/').filter(Boolean).pop() : null, tokens)]);

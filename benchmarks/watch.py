@@ -1,0 +1,108 @@
+"""What watching a run costs the training: tokens/s with and without `gradlm watch` and its viewers.
+
+Trains the same run (seeded; Shakespeare, the `make demo` model's shape: 4 layers, d_model 192, context 128,
+vocab 1024, batch 32) --rounds times in each of two ways, alternating so both see the same load from anything
+else on the machine:
+  alone     `gradlm train` and nothing else;
+  silent    the same with --sample-tokens 0: no sample at the evaluations (what writing samples.jsonl costs);
+  watched   `gradlm train` while `gradlm watch RUN --wait` (its own process, as `train --watch` starts it)
+            streams the run to --viewers clients, each reading the page's server-sent events as a browser does.
+Each training runs --steps steps with an evaluation (and a sample) every --eval-every; tokens/s is the run's own
+figure from summary.json (training steps only, evaluations excluded) and the wall time is the whole command's.
+The viewers count the rows they receive, to show they were really fed throughout.
+
+    python benchmarks/watch.py                       # the figures in docs/benchmarks.md
+    python benchmarks/watch.py --rounds 5 --viewers 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+SHAPE = ["--n-layer", "4", "--d-model", "192", "--n-head", "6", "--block-size", "128", "--batch", "32", "--vocab-size", "1024"]
+
+
+def gradlm(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gradlm", *args], **kw)
+
+
+def viewer(url: str, counts: list[int], i: int, stop: threading.Event) -> None:
+    """One browser's worth of reading: the SSE stream, every message counted, until told to stop."""
+    while not stop.is_set():
+        try:
+            with httpx.stream("GET", url + "events", timeout=httpx.Timeout(5.0, read=30.0)) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        counts[i] += line.count('"step"')
+                    if stop.is_set():
+                        return
+        except httpx.HTTPError:
+            time.sleep(0.2)  # the run's folder appears a moment after the watcher starts
+
+
+def train_once(out: Path, args, kind: str) -> dict:
+    watched = kind == "watched"
+    cmd = ["train", "--data", "shakespeare", "--out", str(out), "--max-steps", str(args.steps), "--eval-every", str(args.eval_every),
+           "--seed", "0", "--no-progress", "--no-plots", *SHAPE, *(["--sample-tokens", "0"] if kind == "silent" else [])]
+    watcher, stop, counts, threads = None, threading.Event(), [0] * args.viewers, []
+    if watched:
+        watcher = gradlm("watch", str(out), "--wait", "--port", "0", stdout=subprocess.PIPE, text=True)
+        url = watcher.stdout.readline().split()[-1]
+        for i in range(args.viewers):
+            threads.append(threading.Thread(target=viewer, args=(url, counts, i, stop), daemon=True))
+            threads[-1].start()
+    t0 = time.perf_counter()
+    p = gradlm(*cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, err = p.communicate()
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        raise SystemExit(f"training failed:\n{err[-2000:]}")
+    if watched:
+        time.sleep(1.0)  # the last rows reach the viewers
+        stop.set()
+        watcher.terminate()
+        watcher.wait()
+    s = json.loads((out / "summary.json").read_text())
+    return {"tokens_per_s": s["tokens_per_s"], "wall_s": wall, "rows_seen": min(counts) if counts else 0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--viewers", type=int, default=2)
+    args = ap.parse_args()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    print(f"machine: {cpu}, {os.cpu_count()} cores; {args.steps} steps, evaluation every {args.eval_every}, {args.viewers} viewers, {args.rounds} rounds alternating")
+    results: dict[str, list[dict]] = {"alone": [], "watched": [], "silent": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for kind in list(results) if r % 2 == 0 else list(results)[::-1]:
+                out = Path(tmp) / f"{kind}-{r}"
+                results[kind].append(train_once(out, args, kind))
+                x = results[kind][-1]
+                print(f"round {r + 1} {kind:>7}: {x['tokens_per_s']:,.0f} tok/s, {x['wall_s']:.1f} s wall" + (f", each viewer got {x['rows_seen']} rows" if kind == "watched" else ""), flush=True)
+    med = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in results.items()}
+    wall = {k: statistics.median(x["wall_s"] for x in v) for k, v in results.items()}
+    print("\n| | tokens/s (median) | wall s (median) |\n|---|---:|---:|")
+    for k in results:
+        print(f"| {k} | {med[k]:,.0f} | {wall[k]:.1f} |")
+    print(f"\nwatched / alone: {med['watched'] / med['alone']:.3f}x tokens/s, {wall['watched'] / wall['alone']:.3f}x wall time")
+    print(f"alone (samples) / silent (no samples): {wall['alone'] / wall['silent']:.3f}x wall time, {med['alone'] / med['silent']:.3f}x tokens/s")
+
+
+if __name__ == "__main__":
+    main()
