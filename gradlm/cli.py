@@ -350,25 +350,32 @@ def watch_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--watch-port", type=int, default=8008, help="port of that page (default: 8008; 0 picks a free one)")
 
 
+WATCH_GRACE_S = 1.2  # the watcher looks at the files every 0.5 s: its viewers get the last rows before it stops
+
+
 @contextlib.contextmanager
-def watching(args, path: str):
+def watching(args, path: str, again: str = ""):
     """With --watch: `gradlm watch PATH --wait` in a process of its own beside the work (reading the run there
     never takes the training's interpreter), its address printed before training starts; it stops when the
-    work ends. Under torchrun only rank 0 starts it."""
+    work ends, after its viewers have had the last rows (why it stopped), or when this process dies. It runs in
+    a session of its own, so Ctrl-C stops the training (which saves and says so) and not the page. Under
+    torchrun only rank 0 starts it. again: what the user can run later to see the work again."""
     if not getattr(args, "watch", False) or int(os.environ.get("RANK", "0")) != 0:
         yield
         return
+    import shlex
     import subprocess
 
-    cmd = [sys.executable, "-m", "gradlm", "watch", str(path), "--wait", "--port", str(args.watch_port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)  # its errors go to our stderr
-    line = proc.stdout.readline()  # "watching NAME at http://127.0.0.1:PORT/", or nothing when it failed
-    if not line.startswith("watching"):
-        proc.wait()
-        raise ConfigError("--watch: the page could not start (see the line above); pick another --watch-port, or leave --watch out")
-    print(f"watch it live: {line.split()[-1]} (the page stops with this command; `gradlm watch {path}` shows the run again)", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "gradlm", "watch", str(path), "--wait", "--port", str(args.watch_port), "--exit-with-parent"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)  # its errors go to our stderr
     try:
+        line = proc.stdout.readline()  # "watching NAME at http://127.0.0.1:PORT/", or nothing when it failed
+        if not line.startswith("watching"):
+            raise ConfigError("--watch: the page could not start (see the line above); pick another --watch-port, or leave --watch out")
+        again = again or f"`gradlm watch {shlex.quote(str(path))}` shows it again"
+        print(f"watch it live: {line.split()[-1]} (the page stops with this command; {again})", file=sys.stderr, flush=True)
         yield
+        time.sleep(WATCH_GRACE_S)
     finally:
         proc.terminate()
         try:
@@ -380,7 +387,7 @@ def watching(args, path: str):
 def cmd_watch(args) -> None:
     from gradlm.watch import serve
 
-    serve(args.runs, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("GRADLM_API_KEY", ""), wait=args.wait)
+    serve(args.runs, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("GRADLM_API_KEY", ""), wait=args.wait, exit_with_parent=args.exit_with_parent)
 
 
 def cmd_serve(args) -> None:
@@ -420,10 +427,8 @@ def cmd_lr_find(args) -> None:
         out = args.lr_out
         if args.watch and not out:  # the page reads the sweep from a folder: a temporary one unless --out names one
             out = str(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gradlm-lr-find-"))) / "lr-find")
-        stack.enter_context(watching(args, out))
+        stack.enter_context(watching(args, out, again="" if args.lr_out else "add --out DIR to keep the sweep"))
         r = lr_find(model_cfg, cfg, args.start_lr, args.end_lr, args.steps, args.png, log=lambda m: print(m, file=sys.stderr), out=out if args.lr_out or args.watch else None)
-        if args.watch:
-            time.sleep(1.5)  # the page's next look at the folder finds lr_find.json: the suggestion is drawn before the page stops
     plot = f"plot: {r['png']}" if r.get("png") else "plot: none (add --png FILE to draw the curve)"
     print(f"suggested lr for {r['optimizer']}: {r['suggested_lr']:.3g}\nwhy: {r['reason']}\n{plot}")
 
@@ -506,6 +511,7 @@ def add_watch_command(sub) -> None:
     t.add_argument("--port", type=int, default=8008, help="port to listen on (default: 8008; 0 picks a free one)")
     t.add_argument("--api-key", default="", help="require this key (as 'Authorization: Bearer KEY' or the page's ?key=KEY) (default: $GRADLM_API_KEY, else none)")
     t.add_argument("--wait", action="store_true", help="accept a run directory that does not exist yet and show it once training starts")
+    t.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)  # --watch's child: ends with its training
     t.set_defaults(func=cmd_watch)
 
 

@@ -62,16 +62,16 @@ def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, en
         record = Metrics(out / LR_FIND_ROWS)
     try:
         result = _sweep(model_cfg, cfg, start_lr, end_lr, steps, log, record)
+        if png:
+            result["png"] = str(plots.plot_lr_find(result["lrs"], result["losses"], result["smoothed"], result["suggested_lr"], png))
+        if out:
+            ckpt.atomic_write_json(out / LR_FIND_RESULT, result)
     except BaseException:
         if record is not None:  # no half-written record
             record.path.unlink(missing_ok=True)
             if made:
                 shutil.rmtree(out, ignore_errors=True)
         raise
-    if png:
-        result["png"] = str(plots.plot_lr_find(result["lrs"], result["losses"], result["smoothed"], result["suggested_lr"], png))
-    if out:
-        ckpt.atomic_write_json(out / LR_FIND_RESULT, result)
     return result
 
 

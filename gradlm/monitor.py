@@ -65,7 +65,7 @@ class DivergenceGuard:
             self.ema = loss if self.ema is None else 0.95 * self.ema + 0.05 * loss
             return True
         t.opt.zero_grad(set_to_none=True)
-        bad_step = t.step
+        bad_step, bad_tokens = t.step, t.tokens_seen
         t.restore(self.good)
         if t.guard_used >= t.cfg.guard_retries:
             t.save()
@@ -81,7 +81,7 @@ class DivergenceGuard:
         self.ema = None
         new = base_lrs(t.opt)
         t.event("diverged", f"divergence guard: step {bad_step} loss {loss:.4g} (grad norm {grad_norm:.4g}); restored step {t.step}, lr halved to {new['lr']:.3g} ({t.guard_used}/{t.cfg.guard_retries})",
-                at_step=bad_step, loss=loss if math.isfinite(loss) else None, new_lr=new["lr"])
+                at_step=bad_step, at_tokens=bad_tokens, loss=loss if math.isfinite(loss) else None, new_lr=new["lr"])
         return False
 
 
@@ -134,10 +134,11 @@ def write_sample(t) -> None:
             for _ in range(n):
                 logits = model(ids, cache=cache, last_only=True)[:, -1, : t.tok.vocab_size]  # (1, V): ids the tokenizer has
                 ids = next_token(logits, SAMPLING, gen)[:, None]  # (1, 1)
-                new.append(int(ids))
+                new.append(ids)
     finally:
         model.train(was_training)
-    t.samples.write(step=t.step, tokens=t.tokens_seen, time=round(t.budget.elapsed, 3), prompt=t.tok.decode(prompt), text=t.tok.decode(new))
+    text = t.tok.decode(torch.cat(new, 1)[0].tolist()) if new else ""  # one read from the device, not one per token
+    t.samples.write(step=t.step, tokens=t.tokens_seen, time=round(t.budget.elapsed, 3), prompt=t.tok.decode(prompt), text=text)
 
 
 class TrainLog:

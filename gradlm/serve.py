@@ -15,13 +15,12 @@ a request names a file; the server binds to 127.0.0.1 unless told otherwise.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 import sys
 from importlib import resources
 from pathlib import Path
 
 from gradlm.engine import Engine
+from gradlm.sockets import is_loopback, listen
 from gradlm.errors import ConfigError
 from gradlm.generate import LM
 
@@ -183,26 +182,6 @@ def create_app(lm: LM, name: str, api_key: str = "", max_batch: int = 16, max_qu
         return server.tokenize(body)
 
     return BodyLimit(app, max_body) if max_body else app
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A listening socket, or a ConfigError saying why not (port in use, unknown address)."""
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP: asyncio then sets TCP_NODELAY
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(128)
-    except OSError as e:
-        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host") from None
-    return sock
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def serve(

@@ -36,7 +36,7 @@ from gradlm import autosize, runtime
 from gradlm.budget import Budget
 from gradlm.config import BUDGETS, DEFAULT_STEPS, TrainConfig, check_budgets, given_fields
 from gradlm.data import EpochSampler, RandomSampler, is_prepared, resolve_data, source_bytes, windows
-from gradlm.errors import ConfigError, Interrupted, RunDirError
+from gradlm.errors import ConfigError, Diverged, Interrupted, RunDirError
 from gradlm.model import GPT, ModelConfig
 from gradlm.monitor import DivergenceGuard, StopSignals, TrainLog, evaluate_and_checkpoint
 from gradlm.optim import DEFAULT_LR, base_lrs, build_optimizer, set_lr
@@ -478,6 +478,13 @@ def run(t: Trainer, on_step=None) -> dict:
     t.start_run_dir()
     try:
         return _loop(t, on_step)
+    except (Diverged, Interrupted):  # they wrote their own "stopped" event
+        raise
+    except BaseException as e:  # a crash, a second Ctrl-C: the run's record says it stopped, and why
+        if t.dd.main:
+            why = "a second signal stopped it at once" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+            t.event("stopped", f"stopped at step {t.step}: {why}; the last checkpoint is step {max(t.saved_step, 0)}", log=False, reason="error")
+        raise
     finally:
         t.close_run_dir()
         # Under torchrun, drop the DDP wrapper now: its reducer holds gloo work objects, and freed only at

@@ -53,6 +53,7 @@ from pathlib import Path
 
 from gradlm import checkpoint as ckpt
 from gradlm.errors import ConfigError, GradlmError
+from gradlm.sockets import is_loopback, listen
 
 try:
     from fastapi import FastAPI
@@ -420,7 +421,8 @@ class Watcher:
         names = run_names([r.path for r in self.runs])
         group_names = run_names(list(self.groups))
         return {
-            "runs": [{"id": r.id, "name": n, "path": str(r.path), "kind": r.kind, "group": r.group, "color": int(r.id[1:])} for r, n in zip(self.runs, names)],
+            # colour by place in the list: the first run C0, as in compare.png (a --wait placeholder leaves no gap)
+            "runs": [{"id": r.id, "name": n, "path": str(r.path), "kind": r.kind, "group": r.group, "color": i} for i, (r, n) in enumerate(zip(self.runs, names))],
             "groups": [{"id": gid, "name": n, "path": str(p)} for (p, (gid, _)), n in zip(self.groups.items(), group_names)],
         }
 
@@ -440,10 +442,15 @@ def _static(name: str) -> bytes:
         raise GradlmError(f"gradlm/static/{name} is missing from this installation of gradlm; reinstall it") from None
 
 
-def create_app(paths: list[str], api_key: str = "", wait: bool = False, poll_s: float = POLL_S):
+LOCAL_NAMES = ["127.0.0.1", "localhost", "[::1]", "::1"]
+
+
+def create_app(paths: list[str], api_key: str = "", wait: bool = False, poll_s: float = POLL_S, hosts: list[str] | None = None):
     """The ASGI app watching paths (run, compare or lr-find directories; with wait, ones not there yet).
 
     api_key: when set, /events needs it (Bearer header or ?key=); the page and its static files stay open.
+    hosts: the Host names a request may carry (others get 400): serve() gives this machine's names to a watcher
+    on 127.0.0.1 without a key, so a web page elsewhere cannot read the runs by pointing its own name at us.
     app.state.closing: a threading.Event; set it before stopping the server and every stream ends within a
     poll, so the server need not cut them off."""
     if FastAPI is None:
@@ -452,6 +459,10 @@ def create_app(paths: list[str], api_key: str = "", wait: bool = False, poll_s: 
     page = _static("watch.html")
     assets = {name: (_static(f), media) for name, (f, media) in ASSETS.items()}
     app = FastAPI(title="gradlm watch", docs_url=None, redoc_url=None, openapi_url=None)
+    if hosts:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
     closing = app.state.closing = threading.Event()
 
     def error(status: int, message: str):
@@ -501,17 +512,17 @@ def create_app(paths: list[str], api_key: str = "", wait: bool = False, poll_s: 
     return app
 
 
-def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8008, api_key: str = "", wait: bool = False) -> None:
+def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8008, api_key: str = "", wait: bool = False, exit_with_parent: bool = False) -> None:
     """Serve the live page of paths until interrupted (the `gradlm watch` command). Prints one line,
-    `watching NAMES at http://HOST:PORT/`, once it listens (the real port when port is 0)."""
+    `watching NAMES at http://HOST:PORT/`, once it listens (the real port when port is 0).
+    exit_with_parent: stop when the process that started this one ends, however it ends (`--watch`: a training
+    killed with SIGKILL leaves no watcher holding the port)."""
     if FastAPI is None:
         raise ConfigError(INSTALL)
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port must be between 0 and 65535, got {port}")
-    app = create_app(paths, api_key=api_key, wait=wait)
+    app = create_app(paths, api_key=api_key, wait=wait, hosts=LOCAL_NAMES if is_loopback(host) and not api_key else None)
     import uvicorn
-
-    from gradlm.serve import is_loopback, listen  # here, not at the top: gradlm.serve loads the engine (torch)
 
     sock = listen(host, port)
     if not is_loopback(host) and not api_key:
@@ -527,4 +538,15 @@ def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8008, api_key: 
 
     closing = app.state.closing
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
-    Server(config).run(sockets=[sock])
+    server = Server(config)
+    if exit_with_parent:
+        parent = os.getppid()
+
+        def orphaned() -> None:  # the parent's end makes this process a child of another (init, a subreaper)
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            closing.set()
+            server.should_exit = True
+
+        threading.Thread(target=orphaned, daemon=True).start()
+    server.run(sockets=[sock])

@@ -23,7 +23,7 @@ LAYERS: dict[str, set[str]] = {
     "training": {"optim", "config", "budget", "monitor", "autosize", "resume", "trainer", "finetune", "lab"},
     "inference": {"engine", "generate", "session", "evaluate"},
     "interop": {"interop", "llamacpp"},
-    "serving": {"openai_api", "serve", "watch"},
+    "serving": {"sockets", "openai_api", "serve", "watch"},
     "cli": {"cli", "__main__"},
 }
 SIBLINGS = {frozenset({"training", "inference"})}

@@ -439,6 +439,19 @@ def test_metrics_rows_carry_progress_best_and_events_with_messages(prepared, tmp
     events = [r for r in rows if "event" in r]
     assert {e["event"] for e in events} >= {"diverged", "stopped"} and all(e["message"] and "time" in e and "tokens" in e for e in events)
     assert events[-1] == rows[-1] and events[-1]["event"] == "stopped" and events[-1]["reason"] == "budget"
+    restore = next(e for e in events if e["event"] == "diverged")
+    assert restore["at_tokens"] >= restore["tokens"] and restore["at_step"] >= restore["step"]  # where it diverged, where it went back to
+
+
+def test_a_crash_is_recorded_as_why_the_run_stopped(prepared, tmp_path, tok):
+    def crash(step, loss, lr):
+        if step == 3:
+            raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=10, eval_every=2), on_step=crash)
+    last = read_metrics(tmp_path / "run")[-1]
+    assert last["event"] == "stopped" and last["reason"] == "error" and "RuntimeError: out of memory" in last["message"] and "checkpoint is step 2" in last["message"]
 
 
 def test_a_resume_and_a_budget_extension_are_events_and_samples_are_trimmed_like_metrics(prepared, tmp_path, tok):

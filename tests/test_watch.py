@@ -226,9 +226,13 @@ def test_paths_that_are_not_runs_are_refused_with_one_message(tmp_path, capsys):
     assert err.startswith("error: no such run directory: /nonexistent/run") and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_importing_the_watcher_leaves_torch_alone():
-    """The watcher starts light: it reads JSON, and never needs the model code."""
-    code = "import sys, gradlm.watch; sys.exit('torch' in sys.modules)"
+def test_the_watcher_process_leaves_torch_alone(tmp_path, config):
+    """The watcher starts light: the command's parser, the app and its socket read JSON and never need the model
+    code (what `gradlm watch` and `train --watch` run, up to serving)."""
+    run = make_run(tmp_path / "light", config, range(1, 3))
+    code = ("import sys; from gradlm.cli import build_parser; from gradlm import watch; "
+            f"build_parser('watch').parse_args(['watch', {str(run)!r}]); watch.create_app([{str(run)!r}], hosts=watch.LOCAL_NAMES); "
+            "watch.listen('127.0.0.1', 0); sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
@@ -292,6 +296,41 @@ def test_events_need_the_key_and_the_page_asks_nothing_of_other_origins(tmp_path
                 assert sum(len(d["rows"]) for e, d in got if e == "rows") == 21  # 20 steps and an evaluation
 
 
+def test_a_local_watcher_answers_only_to_this_machines_names(tmp_path, config):
+    """Without a key on 127.0.0.1, a request naming another host (a web page that points its own name at this
+    port) gets 400, so the runs' text cannot leave the machine through a browser."""
+    run = make_run(tmp_path / "local", config, range(1, 3))
+    with command(str(run)) as url:
+        assert httpx.get(url + "events", headers={"Host": "evil.example"}).status_code == 400
+        assert httpx.get(url, headers={"Host": "evil.example"}).status_code == 400
+        assert httpx.get(url).status_code == 200
+        with httpx.stream("GET", url.replace("127.0.0.1", "localhost") + "events", timeout=10) as r:
+            assert r.status_code == 200
+
+
+def test_a_watcher_started_for_a_training_ends_when_the_training_dies(tmp_path, config):
+    """--watch's watcher (--exit-with-parent) leaves no process holding the port when its parent is killed."""
+    run = make_run(tmp_path / "orphan", config, range(1, 3))
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time; "
+        f"p = subprocess.Popen([sys.executable, '-m', 'gradlm', 'watch', {str(run)!r}, '--port', '0', '--exit-with-parent'], stdout=subprocess.PIPE, text=True); "
+        "print(p.pid, p.stdout.readline().split()[-1], flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+    pid, url = parent.stdout.readline().split()
+    assert httpx.get(url).status_code == 200
+    parent.kill()  # SIGKILL: no chance to stop its child
+    parent.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(int(pid), 9)
+        raise AssertionError("the watcher outlived the process that started it")
+
+
 # ---- the page, in Chromium ----------------------------------------------------------------------------------
 
 
@@ -300,7 +339,7 @@ def live(paths: list[str], **kw):
     """The watcher's app on a free local port in a thread; yields (base URL, the uvicorn server)."""
     import uvicorn
 
-    from gradlm.serve import listen
+    from gradlm.sockets import listen
 
     sock = listen("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(create_app(paths, **kw), log_level="warning", timeout_graceful_shutdown=1))

@@ -110,7 +110,7 @@
         r.seq = ++eventSeq;
         run.events.push(r);
         dirty.add('events');
-      } else if (r.val_loss != null || r.val_bpb != null) {
+      } else if ('val_loss' in r || 'val_bpb' in r) {  // an evaluation, even one whose loss was not finite (null)
         run.evals.push(r);
       } else if (r.loss !== undefined || r.lr !== undefined) {
         run.steps.push(r);
@@ -209,21 +209,34 @@
     for (const control of document.querySelectorAll('.train-only')) control.hidden = $('training').hidden; // the lr-find chart has its own x
   }
 
+  function latestStep(run) {  // step rows come every --log-every steps; evaluations and events (the stop) may be later
+    return Math.max(0, ...[run.steps.at(-1), run.evals.at(-1), run.events.at(-1)].filter(Boolean).map((r) => r.step ?? 0));
+  }
+
   function stateLine(run) {
     const st = run.status || {};
     const last = run.steps[run.steps.length - 1];
     const lastEval = run.evals[run.evals.length - 1];
     if (run.kind === 'lr_find') return st.state === 'finished' ? 'finished' : st.state === 'running' ? `sweeping · ${run.lrRows.length} steps` : 'waiting for the sweep to start';
     const parts = [st.state === 'waiting' ? 'waiting' : st.state || 'waiting'];
-    if (last) parts.push(`step ${fmtInt(last.step)}`);
+    if (last) parts.push(`step ${fmtInt(latestStep(run))}`);
     if (lastEval && num(lastEval.val_loss)) parts.push(`val ${fmtNum(lastEval.val_loss)}`);
     return parts.join(' · ');
   }
 
+  let listKey = '';
   function renderList() {
     const box = $('runs');
-    box.replaceChildren();
     const runs = runList();
+    // Rebuild the controls only when what they offer changed: a rebuild under the pointer loses a click, and
+    // one under an open drop-down replaces its options. Otherwise only the state lines change, in place.
+    const key = runs.map((r) => `${r.path}|${shown(r)}|${r.name}`).join('\n') + '\n' + (selectedRun() || {}).path;
+    if (key === listKey) {
+      runs.forEach((run, i) => { const st = box.children[i] && box.children[i].querySelector('.state'); if (st) st.textContent = stateLine(run); });
+      return;
+    }
+    listKey = key;
+    box.replaceChildren();
     for (const run of runs) {
       const item = el('label', 'run' + (shown(run) ? '' : ' off') + (selectedRun() === run ? ' selected' : ''));
       item.dataset.run = run.name;
@@ -281,7 +294,7 @@
     const last = run.steps[run.steps.length - 1];
     if (st.state === 'waiting') head = run.kind === 'lr_find' ? 'waiting for the sweep to start' : 'waiting for the run to start';
     else if (st.state === 'starting') head = 'starting: preparing the data and the model';
-    else if (st.state === 'running') head = run.kind === 'lr_find' ? 'sweeping learning rates' : `running · step ${fmtInt(last ? last.step : 0)}`;
+    else if (st.state === 'running') head = run.kind === 'lr_find' ? 'sweeping learning rates' : `running · step ${fmtInt(latestStep(run))}`;
     else head = 'finished' + (st.reason ? `: ${reasonText(st.reason)}` : '');
     status.append(document.createTextNode(head));
     const why = [];
@@ -377,6 +390,7 @@
   function renderSamples() {
     const box = $('samples');
     const run = selectedRun();
+    const top = box.scrollTop;  // a reader scrolled down to an older sample stays there when a new one arrives
     box.replaceChildren();
     const samples = run ? run.samples : [];
     if (!samples.length) {
@@ -392,6 +406,7 @@
       li.append(body);
       box.append(li);
     }
+    box.scrollTop = top;
   }
 
   function eventMessage(ev) {
@@ -462,7 +477,7 @@
     ctx.clip();
     for (const run of runs) {
       for (const ev of run.events) {
-        const x = S.x === 'step' ? ev.at_step ?? ev.step : ev[S.x];
+        const x = S.x === 'step' ? ev.at_step ?? ev.step : S.x === 'tokens' ? ev.at_tokens ?? ev.tokens : ev[S.x];  // a restore: where it diverged
         if (!num(x)) continue;
         const px = u.valToPos(x, 'x', true);
         if (px < left - 1 || px > left + width + 1) continue;
@@ -526,13 +541,21 @@
     }
     if (c && c.signature === signature) {
       c.specs = specs;
-      c.u.setData(data);
+      if (!c.zoomed) c.u.setData(data);
+      else {  // keep the reader's zoom while new rows arrive (a double-click shows everything again)
+        const { min, max } = c.u.scales.x;
+        c.u.setData(data, false);
+        c.u.setScale('x', { min, max });
+      }
       return;
     }
     if (c) c.u.destroy();
     box.replaceChildren();
     const opts = makeOpts(box.clientWidth || 400);
-    charts[id] = { u: new uPlot(opts, data, box), specs, signature };
+    opts.hooks = { ...(opts.hooks || {}), setSelect: [(u) => { if (u.select.width > 0 && charts[id]) charts[id].zoomed = true; }] };
+    const u = new uPlot(opts, data, box);
+    u.over.addEventListener('dblclick', () => { if (charts[id]) charts[id].zoomed = false; });
+    charts[id] = { u, specs, signature, zoomed: false };
   }
 
   function renderCharts() {
@@ -545,7 +568,7 @@
       setChart(def.id, specs, data, (width) => ({
         width, height: def.height,
         scales: { x: { time: false }, y: S.logY ? { distr: 3, log: 10 } : {} },
-        axes: [axis(X_LABELS[S.x], (u, ticks) => ticks.map(fmtX)), { ...axis(def.y, (u, ticks) => ticks.map(def.exp ? (v) => (v === 0 ? '0' : v.toExponential(0)) : fmtTick)), size: 58 }],
+        axes: [axis(X_LABELS[S.x], (u, ticks) => ticks.map(fmtX)), { ...axis(def.y, (u, ticks) => ticks.map(def.exp ? (v) => (v === 0 ? '0' : v.toExponential(1)) : fmtTick)), size: 58 }],
         series: [
           { label: X_LABELS[S.x], value: (u, v) => (v == null ? '–' : fmtX(v)) },
           ...specs.map((sp) => ({
@@ -708,7 +731,8 @@
   }
 
   function goneNote() {
-    const paths = S.sources.length ? S.sources.join(' ') : 'RUN';
+    const quote = (p) => (/^[\w@%+=:,./-]+$/.test(p) ? p : `'${p.replace(/'/g, "'\\''")}'`);  // as a shell reads it
+    const paths = S.sources.length ? S.sources.map(quote).join(' ') : 'RUN';
     return [document.createTextNode('the watcher stopped; '), el('code', null, `gradlm watch ${paths}`), document.createTextNode(' shows the run again (this page keeps what it has and reconnects by itself if the watcher comes back).')];
   }
 
