@@ -428,7 +428,8 @@ def cmd_lr_find(args) -> None:
         if args.watch and not out:  # the page reads the sweep from a folder: a temporary one unless --out names one
             out = str(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gradlm-lr-find-"))) / "lr-find")
         stack.enter_context(watching(args, out, again="" if args.lr_out else "add --out DIR to keep the sweep"))
-        r = lr_find(model_cfg, cfg, args.start_lr, args.end_lr, args.steps, args.png, log=lambda m: print(m, file=sys.stderr), out=out if args.lr_out or args.watch else None)
+        png = args.png or (Path(args.lr_out) / "lr_find.png" if args.lr_out else None)  # a kept sweep keeps its curve too
+        r = lr_find(model_cfg, cfg, args.start_lr, args.end_lr, args.steps, png, log=lambda m: print(m, file=sys.stderr), out=out if args.lr_out or args.watch else None)
     plot = f"plot: {r['png']}" if r.get("png") else "plot: none (add --png FILE to draw the curve)"
     print(f"suggested lr for {r['optimizer']}: {r['suggested_lr']:.3g}\nwhy: {r['reason']}\n{plot}")
 
@@ -501,6 +502,7 @@ VOCAB_HELP = "tokenizer size: 256 bytes + merges (256 = pure bytes); the 6 reser
 LR_FIND_SKIP = (
     "out", "resume", "from_best", "pause_at", "init", "max_steps", "max_time", "max_tokens", "max_epochs", "patience", "min_delta",
     "schedule", "warmup_steps", "min_lr_ratio", "decay_fraction", "plots", "guard_retries", "eval_every", "eval_tokens", "log_every", "lr", "size",
+    "sample_tokens", "sample_prompt",
 )
 
 

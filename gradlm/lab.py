@@ -39,8 +39,8 @@ def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, en
     every tenth of the sweep otherwise.
 
     With out (a folder), the sweep is recorded there as it runs, for `gradlm watch`: a row per step in
-    lr_find.jsonl ({"step", "lr", "loss", "smoothed"}), then lr_find.json (the result) and lr_find.png. A
-    sweep that fails leaves no record behind.
+    lr_find.jsonl ({"step", "lr", "loss", "smoothed"}), then lr_find.json (the result). A sweep that fails
+    leaves no record behind.
 
     The suggestion is the learning rate where the smoothed loss falls fastest per decade of learning
     rate: large enough to make quick progress, well below the point where the loss turns back up.
@@ -56,7 +56,6 @@ def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, en
         out = ckpt.check_output(out, "--out", is_dir=True)
         if (out / LR_FIND_RESULT).exists() or (out / LR_FIND_ROWS).exists():
             raise ConfigError(f"{out} already holds a learning-rate sweep; choose another --out")
-        png = png or out / "lr_find.png"
         made = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         record = Metrics(out / LR_FIND_ROWS)

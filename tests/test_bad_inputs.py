@@ -248,7 +248,7 @@ def test_lr_find_offers_only_flags_that_mean_something_to_it(capsys):
     with pytest.raises(SystemExit):
         main(["lr-find", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--min-delta", "--guard-retries", "--patience", "--max-steps", "--eval-every", "--schedule", "--resume", "--out "):
+    for flag in ("--min-delta", "--guard-retries", "--patience", "--max-steps", "--eval-every", "--schedule", "--resume", "--sample-tokens", "--sample-prompt"):
         assert flag not in text, flag
-    for flag in ("--start-lr", "--optimizer", "--batch", "--png", "--config"):
+    for flag in ("--start-lr", "--optimizer", "--batch", "--png", "--config", "--out", "--watch"):  # --out: where the sweep is recorded
         assert flag in text, flag

@@ -260,9 +260,9 @@ def command(*args: str):
 
 
 def sse_events(response, wanted: set[str], limit_s: float = 10) -> list[tuple[str, dict]]:
-    """Events read from a streaming response until each name in wanted has come."""
+    """Events read from a streaming response (or its iter_lines(), to read on later) until each name in wanted has come."""
     got, event, deadline = [], None, time.monotonic() + limit_s
-    for line in response.iter_lines():
+    for line in response if hasattr(response, "__next__") else response.iter_lines():
         if line.startswith("event: "):
             event = line[7:]
         elif line.startswith("data: "):
@@ -294,6 +294,19 @@ def test_events_need_the_key_and_the_page_asks_nothing_of_other_origins(tmp_path
                 assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
                 got = sse_events(r, {"hello", "rows", "status"})
                 assert sum(len(d["rows"]) for e, d in got if e == "rows") == 21  # 20 steps and an evaluation
+
+
+def test_several_viewers_each_get_everything(tmp_path, config):
+    run = make_run(tmp_path / "shared", config, range(1, 11))
+    with command(str(run)) as url:
+        with httpx.stream("GET", url + "events", timeout=10) as ra, httpx.stream("GET", url + "events", timeout=10) as rb:
+            a, b = ra.iter_lines(), rb.iter_lines()
+            first, second = sse_events(a, {"hello", "rows", "status"}), sse_events(b, {"hello", "rows", "status"})
+            append(run / "metrics.jsonl", step_row(11))
+            more_a, more_b = sse_events(a, {"rows"}), sse_events(b, {"rows"})
+    rows = lambda got: [r["step"] for e, d in got if e == "rows" for r in d["rows"]]  # noqa: E731
+    assert rows(first) == rows(second) == list(range(1, 11))
+    assert rows(more_a) == rows(more_b) == [11]  # each viewer is sent the new line, once
 
 
 def test_a_local_watcher_answers_only_to_this_machines_names(tmp_path, config):
