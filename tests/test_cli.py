@@ -45,7 +45,7 @@ def test_train_watch_serves_the_run_while_it_trains_and_stops_with_it(tmp_path, 
 
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "gradlm", "train", "--data", str(text_file), "--out", str(out), "--vocab-size", "300",
-                          "--max-steps", "400", "--eval-every", "50", "--watch", "--watch-port", "0", *TINY],
+                          "--max-steps", "600", "--eval-every", "25", "--watch", "--watch-port", "0", *TINY],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = p.stderr.readline()
