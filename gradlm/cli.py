@@ -373,7 +373,8 @@ def watching(args, path: str, again: str = ""):
         if not line.startswith("watching"):
             raise ConfigError("--watch: the page could not start (see the line above); pick another --watch-port, or leave --watch out")
         again = again or f"`gradlm watch {shlex.quote(str(path))}` shows it again"
-        print(f"watch it live: {line.split()[-1]} (the page stops with this command; {again})", file=sys.stderr, flush=True)
+        key = " (with the API key of $GRADLM_API_KEY: add ?key=KEY to the address)" if os.environ.get("GRADLM_API_KEY") else ""
+        print(f"watch it live: {line.split()[-1]}{key} (the page stops with this command; {again})", file=sys.stderr, flush=True)
         yield
         time.sleep(WATCH_GRACE_S)
     finally:
