@@ -430,7 +430,7 @@ def cmd_lr_find(args) -> None:
             out = str(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gradlm-lr-find-"))) / "lr-find")
         stack.enter_context(watching(args, out, again="" if args.lr_out else "add --out DIR to keep the sweep"))
         png = args.png or (Path(args.lr_out) / "lr_find.png" if args.lr_out else None)  # a kept sweep keeps its curve too
-        r = lr_find(model_cfg, cfg, args.start_lr, args.end_lr, args.steps, png, log=lambda m: print(m, file=sys.stderr), out=out if args.lr_out or args.watch else None)
+        r = lr_find(model_cfg, cfg, args.start_lr, args.end_lr, args.steps, png, log=lambda m: print(m, file=sys.stderr), out=out or None)
     plot = f"plot: {r['png']}" if r.get("png") else "plot: none (add --png FILE to draw the curve)"
     print(f"suggested lr for {r['optimizer']}: {r['suggested_lr']:.3g}\nwhy: {r['reason']}\n{plot}")
 

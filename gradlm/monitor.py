@@ -138,7 +138,7 @@ def write_sample(t) -> None:
     finally:
         model.train(was_training)
     text = t.tok.decode(torch.cat(new, 1)[0].tolist()) if new else ""  # one read from the device, not one per token
-    t.samples.write(step=t.step, tokens=t.tokens_seen, time=round(t.budget.elapsed, 3), prompt=t.tok.decode(prompt), text=text)
+    t.samples.write(**t.stamp(), prompt=t.tok.decode(prompt), text=text)
 
 
 class TrainLog:
@@ -162,18 +162,18 @@ class TrainLog:
             tps = self.tokens_since / max(budget.train_time - self.t_last, 1e-9)  # evaluations excluded
             self.t_last, self.tokens_since = budget.train_time, 0
             eta = budget.eta()
-            t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(budget.elapsed, 3), epoch=round(t.epochs_done(), 4), **lrs, loss=loss, grad_norm=grad_norm, tokens_per_s=round(tps, 1),
+            t.metrics.write(**t.stamp(), epoch=round(t.epochs_done(), 4), **lrs, loss=loss, grad_norm=grad_norm, tokens_per_s=round(tps, 1),
                             progress=round(min(budget.progress(), 1.0), 4), eta_s=round(eta, 1) if math.isfinite(eta) else None)
             lr_text = " | ".join(f"{k.replace('_', ' ')} {v:.2e}" for k, v in lrs.items())
             if self.bar.disable and cfg.progress:
-                t.log(f"step {t.step:>6} | loss {loss:.4f} | {lr_text} | grad norm {grad_norm:.3f} | {tps:,.0f} tok/s | {budget.elapsed:.0f}s, eta {budget.eta():.0f}s")
+                t.log(f"step {t.step:>6} | loss {loss:.4f} | {lr_text} | grad norm {grad_norm:.3f} | {tps:,.0f} tok/s | {budget.elapsed:.0f}s, eta {eta:.0f}s")
             self.bar.set_postfix(step=t.step, loss=f"{loss:.3f}", lr=f"{lrs['lr']:.1e}", tok_s=f"{tps:,.0f}", val=f"{self.last_eval.get('val_loss', float('nan')):.3f}")
         self.bar.update(min(100.0, 100 * budget.progress()) - self.bar.n)
 
     def evaluation(self, ev: dict, gap: float, best: bool) -> None:
         t = self.t
         self.last_eval = ev
-        t.metrics.write(step=t.step, tokens=t.tokens_seen, time=round(t.budget.elapsed, 3), epoch=round(t.epochs_done(), 4), **ev, gap=gap, best=best)
+        t.metrics.write(**t.stamp(), epoch=round(t.epochs_done(), 4), **ev, gap=gap, best=best)
         t.log(f"step {t.step:>6} | val loss {ev['val_loss']:.4f} | val bpb {ev['val_bpb']:.4f} | train loss {ev['train_eval_loss']:.4f}")
 
     def close(self) -> None:

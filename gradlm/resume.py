@@ -115,9 +115,7 @@ def restore_checkpoint(t, state: dict) -> None:
     extend_budget(t)
     where = "best checkpoint" if cfg.from_best else "checkpoint"
     t.notes.insert(0, f"resumed {t.out} from its {where} at step {t.step}")
-    t.pending_events.append(("resumed", t.notes[0]))
-    if any(n.startswith("budget extended") for n in t.notes):
-        t.pending_events.append(("budget_extended", next(n for n in t.notes if n.startswith("budget extended"))))
+    t.pending_events.insert(0, ("resumed", t.notes[0]))  # before a budget extension's
 
 
 def extend_budget(t) -> None:
@@ -153,3 +151,4 @@ def extend_budget(t) -> None:
             f"budget extended ({flags}): a new {cfg.schedule} phase {rise if factor < 0.999 else f'keeps the learning rate at {lr:.3g} ({whose})'}, "
             f"then decays it to {lr * cfg.min_lr_ratio:.3g} over the rest of the budget"
         )
+        t.pending_events.append(("budget_extended", t.notes[-1]))

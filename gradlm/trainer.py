@@ -312,12 +312,16 @@ class Trainer:
             return self.tok.encode(self.cfg.sample_prompt) or self.val_tokens[:1].tolist()
         return self.val_tokens[: max(1, min(16, self.block // 4))].tolist()
 
+    def stamp(self) -> dict:
+        """Where the run is, as every row of metrics.jsonl and samples.jsonl begins: step, tokens, wall time."""
+        return {"step": self.step, "tokens": self.tokens_seen, "time": round(self.budget.elapsed, 3)}
+
     def event(self, kind: str, message: str, log: bool = True, **extra) -> None:
         """Something happened to the run (a guard restore, overfitting, early stopping, a resume, a budget
         extension, the stop): log the message (unless said otherwise) and write it to metrics.jsonl as an event row."""
         if log:
             self.log(message)
-        self.metrics.write(step=self.step, tokens=self.tokens_seen, time=round(self.budget.elapsed, 3), event=kind, message=message, **extra)
+        self.metrics.write(**self.stamp(), event=kind, message=message, **extra)
 
     # -- one step of gradient descent
 
