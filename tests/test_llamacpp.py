@@ -18,6 +18,10 @@ from gradlm.model import ModelConfig, apply_rope, rope_tables
 from gradlm.rundir import load_model
 from gradlm.trainer import train
 
+from conftest import must_agree
+
+pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
+
 TEXTS = [
     "ROMEO: But soft, what light through yonder window breaks?",
     "acetaminophen 500 mg, mispeled wrds, ibuprofne and zorvastatinn",
@@ -123,8 +127,20 @@ def test_export_replaces_only_its_own_output(run, tmp_path, capsys):
 
 
 def _llama(path: Path, **kw):
+    """The model in llama.cpp on its plain CPU path: without the "extra buffer types" that repack the weights for
+    AMX or AVX kernels (llama.cpp's AMX matrix product crashed the whole test run on a Sapphire Rapids Xeon, in
+    q8_0: ggml-org/llama.cpp#20824). The plain path is the reference the others are checked against there."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the dev extra installs it)")
-    return llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, n_batch=64, verbose=False, **kw)
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_repacking():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    with pytest.MonkeyPatch.context() as mp:  # Llama() reads the defaults while it loads, and offers no flag for this
+        mp.setattr(llama_cpp.llama_cpp, "llama_model_default_params", without_repacking)
+        return llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, n_batch=64, verbose=False, **kw)
 
 
 def _gradlm_logits(model, ids: list[int]) -> torch.Tensor:
@@ -151,20 +167,30 @@ def test_llama_cpp_decodes_the_exported_model_as_gradlm_does(run, exports, kind)
     llm = _llama(exports[kind], logits_all=True)
     llm.eval(ids)
     theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))[:, : ours.shape[1]]
-    agree = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()  # teacher-forced: every position
     diff = (theirs - ours).abs().max().item()
+    # Teacher-forced, every position: the argmaxes agree wherever no difference as large as diff can reorder them
+    # (a near-tie may go either way: which positions are near-ties depends on what this CPU's short run learned).
+    sure = must_agree(ours, theirs)
+    agree = (theirs.argmax(-1) == ours.argmax(-1))
+    print(f"{kind}: max logit diff {diff:.3g}, argmax agreement {agree.float().mean().item():.3f}, {int(sure.sum())}/{len(ids)} positions sure")
+    assert agree[sure].all(), (kind, diff, (~agree).nonzero().flatten().tolist())
     if kind == "f32":
-        assert diff < 5e-3 and agree == 1.0, (diff, agree)  # float32 in another summation order: ~1e-3 apart
-        llm.reset()  # free-running greedy decoding in llama.cpp: exactly gradlm's tokens
+        assert diff < 5e-3 and sure.float().mean() > 0.5, (diff, sure)  # float32 in another summation order: ~1e-3 apart
+        llm.reset()  # free-running greedy decoding in llama.cpp: gradlm's tokens, up to a near-tie where the paths may part
         llm.eval(prompt)
         out = list(prompt)
         while len(out) < 60:
             nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
             out.append(nxt)
             llm.eval([nxt])
-        assert out == ids
+        parted = next((i for i, (a, b) in enumerate(zip(out, ids)) if a != b), None)
+        same = parted or len(ids)  # up to here both read the same tokens: the same contexts, row by row
+        free = torch.from_numpy(np.array(llm.scores[:same], dtype=np.float32))[:, : ours.shape[1]]
+        assert (free - ours[:same]).abs().max() < 5e-3
+        assert parted is None or not must_agree(ours[:same], free)[parted - 1], (parted, out, ids)
     else:
-        assert agree >= 0.95 and diff < 0.5, (kind, diff, agree)  # stated in the README: f16 and q8_0 agree on >= 95%
+        # f16 and q8_0 round the weights; the README's ">= 95% agree" is measured by benchmarks/llamacpp.py
+        assert diff < 0.5 and sure.float().mean() > 0.25, (kind, diff, sure)
 
 
 def test_a_qk_norm_model_runs_as_qwen3_in_llama_cpp(qk_run, tmp_path):
