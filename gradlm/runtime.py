@@ -8,7 +8,8 @@ the same three flags with the same meaning, and resolve() turns them into a Runt
                one that this machine lacks is a ConfigError naming what it has.
     --dtype    training: the precision the matrix products compute in (autocast; weights and optimizer
                state stay float32). auto = bfloat16 where the device multiplies it natively (CUDA from
-               compute capability 8.0; CPUs with AMX or AVX512-BF16), else float32.
+               compute capability 8.0; CPUs with AMX or AVX512-BF16 that ONEDNN_MAX_CPU_ISA does not
+               cap below them), else float32.
                inference: the weights' dtype. auto = bfloat16 on CUDA, float32 on the CPU (bfloat16 matrix
                products were no clear win there at batch 1; docs/benchmarks.md, "int8 decoding"). Commands that decode (generate,
                chat, serve) also take int8 on the CPU: int8 copies of the matrices, multiplied by dynamic
@@ -60,13 +61,30 @@ class Machine:
     def here(cls) -> Machine:
         cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
         mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-        cpu_bf16 = any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+        cpu_bf16 = onednn_allows_bf16() and any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
         cuda_bf16 = bool(cuda) and all(torch.cuda.get_device_capability(i)[0] >= 8 for i in range(cuda))
         return cls(cuda, cuda_bf16, mps, cpu_bf16)
 
     def describe(self) -> str:
         gpus = f"{self.cuda} CUDA GPU{'s' if self.cuda != 1 else ''}" if self.cuda else "no CUDA GPU"
         return gpus + (", Apple MPS" if self.mps else "")
+
+
+# oneDNN's instruction sets, oldest first (its ONEDNN_MAX_CPU_ISA values, with their older and newer names);
+# from AVX512_CORE_BF16 on it multiplies bfloat16 in hardware.
+ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_BF16",
+               "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16",
+               "AVX10_2_512", "AVX10_2_512_AMX_2", "DEFAULT", "ALL")
+
+
+def onednn_allows_bf16(environ=os.environ) -> bool:
+    """False where ONEDNN_MAX_CPU_ISA (or its old name DNNL_MAX_CPU_ISA) caps oneDNN, which runs the CPU's bfloat16
+    matrix products, below the instructions that multiply bfloat16: there they are emulated, slower than float32,
+    as on a CPU without them (`make test-cpus` sets it so, to meet such CPUs' numerics)."""
+    cap = (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "ALL").strip().upper()
+    if cap not in ONEDNN_ISAS:
+        return True  # a name this list does not know is newer than it: no cap that matters here
+    return ONEDNN_ISAS.index(cap) >= ONEDNN_ISAS.index("AVX512_CORE_BF16")
 
 
 def resolve_device(device: str, machine: Machine, local_rank: int = 0) -> str:
