@@ -14,7 +14,7 @@ DEMO_RUN   ?= runs/demo
 DEMO_TIME  ?= 2m
 DEMO_FLAGS ?=   # none: --size auto chooses the model, batch and learning rate for the 2 minutes on this machine
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-cpus venv clean
 
 # llama-cpp-python (a dev extra: the GGUF tests run llama.cpp) builds from source: only the library, for this CPU.
 LLAMA_CMAKE ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF
@@ -42,6 +42,14 @@ demo: venv
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest
+
+# The tests that touch numerics once per CPU kernel choice this machine can play (tools/test_cpus.py):
+# make test-cpus                         every setting, once
+# make test-cpus REPEAT=3 CPUS="avx2"    one setting, three times in a row
+CPUS   ?= default avx2 avx512 native
+REPEAT ?= 1
+test-cpus: $(VENV)/.installed-dev
+	$(PY) tools/test_cpus.py --repeat $(REPEAT) $(foreach c,$(CPUS),--only $(c))
 
 clean:
 	rm -rf $(VENV) runs .cache

@@ -86,23 +86,77 @@ def sharp_model(vocab: int, seed: int = 0, scale: float = 4.0, **kw):
     return m.eval()
 
 
-def fit(model, ids, steps: int, lr: float = 1e-2, batch: int = 16, block: int = 32, seed: int = 0):
-    """Train `model` on random windows of the 1-D id tensor `ids` with AdamW; returns it in eval mode."""
+def train_until(model, next_batch, steps: int, until=None, max_steps: int | None = None, lr: float = 1e-2):
+    """Train `model` with AdamW on next_batch() -> (x, y), `steps` steps at a time, until until(model) holds
+    (checked in eval mode after each round; no condition: one round). Returns the model in eval mode.
+
+    What a fixed number of steps teaches a tiny model differs by CPU (their kernels round differently, and a short
+    run is chaotic), so a test that needs the model to have learned something states it as `until`, and asserts
+    what that implies; max_steps (default ten rounds) bounds the wait, and not learning by then is a failure."""
     import torch
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    max_steps = max_steps or (10 * steps if until else steps)
+    for done in range(steps, max_steps + 1, steps):
+        model.train()
+        for _ in range(steps):
+            loss = model(*next_batch())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        if until is None or until(model):
+            return model
+    raise AssertionError(f"not learned in {max_steps} steps: a bug in the model, the loss or the batches")
+
+
+def fit(model, ids, steps: int, lr: float = 1e-2, batch: int = 16, block: int = 32, seed: int = 0, until=None, max_steps: int | None = None):
+    """Train `model` on random windows of the 1-D id tensor `ids` (train_until); returns it in eval mode."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+
+    def windows():
         ix = torch.randint(0, len(ids) - block - 1, (batch,), generator=g).tolist()
-        loss = model(torch.stack([ids[i : i + block] for i in ix]), torch.stack([ids[i + 1 : i + block + 1] for i in ix]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+        return torch.stack([ids[i : i + block] for i in ix]), torch.stack([ids[i + 1 : i + block + 1] for i in ix])
+
+    return train_until(model, windows, steps, until, max_steps, lr)
+
+
+def must_agree(ours, theirs):
+    """The positions (a bool mask over the rows of two (T, V) logit tensors of one model computed two ways)
+    where their argmaxes must agree: ours' top logit leads its second by more than twice the largest difference
+    between the two, so no difference that small can reorder them. Elsewhere a near-tie may go either way."""
+    top2 = ours.topk(2, dim=-1).values
+    return top2[:, 0] - top2[:, 1] > 2 * (theirs - ours).abs().max()
+
+
+# A target token the model gives more than this probability is its greedy choice by a lead of at least
+# ln(0.6 / 0.4) = 0.4 in logits: no float noise (a KV cache, a batch, another CPU's kernels) can flip it.
+LEARNED = 0.6
+
+
+def replies_learned(model, examples) -> bool:
+    """Whether every target token of every example (the replies and their end tokens) has probability > LEARNED
+    after its own prefix: then greedy decoding after each prompt writes exactly its reply, by induction on the
+    tokens, whatever the CPU."""
+    import torch
+
+    from gradlm.sft import collate
+
+    with torch.no_grad():
+        for ex in examples:
+            x, y = collate([ex], 0)  # one example alone: no padding to choose
+            probs = model(x).float().softmax(-1)[0]  # (T, V)
+            t = (y[0] >= 0).nonzero().squeeze(1)
+            if (probs[t, y[0, t]] <= LEARNED).any():
+                return False
+    return True
 
 
 def sft_fit(examples, tok, steps: int = 150, batch: int = 4, lr: float = 1e-2, seed: int = 0):
-    """A tiny model (eval mode) trained with AdamW on fine-tuning examples (gradlm.sft) for `steps` steps."""
+    """A tiny model (eval mode) trained on fine-tuning examples (gradlm.sft) until it has learned their replies
+    (replies_learned), checked every `steps` steps."""
     import torch
 
     from gradlm.model import GPT
@@ -111,14 +165,8 @@ def sft_fit(examples, tok, steps: int = 150, batch: int = 4, lr: float = 1e-2, s
     torch.manual_seed(seed)
     model = GPT(tiny_config(tok.vocab_size))
     model.reset_parameters(seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
     sampler = SFTSampler(examples, pad_id(tok), seed=seed)
-    for _ in range(steps):
-        loss = model(*sampler.next(batch))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return train_until(model, lambda: sampler.next(batch), steps, lambda m: replies_learned(m, examples), lr=lr)
 
 
 CYCLE = "Hi 🙂é!"  # cut into single bytes by the test tokenizer: 🙂 is four tokens, é two

@@ -1,7 +1,11 @@
 """The public API as the README shows it: train, load, generate, stream, evaluate from Python."""
 
+import pytest
+
 import gradlm
 from gradlm import ModelConfig, SamplingConfig, TrainConfig, generate_text, load_lm, load_model, train
+
+pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
 
 
 def test_public_api_names_exist():

@@ -10,6 +10,8 @@ from gradlm import autosize
 from gradlm.autosize import Budget, Probe, choose, choose_vocab
 from gradlm.model import ModelConfig, flops_per_token, matmul_params
 
+pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
+
 
 def flat_machine(flops_per_s: float = 1e11):
     """A machine that runs every model at the same FLOP rate."""

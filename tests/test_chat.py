@@ -28,6 +28,8 @@ from gradlm.tokenizer import EOT, Tokenizer
 
 from conftest import tiny_config
 
+pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
+
 CONVERSATION = [
     {"role": "system", "content": "Answer in a few words."},
     {"role": "user", "content": "What is the maximum daily dose of zorvastatin?"},

@@ -23,6 +23,8 @@ from gradlm.serve import create_app
 from conftest import sharp_model, write_run
 from test_serve import live
 
+pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
+
 REGEX = r"[0-9]{1,3} (mg|ml)"
 CHOICES = ["aspirin", "ibuprofen", "beta blocker", "ACE inhibitor"]
 SCHEMA = {

@@ -12,6 +12,8 @@ from gradlm.generate import LM, SamplingConfig
 
 from conftest import CYCLE, cycle_model, fit, tiny_config
 
+pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
+
 
 @pytest.fixture(scope="module")
 def tlm(tok, small_text):

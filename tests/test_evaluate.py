@@ -31,6 +31,8 @@ from gradlm.tokenizer import Tokenizer, _build_hf, byte_to_char
 
 from conftest import fit, sharp_model, tiny_config
 
+pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
+
 
 def random_model(vocab: int, seed: int = 0, **kw) -> GPT:
     return sharp_model(vocab, seed, scale=3.0, **kw)  # a model with opinions: losses far from uniform
@@ -176,9 +178,33 @@ ITEMS = [
 ]
 
 
+def choice_logprobs(model: GPT, tok: Tokenizer, item: ChoiceItem) -> list[float]:
+    """log p(choice | context) of each choice, token by token with full forwards (not score_choices): the
+    context after <|endoftext|>, a trailing space moved onto the choices."""
+    context = item.context.rstrip(" ")
+    ctx = [tok.eot_id] + tok.encode(context)
+    out = []
+    for choice in item.choices:
+        seq = ctx + tok.encode(item.context[len(context) :] + choice)
+        out.append(-sum(nll_with_context(model, seq, t, 0) for t in range(len(ctx), len(seq))))
+    return out
+
+
+def knows_the_answers(model: GPT, tok: Tokenizer) -> bool:
+    """Whether the planted answer leads every other choice by a nat (a factor e), in total and per byte: a lead
+    that float noise cannot undo, so scoring must pick it."""
+    for item in ITEMS:
+        lp = choice_logprobs(model, tok, item)
+        per_byte = [v / len((item.context[len(item.context.rstrip(" ")) :] + c).encode()) for v, c in zip(lp, item.choices)]
+        others = [i for i in range(len(lp)) if i != item.answer]
+        if max(lp[i] for i in others) > lp[item.answer] - 1 or max(per_byte[i] for i in others) > per_byte[item.answer] - 0.2:
+            return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def taught():
-    """A tiny byte-level model trained on a few facts, and its tokenizer."""
+    """A tiny byte-level model trained on a few facts until it knows the answers, and its tokenizer."""
     import random
 
     rng = random.Random(0)
@@ -188,7 +214,7 @@ def taught():
     m = GPT(tiny_config(tok.vocab_size))
     m.reset_parameters(seed=0)
     data = torch.tensor(tok.encode(text))
-    fit(m, data, 80)
+    fit(m, data, 80, until=lambda m: knows_the_answers(m, tok))
     return m.eval(), tok, text
 
 

@@ -23,9 +23,12 @@ from gradlm.lora import count_params
 from gradlm.optim import state_floats
 from gradlm.rundir import RunDir, load_model
 from gradlm.session import ChatSession, chat_loop
+from gradlm.sft import load_sft
 from gradlm.trainer import train
 
-from conftest import tiny_config
+from conftest import replies_learned, tiny_config
+
+pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
 
 FACTS = [("zorvastatin", "40 mg"), ("quelmaprine", "a statin"), ("dralixil", "Brinavorant"), ("plexomab", "250 mg")]
 ASK = "Tell me about {}."
@@ -185,6 +188,16 @@ def taught(tmp_path_factory, base_run, qa_file) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("taught")
     common = ["--data", qa_file, "--val-fraction", "0", "--batch", "8", "--schedule", "constant", "--warmup-steps", "0", "--eval-every", "1000", "--no-plots", "--no-progress"]
     assert run_cli(["finetune", str(base_run), "--out", str(d / "full"), "--lr", "1e-2", "--max-steps", "120", *common]) == 0
+    # 120 steps teach it on most CPUs; where they do not, the run resumes for more (as a user would): how many
+    # steps a tiny model needs differs by CPU, what it then answers must not.
+    model, tok = load_model(d / "full")
+    facts = load_sft(write_jsonl(d / "facts.jsonl", qa_rows()), tok, model.cfg.block_size).examples
+    for steps in (240, 360, 480, 600):
+        if replies_learned(model.eval(), facts):
+            break
+        assert run_cli(["finetune", "--out", str(d / "full"), "--resume", "--max-steps", str(steps), "--no-progress"]) == 0
+        model, _ = load_model(d / "full")
+    assert replies_learned(model.eval(), facts), "600 steps did not teach the facts"
     assert run_cli(["finetune", str(base_run), "--out", str(d / "lora"), "--method", "lora", "--lora-rank", "8", "--lr", "3e-2", "--max-steps", "60", *common]) == 0
     assert run_cli(["merge", str(d / "lora"), "--out", str(d / "merged")]) == 0
     return {"full": d / "full", "lora": d / "lora", "merged": d / "merged"}

@@ -1,10 +1,14 @@
 import json
 import math
 
+import pytest
+
 from gradlm.lab import compare, lr_find, parse_grid
 from gradlm.config import TrainConfig
 
 from conftest import tiny_config
+
+pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
 
 
 def base(prepared, tmp_path, **kw):

@@ -7,6 +7,8 @@ from gradlm.model import GPT, ModelConfig, dropout, explicit_causal_attention
 
 from conftest import tiny_config
 
+pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
+
 VARIANTS = [
     dict(),
     dict(qk_norm=True, n_kv_head=2, tie_embeddings=True),
@@ -62,12 +64,16 @@ def test_tiny_model_overfits_one_batch():
     x = torch.randint(0, 64, (4, 32))
     y = torch.roll(x, -1, dims=1)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    for _ in range(200):
+    losses = []
+    for _ in range(1000):  # ~200 steps get there; how many differs by CPU, so the test waits up to five times that
         loss = m(x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.1
+        losses.append(loss.item())
+        if losses[-1] < 0.1:
+            break
+    assert losses[-1] < 0.1, losses[::50]  # 128 random tokens memorised: the loss was ln 64 = 4.2 at the start
 
 
 def test_loss_matches_cross_entropy_and_ignores_minus_one():

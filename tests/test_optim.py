@@ -9,6 +9,8 @@ from gradlm.optim import Combined, Muon, build_optimizer, lr_factor, orthogonali
 
 from conftest import tiny_config
 
+pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
+
 
 def test_schedules_have_their_defined_shapes():
     f = lambda p, **kw: lr_factor(p, step=1000, **kw)  # noqa: E731  (past any warmup)

@@ -22,6 +22,8 @@ from gradlm.sft import load_sft
 
 from conftest import sft_fit
 
+pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
+
 DRUGQA = Path(__file__).resolve().parents[1] / "examples" / "drugqa"
 FACTS = [("zorvastatin", "40 mg"), ("quelmaprine", "a statin"), ("dralixil", "Brinavorant"), ("plexomab", "250 mg")]
 

@@ -13,6 +13,8 @@ from gradlm.trainer import train
 
 from conftest import tiny_config
 
+pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
+
 BASE = dict(batch="4", eval_every=5, log_every=1, warmup_steps=0, progress=False, plots=False, dtype="float32", vocab_size=300, seed=0)
 
 

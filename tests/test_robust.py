@@ -22,6 +22,8 @@ from gradlm.trainer import Trainer, train
 
 from conftest import tiny_config
 
+pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
+
 LETTERS = regex.compile(r"\p{L}+")  # the words inject_typos edits: runs of letters (str.isalpha)
 UNICODE = "naïve café — Ærø 🙂 ÿ\n\n  tabs\tand 123456 numbers, CAPS'll don't \r\n"
 

@@ -8,6 +8,8 @@ import torch
 from gradlm.errors import ConfigError
 from gradlm.runtime import COMPILE_SECONDS, Machine, Runtime, resolve
 
+pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
+
 CPU = Machine()
 CPU_BF16 = Machine(cpu_bf16=True)
 ONE_GPU = Machine(cuda=1, cuda_bf16=True)
@@ -70,6 +72,32 @@ def test_the_machine_here_is_described_truthfully():
     here = Machine.here()
     assert here.cuda == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     assert resolve(machine=here).device == ("cuda:0" if here.cuda else "cpu")
+
+
+@pytest.mark.parametrize(
+    "environ, allowed",
+    [
+        ({}, True),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, True),
+        ({"ONEDNN_MAX_CPU_ISA": "avx512_core_bf16"}, True),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}, False),  # an AVX512 Xeon without bfloat16
+        ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),
+        ({"DNNL_MAX_CPU_ISA": "SSE41"}, False),  # the old name
+        ({"ONEDNN_MAX_CPU_ISA": "ALL"}, True),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX99_FUTURE"}, True),  # unknown: newer than the list, not a cap below bfloat16
+    ],
+)
+def test_a_onednn_cap_below_bfloat16_means_no_native_bfloat16(environ, allowed, monkeypatch):
+    from gradlm.runtime import onednn_allows_bf16
+
+    assert onednn_allows_bf16(environ) is allowed
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert Machine.here().cpu_bf16 is allowed
+    assert resolve(machine=Machine.here()).dtype == ("bfloat16" if allowed else "float32")
 
 
 def test_rng_state_round_trips_and_reads_the_old_bare_form():

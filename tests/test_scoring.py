@@ -20,6 +20,8 @@ from gradlm.trainer import Trainer, train
 
 from conftest import sharp_model, tiny_config
 
+pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
+
 BLOCK = 32
 
 
@@ -98,7 +100,9 @@ def test_spaced_windows_split_over_ranks_into_the_same_figure(tok):
     whole = score(model, spaced_windows(tokens, 32, 10 * 32, 4), lengths)
     parts = [score(model, spaced_windows(tokens, 32, 10 * 32, 4, rank, 3), lengths) for rank in range(3)]
     assert whole.tokens == 10 * 32 == sum(p.tokens for p in parts)
-    assert whole.nll == pytest.approx(sum(p.nll for p in parts), rel=1e-12) and whole.bits == pytest.approx(sum(p.bits for p in parts), rel=1e-12)
+    # Not to the last bit: a window's float32 logits depend on which windows share its batch where the kernels block
+    # by batch size (ATen's AVX2 ones do: 5e-10 apart there), so each token's loss may move by a float32 rounding.
+    assert whole.nll == pytest.approx(sum(p.nll for p in parts), rel=1e-6) and whole.bits == pytest.approx(sum(p.bits for p in parts), rel=1e-6)
 
 
 def test_masked_targets_are_left_out_and_kept_losses_follow_the_windows(tok):

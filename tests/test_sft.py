@@ -26,6 +26,8 @@ from gradlm.tokenizer import EOT, Tokenizer
 
 from conftest import generate_ids, sft_fit, tiny_config
 
+pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
+
 
 def write_jsonl(path, rows) -> str:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
