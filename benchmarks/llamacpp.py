@@ -45,14 +45,16 @@ def gradlm_decode(engine: Engine, prompts: list[list[int]], n: int) -> list[list
 class LlamaCpp:
     """One llama.cpp model and context holding up to `rows` sequences, decoded greedily in one batch."""
 
-    def __init__(self, path: Path, rows: int, n_ctx: int, threads: int):
+    def __init__(self, path: Path, rows: int, n_ctx: int, threads: int, repack: bool = True):
         import llama_cpp as L
         from llama_cpp._logger import set_verbose
 
         self.L = L
         set_verbose(False)  # llama.cpp's load log goes through llama-cpp-python's logger: errors only
         L.llama_backend_init()
-        self.model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
+        params = L.llama_model_default_params()
+        params.use_extra_bufts = repack  # llama.cpp's weight repacking for its AMX / AVX kernels
+        self.model = L.llama_model_load_from_file(str(path).encode(), params)
         p = L.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx * rows, n_ctx * rows, n_ctx * rows, rows
         p.n_threads = p.n_threads_batch = threads
@@ -141,7 +143,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", type=int, default=0, help="threads for both (0 = torch's default)")
+    ap.add_argument("--repack", choices=("auto", "on", "off"), default="auto",
+                    help="llama.cpp's weight repacking for its AMX/AVX kernels; auto = on, except on a CPU with AMX, where "
+                         "llama.cpp's AMX matrix product crashes on this model (ggml-org/llama.cpp#20824)")
     args = ap.parse_args()
+    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    repack = args.repack == "on" or (args.repack == "auto" and not amx)
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -156,12 +163,12 @@ def main() -> None:
 
     print(f"model: {run} ({model.num_params() / 1e6:.1f}M parameters, {model.cfg.n_layer} x {model.cfg.d_model}, vocab {model.cfg.vocab_size}); gradlm float32")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads each; torch {torch.__version__}, "
-          f"llama-cpp-python {llama_cpp.__version__}; greedy, {n} new tokens per row, median of {args.repeats}\n")
+          f"llama-cpp-python {llama_cpp.__version__}, weight repacking {'on' if repack else 'off'}; greedy, {n} new tokens per row, median of {args.repeats}\n")
     print("| batch | decoder | tokens/s | / gradlm | greedy tokens equal to gradlm's | teacher-forced argmax agreement |")
     print("|---:|---|---:|---:|---|---:|")
     for B in [int(b) for b in args.batches.split(",")]:
         prompts = [tok.encode(lines[i * 7 % len(lines)])[:48] for i in range(B)]
-        engines = {t: LlamaCpp(f, B, max(map(len, prompts)) + n + 1, threads) for t, f in files.items()}
+        engines = {t: LlamaCpp(f, B, max(map(len, prompts)) + n + 1, threads, repack) for t, f in files.items()}
         ours = Engine(model, tok)
         ref = gradlm_decode(ours, prompts, n)
         outs = {t: e.decode(prompts, n) for t, e in engines.items()}  # warm-up
