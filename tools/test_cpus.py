@@ -85,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\nround  setting  ATen     threads  dtype     result")
     for round_, name, got, result, seconds in results:
         print(f"{round_:>5}  {name:<7}  {got['capability']:<7}  {got['threads']:>7}  {got['dtype']:<8}  {result}" + (f" in {seconds:.0f} s" if seconds else ""))
-    return 1 if any(r[3].startswith("FAILED") for r in results) else 0
+    failed = sum(r[3].startswith("FAILED") for r in results)
+    skipped = sum(r[3] == "skipped" for r in results)
+    print(f"settings: {len(results) - failed - skipped} passed, {failed} failed, {skipped} skipped")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
