@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gradlm.errors import ConfigError, GradlmError, Interrupted
+from gradlm.errors import ConfigError, ConstraintError, GradlmError, Interrupted
 
 
 class Parser(argparse.ArgumentParser):
@@ -332,8 +332,11 @@ def cmd_generate(args) -> None:
         out.write("\n")
         return
     prompts = prompts or [""]
+    failed = []
     for start in range(0, len(prompts), args.batch):  # several prompts: decoded together, --batch at a time
         for k, c in enumerate(lm.complete(prompts[start : start + args.batch], cfg, logprobs=args.logprobs, truncate=args.truncate, **constrain), start + 1):
+            if c.error:
+                failed.append(f"prompt {k}: {c.error}" if len(prompts) > 1 else c.error)
             if len(prompts) > 1:
                 out.write(f"--- {k}/{len(prompts)}: {c.prompt[:60]!r} ---\n")
             out.write(c.text + "\n")
@@ -343,6 +346,8 @@ def cmd_generate(args) -> None:
             if args.logprobs:
                 out.write(f"[{len(c.token_ids)} tokens, finished by {c.finish_reason}; probabilities are the model's, before sampling controls]\n")
             out.flush()
+    if failed:  # every other prompt's text is written; the ones that do not fit the constraint fail the command
+        raise ConstraintError(failed[0] + (f" (and {len(failed) - 1} more prompts)" if len(failed) > 1 else ""))
 
 
 def watch_flags(p: argparse.ArgumentParser) -> None:

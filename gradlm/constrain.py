@@ -94,6 +94,13 @@ def _one_line(error: str) -> str:
     return " ".join(kept)[:400]
 
 
+def constraint_failed(constraint: Constraint, error: str) -> str:
+    """The message for a matcher that gave up while decoding (llguidance stops when a constraint grows past its
+    limits, e.g. a regex like a{1000}{1000}): what was asked, why it stopped, and that the output is unfinished."""
+    return (f"{constraint.describe()} could not be followed while decoding ({_one_line(error) or 'the matcher stopped'}): "
+            "the output stopped before it fits; simplify the constraint")
+
+
 class Guide:
     """Compiles constraints against one tokenizer and vocabulary size (the model's, which may be larger)."""
 

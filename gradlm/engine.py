@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import torch
 
-from gradlm.constrain import Constraint, Guide, mask_logits
+from gradlm.constrain import Constraint, Guide, constraint_failed, mask_logits
 from gradlm.errors import BusyError, ConfigError
 from gradlm.infer import Forward
 from gradlm.model import GPT, KVCache
@@ -92,8 +92,9 @@ class Piece(NamedTuple):
     token is the token this step generated (every one, including a stop id or one that spelled a stop
     string). tokens are the generated tokens whose text is now wholly shown (Token.row is the sample
     index), offsets the character offset of each in the sample's text; tokens that spelled a stop string
-    or ended the sample are never listed. finish is "stop" or "length" on a sample's last piece.
-    generated counts every token the sample produced so far (usage)."""
+    or ended the sample are never listed. finish is "stop" or "length" on a sample's last piece, or "error"
+    when the request's constraint failed while decoding: then error says why, and the text so far does not
+    fit the constraint. generated counts every token the sample produced so far (usage)."""
 
     index: int
     text: str
@@ -102,6 +103,7 @@ class Piece(NamedTuple):
     finish: str | None
     generated: int
     token: Token
+    error: str | None = None
 
 
 class StopMatcher:
@@ -202,6 +204,8 @@ class _Row:
         complete = False
         if self.constraint is not None:
             self.constraint.consume_token(t.id)
+            if self.constraint.is_error():  # it gave up (a limit of its own, say): stopped, but not complete
+                return self._finish("", "error", t, constraint_failed(self.handle.request.constraint, self.constraint.get_error()))
             complete = self.constraint.is_stopped()  # the output is whole and nothing more may follow
         if t.id in self.stop_ids:
             return self._finish("", "stop", t)
@@ -218,12 +222,12 @@ class _Row:
             return self._finish(text, "length", t)
         return self._emit(text, None, t)
 
-    def _finish(self, text: str, reason: str, t: Token) -> Piece:
+    def _finish(self, text: str, reason: str, t: Token, error: str | None = None) -> Piece:
         """Generation ended: release what was held back (a cut character, a possible stop string)."""
         rest = self.decoder.flush()
         self._decoded(rest, False)
         tail, hit = self.matcher.push(rest)
-        return self._emit(text + (tail if hit else tail + self.matcher.flush()), "stop" if hit else reason, t)
+        return self._emit(text + (tail if hit else tail + self.matcher.flush()), "stop" if hit and not error else reason, t, error)
 
     def _decoded(self, text: str, pending: bool) -> None:
         """The decoder produced text; unless a character is still unfinished, every held token's text is known."""
@@ -233,13 +237,13 @@ class _Row:
                 if h[2] is None:
                     h[2] = self.decoded
 
-    def _emit(self, text: str, finish: str | None, t: Token) -> Piece:
+    def _emit(self, text: str, finish: str | None, t: Token, error: str | None = None) -> Piece:
         self.shown += len(text)
         n = 0
         while n < len(self.held) and self.held[n][2] is not None and self.held[n][2] <= self.shown:
             n += 1
         done, self.held = self.held[:n], self.held[n:]
-        return Piece(self.index, text, [h[0] for h in done], [h[1] for h in done], finish, self.generated, t)
+        return Piece(self.index, text, [h[0] for h in done], [h[1] for h in done], finish, self.generated, t, error)
 
 
 class Engine:
@@ -531,6 +535,9 @@ class Engine:
         if constrained:
             logits = logits.clone()
             logits[constrained] = mask_logits(logits[constrained], [rows[b].constraint for b in constrained])
+            for b in constrained:  # a matcher that failed computing its mask may allow nothing: the row draws
+                if rows[b].constraint.is_error():  # as it is, and accept() ends it with the error
+                    logits[b] = torch.where(logits[b].isfinite(), logits[b], 0.0) if not logits[b].isfinite().any() else logits[b]
         groups: dict[tuple, list[int]] = {}
         for b, row in enumerate(rows):
             if row.penalised:

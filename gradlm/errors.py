@@ -17,6 +17,11 @@ class TokenizerError(GradlmError):
     """A tokenizer cannot be trained, loaded or used as asked."""
 
 
+class ConstraintError(GradlmError):
+    """A constrained output that could not be finished: the constraint's matcher failed while decoding (the
+    text so far does not fit the constraint)."""
+
+
 class ConfigError(GradlmError):
     """A configuration value or command-line flag is invalid."""
 

@@ -25,7 +25,7 @@ from typing import NamedTuple
 from gradlm.constrain import KINDS, Constraint, make_constraint
 from gradlm.corpus import jsonl_objects, read_text
 from gradlm.engine import Engine, Request, Token
-from gradlm.errors import ConfigError, DataError
+from gradlm.errors import ConfigError, ConstraintError, DataError
 from gradlm.model import GPT
 from gradlm.runtime import Runtime
 from gradlm.sampling import SamplingConfig
@@ -54,7 +54,8 @@ class Completion:
 
     text: the continuation as shown (no stop string, no end-of-text token). token_ids: every
     generated id, including those that spelled a stop string and a final end-of-text.
-    finish_reason: "length" (max_new_tokens), "stop" (a stop string) or "eot" (end of text).
+    finish_reason: "length" (max_new_tokens), "stop" (a stop string), "eot" (end of text), or "error" when
+    the constraint could not be followed to its end: error says why, and text does not fit the constraint.
     """
 
     prompt: str
@@ -62,13 +63,15 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
 
 
 class Event(NamedTuple):
     row: int
     text: str  # text now safe to show ("" while a character or a possible stop string is incomplete)
     token: Token | None  # the token that produced it (None only when nothing was generated)
-    finish: str | None  # set on a row's last event: "length", "stop" or "eot"
+    finish: str | None  # set on a row's last event: "length", "stop", "eot" or "error" (a constraint that failed)
+    error: str | None = None  # why, when finish is "error"
 
 
 class LM:
@@ -174,15 +177,18 @@ class LM:
             finish = piece.finish
             if finish == "stop" and piece.token.id in stops:
                 finish = "eot"
-            yield Event(r, piece.text, piece.token, finish)
+            yield Event(r, piece.text, piece.token, finish, piece.error)
 
     def stream(self, prompt: str, cfg: SamplingConfig | None = None, *, truncate: str = "error", stop_at_eot: bool = True, **overrides) -> Iterator[str]:
         """Yield pieces of the continuation as they are generated (never half a character, never a
-        stop string or the text after it)."""
+        stop string or the text after it). A constraint that fails while decoding raises ConstraintError after
+        the text so far."""
         cfg, constraint = self._config(cfg, overrides)
         for ev in self.events([prompt], cfg, 0, truncate, stop_at_eot, constraint=constraint):
             if ev.text:
                 yield ev.text
+            if ev.error:
+                raise ConstraintError(ev.error)
 
     def complete(
         self,
@@ -203,6 +209,7 @@ class LM:
         ids: list[list[int]] = [[] for _ in prompts]
         lps: list[list[TokenLogprob]] = [[] for _ in prompts]
         reasons = ["length"] * len(prompts)
+        errors: list[str | None] = [None] * len(prompts)
         for ev in self.events(prompts, cfg, logprobs, truncate, stop_at_eot, batch_size, constraint):
             texts[ev.row].append(ev.text)
             if ev.token is not None:
@@ -212,16 +219,21 @@ class LM:
                     top = [(i, self.tok.decode([i]), lp) for i, lp in t.top]
                     lps[ev.row].append(TokenLogprob(t.id, self.tok.decode([t.id]), t.logprob, top))
             if ev.finish:
-                reasons[ev.row] = ev.finish
-        return [Completion(p, "".join(texts[b]), ids[b], reasons[b], lps[b] if logprobs else None) for b, p in enumerate(prompts)]
+                reasons[ev.row], errors[ev.row] = ev.finish, ev.error
+        return [Completion(p, "".join(texts[b]), ids[b], reasons[b], lps[b] if logprobs else None, errors[b]) for b, p in enumerate(prompts)]
 
     def generate(self, prompt: str, cfg: SamplingConfig | None = None, *, truncate: str = "error", **overrides) -> str:
-        """The whole continuation of one prompt."""
-        return self.complete([prompt], cfg, truncate=truncate, **overrides)[0].text
+        """The whole continuation of one prompt (ConstraintError where its constraint failed while decoding)."""
+        return self.generate_batch([prompt], cfg, truncate=truncate, **overrides)[0]
 
     def generate_batch(self, prompts: list[str], cfg: SamplingConfig | None = None, *, truncate: str = "error", batch_size: int = 0, **overrides) -> list[str]:
-        """Continuations of several prompts, decoded together (per-row stopping)."""
-        return [c.text for c in self.complete(prompts, cfg, truncate=truncate, batch_size=batch_size, **overrides)]
+        """Continuations of several prompts, decoded together (per-row stopping). ConstraintError where a
+        constraint failed while decoding: complete() keeps such rows, with finish_reason "error"."""
+        done = self.complete(prompts, cfg, truncate=truncate, batch_size=batch_size, **overrides)
+        failed = [c for c in done if c.error]
+        if failed:
+            raise ConstraintError(failed[0].error)
+        return [c.text for c in done]
 
 
 def load(run_dir: str | os.PathLike, best: bool = False, allow_special: bool = False, runtime: Runtime | None = None) -> LM:

@@ -3,7 +3,9 @@ become token ids and a SamplingConfig, and how pieces of generated text become O
 (completions and chat, whole or as server-sent-event chunks) with usage and logprobs.
 
 serve.py wraps this in an HTTP app. Conventions kept from OpenAI: errors as {"error": {"message",
-"type", "param", "code"}}; finish_reason "stop" (an end token or a stop string) or "length"; a token
+"type", "param", "code"}}; finish_reason "stop" (an end token or a stop string) or "length" (and gradlm's
+"error", with an "error" object in the choice, where a constraint that compiled failed while decoding: its text
+stops short of fitting; a constraint that cannot compile is a 400 before decoding); a token
 that cuts a character shows as "bytes:\\xe2\\x80" in logprobs. gradlm adds "id" (chat) and
 "token_ids" (completions) to logprobs, the token ids the playground shows. Probabilities are the
 model's own (log softmax of its logits), before penalties, temperature and top-k/top-p/min-p.
@@ -134,6 +136,14 @@ def token_string(raw: bytes) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def _failed(choice: dict, piece: Piece | None) -> dict:
+    """A choice whose constraint failed while decoding says so: finish_reason "error" and an "error" field
+    with why (its text stops short of fitting the constraint); any other choice as it is."""
+    if piece is not None and piece.error:
+        choice["error"] = {"message": piece.error, "type": "invalid_request_error", "code": "constraint_failed"}
+    return choice
 
 
 class _Usage:
@@ -413,7 +423,7 @@ class Server:
             if not piece.text and piece.finish is None and not (want_lp and piece.tokens):
                 return None
             lp = self.completion_logprobs(piece) if want_lp else None
-            return {"index": i, "text": piece.text, "logprobs": lp, "finish_reason": piece.finish}
+            return _failed({"index": i, "text": piece.text, "logprobs": lp, "finish_reason": piece.finish}, piece)
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -427,6 +437,8 @@ class Server:
                     out[i]["logprobs"] = c["logprobs"] if out[i]["logprobs"] is None else {k: v + c["logprobs"][k] for k, v in out[i]["logprobs"].items()}
                 out[i]["text"] += c["text"]
                 out[i]["finish_reason"] = c["finish_reason"]
+                if "error" in c:
+                    out[i]["error"] = c["error"]
         return dict(base, choices=out, usage=usage.json())
 
     async def chat(self, body: ChatRequest, request: HTTPRequest):
@@ -450,26 +462,26 @@ class Server:
                     return None
                 delta = {"content": piece.text} if piece.text or piece.finish is None else {}
                 lp = {"content": entries(piece)} if top is not None else None
-                return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": piece.finish}
+                return _failed({"index": i, "delta": delta, "logprobs": lp, "finish_reason": piece.finish}, piece)
 
             # OpenAI's first chunk of each choice names the role.
             first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(choices)]
             base = dict(base, object="chat.completion.chunk")
             return self.stream(handles, queue, choices, base, usage, include_usage, part, first)
-        texts, lps, reasons = [""] * choices, [[] for _ in range(choices)], [None] * choices
+        texts, lps, last = [""] * choices, [[] for _ in range(choices)], [None] * choices
         async for i, piece in self.pieces(handles, queue, choices, request):
             usage.add(i, piece)
             texts[i] += piece.text
             if top is not None:
                 lps[i] += entries(piece)
-            reasons[i] = piece.finish or reasons[i]
+            last[i] = piece
         out = [
-            {
+            _failed({
                 "index": i,
                 "message": {"role": "assistant", "content": texts[i]},
                 "logprobs": {"content": lps[i]} if top is not None else None,
-                "finish_reason": reasons[i],
-            }
+                "finish_reason": last[i].finish if last[i] else None,
+            }, last[i])
             for i in range(choices)
         ]
         return dict(base, choices=out, usage=usage.json())

@@ -23,7 +23,7 @@ from typing import TextIO
 from gradlm.chat import Message, encode_chat, stop_ids
 from gradlm.constrain import Constraint
 from gradlm.engine import Request
-from gradlm.errors import ConfigError
+from gradlm.errors import ConfigError, ConstraintError
 from gradlm.generate import LM
 from gradlm.sampling import SamplingConfig
 
@@ -80,6 +80,8 @@ class ChatSession:
                     reply.append(piece.token.id)
                 if piece.text:
                     yield piece.text
+                if piece.error:  # the constraint failed while decoding: the reply so far does not fit it
+                    raise ConstraintError(piece.error)
         finally:
             self._cached = (ids + reply)[: cache.pos]  # what the cache holds: the prompt and the reply fed so far
             content = [i for i in reply if i not in self.lm.engine.specials]  # a special token is never text
@@ -146,7 +148,7 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input, out: Tex
             for piece in session.send(text):
                 out.write(piece)
                 out.flush()
-        except ConfigError as e:
+        except (ConfigError, ConstraintError) as e:
             print(f"error: {e}", file=err)
             continue
         except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat

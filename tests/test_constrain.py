@@ -15,7 +15,7 @@ import pytest
 from gradlm.cli import main
 from gradlm.constrain import make_constraint
 from gradlm.engine import Engine, Request
-from gradlm.errors import ConfigError
+from gradlm.errors import ConfigError, ConstraintError
 from gradlm.generate import LM
 from gradlm.sampling import SamplingConfig
 from gradlm.serve import create_app
@@ -214,6 +214,71 @@ def test_openai_client_response_format_round_trip_and_gradlm_extras(lm):
                 assert r.status_code == 400, r.text
                 err = r.json()["error"]
                 assert message in err["message"] and err["param"] == param, err
+
+
+# ---- a constraint that compiles and fails while decoding ---------------------------------------------------
+
+# llguidance compiles this regex, then gives up at the first token ("too many expressions constructed"): the
+# matcher stops in an error state. Read as "stopped", it once came back as finish "stop" with the text "a".
+LATE = r"a{1000}{1000}"
+
+
+def test_a_constraint_that_fails_while_decoding_ends_its_row_with_an_error(model, tok):
+    requests = [Request(tok.encode("x"), SamplingConfig(max_new_tokens=20, temperature=0), 1, frozenset([tok.eot_id]), constraint=make_constraint(regex=LATE)),
+                Request(tok.encode("Dose:"), SamplingConfig(max_new_tokens=20, temperature=0), 1, frozenset([tok.eot_id]), constraint=make_constraint(regex=REGEX)),
+                Request(tok.encode("y"), SamplingConfig(max_new_tokens=5, temperature=1.0, seed=1), 1, frozenset([tok.eot_id]), constraint=make_constraint(regex=LATE))]
+    late, fine, sampled = Engine(model, tok, max_batch=3).run(requests)  # one batch: the failing rows end alone
+    for pieces in (late, sampled):
+        assert pieces[-1].finish == "error" and "could not be followed while decoding" in pieces[-1].error
+        assert "too many expressions" in pieces[-1].error and "".join(p.text for p in pieces) != "a" * 1000 * 1000
+        assert all(p.error is None and p.finish is None for p in pieces[:-1])
+    assert fine[-1].finish == "stop" and fine[-1].error is None and re.fullmatch(REGEX, "".join(p.text for p in fine))
+
+
+def test_the_api_and_the_cli_say_a_late_failure_instead_of_answering(lm, run_dir, capsys):
+    [c] = lm.complete("x", regex=LATE, temperature=0, max_new_tokens=20)
+    assert c.finish_reason == "error" and "simplify the constraint" in c.error
+    for call in (lambda: lm.generate("x", regex=LATE, temperature=0), lambda: "".join(lm.stream("x", regex=LATE, temperature=0))):
+        with pytest.raises(ConstraintError, match="the regular expression could not be followed while decoding"):
+            call()
+    for argv in (["generate", str(run_dir), "x", "--regex", LATE], ["generate", str(run_dir), "x", "y", "--regex", LATE]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "could not be followed while decoding" in err and err.count("\n") == 1, err
+
+
+def test_a_chat_says_a_late_failure_and_goes_on(lm):
+    import io
+
+    from gradlm.session import ChatSession, chat_loop
+
+    chat = ChatSession(lm, sampling=SamplingConfig(temperature=0, max_new_tokens=20), constraint=make_constraint(regex=LATE))
+    lines, out, err = ["hi", "again"], io.StringIO(), io.StringIO()
+
+    def read(_):
+        if not lines:
+            raise EOFError
+        return lines.pop(0)
+
+    chat_loop(chat, read=read, out=out, err=err)
+    assert err.getvalue().count("error: the regular expression could not be followed while decoding") == 2
+    assert [t["role"] for t in chat.turns] == ["user", "assistant", "user", "assistant"]
+
+
+def test_the_server_marks_a_late_failure_in_the_choice(lm):
+    with live(create_app(lm, "tiny")) as url, httpx.Client(base_url=url, timeout=60) as http:
+        r = http.post("/v1/completions", json={"prompt": "x", "regex": LATE, "max_tokens": 20, "n": 2, "temperature": 0})
+        assert r.status_code == 200, r.text
+        for choice in r.json()["choices"]:
+            assert choice["finish_reason"] == "error" and choice["error"]["code"] == "constraint_failed", choice
+        r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "regex": LATE, "max_tokens": 20})
+        [choice] = r.json()["choices"]
+        assert choice["finish_reason"] == "error" and "could not be followed" in choice["error"]["message"]
+        body = {"messages": [{"role": "user", "content": "hi"}], "regex": LATE, "max_tokens": 20, "stream": True}
+        with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        last = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        assert [c["finish_reason"] for c in last] == ["error"] and last[0]["error"]["code"] == "constraint_failed"
 
 
 def test_qa_with_answers_choices_reports_exact_match_both_ways(run_dir, tmp_path, capsys):
