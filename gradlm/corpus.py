@@ -22,6 +22,8 @@ import codecs
 import gzip
 import io
 import json
+import sys
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,11 +127,68 @@ def _open(path: Path, comp: str):
         return gzip.open(path, "rb")
     if comp == "zst":
         try:
-            import zstandard
+            import zstandard  # noqa: F401
         except ImportError:
             raise DataError(f"{path} is zstd-compressed: pip install zstandard (or the [data] extra)") from None
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        return io.BufferedReader(_Zstd(path))
     return open(path, "rb")
+
+
+class _Zstd(io.RawIOBase):
+    """A zstandard file's decompressed bytes, frame after frame, that notices a file cut short mid-frame
+    (zstandard's own stream_reader ends quietly there, and a truncated corpus read as a shorter one)."""
+
+    def __init__(self, path: Path):
+        import zstandard
+
+        self.zstd, self.f = zstandard, open(path, "rb")
+        self.d, self.out, self.pending, self.in_frame = self.zstd.ZstdDecompressor().decompressobj(), b"", b"", False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.out:
+            chunk, self.pending = (self.pending, b"") if self.pending else (self.f.read(1 << 20), b"")
+            if not chunk:
+                if self.in_frame:
+                    raise EOFError("the file ends in the middle of a zstandard frame (it was cut short)")
+                return 0
+            if self.d.eof:  # the previous frame ended: the next one starts here
+                self.d = self.zstd.ZstdDecompressor().decompressobj()
+            self.out, self.in_frame = self.d.decompress(chunk), True
+            if self.d.eof:
+                self.pending, self.in_frame = self.d.unused_data, False
+        n = min(len(buffer), len(self.out))
+        buffer[:n], self.out = self.out[:n], self.out[n:]
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def _damage() -> tuple[type[BaseException], ...]:
+    """What reading a damaged file raises: OS errors, a stream cut short, and the decompression and Parquet
+    libraries' own error types (only a library already imported can have raised)."""
+    types: list[type[BaseException]] = [OSError, EOFError, zlib.error]
+    if zstd := sys.modules.get("zstandard"):
+        types.append(zstd.ZstdError)
+    if arrow := sys.modules.get("pyarrow"):
+        types.append(arrow.ArrowException)
+    return tuple(types)
+
+
+def damaged(path: Path, e: BaseException, where: str = "") -> DataError:
+    """One message for a file that cannot be read to its end: which file, where it broke (where is " at ..."
+    when known), what the reader said, and what to do."""
+    fmt, comp = kind(Path(path))
+    reason = " ".join(str(e).split()) or type(e).__name__  # on one line: pyarrow's messages span several
+    if isinstance(e, OSError) and not comp and fmt != "parquet" and not isinstance(e, EOFError):
+        return DataError(f"cannot read {path}{where}: {e.strerror or reason}; check the file and its permissions")
+    test = {"gz": f"`gzip -t {path}`", "zst": f"`zstd -t {path}`"}.get(comp, "")
+    return DataError(f"{path} is damaged{where}: {reason}; " + (f"{test} confirms it; " if test else "")
+                     + "re-create it from the original, or leave it out of --data")
 
 
 class _Decoder:
@@ -146,10 +205,13 @@ class _Decoder:
         try:
             text = self.dec.decode(raw, final)
         except UnicodeDecodeError as e:
+            # e.object is what the decoder held back from the previous block (a cut character) and then raw
+            at = self.offset - (len(e.object) - len(raw)) + e.start
             if self.errors == "skip":
-                raise _Undecodable(self.offset + e.start) from None
+                raise _Undecodable(at) from None
             raise DataError(
-                f"{self.where} is not valid UTF-8 (bad byte 0x{raw[e.start]:02x} at offset {self.offset + e.start}); "
+                f"{self.where} is not valid UTF-8 (bad byte 0x{e.object[e.start]:02x} at offset {at}"
+                f"{', where the text ends inside a character' if final and e.end == len(e.object) else ''}); "
                 "convert it (e.g. `iconv -f latin1 -t utf-8`), or pass --encoding-errors replace (or skip)"
             ) from None
         if self.errors == "replace":
@@ -188,7 +250,10 @@ def _text_file(path: Path, comp: str, errors: str, stats: ReadStats) -> Iterator
     def blocks() -> Iterator[str]:
         with f:
             while True:  # blocks cut anywhere: the tokenising side re-cuts the text between pre-tokens
-                raw = f.read(BLOCK_BYTES)
+                try:
+                    raw = f.read(BLOCK_BYTES)
+                except _damage() as e:
+                    raise damaged(path, e, _after(decode.offset, comp)) from None
                 text = decode(raw, final=not raw)
                 if text:
                     yield text
@@ -209,8 +274,6 @@ def _text_file(path: Path, comp: str, errors: str, stats: ReadStats) -> Iterator
         stats.skipped += 1
         stats.note(f"{path} (bad byte at offset {e.offset})")
         return
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
     stats.documents += 1
     yield StreamedDocument(str(path), parts, size)
 
@@ -222,22 +285,25 @@ def decompressed_size(path: Path) -> int:
         with _open(path, kind(path)[1]) as f:
             while block := f.read(BLOCK_BYTES):
                 n += len(block)
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
+    except _damage() as e:
+        raise damaged(path, e, _after(n, "gz")) from None
     return n
+
+
+def _after(good: int, comp: str) -> str:
+    """Where a file that is read in blocks broke: after the bytes read whole (nothing to say before the first)."""
+    return f" after {good:,} good bytes{' of decompressed text' if comp else ''}" if good else ""
 
 
 def _chain(head: str, rest: Iterator[str]) -> Iterator[str]:
     if head:
         yield head
-    try:
-        yield from rest
-    except (OSError, EOFError) as e:  # a compressed file cut short, say
-        raise DataError(f"cannot read the corpus: {e}") from None
+    yield from rest  # a file that breaks later raises there, naming itself (blocks())
 
 
 def _jsonl(path: Path, comp: str, text_field: str, errors: str, stats: ReadStats) -> Iterator[StreamedDocument]:
     decode = _Decoder(str(path), errors if errors != "skip" else "strict", stats)
+    n = 0
     try:
         with _open(path, comp) as f:
             for n, raw in enumerate(f, 1):
@@ -255,12 +321,20 @@ def _jsonl(path: Path, comp: str, text_field: str, errors: str, stats: ReadStats
                 if not line.strip():
                     continue
                 obj = _json_line(path, n, line)
-                if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                    raise DataError(f"{path} line {n} has no string field {text_field!r}; set --text-field to the field that holds the text")
+                if not isinstance(obj, dict) or text_field not in obj:
+                    raise DataError(f"{path} line {n} has no field {text_field!r}; set --text-field to the field that holds the text")
                 stats.documents += 1
-                yield StreamedDocument(f"{path}:{n}", [obj[text_field]], -1, record=True)
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
+                yield StreamedDocument(f"{path}:{n}", [_text_value(obj[text_field], path, f"line {n}", "field", text_field)], -1, record=True)
+    except _damage() as e:
+        raise damaged(path, e, f" at line {n + 1}") from None
+
+
+def _text_value(value: object, path: Path, where: str, what: str, name: str) -> str:
+    """A record's text: a string, in every format (a number, a list or null is the same one error)."""
+    if not isinstance(value, str):
+        shown = "null" if value is None else type(value).__name__
+        raise DataError(f"{path} {where}: the {what} {name!r} holds {shown}, not text; set --text-field to the {what} that holds the text")
+    return value
 
 
 def _parquet(path: Path, text_field: str, stats: ReadStats) -> Iterator[StreamedDocument]:
@@ -271,16 +345,23 @@ def _parquet(path: Path, text_field: str, stats: ReadStats) -> Iterator[Streamed
     try:
         f = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001  (pyarrow raises its own types for a file that is not Parquet)
-        raise DataError(f"{path} is not a readable Parquet file ({e})") from None
+        raise damaged(path, e) from None
     if text_field not in f.schema_arrow.names:
         raise DataError(f"{path} has no column {text_field!r} (columns: {', '.join(f.schema_arrow.names)}); set --text-field")
     row = 0
-    for batch in f.iter_batches(columns=[text_field], batch_size=1024):
-        for value in batch.column(0).to_pylist():
+    batches = f.iter_batches(columns=[text_field], batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+            values = batch.column(0).to_pylist() if batch is not None else []  # a string that is not UTF-8 fails here
+        except (*_damage(), UnicodeDecodeError) as e:
+            raise damaged(path, e, f" at row {row + 1}") from None
+        if batch is None:
+            return
+        for value in values:
             row += 1
-            if isinstance(value, str):
-                stats.documents += 1
-                yield StreamedDocument(f"{path}:row {row}", [value], -1, record=True)
+            stats.documents += 1
+            yield StreamedDocument(f"{path}:row {row}", [_text_value(value, path, f"row {row}", "column", text_field)], -1, record=True)
 
 
 # ---- small inputs, whole: prompts, QA files, chat data, text to evaluate
@@ -301,8 +382,8 @@ def read_text(path: Path, errors: str = "strict") -> str:
     try:
         with _open(path, kind(path)[1]) as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
+    except _damage() as e:
+        raise damaged(path, e) from None
     try:
         return _Decoder(str(path), errors, ReadStats())(raw, final=True)
     except _Binary:

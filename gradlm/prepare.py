@@ -363,8 +363,10 @@ def prepare(
             raise DataError(f"no text in {', '.join(sources)}: the corpus is empty" + (f" ({stats.summary()})" if stats.skipped else ""))
         for w in writers.values():
             w.flush()
-    except DataError:  # a mistake in the input: leave nothing behind (a killed prepare keeps its shards to resume)
-        _abandon(out, created)
+    except _Stop:
+        raise  # a kill (tests stop here on purpose): the shards stay, to resume
+    except Exception:  # any failure, whatever raised it (the input's, a worker's): leave nothing behind;
+        _abandon(out, created)  # a kill or Ctrl-C keeps the shards written so far, to resume
         raise
     finally:
         if pool is not None:
