@@ -82,7 +82,7 @@ def resume_start(run: RunDir, model_cfg: ModelConfig, cfg: TrainConfig, typed: s
 # ---- the training state of a checkpoint ------------------------------------------------------------------
 
 # The trainer's counters; the budget's clock and phase are saved beside them (Budget.STATE).
-COUNTERS = ("step", "tokens_seen", "best_val", "bad_evals", "guard_used", "gap_history")
+COUNTERS = ("step", "tokens_seen", "best_val", "bad_evals", "guard_used", "eval_history")
 
 
 def checkpoint_state(t) -> dict:

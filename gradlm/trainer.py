@@ -157,7 +157,7 @@ class Trainer:
         self.step, self.tokens_seen = 0, 0
         self.saved_step = -1
         self.best_val, self.bad_evals, self.guard_used = float("inf"), 0, 0
-        self.gap_history: list[float] = []
+        self.eval_history: list[tuple[float, float, int]] = []  # (validation loss, training loss, step) of each evaluation
         self.resumed = cfg.resume
         self.report: dict = {}  # more fields of the summary (fine-tuning: trainable parameters, optimizer memory)
         self.command = "train"  # the gradlm command that resumes this run

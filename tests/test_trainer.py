@@ -18,7 +18,7 @@ from gradlm.model import GPT
 from gradlm.optim import OPTIMIZERS
 from gradlm.rundir import read_metrics
 from gradlm.config import TrainConfig
-from gradlm.monitor import overfitting
+from gradlm.monitor import fit_warning, gap_widening
 from gradlm.trainer import Trainer, train
 
 from conftest import tiny_config
@@ -209,11 +209,55 @@ def test_two_nodes_match_one_process_with_the_same_global_batch(prepared, tmp_pa
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
-def test_overfitting_rule():
-    assert overfitting([0.0, 0.02, 0.06, 0.1])
-    assert not overfitting([0.0, 0.02, 0.06])  # too few evaluations
-    assert not overfitting([0.0, 0.08, 0.06, 0.1])  # not growing every time
-    assert not overfitting([0.0, 0.01, 0.02, 0.03])  # growing but still small
+def test_gap_widening_rule():
+    assert gap_widening([0.0, 0.02, 0.06, 0.1])
+    assert not gap_widening([0.0, 0.02, 0.06])  # too few evaluations
+    assert not gap_widening([0.0, 0.08, 0.06, 0.1])  # not growing every time
+    assert not gap_widening([0.0, 0.01, 0.02, 0.03])  # growing but still small
+
+
+def warnings_along(history):
+    """Every warning fit_warning gives as the evaluations of history arrive one by one: (evaluation index, kind)."""
+    steps = [100 * (i + 1) for i in range(len(history))]
+    return [(i, w[0]) for i in range(len(history)) if (w := fit_warning(history[: i + 1], steps[: i + 1]))]
+
+
+def test_a_widening_gap_while_validation_improves_is_variance_not_overfitting():
+    # As make demo's run goes: validation improves at every evaluation, training faster (val, train).
+    improving = [(3.0, 3.0), (2.6, 2.55), (2.4, 2.3), (2.3, 2.15), (2.2, 2.0), (2.15, 1.9), (2.1, 1.8)]
+    assert warnings_along(improving) == [(3, "variance")]  # once, where the streak begins; never "overfitting"
+    _, message = fit_warning(improving[:4], [100, 200, 300, 400])
+    assert "keep going" in message and "0.000 -> 0.150 since step 100" in message and "3.000 -> 2.300" in message
+
+
+def test_validation_that_stops_improving_while_training_falls_is_overfitting():
+    history = [(3.0, 3.0), (2.5, 2.45), (2.3, 2.2), (2.25, 2.05), (2.27, 1.9), (2.3, 1.8), (2.32, 1.7), (2.4, 1.6), (2.5, 1.5)]
+    assert warnings_along(history) == [(3, "variance"), (6, "overfitting")]  # told once each; from 6 on it holds
+    _, message = fit_warning(history[:7], [100 * (i + 1) for i in range(7)])
+    assert "best 2.250 at step 400, now 2.320" in message and "training loss fell 2.050 -> 1.700 since step 400" in message
+    # A plateau where training does not fall either is neither: nothing is learned, nothing is overfitted.
+    assert warnings_along([(3.0, 3.0), (2.5, 2.5), (2.5, 2.5), (2.5, 2.5), (2.5, 2.5)]) == []
+
+
+def test_a_run_on_a_tiny_corpus_is_told_when_it_overfits(tmp_path, tok, small_text):
+    """A real run that overfits: 2 KB of text, many epochs. The warning comes after validation's best, and what it
+    says is what the evaluations in metrics.jsonl show."""
+    (tmp_path / "tiny.txt").write_text(small_text[:2500])
+    from gradlm.model import ModelConfig
+
+    s = train(ModelConfig(n_layer=2, n_head=4, d_model=64, block_size=32),
+              TrainConfig(data=str(tmp_path / "tiny.txt"), out=str(tmp_path / "run"), vocab_size=300, batch="8", max_steps=400, eval_every=20,
+                          eval_tokens=2048, val_fraction=0.2, lr=3e-3, warmup_steps=0, seed=0, progress=False, plots=False, dtype="float32"))
+    rows = read_metrics(tmp_path / "run")
+    evals = [r for r in rows if "val_loss" in r and "event" not in r]
+    told = [r for r in rows if r.get("event") == "overfitting"]
+    assert told, [(r["step"], round(r["val_loss"], 3), round(r["train_eval_loss"], 3)) for r in evals]
+    for event in told:
+        before = [r for r in evals if r["step"] <= event["step"]]
+        best = min(range(len(before) - 3), key=lambda i: before[i]["val_loss"])
+        assert all(r["val_loss"] > before[best]["val_loss"] - 1e-3 for r in before[-3:])  # no new best for 3 evaluations ...
+        assert before[-1]["train_eval_loss"] < before[-4]["train_eval_loss"]  # ... while training still fell
+    assert s["best_val_loss"] == min(r["val_loss"] for r in evals)
 
 
 def test_divergence_rule():

@@ -6,7 +6,7 @@
 
   // matplotlib's default cycle: the same colour per run as compare.png
   const PALETTE = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#17becf', '#bcbd22', '#7f7f7f'];
-  const EVENT_COLORS = { diverged: '#c62828', overfitting: '#ef6c00', converged: '#2e7d32', resumed: '#1565c0', budget_extended: '#6a1b9a', stopped: '#546e7a' };
+  const EVENT_COLORS = { diverged: '#c62828', overfitting: '#ef6c00', variance: '#f9a825', converged: '#2e7d32', resumed: '#1565c0', budget_extended: '#6a1b9a', stopped: '#546e7a' };
   const OTHER_EVENT = '#8d8d86';
   const X_LABELS = { step: 'step', tokens: 'tokens seen', time: 'wall time' };
   const REASONS = {
@@ -424,7 +424,7 @@
     const several = trainingRuns().length > 1;
     const all = trainingRuns().flatMap((run) => run.events.map((ev) => [run, ev])).sort((a, b) => b[1].seq - a[1].seq);
     if (!all.length) {
-      box.append(el('li', 'empty-note', 'none so far: divergence, overfitting, convergence, resumes and the stop appear here'));
+      box.append(el('li', 'empty-note', 'none so far: divergence, growing variance, overfitting, convergence, resumes and the stop appear here'));
       return;
     }
     for (const [run, ev] of all) {
