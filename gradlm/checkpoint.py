@@ -10,6 +10,7 @@ torch.load(weights_only=True).
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -53,12 +54,51 @@ def check_output(path: str | os.PathLike, what: str, is_dir: bool = False) -> Pa
     return p
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, and is someone else's
+        return True
+    return True
+
+
+def remove_stale(path: Path) -> None:
+    """Remove what a killed writer of path left beside it: its temporaries (.NAME.PID.*), named after the process
+    that made them, whose process is gone. A live writer's, or another program's, are left alone."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for p in sorted(path.parent.glob(f".{glob.escape(path.name)}.*")):
+        pid = p.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if p.suffix == ".old" and (p / "x").is_dir() and not path.exists():
+                os.replace(p / "x", path)  # killed between moving the previous folder aside and the new one in
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux's renameat2 with RENAME_EXCHANGE); False where the system or
+    the filesystem cannot, and nothing has moved."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
 def stage(path: Path, write: Callable[[str], None]) -> Path:
     """Write a temporary file beside path with write(tmp) and fsync it; the caller renames it into
-    place (os.replace) when ready. A failure removes the temporary file and re-raises."""
+    place (os.replace) when ready. A failure removes the temporary file and re-raises; what a kill left
+    (a temporary whose process is gone) is removed by the next writer of path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -115,7 +155,8 @@ def atomic_write_dir(target: Path, write: Callable[[Path], None]) -> None:
     target whole. A failure at any point leaves the previous target (or nothing) and no temp folder."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_stale(target)  # a folder a killed writer was filling, or the previous target it had moved aside
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
     try:
         write(tmp)
         # mkdtemp makes a private folder; give it (and its files) the permissions mkdir/open would.
@@ -124,12 +165,16 @@ def atomic_write_dir(target: Path, write: Callable[[Path], None]) -> None:
         for f in tmp.rglob("*"):
             f.chmod((0o777 if f.is_dir() else 0o666) & ~mask)
         if target.is_dir() and any(target.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / "x")  # move the previous one aside, then swap the new one in
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            if _exchange(tmp, target):  # one atomic swap: target is the previous folder, then the new one
+                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous one
+            else:  # no atomic swap here: move the previous one aside, then the new one in (remove_stale undoes a kill between)
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".old", dir=target.parent))
+                os.replace(target, old / "x")
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)  # rename over a missing or empty directory
+        sync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

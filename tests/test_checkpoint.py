@@ -1,0 +1,190 @@
+"""Atomic writes under kill -9: every command that writes leaves its output whole, the previous one or the new one,
+never half; what a kill leaves beside it (temporaries of a process that is gone) is removed by the next writer; a
+fine-tune killed at random moments and resumed ends byte-identical to one that ran straight through."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gradlm.checkpoint import atomic_write_dir, atomic_write_text, remove_stale
+from gradlm.config import TrainConfig
+from gradlm.trainer import train
+
+from conftest import tiny_config
+
+TINY = ["--no-progress", "--no-plots"]
+
+
+def gradlm(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gradlm", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(p: subprocess.Popen) -> None:
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+
+
+def snapshot(path: Path) -> dict[str, bytes] | None:
+    """What a path holds: its files' bytes by relative name (a file alone: ""), None when it does not exist."""
+    if not path.exists():
+        return None
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_killed_writers_leftovers_go_and_a_live_ones_stay(tmp_path):
+    target = tmp_path / "out"
+    atomic_write_dir(target, lambda t: (t / "a").write_text("old"))
+    dead, live = dead_pid(), os.getppid()  # a process that is gone, and one that is alive (not this one: skipped as itself)
+    (tmp_path / f".out.{dead}.abc.tmp").mkdir()
+    (tmp_path / f".out.{live}.abc.tmp").mkdir()
+    (tmp_path / ".out.notapid.tmp").mkdir()
+    (tmp_path / f".outer.{dead}.x.tmp").write_text("another file's")
+    atomic_write_dir(target, lambda t: (t / "b").write_text("new"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".out.{live}.abc.tmp", ".out.notapid.tmp", f".outer.{dead}.x.tmp", "out"])
+    assert snapshot(target) == {"b": b"new"}
+    # Killed between moving the previous folder aside and the new one in (where no atomic swap exists):
+    shutil.rmtree(target)
+    aside = tmp_path / f".out.{dead}.q.old"
+    (aside / "x").mkdir(parents=True)
+    (aside / "x" / "a").write_text("previous")
+    remove_stale(target)
+    assert snapshot(target) == {"a": b"previous"} and not aside.exists()
+    atomic_write_text(tmp_path / "f.txt", "1")
+    (tmp_path / f".f.txt.{dead}.zz.tmp").write_text("half")
+    atomic_write_text(tmp_path / "f.txt", "2")
+    assert not (tmp_path / f".f.txt.{dead}.zz.tmp").exists() and (tmp_path / "f.txt").read_text() == "2"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, prepared, tok) -> Path:
+    out = tmp_path_factory.mktemp("base") / "run"
+    with pytest.MonkeyPatch.context() as mp:  # module-scoped: the autouse cache fixture does not reach here
+        mp.setenv("GRADLM_CACHE", str(out.parent / "cache"))
+        train(tiny_config(tok.vocab_size, block_size=64, d_model=64), TrainConfig(data=str(prepared), out=str(out), batch="8", max_steps=4,
+                                                                                eval_every=4, eval_tokens=1024, seed=0, progress=False, plots=False))
+    return out
+
+
+def kill_at_random_moments(argv: list, check, rng: random.Random, kills: int = 4) -> None:
+    """Run gradlm argv straight through once to time it, then `kills` times again, each SIGKILLed at a seeded random
+    moment over that time (most of a short command is starting Python and torch: the moments lean late, where it
+    writes), calling check() after each kill."""
+    t0 = time.time()
+    finished(gradlm(*argv))
+    took = time.time() - t0
+    for _ in range(kills):
+        p = gradlm(*argv)
+        time.sleep(rng.uniform(0.5, 1.1) * took)
+        p.kill()
+        p.communicate()
+        check()
+
+
+@pytest.mark.parametrize("fmt, old, new", [
+    ("hf", ["--dtype", "float32"], ["--dtype", "bfloat16"]),
+    ("gguf", ["--gguf-type", "f32"], ["--gguf-type", "q8_0"]),
+])
+def test_an_export_killed_anywhere_is_the_previous_export_or_the_new_one(base, tmp_path, fmt, old, new):
+    pytest.importorskip("gguf") if fmt == "gguf" else None
+    refs = {}
+    for name, flags in (("old", old), ("new", new)):
+        finished(gradlm("export", base, tmp_path / name, "--format", fmt, *flags))
+        refs[name] = snapshot(tmp_path / name)
+    out = tmp_path / "out"
+    finished(gradlm("export", base, out, "--format", fmt, *old))
+    seen = []
+
+    def check():
+        got = snapshot(out)
+        seen.append("old" if got == refs["old"] else "new" if got == refs["new"] else "HALF")
+        assert seen[-1] != "HALF", sorted(got or {})
+        if seen[-1] == "new":  # start the next try from the previous export again
+            finished(gradlm("export", base, out, "--format", fmt, *old))
+
+    kill_at_random_moments(["export", base, out, "--format", fmt, *new], check, random.Random(7))
+    print(f"export {fmt}: after each kill the target held the {', '.join(seen)} export")
+    finished(gradlm("export", base, out, "--format", fmt, *new))
+    assert snapshot(out) == refs["new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old", "out"], seen  # the kills' leftovers are gone
+
+
+def test_tokenizer_train_killed_anywhere_leaves_the_previous_file_or_the_new_one(tmp_path, text_file):
+    out = tmp_path / "tok.json"
+    finished(gradlm("tokenizer", "train", "--data", text_file, "--vocab-size", 300, "--out", tmp_path / "new.json"))
+    finished(gradlm("tokenizer", "train", "--data", text_file, "--vocab-size", 280, "--out", out))
+    old, new = out.read_bytes(), (tmp_path / "new.json").read_bytes()
+
+    def check():
+        assert out.read_bytes() in (old, new)
+        out.write_bytes(old)
+
+    kill_at_random_moments(["tokenizer", "train", "--data", text_file, "--vocab-size", 300, "--out", out], check, random.Random(3))
+    finished(gradlm("tokenizer", "train", "--data", text_file, "--vocab-size", 300, "--out", out))
+    assert out.read_bytes() == new and sorted(p.name for p in tmp_path.iterdir()) == ["new.json", "tok.json"]
+
+
+def qa_file(path: Path) -> Path:
+    rows = [{"prompt": f"dose of drug {c}?", "completion": f"{10 * (i + 1)} mg"} for i, c in enumerate("ABCDEFGH")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_merge_killed_anywhere_leaves_nothing_or_the_whole_run(base, tmp_path):
+    pytest.importorskip("peft")
+    lora = tmp_path / "lora"
+    finished(gradlm("finetune", base, "--data", qa_file(tmp_path / "qa.jsonl"), "--out", lora, "--method", "lora", "--max-steps", 3,
+                    "--eval-every", 3, "--val-fraction", "0.25", *TINY))
+    finished(gradlm("merge", lora, "--out", tmp_path / "ref"))
+    ref, out = snapshot(tmp_path / "ref"), tmp_path / "merged"
+
+    def check():
+        got = snapshot(out)
+        assert got is None or got == ref, sorted(got or {})  # nothing, or the whole run
+        shutil.rmtree(out, ignore_errors=True)
+
+    kill_at_random_moments(["merge", lora, "--out", out], check, random.Random(5))
+    finished(gradlm("merge", lora, "--out", out))
+    assert snapshot(out) == ref
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora", "merged", "qa.jsonl", "ref"]
+
+
+def test_a_finetune_killed_at_random_moments_and_resumed_is_byte_identical(base, tmp_path):
+    qa = qa_file(tmp_path / "qa.jsonl")
+    args = ["--data", qa, "--max-steps", 40, "--eval-every", 4, "--log-every", 1, "--batch", 4, "--val-fraction", "0.25", "--seed", 0, *TINY]
+    finished(gradlm("finetune", base, "--out", tmp_path / "straight", *args))
+    run, rng, kills = tmp_path / "killed", random.Random(11), 0
+    p = gradlm("finetune", base, "--out", run, *args)
+    for target in (1, 12, 24, 33):
+        end = time.time() + 120
+        while not ((run / "metrics.jsonl").is_file() and any(json.loads(ln).get("step", 0) >= target for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip())):
+            assert p.poll() is None and time.time() < end, p.communicate()[1][-2000:] if p.poll() is not None else "no progress"
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.3))
+        if p.poll() is not None:
+            break
+        p.kill()
+        p.communicate()
+        kills += 1
+        p = gradlm("finetune", "--out", run, "--resume", "--no-progress")
+    finished(p)
+    assert kills >= 2
+    assert (run / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
+    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r and "event" not in r]
+    assert steps == list(range(1, 41))  # every step logged once
