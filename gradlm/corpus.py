@@ -286,7 +286,7 @@ def decompressed_size(path: Path) -> int:
             while block := f.read(BLOCK_BYTES):
                 n += len(block)
     except _damage() as e:
-        raise damaged(path, e, _after(n, "gz")) from None
+        raise damaged(path, e, _after(n, kind(path)[1])) from None
     return n
 
 

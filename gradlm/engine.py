@@ -533,11 +533,11 @@ class Engine:
         ids: list[int] = [0] * len(rows)
         constrained = [b for b, row in enumerate(rows) if row.constraint is not None]
         if constrained:
-            logits = logits.clone()
+            raw, logits = logits, logits.clone()
             logits[constrained] = mask_logits(logits[constrained], [rows[b].constraint for b in constrained])
             for b in constrained:  # a matcher that failed computing its mask may allow nothing: the row draws
-                if rows[b].constraint.is_error():  # as it is, and accept() ends it with the error
-                    logits[b] = torch.where(logits[b].isfinite(), logits[b], 0.0) if not logits[b].isfinite().any() else logits[b]
+                if rows[b].constraint.is_error():  # from its own logits, and accept() ends it with the error
+                    logits[b] = raw[b]
         groups: dict[tuple, list[int]] = {}
         for b, row in enumerate(rows):
             if row.penalised:

@@ -40,10 +40,10 @@ def gap_widening(gaps: list[float], evals: int = 3, min_gap: float = 0.05) -> bo
     return len(recent) == evals + 1 and all(b > a + 1e-3 for a, b in zip(recent, recent[1:])) and recent[-1] > min_gap
 
 
-def fit_warning(history: list[tuple[float, float]], steps: list[int], evals: int = 3, min_delta: float = 1e-3) -> tuple[str, str] | None:
+def fit_warning(history: list[tuple[float, float, int]], evals: int = 3, min_delta: float = 1e-3) -> tuple[str, str] | None:
     """What the evaluations so far say about variance, as (event kind, message), or None; only at the evaluation
-    where it starts to hold, so a run is told once per streak. history: (validation loss, training loss) at each
-    evaluation, steps: the step of each.
+    where it starts to hold, so a run is told once per streak. history: (validation loss, training loss, step) of
+    each evaluation.
 
     Two different things, told apart because a learner who trusts the word stops a run that is still improving:
     - "variance": the train/validation gap has grown at each of the last `evals` evaluations and validation
@@ -52,25 +52,25 @@ def fit_warning(history: list[tuple[float, float]], steps: list[int], evals: int
     - "overfitting": validation has not improved for `evals` evaluations while the training loss kept falling.
       From here more steps make the model worse on new text: the point to stop (best.safetensors keeps the best)."""
 
-    def holds(h: list[tuple[float, float]]):
+    def holds(h: list[tuple[float, float, int]]):
         if len(h) < evals + 1:
             return None
-        val, train = [v for v, _ in h], [tr for _, tr in h]
+        val, train = [e[0] for e in h], [e[1] for e in h]
         best_before = min(val[: -evals])
         if min(val[-evals:]) > best_before - min_delta and train[-1] < train[-evals - 1] - min_delta:
             return "overfitting"
-        if gap_widening([v - tr for v, tr in h], evals) and val[-1] < min(val[:-1]) - min_delta:  # a new best, now
+        if gap_widening([v - tr for v, tr in zip(val, train)], evals) and val[-1] < min(val[:-1]) - min_delta:  # a new best, now
             return "variance"
         return None
 
     kind = holds(history)
     if kind is None or holds(history[:-1]) == kind:
         return None
-    (v0, t0), (v1, t1), at = history[-evals - 1], history[-1], steps[-evals - 1]
+    (v0, t0, at), (v1, t1, _) = history[-evals - 1], history[-1]
     if kind == "overfitting":
-        best = min(range(len(history) - evals), key=lambda i: history[i][0])
-        return kind, (f"warning: overfitting: validation loss has not improved for {evals} evaluations (best {history[best][0]:.3f} at step "
-                      f"{steps[best]}, now {v1:.3f}) while training loss fell {t0:.3f} -> {t1:.3f} since step {at}: from here more steps "
+        best_val, _, best_step = min(history[:-evals], key=lambda e: e[0])  # the first best
+        return kind, (f"warning: overfitting: validation loss has not improved for {evals} evaluations (best {best_val:.3f} at step "
+                      f"{best_step}, now {v1:.3f}) while training loss fell {t0:.3f} -> {t1:.3f} since step {at}: from here more steps "
                       "make the model worse on new text; stop (best.safetensors keeps the best), or add --dropout, --weight-decay or data")
     return kind, (f"note: variance is growing: the train/validation gap widened for {evals} evaluations ({v0 - t0:.3f} -> {v1 - t1:.3f} "
                   f"since step {at}) while validation still improves ({v0:.3f} -> {v1:.3f}): keep going; --dropout or --weight-decay "
@@ -134,7 +134,7 @@ def evaluate_and_checkpoint(t, show: TrainLog) -> bool:
     gap = ev["val_loss"] - ev["train_eval_loss"]
     t.eval_history.append((ev["val_loss"], ev["train_eval_loss"], t.step))
     show.evaluation(ev, gap, improved)
-    warning = fit_warning([(v, tr) for v, tr, _ in t.eval_history], [step for _, _, step in t.eval_history])
+    warning = fit_warning(t.eval_history)
     if warning:
         t.event(*warning)
     write_sample(t)

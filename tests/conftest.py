@@ -231,3 +231,18 @@ def write_run(d, model, tok):
     tok.save(d / "tokenizer.json")
     ckpt.save_weights(d / "model.safetensors", model.state_dict())
     return d
+
+
+def wait_for_step(run, step: int, proc, timeout: float = 120) -> None:
+    """Until the run (trained by the process proc) has logged step `step` in its metrics.jsonl."""
+    import json
+    import time
+
+    end = time.time() + timeout
+    while time.time() < end:
+        if (run / "metrics.jsonl").is_file() and any(json.loads(ln).get("step", 0) >= step for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before step {step}: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout}s")

@@ -19,7 +19,7 @@ from gradlm.checkpoint import atomic_write_dir, atomic_write_text, remove_stale
 from gradlm.config import TrainConfig
 from gradlm.trainer import train
 
-from conftest import tiny_config
+from conftest import tiny_config, wait_for_step
 
 TINY = ["--no-progress", "--no-plots"]
 
@@ -172,10 +172,7 @@ def test_a_finetune_killed_at_random_moments_and_resumed_is_byte_identical(base,
     run, rng, kills = tmp_path / "killed", random.Random(11), 0
     p = gradlm("finetune", base, "--out", run, *args)
     for target in (1, 12, 24, 33):
-        end = time.time() + 120
-        while not ((run / "metrics.jsonl").is_file() and any(json.loads(ln).get("step", 0) >= target for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip())):
-            assert p.poll() is None and time.time() < end, p.communicate()[1][-2000:] if p.poll() is not None else "no progress"
-            time.sleep(0.05)
+        wait_for_step(run, target, p)
         time.sleep(rng.uniform(0.0, 0.3))
         if p.poll() is not None:
             break

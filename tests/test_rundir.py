@@ -19,7 +19,7 @@ from gradlm.optim import base_lrs, set_lr
 from gradlm.rundir import RunDir, load_model, read_metrics
 from gradlm.trainer import Trainer, train
 
-from conftest import tiny_config
+from conftest import tiny_config, wait_for_step
 
 TINY = ["--block-size", "32", "--n-layer", "2", "--n-head", "4", "--d-model", "32", "--batch", "8", "--eval-tokens", "1024", "--no-progress", "--no-plots"]
 
@@ -263,22 +263,11 @@ def _start(args, **kw):
     return subprocess.Popen([sys.executable, "-m", "gradlm", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def _wait_for_step(run, step: int, proc, timeout: float = 120) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if (run / "metrics.jsonl").is_file() and any(json.loads(ln).get("step", 0) >= step for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended before step {step}: {proc.communicate()[1][-2000:]}")
-        time.sleep(0.05)
-    raise AssertionError(f"no step {step} within {timeout}s")
-
-
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(prepared, tmp_path, sig, code):
     run = tmp_path / "run"
     p = _start(["train", "--data", prepared, "--out", run, "--max-steps", 100000, "--eval-every", 100000, "--log-every", 1, *TINY])
-    _wait_for_step(run, 3, p)
+    wait_for_step(run, 3, p)
     p.send_signal(sig)
     out, err = p.communicate(timeout=120)
     assert p.returncode == code, err
@@ -293,7 +282,7 @@ def test_one_writer_per_run_and_no_stale_lock_after_a_crash(prepared, tmp_path, 
     run = tmp_path / "run"
     p = _start(["train", "--data", prepared, "--out", run, "--max-steps", 100000, "--eval-every", 2, "--log-every", 1, *TINY])
     try:
-        _wait_for_step(run, 2, p)
+        wait_for_step(run, 2, p)
         time.sleep(0.5)
         r = cli("train", "--out", run, "--resume", "--no-progress")
         assert r.returncode == 2 and "being written by another gradlm process" in r.stderr and f"pid {p.pid}" in r.stderr, r.stderr
@@ -354,7 +343,7 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(prepared, tmp_pat
     run, rng, kills = tmp_path / "killed", random.Random(1), 0
     p = _start(["train", "--out", run, *args])
     for target in (1, 15, 30, 45):
-        _wait_for_step(run, target, p)
+        wait_for_step(run, target, p)
         time.sleep(rng.uniform(0.0, 0.4))
         if p.poll() is not None:
             break

@@ -216,17 +216,22 @@ def test_gap_widening_rule():
     assert not gap_widening([0.0, 0.01, 0.02, 0.03])  # growing but still small
 
 
+def stepped(history):
+    """(val, train) pairs as evaluations at steps 100, 200, ...: (val, train, step)."""
+    return [(v, tr, 100 * (i + 1)) for i, (v, tr) in enumerate(history)]
+
+
 def warnings_along(history):
     """Every warning fit_warning gives as the evaluations of history arrive one by one: (evaluation index, kind)."""
-    steps = [100 * (i + 1) for i in range(len(history))]
-    return [(i, w[0]) for i in range(len(history)) if (w := fit_warning(history[: i + 1], steps[: i + 1]))]
+    history = stepped(history)
+    return [(i, w[0]) for i in range(len(history)) if (w := fit_warning(history[: i + 1]))]
 
 
 def test_a_widening_gap_while_validation_improves_is_variance_not_overfitting():
     # As make demo's run goes: validation improves at every evaluation, training faster (val, train).
     improving = [(3.0, 3.0), (2.6, 2.55), (2.4, 2.3), (2.3, 2.15), (2.2, 2.0), (2.15, 1.9), (2.1, 1.8)]
     assert warnings_along(improving) == [(3, "variance")]  # once, where the streak begins; never "overfitting"
-    _, message = fit_warning(improving[:4], [100, 200, 300, 400])
+    _, message = fit_warning(stepped(improving[:4]))
     assert "keep going" in message and "0.000 -> 0.150 since step 100" in message and "3.000 -> 2.300" in message
 
 
@@ -240,7 +245,7 @@ def test_make_demos_run_is_told_of_variance_and_never_of_overfitting():
 def test_validation_that_stops_improving_while_training_falls_is_overfitting():
     history = [(3.0, 3.0), (2.5, 2.45), (2.3, 2.2), (2.25, 2.05), (2.27, 1.9), (2.3, 1.8), (2.32, 1.7), (2.4, 1.6), (2.5, 1.5)]
     assert warnings_along(history) == [(3, "variance"), (6, "overfitting")]  # told once each; from 6 on it holds
-    _, message = fit_warning(history[:7], [100 * (i + 1) for i in range(7)])
+    _, message = fit_warning(stepped(history[:7]))
     assert "best 2.250 at step 400, now 2.320" in message and "training loss fell 2.050 -> 1.700 since step 400" in message
     # A plateau where training does not fall either is neither: nothing is learned, nothing is overfitted.
     assert warnings_along([(3.0, 3.0), (2.5, 2.5), (2.5, 2.5), (2.5, 2.5), (2.5, 2.5)]) == []
