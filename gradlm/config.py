@@ -20,6 +20,7 @@ else:  # Python 3.10
 from gradlm.errors import ConfigError, check_field_types
 from gradlm.optim import DEFAULT_LR, MUON_LR, OPTIMIZERS, SCHEDULES
 from gradlm.runtime import COMPILE, DEVICE_HELP, DTYPES
+from gradlm.trackers import LOGGER_HELP, parse_loggers
 
 
 @dataclass
@@ -74,6 +75,7 @@ class TrainConfig:
     init: str = field(default="", metadata={"help": "start from the weights (and tokenizer) of this run directory: fine-tuning / transfer learning"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar on a terminal"})
     plots: bool = field(default=True, metadata={"help": "draw loss, learning-rate and gradient-norm curves into plots/ at the end"})
+    logger: str = field(default="", metadata={"help": LOGGER_HELP + "; a resumed run keeps logging where it did"})
 
     def __post_init__(self):
         if isinstance(self.compile, bool):  # config.json of runs from before --compile auto
@@ -134,6 +136,10 @@ class TrainConfig:
         try:
             if parse_duration(self.max_time) < 0:
                 problems.append(f"--max-time is a budget and must be a positive duration such as 90s, 5m or 1h, got {self.max_time!r}")
+        except ConfigError as e:
+            problems.append(str(e))
+        try:
+            parse_loggers(self.logger)
         except ConfigError as e:
             problems.append(str(e))
         if problems:

@@ -29,6 +29,7 @@ from gradlm.model import ModelConfig
 from gradlm.optim import set_lr
 from gradlm.rundir import Metrics, RunDir, read_metrics
 from gradlm.config import TrainConfig
+from gradlm.trackers import Trackers, parse_loggers
 from gradlm.trainer import Trainer, train
 
 
@@ -51,7 +52,10 @@ def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, en
         raise ConfigError(f"--steps must be at least 10 for a usable curve, got {steps}")
     if png:
         ckpt.check_output(png, "--png")  # before the sweep, not after it
-    record = None
+    loggers = parse_loggers(cfg.logger)
+    if loggers and not out:
+        raise ConfigError(f"--logger {cfg.logger} records the sweep in its --out folder (TensorBoard's files, the trackers' ids): add --out DIR")
+    record, trackers = None, None
     if out:
         out = ckpt.check_output(out, "--out", is_dir=True)
         if (out / LR_FIND_RESULT).exists() or (out / LR_FIND_ROWS).exists():
@@ -60,12 +64,21 @@ def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, en
         out.mkdir(parents=True, exist_ok=True)
         record = Metrics(out / LR_FIND_ROWS)
     try:
+        if loggers:  # every row of lr_find.jsonl (step, lr, loss, smoothed) also goes to the trackers
+            settings = {"lr_find": {"start_lr": start_lr, "end_lr": end_lr, "steps": steps}, "model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)}
+            trackers = Trackers(loggers, out, settings, log=log)
+            record.listener = trackers.metrics_row
         result = _sweep(model_cfg, cfg, start_lr, end_lr, steps, log, record)
         if png:
             result["png"] = str(plots.plot_lr_find(result["lrs"], result["losses"], result["smoothed"], result["suggested_lr"], png))
         if out:
             ckpt.atomic_write_json(out / LR_FIND_RESULT, result)
+        if trackers is not None:
+            trackers.images(len(result["lrs"]), [Path(result["png"])] if png else [])
+            trackers.close(ok=True)
     except BaseException:
+        if trackers is not None:
+            trackers.close(ok=False)
         if record is not None:  # no half-written record
             record.path.unlink(missing_ok=True)
             if made:

@@ -366,24 +366,43 @@ class Metrics:
 
     def __init__(self, path: Path, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
+        self.listener = None  # called with every row written (the run's experiment trackers, gradlm/trackers.py)
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop lines the interrupted run wrote after the checkpoint it resumes from."""
+    def truncate_after(self, step: int) -> int:
+        """On resume, drop lines the interrupted run wrote after the checkpoint it resumes from; returns the last
+        step the file held before (-1 when it held none)."""
         if not self.path.is_file():
-            return
-        keep = []
+            return -1
+        keep, last = [], -1
         for ln in self.path.read_text(errors="replace").splitlines():
             try:
-                if json.loads(ln).get("step", 0) <= step:
-                    keep.append(ln)
+                at = json.loads(ln).get("step", 0)
             except (json.JSONDecodeError, AttributeError):  # a line cut short by a crash mid-write
                 continue
+            last = max(last, at)
+            if at <= step:
+                keep.append(ln)
         ckpt.atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+        return last
 
     def write(self, **row) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(ckpt.dumps(row) + "\n")
+            if self.listener is not None:
+                self.listener(row)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file of a run ([] if it has none), without a last line cut short by a crash."""
+    rows = []
+    if Path(path).is_file():
+        for ln in Path(path).read_text(errors="replace").splitlines():
+            try:
+                rows.append(json.loads(ln))
+            except json.JSONDecodeError:
+                continue
+    return rows
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

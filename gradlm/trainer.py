@@ -33,6 +33,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from gradlm import autosize, runtime
+from gradlm import checkpoint as ckpt
 from gradlm.budget import Budget
 from gradlm.config import BUDGETS, DEFAULT_STEPS, TrainConfig, check_budgets, given_fields
 from gradlm.data import EpochSampler, RandomSampler, is_prepared, resolve_data, source_bytes, windows
@@ -41,8 +42,9 @@ from gradlm.model import GPT, ModelConfig
 from gradlm.monitor import DivergenceGuard, StopSignals, TrainLog, evaluate_and_checkpoint
 from gradlm.optim import DEFAULT_LR, base_lrs, build_optimizer, set_lr
 from gradlm.resume import checkpoint_state, fresh_start, restore_checkpoint, resume_start
-from gradlm.rundir import Metrics, RunDir
+from gradlm.rundir import Metrics, RunDir, config_dict, read_jsonl
 from gradlm.scoring import score, spaced_windows
+from gradlm.trackers import Trackers, parse_loggers
 
 
 # ---- distributed -------------------------------------------------------------------------------------
@@ -167,6 +169,7 @@ class Trainer:
             restore_checkpoint(self, self.run.load_state(cfg.from_best))
         self.metrics = Metrics(self.run.metrics, self.dd.main)
         self.samples = Metrics(self.run.samples, self.dd.main)
+        self.trackers: Trackers | None = None  # --logger, opened with the run directory
 
     # -- data: rank 0 prepares (and caches); the other ranks then read the same cache
 
@@ -408,8 +411,9 @@ class Trainer:
             return
         if self.lock is None:
             self.lock = self.run.lock().acquire()
+        until = -1
         if self.resumed:
-            self.metrics.truncate_after(self.step)
+            until = self.metrics.truncate_after(self.step)
             self.samples.truncate_after(self.step)
         else:
             if self.run.exists():  # another process made it between our check and the lock
@@ -417,11 +421,30 @@ class Trainer:
                 raise RunDirError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
             self.run.metrics.unlink(missing_ok=True)
             self.run.samples.unlink(missing_ok=True)
+        config = config_dict(self.model_cfg, asdict(self.cfg), self.data_summary(), **self.config_extra, params=self.model.num_params(),
+                             runtime={"device": self.device, "dtype": self.compute_dtype})  # what "auto" resolved to here
+        self.open_trackers(config, until)
         self.run.save_tokenizer(self.tok)
-        self.run.write_config(self.model_cfg, asdict(self.cfg), self.data_summary(), **self.config_extra, params=self.model.num_params(),
-                              runtime={"device": self.device, "dtype": self.compute_dtype})  # what "auto" resolved to here
+        ckpt.atomic_write_json(self.run.config, config)
+
+    def open_trackers(self, config: dict, until: int) -> None:
+        """--logger: every row of metrics.jsonl and samples.jsonl also goes to these trackers (gradlm/trackers.py)."""
+        names = parse_loggers(self.cfg.logger)
+        if not names:
+            return
+        history = (read_jsonl(self.run.metrics), read_jsonl(self.run.samples)) if self.resumed else ([], [])
+        self.trackers = Trackers(names, self.out, config, since=self.step if self.resumed else -1, until=until, history=history, log=self.log)
+        self.metrics.listener, self.samples.listener = self.trackers.metrics_row, self.trackers.sample_row
+
+    def close_trackers(self, ok: bool) -> None:
+        if self.trackers is not None:
+            self.metrics.listener = self.samples.listener = None
+            self.trackers.close(ok)
+            self.trackers = None
 
     def close_run_dir(self) -> None:
+        if getattr(self, "trackers", None) is not None:  # a run that failed before its loop finished
+            self.close_trackers(ok=False)
         if getattr(self, "lock", None) is not None:
             self.lock.release()
             self.lock = None
@@ -566,6 +589,9 @@ def _finish(t: Trainer, show: TrainLog, stop_reason: str, signum: int) -> dict:
         t.run.write_summary(summary)
         if t.cfg.plots:
             t.run.write_training_plot()
+            if t.trackers is not None:
+                t.trackers.images(t.step, sorted(t.run.training_plot.parent.glob("*.png")))
+    t.close_trackers(ok=stop_reason != "interrupted")
     if stop_reason == "interrupted":
         name = signal.Signals(signum).name
         raise Interrupted(f"{name}: stopped at step {t.step} and saved a checkpoint in {out}; continue with `gradlm {t.command} --out {out} --resume`", 128 + signum)

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Experiment trackers (tests/test_trackers.py) write to stores of the test session's own, never the user's:
+# trackio reads TRACKIO_DIR once, when it is imported; W&B offline; MLflow's store lies beside each run.
+os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="gradlm-test-trackio-")
+os.environ["WANDB_MODE"] = "offline"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 from gradlm.model import ModelConfig
 from gradlm.tokenizer import Tokenizer
