@@ -453,6 +453,26 @@ def cmd_compare(args) -> None:
     print(format_table(r["runs"]) + f"plot: {r['png']}")
 
 
+def cmd_sweep(args) -> None:
+    from gradlm.model import ModelConfig
+    from gradlm.config import TrainConfig
+    from gradlm.sweep import format_trials, parse_space, sweep
+
+    (model_cfg, cfg), typed = typed_configs(args, ModelConfig, TrainConfig)
+    space = parse_space(args.search)
+    with watching(args, args.sweep_out):
+        r = sweep(model_cfg, cfg, space, args.sweep_out, trials=args.trials, given=typed, sampler=args.search_sampler, pruner=args.pruner,
+                  storage=args.storage, study_name=args.study, objective=args.objective, log=_stderr)
+    print(format_trials(r["trials"], r["objective"]), end="")
+    b = r["best"]
+    if b:
+        settings = ", ".join(f"{k.replace('_', '-')}={v:.3g}" if isinstance(v, float) else f"{k.replace('_', '-')}={v}" for k, v in b["params"].items())
+        print(f"best: trial {b['trial']}, {r['objective'].replace('_', ' ')} {b[r['objective']]:.4f} ({settings}); "
+              f"train with it: gradlm train --config {b['config']} --out runs/best")
+    if r["plots"]:
+        print("plots: " + ", ".join(r["plots"]))
+
+
 def cmd_plot(args) -> None:
     from gradlm.checkpoint import check_output
     from gradlm.plots import plot_runs
@@ -668,6 +688,25 @@ def build_parser(command: str = "") -> argparse.ArgumentParser:
     add_config_flags(t)
     watch_flags(t)
     t.set_defaults(func=cmd_compare)
+
+    from gradlm.sweep import OBJECTIVES, PRUNERS, SAMPLERS
+
+    t = sub.add_parser("sweep", help="search hyperparameters with Optuna: every trial a run under one budget; the best settings, which mattered, plots")
+    t.add_argument("--search", nargs="+", required=True, metavar="NAME=SPEC",
+                   help="the search space: any training or model setting, as a list (optimizer=adamw,muon), a range (dropout=0..0.2), "
+                        "a log range (lr=1e-4..3e-2:log) or a stepped range (d-model=128..384:64); every other flag is the same for every trial")
+    t.add_argument("--trials", type=int, default=20, help="finished trials the study should hold; running the command again continues it (default: 20)")
+    t.add_argument("--search-sampler", choices=SAMPLERS, default="tpe", help="how Optuna proposes settings (not --sampler, the order of the training windows): tpe (learns from the trials so far), random, or grid (every combination of lists and stepped ranges) (default: tpe)")
+    t.add_argument("--pruner", choices=PRUNERS, default="median", help="stop trials behind the others at the same share of the budget: median, hyperband, or none (default: median)")
+    t.add_argument("--objective", choices=OBJECTIVES, default="val_bpb", help="what the search minimises: the final validation bits per byte (fair across vocabularies) or loss (default: val_bpb)")
+    t.add_argument("--storage", default="", metavar="URL", help="the Optuna storage of the study (default: sqlite:///OUT/study.db); a PostgreSQL URL lets several machines work on one study")
+    t.add_argument("--study", default="", metavar="NAME", help="the study's name in the storage (default: the --out folder's name)")
+    t.add_argument("--out", dest="sweep_out", required=True, help="folder for the trials (trial-NNNN run directories), the study, trials.md, best_config.json and the plots")
+    add_fields(t, TrainConfig, skip=("out", "resume", "from_best", "pause_at"), typed_only=True)
+    add_fields(t, ModelConfig, skip=("vocab_size",), typed_only=True)
+    add_config_flags(t)
+    watch_flags(t)
+    t.set_defaults(func=cmd_sweep)
 
     t = sub.add_parser("plot", help="draw loss, learning-rate and gradient-norm curves of one or more runs")
     t.add_argument("runs", nargs="+", help="run directories")

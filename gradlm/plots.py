@@ -110,3 +110,102 @@ def plot_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], s
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
+
+
+# ---- gradlm sweep
+
+
+def plot_sweep_history(trials: list[tuple[int, float | None, str]], objective: str, path: str | os.PathLike) -> Path:
+    """Each trial's objective in the order they ran (pruned ones at their last report, as x), and the best so far."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    done = [(n, v) for n, v, s in trials if s == "ok" and v is not None]
+    pruned = [(n, v) for n, v, s in trials if s == "pruned" and v is not None]
+    if done:
+        ax.plot(*zip(*done), "o", color="C0", label="trial")
+        best, line = float("inf"), []
+        for n, v in sorted(done):
+            best = min(best, v)
+            line.append((n, best))
+        ax.step(*zip(*line), where="post", color="C3", label="best so far")
+    if pruned:
+        ax.plot(*zip(*pruned), "x", color="C7", label="pruned (last report)")
+    ax.set(xlabel="trial", ylabel=objective.replace("_", " "), title="optimisation history")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_importance(importances: dict[str, float], path: str | os.PathLike, note: str = "") -> Path:
+    """Each searched setting's share of the objective's variance (fANOVA), largest first."""
+    plt = _plt()
+    items = sorted(importances.items(), key=lambda kv: kv[1])
+    fig, ax = plt.subplots(figsize=(7, 0.5 * max(len(items), 2) + 1.5))
+    if items:
+        ax.barh([k.replace("_", "-") for k, _ in items], [v for _, v in items], color="C0")
+        for k, (_, v) in enumerate(items):
+            ax.text(v, k, f" {v:.2f}", va="center", fontsize=8)
+    ax.set(xlabel="importance (Optuna's PED-ANOVA, normalised to sum to 1)", title="what mattered" + (f"\n{note}" if note else ""))
+    ax.set_xlim(0, 1.1)
+    return _save(fig, path)
+
+
+def plot_sensitivity(points: list[tuple[dict, float]], space: list, objective: str, path: str | os.PathLike, pair: tuple[str, str] | None = None) -> Path:
+    """The objective against each searched setting (one panel each; log axes for log ranges), and a heat map of the
+    best objective over two settings (pair, e.g. the learning rate and the batch size) from the trials that ran."""
+    import numpy as np
+
+    plt = _plt()
+    n = len(space) + (1 if pair else 0)
+    cols = min(n, 3)
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(5 * cols, 3.8 * ((n + cols - 1) // cols)), squeeze=False)
+    flat_axes = list(axes.flat)
+    values = [v for _, v in points]
+    for ax, p in zip(flat_axes, space):
+        xs = [params[p.name] for params, _ in points]
+        if p.choices is not None:
+            labels = [str(c) for c in p.choices]
+            ax.scatter([labels.index(str(x)) for x in xs], values, c="C0", alpha=0.7)
+            ax.set_xticks(range(len(labels)), labels)
+        else:
+            ax.scatter(xs, values, c="C0", alpha=0.7)
+            if p.log:
+                from matplotlib.ticker import NullFormatter
+
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a short log axis
+        ax.set(xlabel=p.name.replace("_", "-"), ylabel=objective.replace("_", " "))
+        ax.grid(alpha=0.3)
+    if pair:
+        ax = flat_axes[len(space)]
+        axis = []
+        for name in pair:
+            p = next(q for q in space if q.name == name)
+            xs = [params[name] for params, _ in points]
+            if p.choices is not None:
+                cells = [str(c) for c in p.choices]
+                index = [cells.index(str(x)) for x in xs]
+            else:  # a range: 5 bins, log-spaced for a log range
+                lo, hi = p.low, p.high
+                edges = np.geomspace(lo, hi, 6) if p.log else np.linspace(lo, hi, 6)
+                index = [min(int(np.searchsorted(edges, x, side="right")) - 1, 4) for x in xs]
+                cells = [f"{edges[i]:.2g}-{edges[i + 1]:.2g}" for i in range(5)]
+            axis.append((name, cells, index))
+        (xn, xc, xi), (yn, yc, yi) = axis
+        grid = np.full((len(yc), len(xc)), np.nan)
+        for a, b, v in zip(xi, yi, values):
+            grid[b, a] = v if np.isnan(grid[b, a]) else min(grid[b, a], v)
+        im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis_r")
+        mid = np.nanmean(grid)
+        for (b, a), v in np.ndenumerate(grid):
+            if not np.isnan(v):  # dark text on the light (low) end of the colour map
+                ax.text(a, b, f"{v:.3f}", ha="center", va="center", fontsize=7, color="k" if v <= mid else "w")
+        ax.set_xticks(range(len(xc)), xc, rotation=30, fontsize=7)
+        ax.set_yticks(range(len(yc)), yc, fontsize=7)
+        ax.set(xlabel=xn.replace("_", "-"), ylabel=yn.replace("_", " "), title=f"best {objective.replace('_', ' ')} (blank: not tried)")
+        fig.colorbar(im, ax=ax)
+    for ax in flat_axes[n:]:
+        ax.axis("off")
+    fig.suptitle(f"sensitivity of {objective.replace('_', ' ')} to each setting ({len(points)} finished trials)")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -484,27 +484,29 @@ def _validate_all(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
 # ---- train() and the loop -------------------------------------------------------------------------------
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, on_step=None, given: Iterable[str] | None = None) -> dict:
+def train(model_cfg: ModelConfig, cfg: TrainConfig, on_step=None, given: Iterable[str] | None = None, on_eval=None) -> dict:
     """Train a model as configured; returns a summary (final validation loss, bits per byte, steps, ...).
     The caller's configurations are left as they were (the Trainer works on copies).
 
-    on_step(step, loss, lr) is called after every update (the comparison lab uses it). given names the
+    on_step(step, loss, lr) is called after every update. on_eval(step, progress, evaluation) after every
+    evaluation (progress: the share of the budget spent, 0-1; evaluation: val_loss, val_bpb, ...): True stops the
+    run there, saved, with stop reason "pruned" (gradlm sweep prunes hopeless trials so). given names the
     settings the caller chose (the CLI passes the flags typed); on resume only those override the run's
     saved settings. None means: every field that differs from its default.
 
     Example:
         >>> train(ModelConfig(n_layer=2), TrainConfig(data="notes.txt", out="runs/notes", max_time="2m"))  # doctest: +SKIP
     """
-    return run(Trainer(model_cfg, cfg, given=given), on_step)
+    return run(Trainer(model_cfg, cfg, given=given), on_step, on_eval)
 
 
-def run(t: Trainer, on_step=None) -> dict:
+def run(t: Trainer, on_step=None, on_eval=None) -> dict:
     """Train t until its budget is spent, it converges, it is paused (--pause-at) or a signal stops it;
     returns the summary. Writes the run directory (config, checkpoints, metrics, summary, plots) and
     closes it. Pretraining (train) and fine-tuning (gradlm/finetune.py) both run here."""
     t.start_run_dir()
     try:
-        return _loop(t, on_step)
+        return _loop(t, on_step, on_eval)
     except (Diverged, Interrupted):  # they wrote their own "stopped" event
         raise
     except BaseException as e:  # a crash, a second Ctrl-C: the run's record says it stopped, and why
@@ -519,7 +521,7 @@ def run(t: Trainer, on_step=None) -> dict:
         t.run_model = t.model
 
 
-def _loop(t: Trainer, on_step) -> dict:
+def _loop(t: Trainer, on_step, on_eval) -> dict:
     cfg, budget = t.cfg, t.budget
     for note in t.notes:
         t.log(note)
@@ -565,6 +567,9 @@ def _loop(t: Trainer, on_step) -> dict:
                     stop_reason = "converged"
                     break
                 guard.mark_good(show.last_eval["val_loss"])
+                if on_eval is not None and not done and on_eval(t.step, budget.progress(), show.last_eval):
+                    stop_reason = "pruned"
+                    break
     show.close()
     return _finish(t, show, stop_reason, signals.signum)
 
@@ -582,7 +587,7 @@ def _finish(t: Trainer, show: TrainLog, stop_reason: str, signum: int) -> dict:
         "train_time_s": budget.train_time, "tokens_per_s": t.tokens_seen / budget.train_time if budget.train_time else 0.0, "dtype": t.compute_dtype,
         "stop": stop_reason, "best_val_loss": t.best_val, "divergence_restarts": t.guard_used, **show.last_eval, **t.report,
     }
-    why = {"budget": "its budget is spent", "converged": "it converged (early stopping)", "paused": f"--pause-at {t.cfg.pause_at}",
+    why = {"budget": "its budget is spent", "converged": "it converged (early stopping)", "paused": f"--pause-at {t.cfg.pause_at}", "pruned": "the sweep pruned it (behind the other trials at this point of the budget)",
            "interrupted": f"{signal.Signals(signum).name if signum else 'a signal'}: continue with `gradlm {t.command} --out {out} --resume`"}.get(stop_reason, stop_reason)
     t.event("stopped", f"stopped at step {t.step}: {why}", log=False, reason=stop_reason)
     if t.dd.main:
