@@ -71,6 +71,12 @@ def rung(i: int, vocab_size: int, fixed: dict | None = None, max_block: int = 1 
     block = min(BLOCK if width <= 256 else 2 * BLOCK, max_block)
     shape = {"n_layer": layers, "d_model": width, "n_head": width // head, "block_size": block}
     shape.update(fixed or {})
+    if "d_model" in (fixed or {}) and "n_head" not in fixed:  # heads of ~32 (64 above 256 wide) for the width it has
+        d = shape["d_model"]
+        n = max(1, d // (32 if d <= 256 else 64))
+        while d % n:
+            n -= 1
+        shape["n_head"] = n
     cfg = ModelConfig(vocab_size=vocab_size, **shape)
     try:
         cfg.validate()

@@ -426,9 +426,10 @@ def _train_configs(args):
 
 
 def cmd_lr_find(args) -> None:
-    from gradlm.lab import lr_find
+    from gradlm.lab import check_logged_out, lr_find
 
     model_cfg, cfg = _train_configs(args)
+    check_logged_out(cfg, args.lr_out)  # not the temporary folder of --watch: the trackers' files would vanish with it
     with contextlib.ExitStack() as stack:
         out = args.lr_out
         if args.watch and not out:  # the page reads the sweep from a folder: a temporary one unless --out names one

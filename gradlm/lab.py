@@ -53,8 +53,7 @@ def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, en
     if png:
         ckpt.check_output(png, "--png")  # before the sweep, not after it
     loggers = parse_loggers(cfg.logger)
-    if loggers and not out:
-        raise ConfigError(f"--logger {cfg.logger} records the sweep in its --out folder (TensorBoard's files, the trackers' ids): add --out DIR")
+    check_logged_out(cfg, out)
     record, trackers = None, None
     if out:
         out = ckpt.check_output(out, "--out", is_dir=True)
@@ -88,6 +87,12 @@ def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, en
 
 
 LR_FIND_ROWS, LR_FIND_RESULT = "lr_find.jsonl", "lr_find.json"
+
+
+def check_logged_out(cfg: TrainConfig, out) -> None:
+    """--logger records a sweep in its --out folder (TensorBoard's files, the trackers' ids): one must be given."""
+    if cfg.logger and not out:
+        raise ConfigError(f"--logger {cfg.logger} records the sweep in its --out folder (TensorBoard's files, the trackers' ids): add --out DIR")
 
 
 def _sweep(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float, end_lr: float, steps: int, log, record) -> dict:

@@ -17,6 +17,8 @@
       samples.jsonl        what the model writes at each evaluation: a seeded sample from a fixed prompt
       summary.json         the final report of the last training
       plots/               curves as PNG
+      trackers.json        --logger: each experiment tracker's id of this run (gradlm/trackers.py); tensorboard/
+                           and wandb/ hold those trackers' own files
       .lock                held (flock) by the one process writing the run
 
 Every other module reads and writes a run through this one: training and fine-tuning write it through

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -409,6 +410,7 @@ class Trainer:
         really used), tokenizer.json, and a fresh or trimmed metrics.jsonl."""
         if not self.dd.main:
             return
+        made = not self.out.exists()
         if self.lock is None:
             self.lock = self.run.lock().acquire()
         until = -1
@@ -423,7 +425,13 @@ class Trainer:
             self.run.samples.unlink(missing_ok=True)
         config = config_dict(self.model_cfg, asdict(self.cfg), self.data_summary(), **self.config_extra, params=self.model.num_params(),
                              runtime={"device": self.device, "dtype": self.compute_dtype})  # what "auto" resolved to here
-        self.open_trackers(config, until)
+        try:
+            self.open_trackers(config, until)
+        except BaseException:  # a tracker that cannot start: nothing of a new run is left behind
+            self.close_run_dir()
+            if made:
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
         self.run.save_tokenizer(self.tok)
         ckpt.atomic_write_json(self.run.config, config)
 

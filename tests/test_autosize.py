@@ -111,6 +111,16 @@ def test_explicit_settings_always_win():
     assert wide.model["d_model"] == 96 and wide.model["n_head"] == 3
 
 
+def test_a_fixed_width_gets_heads_of_its_own_size():
+    """--d-model 96 on a rung 512 wide: 3 heads of 32 (not the rung's 16 heads of 6); a width 32 does not divide
+    gets the most heads that divide it; a fixed --n-head is kept."""
+    wide = len(autosize.LADDER) - 4
+    assert autosize.rung(wide, 1024, {"d_model": 96}).n_head == 3
+    assert autosize.rung(wide, 1024, {"d_model": 320}).n_head == 5  # 64 per head above 256 wide
+    assert autosize.rung(wide, 1024, {"d_model": 100}).n_head == 2  # 100 // 32 = 3 does not divide 100
+    assert autosize.rung(wide, 1024, {"d_model": 96, "n_head": 4}).n_head == 4
+
+
 def test_the_context_fits_the_data():
     c = choose(Budget(seconds=60), 200, flat_machine(), 1030, max_block=50)
     assert c.model["block_size"] <= 50

@@ -263,3 +263,12 @@ def test_bad_loggers_are_one_line_and_write_nothing(tmp_path, text_file, monkeyp
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr and "'tensorbord' is not a tracker" in p.stderr
     assert not out.exists()
+
+
+def test_a_tracker_that_cannot_start_is_one_line_and_leaves_no_run(tmp_path, text_file):
+    out = tmp_path / "run"
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": "nosuchstore://nowhere"}
+    p = subprocess.run([sys.executable, "-m", "gradlm", "train", "--data", str(text_file), "--out", str(out), "--max-steps", "5", "--logger", "tensorboard,mlflow",
+                        "--n-layer", "1", "--d-model", "32", "--n-head", "2", "--block-size", "16", "--vocab-size", "300"], capture_output=True, text=True, env=env)
+    assert p.returncode == 2 and "--logger mlflow: could not start" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not out.exists()
