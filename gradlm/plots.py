@@ -169,11 +169,13 @@ def plot_sensitivity(points: list[tuple[dict, float]], space: list, objective: s
             ax.set_xticks(range(len(labels)), labels)
         else:
             ax.scatter(xs, values, c="C0", alpha=0.7)
-            if p.log:
+            if p.log:  # a log range often spans one decade or two: four labelled ticks across it, no minor labels
                 from matplotlib.ticker import NullFormatter
 
                 ax.set_xscale("log")
-                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a short log axis
+                ticks = np.geomspace(p.low, p.high, 4)
+                ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
+                ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set(xlabel=p.name.replace("_", "-"), ylabel=objective.replace("_", " "))
         ax.grid(alpha=0.3)
     if pair:

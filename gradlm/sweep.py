@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradlm import checkpoint as ckpt
-from gradlm.config import TrainConfig
+from gradlm.config import TrainConfig, given_fields
 from gradlm.errors import ConfigError, Diverged, GradlmError, Interrupted
 from gradlm.lab import rank_warning
 from gradlm.model import ModelConfig
@@ -70,6 +70,14 @@ class Param:
         if self.kind is int:
             return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+
+    def contains(self, value) -> bool:
+        """Whether the search could propose this value."""
+        if self.choices is not None:
+            return str(value) in map(str, self.choices)
+        if not self.low <= float(value) <= self.high:
+            return False
+        return self.step is None or abs((float(value) - self.low) / self.step - round((float(value) - self.low) / self.step)) < 1e-9
 
     def grid(self) -> list:
         """The values a grid search visits (lists, and stepped ranges)."""
@@ -253,7 +261,9 @@ def counted(study) -> int:
 def sweep(model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], out: str | os.PathLike, trials: int = 20, given: set[str] | None = None,
           sampler: str = "tpe", pruner: str = "median", storage: str = "", study_name: str = "", objective: str = "val_bpb", log=print) -> dict:
     """Search space for the trials' best objective; returns {"best": ..., "trials": [...], "plots": [...]}.
-    given: the settings the caller typed (fixed in every trial; --size auto chooses the rest)."""
+    given: the settings the caller typed, fixed in every trial (--size auto chooses the rest); None, as for train():
+    the settings that differ from their defaults. Trial 0 is the default: the values `gradlm train` with the same
+    settings would use for the searched ones, when they lie in the space (not with a grid)."""
     import optuna
 
     if sampler not in SAMPLERS:
@@ -267,6 +277,8 @@ def sweep(model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], out: str
     if not (cfg.max_steps or cfg.max_tokens or cfg.max_time or cfg.max_epochs):
         raise ConfigError("give every trial one budget: --max-time (e.g. 30s), --max-steps, --max-tokens or --max-epochs")
     out = ckpt.check_output(out, "--out", is_dir=True)
+    if given is None:  # as train(): the settings that differ from their defaults
+        given = given_fields(cfg, None) | given_fields(model_cfg, None)
     cfg.validate()
     model_cfg.validate()
     check_space(model_cfg, cfg, space)
@@ -291,7 +303,14 @@ def sweep(model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], out: str
     done = counted(study)
     target = min(trials, grid_size) if sampler == "grid" else trials
     log(f"sweep {study.study_name}: {done} of {target} trials done, storage {storage}; each trial {budget_text(cfg)}")
-    typed = set(given or ()) | {p.name for p in space}
+    if not study.trials and sampler != "grid":  # the first trial: what `gradlm train` with the same flags would do
+        values = default_values(model_cfg, cfg, space, set(given), out)
+        if values is not None and all(p.contains(values[p.name]) for p in space):
+            study.enqueue_trial(values, user_attrs={"default": True})
+            log("trial 0 is the default, what `gradlm train` with these flags would use: " + ", ".join(f"{k}={_show(v)}" for k, v in values.items()))
+        elif values is not None:
+            log("the default (" + ", ".join(f"{k}={_show(v)}" for k, v in values.items()) + ") lies outside the space: it is not one of the trials")
+    typed = set(given) | {p.name for p in space}
 
     def objective_fn(trial) -> float:
         trial.set_user_attr("host", socket.gethostname())
@@ -344,6 +363,26 @@ class TrialFailed(Exception):
     """A trial that its own settings failed: Optuna records it as failed and the sweep goes on."""
 
 
+def default_values(model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], given: set[str], out: Path) -> dict | None:
+    """The value of each searched setting that `gradlm train` with the same flags would use: --size auto's choice
+    (measured by its probe, as the trials will be) or the flag's default. Builds the run's trainer without training
+    it (nothing is written but the data cache the trials share); None if it cannot be built."""
+    from gradlm.trainer import Trainer
+
+    try:
+        t = Trainer(model_cfg, dataclasses.replace(cfg, out=str(out / "default-probe"), progress=False), log=lambda m: None, given=given)
+    except GradlmError:
+        return None
+    try:
+        values = {}
+        for p in space:
+            v = getattr(t.cfg if p.section == "train" else t.model_cfg, p.name)
+            values[p.name] = (str(v) if p.choices is not None else int(v)) if p.name in NUMERIC_STRINGS else v
+        return values
+    finally:
+        t.close_run_dir()
+
+
 def _warmup(run: Path) -> int:
     try:
         return int(json.loads((run / "config.json").read_text())["train"]["warmup_steps"])
@@ -372,9 +411,12 @@ def rows(study, objective: str) -> list[dict]:
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
         state = {S.COMPLETE: "ok", S.PRUNED: "pruned", S.FAIL: a.get("status", "died"), S.RUNNING: "running", S.WAITING: "waiting"}.get(t.state, str(t.state))
+        note = a.get("warning") or a.get("error", "")
+        if a.get("default"):
+            note = "the default (gradlm train's own choice)" + (f"; {note}" if note else "")
         out.append({"trial": t.number, "state": state, objective: a.get(objective), "val_loss": a.get("val_loss"), "val_bpb": a.get("val_bpb"),
-                    "steps": a.get("steps"), "time_s": a.get("time_s"), "params": dict(t.params), "run": a.get("run", ""),
-                    "note": a.get("warning") or a.get("error", "")})
+                    "steps": a.get("steps"), "time_s": a.get("time_s"), "params": dict(t.params), "run": a.get("run", ""), "note": note,
+                    "unranked": state == "ok" and bool(a.get("warning"))})
     order = {"ok": 0, "pruned": 1}
     return sorted(out, key=lambda r: (order.get(r["state"], 2), r[objective] if r[objective] is not None else math.inf, r["trial"]))
 
@@ -390,7 +432,7 @@ def format_trials(table: list[dict], objective: str) -> str:
     lines = [f"| {r['trial']} | {r['state']} | {num(r[objective], '.4f')} | {num(r['val_loss'], '.4f')} | {num(r['steps'], 'd')} | {num(r['time_s'], '')} | "
              + " | ".join(_show(r["params"][n]) if n in r["params"] else "" for n in names) + f" | {r['note']} |" for r in table]
     ok = [r for r in table if r["state"] == "ok"]
-    short = sum(1 for r in ok if r["note"])  # a finished trial's note is why it cannot be ranked
+    short = sum(1 for r in ok if r["unranked"])
     foot = f"\nwarning: {short} of {len(ok)} finished trials cannot be ranked by this table (too short: see the note column); give a larger budget\n" if short else ""
     return head + "\n".join(lines) + "\n" + foot
 

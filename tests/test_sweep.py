@@ -110,7 +110,7 @@ def test_a_sweep_needs_a_budget_per_trial(tmp_path, text_file):
 def test_every_trial_is_a_run_and_the_best_config_trains_the_best_trial_again(tmp_path, text_file):
     out = tmp_path / "s"
     model_cfg, cfg = configs(text_file, out)
-    r = sweep(model_cfg, cfg, parse_space(["lr=1e-3..3e-2:log", "batch=4,8"]), out, trials=5, sampler="random", pruner="none", log=lambda m: None)
+    r = sweep(model_cfg, cfg, parse_space(["lr=1e-3..3e-2:log", "batch=8,32"]), out, trials=5, sampler="random", pruner="none", log=lambda m: None)
     study = study_of(out)
     assert len(study.trials) == 5 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     for t in study.trials:
@@ -118,6 +118,10 @@ def test_every_trial_is_a_run_and_the_best_config_trains_the_best_trial_again(tm
         assert summary["val_bpb"] == t.value and summary["steps"] == 20
         saved = json.loads((out / f"trial-{t.number:04d}" / "config.json").read_text())["train"]
         assert saved["lr"] == t.params["lr"] and str(saved["batch"]) == t.params["batch"]
+    # trial 0 is the default: what `gradlm train` with the same flags uses for the searched settings
+    plain = json.loads((Path(train(model_cfg, TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "plain")})) ["run"]) / "config.json").read_text())
+    assert study.trials[0].user_attrs["default"] and study.trials[0].params == {"lr": plain["train"]["lr"], "batch": str(plain["train"]["batch"])}
+    assert "the default" in (out / "trials.md").read_text()
     best = min(study.trials, key=lambda t: t.value)
     assert r["best"]["trial"] == best.number and r["best"]["val_bpb"] == best.value
     assert len((out / "trials.md").read_text().splitlines()) >= 2 + 5
@@ -188,3 +192,11 @@ def test_two_workers_share_one_sqlite_study(tmp_path, text_file):
     assert len({t.user_attrs["pid"] for t in done}) == 2  # both worked on it
     for t in done:
         assert (out / f"trial-{t.number:04d}" / "summary.json").is_file()
+
+
+def test_a_default_outside_the_space_is_said_and_not_tried(tmp_path, text_file):
+    out, said = tmp_path / "o", []
+    model_cfg, cfg = configs(text_file, out, max_steps=10)  # the flags' batch is 32
+    sweep(model_cfg, cfg, parse_space(["batch=4,8"]), out, trials=1, log=said.append)
+    assert any("lies outside the space: it is not one of the trials" in m for m in said)
+    assert "default" not in study_of(out).trials[0].user_attrs
