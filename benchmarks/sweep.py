@@ -43,13 +43,14 @@ def main() -> None:
     ap.add_argument("--trial-time", default="30s", help="the budget of the baseline and of every trial")
     ap.add_argument("--search", nargs="+", default=SPACE, help="the search space (default: the learning settings; --wide adds the shape)")
     ap.add_argument("--wide", action="store_true", help=f"search {' '.join(WIDE)}")
+    ap.add_argument("--objective", default="val_bpb", choices=("val_bpb", "val_loss"), help="what the sweep minimises")
     ap.add_argument("--out", default="", help="folder for the runs and the sweep (default: a temporary one)")
     a = ap.parse_args()
     out = Path(a.out or tempfile.mkdtemp(prefix="gradlm-sweep-bench-"))
     space = WIDE if a.wide else a.search
     base = ["--data", a.data, "--max-time", a.trial_time, "--no-progress"]
     t_base1 = gradlm("train", *base, "--out", str(out / "baseline-1"))
-    t_sweep = gradlm("sweep", *base, "--out", str(out / "sweep"), "--trials", str(a.trials), "--size", "auto", "--search", *space)
+    t_sweep = gradlm("sweep", *base, "--out", str(out / "sweep"), "--trials", str(a.trials), "--size", "auto", "--objective", a.objective, "--search", *space)
     t_base2 = gradlm("train", *base, "--out", str(out / "baseline-2"))
     baselines = [json.loads((out / b / "summary.json").read_text()) for b in ("baseline-1", "baseline-2")]
     sweep = json.loads((out / "sweep" / "sweep.json").read_text())
