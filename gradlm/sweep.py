@@ -21,12 +21,16 @@ and a heat map over the learning rate and the batch size).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
+import random
 import shutil
 import socket
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,18 +211,38 @@ def open_study(storage: str, name: str, sampler: str, pruner: str, space: list[P
     p = {"median": optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=30),
          "hyperband": optuna.pruners.HyperbandPruner(min_resource=10, max_resource=100, reduction_factor=3),
          "none": optuna.pruners.NopPruner()}[pruner]
-    try:
-        if storage.startswith(("sqlite:", "postgresql", "mysql", "oracle", "mssql")):
-            # a heartbeat lets any worker mark the trial of a worker that died as failed
-            store = optuna.storages.RDBStorage(storage, heartbeat_interval=15, grace_period=60,
-                                               engine_kwargs={"connect_args": {"timeout": 60}} if storage.startswith("sqlite:") else {})
-        else:
-            store = storage
-        return optuna.create_study(study_name=name, storage=store, sampler=s, pruner=p, direction="minimize", load_if_exists=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"--storage {storage}: cannot open it as an Optuna storage ({first}); give a URL such as "
-                          f"sqlite:///sweep.db or postgresql://user:password@host/db") from None
+    for attempt in range(3):  # two workers starting together race to create the storage's tables: the loser tries again
+        try:
+            with _creating(storage):
+                if storage.startswith(("sqlite:", "postgresql", "mysql", "oracle", "mssql")):
+                    # a heartbeat lets any worker mark the trial of a worker that died as failed
+                    store = optuna.storages.RDBStorage(storage, heartbeat_interval=15, grace_period=60,
+                                                       engine_kwargs={"connect_args": {"timeout": 60}} if storage.startswith("sqlite:") else {})
+                else:
+                    store = storage
+                return optuna.create_study(study_name=name, storage=store, sampler=s, pruner=p, direction="minimize", load_if_exists=True)
+        except Exception as e:
+            if attempt < 2 and any(race in str(e) for race in ("already exists", "UNIQUE constraint", "duplicate key")):
+                time.sleep(0.5 + random.random())
+                continue
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"--storage {storage}: cannot open it as an Optuna storage ({first}); give a URL such as "
+                              f"sqlite:///sweep.db or postgresql://user:password@host/db") from None
+
+
+@contextlib.contextmanager
+def _creating(storage: str):
+    """Workers of one machine open a local SQLite study one at a time (creating its tables is not safe to race)."""
+    if not storage.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(storage[len("sqlite:///"):] + ".lock")
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def fail_dead_trials(study) -> list[int]:
@@ -423,13 +447,14 @@ def rows(study, objective: str) -> list[dict]:
 
 def format_trials(table: list[dict], objective: str) -> str:
     names = sorted({k for r in table for k in r["params"]})
-    head = f"| trial | state | {objective} | val loss | steps | time (s) | " + " | ".join(names) + " | note |\n"
+    other = "val_bpb" if objective == "val_loss" else "val_loss"  # the other measure, beside the objective
+    head = f"| trial | state | {objective} | {other} | steps | time (s) | " + " | ".join(names) + " | note |\n"
     head += "|---:|---|---:|---:|---:|---:|" + "---|" * len(names) + "---|\n"
 
     def num(v, fmt):
         return format(v, fmt) if isinstance(v, (int, float)) else ""
 
-    lines = [f"| {r['trial']} | {r['state']} | {num(r[objective], '.4f')} | {num(r['val_loss'], '.4f')} | {num(r['steps'], 'd')} | {num(r['time_s'], '')} | "
+    lines = [f"| {r['trial']} | {r['state']} | {num(r[objective], '.4f')} | {num(r[other], '.4f')} | {num(r['steps'], 'd')} | {num(r['time_s'], '')} | "
              + " | ".join(_show(r["params"][n]) if n in r["params"] else "" for n in names) + f" | {r['note']} |" for r in table]
     ok = [r for r in table if r["state"] == "ok"]
     short = sum(1 for r in ok if r["unranked"])
