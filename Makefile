@@ -14,7 +14,7 @@ DEMO_RUN   ?= runs/demo
 DEMO_TIME  ?= 2m
 DEMO_FLAGS ?=   # none: --size auto chooses the model, batch and learning rate for the 2 minutes on this machine
 
-.PHONY: demo test test-cpus venv clean
+.PHONY: demo test lint test-cpus venv clean
 
 # llama-cpp-python (a dev extra: the GGUF tests run llama.cpp) builds from source: only the library, for this CPU.
 LLAMA_CMAKE ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF
@@ -40,8 +40,13 @@ demo: venv
 	@echo "--- validation ---"
 	@$(PY) -c "import json; s=json.load(open('$(DEMO_RUN)/summary.json')); print(f\"val loss {s['val_loss']:.4f} | val bits per byte {s['val_bpb']:.4f} | {s['steps']} steps, {s['tokens_per_s']:,.0f} tok/s\")"
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev lint
 	$(PY) -m pytest
+
+# ruff (pyflakes, pycodestyle) and the import contracts of pyproject.toml (the layers of the code): seconds
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check gradlm tests tools benchmarks
+	$(VENV)/bin/lint-imports
 
 # The tests that touch numerics once per CPU kernel choice this machine can play (tools/test_cpus.py):
 # make test-cpus                         every setting, once

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from gradlm.errors import ConfigError
+from gradlm.errors import ConfigError, flag
 from gradlm.model import GPT, ModelConfig, flops_per_token, matmul_params
 
 # The depth/width ladder the chooser walks: (layers, width). Heads are 32 wide up to 256, then 64.
@@ -165,7 +165,7 @@ def choose(
         if not fits:
             break
     if chosen is None:
-        shape = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in fixed_model.items())
+        shape = ", ".join(f"{flag(k)} {v}" for k, v in fixed_model.items())
         raise ConfigError(f"--size auto found no model of its ladder that fits {shape}; give the whole shape (e.g. --d-model as well) or drop --size auto")
     cfg, tps, tokens, useful = chosen
 

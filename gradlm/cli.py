@@ -1,7 +1,9 @@
 """The `gradlm` command: parse flags into configs, call one library function, print.
 
-Flags and their --help come from the config dataclasses (ModelConfig, TrainConfig, SamplingConfig),
-so the library and the CLI cannot drift apart. A GradlmError prints one line and exits with 2.
+The flags of the training commands (train, finetune, lr-find, compare, sweep), of generate and chat
+and of eval come from the config dataclasses (ModelConfig, TrainConfig, FinetuneConfig, SamplingConfig,
+EvalConfig): their names, types, defaults and help are the library's. The other flags are declared below,
+command by command. A GradlmError prints one line and exits with 2.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gradlm.errors import ConfigError, ConstraintError, GradlmError, Interrupted
+from gradlm.errors import ConfigError, ConstraintError, GradlmError, Interrupted, flag
 
 
 class Parser(argparse.ArgumentParser):
@@ -44,15 +46,15 @@ def add_fields(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), type
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        spelled = flag(f.name)
         text = f.metadata.get("help", "")
         default = argparse.SUPPRESS if typed_only else f.default
         if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text + (f" (default: {f.default})" if typed_only else ""))
+            p.add_argument(spelled, action=argparse.BooleanOptionalAction, default=default, help=text + (f" (default: {f.default})" if typed_only else ""))
         else:
             kind = int if f.name == "seed" else type(f.default)
             shown = "" if f.default in ("", None) else f" (default: {f.default})"
-            p.add_argument(flag, type=kind, default=default, help=text + shown, metavar=f.name.upper())
+            p.add_argument(spelled, type=kind, default=default, help=text + shown, metavar=f.name.upper())
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -522,10 +524,9 @@ def add_reading_flags(p: argparse.ArgumentParser) -> None:
 
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("text_field", "encoding_errors", "tokenizer_sample"):
-            p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"] + f" (default: {f.default})")
+            p.add_argument(flag(f.name), default=f.default, help=f.metadata["help"] + f" (default: {f.default})")
 
 
-VOCAB_HELP = "tokenizer size: 256 bytes + merges (256 = pure bytes); the 6 reserved special tokens come on top, so 1024 gives 1030 ids"
 LR_FIND_SKIP = (
     "out", "resume", "from_best", "pause_at", "init", "max_steps", "max_time", "max_tokens", "max_epochs", "patience", "min_delta",
     "schedule", "warmup_steps", "min_lr_ratio", "decay_fraction", "plots", "guard_retries", "eval_every", "eval_tokens", "log_every", "lr", "size",
@@ -544,30 +545,20 @@ def add_watch_command(sub) -> None:
     t.set_defaults(func=cmd_watch)
 
 
-def build_parser(command: str = "") -> argparse.ArgumentParser:
-    """The parser of every command; for `watch` only, one that imports nothing heavy (the watcher reads JSON
-    files and never loads torch, so `gradlm watch` and `train --watch` start in a fraction of a second)."""
-    if command == "watch":
-        p = Parser(prog="gradlm", description="Train small GPT-style language models from your own text.")
-        add_watch_command(p.add_subparsers(dest="command", required=True, parser_class=Parser))
-        return p
-    from gradlm.generate import SamplingConfig
-    from gradlm.model import ModelConfig
-    from gradlm.config import TrainConfig
-    from gradlm.prepare import SHARD_TOKENS
-
-    p = Parser(prog="gradlm", description="Train small GPT-style language models from your own text.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+def add_tokenizer_command(sub) -> None:
+    from gradlm.config import DEFAULT_VOCAB, VOCAB_HELP
 
     tk = sub.add_parser("tokenizer", help="tokenizer tools")
     tks = tk.add_subparsers(dest="action", required=True, parser_class=Parser)
     t = tks.add_parser("train", help="train a byte-level BPE tokenizer and save tokenizer.json")
     t.add_argument("--data", required=True, nargs="+", help=DATA_HELP)
-    t.add_argument("--vocab-size", type=int, default=1024, help=VOCAB_HELP)
+    t.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB, help=VOCAB_HELP)
     t.add_argument("--out", required=True, help="where to write the tokenizer: a .json file, or a directory (gets tokenizer.json)")
     add_reading_flags(t)
     t.set_defaults(func=cmd_tokenizer_train)
 
+
+def add_tokenize_command(sub) -> None:
     t = sub.add_parser("tokenize", help="show how text splits into tokens")
     t.add_argument("text", help="text to tokenize ('-' reads standard input)")
     t.add_argument("--tokenizer", default="", help="a run directory or tokenizer.json")
@@ -577,17 +568,27 @@ def build_parser(command: str = "") -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="seed of the misspellings")
     t.set_defaults(func=cmd_tokenize)
 
+
+def add_prepare_command(sub) -> None:
+    from gradlm.config import DEFAULT_VOCAB, VOCAB_HELP
+    from gradlm.prepare import SHARD_TOKENS
+
     t = sub.add_parser("prepare", help="tokenise a corpus into train/val token files")
     t.add_argument("--data", required=True, nargs="+", help=DATA_HELP)
     t.add_argument("--out", required=True, help="output directory (new or empty; a prepare that was killed there resumes)")
     t.add_argument("--tokenizer", default="", help="tokenizer to use (default: train one with --vocab-size on a sample of the corpus)")
-    t.add_argument("--vocab-size", type=int, default=1024, help="when training a tokenizer: " + VOCAB_HELP)
+    t.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB, help="when training a tokenizer: " + VOCAB_HELP)
     t.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out for validation")
     t.add_argument("--seed", type=int, default=0, help="seed of the document split")
     t.add_argument("--workers", type=int, default=0, help="tokenising processes (0 = one per core)")
     t.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help=f"token ids per shard file (default: {SHARD_TOKENS:,})")
     add_reading_flags(t)
     t.set_defaults(func=cmd_prepare)
+
+
+def add_train_command(sub) -> None:
+    from gradlm.config import TrainConfig
+    from gradlm.model import ModelConfig
 
     t = sub.add_parser("train", help="train a model by gradient descent")
     add_fields(t, TrainConfig, typed_only=True)
@@ -596,7 +597,11 @@ def build_parser(command: str = "") -> argparse.ArgumentParser:
     watch_flags(t)
     t.set_defaults(func=cmd_train)
 
+
+def add_finetune_command(sub) -> None:
+    from gradlm.config import TrainConfig
     from gradlm.finetune import FinetuneConfig
+    from gradlm.model import ModelConfig
 
     t = sub.add_parser("finetune", help="fine-tune a run on chat .jsonl (loss on the replies) or raw text: full, frozen layers or LoRA")
     t.add_argument("base", nargs="?", default="", help="run directory to start from (may be left out with --resume)")
@@ -606,12 +611,18 @@ def build_parser(command: str = "") -> argparse.ArgumentParser:
     watch_flags(t)
     t.set_defaults(func=cmd_finetune)
 
+
+def add_merge_command(sub) -> None:
     t = sub.add_parser("merge", help="fold a LoRA run's adapter into its base weights: a run of full weights")
     t.add_argument("run", help="a run fine-tuned with --method lora")
     t.add_argument("--out", required=True, help="run directory to create")
     t.add_argument("--best", action="store_true", help="merge best_adapter.safetensors (best validation loss)")
     add_runtime_flags(t, merge=True)
     t.set_defaults(func=cmd_merge)
+
+
+def add_chat_command(sub) -> None:
+    from gradlm.generate import SamplingConfig
 
     t = sub.add_parser("chat", help="talk with a run in the terminal (multi-turn, streamed; /reset, /quit)")
     t.add_argument("run", help="run directory (fine-tuned for chat, e.g. with gradlm finetune)")
@@ -621,6 +632,10 @@ def build_parser(command: str = "") -> argparse.ArgumentParser:
     constraint_flags(t)
     add_runtime_flags(t, decoding=True)
     t.set_defaults(func=cmd_chat)
+
+
+def add_generate_command(sub) -> None:
+    from gradlm.generate import SamplingConfig
 
     t = sub.add_parser("generate", help="write text with a trained model (streamed)")
     t.add_argument("run", help="run directory")
@@ -637,20 +652,24 @@ def build_parser(command: str = "") -> argparse.ArgumentParser:
     add_runtime_flags(t, decoding=True)
     t.set_defaults(func=cmd_generate)
 
+
+def add_serve_command(sub) -> None:
+    from gradlm.engine import MAX_BATCH, MAX_QUEUE
+
     t = sub.add_parser("serve", help="serve a run over HTTP: OpenAI-compatible API and a playground page")
     t.add_argument("run", help="run directory")
     t.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     t.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     t.add_argument("--api-key", default="", help="require this key as 'Authorization: Bearer KEY' (default: $GRADLM_API_KEY, else none)")
     t.add_argument("--best", action="store_true", help="serve best.safetensors (best validation loss)")
-    t.add_argument("--max-batch", type=int, default=16, help="most sequences generated together (default: 16)")
-    t.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get 503 (default: 64)")
+    t.add_argument("--max-batch", type=int, default=MAX_BATCH, help=f"most sequences generated together (default: {MAX_BATCH})")
+    t.add_argument("--max-queue", type=int, default=MAX_QUEUE, help=f"most requests waiting; more get 503 (default: {MAX_QUEUE})")
     t.add_argument("--threads", type=int, default=0, help="torch threads for the model (default: all but one, left to the HTTP side)")
     add_runtime_flags(t, decoding=True)
     t.set_defaults(func=cmd_serve)
 
-    add_watch_command(sub)
 
+def add_eval_command(sub) -> None:
     from gradlm.evaluate import EvalConfig
 
     t = sub.add_parser("eval", help="loss, perplexity, bits per byte/char of a text; typo robustness; multiple choice; QA exact match")
@@ -662,6 +681,11 @@ def build_parser(command: str = "") -> argparse.ArgumentParser:
     t.add_argument("--qa", nargs="+", default=[], metavar="FILE", help=qa_help)
     add_runtime_flags(t)
     t.set_defaults(func=cmd_eval)
+
+
+def add_lr_find_command(sub) -> None:
+    from gradlm.config import TrainConfig
+    from gradlm.model import ModelConfig
 
     t = sub.add_parser("lr-find", help="learning-rate range test: plot loss vs an exponentially growing lr, suggest one")
     t.add_argument("--start-lr", type=float, default=1e-6, help="first learning rate of the sweep")
@@ -677,6 +701,11 @@ def build_parser(command: str = "") -> argparse.ArgumentParser:
     add_config_flags(t)
     t.set_defaults(func=cmd_lr_find)
 
+
+def add_compare_command(sub) -> None:
+    from gradlm.config import TrainConfig
+    from gradlm.model import ModelConfig
+
     t = sub.add_parser("compare", help="train several configurations under one budget and plot them together")
     t.add_argument("--optimizer", dest="optimizers", default="", metavar="A,B,...", help="optimizers to compare, comma-separated, e.g. sgd,momentum,adamw,muon")
     t.add_argument("--batch", dest="batches", default="", metavar="A,B,...", help="batch modes to compare, comma-separated, e.g. full,1,32")
@@ -690,6 +719,10 @@ def build_parser(command: str = "") -> argparse.ArgumentParser:
     watch_flags(t)
     t.set_defaults(func=cmd_compare)
 
+
+def add_sweep_command(sub) -> None:
+    from gradlm.config import TrainConfig
+    from gradlm.model import ModelConfig
     from gradlm.sweep import OBJECTIVES, PRUNERS, SAMPLERS
 
     t = sub.add_parser("sweep", help="search hyperparameters with Optuna: every trial a run under one budget; the best settings, which mattered, plots")
@@ -709,11 +742,15 @@ def build_parser(command: str = "") -> argparse.ArgumentParser:
     watch_flags(t)
     t.set_defaults(func=cmd_sweep)
 
+
+def add_plot_command(sub) -> None:
     t = sub.add_parser("plot", help="draw loss, learning-rate and gradient-norm curves of one or more runs")
     t.add_argument("runs", nargs="+", help="run directories")
     t.add_argument("--png", default="", help="output file (default: RUN/plots/training.png)")
     t.set_defaults(func=cmd_plot)
 
+
+def add_export_command(sub) -> None:
     t = sub.add_parser("export", help="write a run as a Hugging Face transformers checkpoint (Llama / Qwen3) or a llama.cpp GGUF file")
     t.add_argument("run", help="run directory")
     t.add_argument("out_dir", help="output directory (new, empty, or a previous export of the same format)")
@@ -723,11 +760,26 @@ def build_parser(command: str = "") -> argparse.ArgumentParser:
     t.add_argument("--best", action="store_true", help="export best.safetensors (best validation loss)")
     t.set_defaults(func=cmd_export)
 
+
+def add_import_command(sub) -> None:
     t = sub.add_parser("import", help="turn a local Hugging Face Llama/Qwen3/Qwen2 checkpoint into a run directory")
     t.add_argument("hf_dir", help="folder with config.json, model.safetensors and tokenizer.json")
     t.add_argument("run", help="run directory to create")
     t.add_argument("--block-size", type=int, default=0, help="context window (default: the checkpoint's max_position_embeddings)")
     t.set_defaults(func=cmd_import)
+
+
+COMMANDS = [add_tokenizer_command, add_tokenize_command, add_prepare_command, add_train_command, add_finetune_command, add_merge_command, add_chat_command, add_generate_command, add_serve_command, add_watch_command, add_eval_command, add_lr_find_command, add_compare_command, add_sweep_command, add_plot_command, add_export_command, add_import_command]  # in the order `gradlm --help` lists them
+
+
+def build_parser(command: str = "") -> argparse.ArgumentParser:
+    """The parser of every command, one add_*_command function each; for `watch` only, one that imports nothing
+    heavy (the watcher reads JSON files and never loads torch, so `gradlm watch` and `train --watch` start in a
+    fraction of a second)."""
+    p = Parser(prog="gradlm", description="Train small GPT-style language models from your own text.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add in [add_watch_command] if command == "watch" else COMMANDS:
+        add(sub)
     return p
 
 

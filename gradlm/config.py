@@ -17,10 +17,19 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10
     import tomli as tomllib
 
-from gradlm.errors import ConfigError, check_field_types
+from gradlm.errors import ConfigError, check_field_types, flag
 from gradlm.optim import DEFAULT_LR, MUON_LR, OPTIMIZERS, SCHEDULES
+from gradlm.prepare import TOKENIZER_SAMPLE, parse_size
+from gradlm.tokenizer import SPECIAL_TOKENS
 from gradlm.runtime import COMPILE, DEVICE_HELP, DTYPES
 from gradlm.trackers import LOGGER_HELP, parse_loggers
+
+
+DEFAULT_VOCAB = 1024  # tokenizer size when none is given (measured best of 512 / 1024 / 2048 on 1 MB: gradlm/autosize.py)
+VOCAB_HELP = (f"tokenizer size: 256 bytes + merges (256 = pure bytes); the {len(SPECIAL_TOKENS)} reserved special tokens come on top, "
+              f"so {DEFAULT_VOCAB} gives {DEFAULT_VOCAB + len(SPECIAL_TOKENS)} ids")
+DEFAULT_STEPS = 1000  # the budget of a run given none, said in the log
+FULL_BATCH_MICRO = 32  # windows per forward pass of --batch full unless --micro-batch says
 
 
 @dataclass
@@ -29,13 +38,13 @@ class TrainConfig:
 
     data: str = field(default="shakespeare", metadata={"help": "raw text (file, directory, .jsonl, .gz, or a registered name such as shakespeare) or a `gradlm prepare` directory"})
     out: str = field(default="runs/default", metadata={"help": "run directory to write"})
-    vocab_size: int = field(default=1024, metadata={"help": "tokenizer size when --data is raw text: 256 bytes + merges (256 = pure bytes); the 6 reserved special tokens come on top, so 1024 gives 1030 ids"})
+    vocab_size: int = field(default=DEFAULT_VOCAB, metadata={"help": "when --data is raw text: " + VOCAB_HELP})
     val_fraction: float = field(default=0.1, metadata={"help": "share of the text held out for validation"})
     text_field: str = field(default="text", metadata={"help": "field (or Parquet column) holding the text in .jsonl and .parquet input"})
     encoding_errors: str = field(default="replace", metadata={"help": "bytes that are not UTF-8 in raw text: replace (by U+FFFD, counted), skip (the document, counted) or strict (stop, naming the file and offset)"})
-    tokenizer_sample: str = field(default="64MB", metadata={"help": "when a tokenizer is trained from raw text: how much text it learns from, a seeded sample across the whole corpus (e.g. 16MB, 1GB); memory follows it"})
+    tokenizer_sample: str = field(default=f"{TOKENIZER_SAMPLE >> 20}MB", metadata={"help": "when a tokenizer is trained from raw text: how much text it learns from, a seeded sample across the whole corpus (e.g. 16MB, 1GB); memory follows it"})
     batch: str = field(default="32", metadata={"help": "windows per update: N (mini-batch), 1 (stochastic GD) or full (batch GD: one update per epoch)"})
-    micro_batch: int = field(default=0, metadata={"help": "windows per forward pass; 0 = the whole batch (or 32 with --batch full)"})
+    micro_batch: int = field(default=0, metadata={"help": f"windows per forward pass; 0 = the whole batch (or {FULL_BATCH_MICRO} with --batch full)"})
     accum: int = field(default=1, metadata={"help": "gradient accumulation: micro-batches summed into one update"})
     sampler: str = field(default="auto", metadata={"help": "random (windows at random offsets) or epoch (every window once per epoch, seeded order); auto = epoch for --batch full"})
     size: str = field(default="auto", metadata={"help": "auto: choose depth, width, heads, context, batch, learning rate, warmup, dropout, evaluation cadence and tokenizer size from the budget, the corpus and this machine's speed (measured in a short probe); the default when no model-shape flag is given, and the flags you give override their part of the choice. fixed: each flag's own default"})
@@ -51,7 +60,7 @@ class TrainConfig:
     warmup_steps: int = field(default=20, metadata={"help": "steps of linear warmup"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a fraction of the peak"})
     decay_fraction: float = field(default=0.2, metadata={"help": "wsd: share of the budget spent decaying"})
-    max_steps: int = field(default=0, metadata={"help": "budget: stop after this many updates (with no budget of any kind: 1000 steps, and the log says so)"})
+    max_steps: int = field(default=0, metadata={"help": f"budget: stop after this many updates (with no budget of any kind: {DEFAULT_STEPS} steps, and the log says so)"})
     max_time: str = field(default="", metadata={"help": "budget: stop after this much wall time from the first step, evaluations included, e.g. 90s, 5m, 1h"})
     max_tokens: int = field(default=0, metadata={"help": "budget: stop after this many training tokens"})
     max_epochs: float = field(default=0.0, metadata={"help": "budget: stop after this many passes over the training set"})
@@ -103,23 +112,21 @@ class TrainConfig:
         for name in ("lr", "muon_lr"):
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)) or (name == "muon_lr" and v == 0):
-                problems.append(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+                problems.append(f"{flag(name)} must be a positive number, got {v}")
         for name in ("accum", "eval_every", "eval_tokens", "log_every"):
             if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                problems.append(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("max_steps", "max_tokens", "max_epochs"):
             if getattr(self, name) < 0:
-                problems.append(f"--{name.replace('_', '-')} is a budget and must be positive, got {getattr(self, name)}")
+                problems.append(f"{flag(name)} is a budget and must be positive, got {getattr(self, name)}")
         for name in ("warmup_steps", "sample_tokens", "patience", "guard_retries", "micro_batch", "pause_at", "weight_decay", "grad_clip", "min_delta"):
             if getattr(self, name) < 0:
-                problems.append(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+                problems.append(f"{flag(name)} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.decay_fraction <= 1:
             problems.append(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
         try:
-            from gradlm.prepare import parse_size
-
             parse_size(self.tokenizer_sample, "--tokenizer-sample")
         except ConfigError as e:
             problems.append(str(e))
@@ -163,7 +170,6 @@ FIXED_ON_RESUME = {
     "size": "the model's shape", "bpe_dropout": "the data augmentation", "typo_rate": "the data augmentation",
 }
 BUDGETS = ("max_steps", "max_tokens", "max_time", "max_epochs")
-DEFAULT_STEPS = 1000  # the budget of a run given none, said in the log
 
 
 def check_budgets(cfg: TrainConfig, typed: set[str]) -> None:
@@ -171,7 +177,7 @@ def check_budgets(cfg: TrainConfig, typed: set[str]) -> None:
     "no limit" (and train until Ctrl-C) or "the default" by accident. Negative ones fail in validate()."""
     zero = [b for b in BUDGETS if b in typed and not (parse_duration(cfg.max_time) if b == "max_time" else getattr(cfg, b))]
     if zero:
-        flags = ", ".join(f"--{b.replace('_', '-')} {getattr(cfg, b) if getattr(cfg, b) != '' else repr('')}" for b in zero)
+        flags = ", ".join(f"{flag(b)} {getattr(cfg, b) if getattr(cfg, b) != '' else repr('')}" for b in zero)
         raise ConfigError(
             f"{flags}: a budget must be positive (e.g. --max-time 5m or --max-steps 2000); leave the flag out for the default "
             f"of {DEFAULT_STEPS} steps when no budget is given")
@@ -195,9 +201,8 @@ def resume_settings(saved: TrainConfig, given: TrainConfig, typed: set[str]) -> 
     settings, cadence, ...). A typed flag that cannot apply to a run in progress is refused by name."""
     for name in sorted(typed & set(FIXED_ON_RESUME)):
         if getattr(given, name) != getattr(saved, name):
-            flag = "--" + name.replace("_", "-")
             raise ConfigError(
-                f"{flag} {getattr(given, name)} cannot change on --resume ({FIXED_ON_RESUME[name]} of the run is {getattr(saved, name)!r}); "
+                f"{flag(name)} {getattr(given, name)} cannot change on --resume ({FIXED_ON_RESUME[name]} of the run is {getattr(saved, name)!r}); "
                 f"drop it, or start a new run from this one with --init {given.out}"
             )
     merged = {f.name: getattr(given if f.name in typed or f.name in PER_INVOCATION else saved, f.name) for f in fields(TrainConfig)}

@@ -1,4 +1,6 @@
-"""The one decode engine: every row that gradlm generates is stepped here.
+"""The one decode engine: every row that generate, chat, eval --qa and the server write is stepped here.
+(Training's evaluation samples are a short decode of their own, gradlm/monitor.py: training may not import
+inference.)
 
 Rows are decoded together in one running batch (continuous batching): a request joins at the next step
 and each of its rows leaves when it finishes, so rows never wait for one another. One step:
@@ -246,6 +248,10 @@ class _Row:
         return Piece(self.index, text, [h[0] for h in done], [h[1] for h in done], finish, self.generated, t, error)
 
 
+MAX_BATCH = 16  # rows decoded together by default (the server's --max-batch)
+MAX_QUEUE = 64  # requests waiting by default; the server answers more with 503 (--max-queue)
+
+
 class Engine:
     """Runs requests through one model with continuous batching (see the module docstring).
 
@@ -255,7 +261,7 @@ class Engine:
     event loop). start() steps in a thread of its own; stream()/run() step in the caller's.
     """
 
-    def __init__(self, model: GPT, tok: Tokenizer, max_batch: int = 16, max_queue: int = 64, runtime: Runtime | None = None):
+    def __init__(self, model: GPT, tok: Tokenizer, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE, runtime: Runtime | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ConfigError(f"max batch must be >= 1 and max queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tok = model, tok

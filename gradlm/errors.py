@@ -5,6 +5,11 @@ Anything else escaping is a bug in gradlm, and keeps its traceback.
 """
 
 
+def flag(name: str) -> str:
+    """How a setting is spelled on the command line: max_time -> --max-time (every message that names a flag)."""
+    return "--" + name.replace("_", "-")
+
+
 class GradlmError(Exception):
     """A user-facing problem: the message says what was wrong and what to do."""
 

@@ -33,7 +33,7 @@ import torch
 from gradlm import checkpoint as ckpt
 from gradlm.chat import encode_chat
 from gradlm.config import TrainConfig, given_fields
-from gradlm.errors import ConfigError, RunDirError
+from gradlm.errors import ConfigError, RunDirError, flag
 from gradlm.lora import LORA_TARGETS, add_adapters, adapter_weights, count_params, freeze_below, load_adapter_weights, parse_targets
 from gradlm.model import ModelConfig
 from gradlm.optim import base_lrs, state_floats
@@ -75,7 +75,7 @@ class FinetuneConfig:
         for name in sorted(set(typed) & {f.name for f in fields(self)} - {"method"}):
             wanted = "freeze" if name == "train_top" else name.split("_")[0]  # lora_rank -> lora
             if self.method != wanted:
-                problems.append(f"--{name.replace('_', '-')} applies to --method {wanted}, not {self.method}")
+                problems.append(f"{flag(name)} applies to --method {wanted}, not {self.method}")
         if problems:
             raise ConfigError("invalid fine-tuning configuration: " + "; ".join(problems))
 
@@ -130,7 +130,7 @@ class FineTuner(Trainer):
         ft = FinetuneConfig(**{f.name: saved[f.name] for f in fields(FinetuneConfig) if f.name in saved})
         for name in sorted(typed):
             if getattr(given, name) != getattr(ft, name):
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(given, name)} cannot change on --resume (the run was fine-tuned with {getattr(ft, name)!r}); drop it, or fine-tune a new run")
+                raise ConfigError(f"{flag(name)} {getattr(given, name)} cannot change on --resume (the run was fine-tuned with {getattr(ft, name)!r}); drop it, or fine-tune a new run")
         return ft
 
     # -- data: conversations (SFT) or text (continued pretraining, as Trainer does it)

@@ -23,8 +23,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gradlm import checkpoint as ckpt
+from gradlm import layout
 from gradlm import plots
-from gradlm.errors import ConfigError, Diverged, GradlmError
+from gradlm.errors import ConfigError, Diverged, GradlmError, flag
 from gradlm.model import ModelConfig
 from gradlm.optim import set_lr
 from gradlm.rundir import Metrics, RunDir, read_metrics
@@ -86,7 +87,7 @@ def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, en
     return result
 
 
-LR_FIND_ROWS, LR_FIND_RESULT = "lr_find.jsonl", "lr_find.json"
+LR_FIND_ROWS, LR_FIND_RESULT = layout.LR_FIND_ROWS, layout.LR_FIND_RESULT
 
 
 def check_logged_out(cfg: TrainConfig, out) -> None:
@@ -169,7 +170,7 @@ def parse_grid(spec: dict[str, str]) -> list[dict]:
             try:
                 parsed.append(kind(v) if kind is not bool else v.lower() in ("1", "true", "yes"))
             except ValueError:
-                raise ConfigError(f"--{name.replace('_', '-')} value {v!r} is not a {kind.__name__}") from None
+                raise ConfigError(f"{flag(name)} value {v!r} is not a {kind.__name__}") from None
         axes.append([(name, p) for p in parsed])
     return [dict(combo) for combo in itertools.product(*axes)]
 
@@ -185,7 +186,7 @@ def compare(model_cfg: ModelConfig, base: TrainConfig, grid: list[dict], out_dir
     from the same seed (same initial weights, same data order), into out_dir/<label>/.
     Writes compare.png, compare.json and compare.md; returns the table rows."""
     out = ckpt.check_output(out_dir, "--out", is_dir=True)
-    if (out / "compare.json").exists():
+    if (out / layout.COMPARE).exists():
         raise ConfigError(f"{out} already holds a comparison; choose another --out")
     if not (base.max_steps or base.max_tokens or base.max_time or base.max_epochs):
         raise ConfigError("give the comparison one budget for every run: --max-steps, --max-tokens, --max-time or --max-epochs")
@@ -222,7 +223,7 @@ def compare(model_cfg: ModelConfig, base: TrainConfig, grid: list[dict], out_dir
     if all(r["status"] == "error" for r in table):
         raise ConfigError("no run could start: " + "; ".join(f"{r['label']}: {r['error']}" for r in table))
     png = plots.plot_compare(curves, out / "compare.png", title=_budget(base))
-    ckpt.atomic_write_json(out / "compare.json", {"budget": _budget(base), "runs": table})
+    ckpt.atomic_write_json(out / layout.COMPARE, {"budget": _budget(base), "runs": table})
     ckpt.atomic_write_text(out / "compare.md", format_table(table))
     return {"runs": table, "png": str(png)}
 

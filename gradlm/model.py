@@ -5,7 +5,7 @@ SwiGLU MLP, no biases), with Qwen3's per-head QK-norm, grouped-query attention a
 options. Parameter names follow the Hugging Face modules (q_proj, gate_proj, input_layernorm, ...), so
 export is a key prefix and nothing else: weight-for-weight.
 
-Depends on torch only. Example:
+Depends on torch and gradlm.errors only. Example:
     >>> cfg = ModelConfig(vocab_size=300, n_layer=2, d_model=64, n_head=4)
     >>> model = GPT(cfg)
     >>> logits = model(torch.zeros(1, 8, dtype=torch.long))   # (batch, time, vocab)

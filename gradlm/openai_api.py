@@ -17,8 +17,6 @@ encoded as those characters; only the chat template (gradlm/chat.py) inserts spe
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import threading
 import time
 import uuid
@@ -34,6 +32,7 @@ from gradlm.constrain import Constraint, make_constraint
 from gradlm.engine import Engine, Piece, Request
 from gradlm.errors import BusyError, ConfigError, GradlmError
 from gradlm.generate import LM, SamplingConfig
+from gradlm.webserver import bearer, key_problem, sse
 
 MAX_N = 16  # most samples per prompt
 MAX_LOGPROBS = 20  # most alternatives per token
@@ -198,12 +197,10 @@ class Server:
     # ---- validation ---------------------------------------------------------------------------------
 
     def check_key(self, authorization: str | None) -> None:
-        if not self.api_key:
-            return
-        if not authorization:
+        problem = key_problem(bearer(authorization), self.api_key)
+        if problem == "missing":
             raise APIError(401, "this server needs an API key: send the header Authorization: Bearer KEY", code="invalid_api_key")
-        given = authorization.removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+        if problem == "wrong":
             raise APIError(401, "the API key is wrong", code="invalid_api_key")
 
     def check_model(self, model: str | None) -> None:
@@ -393,18 +390,18 @@ class Server:
 
         async def events():
             for c in first:
-                yield _sse(dict(base, choices=[c], **extra))
+                yield sse(dict(base, choices=[c], **extra))
             try:
                 async for i, piece in self.pieces(handles, queue, choices, None):
                     usage.add(i, piece)
                     c = chunk(i, piece)
                     if c is not None:
-                        yield _sse(dict(base, choices=[c], **extra))
+                        yield sse(dict(base, choices=[c], **extra))
             except APIError as e:  # the status is sent already: report it in the stream, as OpenAI does
-                yield _sse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}})
+                yield sse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}})
                 return
             if include_usage:
-                yield _sse(dict(base, choices=[], usage=usage.json()))
+                yield sse(dict(base, choices=[], usage=usage.json()))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -520,5 +517,3 @@ async def _watch_disconnect(request: HTTPRequest, queue: asyncio.Queue) -> None:
     queue.put_nowait(None)
 
 
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from gradlm.checkpoint import check_output
 from gradlm.config import BUDGETS, OPTIMIZER_SETTINGS, PER_INVOCATION, TrainConfig, resume_settings
-from gradlm.errors import ConfigError, RunDirError
+from gradlm.errors import ConfigError, RunDirError, flag
 from gradlm.model import ModelConfig
 from gradlm.optim import DEFAULT_LR, base_lrs, override_hyperparams
 from gradlm.rundir import RunDir
@@ -65,7 +65,7 @@ def resume_start(run: RunDir, model_cfg: ModelConfig, cfg: TrainConfig, typed: s
     for name in sorted(typed_model - {"dropout", "vocab_size"}):  # vocab_size comes from the tokenizer, not a flag
         if getattr(model_cfg, name) != getattr(saved_model, name):
             raise ConfigError(
-                f"--{name.replace('_', '-')} {getattr(model_cfg, name)} cannot change on --resume (the model's shape is fixed by its weights: "
+                f"{flag(name)} {getattr(model_cfg, name)} cannot change on --resume (the model's shape is fixed by its weights: "
                 f"{name} is {getattr(saved_model, name)}); drop it, or start a new run with --init {cfg.out}"
             )
     if "dropout" in typed_model:
@@ -73,7 +73,7 @@ def resume_start(run: RunDir, model_cfg: ModelConfig, cfg: TrainConfig, typed: s
     saved_cfg = TrainConfig.from_dict(saved.get("train", {}))
     new = resume_settings(saved_cfg, cfg, typed)
     new.validate()
-    notes = [f"--{name.replace('_', '-')}: {getattr(saved_cfg, name)!r} -> {getattr(new, name)!r}"
+    notes = [f"{flag(name)}: {getattr(saved_cfg, name)!r} -> {getattr(new, name)!r}"
              for name in sorted(typed - set(PER_INVOCATION)) if getattr(new, name) != getattr(saved_cfg, name)]
     saved_data = saved.get("data", {})
     return Start(saved_model, new, run.load_tokenizer(), saved_data.get("tokenizer") == "trained", saved_cfg, saved_data, notes)
@@ -132,10 +132,10 @@ def extend_budget(t) -> None:
     spent = budget.progress() >= 1 or (stopped_here and not changed)
     done = f"{t.step} steps, {t.tokens_seen:,} tokens, {budget.elapsed:.1f}s, {t.epochs_done():.2f} epochs"
     if spent and changed:
-        flags = ", ".join(f"--{b.replace('_', '-')} {getattr(cfg, b)}" for b in changed)
+        flags = ", ".join(f"{flag(b)} {getattr(cfg, b)}" for b in changed)
         raise ConfigError(f"{flags} is already spent: {t.out} has trained {done}; give a larger budget to train further")
     if spent:
-        given = ", ".join(f"--{b.replace('_', '-')} {getattr(cfg, b)}" for b in BUDGETS if getattr(cfg, b))
+        given = ", ".join(f"{flag(b)} {getattr(cfg, b)}" for b in BUDGETS if getattr(cfg, b))
         raise ConfigError(
             f"{t.out} has finished its budget ({given}; trained {done}); to train further, give a larger budget "
             f"(e.g. --max-steps {2 * t.step}): the learning rate warms up again to the run's peak (or to --lr) and decays over the new budget"
@@ -145,7 +145,7 @@ def extend_budget(t) -> None:
         budget.start_phase(warmup)
         lr, factor = base_lrs(t.opt)["lr"], budget.last_factor
         whose = "--lr" if "lr" in t.typed else "the run's peak"
-        flags = ", ".join(f"--{b.replace('_', '-')} {getattr(cfg, b)}" for b in changed)
+        flags = ", ".join(f"{flag(b)} {getattr(cfg, b)}" for b in changed)
         rise = f"warms the learning rate up from {lr * factor:.3g} to {lr:.3g} ({whose}) over {warmup} steps"
         t.notes.append(
             f"budget extended ({flags}): a new {cfg.schedule} phase {rise if factor < 0.999 else f'keeps the learning rate at {lr:.3g} ({whose})'}, "

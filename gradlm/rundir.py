@@ -21,10 +21,11 @@
                            and wandb/ hold those trackers' own files
       .lock                held (flock) by the one process writing the run
 
-Every other module reads and writes a run through this one: training and fine-tuning write it through
-RunDir's methods (config, tokenizer, checkpoints, metrics, summary, plots, chat template, adapter config),
-merge and import write a whole run at once with RunDir.create; generation, evaluation, export and the
-CLI read it here. Loading a model imports the model and the tokenizer, never the trainer.
+Training and fine-tuning write a run through RunDir's methods (config, tokenizer, checkpoints, metrics,
+summary, plots, chat template, adapter config), merge and import write a whole run at once with
+RunDir.create; generation, evaluation, export and the CLI read it here. The one reader that does not is
+`gradlm watch` (gradlm/watch.py), which may not import torch: it reads config.json, metrics.jsonl,
+samples.jsonl and summary.json itself. Loading a model imports the model and the tokenizer, never the trainer.
 
 A checkpoint is the pair (state, weights). Both are written to temporary files first; only then are
 they renamed into place, state before weights, keeping the previous state as previous.pt. A crash at
@@ -43,6 +44,7 @@ from pathlib import Path
 import torch
 
 from gradlm import checkpoint as ckpt
+from gradlm import layout
 from gradlm.datasets import sha256_file
 from gradlm.errors import RunDirError
 from gradlm.lora import fold_adapter
@@ -67,23 +69,15 @@ class RunDir:
     """Paths and reads/writes of one run directory. RunDir("runs/x").load_model() etc."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.config = self.path / "config.json"
-        self.tokenizer = self.path / "tokenizer.json"
-        self.weights = self.path / "model.safetensors"
-        self.best = self.path / "best.safetensors"
-        self.state = self.path / "state" / "trainer.pt"
-        self.previous_state = self.path / "state" / "previous.pt"
-        self.best_state = self.path / "state" / "best.pt"
-        self.metrics = self.path / "metrics.jsonl"
-        self.samples = self.path / "samples.jsonl"
-        self.summary = self.path / "summary.json"
-        self.plots = self.path / "plots"
-        self.training_plot = self.plots / "training.png"
-        self.lock_file = self.path / ".lock"
-        self.adapter_config = self.path / "adapter_config.json"
-        self.adapter = self.path / "adapter.safetensors"
-        self.best_adapter = self.path / "best_adapter.safetensors"
+        self.path = p = Path(path)  # the names: gradlm/layout.py
+        self.config, self.tokenizer = p / layout.CONFIG, p / layout.TOKENIZER
+        self.weights, self.best = p / layout.WEIGHTS, p / layout.BEST
+        self.state, self.previous_state, self.best_state = p / layout.STATE, p / layout.PREVIOUS_STATE, p / layout.BEST_STATE
+        self.metrics, self.samples, self.summary = p / layout.METRICS, p / layout.SAMPLES, p / layout.SUMMARY
+        self.training_plot = p / layout.TRAINING_PLOT
+        self.plots = self.training_plot.parent
+        self.lock_file = p / layout.LOCK
+        self.adapter_config, self.adapter, self.best_adapter = p / layout.ADAPTER_CONFIG, p / layout.ADAPTER, p / layout.BEST_ADAPTER
 
     def __str__(self) -> str:
         return str(self.path)
@@ -315,7 +309,11 @@ def weights_step(path: Path) -> int:
 
 def _write_failure(run: Path, e: OSError, what: str) -> str:
     reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-    return f"cannot write the {what} in {run}: {reason}; the previous checkpoint is intact: free space (or fix permissions) and continue with `gradlm train --out {run} --resume`"
+    try:  # a fine-tuned run (its config.json has a "finetune" section) resumes with the command that made it
+        command = "finetune" if "finetune" in json.loads((run / "config.json").read_text()) else "train"
+    except (OSError, ValueError):
+        command = "train"
+    return f"cannot write the {what} in {run}: {reason}; the previous checkpoint is intact: free space (or fix permissions) and continue with `gradlm {command} --out {run} --resume`"
 
 
 class RunLock:

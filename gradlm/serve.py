@@ -15,12 +15,11 @@ a request names a file; the server binds to 127.0.0.1 unless told otherwise.
 
 from __future__ import annotations
 
-import sys
 from importlib import resources
 from pathlib import Path
 
-from gradlm.engine import Engine
-from gradlm.sockets import is_loopback, listen
+from gradlm.engine import MAX_BATCH, MAX_QUEUE, Engine
+from gradlm import webserver
 from gradlm.errors import ConfigError
 from gradlm.generate import LM
 
@@ -104,9 +103,12 @@ def playground_html() -> str:
     return resources.files("gradlm").joinpath("static/playground.html").read_text(encoding="utf-8")
 
 
-def create_app(lm: LM, name: str, api_key: str = "", max_batch: int = 16, max_queue: int = 64, engine: Engine | None = None, max_body: int = MAX_BODY):
+def create_app(lm: LM, name: str, api_key: str = "", max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE, engine: Engine | None = None, max_body: int = MAX_BODY,
+               hosts: list[str] | None = None):
     """The ASGI app serving lm as model `name`. It starts its engine on startup (unless one is given
-    already running) and stops it on shutdown. api_key: required as a Bearer token when set."""
+    already running) and stops it on shutdown. api_key: required as a Bearer token when set. hosts: the Host
+    names a request may carry (others get 400; serve() gives this machine's names to a server on loopback
+    without a key, as `gradlm watch` does)."""
     if FastAPI is None:
         raise ConfigError("gradlm serve needs FastAPI and uvicorn: pip install 'gradlm[serve]'")
     import contextlib
@@ -124,6 +126,10 @@ def create_app(lm: LM, name: str, api_key: str = "", max_batch: int = 16, max_qu
             engine.stop()
 
     app = FastAPI(title="gradlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if hosts:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -185,7 +191,7 @@ def create_app(lm: LM, name: str, api_key: str = "", max_batch: int = 16, max_qu
 
 
 def serve(
-    run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str = "", best: bool = False, max_batch: int = 16, max_queue: int = 64, threads: int = 0,
+    run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str = "", best: bool = False, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE, threads: int = 0,
     runtime=None,
 ) -> None:
     """Serve a run directory until interrupted (the `gradlm serve` command).
@@ -195,25 +201,18 @@ def serve(
     if FastAPI is None:
         raise ConfigError("gradlm serve needs FastAPI and uvicorn: pip install 'gradlm[serve]'")
     import torch
-    import uvicorn
 
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"--port must be between 0 and 65535, got {port}")
+    webserver.check_port(port)
     if max_batch < 1 or max_queue < 0 or threads < 0:
         raise ConfigError(f"--max-batch must be at least 1, --max-queue and --threads at least 0; got {max_batch}, {max_queue} and {threads}")
     torch.set_num_threads(threads or max(1, torch.get_num_threads() - 1))
     lm = load_lm(run, best, runtime)
     name = Path(run).resolve().name
-    app = create_app(lm, name, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
-    sock = listen(host, port)
-    if not is_loopback(host) and not api_key:
-        print(f"warning: listening on {host} without an API key: anyone who can reach this machine can use the model; set --api-key or GRADLM_API_KEY", file=sys.stderr)
-    shown = f"[{host}]" if ":" in host else host
-    port = sock.getsockname()[1]
+    app = create_app(lm, name, api_key=api_key, max_batch=max_batch, max_queue=max_queue, hosts=webserver.trusted_hosts(host, api_key))
+    sock, base = webserver.open_socket(host, port, api_key, exposes="use the model")
     print(
-        f"serving {name} ({lm.model.num_params():,} parameters, context {lm.context_window} tokens; {lm.runtime.describe()}; torch threads: {torch.get_num_threads()}) at http://{shown}:{port}/ "
-        f"(playground); OpenAI base URL http://{shown}:{port}/v1{'; API key required' if api_key else ''}",
+        f"serving {name} ({lm.model.num_params():,} parameters, context {lm.context_window} tokens; {lm.runtime.describe()}; torch threads: {torch.get_num_threads()}) at {base}/ "
+        f"(playground); OpenAI base URL {base}/v1{'; API key required' if api_key else ''}",
         flush=True,
     )
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
-    uvicorn.Server(config).run(sockets=[sock])
+    webserver.run(app, sock)

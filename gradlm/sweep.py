@@ -64,10 +64,6 @@ class Param:
     log: bool = False
     step: float | None = None
 
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
     def suggest(self, trial):
         if self.choices is not None:
             return trial.suggest_categorical(self.name, self.choices)

@@ -34,12 +34,13 @@ import time
 from pathlib import Path
 
 from gradlm import checkpoint as ckpt
+from gradlm import layout
 from gradlm.errors import ConfigError, GradlmError
 
 # name -> the module it needs (the extra of the same name installs it: pip install 'gradlm[wandb]')
 LOGGERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 LOGGER_HELP = "also log the run to these experiment trackers, comma-separated: " + ", ".join(LOGGERS) + " (each an extra: pip install 'gradlm[wandb]')"
-STATE_FILE = "trackers.json"  # in the run directory: each tracker's id of this run, so a resume continues it
+STATE_FILE = layout.TRACKERS  # in the run directory: each tracker's id of this run, so a resume continues it
 
 
 def parse_loggers(text: str, flag: str = "--logger") -> list[str]:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from gradlm import autosize, runtime
 from gradlm import checkpoint as ckpt
 from gradlm.budget import Budget
-from gradlm.config import BUDGETS, DEFAULT_STEPS, TrainConfig, check_budgets, given_fields
+from gradlm.config import BUDGETS, DEFAULT_STEPS, FULL_BATCH_MICRO, TrainConfig, check_budgets, given_fields
 from gradlm.data import EpochSampler, RandomSampler, is_prepared, resolve_data, source_bytes, windows
 from gradlm.errors import ConfigError, Diverged, Interrupted, RunDirError
 from gradlm.model import GPT, ModelConfig
@@ -253,7 +253,7 @@ class Trainer:
         self.masked_targets = False  # True when the sampler's targets hold -1 (fine-tuning data): see gradients()
         self.sampler = self.make_sampler()
         if self.full_batch:  # batch gradient descent: all windows, accumulated, per update
-            self.micro = cfg.micro_batch or 32
+            self.micro = cfg.micro_batch or FULL_BATCH_MICRO
             self.batch = self.sampler.n_windows
         else:
             self.micro = cfg.micro_batch or int(cfg.batch)

@@ -41,19 +41,18 @@ It binds to 127.0.0.1 unless told otherwise. Importing it does not import torch.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import math
 import os
-import sys
 import threading
 import time
 from importlib import resources
 from pathlib import Path
 
-from gradlm import checkpoint as ckpt
+from gradlm import layout
 from gradlm.errors import ConfigError, GradlmError
-from gradlm.sockets import is_loopback, listen
+from gradlm import webserver
+from gradlm.webserver import sse
 
 try:
     from fastapi import FastAPI
@@ -68,8 +67,8 @@ HEARTBEAT_S = 15.0  # a comment line after this much silence keeps proxies from 
 ROWS_PER_MESSAGE = 2000  # a long run's history goes out in several messages, not one huge one
 RETRY_MS = 1500  # the browser's reconnect delay after the stream breaks
 
-RUN_FILES = ("config.json", "metrics.jsonl")  # either one makes a folder a run directory
-LR_FIND_FILES = ("lr_find.jsonl", "lr_find.json")
+RUN_FILES = layout.RUN_MARKERS  # either one makes a folder a run directory
+LR_FIND_FILES = (layout.LR_FIND_ROWS, layout.LR_FIND_RESULT)
 INSTALL = "gradlm watch needs FastAPI and uvicorn: pip install 'gradlm[serve]'"
 
 # the page's own files: name under /static/ -> (file under gradlm/static/, media type). Nothing else is served.
@@ -234,7 +233,7 @@ def kind_of(path: Path) -> str | None:
         return "run"
     if any((path / f).is_file() for f in LR_FIND_FILES):
         return "lr_find"
-    if (path / "compare.json").is_file() or subruns(path):
+    if (path / layout.COMPARE).is_file() or subruns(path):
         return "compare"
     return None
 
@@ -298,8 +297,8 @@ class Run:
     def set_kind(self, kind: str) -> None:
         self.kind, self.data = kind, {}
         if kind == "run":
-            self.lines = {"metrics": JsonLines(self.path / "metrics.jsonl"), "samples": JsonLines(self.path / "samples.jsonl")}
-            self.files = {"config": JsonFile(self.path / "config.json"), "summary": JsonFile(self.path / "summary.json")}
+            self.lines = {"metrics": JsonLines(self.path / layout.METRICS), "samples": JsonLines(self.path / layout.SAMPLES)}
+            self.files = {"config": JsonFile(self.path / layout.CONFIG), "summary": JsonFile(self.path / layout.SUMMARY)}
         elif kind == "lr_find":
             self.lines = {"lr_find": JsonLines(self.path / "lr_find.jsonl")}
             self.files = {"lr_find": JsonFile(self.path / "lr_find.json")}
@@ -410,7 +409,7 @@ class Watcher:
                     continue
             if kind == "compare":
                 if path not in self.groups:
-                    self.groups[path] = (f"g{len(self.groups)}", JsonFile(path / "compare.json"))
+                    self.groups[path] = (f"g{len(self.groups)}", JsonFile(path / layout.COMPARE))
                 gid = self.groups[path][0]
                 for sub in subruns(path, {r.path for r in self.runs}):
                     self._add(sub, "run", gid)
@@ -427,11 +426,6 @@ class Watcher:
         }
 
 
-def sse(event: str, data: dict) -> str:
-    """One server-sent event: strict JSON (no NaN) on one data line."""
-    return f"event: {event}\ndata: {ckpt.dumps(data, separators=(',', ':'))}\n\n"
-
-
 # ---- the HTTP app ------------------------------------------------------------------------------------------
 
 
@@ -440,9 +434,6 @@ def _static(name: str) -> bytes:
         return resources.files("gradlm").joinpath("static", *name.split("/")).read_bytes()
     except OSError:
         raise GradlmError(f"gradlm/static/{name} is missing from this installation of gradlm; reinstall it") from None
-
-
-LOCAL_NAMES = ["127.0.0.1", "localhost", "[::1]", "::1"]
 
 
 def create_app(paths: list[str], api_key: str = "", wait: bool = False, poll_s: float = POLL_S, hosts: list[str] | None = None):
@@ -487,12 +478,11 @@ def create_app(paths: list[str], api_key: str = "", wait: bool = False, poll_s: 
 
     @app.get("/events")
     async def events(request: HTTPRequest):
-        if api_key:
-            given = request.query_params.get("key") or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not given:
-                return error(401, "this watcher needs its API key: open the page as /?key=KEY (or send Authorization: Bearer KEY)")
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                return error(401, "the API key is wrong")
+        problem = webserver.key_problem(request.query_params.get("key") or webserver.bearer(request.headers.get("authorization")), api_key)
+        if problem == "missing":
+            return error(401, "this watcher needs its API key: open the page as /?key=KEY (or send Authorization: Bearer KEY)")
+        if problem == "wrong":
+            return error(401, "the API key is wrong")
         return StreamingResponse(stream(request), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def stream(request: HTTPRequest):
@@ -502,7 +492,7 @@ def create_app(paths: list[str], api_key: str = "", wait: bool = False, poll_s: 
         while not closing.is_set() and not await request.is_disconnected():
             messages = await asyncio.to_thread(watcher.poll)  # file reads off the event loop: other viewers stay live
             if messages:
-                yield "".join(sse(event, data) for event, data in messages)
+                yield "".join(sse(data, event) for event, data in messages)
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= HEARTBEAT_S:
                 yield ": still watching\n\n"
@@ -519,34 +509,11 @@ def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8008, api_key: 
     killed with SIGKILL leaves no watcher holding the port)."""
     if FastAPI is None:
         raise ConfigError(INSTALL)
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"--port must be between 0 and 65535, got {port}")
-    app = create_app(paths, api_key=api_key, wait=wait, hosts=LOCAL_NAMES if is_loopback(host) and not api_key else None)
-    import uvicorn
-
-    sock = listen(host, port)
-    if not is_loopback(host) and not api_key:
-        print(f"warning: listening on {host} without an API key: anyone who can reach this machine can read these runs; set --api-key or GRADLM_API_KEY", file=sys.stderr)
-    shown = f"[{host}]" if ":" in host else host
+    webserver.check_port(port)  # before the page is built
+    app = create_app(paths, api_key=api_key, wait=wait, hosts=webserver.trusted_hosts(host, api_key))
+    sock, base = webserver.open_socket(host, port, api_key, exposes="read these runs")
     names = ", ".join(run_names([path for path, _ in check_sources(paths, wait)]))
     key_note = " (API key required: add ?key=KEY to the address)" if api_key else ""
-    print(f"watching {names}{key_note} at http://{shown}:{sock.getsockname()[1]}/", flush=True)
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:  # Ctrl-C: end the open streams, so the viewers' connections close cleanly
-            closing.set()
-            super().handle_exit(sig, frame)
-
-    closing = app.state.closing
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
-    server = Server(config)
-    if exit_with_parent:
-        parent = os.getppid()
-
-        def orphaned() -> None:  # the parent's end makes this process a child of another (init, a subreaper)
-            while os.getppid() == parent:
-                time.sleep(0.5)
-            closing.set()
-            server.should_exit = True
-
-        threading.Thread(target=orphaned, daemon=True).start()
-    server.run(sockets=[sock])
+    print(f"watching {names}{key_note} at {base}/", flush=True)
+    # Ctrl-C or the parent's end: end the open streams first, so the viewers' connections close cleanly
+    webserver.run(app, sock, on_exit=app.state.closing.set, exit_with_parent=exit_with_parent)

@@ -23,7 +23,7 @@ from gradlm.interop import EXPORT_FILES, export_hf, import_hf  # noqa: E402
 from gradlm.model import ModelConfig  # noqa: E402
 from gradlm.tokenizer import Tokenizer  # noqa: E402
 from gradlm.rundir import load_model  # noqa: E402
-from gradlm.config import TrainConfig
+from gradlm.config import TrainConfig  # noqa: E402
 from gradlm.trainer import train  # noqa: E402
 
 pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice

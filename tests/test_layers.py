@@ -16,14 +16,14 @@ PACKAGE = Path(gradlm.__file__).parent
 # Lowest first. A module may import modules of its own layer and of the layers before it, except that the
 # two sides of the product, training and inference, never import each other.
 LAYERS: dict[str, set[str]] = {
-    "foundation": {"errors", "checkpoint", "typos", "runtime"},
+    "foundation": {"errors", "layout", "checkpoint", "typos", "runtime"},
     "text": {"tokenizer", "datasets", "corpus", "chat", "prepare", "data", "sft", "robust"},
     "model": {"model", "lora", "infer", "sampling", "constrain"},
     "runs": {"rundir", "plots", "scoring", "trackers"},
     "training": {"optim", "config", "budget", "monitor", "autosize", "resume", "trainer", "finetune", "lab", "sweep"},
     "inference": {"engine", "generate", "session", "evaluate"},
     "interop": {"interop", "llamacpp"},
-    "serving": {"sockets", "openai_api", "serve", "watch"},
+    "serving": {"webserver", "openai_api", "serve", "watch"},
     "cli": {"cli", "__main__"},
 }
 SIBLINGS = {frozenset({"training", "inference"})}

@@ -196,7 +196,7 @@ def test_resume_is_bit_identical_with_dropout_and_typos(prepared, tmp_path, tok)
     assert second["steps"] == straight["steps"] == 12
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    plain = train(tiny_config(tok.vocab_size), run_cfg(prepared, tmp_path, "plain", max_steps=12, eval_every=4))
+    train(tiny_config(tok.vocab_size), run_cfg(prepared, tmp_path, "plain", max_steps=12, eval_every=4))
     c = load_file(tmp_path / "plain" / "model.safetensors")
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the augmentation did change the training
 

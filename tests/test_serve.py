@@ -28,7 +28,8 @@ from gradlm.chat import encode_chat
 from gradlm.cli import main
 from gradlm.engine import Engine
 from gradlm.generate import LM
-from gradlm.serve import create_app, listen
+from gradlm.serve import create_app
+from gradlm.webserver import listen
 
 from conftest import CYCLE, cycle_model, write_run
 

@@ -22,7 +22,8 @@ import httpx
 import pytest
 
 from gradlm.errors import ConfigError
-from gradlm.watch import JsonLines, Story, Watcher, check_sources, create_app, run_names, run_status, sse
+from gradlm.watch import JsonLines, Story, Watcher, check_sources, create_app, run_names, run_status
+from gradlm.webserver import sse
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium); .ci/run installs it")
@@ -175,7 +176,7 @@ def test_watcher_sends_everything_first_then_what_changes(tmp_path, config):
     (run / "summary.json").write_text(json.dumps({"stop": "budget", "steps": 2}))
     got = dict(w.poll())
     assert got["file"]["file"] == "summary" and got["status"]["state"] == "finished"
-    text = sse("rows", {"run": "r0", "rows": [{"loss": float("nan")}]})
+    text = sse({"run": "r0", "rows": [{"loss": float("nan")}]}, event="rows")
     assert text.startswith("event: rows\ndata: ") and text.endswith("\n\n")
     assert json.loads(text.split("data: ", 1)[1], parse_constant=lambda c: pytest.fail(c)) == {"run": "r0", "rows": [{"loss": None}]}
 
@@ -230,9 +231,9 @@ def test_the_watcher_process_leaves_torch_alone(tmp_path, config):
     """The watcher starts light: the command's parser, the app and its socket read JSON and never need the model
     code (what `gradlm watch` and `train --watch` run, up to serving)."""
     run = make_run(tmp_path / "light", config, range(1, 3))
-    code = ("import sys; from gradlm.cli import build_parser; from gradlm import watch; "
-            f"build_parser('watch').parse_args(['watch', {str(run)!r}]); watch.create_app([{str(run)!r}], hosts=watch.LOCAL_NAMES); "
-            "watch.listen('127.0.0.1', 0); sys.exit('torch' in sys.modules)")
+    code = ("import sys; from gradlm.cli import build_parser; from gradlm import watch, webserver; "
+            f"build_parser('watch').parse_args(['watch', {str(run)!r}]); watch.create_app([{str(run)!r}], hosts=webserver.LOCAL_NAMES); "
+            "webserver.listen('127.0.0.1', 0); sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
@@ -352,7 +353,7 @@ def live(paths: list[str], **kw):
     """The watcher's app on a free local port in a thread; yields (base URL, the uvicorn server)."""
     import uvicorn
 
-    from gradlm.sockets import listen
+    from gradlm.webserver import listen
 
     sock = listen("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(create_app(paths, **kw), log_level="warning", timeout_graceful_shutdown=1))
