@@ -112,7 +112,7 @@ class DivergenceGuard:
                 f"after {t.guard_used} restarts with a halved learning rate; the last good state (step {t.step}) is saved in {t.out}. "
                 f"Try --lr {base_lrs(t.opt)['lr'] / 2:.2g} or lower (see `gradlm lr-find`)"
             )
-        t.guard_used += 1
+        t.state.restarted()
         scale_base_lr(t.opt, 0.5)
         self.good = t.snapshot()
         self.ema = None
@@ -126,13 +126,8 @@ def evaluate_and_checkpoint(t, show: TrainLog) -> bool:
     """Evaluate, checkpoint (and keep the best), warn on overfitting; True when training converged."""
     cfg = t.cfg
     ev = t.evaluate()
-    improved = ev["val_loss"] < t.best_val - cfg.min_delta
-    if improved:
-        t.best_val, t.bad_evals = ev["val_loss"], 0
-    else:
-        t.bad_evals += 1
+    improved = t.state.evaluated(ev["val_loss"], ev["train_eval_loss"], cfg.min_delta)
     gap = ev["val_loss"] - ev["train_eval_loss"]
-    t.eval_history.append((ev["val_loss"], ev["train_eval_loss"], t.step))
     show.evaluation(ev, gap, improved)
     warning = fit_warning(t.eval_history)
     if warning:

@@ -16,7 +16,9 @@ what checkpoint_state() collects here and restore_checkpoint() puts back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+
+from dataclasses import dataclass, field, fields
 
 
 from gradlm.checkpoint import check_output
@@ -81,13 +83,46 @@ def resume_start(run: RunDir, model_cfg: ModelConfig, cfg: TrainConfig, typed: s
 
 # ---- the training state of a checkpoint ------------------------------------------------------------------
 
-# The trainer's counters; the budget's clock and phase are saved beside them (Budget.STATE).
-COUNTERS = ("step", "tokens_seen", "best_val", "bad_evals", "guard_used", "eval_history")
+@dataclass
+class TrainState:
+    """A run's counters, in one place: the Trainer owns it (t.state, read as t.step, t.best_val, ...), a checkpoint
+    saves and restores it whole, and an evaluation or a guard restore updates it through its methods, so no other
+    module writes the trainer's attributes. (The budget's clock and phase are saved beside it: Budget.STATE.)"""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_val: float = math.inf
+    bad_evals: int = 0  # evaluations in a row without an improvement of --min-delta (early stopping)
+    guard_used: int = 0  # divergence-guard restores so far
+    eval_history: list = field(default_factory=list)  # (validation loss, training loss, step) of each evaluation
+
+    def evaluated(self, val_loss: float, train_loss: float, min_delta: float) -> bool:
+        """Record an evaluation at the current step; True if it improved on the best by more than min_delta."""
+        improved = val_loss < self.best_val - min_delta
+        self.best_val, self.bad_evals = (val_loss, 0) if improved else (self.best_val, self.bad_evals + 1)
+        self.eval_history.append((val_loss, train_loss, self.step))
+        return improved
+
+    def restarted(self) -> int:
+        """The divergence guard restored an earlier state: the number of restores so far."""
+        self.guard_used += 1
+        return self.guard_used
+
+    def state_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The counters a checkpoint holds (one from before a counter existed keeps its default)."""
+        for f in fields(self):
+            if f.name in state:
+                setattr(self, f.name, state[f.name])
+
+
 
 
 def checkpoint_state(t) -> dict:
     """What a checkpoint keeps of a Trainer besides its weights: counters, clock, optimizer, sampler, RNG."""
-    state = {k: getattr(t, k) for k in COUNTERS}
+    state = t.state.state_dict()
     state.update(t.budget.state_dict())
     state.update(optimizer=t.opt.state_dict(), sampler=t.sampler.state_dict(), torch_rng=t.rt.rng_state())  # CPU and CUDA generators
     return state
@@ -101,9 +136,7 @@ def restore_checkpoint(t, state: dict) -> None:
     t.opt.load_state_dict(state["optimizer"])
     t.sampler.load_state_dict(state["sampler"])
     t.rt.set_rng_state(state["torch_rng"])
-    for k in COUNTERS:
-        if k in state:
-            setattr(t, k, state[k])
+    t.state.load_state_dict(state)
     t.budget.load_state_dict(state)
     given_opt = {k: getattr(cfg, k) for k in OPTIMIZER_SETTINGS if k in t.typed}
     if "lr" in given_opt and not given_opt["lr"]:

@@ -78,6 +78,7 @@ class RunDir:
         self.plots = self.training_plot.parent
         self.lock_file = p / layout.LOCK
         self.adapter_config, self.adapter, self.best_adapter = p / layout.ADAPTER_CONFIG, p / layout.ADAPTER, p / layout.BEST_ADAPTER
+        self._lock: RunLock | None = None  # held by the one process writing the run: acquire(), release()
 
     def __str__(self) -> str:
         return str(self.path)
@@ -286,8 +287,20 @@ class RunDir:
 
         return plot_runs(runs or {self.path.name or str(self.path): read_metrics(self.path)}, self.training_plot, title="" if runs else str(self.path))
 
-    def lock(self) -> RunLock:
-        return RunLock(self.lock_file)
+    def acquire(self) -> None:
+        """Hold the run's lock (one writer per run: RunLock) until release(); holding it already is fine."""
+        if self._lock is None:
+            self._lock = RunLock(self.lock_file).acquire()
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this RunDir holds its run's lock."""
+        return self._lock is not None
 
 
 def config_dict(model: ModelConfig, train: dict, data: dict, **extra) -> dict:

@@ -42,7 +42,7 @@ from gradlm.errors import ConfigError, Diverged, Interrupted, RunDirError
 from gradlm.model import GPT, ModelConfig
 from gradlm.monitor import DivergenceGuard, StopSignals, TrainLog, evaluate_and_checkpoint
 from gradlm.optim import DEFAULT_LR, base_lrs, build_optimizer, set_lr
-from gradlm.resume import checkpoint_state, fresh_start, restore_checkpoint, resume_start
+from gradlm.resume import TrainState, checkpoint_state, fresh_start, restore_checkpoint, resume_start
 from gradlm.rundir import Metrics, RunDir, config_dict, read_jsonl
 from gradlm.scoring import score, spaced_windows
 from gradlm.trackers import Trackers, parse_loggers
@@ -80,6 +80,11 @@ def _log(dd: Dist, msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
 
 
+def _counter(name: str) -> property:
+    """Trainer.step etc.: the run's counters live in Trainer.state (a TrainState); these read and set them there."""
+    return property(lambda t: getattr(t.state, name), lambda t, v: setattr(t.state, name, v), doc=f"Trainer.state.{name}")
+
+
 class Trainer:
     """Everything one run holds: settings, data, model, optimizer, sampler, batch geometry and counters.
 
@@ -101,13 +106,19 @@ class Trainer:
         start_run_dir()        write the run's files before the first step
     """
 
+    step = _counter("step")  # the counters, each kept in self.state
+    tokens_seen = _counter("tokens_seen")
+    best_val = _counter("best_val")
+    bad_evals = _counter("bad_evals")
+    guard_used = _counter("guard_used")
+    eval_history = _counter("eval_history")
+
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, log=None, given: Iterable[str] | None = None):
         _validate_all(model_cfg, cfg)
         model_cfg, cfg = copy.deepcopy(model_cfg), copy.deepcopy(cfg)  # the caller's settings stay as they were
         self.run = RunDir(cfg.out)
-        self.lock = None
         if cfg.resume and self.run.exists() and int(os.environ.get("RANK", "0")) == 0:
-            self.lock = self.run.lock().acquire()  # before reading the run: no other process changes it under us
+            self.run.acquire()  # before reading the run: no other process changes it under us
         try:
             self._setup(model_cfg, cfg, log, given)
         except BaseException:
@@ -134,6 +145,7 @@ class Trainer:
         self.fixed = {k: getattr(model_cfg, k) for k in typed_model & {*autosize.MODEL_KEYS, "dropout"}}
         self.fixed.update({k: getattr(cfg, k) for k in typed & set(autosize.TRAIN_KEYS)})
         self.cfg, self.out, self.typed = cfg, self.run.path, typed
+        self.state = TrainState()  # the counters (resume.py): read here as self.step, self.best_val, ...
         self.budget = Budget(cfg, lambda: (self.step, self.tokens_seen, self.epochs_done()))
         # Device, compute dtype and compilation, decided once from the flags and the machine (gradlm/runtime.py):
         # bf16 autocast where the device multiplies bf16 natively, decided from its features so every resume
@@ -157,10 +169,7 @@ class Trainer:
         cfg.lr = cfg.lr or DEFAULT_LR[cfg.optimizer]  # config.json records the learning rate really used
         self.check_data()
         self._build()
-        self.step, self.tokens_seen = 0, 0
         self.saved_step = -1
-        self.best_val, self.bad_evals, self.guard_used = float("inf"), 0, 0
-        self.eval_history: list[tuple[float, float, int]] = []  # (validation loss, training loss, step) of each evaluation
         self.resumed = cfg.resume
         self.report: dict = {}  # more fields of the summary (fine-tuning: trainable parameters, optimizer memory)
         self.command = "train"  # the gradlm command that resumes this run
@@ -411,15 +420,14 @@ class Trainer:
         if not self.dd.main:
             return
         made = not self.out.exists()
-        if self.lock is None:
-            self.lock = self.run.lock().acquire()
+        self.run.acquire()
         until = -1
         if self.resumed:
             until = self.metrics.truncate_after(self.step)
             self.samples.truncate_after(self.step)
         else:
             if self.run.exists():  # another process made it between our check and the lock
-                self.lock.release()
+                self.run.release()
                 raise RunDirError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
             self.run.metrics.unlink(missing_ok=True)
             self.run.samples.unlink(missing_ok=True)
@@ -453,9 +461,8 @@ class Trainer:
     def close_run_dir(self) -> None:
         if getattr(self, "trackers", None) is not None:  # a run that failed before its loop finished
             self.close_trackers(ok=False)
-        if getattr(self, "lock", None) is not None:
-            self.lock.release()
-            self.lock = None
+        if getattr(self, "run", None) is not None:
+            self.run.release()
 
     def save(self) -> None:
         """Checkpoint (rank 0): the training state and the weights, as one pair (see gradlm.rundir)."""

@@ -39,3 +39,31 @@ def test_a_chat_finetune_extended_by_epochs_on_resume_trains_the_new_epoch(base,
     assert second["epochs"] == 2 and second["steps"] == 2 * first["steps"]
     lrs = [r["lr"] for r in read_metrics(tmp_path / "ft") if "lr" in r and r["step"] > first["steps"]]
     assert lrs and max(lrs) > lrs[-1]  # the new phase warmed up, then decayed
+
+
+def test_the_counters_live_in_one_train_state_that_round_trips():
+    import math
+
+    from gradlm.resume import TrainState
+
+    s = TrainState(step=7)
+    assert s.evaluated(3.0, 2.9, min_delta=0.0) and (s.best_val, s.bad_evals) == (3.0, 0)
+    s.step = 9
+    assert not s.evaluated(2.995, 2.8, min_delta=0.01) and (s.best_val, s.bad_evals) == (3.0, 1)
+    assert s.eval_history == [(3.0, 2.9, 7), (2.995, 2.8, 9)] and s.restarted() == 1
+    again = TrainState()
+    again.load_state_dict({**s.state_dict(), "unknown": 1})
+    assert again == s and TrainState().best_val == math.inf
+
+
+def test_no_module_but_the_trainer_writes_the_trainers_attributes():
+    """The trainer's state has one owner: other modules read t.step etc. and update t.state through its methods."""
+    import re
+    from pathlib import Path
+
+    import gradlm
+
+    pattern = re.compile(r"\bt\.[a-z_]+\s*(\+|-)?=[^=]|setattr\(t\b")
+    writers = [f"{p.name}:{i}" for p in Path(gradlm.__file__).parent.glob("*.py") if p.name != "trainer.py"
+               for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not writers, writers
