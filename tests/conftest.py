@@ -253,3 +253,29 @@ def wait_for_step(run, step: int, proc, timeout: float = 120) -> None:
             raise AssertionError(f"training ended before step {step}: {proc.communicate()[1][-2000:]}")
         time.sleep(0.05)
     raise AssertionError(f"no step {step} within {timeout}s")
+
+
+def start_gradlm(*args, **kw):
+    """`python -m gradlm ARGS` in a process of its own, its output captured as text."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "gradlm", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def kill_and_resume(run, proc, at_steps, resume: list, rng, pause: float):
+    """SIGKILL the training process proc at a seeded random moment (up to pause s) after each step of at_steps,
+    unless it has ended, each time starting `gradlm *resume` in its place; returns (the last process, kills)."""
+    import time
+
+    kills = 0
+    for target in at_steps:
+        wait_for_step(run, target, proc)
+        time.sleep(rng.uniform(0.0, pause))
+        if proc.poll() is not None:
+            break
+        proc.kill()
+        proc.communicate()
+        kills += 1
+        proc = start_gradlm(*resume)
+    return proc, kills

@@ -19,13 +19,12 @@ from gradlm.checkpoint import atomic_write_dir, atomic_write_text, remove_stale
 from gradlm.config import TrainConfig
 from gradlm.trainer import train
 
-from conftest import tiny_config, wait_for_step
+from conftest import kill_and_resume, start_gradlm, tiny_config
 
 TINY = ["--no-progress", "--no-plots"]
 
 
-def gradlm(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "gradlm", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+gradlm = start_gradlm
 
 
 def finished(p: subprocess.Popen) -> None:
@@ -169,17 +168,9 @@ def test_a_finetune_killed_at_random_moments_and_resumed_is_byte_identical(base,
     qa = qa_file(tmp_path / "qa.jsonl")
     args = ["--data", qa, "--max-steps", 40, "--eval-every", 4, "--log-every", 1, "--batch", 4, "--val-fraction", "0.25", "--seed", 0, *TINY]
     finished(gradlm("finetune", base, "--out", tmp_path / "straight", *args))
-    run, rng, kills = tmp_path / "killed", random.Random(11), 0
-    p = gradlm("finetune", base, "--out", run, *args)
-    for target in (1, 12, 24, 33):
-        wait_for_step(run, target, p)
-        time.sleep(rng.uniform(0.0, 0.3))
-        if p.poll() is not None:
-            break
-        p.kill()
-        p.communicate()
-        kills += 1
-        p = gradlm("finetune", "--out", run, "--resume", "--no-progress")
+    run = tmp_path / "killed"
+    p, kills = kill_and_resume(run, gradlm("finetune", base, "--out", run, *args), (1, 12, 24, 33), ["finetune", "--out", run, "--resume", "--no-progress"],
+                               random.Random(11), pause=0.3)
     finished(p)
     assert kills >= 2
     assert (run / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()

@@ -19,7 +19,7 @@ from gradlm.optim import base_lrs, set_lr
 from gradlm.rundir import RunDir, load_model, read_metrics
 from gradlm.trainer import Trainer, train
 
-from conftest import tiny_config, wait_for_step
+from conftest import kill_and_resume, start_gradlm, tiny_config, wait_for_step
 
 TINY = ["--block-size", "32", "--n-layer", "2", "--n-head", "4", "--d-model", "32", "--batch", "8", "--eval-tokens", "1024", "--no-progress", "--no-plots"]
 
@@ -260,7 +260,7 @@ def test_resume_reads_the_same_prepared_cache(text_file, tmp_path, tok):
 
 
 def _start(args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "gradlm", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return start_gradlm(*args, **kw)
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -340,17 +340,9 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(prepared, tmp_pat
     args = ["--data", prepared, "--max-steps", 60, "--eval-every", 3, "--log-every", 1, "--seed", 0, "--dropout", 0.1, *TINY]
     straight = cli("train", "--out", tmp_path / "straight", *args)
     assert straight.returncode == 0, straight.stderr
-    run, rng, kills = tmp_path / "killed", random.Random(1), 0
-    p = _start(["train", "--out", run, *args])
-    for target in (1, 15, 30, 45):
-        wait_for_step(run, target, p)
-        time.sleep(rng.uniform(0.0, 0.4))
-        if p.poll() is not None:
-            break
-        p.kill()
-        p.wait()
-        kills += 1
-        p = _start(["train", "--out", run, "--resume", "--no-progress"])
+    run = tmp_path / "killed"
+    p, kills = kill_and_resume(run, _start(["train", "--out", run, *args]), (1, 15, 30, 45), ["train", "--out", run, "--resume", "--no-progress"],
+                               random.Random(1), pause=0.4)
     p.communicate(timeout=300)
     assert p.returncode == 0
     assert kills >= 2

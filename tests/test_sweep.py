@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from conftest import wait_for_step
+from conftest import start_gradlm, wait_for_step
 from gradlm.config import TrainConfig, read_config_file
 from gradlm.errors import ConfigError
 from gradlm.model import ModelConfig
@@ -34,10 +34,9 @@ def study_of(out: Path):
 
 
 def run_sweep(*args, out: Path, wait=True, **popen):
-    cmd = [sys.executable, "-m", "gradlm", "sweep", "--out", str(out), *args]
     if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
-    return subprocess.run(cmd, capture_output=True, text=True)
+        return start_gradlm("sweep", "--out", out, *args, **popen)
+    return subprocess.run([sys.executable, "-m", "gradlm", "sweep", "--out", str(out), *args], capture_output=True, text=True)
 
 
 # ---- the search space
