@@ -57,7 +57,7 @@ def step_times(a, runs: dict[str, dict], out: Path, rounds: int = 16) -> dict[st
     trainers = {}
     for name, extra in runs.items():
         cfg = replace(base_config(a, out / "timing" / name.replace(" ", "-")), max_steps=10**6, **extra)
-        trainers[name] = Trainer(ModelConfig(**DEMO), cfg, log=lambda m: None)
+        trainers[name] = Trainer(ModelConfig(**DEMO), cfg, log=lambda m: None).build()
         trainers[name].model.train()
     times: dict[str, list[float]] = {n: [] for n in runs}
     for r in range(rounds + 1):

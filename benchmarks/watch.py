@@ -95,7 +95,7 @@ def sample_cost(tmp: str) -> tuple[float, float]:
 
     args = build_parser().parse_args(["train", "--data", "shakespeare", "--out", str(Path(tmp) / "timing"), "--seed", "0", "--no-progress", *SHAPE])
     (model_cfg, cfg), _ = typed_configs(args, ModelConfig, TrainConfig)
-    t = Trainer(model_cfg, cfg, log=lambda m: None)
+    t = Trainer(model_cfg, cfg, log=lambda m: None).build()
     t.out.mkdir(parents=True, exist_ok=True)
     evals, samples = [], []
     for _ in range(5):

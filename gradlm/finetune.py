@@ -2,20 +2,20 @@
 
     gradlm finetune runs/base --data qa.jsonl --out runs/qa --method lora --max-epochs 3
 
-The data decides what is learned:
+The data decides what is learned (ChatData here, or the trainer's TextData):
   chat .jsonl ("messages", or "prompt"/"completion" per line)   supervised fine-tuning (SFT): the loss
       covers only the assistant's tokens and each <|end|> (gradlm/sft.py), a seeded share of the
       conversations is held out and scored the same way for validation;
   raw text                                                      continued pretraining, as `train --init`.
-The method decides what trains (gradlm/lora.py):
+The method decides what trains (Full, Freeze, Lora here; gradlm/lora.py):
   full     every weight;
   freeze   the top --train-top blocks, the final norm and the head;
   lora     low-rank adapters on --lora-targets; the run keeps only the adapter (adapter.safetensors)
            and refers to its base run, and every command that loads a run folds it in.
 
-It is the gradient-descent loop of gradlm/trainer.py: FineTuner is a Trainer whose public hooks load
-conversations, freeze or add adapters, checkpoint the adapter and give validation the held-out
-conversations (scored by the one scorer, gradlm/scoring.py, on the replies only), so optimizers,
+It is the gradient-descent loop of gradlm/trainer.py: FineTuner is a Trainer that hands its data questions
+to a ChatData or TextData and what trains to a method object (no hook branches on either); validation
+scores the held-out conversations with the one scorer (gradlm/scoring.py, on the replies only), so optimizers,
 schedules, the divergence guard, early stopping, exact resume and plots all apply.
 """
 
@@ -79,21 +79,159 @@ class FinetuneConfig:
         if problems:
             raise ConfigError("invalid fine-tuning configuration: " + "; ".join(problems))
 
-    def describe(self) -> str:
-        if self.method == "freeze":
-            return f"freeze (training the top {self.train_top} blocks, the final norm and the head)"
-        if self.method == "lora":
-            return f"lora (rank {self.lora_rank}, alpha {self.lora_alpha:g}, dropout {self.lora_dropout:g}, on {','.join(parse_targets(self.lora_targets))})"
-        return "full (every weight)"
-
 
 def _mb(nbytes: int) -> str:
     return f"{nbytes / 1e6:.2f} MB"
 
 
+# ---- what trains: one small object per --method ----------------------------------------------------------
+
+
+class Full:
+    """--method full: every weight trains; a checkpoint keeps them all."""
+
+    loads_base_on_resume = False  # a resumed run's checkpoint holds every weight
+
+    def __init__(self, ft: FinetuneConfig):
+        self.ft = ft
+
+    def adapt(self, model: torch.nn.Module) -> None:
+        """Change the model before the optimizer sees it (it takes only parameters that require gradients)."""
+
+    def weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return model.state_dict()
+
+    def restore(self, run: RunDir, model: torch.nn.Module, best: bool) -> None:
+        run.load_weights_into(model, best=best)
+
+    def start(self, run: RunDir, base: RunDir) -> None:
+        """Write what the method adds to a new run directory."""
+
+    def describe(self) -> str:
+        return "full (every weight)"
+
+
+class Freeze(Full):
+    """--method freeze: the top --train-top blocks, the final norm and the head train; the blocks below are frozen."""
+
+    def adapt(self, model: torch.nn.Module) -> None:
+        freeze_below(model, self.ft.train_top)
+
+    def describe(self) -> str:
+        return f"freeze (training the top {self.ft.train_top} blocks, the final norm and the head)"
+
+
+class Lora(Full):
+    """--method lora: low-rank adapters train; a checkpoint keeps only them (adapter.safetensors) and the run
+    refers to its base, whose weights every command that loads the run reads first."""
+
+    loads_base_on_resume = True
+
+    def adapt(self, model: torch.nn.Module) -> None:
+        ft = self.ft
+        add_adapters(model, ft.lora_rank, ft.lora_alpha, ft.lora_dropout, parse_targets(ft.lora_targets))
+
+    def weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return adapter_weights(model)
+
+    def restore(self, run: RunDir, model: torch.nn.Module, best: bool) -> None:
+        path = run.checkpoint_path(best)
+        try:
+            load_adapter_weights(model, ckpt.load_weights(path))
+        except ValueError as e:
+            raise RunDirError(f"{path} does not fit this run's adapters: {e}") from None
+
+    def start(self, run: RunDir, base: RunDir) -> None:
+        if not run.has_adapter():
+            ft = self.ft
+            run.write_adapter_config(ft.lora_rank, ft.lora_alpha, ft.lora_dropout, parse_targets(ft.lora_targets), base)
+
+    def describe(self) -> str:
+        ft = self.ft
+        return f"lora (rank {ft.lora_rank}, alpha {ft.lora_alpha:g}, dropout {ft.lora_dropout:g}, on {','.join(parse_targets(ft.lora_targets))})"
+
+
+STRATEGIES = {"full": Full, "freeze": Freeze, "lora": Lora}
+
+
+# ---- what it trains on: conversations (raw text is the trainer's own TextData) ---------------------------
+
+
+class ChatData:
+    """Conversations, padded to the longest of a batch and never cut: the loss covers the assistant's tokens
+    and each <|end|> (gradlm/sft.py); a seeded share is held out and scored the same way for validation.
+    The same questions as TextData answers for text (see gradlm/trainer.py)."""
+
+    def __init__(self, cfg: TrainConfig, tok, block: int, log):
+        if cfg.sampler == "random":
+            raise ConfigError("--sampler random draws windows of text; conversations are visited once per epoch in a seeded order: drop --sampler")
+        if cfg.patience and cfg.val_fraction == 0:
+            raise ConfigError("--patience stops on the validation loss, but --val-fraction 0 holds no conversations out; set --val-fraction")
+        self.cfg, self.tok, self.pad = cfg, tok, pad_id(tok)
+        self.sft = load_sft(cfg.data, tok, block)
+        if self.sft.warning():
+            log(self.sft.warning())
+        self.train_examples, self.val_examples = split_examples(self.sft.examples, cfg.val_fraction, cfg.seed)
+        k = min(len(self.train_examples), max(len(self.val_examples), 32))  # as many training conversations, spread evenly
+        self.train_probe = [self.train_examples[i * len(self.train_examples) // k] for i in range(k)]
+
+    def check(self, block: int) -> None:
+        """Conversations are padded to the longest one, never cut into windows: any window fits."""
+
+    def sampler_kind(self, full_batch: bool) -> str:
+        return "epoch"
+
+    def sampler(self, kind: str, block: int):
+        cfg = self.cfg
+        sampler = SFTSampler(self.train_examples, self.pad, cfg.seed)
+        if cfg.bpe_dropout or cfg.typo_rate:  # misspell / re-split the questions, not the replies (gradlm/robust.py)
+            from gradlm.robust import RobustSampler
+
+            sampler = RobustSampler(sampler, self.tok, cfg.bpe_dropout, cfg.typo_rate, cfg.seed, block, context_only=True)
+        return sampler, True
+
+    def eval_windows(self, split: str, block: int, micro: int, dd) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Conversations in batches, this rank's share: the held-out ones ("val"), or as many training
+        ones spread evenly ("train"). Their targets are the assistant's tokens and each <|end|>; every
+        other position is -1, so the scorer leaves it out."""
+        examples = self.val_examples if split == "val" else self.train_probe
+        return batches(examples[dd.rank :: dd.world], micro, self.pad)
+
+    def steps_per_epoch(self, batch: int, block: int) -> float:
+        return len(self.train_examples) / batch
+
+    def epochs(self, tokens_seen: int) -> float:
+        """Passes over the training conversations, in tokens (the sampler counts them itself: see sampler_kind)."""
+        return tokens_seen / sum(len(e.ids) for e in self.train_examples)
+
+    def sample_prompt_ids(self, block: int) -> list[int]:
+        """The first held-out conversation up to where the assistant's reply starts, so the samples show the
+        model answering a question it never trained on (--sample-prompt: that text as a user turn)."""
+        if self.cfg.sample_prompt:
+            return encode_chat(self.tok, [{"role": "user", "content": self.cfg.sample_prompt}])
+        e = (self.val_examples or self.train_examples)[0]
+        return e.ids[: e.mask.index(True)] if True in e.mask else e.ids
+
+    def summary(self) -> dict:
+        return {"path": str(self.cfg.data), "format": "chat", "tokenizer": "given", "tokenizer_sha256": self.tok.sha256,
+                "train_conversations": len(self.train_examples), "val_conversations": len(self.val_examples), "truncated": self.sft.truncated}
+
+    def describe(self, t: Trainer) -> str:
+        lrs, cfg = base_lrs(t.opt), t.cfg
+        return (
+            f"model: {t.model.num_params():,} parameters, from {cfg.init} | data: {len(self.train_examples)} conversations "
+            f"({len(self.val_examples)} held out), loss on the assistant's tokens | batch {'full' if t.full_batch else t.batch} conversations "
+            f"({t.accum} x {t.micro}) | {cfg.optimizer}, lr {lrs['lr']:g}, {cfg.schedule} | device {t.device}"
+        )
+
+
+# ---- the fine-tuner ---------------------------------------------------------------------------------------
+
+
 class FineTuner(Trainer):
-    """A Trainer that starts from a base run and trains conversations (masked loss) or text, with all,
-    some or low-rank parameters. Construct it like Trainer; its hooks are the differences."""
+    """A Trainer that starts from a base run and trains conversations (ChatData, a masked loss) or text
+    (the trainer's TextData), with all, some or low-rank parameters (Full, Freeze, Lora). Construct it like
+    Trainer, then build() it (run() builds it too)."""
 
     def __init__(self, base: str, ft: FinetuneConfig, cfg: TrainConfig, dropout: float = 0.0, log=None, given: Iterable[str] | None = None):
         typed = given_fields(ft, given)
@@ -109,15 +247,21 @@ class FineTuner(Trainer):
             n = RunDir(cfg.init).model_config().n_layer
             if ft.train_top > n:
                 raise ConfigError(f"--train-top {ft.train_top}: the model has {n} blocks; train between 0 (the head only) and {n} of them")
-        self.ft = ft
         super().__init__(ModelConfig(dropout=dropout), cfg, log=log, given=given)
+        self.ft, self.method = ft, STRATEGIES[ft.method](ft)
         self.command = "finetune"
-        self.config_extra = {"finetune": {"base_run": str(self.cfg.init), **asdict(ft)}}
+
+    def build(self) -> FineTuner:
+        if self.built:
+            return self
+        super().build()
+        self.config_extra["finetune"] = {"base_run": str(self.cfg.init), **asdict(self.ft)}
         m, opt_name = self.model, self.cfg.optimizer
         self.report = {
-            "finetune_method": ft.method, "trainable_params": count_params(m, trainable=True), "full_finetune_params": self.full_params,
+            "finetune_method": self.ft.method, "trainable_params": count_params(m, trainable=True), "full_finetune_params": self.full_params,
             "optimizer_state_bytes": 4 * state_floats(m, opt_name), "full_finetune_optimizer_state_bytes": self.full_state_bytes,
         }
+        return self
 
     @staticmethod
     def _saved_finetune(out: str, given: FinetuneConfig, typed: set[str]) -> FinetuneConfig:
@@ -133,128 +277,45 @@ class FineTuner(Trainer):
                 raise ConfigError(f"{flag(name)} {getattr(given, name)} cannot change on --resume (the run was fine-tuned with {getattr(ft, name)!r}); drop it, or fine-tune a new run")
         return ft
 
-    # -- data: conversations (SFT) or text (continued pretraining, as Trainer does it)
-
-    def load_data(self, model_cfg: ModelConfig) -> None:
-        cfg = self.cfg
-        self.chat = is_chat_file(cfg.data)
-        if not self.chat:
+    def load_data(self, model_cfg: ModelConfig):
+        """Conversations (a chat .jsonl) in the base run's tokenizer, or text as pretraining reads it."""
+        if not is_chat_file(self.cfg.data):
             return super().load_data(model_cfg)
-        if cfg.sampler == "random":
-            raise ConfigError("--sampler random draws windows of text; conversations are visited once per epoch in a seeded order: drop --sampler")
-        if cfg.patience and cfg.val_fraction == 0:
-            raise ConfigError("--patience stops on the validation loss, but --val-fraction 0 holds no conversations out; set --val-fraction")
-        tok = self.init_tok  # the base run's tokenizer (on resume, the run's own copy of it)
-        self.pad = pad_id(tok)
-        self.sft = load_sft(cfg.data, tok, model_cfg.block_size)
-        if self.sft.warning():
-            self.log(self.sft.warning())
-        self.train_examples, self.val_examples = split_examples(self.sft.examples, cfg.val_fraction, cfg.seed)
-        k = min(len(self.train_examples), max(len(self.val_examples), 32))  # as many training conversations, spread evenly
-        self.train_probe = [self.train_examples[i * len(self.train_examples) // k] for i in range(k)]
-        self.tok, self.model_cfg, self.block = tok, model_cfg, model_cfg.block_size
-
-    def check_data(self) -> None:
-        if not self.chat:  # conversations are padded to the longest one, never cut into windows
-            super().check_data()
-
-    def make_sampler(self):
-        if not self.chat:
-            return super().make_sampler()
-        self.sampler_kind, self.masked_targets = "epoch", True
-        sampler = SFTSampler(self.train_examples, self.pad, self.cfg.seed)
-        if self.cfg.bpe_dropout or self.cfg.typo_rate:  # misspell / re-split the questions, not the replies (gradlm/robust.py)
-            from gradlm.robust import RobustSampler
-
-            sampler = RobustSampler(sampler, self.tok, self.cfg.bpe_dropout, self.cfg.typo_rate, self.cfg.seed, self.block, context_only=True)
-        return sampler
-
-    def steps_per_epoch(self) -> float:
-        return len(self.train_examples) / self.batch if self.chat else super().steps_per_epoch()
-
-    def data_summary(self) -> dict:
-        if not self.chat:
-            return super().data_summary()
-        return {"path": str(self.cfg.data), "format": "chat", "tokenizer": "given", "tokenizer_sha256": self.tok.sha256,
-                "train_conversations": len(self.train_examples), "val_conversations": len(self.val_examples), "truncated": self.sft.truncated}
-
-    # -- the model: what trains
+        return ChatData(self.cfg, self.init_tok, model_cfg.block_size, self.log)  # on resume, the run's own copy of the base's tokenizer
 
     def adapt_model(self) -> None:
-        m, ft = self.model, self.ft
+        m = self.model
         # Trainer loads the base into a new run only. A resumed LoRA run needs it under its adapter, and a
         # run stopped before its first checkpoint starts from it again.
-        if self.cfg.resume and (ft.method == "lora" or not self.run.checkpoint_path().is_file()):
+        if self.cfg.resume and (self.method.loads_base_on_resume or not self.run.checkpoint_path().is_file()):
             (self.run.base_run() if self.run.has_adapter() else RunDir(self.cfg.init)).load_weights_into(m)
-        self.full_params = count_params(m)
+        self.full_params = count_params(m)  # before the method adds or freezes anything: what full fine-tuning trains
         self.full_state_bytes = 4 * state_floats(m, self.cfg.optimizer, trainable_only=False)
-        if ft.method == "freeze":
-            freeze_below(m, ft.train_top)
-        elif ft.method == "lora":
-            add_adapters(m, ft.lora_rank, ft.lora_alpha, ft.lora_dropout, parse_targets(ft.lora_targets))
+        self.method.adapt(m)
 
     def checkpoint_weights(self) -> dict[str, torch.Tensor]:
-        return adapter_weights(self.model) if self.ft.method == "lora" else super().checkpoint_weights()
+        return self.method.weights(self.model)
 
     def restore_weights(self, best: bool) -> None:
-        if self.ft.method != "lora":
-            return super().restore_weights(best)
-        path = self.run.checkpoint_path(best)
-        try:
-            load_adapter_weights(self.model, ckpt.load_weights(path))
-        except ValueError as e:
-            raise RunDirError(f"{path} does not fit this run's adapters: {e}") from None
+        self.method.restore(self.run, self.model, best)
 
     def start_run_dir(self) -> None:
         super().start_run_dir()
         if not self.dd.main:
             return
-        if self.ft.method == "lora" and not self.run.has_adapter():
-            ft = self.ft
-            self.run.write_adapter_config(ft.lora_rank, ft.lora_alpha, ft.lora_dropout, parse_targets(ft.lora_targets), RunDir(self.cfg.init))
-        if self.chat or RunDir(self.cfg.init).has_chat_template():
+        base = RunDir(self.cfg.init)
+        self.method.start(self.run, base)
+        if isinstance(self.source, ChatData) or base.has_chat_template():
             self.run.write_chat_template()
-
-    # -- validation: held-out conversations, scored on the replies
-
-    def eval_windows(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Conversations in batches, this rank's share: the held-out ones ("val"), or as many training
-        ones spread evenly ("train"). Their targets are the assistant's tokens and each <|end|>; every
-        other position is -1, so the scorer leaves it out. Text is scored as pretraining scores it."""
-        if not self.chat:
-            return super().eval_windows(split)
-        examples = self.val_examples if split == "val" else self.train_probe
-        return batches(examples[self.dd.rank :: self.dd.world], self.micro, self.pad)
-
-    def sample_prompt_ids(self) -> list[int]:
-        """Chat data: the first held-out conversation up to where the assistant's reply starts, so the samples
-        show the model answering a question it never trained on (--sample-prompt: that text as a user turn)."""
-        if not self.chat:
-            return super().sample_prompt_ids()
-        if self.cfg.sample_prompt:
-            return encode_chat(self.tok, [{"role": "user", "content": self.cfg.sample_prompt}])
-        e = (self.val_examples or self.train_examples)[0]
-        return e.ids[: e.mask.index(True)] if True in e.mask else e.ids
 
     def describe(self) -> str:
         r, cfg = self.report, self.cfg
-        lines = []
-        if self.chat:
-            lrs = base_lrs(self.opt)
-            batch = "full" if self.full_batch else self.batch
-            lines.append(
-                f"model: {self.full_params:,} parameters, from {cfg.init} | data: {len(self.train_examples)} conversations "
-                f"({len(self.val_examples)} held out), loss on the assistant's tokens | batch {batch} conversations ({self.accum} x {self.micro}) | "
-                f"{cfg.optimizer}, lr {lrs['lr']:g}, {cfg.schedule} | device {self.device}"
-            )
-        else:
-            lines.append(super().describe())
-        lines.append(
-            f"fine-tuning: {self.ft.describe()}: {r['trainable_params']:,} trainable parameters of {r['full_finetune_params']:,} "
+        return (
+            f"{super().describe()}\n"
+            f"fine-tuning: {self.method.describe()}: {r['trainable_params']:,} trainable parameters of {r['full_finetune_params']:,} "
             f"({r['trainable_params'] / r['full_finetune_params']:.1%}); {cfg.optimizer} state {_mb(r['optimizer_state_bytes'])} "
             f"vs {_mb(r['full_finetune_optimizer_state_bytes'])} for full fine-tuning"
         )
-        return "\n".join(lines)
 
 
 def finetune(base: str, cfg: TrainConfig, ft: FinetuneConfig | None = None, dropout: float = 0.0, given: Iterable[str] | None = None) -> dict:

@@ -103,7 +103,7 @@ def _sweep(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float, end_lr: fl
     cfg.size = "fixed"  # the range test is for the model the flags describe
     with tempfile.TemporaryDirectory() as tmp:  # the trainer never writes here: no run directory is made
         cfg.out = str(Path(tmp) / "lr-find")
-        t = Trainer(model_cfg, cfg, log=log)
+        t = Trainer(model_cfg, cfg, log=log).build()
         t.model.train()
         lrs, losses, smoothed = [], [], []
         best = float("inf")

@@ -390,7 +390,7 @@ def default_values(model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param],
     from gradlm.trainer import Trainer
 
     try:
-        t = Trainer(model_cfg, dataclasses.replace(cfg, out=str(out / "default-probe"), progress=False), log=lambda m: None, given=given)
+        t = Trainer(model_cfg, dataclasses.replace(cfg, out=str(out / "default-probe"), progress=False), log=lambda m: None, given=given).build()
     except GradlmError:
         return None
     try:

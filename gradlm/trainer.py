@@ -72,6 +72,79 @@ def init_distributed(device: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+# ---- the training data ------------------------------------------------------------------------------------
+
+
+class TextData:
+    """Text cut into windows of the context: what pretraining (and fine-tuning on raw text) trains on.
+
+    The trainer asks its data (this, or fine-tuning's ChatData) for everything that depends on what the
+    data is: the sampler of training batches, the windows validation scores, steps per epoch, the prompt
+    of the samples and the "data" section of config.json."""
+
+    def __init__(self, data, cfg: TrainConfig, tokenizer_trained_here: bool):
+        self.data, self.cfg, self.tok, self.trained_here = data, cfg, data.tokenizer, tokenizer_trained_here
+        self.train_tokens, self.val_tokens = data.tokens("train"), data.tokens("val")
+
+    def check(self, block: int) -> None:
+        """Refuse data too short for the model's context window."""
+        for name, toks, fix in (("training", self.train_tokens, "add text"), ("validation", self.val_tokens, "raise --val-fraction or add text")):
+            if len(toks) < block + 1:
+                raise ConfigError(f"the {name} split has {len(toks):,} tokens, fewer than the context window + 1 ({block + 1}); lower --block-size or {fix}")
+
+    def sampler_kind(self, full_batch: bool) -> str:
+        return "epoch" if full_batch or self.cfg.sampler == "epoch" else "random"
+
+    def sampler(self, kind: str, block: int):
+        """(the sampler of training batches: next(n) -> (x, y), with position, epochs and state_dict;
+        whether its targets hold -1, which gradients() counts)."""
+        cfg = self.cfg
+        sampler = (EpochSampler if kind == "epoch" else RandomSampler)(self.train_tokens, block, cfg.seed)
+        if cfg.bpe_dropout or cfg.typo_rate:  # re-split / misspell the inputs (gradlm/robust.py)
+            from gradlm.robust import RobustSampler
+
+            # inputs that do not line up with a clean token have no target
+            return RobustSampler(sampler, self.tok, cfg.bpe_dropout, cfg.typo_rate, cfg.seed, block), True
+        return sampler, False
+
+    def eval_windows(self, split: str, block: int, micro: int, dd: Dist) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The windows validation scores: "val", or "train" (a probe of the training text, for the gap).
+        This rank's share of --eval-tokens of evenly spaced windows (the same at every evaluation)."""
+        tokens = self.val_tokens if split == "val" else self.train_tokens
+        return spaced_windows(tokens, block, self.cfg.eval_tokens, micro, dd.rank, dd.world)
+
+    def steps_per_epoch(self, batch: int, block: int) -> float:
+        """Updates in one pass over the training data."""
+        return len(self.train_tokens) / (batch * block)
+
+    def epochs(self, tokens_seen: int) -> float:
+        """Passes over the training data a random sampler has made, in tokens."""
+        return tokens_seen / len(self.train_tokens)
+
+    def sample_prompt_ids(self, block: int) -> list[int]:
+        """The fixed prompt of the samples written at every evaluation: --sample-prompt, or the first tokens of
+        the validation text (a quarter of the window, at most 16), which the model never trains on."""
+        if self.cfg.sample_prompt:
+            return self.tok.encode(self.cfg.sample_prompt) or self.val_tokens[:1].tolist()
+        return self.val_tokens[: max(1, min(16, block // 4))].tolist()
+
+    def summary(self) -> dict:
+        """The "data" section of config.json."""
+        return {"path": str(self.data.path), "tokenizer": "trained" if self.trained_here else "given", "tokenizer_sha256": self.tok.sha256,
+                "train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens), "identity": self.data.identity}
+
+    def describe(self, t: Trainer) -> str:
+        """The run's first log line: the model, the step's batch, the optimizer, the device."""
+        m = t.model
+        lrs = base_lrs(t.opt)
+        lr_text = f"lr {lrs['lr']:g}" + (f" (muon matrices: lr {lrs['lr_muon']:g})" if "lr_muon" in lrs else "")
+        return (
+            f"model: {m.num_params():,} parameters ({m.num_params(True):,} non-embedding), {m.flops_per_token() / 1e6:.1f} MFLOP/token | "
+            f"batch {'full' if t.full_batch else t.batch} = {t.step_tokens:,} tokens/step ({t.accum} x {t.micro} windows x {t.block} tokens) | "
+            f"{t.cfg.optimizer}, {lr_text}, {t.cfg.schedule} | device {t.device}, {t.compute_dtype}"
+        )
+
+
 # ---- the run -----------------------------------------------------------------------------------------
 
 
@@ -93,16 +166,16 @@ class Trainer:
     them with learning rates of its own. Construction reads in this order: settings (fresh, resumed
     or initialised from another run: gradlm/resume.py), data, model and optimizer, then the resumed state.
 
-    Public hooks, which fine-tuning (gradlm/finetune.py) overrides; pretraining uses them as they are:
-        load_data(model_cfg)   the tokenizer and the training/validation data
-        check_data()           refuse data too short for the model
+    Construction has two steps: __init__ only keeps the settings; build() decides them (fresh, resumed or
+    initialised from another run), loads the data, makes the model and optimizer and restores a checkpoint,
+    calling the hooks below on an object whose own __init__ (a subclass's too) has finished.
+
+    The training data is an object of its own (self.source, TextData here; fine-tuning's conversations are
+    ChatData in gradlm/finetune.py): the sampler, the validation windows, steps per epoch, the sample prompt
+    and the "data" section of config.json come from it. Public hooks, which fine-tuning overrides:
+        load_data(model_cfg)   the training data (TextData); sets model_cfg's vocabulary
         adapt_model()          change the model before the optimizer sees it (freeze, adapters)
-        make_sampler()         the sampler of training batches
-        eval_windows(split)    the windows validation scores ("val", or a "train" probe)
         checkpoint_weights(), restore_weights(best)   what a checkpoint keeps of the model
-        data_summary()         the "data" section of config.json
-        steps_per_epoch()      updates in one pass over the training data
-        sample_prompt_ids()    the fixed prompt of the samples written at every evaluation
         start_run_dir()        write the run's files before the first step
     """
 
@@ -114,16 +187,30 @@ class Trainer:
     eval_history = _counter("eval_history")
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, log=None, given: Iterable[str] | None = None):
+        """Keep the settings (copies: the caller's stay as they were); build() does the work."""
         _validate_all(model_cfg, cfg)
-        model_cfg, cfg = copy.deepcopy(model_cfg), copy.deepcopy(cfg)  # the caller's settings stay as they were
+        self.model_cfg, self.cfg = copy.deepcopy(model_cfg), copy.deepcopy(cfg)
+        self.given, self.log_to = given, log
         self.run = RunDir(cfg.out)
-        if cfg.resume and self.run.exists() and int(os.environ.get("RANK", "0")) == 0:
+        self.trackers: Trackers | None = None  # --logger, opened with the run directory
+        self.config_extra: dict = {}  # more sections of config.json (--size auto sets "size", fine-tuning "finetune")
+        self.report: dict = {}  # more fields of the summary (fine-tuning: trainable parameters, optimizer memory)
+        self.command = "train"  # the gradlm command that resumes this run
+        self.built = False
+
+    def build(self) -> Trainer:
+        """Decide the settings, load the data, make the model, optimizer and sampler, restore a checkpoint."""
+        if self.built:
+            return self
+        if self.cfg.resume and self.run.exists() and int(os.environ.get("RANK", "0")) == 0:
             self.run.acquire()  # before reading the run: no other process changes it under us
         try:
-            self._setup(model_cfg, cfg, log, given)
+            self._setup(self.model_cfg, self.cfg, self.log_to, self.given)
         except BaseException:
             self.close_run_dir()
             raise
+        self.built = True
+        return self
 
     def _setup(self, model_cfg: ModelConfig, cfg: TrainConfig, log, given: Iterable[str] | None) -> None:
         typed = given_fields(cfg, given)
@@ -160,31 +247,29 @@ class Trainer:
         # A resume restores a checkpoint, unless the run stopped before its first one: then it starts again
         # from its settings (and from its --init weights, if it has any).
         self.restoring = cfg.resume and (cfg.from_best or self.run.checkpoint_path().is_file())
-        self.config_extra: dict = {}  # more sections of config.json (--size auto sets "size", fine-tuning "finetune")
         if self.auto and "vocab_size" not in typed and not is_prepared(cfg.data):
             cfg.vocab_size = autosize.choose_vocab(source_bytes(cfg.data))
-        self.load_data(model_cfg)
+        self.source = self.load_data(model_cfg)
+        self.tok, self.model_cfg = self.source.tok, model_cfg
         if self.auto:
             self._auto_size()
+        self.block = model_cfg.block_size
         cfg.lr = cfg.lr or DEFAULT_LR[cfg.optimizer]  # config.json records the learning rate really used
-        self.check_data()
+        self.source.check(self.block)
         self._build()
         self.saved_step = -1
         self.resumed = cfg.resume
-        self.report: dict = {}  # more fields of the summary (fine-tuning: trainable parameters, optimizer memory)
-        self.command = "train"  # the gradlm command that resumes this run
         if cfg.resume and not self.restoring:
             self.notes.append(f"{self.out} has no checkpoint yet (it stopped before its first one): starting it from step 0 with its saved settings")
         elif self.restoring:
             restore_checkpoint(self, self.run.load_state(cfg.from_best))
         self.metrics = Metrics(self.run.metrics, self.dd.main)
         self.samples = Metrics(self.run.samples, self.dd.main)
-        self.trackers: Trackers | None = None  # --logger, opened with the run directory
 
     # -- data: rank 0 prepares (and caches); the other ranks then read the same cache
 
-    def load_data(self, model_cfg: ModelConfig) -> None:
-        """Hook: the tokenizer (self.tok), the training and validation data, and model_cfg's vocabulary."""
+    def load_data(self, model_cfg: ModelConfig) -> TextData:
+        """Hook: the training and validation data (with its tokenizer); sets model_cfg's vocabulary."""
         cfg, dd = self.cfg, self.dd
         trained = self.tokenizer_trained_here if self.cfg.resume else None
         saved = self.saved_data if cfg.resume else {}
@@ -193,22 +278,15 @@ class Trainer:
         if dd.world > 1:
             dist.barrier()
             data = data or resolve_data(cfg, self.init_tok, self.log, trained, **where)
-        self.data, self.tok = data, data.tokenizer
-        if self.init_tok is not None and self.init_tok.sha256 != self.tok.sha256:
+        tok = data.tokenizer
+        if self.init_tok is not None and self.init_tok.sha256 != tok.sha256:
             raise ConfigError(f"{cfg.data} was tokenised with another tokenizer than {cfg.init or cfg.out}; pass raw text so it is tokenised with the run's tokenizer")
         if self.init_tok is None:
-            model_cfg.vocab_size = self.tok.vocab_size
-        if self.tok.vocab_size > model_cfg.vocab_size:
-            raise ConfigError(f"the tokenizer has {self.tok.vocab_size} ids but the model only {model_cfg.vocab_size}")
-        self.model_cfg = model_cfg
-        self.train_tokens, self.val_tokens = data.tokens("train"), data.tokens("val")
-
-    def check_data(self) -> None:
-        """Hook: refuse data too short for the model's context window."""
-        block = self.block = self.model_cfg.block_size
-        for name, toks, fix in (("training", self.train_tokens, "add text"), ("validation", self.val_tokens, "raise --val-fraction or add text")):
-            if len(toks) < block + 1:
-                raise ConfigError(f"the {name} split has {len(toks):,} tokens, fewer than the context window + 1 ({block + 1}); lower --block-size or {fix}")
+            model_cfg.vocab_size = tok.vocab_size
+        if tok.vocab_size > model_cfg.vocab_size:
+            raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but the model only {model_cfg.vocab_size}")
+        trained_here = self.tokenizer_trained_here if cfg.resume else self.init_tok is None
+        return TextData(data, cfg, trained_here)
 
     def _auto_size(self) -> None:
         """--size auto: choose the shape, batch, learning rate, warmup, dropout and evaluation cadence for the
@@ -217,10 +295,10 @@ class Trainer:
         cfg, m = self.cfg, self.model_cfg
         seconds = self.budget.max_time_s
         budget = autosize.Budget(
-            seconds=seconds, tokens=cfg.max_tokens or int(cfg.max_epochs * len(self.train_tokens)),
+            seconds=seconds, tokens=cfg.max_tokens or int(cfg.max_epochs * len(self.source.train_tokens)),
             steps=cfg.max_steps)
-        shortest = min(len(self.train_tokens), len(self.val_tokens)) - 1
-        tokens = self.train_tokens
+        shortest = min(len(self.source.train_tokens), len(self.source.val_tokens)) - 1
+        tokens = self.source.train_tokens
 
         def sample(batch: int, block: int):
             starts = torch.randint(0, len(tokens) - block, (batch,), generator=torch.Generator().manual_seed(0))
@@ -258,9 +336,8 @@ class Trainer:
         self.opt = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, (cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr,
                                    fused=self.rt.kind == "cuda")
         self.full_batch = cfg.batch == "full"
-        self.sampler_kind = "epoch" if self.full_batch or cfg.sampler == "epoch" else "random"
-        self.masked_targets = False  # True when the sampler's targets hold -1 (fine-tuning data): see gradients()
-        self.sampler = self.make_sampler()
+        self.sampler_kind = self.source.sampler_kind(self.full_batch)
+        self.sampler, self.masked_targets = self.source.sampler(self.sampler_kind, block)  # masked: targets hold -1 (see gradients())
         if self.full_batch:  # batch gradient descent: all windows, accumulated, per update
             self.micro = cfg.micro_batch or FULL_BATCH_MICRO
             self.batch = self.sampler.n_windows
@@ -284,16 +361,6 @@ class Trainer:
         """Change the model after its weights are loaded and before the optimizer sees it (freeze layers,
         add adapters): the optimizer takes only parameters that require gradients."""
 
-    def make_sampler(self):
-        """The sampler of training batches: next(n) -> (x, y), with position, epochs and state_dict."""
-        sampler = (EpochSampler if self.sampler_kind == "epoch" else RandomSampler)(self.train_tokens, self.block, self.cfg.seed)
-        if self.cfg.bpe_dropout or self.cfg.typo_rate:  # re-split / misspell the inputs (gradlm/robust.py)
-            from gradlm.robust import RobustSampler
-
-            self.masked_targets = True  # inputs that do not line up with a clean token have no target
-            sampler = RobustSampler(sampler, self.tok, self.cfg.bpe_dropout, self.cfg.typo_rate, self.cfg.seed, self.block)
-        return sampler
-
     def checkpoint_weights(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint saves (all weights; a LoRA run saves its adapter only)."""
         return self.model.state_dict()
@@ -302,28 +369,17 @@ class Trainer:
         """Load the checkpoint's weights (written by checkpoint_weights) into the model."""
         self.run.load_weights_into(self.model, best=best)
 
-    def data_summary(self) -> dict:
-        """The "data" section of config.json."""
-        trained = self.tokenizer_trained_here if self.resumed else self.init_tok is None
-        return {"path": str(self.data.path), "tokenizer": "trained" if trained else "given", "tokenizer_sha256": self.tok.sha256,
-                "train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens), "identity": self.data.identity}
-
     def eval_windows(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The windows validation scores: "val", or "train" (a probe of the training text, for the gap).
-        This rank's share of --eval-tokens of evenly spaced windows (the same at every evaluation)."""
-        tokens = self.val_tokens if split == "val" else self.train_tokens
-        return spaced_windows(tokens, self.block, self.cfg.eval_tokens, self.micro, self.dd.rank, self.dd.world)
+        """The batches validation scores: "val", or a "train" probe (this rank's share; from the data)."""
+        return self.source.eval_windows(split, self.block, self.micro, self.dd)
 
     def steps_per_epoch(self) -> float:
         """Updates in one pass over the training data."""
-        return len(self.train_tokens) / self.step_tokens
+        return self.source.steps_per_epoch(self.batch, self.block)
 
     def sample_prompt_ids(self) -> list[int]:
-        """The fixed prompt of the samples written at every evaluation: --sample-prompt, or the first tokens of
-        the validation text (a quarter of the window, at most 16), which the model never trains on."""
-        if self.cfg.sample_prompt:
-            return self.tok.encode(self.cfg.sample_prompt) or self.val_tokens[:1].tolist()
-        return self.val_tokens[: max(1, min(16, self.block // 4))].tolist()
+        """The fixed prompt of the samples written at every evaluation (from the data)."""
+        return self.source.sample_prompt_ids(self.block)
 
     def stamp(self) -> dict:
         """Where the run is, as every row of metrics.jsonl and samples.jsonl begins: step, tokens, wall time."""
@@ -395,7 +451,7 @@ class Trainer:
         self.tokens_seen += self.drawn_tokens  # positions processed (batch x block for windows of text)
 
     def epochs_done(self) -> float:
-        return self.sampler.epochs_done if self.sampler_kind == "epoch" else self.tokens_seen / len(self.train_tokens)
+        return self.sampler.epochs_done if self.sampler_kind == "epoch" else self.source.epochs(self.tokens_seen)
 
     # -- evaluation and state
 
@@ -431,7 +487,7 @@ class Trainer:
                 raise RunDirError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
             self.run.metrics.unlink(missing_ok=True)
             self.run.samples.unlink(missing_ok=True)
-        config = config_dict(self.model_cfg, asdict(self.cfg), self.data_summary(), **self.config_extra, params=self.model.num_params(),
+        config = config_dict(self.model_cfg, asdict(self.cfg), self.source.summary(), **self.config_extra, params=self.model.num_params(),
                              runtime={"device": self.device, "dtype": self.compute_dtype})  # what "auto" resolved to here
         try:
             self.open_trackers(config, until)
@@ -472,14 +528,7 @@ class Trainer:
         self.run.save_checkpoint(checkpoint_state(self), self.checkpoint_weights(), self.step)
 
     def describe(self) -> str:
-        m = self.model
-        lrs = base_lrs(self.opt)
-        lr_text = f"lr {lrs['lr']:g}" + (f" (muon matrices: lr {lrs['lr_muon']:g})" if "lr_muon" in lrs else "")
-        return (
-            f"model: {m.num_params():,} parameters ({m.num_params(True):,} non-embedding), {m.flops_per_token() / 1e6:.1f} MFLOP/token | "
-            f"batch {'full' if self.full_batch else self.batch} = {self.step_tokens:,} tokens/step ({self.accum} x {self.micro} windows x {self.block} tokens) | "
-            f"{self.cfg.optimizer}, {lr_text}, {self.cfg.schedule} | device {self.device}, {self.compute_dtype}"
-        )
+        return self.source.describe(self)
 
 
 def _validate_all(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
@@ -512,13 +561,14 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, on_step=None, given: Iterabl
     Example:
         >>> train(ModelConfig(n_layer=2), TrainConfig(data="notes.txt", out="runs/notes", max_time="2m"))  # doctest: +SKIP
     """
-    return run(Trainer(model_cfg, cfg, given=given), on_step, on_eval)
+    return run(Trainer(model_cfg, cfg, given=given).build(), on_step, on_eval)
 
 
 def run(t: Trainer, on_step=None, on_eval=None) -> dict:
     """Train t until its budget is spent, it converges, it is paused (--pause-at) or a signal stops it;
     returns the summary. Writes the run directory (config, checkpoints, metrics, summary, plots) and
     closes it. Pretraining (train) and fine-tuning (gradlm/finetune.py) both run here."""
+    t.build()
     t.start_run_dir()
     try:
         return _loop(t, on_step, on_eval)

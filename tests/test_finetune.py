@@ -93,7 +93,7 @@ def test_frozen_layers_do_not_change_bit_for_bit(base_run, qa_file, tmp_path):
 def test_lora_trains_only_rank_r_adapters_and_merged_weights_give_the_same_logits(base_run, qa_file, tmp_path):
     r, targets = 2, "q_proj,v_proj,down_proj"
     ft = FinetuneConfig(method="lora", lora_rank=r, lora_alpha=4.0, lora_targets=targets)
-    t = FineTuner(str(base_run), ft, ft_cfg(qa_file, tmp_path / "lora", lr=2e-2, max_steps=8))
+    t = FineTuner(str(base_run), ft, ft_cfg(qa_file, tmp_path / "lora", lr=2e-2, max_steps=8)).build()
     base = weights(base_run)
     t.start_run_dir()
     try:
@@ -129,7 +129,7 @@ def test_lora_trains_only_rank_r_adapters_and_merged_weights_give_the_same_logit
 
 def test_optimizer_memory_report_matches_the_optimizer(base_run, qa_file, tmp_path):
     for method, optimizer in (("lora", "adamw"), ("freeze", "muon"), ("full", "momentum")):
-        t = FineTuner(str(base_run), FinetuneConfig(method=method), ft_cfg(qa_file, tmp_path / method, optimizer=optimizer))
+        t = FineTuner(str(base_run), FinetuneConfig(method=method), ft_cfg(qa_file, tmp_path / method, optimizer=optimizer)).build()
         t.gradients()
         t.update()
         held = sum(v.numel() for s in t.opt.state_dict()["state"].values() if isinstance(s, dict) for v in s.values() if torch.is_tensor(v) and v.dim() > 0) \
@@ -143,9 +143,9 @@ def test_the_step_loss_is_the_mean_over_every_target_whatever_the_micro_batches(
     """Conversations of different lengths and target counts: 2 micro-batches of 2 give the gradient of
     one batch of 4, which is the mean over all 4 conversations' targets (not the mean of row means)."""
     cfg = dict(grad_clip=0.0, dtype="float32")  # compared with a float32 cross-entropy to 1e-6
-    a = FineTuner(str(base_run), FinetuneConfig(), ft_cfg(qa_file, tmp_path / "a", micro_batch=2, **cfg))
-    b = FineTuner(str(base_run), FinetuneConfig(), ft_cfg(qa_file, tmp_path / "b", **cfg))
-    x, y = b.sampler.__class__(b.train_examples, b.pad, 0).next(4)
+    a = FineTuner(str(base_run), FinetuneConfig(), ft_cfg(qa_file, tmp_path / "a", micro_batch=2, **cfg)).build()
+    b = FineTuner(str(base_run), FinetuneConfig(), ft_cfg(qa_file, tmp_path / "b", **cfg)).build()
+    x, y = b.sampler.__class__(b.source.train_examples, b.source.pad, 0).next(4)
     assert len({int((row >= 0).sum()) for row in y}) > 1  # the rows really hold different numbers of targets
     with torch.no_grad():
         direct = torch.nn.functional.cross_entropy(b.model(x).flatten(0, 1), y.flatten(), ignore_index=-1)
@@ -168,7 +168,7 @@ def test_resuming_a_lora_finetune_is_exact(base_run, qa_file, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["val_loss"] == whole["val_loss"] and resumed["steps"] == 8
     with pytest.raises(ConfigError, match="--lora-rank 2 cannot change on --resume"):
-        FineTuner("", FinetuneConfig(method="lora", lora_rank=2), TrainConfig(out=str(tmp_path / "parts"), resume=True), given={"lora_rank", "out", "resume"})
+        FineTuner("", FinetuneConfig(method="lora", lora_rank=2), TrainConfig(out=str(tmp_path / "parts"), resume=True), given={"lora_rank", "out", "resume"}).build()
 
 
 # ---- every command loads a LoRA run ---------------------------------------------------------------------------

@@ -215,11 +215,11 @@ def test_the_saved_and_exported_tokenizer_has_no_dropout(prepared, tmp_path, tok
 
 def test_bad_augmentation_settings_are_one_clear_error(prepared, tmp_path, tok):
     with pytest.raises(ConfigError, match="--bpe-dropout .* must be in \\[0, 1\\)") as e:
-        Trainer(tiny_config(tok.vocab_size), run_cfg(prepared, tmp_path, bpe_dropout=1.0, typo_rate=-0.1))
+        Trainer(tiny_config(tok.vocab_size), run_cfg(prepared, tmp_path, bpe_dropout=1.0, typo_rate=-0.1)).build()
     assert "--typo-rate" in str(e.value)
     train(tiny_config(tok.vocab_size), run_cfg(prepared, tmp_path, "paused", pause_at=2))
     with pytest.raises(ConfigError, match="--bpe-dropout 0.1 cannot change on --resume"):
-        Trainer(tiny_config(tok.vocab_size), run_cfg(prepared, tmp_path, "paused", resume=True, bpe_dropout=0.1), given={"bpe_dropout"})
+        Trainer(tiny_config(tok.vocab_size), run_cfg(prepared, tmp_path, "paused", resume=True, bpe_dropout=0.1), given={"bpe_dropout"}).build()
 
 
 # ---- measuring: eval --typos per word, tokenize --typos ----------------------------------------------------

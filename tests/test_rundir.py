@@ -114,10 +114,10 @@ def paused(prepared, tmp_path, tok):
 def test_each_overridable_flag_takes_effect_when_typed_and_not_otherwise(paused, prepared, tmp_path, tok, flag):
     value, used = OVERRIDES[flag]
     resume = dict(data=str(prepared), out=str(paused), resume=True)
-    t = Trainer(tiny_config(tok.vocab_size), TrainConfig(**resume, **{flag: value}), given={flag, "data", "out", "resume"})
+    t = Trainer(tiny_config(tok.vocab_size), TrainConfig(**resume, **{flag: value}), given={flag, "data", "out", "resume"}).build()
     assert used(t) == pytest.approx(value), flag
     t.close_run_dir()  # a resumed Trainer holds the run's lock until closed (or dropped)
-    t = Trainer(tiny_config(tok.vocab_size), TrainConfig(**resume, **{flag: value}), given={"data", "out", "resume"})
+    t = Trainer(tiny_config(tok.vocab_size), TrainConfig(**resume, **{flag: value}), given={"data", "out", "resume"}).build()
     saved = SAVED.get(flag, TrainConfig(max_steps=8).max_steps if flag == "max_steps" else None)
     assert used(t) == pytest.approx(saved), flag  # not typed: the run's own value, not the flag object's
 
@@ -126,7 +126,7 @@ def test_muon_and_momentum_learning_rates_apply_to_their_own_groups(prepared, tm
     for opt, flag, label in (("muon", "muon_lr", "lr_muon"), ("momentum", "momentum", "lr")):
         name = f"run-{opt}"
         train(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, name=name, optimizer=opt, pause_at=2))
-        t = Trainer(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, name=name, optimizer=opt, resume=True, **{flag: 0.5}), given={flag})
+        t = Trainer(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, name=name, optimizer=opt, resume=True, **{flag: 0.5}), given={flag}).build()
         g = next(g for g in t.opt.param_groups if g["label"] == label)
         assert (g["base_lr"] if flag == "muon_lr" else g["momentum"]) == 0.5
         if opt == "muon":  # the other group keeps the run's own lr
@@ -161,12 +161,12 @@ def test_cli_resume_lr_is_used_logged_and_recorded(text_file, tmp_path):
 )
 def test_flags_that_cannot_apply_to_a_run_in_progress_are_refused_by_name(paused, prepared, tok, given, message):
     with pytest.raises(ConfigError, match=message):
-        Trainer(tiny_config(tok.vocab_size), TrainConfig(data=str(prepared), out=str(paused), resume=True, **given), given=set(given))
+        Trainer(tiny_config(tok.vocab_size), TrainConfig(data=str(prepared), out=str(paused), resume=True, **given), given=set(given)).build()
 
 
 def test_model_shape_flags_are_refused_on_resume(paused, prepared, tok):
     with pytest.raises(ConfigError, match="--n-layer 3 cannot change on --resume"):
-        Trainer(tiny_config(tok.vocab_size, n_layer=3), TrainConfig(data=str(prepared), out=str(paused), resume=True), given={"n_layer"})
+        Trainer(tiny_config(tok.vocab_size, n_layer=3), TrainConfig(data=str(prepared), out=str(paused), resume=True), given={"n_layer"}).build()
 
 
 def test_a_spent_budget_is_an_error_not_a_silent_exit(prepared, tmp_path, tok):
@@ -218,7 +218,7 @@ def test_from_best_resumes_the_best_checkpoint_exactly(prepared, tmp_path, tok):
     train(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, max_steps=8, eval_every=4, min_delta=10.0))
     run = RunDir(tmp_path / "run")
     assert int(ckpt.weights_metadata(run.best)["step"]) == 4 and int(ckpt.weights_metadata(run.weights)["step"]) == 8
-    t = Trainer(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, max_steps=16, resume=True, from_best=True), given={"max_steps"})
+    t = Trainer(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, max_steps=16, resume=True, from_best=True), given={"max_steps"}).build()
     assert t.step == 4 and t.tokens_seen == 4 * 8 * 32
     best = ckpt.load_weights(run.best)
     assert all(torch.equal(v, best[k]) for k, v in t.model.state_dict().items() if k in best)
@@ -226,7 +226,7 @@ def test_from_best_resumes_the_best_checkpoint_exactly(prepared, tmp_path, tok):
     s = train(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, max_steps=8, resume=True, from_best=True, min_delta=10.0))
     assert s["steps"] == 8  # steps 5..8 again, from the best checkpoint
     with pytest.raises(ConfigError, match="--from-best only applies with --resume"):
-        Trainer(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, name="other", from_best=True))
+        Trainer(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, name="other", from_best=True)).build()
 
 
 # ---- reproducible files -----------------------------------------------------------------------------
@@ -354,10 +354,10 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(prepared, tmp_pat
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again_from_its_init(prepared, tmp_path, tok):
     train(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, name="a", max_steps=4))
-    t = Trainer(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, name="b", init=str(tmp_path / "a"), max_steps=4))
+    t = Trainer(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, name="b", init=str(tmp_path / "a"), max_steps=4)).build()
     t.start_run_dir()  # config.json is written, then the process dies before any checkpoint
     t.close_run_dir()
-    r = Trainer(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, name="b", resume=True))
+    r = Trainer(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, name="b", resume=True)).build()
     assert r.step == 0 and any("no checkpoint yet" in n for n in r.notes)
     a, _ = load_model(tmp_path / "a")
     assert all(torch.equal(v, a.state_dict()[k]) for k, v in r.model.state_dict().items())

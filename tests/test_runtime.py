@@ -234,7 +234,7 @@ def test_a_training_step_reads_the_device_once(prepared, tmp_path, tok, monkeypa
 
     from conftest import tiny_config
 
-    t = Trainer(tiny_config(tok.vocab_size), TrainConfig(data=str(prepared), out=str(tmp_path / "run"), batch="8", accum=2, max_steps=5, progress=False, plots=False))
+    t = Trainer(tiny_config(tok.vocab_size), TrainConfig(data=str(prepared), out=str(tmp_path / "run"), batch="8", accum=2, max_steps=5, progress=False, plots=False)).build()
     reads = []
     for name in ("item", "tolist", "__float__", "__bool__"):
         real = getattr(torch.Tensor, name)

@@ -57,15 +57,15 @@ def two_files(tmp_path_factory, small_text, base):
 
 def test_training_finetuning_and_eval_print_the_same_validation_figure(base, two_files, tmp_path, capsys):
     data, val = two_files
-    t = Trainer(tiny_config(300), cfg(data, tmp_path / "t", init=str(base)))  # the base's weights, not trained further
+    t = Trainer(tiny_config(300), cfg(data, tmp_path / "t", init=str(base))).build()  # the base's weights, not trained further
     tok = RunDir(base).load_tokenizer()
     assert t.tok.sha256 == tok.sha256
-    assert t.val_tokens.tolist() == [tok.eot_id] + tok.encode(val)  # the held-out document, whole windows of it
+    assert t.source.val_tokens.tolist() == [tok.eot_id] + tok.encode(val)  # the held-out document, whole windows of it
     trained = t.evaluate()
-    tuned = FineTuner(str(base), FinetuneConfig(), cfg(data, tmp_path / "f")).evaluate()  # text: scored as pretraining scores it
+    tuned = FineTuner(str(base), FinetuneConfig(), cfg(data, tmp_path / "f")).build().evaluate()  # text: scored as pretraining scores it
     main(["eval", str(base), "--data", str(data / "b_val.txt"), "--stride", str(BLOCK), "--json"])
     evaluated = json.loads(capsys.readouterr().out)["clean"]
-    assert evaluated["windows"] == len(t.val_tokens) // BLOCK and evaluated["tokens"] == len(t.val_tokens) - 1
+    assert evaluated["windows"] == len(t.source.val_tokens) // BLOCK and evaluated["tokens"] == len(t.source.val_tokens) - 1
     assert trained["val_bpb"] == pytest.approx(evaluated["bits_per_byte"], abs=1e-6)
     assert trained["val_loss"] == pytest.approx(evaluated["loss"], abs=1e-6)
     assert tuned["val_bpb"] == pytest.approx(trained["val_bpb"], abs=1e-9) and tuned["val_loss"] == pytest.approx(trained["val_loss"], abs=1e-9)
@@ -75,14 +75,14 @@ def test_finetuning_validation_scores_the_replies_only(base, tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"What is item {i}?"}, {"role": "assistant", "content": f"It is number {i * 7}."}]} for i in range(40)]
     qa = tmp_path / "qa.jsonl"
     qa.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    t = FineTuner(str(base), FinetuneConfig(), cfg(qa, tmp_path / "ft", val_fraction=0.25, micro_batch=3))
+    t = FineTuner(str(base), FinetuneConfig(), cfg(qa, tmp_path / "ft", val_fraction=0.25, micro_batch=3)).build()
     got = t.evaluate()
     # by hand: log-softmax at every reply token (and <|end|>) of each held-out conversation, one at a time
     lengths = torch.tensor(t.tok.token_byte_lengths())
     nll = bits = nbytes = n = 0.0
     with torch.no_grad():
-        for e in t.val_examples:
-            x, y = collate([e], t.pad)
+        for e in t.source.val_examples:
+            x, y = collate([e], t.source.pad)
             logp = F.log_softmax(t.model(x).float(), -1)[0]
             for pos, target in enumerate(y[0].tolist()):
                 if target >= 0:

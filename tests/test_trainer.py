@@ -47,14 +47,14 @@ def test_each_optimizer_reduces_the_loss(prepared, tmp_path, tok, optimizer):
 
 def test_full_batch_is_one_update_per_epoch_with_the_mean_gradient(prepared, tmp_path, tok):
     cfg = cfg_for(prepared, tmp_path, batch="full", micro_batch=7, grad_clip=0.0, max_epochs=1)
-    t = Trainer(model_for(tok), cfg)
+    t = Trainer(model_for(tok), cfg).build()
     n = t.sampler.n_windows
     assert t.batch == n and t.accum == math.ceil(n / 7)
     ref = GPT(t.model_cfg)
     ref.load_state_dict(t.model.state_dict())
     t.gradients()
     assert t.sampler.epoch == 1 and t.sampler.pos == 0  # the step consumed exactly one epoch
-    x, y = windows(t.train_tokens, [w * t.block for w in range(n)], t.block)
+    x, y = windows(t.source.train_tokens, [w * t.block for w in range(n)], t.block)
     ref(x, y).backward()  # the mean loss over every window of the training set
     for (name, p), q in zip(t.model.named_parameters(), ref.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), name
@@ -63,21 +63,21 @@ def test_full_batch_is_one_update_per_epoch_with_the_mean_gradient(prepared, tmp
 
 
 def test_sgd_batch_one_visits_windows_in_seeded_order(prepared, tmp_path, tok):
-    t = Trainer(model_for(tok), cfg_for(prepared, tmp_path, batch="1", sampler="epoch", optimizer="sgd", seed=5))
+    t = Trainer(model_for(tok), cfg_for(prepared, tmp_path, batch="1", sampler="epoch", optimizer="sgd", seed=5)).build()
     seen = []
     real_next = t.sampler.next
     t.sampler.next = lambda n, *rows: (lambda xy: (seen.append(int(xy[0][0, 0])), xy)[1])(real_next(n, *rows))
     for _ in range(12):
         t.gradients()
         t.update()
-    order = EpochSampler(t.train_tokens, t.block, 5).order(0)[:12]
-    assert seen == [int(t.train_tokens[w * t.block]) for w in order]
+    order = EpochSampler(t.source.train_tokens, t.block, 5).order(0)[:12]
+    assert seen == [int(t.source.train_tokens[w * t.block]) for w in order]
     assert t.step_tokens == t.block
 
 
 def test_accumulation_equals_one_big_batch(prepared, tmp_path, tok):
-    a = Trainer(model_for(tok), cfg_for(prepared, tmp_path, name="a", batch="8", accum=2, grad_clip=0.0))
-    b = Trainer(model_for(tok), cfg_for(prepared, tmp_path, name="b", batch="16", micro_batch=8, grad_clip=0.0))
+    a = Trainer(model_for(tok), cfg_for(prepared, tmp_path, name="a", batch="8", accum=2, grad_clip=0.0)).build()
+    b = Trainer(model_for(tok), cfg_for(prepared, tmp_path, name="b", batch="16", micro_batch=8, grad_clip=0.0)).build()
     assert a.step_tokens == b.step_tokens == 16 * a.block
     la, _ = a.gradients()
     lb, _ = b.gradients()
@@ -104,7 +104,7 @@ def test_divergence_guard_recovers_from_an_absurd_lr(prepared, tmp_path, tok):
 def test_the_guard_never_takes_a_diverged_evaluation_as_its_refuge(prepared, tmp_path, tok):
     from gradlm.monitor import DivergenceGuard
 
-    t = Trainer(model_for(tok), cfg_for(prepared, tmp_path))
+    t = Trainer(model_for(tok), cfg_for(prepared, tmp_path)).build()
     guard = DivergenceGuard(t)
     first = guard.good
     guard.mark_good(val_loss=3 * math.log(tok.vocab_size))  # far worse than guessing: restoring here would diverge again
@@ -378,14 +378,14 @@ def test_train_leaves_the_callers_configs_as_they_were(prepared, tmp_path, tok):
 
 def test_no_budget_is_the_stated_default_and_a_zero_budget_an_error(prepared, tmp_path, tok):
     lines = []
-    t = Trainer(model_for(tok), cfg_for(prepared, tmp_path, max_steps=0), log=lines.append)
+    t = Trainer(model_for(tok), cfg_for(prepared, tmp_path, max_steps=0), log=lines.append).build()
     assert t.cfg.max_steps == 1000 and any("no budget given: training for 1000 steps" in n for n in t.notes)
     t.close_run_dir()
     for budget in ("0", "0s", "0.0m"):  # (a typed --max-steps 0 and the like: tests/test_bad_inputs.py)
         with pytest.raises(ConfigError, match="a budget must be positive"):
-            Trainer(model_for(tok), cfg_for(prepared, tmp_path, name="zero", max_steps=0, max_time=budget))
+            Trainer(model_for(tok), cfg_for(prepared, tmp_path, name="zero", max_steps=0, max_time=budget)).build()
     with pytest.raises(ConfigError, match="--max-time is a budget and must be a positive duration"):
-        Trainer(model_for(tok), cfg_for(prepared, tmp_path, name="neg", max_time="-1m"))
+        Trainer(model_for(tok), cfg_for(prepared, tmp_path, name="neg", max_time="-1m")).build()
     assert not (tmp_path / "zero").exists() and not (tmp_path / "neg").exists()
 
 
