@@ -134,27 +134,55 @@ def choose(
     chosen model is timed again at the batch and dropout its token count gives it.
     fixed: settings the user gave (MODEL_KEYS, TRAIN_KEYS and dropout); they are kept as given."""
     fixed = dict(fixed or {})
+    cfg, tps, tokens, useful = _largest_fitting(budget, corpus_tokens, tokens_per_s, vocab_size, fixed, tokens_per_param, repeats, max_block)
+    batch, dropout = _batch_and_dropout(tokens, cfg, fixed, corpus_tokens)
+    if budget.seconds:
+        batch, dropout, tps, tokens = _time_as_trained(cfg, budget.seconds, tokens_per_s, fixed, corpus_tokens, batch, dropout)
+        useful = useful_tokens(tokens, corpus_tokens, repeats)
+    params = matmul_params(cfg)
+    epochs = tokens / max(corpus_tokens, 1)
+    capped = epochs > repeats  # past R passes the corpus, not the budget, bounds the model
+    train = _train_settings(cfg, batch, tokens, fixed)
+    model = {k: getattr(cfg, k) for k in MODEL_KEYS}
+    model["dropout"] = dropout
+    spend = f"{budget.seconds:g} s at {tps:,.0f} tok/s measured" if budget.seconds else (f"a budget of {budget.tokens:,} tokens" if budget.tokens else f"{budget.steps:,} steps")
+    why = f"the corpus ({corpus_tokens:,} tokens, worth at most {repeats:g} passes) caps it" if capped else f"≈ {useful / max(params, 1):.1f} useful tokens/param"
+    reason = (
+        f"size auto: {cfg.n_layer} layers x {cfg.d_model} ({cfg.n_head} heads, context {cfg.block_size}), ~{params / 1e6:.2f}M params, "
+        f"batch {batch}, lr {train['lr']:g}, dropout {model['dropout']:g}; ~{_count(tokens)} tokens ({epochs:.1f} epochs) in {spend}, {why}"
+    )
+    return Choice(model=model, train=train, params=params, tokens=tokens, tokens_per_s=tps, capped=capped, reason=reason)
+
+
+def _candidate(i: int, budget: Budget, tokens_per_s: Callable, vocab_size: int, fixed: dict, fixed_model: dict,
+               max_block: int) -> tuple[ModelConfig, float, float] | None:
+    """(model, throughput, training tokens the budget buys) of the i-th rung; None if the fixed settings do
+    not fit it. Time budgets are compared at batch 16 (or the fixed batch) without dropout."""
+    cfg = rung(i, vocab_size, fixed_model, max_block)
+    if cfg is None:
+        return None
+    batch = int(fixed["batch"]) if "batch" in fixed else None
+    if budget.seconds:
+        b = batch or 16
+        tps = tokens_per_s(cfg, b, 0.0)
+        tokens = tps * budget.seconds
+    elif budget.tokens:
+        tps, tokens = 0.0, float(budget.tokens)
+    else:
+        b = batch or batch_for(budget.steps * 16 * cfg.block_size, cfg.block_size)
+        tps, tokens = 0.0, float(budget.steps * b * cfg.block_size)
+    return cfg, tps, tokens
+
+
+def _largest_fitting(budget: Budget, corpus_tokens: int, tokens_per_s: Callable, vocab_size: int, fixed: dict,
+                     tokens_per_param: float, repeats: float, max_block: int) -> tuple[ModelConfig, float, float, float]:
+    """(model, throughput, tokens, useful tokens) of the largest rung that still gets tokens_per_param useful
+    tokens per parameter (the smallest that fits the fixed settings if none does); walking up the ladder
+    stops at the first that does not."""
     fixed_model = {k: v for k, v in fixed.items() if k in MODEL_KEYS}
-
-    def candidate(i: int):
-        cfg = rung(i, vocab_size, fixed_model, max_block)
-        if cfg is None:
-            return None
-        batch = int(fixed["batch"]) if "batch" in fixed else None
-        if budget.seconds:
-            b = batch or 16
-            tps = tokens_per_s(cfg, b, 0.0)
-            tokens = tps * budget.seconds
-        elif budget.tokens:
-            tps, tokens = 0.0, float(budget.tokens)
-        else:
-            b = batch or batch_for(budget.steps * 16 * cfg.block_size, cfg.block_size)
-            tps, tokens = 0.0, float(budget.steps * b * cfg.block_size)
-        return cfg, tps, tokens
-
     chosen = None
     for i in range(len(LADDER)):
-        c = candidate(i)
+        c = _candidate(i, budget, tokens_per_s, vocab_size, fixed, fixed_model, max_block)
         if c is None:
             continue
         cfg, tps, tokens = c
@@ -167,31 +195,35 @@ def choose(
     if chosen is None:
         shape = ", ".join(f"{flag(k)} {v}" for k, v in fixed_model.items())
         raise ConfigError(f"--size auto found no model of its ladder that fits {shape}; give the whole shape (e.g. --d-model as well) or drop --size auto")
-    cfg, tps, tokens, useful = chosen
+    return chosen
 
-    def batch_and_dropout(tokens: float) -> tuple[int, float]:
-        batch = int(fixed["batch"]) if "batch" in fixed else batch_for(tokens, cfg.block_size)
-        return batch, fixed["dropout"] if "dropout" in fixed else dropout_for(tokens / max(corpus_tokens, 1))
 
-    batch, dropout = batch_and_dropout(tokens)
-    if budget.seconds:
-        # The ladder was timed at one batch without dropout; time the chosen model as it will train (a
-        # smaller batch or dropout is slower per token), until the settings agree with the measurement.
-        tried = set()
-        while True:
-            tried.add((batch, dropout))
-            tps = tokens_per_s(cfg, batch, dropout)
-            tokens = tps * budget.seconds
-            settled = batch_and_dropout(tokens)
-            if settled in tried:  # agreed, or on the edge between two settings: keep the one just measured
-                break
-            batch, dropout = settled
-        useful = useful_tokens(tokens, corpus_tokens, repeats)
-    params = matmul_params(cfg)
-    epochs = tokens / max(corpus_tokens, 1)
-    capped = epochs > repeats  # past R passes the corpus, not the budget, bounds the model
+def _batch_and_dropout(tokens: float, cfg: ModelConfig, fixed: dict, corpus_tokens: int) -> tuple[int, float]:
+    """The batch and dropout a run of this many tokens gets (fixed ones kept)."""
+    batch = int(fixed["batch"]) if "batch" in fixed else batch_for(tokens, cfg.block_size)
+    return batch, fixed["dropout"] if "dropout" in fixed else dropout_for(tokens / max(corpus_tokens, 1))
+
+
+def _time_as_trained(cfg: ModelConfig, seconds: float, tokens_per_s: Callable, fixed: dict, corpus_tokens: int,
+                     batch: int, dropout: float) -> tuple[int, float, float, float]:
+    """(batch, dropout, throughput, tokens) of the chosen model timed as it will train. The ladder was timed
+    at one batch without dropout, and a smaller batch or dropout is slower per token: time again until the
+    settings agree with the measurement."""
+    tried = set()
+    while True:
+        tried.add((batch, dropout))
+        tps = tokens_per_s(cfg, batch, dropout)
+        tokens = tps * seconds
+        settled = _batch_and_dropout(tokens, cfg, fixed, corpus_tokens)
+        if settled in tried:  # agreed, or on the edge between two settings: keep the one just measured
+            return batch, dropout, tps, tokens
+        batch, dropout = settled
+
+
+def _train_settings(cfg: ModelConfig, batch: int, tokens: float, fixed: dict) -> dict:
+    """TRAIN_KEYS for a run of `tokens` at this batch (fixed ones kept)."""
     steps = max(1.0, tokens / (batch * cfg.block_size))
-    train = {
+    return {
         "batch": str(batch),
         "lr": fixed.get("lr") or lr_for(cfg, batch),
         # AdamW needs ~50 steps before its full learning rate (measured: 20 was far worse, 50 to 200 equal)
@@ -202,15 +234,6 @@ def choose(
         "eval_every": fixed.get("eval_every") or max(10, int(steps / EVALS)),
         "eval_tokens": fixed.get("eval_tokens") or int(min(32768, max(4096, tokens / 100))),
     }
-    model = {k: getattr(cfg, k) for k in MODEL_KEYS}
-    model["dropout"] = dropout
-    spend = f"{budget.seconds:g} s at {tps:,.0f} tok/s measured" if budget.seconds else (f"a budget of {budget.tokens:,} tokens" if budget.tokens else f"{budget.steps:,} steps")
-    why = f"the corpus ({corpus_tokens:,} tokens, worth at most {repeats:g} passes) caps it" if capped else f"≈ {useful / max(params, 1):.1f} useful tokens/param"
-    reason = (
-        f"size auto: {cfg.n_layer} layers x {cfg.d_model} ({cfg.n_head} heads, context {cfg.block_size}), ~{params / 1e6:.2f}M params, "
-        f"batch {batch}, lr {train['lr']:g}, dropout {model['dropout']:g}; ~{_count(tokens)} tokens ({epochs:.1f} epochs) in {spend}, {why}"
-    )
-    return Choice(model=model, train=train, params=params, tokens=tokens, tokens_per_s=tps, capped=capped, reason=reason)
 
 
 def _count(n: float) -> str:

@@ -239,6 +239,28 @@ def read_config_file(path: str | os.PathLike, classes) -> dict:
         n-layer = 6
     """
     p = Path(path)
+    data = _parse_config_file(p)
+    sections = [k for k in CONFIG_SECTIONS if isinstance(data.get(k), dict)]
+    items: list[tuple[str, object]] = []
+    for k in sections:
+        items += list(data[k].items())
+    if not sections:
+        items = list(data.items())
+    known = {f.name: f for cls in classes for f in fields(cls)}
+    values, unknown = {}, []
+    for key, value in items:
+        name = str(key).replace("-", "_")
+        if name in known:
+            values[name] = _yaml_float(value, known[name])
+        else:
+            unknown.append(str(key))
+    if unknown:
+        raise ConfigError(f"--config {p}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(sorted(unknown))}; the settings are the command's flags without '--'")
+    return values
+
+
+def _parse_config_file(p: Path) -> dict:
+    """The file's content as a dict (an empty file: {}); a ConfigError naming the file for anything else."""
     if not p.is_file():
         raise ConfigError(f"--config {p}: no such file")
     suffix = p.suffix.lower()
@@ -264,25 +286,14 @@ def read_config_file(path: str | os.PathLike, classes) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config {p} must hold a table of settings (key = value), not a {type(data).__name__}")
-    sections = [k for k in CONFIG_SECTIONS if isinstance(data.get(k), dict)]
-    items: list[tuple[str, object]] = []
-    for k in sections:
-        items += list(data[k].items())
-    if not sections:
-        items = list(data.items())
-    known = {f.name: f for cls in classes for f in fields(cls)}
-    values, unknown = {}, []
-    for key, value in items:
-        name = str(key).replace("-", "_")
-        if name in known:
-            if isinstance(value, str) and isinstance(known[name].default, float) and not isinstance(known[name].default, bool):
-                try:  # YAML 1.1 reads 3e-3 (no dot) as a string
-                    value = float(value)
-                except ValueError:
-                    pass  # reported by the dataclass with its type
-            values[name] = value
-        else:
-            unknown.append(str(key))
-    if unknown:
-        raise ConfigError(f"--config {p}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(sorted(unknown))}; the settings are the command's flags without '--'")
-    return values
+    return data
+
+
+def _yaml_float(value, field):
+    """A string value of a float field as its number: YAML 1.1 reads 3e-3 (no dot) as a string."""
+    if isinstance(value, str) and isinstance(field.default, float) and not isinstance(field.default, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass  # reported by the dataclass with its type
+    return value

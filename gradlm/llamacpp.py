@@ -82,8 +82,9 @@ def _tensors(cfg: ModelConfig, state: dict[str, torch.Tensor], arch: str) -> lis
     return out
 
 
-def _vocabulary(tok: Tokenizer) -> tuple[list[str], list[int], list[str]]:
-    """Tokens in id order (tokenizer.json's byte-level strings), their llama.cpp types, and the merges."""
+def _vocabulary(tok: Tokenizer, vocab_size: int = 0) -> tuple[list[str], list[int], list[str]]:
+    """Tokens in id order (tokenizer.json's byte-level strings), their llama.cpp types, and the merges;
+    padded with unused tokens to vocab_size (llama.cpp wants a token for each row of the embedding)."""
     import gguf
 
     spec = json.loads(tok.to_json())
@@ -99,6 +100,9 @@ def _vocabulary(tok: Tokenizer) -> tuple[list[str], list[int], list[str]]:
     special = set(tok.specials.values())
     types = [int(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL) for i in range(n)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    if n < vocab_size:  # the embedding has rows no token uses
+        types += [int(gguf.TokenType.UNUSED)] * (vocab_size - n)
+        tokens += [f"<|unused_{i}|>" for i in range(n, vocab_size)]
     return tokens, types, merges
 
 
@@ -141,55 +145,16 @@ def export_gguf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, gguf_typ
     model, tok = load_for_export(run_dir, best, "llama.cpp")
     cfg = model.cfg
     arch = "qwen3" if cfg.qk_norm else "llama"
-    tokens, types, merges = _vocabulary(tok)
-    if len(tokens) < cfg.vocab_size:  # the embedding has rows no token uses: llama.cpp wants a token for each
-        types += [int(gguf.TokenType.UNUSED)] * (cfg.vocab_size - len(tokens))
-        tokens += [f"<|unused_{i}|>" for i in range(len(tokens), cfg.vocab_size)]
+    vocabulary = _vocabulary(tok, cfg.vocab_size)
     template = read_chat_template(run_dir)  # a chat-tuned run keeps the template it was trained with
     chat = template is not None and has_chat_tokens(tok)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
 
     def write(tmp: Path) -> None:
         w = gguf.GGUFWriter(tmp / "model.gguf", arch)
-        w.add_name(Path(run_dir).resolve().name)
-        w.add_string(MARKER, package_version())
-        w.add_file_type(int(file_type))
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_context_length(cfg.block_size)
-        w.add_embedding_length(cfg.d_model)
-        w.add_block_count(cfg.n_layer)
-        w.add_feed_forward_length(cfg.d_ff)
-        w.add_head_count(cfg.n_head)
-        w.add_head_count_kv(cfg.n_kv_head)
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
-        w.add_rope_dimension_count(cfg.head_dim)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_layer_norm_rms_eps(cfg.norm_eps)
-        w.add_vocab_size(cfg.vocab_size)
-        w.add_tokenizer_model("gpt2")  # byte-level BPE
-        w.add_tokenizer_pre(PRE_TOKENIZER)
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
-        w.add_bos_token_id(tok.eot_id)  # a document starts after <|endoftext|>, but nothing is added to a prompt
-        w.add_add_bos_token(False)
-        w.add_add_eos_token(False)
-        w.add_eos_token_id(tok.eot_id)
-        if "<|pad|>" in tok.specials:
-            w.add_pad_token_id(tok.specials["<|pad|>"])
-        if chat:
-            w.add_eot_token_id(tok.specials[END])
-            w.add_chat_template(template)
-        for name, t in _tensors(cfg, state, arch):
-            a = t.numpy()
-            if a.ndim == 1 or gguf_type == "f32":
-                w.add_tensor(name, a.astype(np.float32))
-            elif gguf_type == "q8_0" and a.shape[-1] % 32 == 0:
-                w.add_tensor(name, gguf.quants.quantize(a.astype(np.float32), gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            else:
-                w.add_tensor(name, a.astype(np.float16))
+        _add_model_keys(w, cfg, Path(run_dir).resolve().name, gguf_type)
+        _add_tokenizer_keys(w, tok, vocabulary, template if chat else None)
+        _add_tensors(w, _tensors(cfg, state, arch), gguf_type)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -199,3 +164,60 @@ def export_gguf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, gguf_typ
     ckpt.atomic_write_dir(out, write)
     return {"out": str(out / "model.gguf"), "architecture": arch, "gguf_type": gguf_type, "params": model.num_params(),
             "bytes": (out / "model.gguf").stat().st_size, "chat": chat}
+
+
+def _add_model_keys(w, cfg: ModelConfig, name: str, gguf_type: str) -> None:
+    """The file's name, our marker, its type, and the model's shape."""
+    import gguf
+
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
+    w.add_name(name)
+    w.add_string(MARKER, package_version())
+    w.add_file_type(int(file_type))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(cfg.block_size)
+    w.add_embedding_length(cfg.d_model)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(cfg.d_ff)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_kv_head)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+
+
+def _add_tokenizer_keys(w, tok: Tokenizer, vocabulary: tuple[list[str], list[int], list[str]], chat_template: str | None) -> None:
+    """The vocabulary (tokens, types, merges: `_vocabulary`) and special tokens; the chat template and <|end|>
+    as EOT for a chat-tuned run (chat_template not None)."""
+    tokens, types, merges = vocabulary
+    w.add_tokenizer_model("gpt2")  # byte-level BPE
+    w.add_tokenizer_pre(PRE_TOKENIZER)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tok.eot_id)  # a document starts after <|endoftext|>, but nothing is added to a prompt
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+    w.add_eos_token_id(tok.eot_id)
+    if "<|pad|>" in tok.specials:
+        w.add_pad_token_id(tok.specials["<|pad|>"])
+    if chat_template is not None:
+        w.add_eot_token_id(tok.specials[END])
+        w.add_chat_template(chat_template)
+
+
+def _add_tensors(w, tensors: list[tuple[str, torch.Tensor]], gguf_type: str) -> None:
+    """The weights in gguf_type: norms (1-d) always f32; a matrix too narrow for q8_0's blocks of 32 as f16."""
+    import gguf
+
+    for name, t in tensors:
+        a = t.numpy()
+        if a.ndim == 1 or gguf_type == "f32":
+            w.add_tensor(name, a.astype(np.float32))
+        elif gguf_type == "q8_0" and a.shape[-1] % 32 == 0:
+            w.add_tensor(name, gguf.quants.quantize(a.astype(np.float32), gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(name, a.astype(np.float16))

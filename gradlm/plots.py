@@ -153,8 +153,6 @@ def plot_importance(importances: dict[str, float], path: str | os.PathLike, note
 def plot_sensitivity(points: list[tuple[dict, float]], space: list, objective: str, path: str | os.PathLike, pair: tuple[str, str] | None = None) -> Path:
     """The objective against each searched setting (one panel each; log axes for log ranges), and a heat map of the
     best objective over two settings (pair, e.g. the learning rate and the batch size) from the trials that ran."""
-    import numpy as np
-
     plt = _plt()
     n = len(space) + (1 if pair else 0)
     cols = min(n, 3)
@@ -162,52 +160,65 @@ def plot_sensitivity(points: list[tuple[dict, float]], space: list, objective: s
     flat_axes = list(axes.flat)
     values = [v for _, v in points]
     for ax, p in zip(flat_axes, space):
-        xs = [params[p.name] for params, _ in points]
-        if p.choices is not None:
-            labels = [str(c) for c in p.choices]
-            ax.scatter([labels.index(str(x)) for x in xs], values, c="C0", alpha=0.7)
-            ax.set_xticks(range(len(labels)), labels)
-        else:
-            ax.scatter(xs, values, c="C0", alpha=0.7)
-            if p.log:  # a log range often spans one decade or two: four labelled ticks across it, no minor labels
-                from matplotlib.ticker import NullFormatter
-
-                ax.set_xscale("log")
-                ticks = np.geomspace(p.low, p.high, 4)
-                ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
-                ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set(xlabel=p.name.replace("_", "-"), ylabel=objective.replace("_", " "))
-        ax.grid(alpha=0.3)
+        _sensitivity_panel(ax, p, [params[p.name] for params, _ in points], values, objective)
     if pair:
-        ax = flat_axes[len(space)]
-        axis = []
-        for name in pair:
-            p = next(q for q in space if q.name == name)
-            xs = [params[name] for params, _ in points]
-            if p.choices is not None:
-                cells = [str(c) for c in p.choices]
-                index = [cells.index(str(x)) for x in xs]
-            else:  # a range: 5 bins, log-spaced for a log range
-                lo, hi = p.low, p.high
-                edges = np.geomspace(lo, hi, 6) if p.log else np.linspace(lo, hi, 6)
-                index = [min(int(np.searchsorted(edges, x, side="right")) - 1, 4) for x in xs]
-                cells = [f"{edges[i]:.2g}-{edges[i + 1]:.2g}" for i in range(5)]
-            axis.append((name, cells, index))
-        (xn, xc, xi), (yn, yc, yi) = axis
-        grid = np.full((len(yc), len(xc)), np.nan)
-        for a, b, v in zip(xi, yi, values):
-            grid[b, a] = v if np.isnan(grid[b, a]) else min(grid[b, a], v)
-        im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis_r")
-        mid = np.nanmean(grid)
-        for (b, a), v in np.ndenumerate(grid):
-            if not np.isnan(v):  # dark text on the light (low) end of the colour map
-                ax.text(a, b, f"{v:.3f}", ha="center", va="center", fontsize=7, color="k" if v <= mid else "w")
-        ax.set_xticks(range(len(xc)), xc, rotation=30, fontsize=7)
-        ax.set_yticks(range(len(yc)), yc, fontsize=7)
-        ax.set(xlabel=xn.replace("_", "-"), ylabel=yn.replace("_", " "), title=f"best {objective.replace('_', ' ')} (blank: not tried)")
-        fig.colorbar(im, ax=ax)
+        _pair_heat_map(fig, flat_axes[len(space)], [_cells(next(q for q in space if q.name == name), points) for name in pair], values, objective)
     for ax in flat_axes[n:]:
         ax.axis("off")
     fig.suptitle(f"sensitivity of {objective.replace('_', ' ')} to each setting ({len(points)} finished trials)")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _sensitivity_panel(ax, p, xs: list, values: list[float], objective: str) -> None:
+    """The objective against one setting's values: listed values evenly spaced, a log range on a log axis."""
+    import numpy as np
+
+    if p.choices is not None:
+        labels = [str(c) for c in p.choices]
+        ax.scatter([labels.index(str(x)) for x in xs], values, c="C0", alpha=0.7)
+        ax.set_xticks(range(len(labels)), labels)
+    else:
+        ax.scatter(xs, values, c="C0", alpha=0.7)
+        if p.log:  # a log range often spans one decade or two: four labelled ticks across it, no minor labels
+            from matplotlib.ticker import NullFormatter
+
+            ax.set_xscale("log")
+            ticks = np.geomspace(p.low, p.high, 4)
+            ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set(xlabel=p.name.replace("_", "-"), ylabel=objective.replace("_", " "))
+    ax.grid(alpha=0.3)
+
+
+def _cells(p, points: list[tuple[dict, float]]) -> tuple[str, list[str], list[int]]:
+    """(name, cell labels, each trial's cell) of one axis of the heat map: a cell per listed value, or 5 bins
+    of a range (log-spaced for a log range)."""
+    import numpy as np
+
+    xs = [params[p.name] for params, _ in points]
+    if p.choices is not None:
+        cells = [str(c) for c in p.choices]
+        return p.name, cells, [cells.index(str(x)) for x in xs]
+    edges = np.geomspace(p.low, p.high, 6) if p.log else np.linspace(p.low, p.high, 6)
+    index = [min(int(np.searchsorted(edges, x, side="right")) - 1, 4) for x in xs]
+    return p.name, [f"{edges[i]:.2g}-{edges[i + 1]:.2g}" for i in range(5)], index
+
+
+def _pair_heat_map(fig, ax, axis: list[tuple[str, list[str], list[int]]], values: list[float], objective: str) -> None:
+    """The best objective in each cell of two settings (blank where no trial ran), each cell labelled."""
+    import numpy as np
+
+    (xn, xc, xi), (yn, yc, yi) = axis
+    grid = np.full((len(yc), len(xc)), np.nan)
+    for a, b, v in zip(xi, yi, values):
+        grid[b, a] = v if np.isnan(grid[b, a]) else min(grid[b, a], v)
+    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis_r")
+    mid = np.nanmean(grid)
+    for (b, a), v in np.ndenumerate(grid):
+        if not np.isnan(v):  # dark text on the light (low) end of the colour map
+            ax.text(a, b, f"{v:.3f}", ha="center", va="center", fontsize=7, color="k" if v <= mid else "w")
+    ax.set_xticks(range(len(xc)), xc, rotation=30, fontsize=7)
+    ax.set_yticks(range(len(yc)), yc, fontsize=7)
+    ax.set(xlabel=xn.replace("_", "-"), ylabel=yn.replace("_", " "), title=f"best {objective.replace('_', ' ')} (blank: not tried)")
+    fig.colorbar(im, ax=ax)

@@ -290,76 +290,26 @@ def prepare(
     files = source_files(sources)
     plan = plan_split(files, val_fraction, seed)
     dtype = token_dtype(tok.vocab_size)
-    settings = {"format": FORMAT, "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "dtype": dtype.name,
-                "split": plan.mode, "val_fraction": val_fraction, "seed": seed, "text_field": text_field, "encoding_errors": errors,
-                "shard_tokens": shard_tokens, "sources": [str(s) for s in sources],
-                "files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+    settings = _settings(sources, files, tok, dtype, plan, text_field, errors, shard_tokens)
     created = not out.exists()
     resume = _start(out, settings)
     stats = ReadStats()  # documents, skipped documents and replaced characters (the encoding policy)
-    writers = {s: _ShardWriter(out, s, dtype, shard_tokens, resume.get("shards", {}).get(s, [])) for s in SPLITS}
-    counts = {s: {"documents": 0, "bytes": 0} for s in SPLITS}
     done_jobs: list[list] = resume.get("jobs", [])  # [split, number of ids] of each piece whose ids are all in written shards
-    before = {s: sum(n for sp, n in done_jobs if sp == s) for s in SPLITS}
-    for s in SPLITS:
-        writers[s].skip = writers[s].committed - before[s]
-    jobs: list[list] = []  # [split, number of ids] of every piece handed on, in order
+    writers = _writers(out, dtype, shard_tokens, resume.get("shards", {}), done_jobs)
     bar = tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="prepare", disable=not progress, leave=False)
-    tags: deque = deque()  # [(split, starts a document), ...] of each task in flight
-    has_text = False
+    reader = _Reader(sources, text_field, errors, stats, plan, len(done_jobs), bar)
 
-    def tasks() -> Iterator[list[str | None]]:
-        """Every piece's text in order, grouped into tasks of ~CHUNK_CHARS (a directory of small files would
-        otherwise cost a round trip to a worker per file); pieces before the resume point are read, not
-        encoded again (None)."""
-        nonlocal has_text
-        k, group, tag, size = 0, [], [], 0
-        for doc in iter_documents(sources, text_field, errors, stats):
-            for split, parts in _segments(doc, plan):
-                first = True
-                for text in rechunk(parts):
-                    counts[split]["documents"] += first
-                    has_text = has_text or not text.isspace()
-                    bar.update(len(text))
-                    skip = k < len(done_jobs)
-                    if skip:
-                        counts[split]["bytes"] += len(text.encode())
-                    group.append(None if skip else text)
-                    tag.append((split, first))
-                    size += len(text)
-                    first, k = False, k + 1
-                    if size >= CHUNK_CHARS:
-                        tags.append(tag)
-                        yield group
-                        group, tag, size = [], [], 0
-        if group:
-            tags.append(tag)
-            yield group
+    def shard_written(jobs: list[list]) -> None:
+        _save_progress(out, settings, writers, jobs)
+        if stop_after_shards and sum(len(w.shards) for w in writers.values()) >= stop_after_shards:
+            raise _Stop()
 
-    eot = np.asarray([tok.eot_id], dtype=dtype)
     workers = workers or min(os.cpu_count() or 1, 8)
-    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tok.hf.to_str(), dtype.name)) if workers > 1 else None
-    if pool is None:
-        _init_worker(tok.hf.to_str(), dtype.name)  # one worker: this process encodes
-    results = bounded_map(pool, _encode_group, tasks(), 2 * workers)
+    pool = _encoders(tok, dtype, workers)
+    results = bounded_map(pool, _encode_group, reader.tasks(), 2 * workers)
     try:
-        k = 0
-        for group in results:
-            for (split, first), (ids, nbytes) in zip(tags.popleft(), group):
-                if ids is None:  # already in shards
-                    jobs.append(done_jobs[k])
-                    k += 1
-                    continue
-                counts[split]["bytes"] += nbytes
-                if first:
-                    ids = np.concatenate([eot, ids])
-                jobs.append([split, int(len(ids))])
-                k += 1
-                if writers[split].add(ids):
-                    _save_progress(out, settings, writers, jobs)
-                    if stop_after_shards and sum(len(w.shards) for w in writers.values()) >= stop_after_shards:
-                        raise _Stop()
-        if not has_text:
+        counts = _write(results, reader.tags, writers, done_jobs, np.asarray([tok.eot_id], dtype=dtype), shard_written)
+        if not reader.has_text:
             raise DataError(f"no text in {', '.join(sources)}: the corpus is empty" + (f" ({stats.summary()})" if stats.skipped else ""))
         for w in writers.values():
             w.flush()
@@ -374,6 +324,103 @@ def prepare(
         bar.close()
     if log and stats.summary():
         log(f"encoding: {stats.summary()}")
+    return _finish(out, tok, settings, writers, counts, stats)
+
+
+def _settings(sources: list[str], files: list[Path], tok: Tokenizer, dtype: np.dtype, plan: SplitPlan, text_field: str, errors: str,
+              shard_tokens: int) -> dict:
+    """What decides the shards: a prepare resumes only one with the same (meta.json keeps all but the files)."""
+    return {"format": FORMAT, "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "dtype": dtype.name,
+            "split": plan.mode, "val_fraction": plan.val_fraction, "seed": plan.seed, "text_field": text_field, "encoding_errors": errors,
+            "shard_tokens": shard_tokens, "sources": [str(s) for s in sources],
+            "files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+
+
+def _encoders(tok: Tokenizer, dtype: np.dtype, workers: int) -> ProcessPoolExecutor | None:
+    """The worker processes that encode; None for one worker, when this process encodes."""
+    if workers > 1:
+        return ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tok.hf.to_str(), dtype.name))
+    _init_worker(tok.hf.to_str(), dtype.name)
+    return None
+
+
+def _writers(out: Path, dtype: np.dtype, shard_tokens: int, shards: dict[str, list[dict]], done_jobs: list[list]) -> dict[str, _ShardWriter]:
+    """Each split's writer, with the shards a resumed prepare already wrote; each drops, before appending, the
+    ids of its split already in them beyond the pieces whose ids are all there (done_jobs), since those
+    pieces are encoded again."""
+    writers = {}
+    for s in SPLITS:
+        w = _ShardWriter(out, s, dtype, shard_tokens, shards.get(s, []))
+        w.skip = w.committed - sum(n for sp, n in done_jobs if sp == s)
+        writers[s] = w
+    return writers
+
+
+class _Reader:
+    """The corpus as tasks for the workers: every piece's text in order, grouped into tasks of ~CHUNK_CHARS
+    (a directory of small files would otherwise cost a round trip to a worker per file). The first `n_done`
+    pieces, whose ids are already in written shards (a resumed prepare), are read but not encoded again (None).
+
+    For each task handed out, `tags` gets the (split, starts a document, UTF-8 bytes) of its pieces, in order,
+    for whoever writes the workers' results (the bytes of a piece that is encoded are counted by its worker: 0);
+    `has_text` says whether any piece so far was more than white space."""
+
+    def __init__(self, sources: list[str], text_field: str, errors: str, stats: ReadStats, plan: SplitPlan, n_done: int, bar):
+        self.sources, self.text_field, self.errors, self.stats, self.plan = sources, text_field, errors, stats, plan
+        self.n_done, self.bar = n_done, bar
+        self.tags: deque[list[tuple[str, bool, int]]] = deque()
+        self.has_text = False
+
+    def pieces(self) -> Iterator[tuple[str, bool, str]]:
+        """(split, starts a document, text) of every piece of the corpus, in order."""
+        for doc in iter_documents(self.sources, self.text_field, self.errors, self.stats):
+            for split, parts in _segments(doc, self.plan):
+                for i, text in enumerate(rechunk(parts)):
+                    yield split, i == 0, text
+
+    def tasks(self) -> Iterator[list[str | None]]:
+        group, tag, size = [], [], 0
+        for n_read, (split, first, text) in enumerate(self.pieces()):
+            self.has_text = self.has_text or not text.isspace()
+            self.bar.update(len(text))
+            done = n_read < self.n_done
+            group.append(None if done else text)
+            tag.append((split, first, len(text.encode()) if done else 0))
+            size += len(text)
+            if size >= CHUNK_CHARS:
+                self.tags.append(tag)
+                yield group
+                group, tag, size = [], [], 0
+        if group:
+            self.tags.append(tag)
+            yield group
+
+
+def _write(results: Iterator[list[tuple[np.ndarray | None, int]]], tags: deque, writers: dict[str, _ShardWriter], done_jobs: list[list],
+           eot: np.ndarray, shard_written) -> dict[str, dict[str, int]]:
+    """Append the workers' ids to their split's shards (a document's preceded by <|endoftext|>), calling
+    shard_written(jobs) after each shard written, jobs being the [split, number of ids] of every piece so far;
+    returns each split's documents and bytes."""
+    counts = {s: {"documents": 0, "bytes": 0} for s in SPLITS}
+    jobs: list[list] = []
+    for group in results:
+        for (split, first, done_bytes), (ids, nbytes) in zip(tags.popleft(), group):
+            counts[split]["documents"] += first
+            if ids is None:  # already in shards
+                counts[split]["bytes"] += done_bytes
+                jobs.append(done_jobs[len(jobs)])
+                continue
+            counts[split]["bytes"] += nbytes
+            if first:
+                ids = np.concatenate([eot, ids])
+            jobs.append([split, int(len(ids))])
+            if writers[split].add(ids):
+                shard_written(jobs)
+    return counts
+
+
+def _finish(out: Path, tok: Tokenizer, settings: dict, writers: dict[str, _ShardWriter], counts: dict, stats: ReadStats) -> dict:
+    """Write the tokenizer, then meta.json (which marks the folder complete), and drop progress.json."""
     tok.save(out / "tokenizer.json")
     meta = {**settings, "splits": {s: {"tokens": writers[s].committed, **counts[s], "shards": writers[s].shards} for s in SPLITS},
             "documents": stats.documents, "skipped_documents": stats.skipped, "replaced_characters": stats.replaced}

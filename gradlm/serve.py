@@ -111,25 +111,37 @@ def create_app(lm: LM, name: str, api_key: str = "", max_batch: int = MAX_BATCH,
     without a key, as `gradlm watch` does)."""
     if FastAPI is None:
         raise ConfigError("gradlm serve needs FastAPI and uvicorn: pip install 'gradlm[serve]'")
-    import contextlib
-
     own_engine = engine is None
     engine = engine or Engine(lm.model, lm.tok, max_batch=max_batch, max_queue=max_queue, runtime=lm.runtime)
     server = Server(lm, name, engine, api_key)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        if own_engine:
-            engine.start()
-        yield
-        if own_engine:
-            engine.stop()
-
-    app = FastAPI(title="gradlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="gradlm", lifespan=_lifespan(engine if own_engine else None), docs_url=None, redoc_url=None, openapi_url=None)
     if hosts:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
+    _add_error_handlers(app)
+    _add_info_routes(app, server)
+    _add_generation_routes(app, server)
+    return BodyLimit(app, max_body) if max_body else app
+
+
+def _lifespan(engine: Engine | None):
+    """The app's lifespan: start the engine with the app and stop it with it (None: one run by the caller)."""
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if engine is not None:
+            engine.start()
+        yield
+        if engine is not None:
+            engine.stop()
+
+    return lifespan
+
+
+def _add_error_handlers(app) -> None:
+    """Every failure answered as OpenAI's error JSON, never a traceback."""
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -153,10 +165,19 @@ def create_app(lm: LM, name: str, api_key: str = "", max_batch: int = MAX_BATCH,
     async def _bug(request, e: Exception):  # a bug in gradlm: say so without a traceback in the answer
         return error_response(500, "internal server error; see the server's log", kind="server_error")
 
+
+def _guarded(server: Server) -> list:
+    """The dependency that checks a request's API key (when the server has one)."""
+
     async def authorized(request: HTTPRequest) -> None:  # async: no thread-pool hop per request
         server.check_key(request.headers.get("authorization"))
 
-    guarded = [Depends(authorized)]
+    return [Depends(authorized)]
+
+
+def _add_info_routes(app, server: Server) -> None:
+    """The playground page, /health, and the model list (the last behind the key)."""
+    guarded = _guarded(server)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -164,7 +185,7 @@ def create_app(lm: LM, name: str, api_key: str = "", max_batch: int = MAX_BATCH,
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": server.name, "context_window": server.block, "auth": bool(api_key), **engine.stats()}
+        return {"status": "ok", "model": server.name, "context_window": server.block, "auth": bool(server.api_key), **server.engine.stats()}
 
     @app.get("/v1/models", dependencies=guarded)
     async def models():
@@ -174,6 +195,11 @@ def create_app(lm: LM, name: str, api_key: str = "", max_batch: int = MAX_BATCH,
     async def model(model_id: str):
         server.check_model(model_id)
         return server.model_card()
+
+
+def _add_generation_routes(app, server: Server) -> None:
+    """Completions, chat completions and tokenize, behind the key."""
+    guarded = _guarded(server)
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest, request: HTTPRequest):
@@ -186,8 +212,6 @@ def create_app(lm: LM, name: str, api_key: str = "", max_batch: int = MAX_BATCH,
     @app.post("/tokenize", dependencies=guarded)
     async def tokenize(body: TokenizeRequest):
         return server.tokenize(body)
-
-    return BodyLimit(app, max_body) if max_body else app
 
 
 def serve(

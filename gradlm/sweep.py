@@ -284,8 +284,31 @@ def sweep(model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], out: str
     given: the settings the caller typed, fixed in every trial (--size auto chooses the rest); None, as for train():
     the settings that differ from their defaults. Trial 0 is the default: the values `gradlm train` with the same
     settings would use for the searched ones, when they lie in the space (not with a grid)."""
-    import optuna
+    _check_sweep(cfg, trials, sampler, pruner, objective)
+    out = ckpt.check_output(out, "--out", is_dir=True)
+    if given is None:  # as train(): the settings that differ from their defaults
+        given = given_fields(cfg, None) | given_fields(model_cfg, None)
+    cfg.validate()
+    model_cfg.validate()
+    check_space(model_cfg, cfg, space)
+    target = min(trials, math.prod(len(p.grid()) for p in space)) if sampler == "grid" else trials  # a range without a step fails here
+    study, storage = _open_in(out, storage, study_name, sampler, pruner, space, cfg.seed)
+    dead = fail_dead_trials(study)
+    if dead:
+        log(f"trials {', '.join(map(str, dead))} died with the process that ran them: marked failed; the sweep goes on")
+    done = counted(study)
+    log(f"sweep {study.study_name}: {done} of {target} trials done, storage {storage}; each trial {budget_text(cfg)}")
+    if not study.trials and sampler != "grid":  # the first trial: what `gradlm train` with the same flags would do
+        _enqueue_default(study, model_cfg, cfg, space, given, out, log)
+    objective_fn = _objective(model_cfg, cfg, space, out, objective, set(given) | {p.name for p in space}, log)
+    while counted(study) < target:
+        study.optimize(objective_fn, n_trials=1, catch=(TrialFailed,))
+        write_results(study, out, objective, cfg, space)
+    return write_results(study, out, objective, cfg, space, plots=True)
 
+
+def _check_sweep(cfg: TrainConfig, trials: int, sampler: str, pruner: str, objective: str) -> None:
+    """The sweep's own settings, checked before anything is written."""
     if sampler not in SAMPLERS:
         raise ConfigError(f"--search-sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if pruner not in PRUNERS:
@@ -296,20 +319,17 @@ def sweep(model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], out: str
         raise ConfigError(f"--trials must be at least 1, got {trials}")
     if not (cfg.max_steps or cfg.max_tokens or cfg.max_time or cfg.max_epochs):
         raise ConfigError("give every trial one budget: --max-time (e.g. 30s), --max-steps, --max-tokens or --max-epochs")
-    out = ckpt.check_output(out, "--out", is_dir=True)
-    if given is None:  # as train(): the settings that differ from their defaults
-        given = given_fields(cfg, None) | given_fields(model_cfg, None)
-    cfg.validate()
-    model_cfg.validate()
-    check_space(model_cfg, cfg, space)
-    if sampler == "grid":
-        grid_size = math.prod(len(p.grid()) for p in space)
+
+
+def _open_in(out: Path, storage: str, study_name: str, sampler: str, pruner: str, space: list[Param], seed: int) -> tuple:
+    """(study, storage URL): the study of --storage, or by default of a SQLite file in out. A folder made here
+    for a study that then fails to open is removed again."""
     default, made = not storage, not out.exists()
     storage = storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
     if default:
         out.mkdir(parents=True, exist_ok=True)
     try:
-        study = open_study(storage, study_name or out.resolve().name, sampler, pruner, space, cfg.seed)
+        study = open_study(storage, study_name or out.resolve().name, sampler, pruner, space, seed)
     except ConfigError:
         if default and made:
             shutil.rmtree(out, ignore_errors=True)
@@ -317,20 +337,23 @@ def sweep(model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], out: str
     if study.trials:  # a study continued: the sampler draws anew (a seeded random search would repeat its first trials)
         study.sampler.reseed_rng()
     out.mkdir(parents=True, exist_ok=True)
-    dead = fail_dead_trials(study)
-    if dead:
-        log(f"trials {', '.join(map(str, dead))} died with the process that ran them: marked failed; the sweep goes on")
-    done = counted(study)
-    target = min(trials, grid_size) if sampler == "grid" else trials
-    log(f"sweep {study.study_name}: {done} of {target} trials done, storage {storage}; each trial {budget_text(cfg)}")
-    if not study.trials and sampler != "grid":  # the first trial: what `gradlm train` with the same flags would do
-        values = default_values(model_cfg, cfg, space, set(given), out)
-        if values is not None and all(p.contains(values[p.name]) for p in space):
-            study.enqueue_trial(values, user_attrs={"default": True})
-            log("trial 0 is the default, what `gradlm train` with these flags would use: " + ", ".join(f"{k}={_show(v)}" for k, v in values.items()))
-        elif values is not None:
-            log("the default (" + ", ".join(f"{k}={_show(v)}" for k, v in values.items()) + ") lies outside the space: it is not one of the trials")
-    typed = set(given) | {p.name for p in space}
+    return study, storage
+
+
+def _enqueue_default(study, model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], given: set[str], out: Path, log) -> None:
+    """Trial 0: the values `gradlm train` with the same flags would use, when they lie in the space."""
+    values = default_values(model_cfg, cfg, space, set(given), out)
+    if values is not None and all(p.contains(values[p.name]) for p in space):
+        study.enqueue_trial(values, user_attrs={"default": True})
+        log("trial 0 is the default, what `gradlm train` with these flags would use: " + ", ".join(f"{k}={_show(v)}" for k, v in values.items()))
+    elif values is not None:
+        log("the default (" + ", ".join(f"{k}={_show(v)}" for k, v in values.items()) + ") lies outside the space: it is not one of the trials")
+
+
+def _objective(model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], out: Path, objective: str, typed: set[str], log):
+    """Optuna's objective: train one trial in out/trial-NNNN and return its objective; it reports the objective
+    at each evaluation (at the percent of the budget spent) so the pruner can stop it early."""
+    import optuna
 
     def objective_fn(trial) -> float:
         trial.set_user_attr("host", socket.gethostname())
@@ -373,10 +396,7 @@ def sweep(model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], out: str
         log(f"trial {trial.number}: {objective} {s[objective]:.4f} ({s['steps']} steps)")
         return s[objective]
 
-    while counted(study) < target:
-        study.optimize(objective_fn, n_trials=1, catch=(TrialFailed,))
-        write_results(study, out, objective, cfg, space)
-    return write_results(study, out, objective, cfg, space, plots=True)
+    return objective_fn
 
 
 class TrialFailed(Exception):

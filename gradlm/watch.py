@@ -455,15 +455,23 @@ def create_app(paths: list[str], api_key: str = "", wait: bool = False, poll_s: 
 
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
     closing = app.state.closing = threading.Event()
+    _add_page_routes(app, page, assets)
+    _add_events_route(app, sources, api_key, closing, poll_s)
+    return app
 
-    def error(status: int, message: str):
-        return JSONResponse({"error": {"message": message}}, status_code=status)
+
+def _error(status: int, message: str):
+    return JSONResponse({"error": {"message": message}}, status_code=status)
+
+
+def _add_page_routes(app, page: bytes, assets: dict[str, tuple[bytes, str]]) -> None:
+    """The page, its static files (a fixed list, read once), and a JSON 404 for anything else."""
 
     @app.exception_handler(HTTPException)
     async def _http(request, e: HTTPException):
         if e.status_code == 404:
-            return error(404, f"no such page: {request.url.path}")
-        return error(e.status_code, str(e.detail))
+            return _error(404, f"no such page: {request.url.path}")
+        return _error(e.status_code, str(e.detail))
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -472,34 +480,40 @@ def create_app(paths: list[str], api_key: str = "", wait: bool = False, poll_s: 
     @app.get("/static/{name:path}", include_in_schema=False)
     async def static(name: str):
         if name not in assets:  # a fixed list: no path from a request ever reaches the file system
-            return error(404, f"no such file: /static/{name}")
+            return _error(404, f"no such file: /static/{name}")
         body, media = assets[name]
         return Response(body, media_type=media, headers={"Cache-Control": "no-cache"})
+
+
+def _add_events_route(app, sources: list, api_key: str, closing: threading.Event, poll_s: float) -> None:
+    """/events: the runs' changes as server-sent events, behind the key when there is one."""
 
     @app.get("/events")
     async def events(request: HTTPRequest):
         problem = webserver.key_problem(request.query_params.get("key") or webserver.bearer(request.headers.get("authorization")), api_key)
         if problem == "missing":
-            return error(401, "this watcher needs its API key: open the page as /?key=KEY (or send Authorization: Bearer KEY)")
+            return _error(401, "this watcher needs its API key: open the page as /?key=KEY (or send Authorization: Bearer KEY)")
         if problem == "wrong":
-            return error(401, "the API key is wrong")
-        return StreamingResponse(stream(request), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _error(401, "the API key is wrong")
+        stream = _event_stream(request, sources, closing, poll_s)
+        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def stream(request: HTTPRequest):
-        watcher = Watcher(sources)
-        yield f"retry: {RETRY_MS}\n\n"
-        quiet_since = time.monotonic()
-        while not closing.is_set() and not await request.is_disconnected():
-            messages = await asyncio.to_thread(watcher.poll)  # file reads off the event loop: other viewers stay live
-            if messages:
-                yield "".join(sse(data, event) for event, data in messages)
-                quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since >= HEARTBEAT_S:
-                yield ": still watching\n\n"
-                quiet_since = time.monotonic()
-            await asyncio.sleep(poll_s)
 
-    return app
+async def _event_stream(request: HTTPRequest, sources: list, closing: threading.Event, poll_s: float):
+    """One viewer's stream: its own Watcher polled every poll_s until the viewer leaves or the server closes,
+    with a comment line after HEARTBEAT_S of quiet (so proxies keep the connection open)."""
+    watcher = Watcher(sources)
+    yield f"retry: {RETRY_MS}\n\n"
+    quiet_since = time.monotonic()
+    while not closing.is_set() and not await request.is_disconnected():
+        messages = await asyncio.to_thread(watcher.poll)  # file reads off the event loop: other viewers stay live
+        if messages:
+            yield "".join(sse(data, event) for event, data in messages)
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= HEARTBEAT_S:
+            yield ": still watching\n\n"
+            quiet_since = time.monotonic()
+        await asyncio.sleep(poll_s)
 
 
 def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8008, api_key: str = "", wait: bool = False, exit_with_parent: bool = False) -> None:
