@@ -14,6 +14,9 @@ tests/test_generate.py checks it against the module path, with padding, GQA and 
 
 The model knows nothing of this path: the engine (gradlm/engine.py) holds a Forward, which chooses it
 and owns the weight copies it uses.
+
+decode() is the plain one-row decoding loop over a KV cache (no batching, stops, penalties or constraints):
+what training's samples use (gradlm/monitor.py), since training may not import the engine.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from gradlm.model import GPT, KVCache
+from gradlm.sampling import SamplingConfig, next_token
 
 
 class Forward:
@@ -56,6 +60,24 @@ class Forward:
         if key != self._key:
             self._weights, self._key = inference_weights(self.model, self.int8), key
         return self._weights
+
+
+@torch.no_grad()
+def decode(model: GPT, prompt: list[int], n: int, cfg: SamplingConfig, gen: torch.Generator | None = None,
+           vocab_size: int | None = None, forward: Forward | None = None) -> list[int]:
+    """The n ids that follow prompt, one at a time in a new KV cache: the prompt runs once, then each new
+    id; next_token picks each (with gen). vocab_size: pick among the first vocab_size ids only (the ids a
+    tokenizer has, where the model has more rows). forward: a Forward, or None for the model's own forward
+    (what training uses: it follows the caller's autocast and makes no weight copies). The caller puts the
+    model in eval mode; prompt + n must fit the context window."""
+    step = forward or model
+    cache = model.new_cache(1, len(prompt) + n)
+    ids, new = torch.tensor([prompt], device=model.embed_tokens.weight.device), []
+    for _ in range(n):
+        logits = step(ids, cache=cache, last_only=True)[:, -1, :vocab_size]  # (1, V)
+        ids = next_token(logits, cfg, gen)[:, None]  # (1, 1)
+        new.append(ids)
+    return torch.cat(new, 1)[0].tolist() if new else []  # one read from the device, not one per token
 
 
 def fused_forward(model: GPT, weights: tuple, idx: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:

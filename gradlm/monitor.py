@@ -18,8 +18,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from gradlm.errors import Diverged
+from gradlm.infer import decode
 from gradlm.optim import base_lrs, scale_base_lr
-from gradlm.sampling import SamplingConfig, next_token
+from gradlm.sampling import SamplingConfig
 
 
 def diverged(loss: float, grad_norm: float, ln_vocab: float, ema: float | None, step: int, start: float = 0.0) -> bool:
@@ -150,9 +151,9 @@ def write_sample(t) -> None:
     """samples.jsonl: what the model writes from the run's fixed prompt (t.sample_prompt_ids()) at this
     evaluation, seeded with the run's seed, so that from one evaluation to the next only the weights change.
 
-    A short decode with the KV cache on rank 0, in eval mode (no dropout) and with a generator of its own:
-    the training's random state is untouched, so a run with samples resumes bit for bit as one without.
-    (The engine, gradlm/engine.py, is the decoder for users' requests; training may not import it.)"""
+    A short decode with the KV cache (gradlm/infer.py's decode: training may not import the engine) on rank 0,
+    in eval mode (no dropout) and with a generator of its own: the training's random state is untouched, so a
+    run with samples resumes bit for bit as one without."""
     if not (t.cfg.sample_tokens and t.dd.main):
         return
     prompt = t.sample_prompt_ids()[-(t.block - 1):]  # the newest tokens if the prompt fills the window
@@ -161,17 +162,11 @@ def write_sample(t) -> None:
     was_training = model.training
     model.eval()
     try:
-        cache = model.new_cache(1, len(prompt) + n)
-        ids, new = torch.tensor([prompt], device=t.device), []
         with t.autocast():
-            for _ in range(n):
-                logits = model(ids, cache=cache, last_only=True)[:, -1, : t.tok.vocab_size]  # (1, V): ids the tokenizer has
-                ids = next_token(logits, SAMPLING, gen)[:, None]  # (1, 1)
-                new.append(ids)
+            new = decode(model, prompt, n, SAMPLING, gen, vocab_size=t.tok.vocab_size)  # only ids the tokenizer has
     finally:
         model.train(was_training)
-    text = t.tok.decode(torch.cat(new, 1)[0].tolist()) if new else ""  # one read from the device, not one per token
-    t.samples.write(**t.stamp(), prompt=t.tok.decode(prompt), text=text)
+    t.samples.write(**t.stamp(), prompt=t.tok.decode(prompt), text=t.tok.decode(new))
 
 
 class TrainLog:

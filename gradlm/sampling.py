@@ -8,7 +8,8 @@ Applied in this order to a row's next-token logits:
     top_k                keep the k most likely tokens
     top_p                keep the smallest set of most likely tokens whose probability reaches p
     min_p                keep tokens at least min_p x the probability of the most likely one
-The engine (gradlm/engine.py) calls these for every row it decodes; nothing else samples.
+The engine (gradlm/engine.py) calls these for every row it decodes, and gradlm/infer.py's decode() for the
+one-row decodes of training's samples; nothing else samples.
 """
 
 from __future__ import annotations

@@ -184,3 +184,49 @@ def test_the_engine_thread_serves_requests_and_stops(cycle):
             assert out.text().startswith(CYCLE[1:]) and out.pieces[-1].generated == 10 + i
     finally:
         engine.stop()
+
+
+# ---- infer.decode: the one-row decoder training's samples use (training may not import the engine) ------------
+
+
+def _engine_ids(lm: LM, prompt: list[int], cfg: SamplingConfig) -> tuple[list[int], Engine]:
+    engine, out = Engine(lm.model, lm.tok), Collect()
+    engine.submit(Request(prompt, cfg), out)
+    run_until_idle(engine)
+    return [p.token.id for p in out.pieces], engine
+
+
+def test_decode_picks_the_engines_tokens(tlm):
+    from gradlm.infer import decode
+
+    prompt = tlm.tok.encode("ROMEO:")
+    greedy = SamplingConfig(max_new_tokens=20, temperature=0)
+    want, engine = _engine_ids(tlm, prompt, greedy)
+    assert len(want) == 20
+    assert decode(tlm.model, prompt, 20, greedy, forward=engine.forward) == want  # the engine's own forward
+    assert decode(tlm.model, prompt, 20, greedy) == want  # the module path, as training runs it
+    drawn = SamplingConfig(max_new_tokens=20, temperature=0.9, top_k=40, seed=7)  # a row's draws: its seed's generator
+    want, engine = _engine_ids(tlm, prompt, drawn)
+    assert decode(tlm.model, prompt, 20, drawn, torch.Generator().manual_seed(7), forward=engine.forward) == want
+
+
+def test_the_trainings_sample_is_what_decode_writes(tlm):
+    import contextlib
+    from types import SimpleNamespace
+
+    from gradlm.infer import decode
+    from gradlm.monitor import SAMPLING, write_sample
+
+    prompt, rows = tlm.tok.encode("ROMEO:"), []
+    t = SimpleNamespace(  # the parts of a Trainer that write_sample reads
+        cfg=SimpleNamespace(sample_tokens=12, seed=3), dd=SimpleNamespace(main=True), block=64, sample_prompt_ids=lambda: prompt,
+        model=tlm.model, device="cpu", autocast=contextlib.nullcontext, tok=tlm.tok, stamp=lambda: {"step": 1},
+        samples=SimpleNamespace(write=lambda **row: rows.append(row)))
+    tlm.model.train()
+    try:
+        write_sample(t)
+        assert tlm.model.training  # back in training mode
+    finally:
+        tlm.model.eval()
+    text = tlm.tok.decode(decode(tlm.model, prompt, 12, SAMPLING, torch.Generator().manual_seed(3), vocab_size=tlm.tok.vocab_size))
+    assert rows == [{"step": 1, "prompt": "ROMEO:", "text": text}] and text
