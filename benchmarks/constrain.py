@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from gradlm.constrain import make_constraint
-from gradlm.engine import Engine, Request
-from gradlm.model import GPT, ModelConfig
-from gradlm.sampling import SamplingConfig
-from gradlm.tokenizer import Tokenizer
+from gradlm.generation.constrain import make_constraint
+from gradlm.generation.engine import Engine, Request
+from gradlm.model.transformer import Transformer, ModelConfig
+from gradlm.model.sampling import SamplingConfig
+from gradlm.text.tokenizer import Tokenizer
 
 SCHEMA = {
     "type": "object",
@@ -75,7 +75,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     tok = Tokenizer.train([Path(args.text).read_text(encoding="utf-8")], args.vocab)
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=len(tok), block_size=256, n_layer=4, n_head=4, d_model=256)).eval()
+    model = Transformer(ModelConfig(vocab_size=len(tok), block_size=256, n_layer=4, n_head=4, d_model=256)).eval()
     params = sum(p.numel() for p in model.parameters())
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"model {params / 1e6:.1f}M parameters, vocabulary {len(tok)}; {args.new_tokens} new tokens at most, median of {args.repeats}\n")

@@ -24,13 +24,13 @@ import warnings
 
 import torch
 
-from gradlm.engine import Engine, Request
-from gradlm.infer import Forward
-from gradlm.model import GPT, ModelConfig
-from gradlm.sampling import SamplingConfig
+from gradlm.generation.engine import Engine, Request
+from gradlm.model.infer import Forward
+from gradlm.model.transformer import Transformer, ModelConfig
+from gradlm.model.sampling import SamplingConfig
 
 
-def hf_model(model: GPT):
+def hf_model(model: Transformer):
     """transformers' LlamaForCausalLM holding exactly our weights (keys prefixed "model.")."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -70,7 +70,7 @@ class ByteTokens:
 
 
 class ModulePath(Forward):
-    """The engine's forward on the module path, GPT.forward(idx, cache=...), instead of the fused inference
+    """The engine's forward on the module path, Transformer.forward(idx, cache=...), instead of the fused inference
     path: to measure what the fused path earns."""
 
     def __call__(self, idx, cache, last_only=False):
@@ -101,12 +101,12 @@ def theirs(hf, prompts: list[list[int]], n: int) -> list[list[int]]:
     return out[:, P:].tolist()
 
 
-def matmul_floor(model: GPT, B: int, n: int, repeats: int) -> float:
+def matmul_floor(model: Transformer, B: int, n: int, repeats: int) -> float:
     """Seconds that n decoding steps at batch B spend in their weight matrix products alone (the fused
     path's own matrices and shapes: [q;k;v], o, [gate;up], down per layer, then the head), with nothing
     else: no attention, norms, rotary, sampling or Python loop. No implementation that multiplies by
     these fp32 weights with this BLAS can decode faster."""
-    from gradlm.infer import inference_weights
+    from gradlm.model.infer import inference_weights
 
     layers, head_t = inference_weights(model)[:2]
     x = torch.randn(B, model.cfg.d_model)
@@ -147,7 +147,7 @@ def main() -> None:
     import transformers
 
     cfg = ModelConfig(vocab_size=1030, block_size=512, n_layer=6, n_head=8, d_model=320)
-    model = GPT(cfg)
+    model = Transformer(cfg)
     model.reset_parameters(seed=args.seed)
     model.eval()
     hf = hf_model(model)

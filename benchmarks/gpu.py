@@ -52,7 +52,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))  # benchmarks/generate.py, benchmarks/quality.py
 
 from gradlm import runtime as runtime_module  # noqa: E402
-from gradlm.model import GPT, ModelConfig, flops_per_token  # noqa: E402
+from gradlm.model.transformer import Transformer, ModelConfig, flops_per_token  # noqa: E402
 
 SECTIONS = ("train", "generate", "serve", "tests", "quality")
 # The most seconds each section may take (estimates for an H100, not yet measured: train ~140 s, of which ~100 s are
@@ -227,14 +227,14 @@ def build_optimizer(model, rt) -> tuple[torch.optim.Optimizer, str]:
     """gradlm's AdamW (decay on matrices only); fused on CUDA, set here if gradlm's builder does not."""
     import inspect
 
-    from gradlm.optim import build_optimizer as gradlm_optimizer
+    from gradlm.training.optim import build_optimizer as gradlm_optimizer
 
     fused = {"fused": True} if rt.kind == "cuda" and "fused" in inspect.signature(gradlm_optimizer).parameters else {}
     opt = gradlm_optimizer(model, "adamw", 6e-4, 0.1, 0.9, (0.9, 0.95), **fused)
     if rt.kind == "cuda" and not opt.defaults.get("fused"):
         groups = [{k: v for k, v in g.items() if k != "fused"} for g in opt.param_groups]
         return torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=True), "gradlm's AdamW groups, fused=True set by this benchmark (build_optimizer does not fuse)"
-    return opt, "gradlm.optim.build_optimizer AdamW" + (", fused" if opt.defaults.get("fused") else "")
+    return opt, "gradlm.training.optim.build_optimizer AdamW" + (", fused" if opt.defaults.get("fused") else "")
 
 
 def time_training(ctx: Context, compiled: bool) -> dict:
@@ -242,7 +242,7 @@ def time_training(ctx: Context, compiled: bool) -> dict:
     a, rt = ctx.args, ctx.rt
     cfg = ctx.model_config()
     torch.manual_seed(0)
-    model = GPT(cfg).to(rt.device)
+    model = Transformer(cfg).to(rt.device)
     opt, opt_note = build_optimizer(model, rt)
     x = torch.randint(0, cfg.vocab_size, (a.batch, a.context), device=rt.device)
     y = torch.randint(0, cfg.vocab_size, (a.batch, a.context), device=rt.device)
@@ -405,14 +405,14 @@ def strict_float32(device: str):
 def section_generate(ctx: Context, rep: Report) -> None:
     import generate as gen_bench  # benchmarks/generate.py: hf_model, ByteTokens, ours
 
-    from gradlm.engine import Engine
+    from gradlm.generation.engine import Engine
 
     a, rt = ctx.args, ctx.rt
     warnings.filterwarnings("ignore")
     infer = runtime_module.resolve(rt.device, "auto", "off", inference=True)
     n = a.new_tokens
     cfg = ctx.model_config(block_size=max(a.context, 64 + n))
-    model = GPT(cfg)
+    model = Transformer(cfg)
     model.reset_parameters(seed=0)
     model.eval()
     hf32 = gen_bench.hf_model(model)
@@ -427,7 +427,7 @@ def section_generate(ctx: Context, rep: Report) -> None:
         if "runtime" in inspect.signature(Engine).parameters:
             variants.append((infer.dtype, True))
         else:
-            rep.add("generate", "compiled decode", note="skipped: gradlm.engine.Engine takes no runtime (compile) here")
+            rep.add("generate", "compiled decode", note="skipped: gradlm.generation.engine.Engine takes no runtime (compile) here")
     what = f"{cfg.n_layer} x {cfg.d_model}, vocab {cfg.vocab_size}, greedy, {n} new tokens"
     for dtype, compiled in variants:
         try:

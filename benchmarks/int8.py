@@ -3,7 +3,7 @@
 Takes a run (--run; by default trains one: 6 layers x 320 on Shakespeare for 200 steps, as
 benchmarks/llamacpp.py does) and decodes greedily through gradlm's engine twice, side by side in one process,
 alternating: float32 weights, and int8 copies of the matrices (one scale per output column, activations
-quantized per call: torch's dynamic quantization, gradlm/infer.py). Prompts are Shakespeare lines; every row
+quantized per call: torch's dynamic quantization, gradlm/model/infer.py). Prompts are Shakespeare lines; every row
 decodes --new-tokens tokens, no early stop; each figure is the median of --repeats runs after a warm-up.
 Quality: the greedy tokens that equal float32's (row by row, up to the first difference) and the bits per
 byte of both on held-out Shakespeare (the last 10%, non-overlapping windows, teacher-forced).
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from gradlm.engine import Engine
-from gradlm.infer import Forward
+from gradlm.generation.engine import Engine
+from gradlm.model.infer import Forward
 from gradlm.rundir import load_model
 from gradlm.runtime import Runtime
-from gradlm.scoring import byte_bits
+from gradlm.model.scoring import byte_bits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llamacpp import benchmark_run, gradlm_decode as decode, shakespeare_lines, shakespeare_text  # noqa: E402  (the same run and prompts as that benchmark)

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gradlm.engine import Engine, Request
-from gradlm.sampling import SamplingConfig
-from gradlm.llamacpp import export_gguf
+from gradlm.generation.engine import Engine, Request
+from gradlm.model.sampling import SamplingConfig
+from gradlm.formats.gguf import export_gguf
 from gradlm.rundir import load_model
 
 

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from gradlm.model import GPT, ModelConfig
-from gradlm.optim import build_optimizer
+from gradlm.model.transformer import Transformer, ModelConfig
+from gradlm.training.optim import build_optimizer
 
 
 def variants(model):
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     a = ap.parse_args()
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=a.vocab, d_model=a.d_model, n_layer=a.n_layer, n_head=a.n_head, block_size=a.block))
+    model = Transformer(ModelConfig(vocab_size=a.vocab, d_model=a.d_model, n_layer=a.n_layer, n_head=a.n_head, block_size=a.block))
     x = torch.randint(0, a.vocab, (a.batch, a.block))
     y = torch.roll(x, -1, 1)
     opts = dict(variants(model))
@@ -59,7 +59,7 @@ def main() -> None:
             if r >= 2:  # the first rounds warm up allocators and optimizer state
                 step_t[name].append(t2 - t1)
                 full_t[name].append(t2 - t0)
-    from gradlm.optim import fast_matmul_dtype
+    from gradlm.training.optim import fast_matmul_dtype
 
     print(f"gradlm's Muon picks {fast_matmul_dtype('cpu')} for Newton-Schulz on this machine (from the CPU's bf16 features)")
     print(f"model: d_model {a.d_model}, {a.n_layer} layers, {model.num_params():,} parameters; batch {a.batch} x {a.block} tokens; torch {torch.__version__}, {torch.get_num_threads()} threads")

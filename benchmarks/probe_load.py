@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from gradlm import autosize
-from gradlm.config import TrainConfig
-from gradlm.data import resolve_data, windows
-from gradlm.optim import fast_matmul_dtype
+from gradlm.training import autosize
+from gradlm.training.config import TrainConfig
+from gradlm.text.data import resolve_data, windows
+from gradlm.training.optim import fast_matmul_dtype
 
 
 def choice(data: str, seconds: float) -> str:
@@ -34,7 +34,7 @@ def choice(data: str, seconds: float) -> str:
     bf16 = fast_matmul_dtype("cpu") == torch.bfloat16
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else __import__("contextlib").nullcontext
     probe = autosize.Probe(sample, autocast, "cpu", limit_s=0.05 * seconds)
-    c = autosize.choose(autosize.Budget(seconds=seconds), len(tokens), probe, d.tokenizer.vocab_size, {}, max_block=len(val) - 1)
+    c = autosize.choose(autosize.Allowance(seconds=seconds), len(tokens), probe, d.tokenizer.vocab_size, {}, max_block=len(val) - 1)
     m = c.model
     return f"{m['n_layer']} x {m['d_model']}, batch {c.train['batch']}, {c.tokens / 1e6:.2f}M tokens at {c.tokens_per_s:,.0f} tok/s"
 

@@ -49,7 +49,7 @@ def corpus_text(path: str) -> str:
         return text
     if path:
         return Path(path).read_text(encoding="utf-8")
-    from gradlm.datasets import resolve
+    from gradlm.text.datasets import resolve
 
     return resolve("shakespeare").read_text(encoding="utf-8")
 
@@ -82,7 +82,7 @@ def run_ours(train_txt: Path, val_txt: Path, seconds: float, out: Path) -> dict:
     report = json.loads(e.stdout)
     summary = json.loads((out / "summary.json").read_text())
     config = json.loads((out / "config.json").read_text())
-    from gradlm.model import ModelConfig, flops_per_token
+    from gradlm.model.transformer import ModelConfig, flops_per_token
 
     flops = flops_per_token(ModelConfig.from_dict(config["model"]))
     dtype = summary["dtype"]

@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gradlm.checkpoint import atomic_write_text
-from gradlm.config import TrainConfig
-from gradlm.data import RandomSampler, TokenData, resolve_data
-from gradlm.evaluate import EvalConfig, run_eval
-from gradlm.model import ModelConfig
+from gradlm.files import atomic_write_text
+from gradlm.training.config import TrainConfig
+from gradlm.text.data import RandomSampler, TokenData, resolve_data
+from gradlm.evaluation.evaluate import EvalConfig, run_eval
+from gradlm.model.transformer import ModelConfig
 from gradlm.rundir import load_model
-from gradlm.trainer import Trainer, train
+from gradlm.training.trainer import Trainer, train
 
 DEMO = dict(n_layer=4, d_model=192, n_head=6, block_size=128)
 
@@ -166,8 +166,8 @@ def throughput(a) -> None:
     """Per-batch cost of each way to re-segment training windows with dropout, against a training step."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    from gradlm.model import GPT
-    from gradlm.robust import RobustSampler, Segmenter
+    from gradlm.model.transformer import Transformer
+    from gradlm.text.augment import RobustSampler, Segmenter
 
     data = resolve_data(base_config(a, Path(a.out) / "tp"), log=lambda m: None)
     tok, ids = data.tokenizer, data.tokens("train")
@@ -187,7 +187,7 @@ def throughput(a) -> None:
 
     cases = {"plain windows (no dropout)": lambda: plain.next(batch), "HF BPE(dropout) on the fly": hf_on_the_fly}
     cases.update({k: (lambda s=s: s.next(batch)) for k, s in ours.items()})
-    model = GPT(ModelConfig(**DEMO, vocab_size=tok.vocab_size))
+    model = Transformer(ModelConfig(**DEMO, vocab_size=tok.vocab_size))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, y = plain.next(batch)
 

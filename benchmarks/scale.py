@@ -84,7 +84,7 @@ def measured(cmd: list[str]) -> tuple[float, int]:
 
 def raw_tiktoken(folder: Path, tokenizer: Path, threads: int) -> float:
     """Seconds raw tiktoken takes over every file (encode_ordinary_batch, 64 MB a batch)."""
-    from gradlm.tokenizer import Tokenizer
+    from gradlm.text.tokenizer import Tokenizer
 
     enc = Tokenizer.load(tokenizer)._tt
     files = sorted(p for p in folder.rglob("*.txt"))

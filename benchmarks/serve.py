@@ -47,15 +47,15 @@ def random_run(directory: Path, shape: str) -> Path:
     """A run directory holding a seeded random model of the given shape (context 128) and a tokenizer."""
     import torch
 
-    from gradlm import checkpoint as ckpt
-    from gradlm.model import GPT, ModelConfig
-    from gradlm.tokenizer import Tokenizer
+    from gradlm import files as ckpt
+    from gradlm.model.transformer import Transformer, ModelConfig
+    from gradlm.text.tokenizer import Tokenizer
 
     corpus = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
     text = corpus.read_text(encoding="utf-8")[:200_000] if corpus.is_file() else " ".join(PROMPTS) * 200
     tok = Tokenizer.train([text], 1024)
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=128, **SHAPES[shape]))
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, block_size=128, **SHAPES[shape]))
     model.reset_parameters(seed=0)
     run = directory / f"random-{shape}"
     run.mkdir()

@@ -12,8 +12,8 @@ import argparse
 import statistics
 import time
 
-from gradlm.corpus import locate
-from gradlm.tokenizer import Tokenizer
+from gradlm.text.corpus import locate
+from gradlm.text.tokenizer import Tokenizer
 
 
 def main() -> None:

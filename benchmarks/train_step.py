@@ -17,9 +17,9 @@ import time
 
 import torch
 
-import gradlm.model as model_module
-from gradlm.model import GPT, ModelConfig
-from gradlm.optim import build_optimizer
+import gradlm.model.transformer as model_module
+from gradlm.model.transformer import Transformer, ModelConfig
+from gradlm.training.optim import build_optimizer
 
 PATHS = {"sdpa": 0, "explicit": model_module.EXPLICIT_ATTENTION_MAX_CONTEXT}  # the context limit that selects each path
 
@@ -38,7 +38,7 @@ def time_steps(shape: tuple[int, int, int, int], path: str, steps: int, bf16: bo
     """(seconds per step, loss after the steps) for (layers, width, context, batch), from seed 0."""
     n_layer, d_model, block, batch = shape
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=1024, n_layer=n_layer, d_model=d_model, n_head=d_model // 32, block_size=block))
+    model = Transformer(ModelConfig(vocab_size=1024, n_layer=n_layer, d_model=d_model, n_head=d_model // 32, block_size=block))
     opt = build_optimizer(model, "adamw", 3e-3, 0.1, 0.9, (0.9, 0.95))
     x = torch.randint(0, 1024, (batch, block))
     model_module.EXPLICIT_ATTENTION_MAX_CONTEXT = PATHS[path]

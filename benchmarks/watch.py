@@ -88,10 +88,10 @@ def train_once(out: Path, args, kind: str) -> dict:
 def sample_cost(tmp: str) -> tuple[float, float]:
     """Median seconds of one evaluation and of one sample (--sample-tokens 48) of the demo-shaped model."""
     from gradlm.cli import build_parser, typed_configs
-    from gradlm.model import ModelConfig
-    from gradlm.config import TrainConfig
-    from gradlm.monitor import write_sample
-    from gradlm.trainer import Trainer
+    from gradlm.model.transformer import ModelConfig
+    from gradlm.training.config import TrainConfig
+    from gradlm.training.monitor import write_sample
+    from gradlm.training.trainer import Trainer
 
     args = build_parser().parse_args(["train", "--data", "shakespeare", "--out", str(Path(tmp) / "timing"), "--seed", "0", "--no-progress", *SHAPE])
     (model_cfg, cfg), _ = typed_configs(args, ModelConfig, TrainConfig)

@@ -10,23 +10,24 @@ __version__ = "0.1.0"
 
 # public name -> (module, attribute)
 _EXPORTS = {
-    "GPT": ("gradlm.model", "GPT"),
-    "LM": ("gradlm.generate", "LM"),
+    "GPT": ("gradlm.model.transformer", "Transformer"),  # the public name of the model (the class is Transformer)
+    "Transformer": ("gradlm.model.transformer", "Transformer"),
+    "LM": ("gradlm.generation.generate", "LM"),
     "GradlmError": ("gradlm.errors", "GradlmError"),
-    "ModelConfig": ("gradlm.model", "ModelConfig"),
-    "SamplingConfig": ("gradlm.generate", "SamplingConfig"),
-    "Tokenizer": ("gradlm.tokenizer", "Tokenizer"),
-    "TrainConfig": ("gradlm.config", "TrainConfig"),
-    "ChatSession": ("gradlm.session", "ChatSession"),
-    "FinetuneConfig": ("gradlm.finetune", "FinetuneConfig"),
-    "evaluate_text": ("gradlm.evaluate", "evaluate_text"),
-    "finetune": ("gradlm.finetune", "finetune"),
-    "generate_text": ("gradlm.generate", "generate_text"),
-    "load_lm": ("gradlm.generate", "load"),
+    "ModelConfig": ("gradlm.model.transformer", "ModelConfig"),
+    "SamplingConfig": ("gradlm.generation.generate", "SamplingConfig"),
+    "Tokenizer": ("gradlm.text.tokenizer", "Tokenizer"),
+    "TrainConfig": ("gradlm.training.config", "TrainConfig"),
+    "ChatSession": ("gradlm.generation.session", "ChatSession"),
+    "FinetuneConfig": ("gradlm.training.finetune", "FinetuneConfig"),
+    "evaluate_text": ("gradlm.evaluation.evaluate", "evaluate_text"),
+    "finetune": ("gradlm.training.finetune", "finetune"),
+    "generate_text": ("gradlm.generation.generate", "generate_text"),
+    "load_lm": ("gradlm.generation.generate", "load"),
     "load_model": ("gradlm.rundir", "load_model"),
-    "merge": ("gradlm.finetune", "merge"),
-    "stream_text": ("gradlm.generate", "stream_text"),
-    "train": ("gradlm.trainer", "train"),
+    "merge": ("gradlm.training.finetune", "merge"),
+    "stream_text": ("gradlm.generation.generate", "stream_text"),
+    "train": ("gradlm.training.trainer", "train"),
 }
 __all__ = sorted(_EXPORTS)
 

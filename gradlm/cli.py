@@ -62,10 +62,10 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-config", action="store_true", help="print the effective settings (as YAML, which --config reads back) and exit")
 
 
-def typed_configs(args: argparse.Namespace, *classes) -> tuple[list, set[str]]:
+def given_configs(args: argparse.Namespace, *classes) -> tuple[list, set[str]]:
     """Instances of the config classes from --config FILE and the flags typed (flags win), and the names
     of every setting given either way (what a resume may take as an override)."""
-    from gradlm.config import read_config_file
+    from gradlm.training.config import read_config_file
 
     values = read_config_file(args.config, classes) if getattr(args, "config", "") else {}
     for cls in classes:
@@ -86,7 +86,7 @@ def typed_configs(args: argparse.Namespace, *classes) -> tuple[list, set[str]]:
 def _check_typed_budgets(args: argparse.Namespace, objs) -> None:
     """A budget typed on the command line must be positive (`--max-time 0` is a mistake, not "no limit").
     A config file's 0 or "" means "not set": that is how --print-config and a run's config.json write it."""
-    from gradlm.config import BUDGETS, TrainConfig, check_budgets
+    from gradlm.training.config import BUDGETS, TrainConfig, check_budgets
 
     for o in objs:
         if isinstance(o, TrainConfig):
@@ -136,8 +136,8 @@ def constraint_flags(p: argparse.ArgumentParser) -> None:
 
 def constraint_args(args: argparse.Namespace) -> dict:
     """The constraint the flags ask for, as LM keywords (choices=..., regex=...); {} when none."""
-    from gradlm.constrain import make_constraint
-    from gradlm.corpus import read_text
+    from gradlm.generation.constrain import make_constraint
+    from gradlm.text.corpus import read_text
 
     def read(path: str, what: str) -> str:
         if not Path(path).is_file():
@@ -170,8 +170,8 @@ def _stderr(msg: str) -> None:
 
 
 def cmd_tokenizer_train(args) -> None:
-    from gradlm.checkpoint import check_output
-    from gradlm.prepare import parse_size, train_tokenizer
+    from gradlm.files import check_output
+    from gradlm.text.prepare import parse_size, train_tokenizer
 
     out = Path(args.out)
     out = check_output(out / "tokenizer.json" if out.is_dir() else out, "--out")
@@ -182,7 +182,7 @@ def cmd_tokenizer_train(args) -> None:
 
 
 def _load_tokenizer(path: str):
-    from gradlm.tokenizer import Tokenizer
+    from gradlm.text.tokenizer import Tokenizer
 
     if not path:
         raise ConfigError("say which tokenizer: --tokenizer RUN_DIR or --tokenizer tokenizer.json")
@@ -190,7 +190,7 @@ def _load_tokenizer(path: str):
 
 
 def cmd_tokenize(args) -> None:
-    from gradlm.tokenizer import describe
+    from gradlm.text.tokenizer import describe
 
     tok = _load_tokenizer(args.tokenizer)
     text = args.text if args.text != "-" else sys.stdin.read()
@@ -199,7 +199,7 @@ def cmd_tokenize(args) -> None:
         raise ConfigError(f"--typos is how many misspellings to show and must not be negative, got {args.typos}")
     typos = []
     if args.typos:  # made before anything is printed: a text that cannot be misspelled is an error
-        from gradlm.robust import typo_splits
+        from gradlm.evaluation.robustness import typo_splits
 
         typos = typo_splits(tok, text, args.typos, args.seed)
     if args.ids:
@@ -217,7 +217,7 @@ def cmd_tokenize(args) -> None:
     nbytes = len(text.encode())
     print(f"{len(pieces)} tokens for {nbytes} bytes ({nbytes / max(len(pieces), 1):.2f} bytes/token)")
     if typos:
-        from gradlm.tokenizer import show_token
+        from gradlm.text.tokenizer import show_token
 
         print(f"with one typo (seed {args.seed}):")
         for t in typos:
@@ -225,8 +225,8 @@ def cmd_tokenize(args) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from gradlm.checkpoint import check_output
-    from gradlm.prepare import parse_size, prepare, train_tokenizer
+    from gradlm.files import check_output
+    from gradlm.text.prepare import parse_size, prepare, train_tokenizer
 
     check_output(args.out, "--out", is_dir=True)
     if args.shard_tokens < 1:
@@ -244,13 +244,13 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from gradlm.model import ModelConfig
-    from gradlm.config import TrainConfig
-    from gradlm.trainer import train
+    from gradlm.model.transformer import ModelConfig
+    from gradlm.training.config import TrainConfig
+    from gradlm.training.trainer import train
 
-    (model_cfg, cfg), typed = typed_configs(args, ModelConfig, TrainConfig)
+    (model_cfg, cfg), given = given_configs(args, ModelConfig, TrainConfig)
     with watching(args, cfg.out):
-        s = train(model_cfg, cfg, given=typed)
+        s = train(model_cfg, cfg, given=given)
     import torch.distributed as dist
 
     if dist.is_initialized():  # under torchrun: only rank 0 reports
@@ -266,17 +266,17 @@ def cmd_train(args) -> None:
 
 
 def cmd_finetune(args) -> None:
-    from gradlm.config import TrainConfig
-    from gradlm.finetune import FinetuneConfig, finetune
+    from gradlm.training.config import TrainConfig
+    from gradlm.training.finetune import FinetuneConfig, finetune
 
-    typed = {f.name for cls in (TrainConfig, FinetuneConfig) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    if not getattr(args, "resume", False) and "data" not in typed:
+    given = {f.name for cls in (TrainConfig, FinetuneConfig) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    if not getattr(args, "resume", False) and "data" not in given:
         raise ConfigError("say what to fine-tune on: --data FILE (chat .jsonl for question answering, or raw text)")
     dropout = getattr(args, "dropout", 0.0)
     ft_train = pick(args, TrainConfig)
     _check_typed_budgets(args, [ft_train])
     with watching(args, ft_train.out):
-        s = finetune(args.base, ft_train, pick(args, FinetuneConfig), dropout=dropout, given=typed | ({"dropout"} if hasattr(args, "dropout") else set()))
+        s = finetune(args.base, ft_train, pick(args, FinetuneConfig), dropout=dropout, given=given | ({"dropout"} if hasattr(args, "dropout") else set()))
     print(
         f"{s['run']}: {s['finetune_method']} fine-tuning, {s['trainable_params']:,} trainable parameters of {s['full_finetune_params']:,}, "
         f"{s['steps']} steps in {s['time_s']:.1f}s, stopped by {s['stop']} | val loss {s['val_loss']:.4f} (best {s['best_val_loss']:.4f})"
@@ -284,7 +284,7 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from gradlm.finetune import merge
+    from gradlm.training.finetune import merge
 
     from gradlm.runtime import resolve
 
@@ -296,12 +296,12 @@ def cmd_merge(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from gradlm.generate import SamplingConfig, load
-    from gradlm.session import ChatSession, chat_loop
+    from gradlm.generation.generate import SamplingConfig, load
+    from gradlm.generation.session import ChatSession, chat_loop
 
     sampling = pick(args, SamplingConfig)
     sampling.validate()
-    from gradlm.constrain import make_constraint
+    from gradlm.generation.constrain import make_constraint
 
     constraint = make_constraint(**constraint_args(args))
     lm = load(args.run, best=args.best, runtime=model_runtime(args, decoding=True))
@@ -316,8 +316,8 @@ def cmd_chat(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from gradlm.generate import SamplingConfig, load, read_prompts
-    from gradlm.tokenizer import show_token
+    from gradlm.generation.generate import SamplingConfig, load, read_prompts
+    from gradlm.text.tokenizer import show_token
 
     cfg = pick(args, SamplingConfig)
     cfg.validate()
@@ -393,13 +393,13 @@ def watching(args, path: str, again: str = ""):
 
 
 def cmd_watch(args) -> None:
-    from gradlm.watch import serve
+    from gradlm.serving.watch import serve
 
     serve(args.runs, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("GRADLM_API_KEY", ""), wait=args.wait, exit_with_parent=args.exit_with_parent)
 
 
 def cmd_serve(args) -> None:
-    from gradlm.serve import serve
+    from gradlm.serving.serve import serve
 
     key = args.api_key or os.environ.get("GRADLM_API_KEY", "")
     rt = model_runtime(args, decoding=True)
@@ -407,8 +407,8 @@ def cmd_serve(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from gradlm.checkpoint import dumps
-    from gradlm.evaluate import EvalConfig, format_report, run_eval
+    from gradlm.files import dumps
+    from gradlm.evaluation.evaluate import EvalConfig, format_report, run_eval
     from gradlm.rundir import load_model
 
     cfg = pick(args, EvalConfig)
@@ -420,15 +420,15 @@ def cmd_eval(args) -> None:
 
 
 def _train_configs(args):
-    from gradlm.model import ModelConfig
-    from gradlm.config import TrainConfig
+    from gradlm.model.transformer import ModelConfig
+    from gradlm.training.config import TrainConfig
 
-    (model_cfg, cfg), _ = typed_configs(args, ModelConfig, TrainConfig)
+    (model_cfg, cfg), _ = given_configs(args, ModelConfig, TrainConfig)
     return model_cfg, cfg
 
 
 def cmd_lr_find(args) -> None:
-    from gradlm.lab import check_logged_out, lr_find
+    from gradlm.training.lrfind import check_logged_out, lr_find
 
     model_cfg, cfg = _train_configs(args)
     check_logged_out(cfg, args.lr_out)  # not the temporary folder of --watch: the trackers' files would vanish with it
@@ -444,7 +444,7 @@ def cmd_lr_find(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from gradlm.lab import compare, format_table, parse_grid
+    from gradlm.training.compare import compare, format_table, parse_grid
 
     model_cfg, cfg = _train_configs(args)
     grid = parse_grid({k: v for k, v in (("optimizer", args.optimizers), ("batch", args.batches), ("lr", args.lrs), ("schedule", args.schedules)) if v})
@@ -457,14 +457,14 @@ def cmd_compare(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from gradlm.model import ModelConfig
-    from gradlm.config import TrainConfig
-    from gradlm.sweep import format_trials, parse_space, sweep
+    from gradlm.model.transformer import ModelConfig
+    from gradlm.training.config import TrainConfig
+    from gradlm.training.sweep import format_trials, parse_space, sweep
 
-    (model_cfg, cfg), typed = typed_configs(args, ModelConfig, TrainConfig)
+    (model_cfg, cfg), given = given_configs(args, ModelConfig, TrainConfig)
     space = parse_space(args.search)
     with watching(args, args.sweep_out):
-        r = sweep(model_cfg, cfg, space, args.sweep_out, trials=args.trials, given=typed, sampler=args.search_sampler, pruner=args.pruner,
+        r = sweep(model_cfg, cfg, space, args.sweep_out, trials=args.trials, given=given, sampler=args.search_sampler, pruner=args.pruner,
                   storage=args.storage, study_name=args.study, objective=args.objective, log=_stderr)
     print(format_trials(r["trials"], r["objective"]), end="")
     b = r["best"]
@@ -477,7 +477,7 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_plot(args) -> None:
-    from gradlm.checkpoint import check_output
+    from gradlm.files import check_output
     from gradlm.plots import plot_runs
     from gradlm.rundir import RunDir, read_metrics
 
@@ -489,7 +489,7 @@ def cmd_plot(args) -> None:
 
 def cmd_export(args) -> None:
     if args.format == "gguf":
-        from gradlm.llamacpp import export_gguf
+        from gradlm.formats.gguf import export_gguf
 
         if args.dtype is not None:
             raise ConfigError("--dtype is the Hugging Face export's precision; a GGUF export takes --gguf-type f32, f16 or q8_0")
@@ -497,7 +497,7 @@ def cmd_export(args) -> None:
         print(f"{s['out']}: {s['architecture']} ({s['gguf_type']}), {s['params']:,} parameters ({s['bytes'] / 1e6:.1f} MB); "
               f"run it with llama.cpp: llama-server -m {s['out']}{' --jinja' if s['chat'] else ''}  (Ollama: ollama create NAME -f {Path(s['out']).parent / 'Modelfile'})")
         return
-    from gradlm.interop import export_hf
+    from gradlm.formats.hf import export_hf
 
     if args.gguf_type is not None:
         raise ConfigError("--gguf-type applies to --format gguf")
@@ -506,7 +506,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_import(args) -> None:
-    from gradlm.interop import import_hf
+    from gradlm.formats.hf import import_hf
 
     s = import_hf(args.hf_dir, args.run, block_size=args.block_size)
     print(f"{s['run']}: imported {s['architecture']} ({s['params']:,} parameters, end of text {s['eos_token']}); continue with `gradlm train --init {s['run']}` or `gradlm generate {s['run']}`")
@@ -520,7 +520,7 @@ DATA_HELP = "text files, directories, .jsonl, .parquet, .gz/.zst of those, or re
 
 def add_reading_flags(p: argparse.ArgumentParser) -> None:
     """How raw text is read, for the commands that read it outside a run (tokenizer train, prepare)."""
-    from gradlm.config import TrainConfig
+    from gradlm.training.config import TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("text_field", "encoding_errors", "tokenizer_sample"):
@@ -546,7 +546,7 @@ def add_watch_command(sub) -> None:
 
 
 def add_tokenizer_command(sub) -> None:
-    from gradlm.config import DEFAULT_VOCAB, VOCAB_HELP
+    from gradlm.training.config import DEFAULT_VOCAB, VOCAB_HELP
 
     tk = sub.add_parser("tokenizer", help="tokenizer tools")
     tks = tk.add_subparsers(dest="action", required=True, parser_class=Parser)
@@ -570,8 +570,8 @@ def add_tokenize_command(sub) -> None:
 
 
 def add_prepare_command(sub) -> None:
-    from gradlm.config import DEFAULT_VOCAB, VOCAB_HELP
-    from gradlm.prepare import SHARD_TOKENS
+    from gradlm.training.config import DEFAULT_VOCAB, VOCAB_HELP
+    from gradlm.text.prepare import SHARD_TOKENS
 
     t = sub.add_parser("prepare", help="tokenise a corpus into train/val token files")
     t.add_argument("--data", required=True, nargs="+", help=DATA_HELP)
@@ -587,8 +587,8 @@ def add_prepare_command(sub) -> None:
 
 
 def add_train_command(sub) -> None:
-    from gradlm.config import TrainConfig
-    from gradlm.model import ModelConfig
+    from gradlm.training.config import TrainConfig
+    from gradlm.model.transformer import ModelConfig
 
     t = sub.add_parser("train", help="train a model by gradient descent")
     add_fields(t, TrainConfig, typed_only=True)
@@ -599,9 +599,9 @@ def add_train_command(sub) -> None:
 
 
 def add_finetune_command(sub) -> None:
-    from gradlm.config import TrainConfig
-    from gradlm.finetune import FinetuneConfig
-    from gradlm.model import ModelConfig
+    from gradlm.training.config import TrainConfig
+    from gradlm.training.finetune import FinetuneConfig
+    from gradlm.model.transformer import ModelConfig
 
     t = sub.add_parser("finetune", help="fine-tune a run on chat .jsonl (loss on the replies) or raw text: full, frozen layers or LoRA")
     t.add_argument("base", nargs="?", default="", help="run directory to start from (may be left out with --resume)")
@@ -622,7 +622,7 @@ def add_merge_command(sub) -> None:
 
 
 def add_chat_command(sub) -> None:
-    from gradlm.generate import SamplingConfig
+    from gradlm.generation.generate import SamplingConfig
 
     t = sub.add_parser("chat", help="talk with a run in the terminal (multi-turn, streamed; /reset, /quit)")
     t.add_argument("run", help="run directory (fine-tuned for chat, e.g. with gradlm finetune)")
@@ -635,7 +635,7 @@ def add_chat_command(sub) -> None:
 
 
 def add_generate_command(sub) -> None:
-    from gradlm.generate import SamplingConfig
+    from gradlm.generation.generate import SamplingConfig
 
     t = sub.add_parser("generate", help="write text with a trained model (streamed)")
     t.add_argument("run", help="run directory")
@@ -654,7 +654,7 @@ def add_generate_command(sub) -> None:
 
 
 def add_serve_command(sub) -> None:
-    from gradlm.engine import MAX_BATCH, MAX_QUEUE
+    from gradlm.generation.engine import MAX_BATCH, MAX_QUEUE
 
     t = sub.add_parser("serve", help="serve a run over HTTP: OpenAI-compatible API and a playground page")
     t.add_argument("run", help="run directory")
@@ -670,7 +670,7 @@ def add_serve_command(sub) -> None:
 
 
 def add_eval_command(sub) -> None:
-    from gradlm.evaluate import EvalConfig
+    from gradlm.evaluation.evaluate import EvalConfig
 
     t = sub.add_parser("eval", help="loss, perplexity, bits per byte/char of a text; typo robustness; multiple choice; QA exact match")
     t.add_argument("run", help="run directory")
@@ -684,8 +684,8 @@ def add_eval_command(sub) -> None:
 
 
 def add_lr_find_command(sub) -> None:
-    from gradlm.config import TrainConfig
-    from gradlm.model import ModelConfig
+    from gradlm.training.config import TrainConfig
+    from gradlm.model.transformer import ModelConfig
 
     t = sub.add_parser("lr-find", help="learning-rate range test: plot loss vs an exponentially growing lr, suggest one")
     t.add_argument("--start-lr", type=float, default=1e-6, help="first learning rate of the sweep")
@@ -703,8 +703,8 @@ def add_lr_find_command(sub) -> None:
 
 
 def add_compare_command(sub) -> None:
-    from gradlm.config import TrainConfig
-    from gradlm.model import ModelConfig
+    from gradlm.training.config import TrainConfig
+    from gradlm.model.transformer import ModelConfig
 
     t = sub.add_parser("compare", help="train several configurations under one budget and plot them together")
     t.add_argument("--optimizer", dest="optimizers", default="", metavar="A,B,...", help="optimizers to compare, comma-separated, e.g. sgd,momentum,adamw,muon")
@@ -721,9 +721,9 @@ def add_compare_command(sub) -> None:
 
 
 def add_sweep_command(sub) -> None:
-    from gradlm.config import TrainConfig
-    from gradlm.model import ModelConfig
-    from gradlm.sweep import OBJECTIVES, PRUNERS, SAMPLERS
+    from gradlm.training.config import TrainConfig
+    from gradlm.model.transformer import ModelConfig
+    from gradlm.training.sweep import OBJECTIVES, PRUNERS, SAMPLERS
 
     t = sub.add_parser("sweep", help="search hyperparameters with Optuna: every trial a run under one budget; the best settings, which mattered, plots")
     t.add_argument("--search", nargs="+", required=True, metavar="NAME=SPEC",

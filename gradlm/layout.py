@@ -1,6 +1,6 @@
 """The names of the files gradlm writes, in one table: a run directory's, and the folders of lr-find and compare.
 
-gradlm/rundir.py writes and reads runs by these names; gradlm/watch.py reads them too and may not import torch,
+gradlm/rundir.py writes and reads runs by these names; gradlm/serving/watch.py reads them too and may not import torch,
 so the table lives here, importing nothing.
 """
 

@@ -29,7 +29,7 @@ def smooth(values: list[float], beta: float = 0.9) -> list[float]:
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    from gradlm.checkpoint import _atomic
+    from gradlm.files import _atomic
 
     path = Path(path)
     _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))

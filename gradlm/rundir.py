@@ -8,7 +8,7 @@
       adapter_config.json  a LoRA run only: rank, alpha, targets and the base run it adapts; such a run
       adapter.safetensors  keeps its adapter instead of full weights (best_adapter.safetensors for the
                            best), and loading it loads the base run's weights and folds the adapter in
-      chat_template.jinja  the chat template, in a run fine-tuned for chat (gradlm/chat.py)
+      chat_template.jinja  the chat template, in a run fine-tuned for chat (gradlm/text/chat.py)
       state/trainer.pt     optimizer, sampler, RNG, counters of the latest checkpoint (weights_only load)
       state/previous.pt    the checkpoint before it, kept until the next one is complete
       state/best.pt        the state that goes with best.safetensors (resume with --from-best)
@@ -17,14 +17,14 @@
       samples.jsonl        what the model writes at each evaluation: a seeded sample from a fixed prompt
       summary.json         the final report of the last training
       plots/               curves as PNG
-      trackers.json        --logger: each experiment tracker's id of this run (gradlm/trackers.py); tensorboard/
+      trackers.json        --logger: each experiment tracker's id of this run (gradlm/training/trackers.py); tensorboard/
                            and wandb/ hold those trackers' own files
       .lock                held (flock) by the one process writing the run
 
 Training and fine-tuning write a run through RunDir's methods (config, tokenizer, checkpoints, metrics,
 summary, plots, chat template, adapter config), merge and import write a whole run at once with
 RunDir.create; generation, evaluation, export and the CLI read it here. The one reader that does not is
-`gradlm watch` (gradlm/watch.py), which may not import torch: it reads config.json, metrics.jsonl,
+`gradlm watch` (gradlm/serving/watch.py), which may not import torch: it reads config.json, metrics.jsonl,
 samples.jsonl and summary.json itself. Loading a model imports the model and the tokenizer, never the trainer.
 
 A checkpoint is the pair (state, weights). Both are written to temporary files first; only then are
@@ -43,13 +43,13 @@ from pathlib import Path
 
 import torch
 
-from gradlm import checkpoint as ckpt
+from gradlm import files as ckpt
 from gradlm import layout
-from gradlm.datasets import sha256_file
+from gradlm.text.datasets import sha256_file
 from gradlm.errors import RunDirError
-from gradlm.lora import fold_adapter
-from gradlm.model import GPT, ModelConfig
-from gradlm.tokenizer import Tokenizer
+from gradlm.model.lora import fold_adapter
+from gradlm.model.transformer import Transformer, ModelConfig
+from gradlm.text.tokenizer import Tokenizer
 
 
 def package_version() -> str:
@@ -147,7 +147,7 @@ class RunDir:
             return self.best_adapter if best else self.adapter
         return self.best if best else self.weights
 
-    def load_weights_into(self, model: GPT, best: bool = False) -> int:
+    def load_weights_into(self, model: Transformer, best: bool = False) -> int:
         """Load the latest (or best) weights into model; returns their step (-1 if not recorded).
         A LoRA run loads its base run's weights and adds its adapter into them (fold_adapter)."""
         path = self.checkpoint_path(best)
@@ -165,13 +165,13 @@ class RunDir:
         return weights_step(path)
 
     def write_chat_template(self) -> Path:
-        """chat_template.jinja: the run was fine-tuned for chat (or from a run that was); see gradlm/chat.py."""
-        from gradlm.chat import write_chat_template
+        """chat_template.jinja: the run was fine-tuned for chat (or from a run that was); see gradlm/text/chat.py."""
+        from gradlm.text.chat import write_chat_template
 
         return write_chat_template(self.path)
 
     def has_chat_template(self) -> bool:
-        from gradlm.chat import read_chat_template
+        from gradlm.text.chat import read_chat_template
 
         return read_chat_template(self.path) is not None
 
@@ -210,9 +210,9 @@ class RunDir:
             )
         return base
 
-    def load_model(self, best: bool = False, device: str = "cpu", dtype: str = "float32") -> tuple[GPT, Tokenizer]:
+    def load_model(self, best: bool = False, device: str = "cpu", dtype: str = "float32") -> tuple[Transformer, Tokenizer]:
         """The model (eval mode, on device, weights in dtype: "bfloat16", else float32) and its tokenizer."""
-        model = GPT(self.model_config())
+        model = Transformer(self.model_config())
         self.load_weights_into(model, best)
         return model.to(device, torch.bfloat16 if dtype == "bfloat16" else torch.float32).eval(), self.load_tokenizer()
 
@@ -379,7 +379,7 @@ class Metrics:
 
     def __init__(self, path: Path, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
-        self.listener = None  # called with every row written (the run's experiment trackers, gradlm/trackers.py)
+        self.listener = None  # called with every row written (the run's experiment trackers, gradlm/training/trackers.py)
 
     def truncate_after(self, step: int) -> int:
         """On resume, drop lines the interrupted run wrote after the checkpoint it resumes from; returns the last
@@ -428,7 +428,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
         raise RunDirError(f"{path} is corrupt ({e})") from None
 
 
-def load_model(run_dir: str | os.PathLike, best: bool = False, device: str = "cpu", dtype: str = "float32") -> tuple[GPT, Tokenizer]:
+def load_model(run_dir: str | os.PathLike, best: bool = False, device: str = "cpu", dtype: str = "float32") -> tuple[Transformer, Tokenizer]:
     """A trained model (in eval mode, on device, weights in dtype) and its tokenizer from a run directory.
 
         >>> model, tok = load_model("runs/demo")          # doctest: +SKIP

@@ -14,8 +14,8 @@ os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="gradlm-test-trackio-")
 os.environ["WANDB_MODE"] = "offline"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-from gradlm.model import ModelConfig
-from gradlm.tokenizer import Tokenizer
+from gradlm.model.transformer import ModelConfig
+from gradlm.text.tokenizer import Tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -61,7 +61,7 @@ def text_file(tmp_path_factory, small_text) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory, text_file, tok) -> Path:
-    from gradlm.prepare import prepare
+    from gradlm.text.prepare import prepare
 
     out = tmp_path_factory.mktemp("prep") / "data"
     # several shards: every test that trains on `prepared` (exact resume, kill -9, DDP) reads across shard boundaries
@@ -81,10 +81,10 @@ def sharp_model(vocab: int, seed: int = 0, scale: float = 4.0, **kw):
     peaked: losses far from uniform, and greedy choices are not near-ties that float noise could flip."""
     import torch
 
-    from gradlm.model import GPT
+    from gradlm.model.transformer import Transformer
 
     torch.manual_seed(seed)
-    m = GPT(tiny_config(vocab, **kw))
+    m = Transformer(tiny_config(vocab, **kw))
     m.reset_parameters(seed=seed)
     with torch.no_grad():
         for p in m.parameters():
@@ -149,7 +149,7 @@ def replies_learned(model, examples) -> bool:
     tokens, whatever the CPU."""
     import torch
 
-    from gradlm.sft import collate
+    from gradlm.text.sft import collate
 
     with torch.no_grad():
         for ex in examples:
@@ -162,15 +162,15 @@ def replies_learned(model, examples) -> bool:
 
 
 def sft_fit(examples, tok, steps: int = 150, batch: int = 4, lr: float = 1e-2, seed: int = 0):
-    """A tiny model (eval mode) trained on fine-tuning examples (gradlm.sft) until it has learned their replies
+    """A tiny model (eval mode) trained on fine-tuning examples (gradlm.text.sft) until it has learned their replies
     (replies_learned), checked every `steps` steps."""
     import torch
 
-    from gradlm.model import GPT
-    from gradlm.sft import SFTSampler, pad_id
+    from gradlm.model.transformer import Transformer
+    from gradlm.text.sft import SFTSampler, pad_id
 
     torch.manual_seed(seed)
-    model = GPT(tiny_config(tok.vocab_size))
+    model = Transformer(tiny_config(tok.vocab_size))
     model.reset_parameters(seed=seed)
     sampler = SFTSampler(examples, pad_id(tok), seed=seed)
     return train_until(model, lambda: sampler.next(batch), steps, lambda m: replies_learned(m, examples), lr=lr)
@@ -180,7 +180,7 @@ CYCLE = "Hi 🙂é!"  # cut into single bytes by the test tokenizer: 🙂 is fou
 
 
 def cycle_model(tok, text: str = CYCLE, sharpness: float = 1.0, block_size: int = 64, ids: list[int] | None = None):
-    """A real GPT (eval mode) whose next token depends only on the current one: each token of `text`
+    """A real Transformer (eval mode) whose next token depends only on the current one: each token of `text`
     is followed by the next one (cyclically) with probability ~0.9 at sharpness 1, so greedy decoding
     from text[0] writes text[1:] + text + ... exactly, while sampling still varies.
 
@@ -188,13 +188,13 @@ def cycle_model(tok, text: str = CYCLE, sharpness: float = 1.0, block_size: int 
     token's embedding; the head scores token y by how much the current token looks like y's predecessor."""
     import torch
 
-    from gradlm.model import GPT
+    from gradlm.model.transformer import Transformer
 
     ids = tok.encode(text) if ids is None else ids  # ids: a cycle of token ids (special tokens allowed)
     if len(set(ids)) != len(ids):
         raise ValueError(f"{text!r} repeats a token: the next token would be ambiguous")
     torch.manual_seed(0)
-    m = GPT(tiny_config(tok.vocab_size, n_layer=1, d_model=64, block_size=block_size))
+    m = Transformer(tiny_config(tok.vocab_size, n_layer=1, d_model=64, block_size=block_size))
     V, d = tok.vocab_size, 64
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -219,7 +219,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 def generate_ids(model, tok, prompts, cfg, stop_ids=frozenset()):
     """Generated ids through the engine: a list for one prompt (a list of ids), a list of lists for several
     (decoded together). Every generated id is listed, a final stop id included."""
-    from gradlm.engine import Engine, Request
+    from gradlm.generation.engine import Engine, Request
 
     one = bool(prompts) and isinstance(prompts[0], int)
     prompts = [prompts] if one else prompts
@@ -231,7 +231,7 @@ def generate_ids(model, tok, prompts, cfg, stop_ids=frozenset()):
 
 def write_run(d, model, tok):
     """A minimal run directory holding model and tok (config.json, tokenizer.json, model.safetensors)."""
-    from gradlm import checkpoint as ckpt
+    from gradlm import files as ckpt
 
     d.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_json(d / "config.json", {"model": model.cfg.to_dict()})

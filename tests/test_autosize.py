@@ -6,9 +6,9 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from gradlm import autosize
-from gradlm.autosize import Budget, Probe, choose, choose_vocab
-from gradlm.model import ModelConfig, flops_per_token, matmul_params
+from gradlm.training import autosize
+from gradlm.training.autosize import Allowance, Probe, choose, choose_vocab
+from gradlm.model.transformer import ModelConfig, flops_per_token, matmul_params
 
 pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
 
@@ -22,7 +22,7 @@ def test_more_time_never_gives_a_smaller_model():
     last = 0
     sizes = []
     for seconds in (5, 10, 30, 60, 90, 180, 300, 600, 1800, 3600, 4 * 3600):
-        c = choose(Budget(seconds=seconds), corpus_tokens=10**9, tokens_per_s=flat_machine(), vocab_size=1030)
+        c = choose(Allowance(seconds=seconds), corpus_tokens=10**9, tokens_per_s=flat_machine(), vocab_size=1030)
         assert c.params >= last, (seconds, c.reason)
         last = c.params
         sizes.append(c.params)
@@ -31,14 +31,14 @@ def test_more_time_never_gives_a_smaller_model():
 
 
 def test_bigger_budgets_of_tokens_and_steps_grow_the_model_too():
-    by_tokens = [choose(Budget(tokens=n), 10**9, flat_machine(), 1030).params for n in (10**5, 10**6, 10**7, 10**8)]
-    by_steps = [choose(Budget(steps=n), 10**9, flat_machine(), 1030).params for n in (10, 100, 1000, 10000)]
+    by_tokens = [choose(Allowance(tokens=n), 10**9, flat_machine(), 1030).params for n in (10**5, 10**6, 10**7, 10**8)]
+    by_steps = [choose(Allowance(steps=n), 10**9, flat_machine(), 1030).params for n in (10, 100, 1000, 10000)]
     assert by_tokens == sorted(by_tokens) and by_tokens[-1] > by_tokens[0]
     assert by_steps == sorted(by_steps) and by_steps[-1] > by_steps[0]
 
 
 def test_the_chosen_model_fits_its_budget_and_the_next_one_would_not():
-    c = choose(Budget(seconds=600), 10**9, flat_machine(), 1030, tokens_per_param=2.0)
+    c = choose(Allowance(seconds=600), 10**9, flat_machine(), 1030, tokens_per_param=2.0)
     assert c.tokens >= 2.0 * c.params
     i = next(i for i, (n, d) in enumerate(autosize.LADDER) if (n, d) == (c.model["n_layer"], c.model["d_model"]))
     bigger = autosize.rung(i + 1, 1030)
@@ -47,11 +47,11 @@ def test_the_chosen_model_fits_its_budget_and_the_next_one_would_not():
 
 def test_a_small_corpus_caps_the_model_however_long_the_budget():
     corpus = 50_000
-    sizes = [choose(Budget(seconds=s), corpus, flat_machine(), 1030) for s in (60, 600, 6000, 60000)]
+    sizes = [choose(Allowance(seconds=s), corpus, flat_machine(), 1030) for s in (60, 600, 6000, 60000)]
     assert sizes[-1].capped
     assert sizes[-1].params == sizes[-2].params  # capped: more time no longer grows it
     assert sizes[-1].params <= autosize.REPEATS * corpus / autosize.TOKENS_PER_PARAM  # the most the corpus is worth
-    big = choose(Budget(seconds=60000), 10**9, flat_machine(), 1030)
+    big = choose(Allowance(seconds=60000), 10**9, flat_machine(), 1030)
     assert big.params > sizes[-1].params and not big.capped
     assert "caps it" in sizes[-1].reason and "caps it" not in big.reason
 
@@ -63,9 +63,9 @@ def test_repeated_data_is_worth_less_and_less_and_brings_dropout():
     gains = [b - a for a, b in zip(worth, worth[1:])]
     assert all(g > 0 for g in gains) and worth[-1] <= autosize.REPEATS * corpus
     assert worth[3] / 4 > worth[5] / 16  # a pass is worth less the more often it repeats
-    drops = [choose(Budget(seconds=s), corpus, flat_machine(), 1030).model["dropout"] for s in (1, 10, 100, 1000)]
+    drops = [choose(Allowance(seconds=s), corpus, flat_machine(), 1030).model["dropout"] for s in (1, 10, 100, 1000)]
     assert drops == sorted(drops) and drops[0] == 0.0 and drops[-1] > 0
-    assert choose(Budget(seconds=1000), corpus, flat_machine(), 1030, fixed={"dropout": 0.0}).model["dropout"] == 0.0
+    assert choose(Allowance(seconds=1000), corpus, flat_machine(), 1030, fixed={"dropout": 0.0}).model["dropout"] == 0.0
 
 
 def test_the_chosen_model_is_timed_as_it_will_train():
@@ -79,10 +79,10 @@ def test_the_chosen_model_is_timed_as_it_will_train():
         return 1e11 / flops_per_token(cfg) * (1.0 if batch >= 16 else 0.7) * (0.8 if dropout else 1.0)
 
     shape = {"n_layer": 4, "d_model": 128, "n_head": 4}  # one model, so the corpus alone sets the passes
-    flat = choose(Budget(seconds=60), 10**6, flat_machine(), 1030, fixed=shape)
+    flat = choose(Allowance(seconds=60), 10**6, flat_machine(), 1030, fixed=shape)
     corpus = int(flat.tokens / 4.2)
-    assert choose(Budget(seconds=60), corpus, flat_machine(), 1030, fixed=shape).model["dropout"] > 0  # at batch 16's speed
-    c = choose(Budget(seconds=60), corpus, machine, 1030, fixed=shape)
+    assert choose(Allowance(seconds=60), corpus, flat_machine(), 1030, fixed=shape).model["dropout"] > 0  # at batch 16's speed
+    c = choose(Allowance(seconds=60), corpus, machine, 1030, fixed=shape)
     batch, dropout = int(c.train["batch"]), c.model["dropout"]
     assert asked[-1] == (batch, dropout) and batch < 16 and dropout == 0.0
     assert c.tokens / corpus < 4
@@ -91,23 +91,23 @@ def test_the_chosen_model_is_timed_as_it_will_train():
 
     asked.clear()  # on the edge (dropout's cost flips the decision back and forth): the last measured setting stands
     flip = lambda cfg, batch, dropout=0.0: asked.append((batch, dropout)) or (1e11 / flops_per_token(cfg) * (0.5 if dropout else 1.0))
-    c = choose(Budget(seconds=60), corpus, flip, 1030, fixed=shape)
+    c = choose(Allowance(seconds=60), corpus, flip, 1030, fixed=shape)
     assert asked[-1] == (int(c.train["batch"]), c.model["dropout"])
 
 
 def test_a_faster_machine_buys_a_model_at_least_as_large():
-    slow = choose(Budget(seconds=300), 10**9, flat_machine(3e10), 1030)
-    fast = choose(Budget(seconds=300), 10**9, flat_machine(3e11), 1030)
+    slow = choose(Allowance(seconds=300), 10**9, flat_machine(3e10), 1030)
+    fast = choose(Allowance(seconds=300), 10**9, flat_machine(3e11), 1030)
     assert fast.params > slow.params
 
 
 def test_explicit_settings_always_win():
     fixed = {"n_layer": 3, "block_size": 64, "batch": "24", "lr": 1e-3, "warmup_steps": 7, "min_lr_ratio": 0.2, "eval_every": 5, "eval_tokens": 999}
     for seconds in (10, 600, 6000):
-        c = choose(Budget(seconds=seconds), 10**9, flat_machine(), 1030, fixed=fixed)
+        c = choose(Allowance(seconds=seconds), 10**9, flat_machine(), 1030, fixed=fixed)
         assert c.model["n_layer"] == 3 and c.model["block_size"] == 64
         assert c.train == {k: v for k, v in fixed.items() if k in autosize.TRAIN_KEYS}
-    wide = choose(Budget(seconds=6000), 10**9, flat_machine(), 1030, fixed={"d_model": 96, "n_head": 3})
+    wide = choose(Allowance(seconds=6000), 10**9, flat_machine(), 1030, fixed={"d_model": 96, "n_head": 3})
     assert wide.model["d_model"] == 96 and wide.model["n_head"] == 3
 
 
@@ -122,12 +122,12 @@ def test_a_fixed_width_gets_heads_of_its_own_size():
 
 
 def test_the_context_fits_the_data():
-    c = choose(Budget(seconds=60), 200, flat_machine(), 1030, max_block=50)
+    c = choose(Allowance(seconds=60), 200, flat_machine(), 1030, max_block=50)
     assert c.model["block_size"] <= 50
 
 
 def test_the_reason_names_the_choice_and_the_measurement():
-    c = choose(Budget(seconds=600), 10**7, flat_machine(), 1030)
+    c = choose(Allowance(seconds=600), 10**7, flat_machine(), 1030)
     for part in (f"{c.model['n_layer']} layers x {c.model['d_model']}", "tok/s measured", "tokens/param", "epochs", "600 s"):
         assert part in c.reason, c.reason
 
@@ -206,7 +206,7 @@ def test_no_ladder_model_fitting_the_fixed_settings_is_a_config_error():
     from gradlm.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--n-head 9"):
-        choose(Budget(steps=10), 10**6, flat_machine(), 1030, fixed={"n_head": 9})
+        choose(Allowance(steps=10), 10**6, flat_machine(), 1030, fixed={"n_head": 9})
 
 
 def test_ddp_ranks_train_the_shape_rank_0_chose(text_file, tmp_path):
@@ -234,8 +234,8 @@ def test_ddp_ranks_train_the_shape_rank_0_chose(text_file, tmp_path):
 _PINNED_PROBE = r"""
 import json, os, subprocess, sys, time
 import torch
-from gradlm import autosize
-from gradlm.autosize import Budget, Probe, choose, own_time
+from gradlm.training import autosize
+from gradlm.training.autosize import Allowance, Probe, choose, own_time
 os.sched_setaffinity(0, {0})        # this process and its threads on core 0 ...
 torch.set_num_threads(1)
 tokens = torch.randint(0, 300, (200_000,))
@@ -252,7 +252,7 @@ def spin():  # 0.15 s of this process's CPU time
 
 def measure():
     probe = Probe(sample, __import__("contextlib").nullcontext, "cpu", limit_s=2.0)
-    c = choose(Budget(seconds=40), 10**8, probe, 306)
+    c = choose(Allowance(seconds=40), 10**8, probe, 306)
     rung = [(l, d) for l, d in autosize.LADDER].index((c.model["n_layer"], c.model["d_model"]))
     walls = []
     for _ in range(3):

@@ -169,7 +169,7 @@ def test_cli_mistake(case, ws, monkeypatch, capsys):
 
 def _api_cases(ws):
     from gradlm import ModelConfig, SamplingConfig, TrainConfig, generate_text, load_model, train
-    from gradlm.evaluate import EvalConfig
+    from gradlm.evaluation.evaluate import EvalConfig
 
     model, tok = load_model(ws / "run")
     return {

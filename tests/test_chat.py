@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from gradlm import checkpoint as ckpt
-from gradlm.chat import (
+from gradlm import files as ckpt
+from gradlm.text.chat import (
     CHAT_TEMPLATE,
     END,
     chat_ids,
@@ -22,9 +22,9 @@ from gradlm.chat import (
     write_chat_template,
 )
 from gradlm.errors import DataError, TokenizerError
-from gradlm.interop import export_hf, hf_tokenizer_config
-from gradlm.model import GPT
-from gradlm.tokenizer import EOT, Tokenizer
+from gradlm.formats.hf import export_hf, hf_tokenizer_config
+from gradlm.model.transformer import Transformer
+from gradlm.text.tokenizer import EOT, Tokenizer
 
 from conftest import tiny_config
 
@@ -138,7 +138,7 @@ def exported(tmp_path_factory, tok):
     run = d / "run"
     run.mkdir()
     torch.manual_seed(0)
-    model = GPT(tiny_config(tok.vocab_size))
+    model = Transformer(tiny_config(tok.vocab_size))
     ckpt.atomic_write_json(run / "config.json", {"model": model.cfg.to_dict()})
     tok.save(run / "tokenizer.json")
     ckpt.save_weights(run / "model.safetensors", model.state_dict())

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from gradlm.checkpoint import atomic_write_dir, atomic_write_text, remove_stale
-from gradlm.config import TrainConfig
-from gradlm.trainer import train
+from gradlm.files import atomic_write_dir, atomic_write_text, remove_stale
+from gradlm.training.config import TrainConfig
+from gradlm.training.trainer import train
 
 from conftest import kill_and_resume, start_gradlm, tiny_config
 

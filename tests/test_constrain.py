@@ -1,4 +1,4 @@
-"""Constrained decoding (gradlm/constrain.py in the engine's sampler): every constrained output is valid over
+"""Constrained decoding (gradlm/generation/constrain.py in the engine's sampler): every constrained output is valid over
 many seeds, temperatures and sampling controls, batched together; rows without a constraint write what they
 would alone; a constraint that cannot compile is one clear error in the API, the CLI and the server; the
 official openai client's response_format round trip; QA with --answers choices."""
@@ -13,12 +13,12 @@ import openai
 import pytest
 
 from gradlm.cli import main
-from gradlm.constrain import make_constraint
-from gradlm.engine import Engine, Request
+from gradlm.generation.constrain import make_constraint
+from gradlm.generation.engine import Engine, Request
 from gradlm.errors import ConfigError, ConstraintError
-from gradlm.generate import LM
-from gradlm.sampling import SamplingConfig
-from gradlm.serve import create_app
+from gradlm.generation.generate import LM
+from gradlm.model.sampling import SamplingConfig
+from gradlm.serving.serve import create_app
 
 from conftest import sharp_model, write_run
 from test_serve import live
@@ -183,7 +183,7 @@ def test_cli_generate_and_chat_flags(run_dir, tmp_path, capsys):
 
 
 def test_a_chat_session_keeps_its_constraint_turn_after_turn(lm):
-    from gradlm.session import ChatSession
+    from gradlm.generation.session import ChatSession
 
     chat = ChatSession(lm, sampling=SamplingConfig(temperature=1.0, seed=4, max_new_tokens=20), constraint=make_constraint(choices=CHOICES))
     assert all("".join(chat.send(q)) in CHOICES for q in ["Class of zorvastatin?", "And of lisoprel?", "Again?"])
@@ -250,7 +250,7 @@ def test_the_api_and_the_cli_say_a_late_failure_instead_of_answering(lm, run_dir
 def test_a_chat_says_a_late_failure_and_goes_on(lm):
     import io
 
-    from gradlm.session import ChatSession, chat_loop
+    from gradlm.generation.session import ChatSession, chat_loop
 
     chat = ChatSession(lm, sampling=SamplingConfig(temperature=0, max_new_tokens=20), constraint=make_constraint(regex=LATE))
     lines, out, err = ["hi", "again"], io.StringIO(), io.StringIO()
@@ -282,7 +282,7 @@ def test_the_server_marks_a_late_failure_in_the_choice(lm):
 
 
 def test_qa_with_answers_choices_reports_exact_match_both_ways(run_dir, tmp_path, capsys):
-    from gradlm.evaluate import EvalConfig, format_report, run_eval
+    from gradlm.evaluation.evaluate import EvalConfig, format_report, run_eval
 
     qa = tmp_path / "qa.jsonl"
     rows = [("Class of zorvastatin?", "statin", "train"), ("Class of lisoprel?", "ACE inhibitor", "train"), ("zorvastatn class?", "statin", "misspelled")]

@@ -74,7 +74,7 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from gradlm import checkpoint as ckpt
+    from gradlm import files as ckpt
 
     return ckpt.load_weights(run_dir / "model.safetensors")
 

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from gradlm.corpus import read_documents
-from gradlm.data import EpochSampler, RandomSampler, TokenData
-from gradlm.prepare import _chunks, choose_val, prepare
+from gradlm.text.corpus import read_documents
+from gradlm.text.data import EpochSampler, RandomSampler, TokenData
+from gradlm.text.prepare import _chunks, choose_val, prepare
 from gradlm.errors import DataError
 
 
@@ -57,7 +57,7 @@ def test_single_file_splits_off_its_tail(small_text, tok, tmp_path):
 
 
 def test_chunked_parallel_tokenisation_equals_whole(tok, corpus, tmp_path, monkeypatch):
-    from gradlm import prepare as prepare_module
+    from gradlm.text import prepare as prepare_module
 
     text = corpus[:300_000]
     pieces = _chunks(text, size=20_000)

@@ -5,7 +5,7 @@ import hashlib
 
 import pytest
 
-from gradlm import datasets
+from gradlm.text import datasets
 from gradlm.errors import DataError
 
 

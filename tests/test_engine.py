@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradlm.engine import Engine, Request
+from gradlm.generation.engine import Engine, Request
 from gradlm.errors import BusyError, ConfigError
-from gradlm.generate import LM, SamplingConfig
+from gradlm.generation.generate import LM, SamplingConfig
 
 from conftest import CYCLE, cycle_model, fit, tiny_config
 
@@ -18,10 +18,10 @@ pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every C
 @pytest.fixture(scope="module")
 def tlm(tok, small_text):
     """A tiny model trained for a moment on Shakespeare (varied, realistic next-token distributions)."""
-    from gradlm.model import GPT
+    from gradlm.model.transformer import Transformer
 
     torch.manual_seed(0)
-    m = GPT(tiny_config(tok.vocab_size, n_kv_head=2, block_size=64))
+    m = Transformer(tiny_config(tok.vocab_size, n_kv_head=2, block_size=64))
     m.reset_parameters(seed=0)
     fit(m, torch.tensor(tok.encode(small_text[:30000])), 100)
     return LM(m, tok)
@@ -197,7 +197,7 @@ def _engine_ids(lm: LM, prompt: list[int], cfg: SamplingConfig) -> tuple[list[in
 
 
 def test_decode_picks_the_engines_tokens(tlm):
-    from gradlm.infer import decode
+    from gradlm.model.infer import decode
 
     prompt = tlm.tok.encode("ROMEO:")
     greedy = SamplingConfig(max_new_tokens=20, temperature=0)
@@ -214,8 +214,8 @@ def test_the_trainings_sample_is_what_decode_writes(tlm):
     import contextlib
     from types import SimpleNamespace
 
-    from gradlm.infer import decode
-    from gradlm.monitor import SAMPLING, write_sample
+    from gradlm.model.infer import decode
+    from gradlm.training.monitor import SAMPLING, write_sample
 
     prompt, rows = tlm.tok.encode("ROMEO:"), []
     t = SimpleNamespace(  # the parts of a Trainer that write_sample reads

@@ -12,10 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradlm import checkpoint as ckpt
+from gradlm import files as ckpt
 from gradlm.cli import main
 from gradlm.errors import ConfigError, DataError
-from gradlm.evaluate import (
+from gradlm.evaluation.evaluate import (
     ChoiceItem,
     EvalConfig,
     evaluate_text,
@@ -26,19 +26,19 @@ from gradlm.evaluate import (
     score_choices,
     window_plan,
 )
-from gradlm.model import GPT
-from gradlm.tokenizer import Tokenizer, _build_hf, byte_to_char
+from gradlm.model.transformer import Transformer
+from gradlm.text.tokenizer import Tokenizer, _build_hf, byte_to_char
 
 from conftest import fit, sharp_model, tiny_config
 
 pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
 
 
-def random_model(vocab: int, seed: int = 0, **kw) -> GPT:
+def random_model(vocab: int, seed: int = 0, **kw) -> Transformer:
     return sharp_model(vocab, seed, scale=3.0, **kw)  # a model with opinions: losses far from uniform
 
 
-def nll_with_context(model: GPT, seq: list[int], t: int, begin: int) -> float:
+def nll_with_context(model: Transformer, seq: list[int], t: int, begin: int) -> float:
     """-log p(seq[t] | seq[begin:t]), one full forward."""
     with torch.no_grad():
         logits = model(torch.tensor([seq[begin:t]]))[0, -1]
@@ -99,7 +99,7 @@ def test_sliding_windows_equal_per_token_computation(tok, small_text):
 def test_bits_per_byte_of_a_uniform_byte_model_is_8():
     b2c = byte_to_char()
     byte_tok = Tokenizer(_build_hf({b2c[b]: b for b in range(256)}, [], []))  # 256 ids, no specials
-    m = GPT(tiny_config(256))
+    m = Transformer(tiny_config(256))
     with torch.no_grad():
         m.lm_head.weight.zero_()  # every byte equally likely
     text = "héllo wörld 🙂 naïve café\n" * 20
@@ -112,7 +112,7 @@ def test_bits_per_byte_of_a_uniform_byte_model_is_8():
 
 
 def test_uniform_model_bookkeeping_with_documents(tok):
-    m = GPT(tiny_config(tok.vocab_size))
+    m = Transformer(tiny_config(tok.vocab_size))
     with torch.no_grad():
         m.lm_head.weight.zero_()
     docs = ["To be, or not to be: that is the question.", "Whether 'tis nobler in the mind to suffer"]
@@ -178,7 +178,7 @@ ITEMS = [
 ]
 
 
-def choice_logprobs(model: GPT, tok: Tokenizer, item: ChoiceItem) -> list[float]:
+def choice_logprobs(model: Transformer, tok: Tokenizer, item: ChoiceItem) -> list[float]:
     """log p(choice | context) of each choice, token by token with full forwards (not score_choices): the
     context after <|endoftext|>, a trailing space moved onto the choices."""
     context = item.context.rstrip(" ")
@@ -190,7 +190,7 @@ def choice_logprobs(model: GPT, tok: Tokenizer, item: ChoiceItem) -> list[float]
     return out
 
 
-def knows_the_answers(model: GPT, tok: Tokenizer) -> bool:
+def knows_the_answers(model: Transformer, tok: Tokenizer) -> bool:
     """Whether the planted answer leads every other choice by a nat (a factor e), in total and per byte: a lead
     that float noise cannot undo, so scoring must pick it."""
     for item in ITEMS:
@@ -211,7 +211,7 @@ def taught():
     text = " ".join(rng.choice(FACTS) for _ in range(600))
     tok = Tokenizer.train([text], 256)
     torch.manual_seed(0)
-    m = GPT(tiny_config(tok.vocab_size))
+    m = Transformer(tiny_config(tok.vocab_size))
     m.reset_parameters(seed=0)
     data = torch.tensor(tok.encode(text))
     fit(m, data, 80, until=lambda m: knows_the_answers(m, tok))
@@ -317,7 +317,7 @@ def test_cli_eval_errors_exit_2_with_one_line(run_dir, capsys, args, message):
 
 def test_plain_progress_lines_end_at_100_percent(monkeypatch, capsys):
     """Off a terminal the progress is a line every 10 s; the last one says 100% (it used to stop at 97%)."""
-    from gradlm import evaluate
+    from gradlm.evaluation import evaluate
 
     clock = iter(range(0, 10_000, 4))  # every call to time.time() is 4 s later
     monkeypatch.setattr(evaluate.time, "time", lambda: next(clock))

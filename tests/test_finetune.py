@@ -1,4 +1,4 @@
-"""Fine-tuning (gradlm/finetune.py, gradlm/lora.py) and the terminal chat (gradlm/session.py): frozen
+"""Fine-tuning (gradlm/training/finetune.py, gradlm/model/lora.py) and the terminal chat (gradlm/generation/session.py): frozen
 weights stay bit for bit, LoRA trains only its adapters and folds into the same logits, the masked loss
 is an exact per-target mean, resume is exact, every command loads a LoRA run, and a tiny model taught
 a few answers gives them in `eval --qa` and in a two-turn `gradlm chat` driven through stdin."""
@@ -13,18 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradlm import checkpoint as ckpt
+from gradlm import files as ckpt
 from gradlm.cli import main
-from gradlm.config import TrainConfig
+from gradlm.training.config import TrainConfig
 from gradlm.errors import ConfigError, RunDirError
-from gradlm.finetune import FineTuner, FinetuneConfig, finetune, merge
-from gradlm.generate import LM, SamplingConfig
-from gradlm.lora import count_params
-from gradlm.optim import state_floats
+from gradlm.training.finetune import FineTuner, FinetuneConfig, finetune, merge
+from gradlm.generation.generate import LM, SamplingConfig
+from gradlm.model.lora import count_params
+from gradlm.training.optim import state_floats
 from gradlm.rundir import RunDir, load_model
-from gradlm.session import ChatSession, chat_loop
-from gradlm.sft import load_sft
-from gradlm.trainer import train
+from gradlm.generation.session import ChatSession, chat_loop
+from gradlm.text.sft import load_sft
+from gradlm.training.trainer import train
 
 from conftest import replies_learned, tiny_config
 

@@ -12,11 +12,11 @@ import torch
 
 from gradlm.cli import main
 from gradlm.errors import ConfigError
-from gradlm.engine import Engine, Request, StopMatcher
-from gradlm.generate import LM, SamplingConfig, load
-from gradlm.infer import Forward, fused_forward, inference_weights
-from gradlm.model import GPT
-from gradlm.sampling import apply_penalties, candidates, next_token
+from gradlm.generation.engine import Engine, Request, StopMatcher
+from gradlm.generation.generate import LM, SamplingConfig, load
+from gradlm.model.infer import Forward, fused_forward, inference_weights
+from gradlm.model.transformer import Transformer
+from gradlm.model.sampling import apply_penalties, candidates, next_token
 
 from conftest import CYCLE, cycle_model, fit, generate_ids, sharp_model, tiny_config, write_run
 
@@ -45,14 +45,14 @@ def lm(model, tok):
 def tlm(tok, small_text):
     """A tiny model trained for a moment on Shakespeare: it writes words, spaces and newlines."""
     torch.manual_seed(0)
-    m = GPT(tiny_config(tok.vocab_size, n_kv_head=2))
+    m = Transformer(tiny_config(tok.vocab_size, n_kv_head=2))
     m.reset_parameters(seed=0)
     data = torch.tensor(tok.encode(small_text[:30000]))
     fit(m, data, 100)
     return LM(m.eval(), tok)
 
 
-def naive_greedy(model: GPT, prompt: list[int], n: int, block: int | None = None) -> list[int]:
+def naive_greedy(model: Transformer, prompt: list[int], n: int, block: int | None = None) -> list[int]:
     """Greedy decoding the slow way: the whole context through the module path every step, with
     the documented sliding window (when the context exceeds the window, keep its newest half)."""
     block = block or model.cfg.block_size
@@ -260,7 +260,7 @@ def test_cached_fast_path_matches_module_path_with_padding(tok):
     x = torch.randint(0, tok.vocab_size, (3, 9))
     pad = [0, 3, 5]
     outs = []
-    for fast in (True, False):  # the engine's Forward in inference mode: fused; GPT.forward: the module path
+    for fast in (True, False):  # the engine's Forward in inference mode: fused; Transformer.forward: the module path
         with torch.inference_mode():
             cache = m.new_cache(3, 16, pad=pad)
             step = (lambda idx: fused_forward(m, inference_weights(m), idx, cache, False)) if fast else (lambda idx: m(idx, cache=cache))

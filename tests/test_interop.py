@@ -16,15 +16,15 @@ from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config  # noqa: E402
 
 from gradlm.cli import main  # noqa: E402
-from gradlm.data import TokenData  # noqa: E402
-from gradlm.engine import Engine, Request  # noqa: E402
-from gradlm.generate import SamplingConfig  # noqa: E402
-from gradlm.interop import EXPORT_FILES, export_hf, import_hf  # noqa: E402
-from gradlm.model import ModelConfig  # noqa: E402
-from gradlm.tokenizer import Tokenizer  # noqa: E402
+from gradlm.text.data import TokenData  # noqa: E402
+from gradlm.generation.engine import Engine, Request  # noqa: E402
+from gradlm.generation.generate import SamplingConfig  # noqa: E402
+from gradlm.formats.hf import EXPORT_FILES, export_hf, import_hf  # noqa: E402
+from gradlm.model.transformer import ModelConfig  # noqa: E402
+from gradlm.text.tokenizer import Tokenizer  # noqa: E402
 from gradlm.rundir import load_model  # noqa: E402
-from gradlm.config import TrainConfig  # noqa: E402
-from gradlm.trainer import train  # noqa: E402
+from gradlm.training.config import TrainConfig  # noqa: E402
+from gradlm.training.trainer import train  # noqa: E402
 
 pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
 

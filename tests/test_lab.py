@@ -3,8 +3,9 @@ import math
 
 import pytest
 
-from gradlm.lab import compare, lr_find, parse_grid
-from gradlm.config import TrainConfig
+from gradlm.training.compare import compare, parse_grid
+from gradlm.training.lrfind import lr_find
+from gradlm.training.config import TrainConfig
 
 from conftest import tiny_config
 

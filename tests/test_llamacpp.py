@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from gradlm.chat import encode_chat
-from gradlm.config import TrainConfig
+from gradlm.text.chat import encode_chat
+from gradlm.training.config import TrainConfig
 from gradlm.cli import main
-from gradlm.llamacpp import export_gguf, rope_to_interleaved
-from gradlm.model import ModelConfig, apply_rope, rope_tables
+from gradlm.formats.gguf import export_gguf, rope_to_interleaved
+from gradlm.model.transformer import ModelConfig, apply_rope, rope_tables
 from gradlm.rundir import load_model
-from gradlm.trainer import train
+from gradlm.training.trainer import train
 
 from conftest import must_agree
 
@@ -217,7 +217,7 @@ def test_the_chat_template_renders_gradlms_ids(run, tmp_path):
 
     import jinja2
 
-    from gradlm.chat import write_chat_template
+    from gradlm.text.chat import write_chat_template
 
     chat_run = tmp_path / "chat"
     shutil.copytree(run, chat_run)

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from gradlm.errors import ConfigError
-from gradlm.model import GPT, ModelConfig, dropout, explicit_causal_attention
+from gradlm.model.transformer import Transformer, ModelConfig, dropout, explicit_causal_attention
 
 from conftest import tiny_config
 
@@ -19,7 +19,7 @@ VARIANTS = [
 @pytest.mark.parametrize("kw", VARIANTS)
 def test_causal_future_tokens_do_not_change_past_logits(kw):
     torch.manual_seed(0)
-    m = GPT(tiny_config(100, **kw)).eval()
+    m = Transformer(tiny_config(100, **kw)).eval()
     x = torch.randint(0, 100, (2, 20))
     y = x.clone()
     y[:, 12:] = torch.randint(0, 100, (2, 8))
@@ -32,7 +32,7 @@ def test_causal_future_tokens_do_not_change_past_logits(kw):
 @pytest.mark.parametrize("kw", VARIANTS)
 def test_kv_cache_matches_full_forward(kw):
     torch.manual_seed(0)
-    m = GPT(tiny_config(100, **kw)).eval()
+    m = Transformer(tiny_config(100, **kw)).eval()
     x = torch.randint(0, 100, (2, 24))
     with torch.no_grad():
         full = m(x)
@@ -44,7 +44,7 @@ def test_kv_cache_matches_full_forward(kw):
 
 def test_left_padded_rows_match_unpadded():
     torch.manual_seed(0)
-    m = GPT(tiny_config(100)).eval()
+    m = Transformer(tiny_config(100)).eval()
     short, long_ = torch.randint(0, 100, (1, 5)), torch.randint(0, 100, (1, 9))
     batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long_])
     with torch.no_grad():
@@ -60,7 +60,7 @@ def test_left_padded_rows_match_unpadded():
 
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
-    m = GPT(tiny_config(64, d_model=64))
+    m = Transformer(tiny_config(64, d_model=64))
     x = torch.randint(0, 64, (4, 32))
     y = torch.roll(x, -1, dims=1)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
@@ -78,7 +78,7 @@ def test_tiny_model_overfits_one_batch():
 
 def test_loss_matches_cross_entropy_and_ignores_minus_one():
     torch.manual_seed(0)
-    m = GPT(tiny_config(50)).eval()
+    m = Transformer(tiny_config(50)).eval()
     x = torch.randint(0, 50, (2, 16))
     y = torch.randint(0, 50, (2, 16))
     y[0, :5] = -1
@@ -92,25 +92,25 @@ def test_loss_matches_cross_entropy_and_ignores_minus_one():
 
 def test_counts_and_config():
     cfg = ModelConfig(vocab_size=1000, d_model=64, n_layer=2, n_head=4)
-    m = GPT(cfg)
+    m = Transformer(cfg)
     emb = 1000 * 64
     per_layer = 4 * 64 * 64 + 3 * 64 * cfg.d_ff + 2 * 64
     assert m.num_params() == 2 * emb + 2 * per_layer + 64
     assert m.num_params(non_embedding=True) == emb + 2 * per_layer + 64
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     assert m.flops_per_token(32) == 6 * (emb + 2 * (4 * 64 * 64 + 3 * 64 * cfg.d_ff)) + 12 * 2 * 64 * 32
-    tied = GPT(ModelConfig(vocab_size=1000, d_model=64, n_layer=2, n_head=4, tie_embeddings=True))
+    tied = Transformer(ModelConfig(vocab_size=1000, d_model=64, n_layer=2, n_head=4, tie_embeddings=True))
     assert tied.num_params() == emb + 2 * per_layer + 64 and tied.lm_head.weight is tied.embed_tokens.weight
 
 
 def test_invalid_config_reports_all_problems():
     with pytest.raises(ConfigError) as e:
-        GPT(ModelConfig(d_model=30, n_head=4, dropout=2.0))
+        Transformer(ModelConfig(d_model=30, n_head=4, dropout=2.0))
     assert "divisible" in str(e.value) and "dropout" in str(e.value)
 
 
 def test_same_seed_same_weights():
-    a, b = GPT(tiny_config(50)), GPT(tiny_config(50))
+    a, b = Transformer(tiny_config(50)), Transformer(tiny_config(50))
     a.reset_parameters(seed=1)
     b.reset_parameters(seed=1)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
@@ -132,10 +132,10 @@ def test_explicit_attention_equals_sdpa(heads, kv_heads):
 def test_bf16_autocast_training_takes_the_explicit_path_and_matches_sdpa(monkeypatch):
     """Under bf16 autocast on CPU the model uses explicit_causal_attention (faster there); its loss and
     gradients agree with the SDPA path's to bf16 precision. Causality is kept (future tokens change nothing)."""
-    import gradlm.model as model_module
+    import gradlm.model.transformer as model_module
 
     torch.manual_seed(0)
-    model = GPT(tiny_config(100))
+    model = Transformer(tiny_config(100))
     x = torch.randint(0, model.cfg.vocab_size, (2, 16))
     calls = []
     real = model_module.explicit_causal_attention

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from gradlm.errors import ConfigError
-from gradlm.model import GPT
-from gradlm.optim import Combined, Muon, build_optimizer, lr_factor, orthogonalize
+from gradlm.model.transformer import Transformer
+from gradlm.training.optim import Combined, Muon, build_optimizer, lr_factor, orthogonalize
 
 from conftest import tiny_config
 
@@ -55,7 +55,7 @@ def test_our_muon_matches_the_shipped_one_up_to_precision():
 
 
 def test_weight_decay_only_on_matrices_and_muon_only_on_hidden_matrices():
-    m = GPT(tiny_config(50))
+    m = Transformer(tiny_config(50))
     opt = build_optimizer(m, "adamw", lr=1e-3, weight_decay=0.1)
     for g in opt.param_groups:
         assert all((p.dim() >= 2) == (g["weight_decay"] > 0) for p in g["params"])

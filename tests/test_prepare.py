@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from gradlm.corpus import ReadStats, iter_documents
-from gradlm.data import EpochSampler, RandomSampler, TokenData, Tokens, windows
-from gradlm.prepare import train_tokenizer
+from gradlm.text.corpus import ReadStats, iter_documents
+from gradlm.text.data import EpochSampler, RandomSampler, TokenData, Tokens, windows
+from gradlm.text.prepare import train_tokenizer
 from gradlm.errors import DataError
-from gradlm.prepare import _Stop, prepare
+from gradlm.text.prepare import _Stop, prepare
 
 
 @pytest.fixture
@@ -113,7 +113,7 @@ def test_jsonl_lines_follow_the_policy_one_by_one(tmp_path):
 
 
 def test_a_large_file_is_read_in_blocks_and_tokenised_as_a_whole(tmp_path, tok, corpus, monkeypatch):
-    from gradlm import corpus as corpus_module
+    from gradlm.text import corpus as corpus_module
 
     monkeypatch.setattr(corpus_module, "BLOCK_BYTES", 10_007)  # blocks that cut words and lines anywhere
     text = corpus[:200_000]
@@ -129,7 +129,7 @@ def test_a_large_file_is_read_in_blocks_and_tokenised_as_a_whole(tmp_path, tok, 
 
 
 def test_the_tokenizer_learns_from_a_bounded_sample_and_says_so(tmp_path, corpus):
-    from gradlm.prepare import tokenizer_sample
+    from gradlm.text.prepare import tokenizer_sample
 
     text = corpus[:1_000_000]
     (tmp_path / "t.txt").write_text(text)

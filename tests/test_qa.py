@@ -1,4 +1,4 @@
-"""Question answering: exact-match scoring of greedy chat replies (gradlm/evaluate.py), one-typo
+"""Question answering: exact-match scoring of greedy chat replies (gradlm/evaluation/evaluate.py), one-typo
 misspellings, and the shipped drugqa dataset (examples/drugqa) being what its seeded script makes."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from gradlm import checkpoint as ckpt
+from gradlm import files as ckpt
 from gradlm.cli import main
 from gradlm.errors import DataError
-from gradlm.evaluate import EvalConfig, format_report, load_qa, normalize_answer, run_eval, score_qa
-from gradlm.typos import NAME_TYPO_KINDS, misspell, near_keys
-from gradlm.sft import load_sft
+from gradlm.evaluation.evaluate import EvalConfig, format_report, load_qa, normalize_answer, run_eval, score_qa
+from gradlm.text.typos import NAME_TYPO_KINDS, misspell, near_keys
+from gradlm.text.sft import load_sft
 
 from conftest import sft_fit
 

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from gradlm.config import TrainConfig
+from gradlm.training.config import TrainConfig
 from gradlm.errors import ConfigError
-from gradlm.finetune import finetune
+from gradlm.training.finetune import finetune
 from gradlm.rundir import read_metrics
-from gradlm.trainer import train
+from gradlm.training.trainer import train
 
 from conftest import tiny_config
 
@@ -44,7 +44,7 @@ def test_a_chat_finetune_extended_by_epochs_on_resume_trains_the_new_epoch(base,
 def test_the_counters_live_in_one_train_state_that_round_trips():
     import math
 
-    from gradlm.resume import TrainState
+    from gradlm.training.resume import TrainState
 
     s = TrainState(step=7)
     assert s.evaluated(3.0, 2.9, min_delta=0.0) and (s.best_val, s.bad_evals) == (3.0, 0)
@@ -64,6 +64,6 @@ def test_no_module_but_the_trainer_writes_the_trainers_attributes():
     import gradlm
 
     pattern = re.compile(r"\bt\.[a-z_]+\s*(\+|-)?=[^=]|setattr\(t\b")
-    writers = [f"{p.name}:{i}" for p in Path(gradlm.__file__).parent.glob("*.py") if p.name != "trainer.py"
+    writers = [f"{p.name}:{i}" for p in Path(gradlm.__file__).parent.rglob("*.py") if p.name != "trainer.py"
                for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert not writers, writers

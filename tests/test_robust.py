@@ -1,4 +1,4 @@
-"""Robustness to misspelled words (gradlm/robust.py): BPE-dropout segments the same text in many ways and
+"""Robustness to misspelled words (gradlm/text/augment.py): BPE-dropout segments the same text in many ways and
 is the deterministic encoding at 0, typo injection is seeded and keeps its length class, augmented windows
 keep their targets on the clean text, resume stays bit-exact, and no tokenizer ever leaves with dropout."""
 
@@ -11,14 +11,15 @@ import torch
 from safetensors.torch import load_file
 
 from gradlm.cli import main
-from gradlm.config import TrainConfig
-from gradlm.data import RandomSampler
+from gradlm.training.config import TrainConfig
+from gradlm.text.data import RandomSampler
 from gradlm.errors import ConfigError
-from gradlm.evaluate import EvalConfig, run_eval
-from gradlm.typos import Typos, inject_typos
-from gradlm.robust import TRAIN_TYPO_KINDS, RobustSampler, Segmenter, align_typos, typo_splits
-from gradlm.tokenizer import Tokenizer
-from gradlm.trainer import Trainer, train
+from gradlm.evaluation.evaluate import EvalConfig, run_eval
+from gradlm.text.typos import Typos, inject_typos
+from gradlm.text.augment import TRAIN_TYPO_KINDS, RobustSampler, Segmenter, align_typos
+from gradlm.evaluation.robustness import typo_splits
+from gradlm.text.tokenizer import Tokenizer
+from gradlm.training.trainer import Trainer, train
 
 from conftest import tiny_config
 
@@ -207,7 +208,7 @@ def test_the_saved_and_exported_tokenizer_has_no_dropout(prepared, tmp_path, tok
     assert saved["model"]["dropout"] is None
     loaded = Tokenizer.load(tmp_path / "run")
     assert loaded.sha256 == tok.sha256 and loaded.encode(small_text[:5000]) == tok.encode(small_text[:5000])
-    from gradlm.interop import export_hf
+    from gradlm.formats.hf import export_hf
 
     export_hf(tmp_path / "run", tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "tokenizer.json").read_text())["model"]["dropout"] is None
@@ -255,7 +256,7 @@ def test_tokenize_typos_shows_how_misspellings_resplit(tok, tmp_path, capsys):
 def test_fine_tuning_augments_the_questions_and_leaves_the_replies(tok1k):
     from pathlib import Path
 
-    from gradlm.sft import SFTSampler, load_sft, pad_id
+    from gradlm.text.sft import SFTSampler, load_sft, pad_id
 
     data = load_sft(Path(__file__).resolve().parents[1] / "examples" / "drugqa" / "train.jsonl", tok1k, 128)
     plain = SFTSampler(data.examples, pad_id(tok1k), 0)

@@ -12,12 +12,12 @@ import time
 import pytest
 import torch
 
-from gradlm import checkpoint as ckpt
-from gradlm.config import TrainConfig
+from gradlm import files as ckpt
+from gradlm.training.config import TrainConfig
 from gradlm.errors import ConfigError, RunDirError
-from gradlm.optim import base_lrs, set_lr
+from gradlm.training.optim import base_lrs, set_lr
 from gradlm.rundir import RunDir, load_model, read_metrics
-from gradlm.trainer import Trainer, train
+from gradlm.training.trainer import Trainer, train
 
 from conftest import kill_and_resume, start_gradlm, tiny_config, wait_for_step
 
@@ -47,9 +47,9 @@ lm = load_lm({str(tmp_path / 'run')!r})
 lm.generate("a", max_new_tokens=3, temperature=0)
 model, tok = load_model({str(tmp_path / 'run')!r})
 evaluate_text(model, tok, "some text to score")
-from gradlm.interop import export_hf
+from gradlm.formats.hf import export_hf
 export_hf({str(tmp_path / 'run')!r}, {str(tmp_path / 'hf')!r})
-bad = [m for m in ("gradlm.trainer", "gradlm.lab") if m in sys.modules]
+bad = [m for m in ("gradlm.training.trainer", "gradlm.training.compare", "gradlm.training.lrfind") if m in sys.modules]
 print("imported:", bad)
 sys.exit(1 if bad else 0)
 """
@@ -236,7 +236,7 @@ def test_equal_weights_give_equal_bytes(tmp_path):
     state = {"b": torch.ones(3), "a": torch.arange(4.0), "c": torch.zeros(2, dtype=torch.bfloat16)}
     code = f"""
 import torch
-from gradlm import checkpoint as ckpt
+from gradlm import files as ckpt
 state = {{"b": torch.ones(3), "a": torch.arange(4.0), "c": torch.zeros(2, dtype=torch.bfloat16)}}
 ckpt.save_weights({str(tmp_path / 'y.safetensors')!r}, dict(reversed(state.items())), {{"step": "3"}})
 """
@@ -366,10 +366,10 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_from_its_init(pre
 def test_a_run_written_whole_loads_and_a_failed_one_leaves_nothing(tmp_path, tok, monkeypatch):
     """RunDir.create (merge, import): config.json last, in a folder renamed into place; a failure midway
     leaves neither a run nor a temporary folder."""
-    from gradlm.model import GPT
+    from gradlm.model.transformer import Transformer
     from gradlm.rundir import config_dict
 
-    model = GPT(tiny_config(tok.vocab_size))
+    model = Transformer(tiny_config(tok.vocab_size))
     config = config_dict(model.cfg, {}, {"tokenizer": "given"})
     run = RunDir.create(tmp_path / "whole", config, tok, model.state_dict(), step=7, chat_template=True)
     loaded, loaded_tok = run.load_model()

@@ -161,8 +161,8 @@ def test_a_device_this_machine_lacks_is_one_line_and_exit_2(command, sharp_run, 
 
 def test_int8_decoding_on_the_cpu_through_the_cli_and_the_api(sharp_run, tok, capsys):
     from gradlm.cli import main
-    from gradlm.generate import load
-    from gradlm.infer import Forward
+    from gradlm.generation.generate import load
+    from gradlm.model.infer import Forward
     from gradlm.runtime import resolve
 
     lm = load(sharp_run, runtime=resolve("cpu", "int8", decoding=True))
@@ -209,12 +209,12 @@ def test_batches_for_cuda_go_pinned_and_without_blocking(monkeypatch):
 
 
 def test_fused_adamw_updates_as_the_plain_one():
-    from gradlm.model import GPT
-    from gradlm.optim import build_optimizer
+    from gradlm.model.transformer import Transformer
+    from gradlm.training.optim import build_optimizer
 
     from conftest import tiny_config
 
-    models = [GPT(tiny_config(64)) for _ in range(2)]
+    models = [Transformer(tiny_config(64)) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     opts = [build_optimizer(m, "adamw", 1e-2, fused=f) for m, f in zip(models, (False, True))]
     assert opts[1].defaults["fused"] and not opts[0].defaults["fused"]
@@ -229,8 +229,8 @@ def test_fused_adamw_updates_as_the_plain_one():
 
 
 def test_a_training_step_reads_the_device_once(prepared, tmp_path, tok, monkeypatch):
-    from gradlm.config import TrainConfig
-    from gradlm.trainer import Trainer
+    from gradlm.training.config import TrainConfig
+    from gradlm.training.trainer import Trainer
 
     from conftest import tiny_config
 

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from gradlm.cli import main
-from gradlm.config import TrainConfig
-from gradlm.finetune import FineTuner, FinetuneConfig, finetune
+from gradlm.training.config import TrainConfig
+from gradlm.training.finetune import FineTuner, FinetuneConfig, finetune
 from gradlm.rundir import RunDir
-from gradlm.scoring import score, sliding_windows, spaced_windows, window_plan
-from gradlm.sft import collate
-from gradlm.trainer import Trainer, train
+from gradlm.model.scoring import score, sliding_windows, spaced_windows, window_plan
+from gradlm.text.sft import collate
+from gradlm.training.trainer import Trainer, train
 
 from conftest import sharp_model, tiny_config
 

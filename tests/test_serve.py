@@ -24,12 +24,12 @@ import pytest
 import torch
 import uvicorn
 
-from gradlm.chat import encode_chat
+from gradlm.text.chat import encode_chat
 from gradlm.cli import main
-from gradlm.engine import Engine
-from gradlm.generate import LM
-from gradlm.serve import create_app
-from gradlm.webserver import listen
+from gradlm.generation.engine import Engine
+from gradlm.generation.generate import LM
+from gradlm.serving.serve import create_app
+from gradlm.serving.webserver import listen
 
 from conftest import CYCLE, cycle_model, write_run
 
@@ -429,7 +429,7 @@ ANSWER = "Ok, 20 mg."
 def chat_run(tmp_path_factory, tok):
     """A chat-tuned run (it has a chat template) whose model answers ANSWER and then <|end|>: greedy decoding
     cycles <|assistant|> ANSWER <|end|> <|user|> <|assistant|> ... (see cycle_model)."""
-    from gradlm.chat import chat_ids, write_chat_template
+    from gradlm.text.chat import chat_ids, write_chat_template
 
     ids = chat_ids(tok)
     m = cycle_model(tok, ids=[ids["assistant"], *tok.encode(ANSWER), ids["end"], ids["user"]])
@@ -439,10 +439,10 @@ def chat_run(tmp_path_factory, tok):
 
 
 def test_chat_qa_cli_and_server_give_the_same_greedy_text(chat_run, tok, capsys):
-    from gradlm.evaluate import QAItem, score_qa
-    from gradlm.generate import load
-    from gradlm.sampling import SamplingConfig
-    from gradlm.session import ChatSession
+    from gradlm.evaluation.evaluate import QAItem, score_qa
+    from gradlm.generation.generate import load
+    from gradlm.model.sampling import SamplingConfig
+    from gradlm.generation.session import ChatSession
 
     lm = load(chat_run)
     question = "Dose of zorvastatin?"
@@ -461,7 +461,7 @@ def test_chat_qa_cli_and_server_give_the_same_greedy_text(chat_run, tok, capsys)
 
 def test_completions_on_a_chat_tuned_run_stop_at_end_and_never_show_special_tokens(chat_run, tok):
     """The fault: /v1/completions printed '<|end|> statin<|end|>20 mg<|end|> ...'."""
-    from gradlm.generate import LM, load
+    from gradlm.generation.generate import LM, load
 
     lm = load(chat_run)
     first = tok.decode(tok.encode(ANSWER)[:1])  # a prompt inside the answer: the model finishes it, then <|end|>
@@ -479,8 +479,8 @@ def test_completions_on_a_chat_tuned_run_stop_at_end_and_never_show_special_toke
 def test_chat_refuses_a_message_longer_than_the_context_window(chat_run, tok):
     """The fault: `gradlm chat` answered a too-long message after silently cutting it; `generate` refuses."""
     from gradlm.errors import ConfigError
-    from gradlm.generate import load
-    from gradlm.session import ChatSession
+    from gradlm.generation.generate import load
+    from gradlm.generation.session import ChatSession
 
     lm = load(chat_run)
     long = "zorvastatin " * lm.context_window

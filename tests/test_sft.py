@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from gradlm.chat import END, encode_for_training
+from gradlm.text.chat import END, encode_for_training
 from gradlm.errors import DataError, TokenizerError
-from gradlm.sft import (
+from gradlm.text.sft import (
     SFTSampler,
     batches,
     collate,
@@ -22,7 +22,7 @@ from gradlm.sft import (
     read_conversations,
     split_examples,
 )
-from gradlm.tokenizer import EOT, Tokenizer
+from gradlm.text.tokenizer import EOT, Tokenizer
 
 from conftest import generate_ids, sft_fit, tiny_config
 
@@ -116,10 +116,10 @@ def test_batches_pad_with_pad_and_target_exactly_the_trained_tokens(tmp_path, to
 
 def test_padding_changes_no_loss(tmp_path, tok):
     """The same example alone or padded beside a longer one gets the same loss (pads are never attended or scored)."""
-    from gradlm.model import GPT
+    from gradlm.model.transformer import Transformer
 
     torch.manual_seed(0)
-    model = GPT(tiny_config(tok.vocab_size, block_size=64)).eval()
+    model = Transformer(tiny_config(tok.vocab_size, block_size=64)).eval()
     data = load_sft(write_jsonl(tmp_path / "qa.jsonl", QA), tok, 64)
     short = data.examples[0]
     with torch.no_grad():
@@ -203,8 +203,8 @@ def test_split_and_ordered_batches(tmp_path, tok):
 
 def test_a_tiny_model_learns_the_replies_from_sft_batches(tmp_path, tok):
     """Training on these batches teaches exactly the replies: greedy decoding after the prompt gives them."""
-    from gradlm.chat import encode_chat, stop_ids
-    from gradlm.generate import SamplingConfig
+    from gradlm.text.chat import encode_chat, stop_ids
+    from gradlm.generation.generate import SamplingConfig
 
     rows = [{"prompt": f"dose of drug {c}?", "completion": f"{10 * (i + 1)} mg"} for i, c in enumerate("ABCD")]
     data = load_sft(write_jsonl(tmp_path / "qa.jsonl", rows), tok, 32)

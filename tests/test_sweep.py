@@ -12,11 +12,11 @@ import optuna
 import pytest
 
 from conftest import start_gradlm, wait_for_step
-from gradlm.config import TrainConfig, read_config_file
+from gradlm.training.config import TrainConfig, read_config_file
 from gradlm.errors import ConfigError
-from gradlm.model import ModelConfig
-from gradlm.sweep import Param, parse_space, sweep
-from gradlm.trainer import train
+from gradlm.model.transformer import ModelConfig
+from gradlm.training.sweep import Param, parse_space, sweep
+from gradlm.training.trainer import train
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "32", "--block-size", "16", "--vocab-size", "300", "--eval-tokens", "512",
         "--sample-tokens", "0", "--warmup-steps", "2", "--no-plots", "--dtype", "float32"]

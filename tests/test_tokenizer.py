@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 
 from gradlm.errors import TokenizerError
-from gradlm.tokenizer import EOT, SPECIAL_TOKENS, StreamDecoder, Tokenizer, byte_to_char, describe
+from gradlm.text.tokenizer import EOT, SPECIAL_TOKENS, StreamDecoder, Tokenizer, byte_to_char, describe
 
 
 @settings(max_examples=200, deadline=None)

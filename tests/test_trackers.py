@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from gradlm.config import TrainConfig
+from gradlm.training.config import TrainConfig
 from gradlm.errors import ConfigError
-from gradlm.model import ModelConfig
+from gradlm.model.transformer import ModelConfig
 from gradlm.rundir import read_jsonl
-from gradlm.trackers import parse_loggers
-from gradlm.trainer import train
+from gradlm.training.trackers import parse_loggers
+from gradlm.training.trainer import train
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("wandb")
@@ -221,7 +221,8 @@ def test_a_logger_added_on_resume_gets_the_run_so_far(tmp_path, tracker_env, tex
 
 
 def test_lr_find_and_compare_log_too(tmp_path, tracker_env, text_file):
-    from gradlm.lab import compare, lr_find
+    from gradlm.training.compare import compare
+    from gradlm.training.lrfind import lr_find
 
     model_cfg, cfg = tiny(tmp_path, text_file, logger="tensorboard", max_steps=12)
     r = lr_find(model_cfg, cfg, steps=20, out=tmp_path / "lr", png=tmp_path / "lr" / "lr_find.png", log=lambda m: None)
@@ -235,7 +236,7 @@ def test_lr_find_and_compare_log_too(tmp_path, tracker_env, text_file):
 
 
 def test_a_logger_that_fails_mid_run_is_dropped_and_training_goes_on(tmp_path, tracker_env, text_file, monkeypatch, capsys):
-    from gradlm import trackers
+    from gradlm.training import trackers
 
     def broken(self, step, values):
         raise ConnectionError("tracking server went away")

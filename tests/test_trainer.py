@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gradlm.data import EpochSampler, windows
+from gradlm.text.data import EpochSampler, windows
 from gradlm.errors import ConfigError, GradlmError, RunDirError
-from gradlm.model import GPT
-from gradlm.optim import OPTIMIZERS
+from gradlm.model.transformer import Transformer
+from gradlm.training.optim import OPTIMIZERS
 from gradlm.rundir import read_metrics
-from gradlm.config import TrainConfig
-from gradlm.monitor import fit_warning, gap_widening
-from gradlm.trainer import Trainer, train
+from gradlm.training.config import TrainConfig
+from gradlm.training.monitor import fit_warning, gap_widening
+from gradlm.training.trainer import Trainer, train
 
 from conftest import tiny_config
 
@@ -50,7 +50,7 @@ def test_full_batch_is_one_update_per_epoch_with_the_mean_gradient(prepared, tmp
     t = Trainer(model_for(tok), cfg).build()
     n = t.sampler.n_windows
     assert t.batch == n and t.accum == math.ceil(n / 7)
-    ref = GPT(t.model_cfg)
+    ref = Transformer(t.model_cfg)
     ref.load_state_dict(t.model.state_dict())
     t.gradients()
     assert t.sampler.epoch == 1 and t.sampler.pos == 0  # the step consumed exactly one epoch
@@ -102,7 +102,7 @@ def test_divergence_guard_recovers_from_an_absurd_lr(prepared, tmp_path, tok):
 
 
 def test_the_guard_never_takes_a_diverged_evaluation_as_its_refuge(prepared, tmp_path, tok):
-    from gradlm.monitor import DivergenceGuard
+    from gradlm.training.monitor import DivergenceGuard
 
     t = Trainer(model_for(tok), cfg_for(prepared, tmp_path)).build()
     guard = DivergenceGuard(t)
@@ -185,7 +185,7 @@ def test_ddp_two_processes_match_one_with_the_same_global_batch(prepared, tmp_pa
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    assert not any(torch.equal(a[k], GPT(tiny_config(tok.vocab_size)).state_dict()[k]) for k in a if k.endswith("q_proj.weight"))
+    assert not any(torch.equal(a[k], Transformer(tiny_config(tok.vocab_size)).state_dict()[k]) for k in a if k.endswith("q_proj.weight"))
 
 
 def test_two_nodes_match_one_process_with_the_same_global_batch(prepared, tmp_path, tok):
@@ -255,7 +255,7 @@ def test_a_run_on_a_tiny_corpus_is_told_when_it_overfits(tmp_path, tok, small_te
     """A real run that overfits: 2 KB of text, many epochs. The warning comes after validation's best, and what it
     says is what the evaluations in metrics.jsonl show."""
     (tmp_path / "tiny.txt").write_text(small_text[:2500])
-    from gradlm.model import ModelConfig
+    from gradlm.model.transformer import ModelConfig
 
     s = train(ModelConfig(n_layer=2, n_head=4, d_model=64, block_size=32),
               TrainConfig(data=str(tmp_path / "tiny.txt"), out=str(tmp_path / "run"), vocab_size=300, batch="8", max_steps=400, eval_every=20,
@@ -273,7 +273,7 @@ def test_a_run_on_a_tiny_corpus_is_told_when_it_overfits(tmp_path, tok, small_te
 
 
 def test_divergence_rule():
-    from gradlm.monitor import diverged
+    from gradlm.training.monitor import diverged
 
     ln = math.log(1000)
     assert diverged(float("nan"), 1.0, ln, None, 0) and diverged(1.0, float("inf"), ln, None, 0)
@@ -344,7 +344,7 @@ def test_every_json_file_is_strict_and_numbers_are_numbers(prepared, tmp_path, t
     import signal
 
     from gradlm.errors import Interrupted
-    from gradlm.monitor import StopSignals
+    from gradlm.training.monitor import StopSignals
 
     calls = []
 
@@ -430,7 +430,7 @@ def test_resume_reads_its_own_tokens_offline_and_refuses_other_ones(text_file, t
     here the text is gone, as when a registered corpus was found in a mirror that is no longer set."""
     import shutil
 
-    from gradlm import datasets
+    from gradlm.text import datasets
     from gradlm.errors import DataError
 
     monkeypatch.setenv("GRADLM_CACHE", str(tmp_path / "cache"))
@@ -531,8 +531,8 @@ def test_a_resume_and_a_budget_extension_are_events_and_samples_are_trimmed_like
 
 
 def test_a_chat_finetune_samples_an_answer_to_a_held_out_question(prepared, tmp_path, tok):
-    from gradlm.chat import encode_chat
-    from gradlm.finetune import FinetuneConfig, finetune
+    from gradlm.text.chat import encode_chat
+    from gradlm.training.finetune import FinetuneConfig, finetune
 
     train(model_for(tok), cfg_for(prepared, tmp_path, name="base", max_steps=2))
     qa = tmp_path / "qa.jsonl"

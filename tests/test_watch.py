@@ -22,8 +22,8 @@ import httpx
 import pytest
 
 from gradlm.errors import ConfigError
-from gradlm.watch import JsonLines, Story, Watcher, check_sources, create_app, run_names, run_status
-from gradlm.webserver import sse
+from gradlm.serving.watch import JsonLines, Story, Watcher, check_sources, create_app, run_names, run_status
+from gradlm.serving.webserver import sse
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium); .ci/run installs it")
@@ -231,7 +231,7 @@ def test_the_watcher_process_leaves_torch_alone(tmp_path, config):
     """The watcher starts light: the command's parser, the app and its socket read JSON and never need the model
     code (what `gradlm watch` and `train --watch` run, up to serving)."""
     run = make_run(tmp_path / "light", config, range(1, 3))
-    code = ("import sys; from gradlm.cli import build_parser; from gradlm import watch, webserver; "
+    code = ("import sys; from gradlm.cli import build_parser; from gradlm.serving import watch, webserver; "
             f"build_parser('watch').parse_args(['watch', {str(run)!r}]); watch.create_app([{str(run)!r}], hosts=webserver.LOCAL_NAMES); "
             "webserver.listen('127.0.0.1', 0); sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
@@ -353,7 +353,7 @@ def live(paths: list[str], **kw):
     """The watcher's app on a free local port in a thread; yields (base URL, the uvicorn server)."""
     import uvicorn
 
-    from gradlm.webserver import listen
+    from gradlm.serving.webserver import listen
 
     sock = listen("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(create_app(paths, **kw), log_level="warning", timeout_graceful_shutdown=1))

@@ -13,7 +13,7 @@ Files written (into this folder unless --out says otherwise):
     train.jsonl       every fact asked in each training phrasing           {"messages": [...], "split": "train"}
     heldout.jsonl     every fact asked once in a phrasing never trained on  (same facts, new wording)
     misspelled.jsonl  every fact asked once in a training phrasing, the drug name with one typo
-                      (a dropped, swapped, doubled or neighbouring-key letter; gradlm.evaluate.misspell)
+                      (a dropped, swapped, doubled or neighbouring-key letter; gradlm.evaluation.evaluate.misspell)
 
 Answers are short and exact ("40 mg", "a statin", "zorvastatin"), so exact match is meaningful:
 
@@ -28,7 +28,7 @@ import json
 import random
 from pathlib import Path
 
-from gradlm.typos import NAME_TYPO_KINDS, misspell
+from gradlm.text.typos import NAME_TYPO_KINDS, misspell
 
 # Syllables chosen to sound drug-like without spelling a real drug.
 ONSETS = ("zor", "quel", "vex", "dral", "thrim", "plox", "brin", "cav", "jex", "kulm", "skar", "trev",

@@ -1,0 +1,195 @@
+"""The inference fast path: what Transformer.forward(idx, cache=...) computes, in inference mode, faster.
+
+Decoding one token at a time costs little arithmetic, so per-operation overhead and reading the weights
+dominate. This path computes exactly what the module path (Transformer.forward with a KV cache) computes, up to
+float rounding, with fewer and cheaper operations:
+  - functional ops on (B*T, C) rows, no nn.Module calls or hooks;
+  - pre-transposed contiguous weights (the faster layout for BLAS here); q/k/v and gate/up as one matmul
+    each; every RMSNorm weight folded into the matmul after it; residual adds folded into addmm;
+    queries and keys rotated together, in place;
+  - RMSNorm's mean of squares as a matmul with a 1/dim column.
+It earns its place: greedy decoding of the benchmark's 8.1M model runs 1.9x faster than the module path
+at batch 1 and 1.2x at batch 8, with identical tokens (benchmarks/generate.py, docs/benchmarks.md).
+tests/test_generate.py checks it against the module path, with padding, GQA and QK-norm.
+
+The model knows nothing of this path: the engine (gradlm/generation/engine.py) holds a Forward, which chooses it
+and owns the weight copies it uses.
+
+decode() is the plain one-row decoding loop over a KV cache (no batching, stops, penalties or constraints):
+what training's samples use (gradlm/training/monitor.py), since training may not import the engine.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from gradlm.model.transformer import Transformer, KVCache
+from gradlm.model.sampling import SamplingConfig, next_token
+
+
+class Forward:
+    """The forward over a KV cache that generation uses: logits (B, T or 1, V) of idx (B, T) appended to
+    the cache. In eval mode without autograd it is fused_forward, with weight copies made on first use;
+    otherwise Transformer.forward itself (int8 always takes the fused path: the module path has no int8 form). check() remakes the copies when any weight changed since they were made
+    (training, load_state_dict, .to()): the engine calls it whenever it admits rows, not at every step,
+    since the check costs ~0.1 ms and a decoding step a few. The copies cost one extra copy of the
+    matrices while this Forward lives."""
+
+    def __init__(self, model: Transformer, int8: bool = False, compile: bool = False):
+        self.model, self.int8 = model, int8
+        self._key: tuple | None = None
+        self._weights: tuple | None = None
+        # compile: torch.compile the fused step (`--compile on`), shapes dynamic (batch, prompt and cache length vary)
+        self._fused = torch.compile(fused_forward, dynamic=True) if compile else fused_forward
+
+    def __call__(self, idx: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        model = self.model
+        if cache.pos + idx.shape[1] > min(model.cfg.block_size, cache.max_len):
+            raise ValueError(f"sequence of {cache.pos + idx.shape[1]} tokens exceeds the context window ({model.cfg.block_size}) or the KV cache ({cache.max_len})")
+        if (model.training or torch.is_grad_enabled()) and not self.int8:
+            return model(idx, cache=cache, last_only=last_only)
+        return self._fused(model, self._weights or self.check(), idx, cache, last_only)
+
+    def check(self) -> tuple:
+        """The inference weights (see inference_weights), remade if a weight's storage or in-place
+        version changed since they were made."""
+        key = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        if key != self._key:
+            self._weights, self._key = inference_weights(self.model, self.int8), key
+        return self._weights
+
+
+@torch.no_grad()
+def decode(model: Transformer, prompt: list[int], n: int, cfg: SamplingConfig, gen: torch.Generator | None = None,
+           vocab_size: int | None = None, forward: Forward | None = None) -> list[int]:
+    """The n ids that follow prompt, one at a time in a new KV cache: the prompt runs once, then each new
+    id; next_token picks each (with gen). vocab_size: pick among the first vocab_size ids only (the ids a
+    tokenizer has, where the model has more rows). forward: a Forward, or None for the model's own forward
+    (what training uses: it follows the caller's autocast and makes no weight copies). The caller puts the
+    model in eval mode; prompt + n must fit the context window."""
+    step = forward or model
+    cache = model.new_cache(1, len(prompt) + n)
+    ids, new = torch.tensor([prompt], device=model.embed_tokens.weight.device), []
+    for _ in range(n):
+        logits = step(ids, cache=cache, last_only=True)[:, -1, :vocab_size]  # (1, V)
+        ids = next_token(logits, cfg, gen)[:, None]  # (1, 1)
+        new.append(ids)
+    return torch.cat(new, 1)[0].tolist() if new else []  # one read from the device, not one per token
+
+
+def fused_forward(model: Transformer, weights: tuple, idx: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
+    """Logits (B, T or 1, V) of idx (B, T) appended to the cache: Transformer.forward(idx, cache=cache)'s
+    result up to float rounding, by the fused operations described above, with weights from
+    inference_weights(model)."""
+    B, T = idx.shape
+    H, KV, D, C = model.cfg.n_head, model.cfg.n_kv_head, model.cfg.head_dim, model.cfg.d_model
+    start, end, half = cache.pos, cache.pos + T, model.cfg.head_dim // 2
+    layers, head_t, sin_signed, mean_of, eps_t, mm, addmm = weights
+    x = F.embedding(idx, model.embed_tokens.weight).view(B * T, C)
+    if cache.pad is None and T == 1:  # the common decoding step: one position for every row
+        cos, sin, mask = model.rope_cos.narrow(0, start, 1), sin_signed.narrow(0, start, 1), None  # (1, D)
+    else:
+        cos, sin, mask = model.rope_and_mask(idx, start, T, cache, x.dtype)
+        # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated)
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    causal = mask is None and T > 1
+    fp32 = x.dtype == torch.float32
+
+    def norm(h, w=None):
+        # RMSNorm in float32, the mean of squares as a matmul with a column of 1/dim (a third of the
+        # operations of .mean() or F.rms_norm here). w=None: the weight is folded into the next
+        # matmul (see inference_weights). Equal to the module path up to float rounding.
+        hf = h if fp32 else h.float()
+        if hf.dim() == 2:
+            hf = hf * torch.rsqrt_(torch.addmm(eps_t, hf * hf, mean_of[hf.shape[-1]]))
+        else:
+            hf = hf * torch.rsqrt_(torch.matmul(hf * hf, mean_of[hf.shape[-1]]).add_(eps_t))
+        hf = hf if fp32 else hf.to(h.dtype)
+        return hf if w is None else hf * w
+
+    for (w_qkv, w_o, w_gu, w_down, w_qn, w_kn), (kv_cache, k_cache, v_cache) in zip(layers, cache.layers()):
+        qkv = mm(norm(x), w_qkv)  # (B*T, (H+2KV)*D); the input norm's weight is in w_qkv
+        if T == 1:
+            qkv = qkv.view(B, H + 2 * KV, 1, D)
+        else:
+            qkv = qkv.view(B, T, H + 2 * KV, D).transpose(1, 2)  # (B, H+2KV, T, D)
+        if w_qn is None:  # rotate queries and keys together, in place
+            qk = qkv.narrow(1, 0, H + KV)
+            rotated = qk.roll(half, -1)
+            qk.mul_(cos).addcmul_(rotated, sin)
+        else:
+            for first, n, w in ((0, H, w_qn), (H, KV, w_kn)):
+                part = qkv.narrow(1, first, n)
+                part.copy_(norm(part, w))
+                rotated = part.roll(half, -1)
+                part.mul_(cos).addcmul_(rotated, sin)
+        kv_cache.narrow(2, start, T).copy_(qkv.narrow(1, H, 2 * KV))  # this token's keys and values
+        y = F.scaled_dot_product_attention(
+            qkv.narrow(1, 0, H), k_cache.narrow(2, 0, end), v_cache.narrow(2, 0, end), attn_mask=mask, is_causal=causal, enable_gqa=KV != H
+        )  # (B, H, T, D)
+        y = y.reshape(B, H * D) if T == 1 else y.transpose(1, 2).reshape(B * T, H * D)
+        x = addmm(x, y, w_o)  # x + attention (B*T, C)
+        gate, up = mm(norm(x), w_gu).chunk(2, 1)  # (B*T, d_ff) each; the post-attention norm's weight folded in
+        x = addmm(x, F.silu(gate) * up, w_down)  # x + MLP
+    cache.pos = end
+    if last_only and T > 1:
+        x = x.view(B, T, C)[:, -1]
+        T = 1
+    return mm(norm(x), head_t).view(B, T, -1)  # the final norm's weight is in head_t
+
+
+def _int8(w: torch.Tensor) -> torch.ScriptObject:
+    """w (in, out), float32, as a packed int8 matrix for dynamic quantization: one scale per output column
+    (symmetric, round to nearest); the activations are quantized per call by linear_dynamic."""
+    w = w.t().contiguous()  # (out, in): the layout the packer takes
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
+    with warnings.catch_warnings():  # torch >= 2.10 marks its quantized tensors deprecated; they still run, fast
+        warnings.simplefilter("ignore", UserWarning)
+        q = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(q, None)
+
+
+def _mm_int8(a: torch.Tensor, w) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic(a, w)
+
+
+def _addmm_int8(x: torch.Tensor, a: torch.Tensor, w) -> torch.Tensor:
+    return x + torch.ops.quantized.linear_dynamic(a, w)
+
+
+def inference_weights(model: Transformer, int8: bool = False) -> tuple:
+    """The weights as the fused path uses them: per layer ([q;k;v]^T scaled by the input norm's
+    weight, o^T, [gate;up]^T scaled by the post-attention norm's weight, down^T, q norm, k norm),
+    the output head^T scaled by the final norm's weight, the rotary sin table with the first half
+    of each row negated, the 1/dim columns and the epsilon of the norms, and the two matrix products
+    that multiply by the matrices. int8: the matrices (and the head) as int8 with a scale per output
+    column, multiplied by dynamic quantization (CPU; see docs/benchmarks.md for its speed and cost)."""
+    with torch.no_grad():
+        layers = []
+        for layer in model.layers:
+            a, m = layer.self_attn, layer.mlp
+            # (x * w) @ W^T == x @ (W * w)^T: each norm's weight scales the next matmul's inputs.
+            w_in, w_post = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+            layers.append(
+                (
+                    (torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) * w_in).t().contiguous(),
+                    a.o_proj.weight.t().contiguous(),
+                    (torch.cat([m.gate_proj.weight, m.up_proj.weight]) * w_post).t().contiguous(),
+                    m.down_proj.weight.t().contiguous(),
+                    a.q_norm.weight if a.qk_norm else None,
+                    a.k_norm.weight if a.qk_norm else None,
+                )
+            )
+        device, D = model.rope_sin.device, model.cfg.head_dim
+        dtype = model.embed_tokens.weight.dtype
+        sin_signed = torch.cat([-model.rope_sin[:, : D // 2], model.rope_sin[:, D // 2 :]], dim=1).to(dtype)
+        mean_of = {n: torch.full((n, 1), 1.0 / n, device=device) for n in {model.cfg.d_model, D}}
+        eps = torch.tensor([model.cfg.norm_eps], device=device)  # a tensor: adding a Python float costs a conversion per call
+        head_t = (model.lm_head.weight * model.norm.weight).t().contiguous()
+        if not int8:
+            return layers, head_t, sin_signed, mean_of, eps, torch.mm, torch.addmm
+        layers = [(_int8(qkv), _int8(o), _int8(gu), _int8(down), qn, kn) for qkv, o, gu, down, qn, kn in layers]
+        return layers, _int8(head_t), sin_signed, mean_of, eps, _mm_int8, _addmm_int8
