@@ -14,7 +14,7 @@ DEMO_RUN   ?= runs/demo
 DEMO_TIME  ?= 2m
 DEMO_FLAGS ?=   # none: --size auto chooses the model, batch and learning rate for the 2 minutes on this machine
 
-.PHONY: demo test lint test-cpus venv clean
+.PHONY: demo test lint format test-cpus venv clean
 
 # llama-cpp-python (a dev extra: the GGUF tests run llama.cpp) builds from source: only the library, for this CPU.
 LLAMA_CMAKE ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF
@@ -43,10 +43,15 @@ demo: venv
 test: $(VENV)/.installed-dev lint
 	$(PY) -m pytest
 
-# ruff (pyflakes, pycodestyle) and the import contracts of pyproject.toml (the layers of the code): seconds
+# ruff (pyflakes, pycodestyle, 120 columns; the formatter's layout) and the import contracts of pyproject.toml
+# (the layers of the code): seconds. `make format` applies the formatter.
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check gradlm tests tools benchmarks
+	$(VENV)/bin/ruff format --check gradlm tests tools benchmarks
 	$(VENV)/bin/lint-imports
+
+format: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff format gradlm tests tools benchmarks
 
 # The tests that touch numerics once per CPU kernel choice this machine can play (tools/test_cpus.py):
 # make test-cpus                         every setting, once

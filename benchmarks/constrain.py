@@ -41,7 +41,9 @@ SCHEMA = {
 }
 KINDS = {
     "none": None,
-    "choices": make_constraint(choices=["statin", "beta blocker", "ACE inhibitor", "anticoagulant", "proton pump inhibitor"]),
+    "choices": make_constraint(
+        choices=["statin", "beta blocker", "ACE inhibitor", "anticoagulant", "proton pump inhibitor"]
+    ),
     "regex": make_constraint(regex=r"[A-Z][a-z]{2,12}: [0-9]{1,4} mg( once| twice| three times)? daily"),
     "json_schema": make_constraint(json_schema=SCHEMA),
 }
@@ -50,7 +52,16 @@ KINDS = {
 def timed_run(engine: Engine, tok: Tokenizer, batch: int, constraint, new_tokens: int) -> tuple[float, int, int]:
     """(seconds, tokens, steps) of the decode steps after the first, for batch rows of one configuration."""
     prompt = tok.encode("ROMEO:\nWhat dose of the potion, good friar?\n")
-    requests = [Request(prompt, SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, seed=s), 1, frozenset(), constraint=constraint) for s in range(batch)]
+    requests = [
+        Request(
+            prompt,
+            SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, seed=s),
+            1,
+            frozenset(),
+            constraint=constraint,
+        )
+        for s in range(batch)
+    ]
     done = [0]
     handles = [engine.submit(r, lambda p: done.__setitem__(0, done[0] + (p.finish is not None))) for r in requests]
     engine.step()  # admission (prefill) and the first token
@@ -67,7 +78,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--text", default=str(Path(os.environ.get("GRADLM_DATA_MIRROR", "data")) / "tinyshakespeare.txt"))
     ap.add_argument("--vocab", type=int, default=4096, help="tokenizer vocabulary size")
-    ap.add_argument("--new-tokens", type=int, default=64, help="most tokens per row (unconstrained rows write all of them)")
+    ap.add_argument(
+        "--new-tokens", type=int, default=64, help="most tokens per row (unconstrained rows write all of them)"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
@@ -77,8 +90,11 @@ def main() -> None:
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=len(tok), block_size=256, n_layer=4, n_head=4, d_model=256)).eval()
     params = sum(p.numel() for p in model.parameters())
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"model {params / 1e6:.1f}M parameters, vocabulary {len(tok)}; {args.new_tokens} new tokens at most, median of {args.repeats}\n")
+    print(
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"model {params / 1e6:.1f}M parameters, vocabulary {len(tok)}; {args.new_tokens} new tokens at most, median "
+        f"of {args.repeats}\n"
+    )
     print("| constraint | batch | tokens | rows / step | µs / token | ms / step | mask µs / token |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for batch in (1, 16):

@@ -25,8 +25,28 @@ from pathlib import Path
 QA = Path(__file__).resolve().parents[1] / "examples" / "drugqa"
 SPLITS = ("train", "heldout", "misspelled")
 
-BASE = ["--vocab-size", "512", "--n-layer", "4", "--d-model", "128", "--n-head", "4", "--block-size", "128",
-        "--batch", "16", "--max-steps", "300", "--lr", "3e-3", "--eval-every", "100", "--val-fraction", "0.1"]
+BASE = [
+    "--vocab-size",
+    "512",
+    "--n-layer",
+    "4",
+    "--d-model",
+    "128",
+    "--n-head",
+    "4",
+    "--block-size",
+    "128",
+    "--batch",
+    "16",
+    "--max-steps",
+    "300",
+    "--lr",
+    "3e-3",
+    "--eval-every",
+    "100",
+    "--val-fraction",
+    "0.1",
+]
 COMMON = ["--batch", "32", "--val-fraction", "0.05", "--eval-every", "50", "--warmup-steps", "10"]
 RUNS = {  # name: finetune flags
     "full": ["--method", "full", "--lr", "1e-3", "--max-epochs", "10"],
@@ -46,12 +66,35 @@ def gradlm(*args: str) -> float:
 
 
 def accuracy(run: Path, answers: str = "free") -> dict[str, float]:
-    """Exact match per split; with answers="choices" also "<split> choices": replies constrained to the QA data's answers."""
+    """Exact match per split; with answers="choices" also "<split> choices": replies constrained to the QA data's
+    answers."""
     out = run / "qa.json"
     files = [str(QA / f"{s}.jsonl") for s in SPLITS]
-    print("$ " + shlex.join(["gradlm", "eval", str(run), "--qa", *files, "--answers", answers]), file=sys.stderr, flush=True)
-    res = subprocess.run([sys.executable, "-m", "gradlm", "eval", str(run), "--qa", *files, "--answers", answers, "--json", "--no-progress", "--batch", "64"],
-                         check=True, capture_output=True, text=True)
+    print(
+        "$ " + shlex.join(["gradlm", "eval", str(run), "--qa", *files, "--answers", answers]),
+        file=sys.stderr,
+        flush=True,
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradlm",
+            "eval",
+            str(run),
+            "--qa",
+            *files,
+            "--answers",
+            answers,
+            "--json",
+            "--no-progress",
+            "--batch",
+            "64",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     out.write_text(res.stdout)
     report = json.loads(res.stdout)
     acc = {s: v["accuracy"] for s, v in report["qa"]["splits"].items()}
@@ -69,14 +112,37 @@ def dtype_study(out: Path, seeds: list[int]) -> None:
     for base_dtype in dtypes:
         base = out / f"base-{base_dtype}"
         if not (base / "summary.json").is_file():
-            gradlm("train", "--data", str(QA / "facts.txt"), "--out", str(base), *BASE, "--dtype", base_dtype, "--no-progress")
+            gradlm(
+                "train",
+                "--data",
+                str(QA / "facts.txt"),
+                "--out",
+                str(base),
+                *BASE,
+                "--dtype",
+                base_dtype,
+                "--no-progress",
+            )
         for ft_dtype in dtypes:
             accs = []
             for seed in seeds:
                 run = out / f"full-{base_dtype}-{ft_dtype}-{seed}"
                 if not (run / "summary.json").is_file():
-                    gradlm("finetune", str(base), "--data", str(QA / "train.jsonl"), "--out", str(run), *COMMON, *RUNS["full"],
-                           "--dtype", ft_dtype, "--seed", str(seed), "--no-progress")
+                    gradlm(
+                        "finetune",
+                        str(base),
+                        "--data",
+                        str(QA / "train.jsonl"),
+                        "--out",
+                        str(run),
+                        *COMMON,
+                        *RUNS["full"],
+                        "--dtype",
+                        ft_dtype,
+                        "--seed",
+                        str(seed),
+                        "--no-progress",
+                    )
                 accs.append(accuracy(run))
             rows.append((base_dtype, ft_dtype, {s: [a[s] for a in accs] for s in SPLITS}))
     print(f"\nseeds {', '.join(map(str, seeds))}: mean exact match (min-max over the seeds)\n")
@@ -90,7 +156,9 @@ def dtype_study(out: Path, seeds: list[int]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for the runs (must not hold them yet)")
-    ap.add_argument("--dtype-study", action="store_true", help="compare float32 and bfloat16 (base and full fine-tune) over --seeds")
+    ap.add_argument(
+        "--dtype-study", action="store_true", help="compare float32 and bfloat16 (base and full fine-tune) over --seeds"
+    )
     ap.add_argument("--seeds", default="1,2,3", help="fine-tuning seeds of --dtype-study")
     args = ap.parse_args()
     out = Path(args.out)
@@ -101,16 +169,37 @@ def main() -> None:
     base = out / "base"
     t = gradlm("train", "--data", str(QA / "facts.txt"), "--out", str(base), *BASE)
     s = json.loads((base / "summary.json").read_text())
-    rows.append({"name": "base (facts.txt as text)", "trainable": None, "state": None, "time": t, "steps": s["steps"], **accuracy(base, "choices")})
+    rows.append(
+        {
+            "name": "base (facts.txt as text)",
+            "trainable": None,
+            "state": None,
+            "time": t,
+            "steps": s["steps"],
+            **accuracy(base, "choices"),
+        }
+    )
     for name, flags in RUNS.items():
         run = out / name
         t = gradlm("finetune", str(base), "--data", str(QA / "train.jsonl"), "--out", str(run), *COMMON, *flags)
         s = json.loads((run / "summary.json").read_text())
-        rows.append({"name": name, "trainable": s["trainable_params"], "full": s["full_finetune_params"], "state": s["optimizer_state_bytes"],
-                     "time": t, "steps": s["steps"], **accuracy(run, "choices")})
+        rows.append(
+            {
+                "name": name,
+                "trainable": s["trainable_params"],
+                "full": s["full_finetune_params"],
+                "state": s["optimizer_state_bytes"],
+                "time": t,
+                "steps": s["steps"],
+                **accuracy(run, "choices"),
+            }
+        )
     threads = os.environ.get("OMP_NUM_THREADS", "default")
     print(f"\nCPU threads: {threads}\n")
-    print("exact match per split: free replies / replies constrained to the answers the QA data holds (--answers choices)\n")
+    print(
+        "exact match per split: free replies / replies constrained to the answers the QA data holds (--answers "
+        "choices)\n"
+    )
     print("| model | trainable parameters | AdamW state | steps | wall time (s) | train | heldout | misspelled |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:

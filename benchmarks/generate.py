@@ -97,7 +97,15 @@ def theirs(hf, prompts: list[list[int]], n: int) -> list[list[int]]:
         ids[b, P - len(p) :] = torch.tensor(p)
         mask[b, P - len(p) :] = 1
     with torch.inference_mode():
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+        out = hf.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
     return out[:, P:].tolist()
 
 
@@ -156,8 +164,15 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     n = args.new_tokens
 
-    print(f"model: {model.num_params() / 1e6:.1f}M parameters ({cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, vocab {cfg.vocab_size}), fp32")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, Python {platform.python_version()}")
+    print(
+        f"model: {model.num_params() / 1e6:.1f}M parameters ({cfg.n_layer} layers, d_model {cfg.d_model}, "
+        f"{cfg.n_head} heads, vocab {cfg.vocab_size}), fp32"
+    )
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, Python "
+        f"{platform.python_version()}"
+    )
     print(f"greedy, {n} new tokens per prompt, median of {args.repeats} runs\n")
     rows, floors = [], []
     for B in [int(b) for b in args.batches.split(",")]:
@@ -178,13 +193,25 @@ def main() -> None:
         floor_tps = B * n / matmul_floor(model, B, n, args.repeats)
         rows.append((B, ours_tps, hf_tps, mod_tps, same, first_diff))
         floors.append((B, floor_tps, hf_tps, ours_tps))
-    print("| batch | gradlm tokens/s | transformers tokens/s | gradlm / transformers | gradlm module path tokens/s | fused / module path | same tokens |")
-    print("|------:|----------------:|----------------------:|---------------------:|---------------------------:|-------------------:|:------------|")
+    print(
+        "| batch | gradlm tokens/s | transformers tokens/s | gradlm / transformers | gradlm module path tokens/s | "
+        "fused / module path | same tokens |"
+    )
+    print(
+        "|------:|----------------:|----------------------:|---------------------:|---------------------------:|-------------------:|:------------|"
+    )
     for B, a, b, m, same, diffs in rows:
-        note = f"{same}/{B} rows identical in all three" + ("" if same == B else f" (first differences at {[d for d in diffs if d is not None]})")
+        note = f"{same}/{B} rows identical in all three" + (
+            "" if same == B else f" (first differences at {[d for d in diffs if d is not None]})"
+        )
         print(f"| {B} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x | {m:,.0f} | {a / m:.2f}x | {note} |")
-    print("\nThe weight matrix products alone (no attention, norms, sampling or loop): the fastest any fp32 decoder on this BLAS can go")
-    print("| batch | matmuls-only tokens/s | / transformers | gradlm's share of it |\n|------:|------:|------:|------:|")
+    print(
+        "\nThe weight matrix products alone (no attention, norms, sampling or loop): the fastest any fp32 decoder on "
+        "this BLAS can go"
+    )
+    print(
+        "| batch | matmuls-only tokens/s | / transformers | gradlm's share of it |\n|------:|------:|------:|------:|"
+    )
     for B, f, h, a in floors:
         print(f"| {B} | {f:,.0f} | {f / h:.2f}x | {a / f:.0%} |")
     if any(same != B for B, *_, same, _ in rows):

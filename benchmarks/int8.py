@@ -67,9 +67,15 @@ def main() -> None:
     byte_lengths = torch.tensor(tok.token_byte_lengths())
     fp32, int8 = Engine(model, tok), Engine(model, tok, runtime=Runtime("cpu", "int8"))
     n = args.new_tokens
-    print(f"model: {run} ({model.num_params() / 1e6:.1f}M parameters, {model.cfg.n_layer} x {model.cfg.d_model}, vocab {model.cfg.vocab_size})")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads); "
-          f"greedy, {n} new tokens per row, median of {args.repeats}\n")
+    print(
+        f"model: {run} ({model.num_params() / 1e6:.1f}M parameters, {model.cfg.n_layer} x {model.cfg.d_model}, vocab "
+        f"{model.cfg.vocab_size})"
+    )
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads); "
+        f"greedy, {n} new tokens per row, median of {args.repeats}\n"
+    )
     print("| batch | float32 tokens/s | int8 tokens/s | int8 / float32 | greedy tokens equal to float32's |")
     print("|---:|---:|---:|---:|---|")
     for B in [int(b) for b in args.batches.split(",")]:
@@ -84,10 +90,19 @@ def main() -> None:
                 a, b = (out, b) if name == "fp32" else (a, out)
         same = sum(next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), len(x)) for x, y in zip(a, b))
         f, i = (B * n / statistics.median(times[k]) for k in ("fp32", "int8"))
-        print(f"| {B} | {f:,.0f} | {i:,.0f} | {i / f:.2f}x | {same / (B * n):.1%} ({sum(x == y for x, y in zip(a, b))}/{B} rows whole) |")
-    bpb = {name: bits_per_byte(e.forward, model, held_out, byte_lengths) for name, e in (("fp32", fp32), ("int8", int8))}
-    print(f"\nheld-out bits per byte ({len(held_out):,} tokens of the last 10% of Shakespeare): float32 {bpb['fp32']:.4f}, "
-          f"int8 {bpb['int8']:.4f} ({bpb['int8'] - bpb['fp32']:+.4f}, {math.exp((bpb['int8'] - bpb['fp32']) * math.log(2)) - 1:+.2%} in perplexity per byte)")
+        print(
+            f"| {B} | {f:,.0f} | {i:,.0f} | {i / f:.2f}x | {same / (B * n):.1%} "
+            f"({sum(x == y for x, y in zip(a, b))}/{B} rows whole) |"
+        )
+    bpb = {
+        name: bits_per_byte(e.forward, model, held_out, byte_lengths) for name, e in (("fp32", fp32), ("int8", int8))
+    }
+    print(
+        f"\nheld-out bits per byte ({len(held_out):,} tokens of the last 10% of Shakespeare): float32 "
+        f"{bpb['fp32']:.4f}, "
+        f"int8 {bpb['int8']:.4f} ({bpb['int8'] - bpb['fp32']:+.4f}, "
+        f"{math.exp((bpb['int8'] - bpb['fp32']) * math.log(2)) - 1:+.2%} in perplexity per byte)"
+    )
 
 
 if __name__ == "__main__":

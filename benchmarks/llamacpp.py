@@ -74,7 +74,9 @@ class LlamaCpp:
 
     def _argmax(self, i: int) -> int:
         ptr = self.L.llama_get_logits_ith(self.ctx, i)
-        return int(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,)).argmax())
+        return int(
+            np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,)).argmax()
+        )
 
     def decode(self, prompts: list[list[int]], n: int) -> list[list[int]]:
         L = self.L
@@ -115,8 +117,35 @@ def benchmark_run(run: str, tmp: Path) -> Path:
     if run:
         return Path(run)
     out = tmp / "run"
-    subprocess.run([sys.executable, "-m", "gradlm", "train", "--data", "shakespeare", "--out", str(out), "--max-steps", "200", "--n-layer", "6",
-                    "--d-model", "320", "--n-head", "10", "--block-size", "512", "--batch", "8", "--vocab-size", "1024", "--no-progress", "--no-plots"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradlm",
+            "train",
+            "--data",
+            "shakespeare",
+            "--out",
+            str(out),
+            "--max-steps",
+            "200",
+            "--n-layer",
+            "6",
+            "--d-model",
+            "320",
+            "--n-head",
+            "10",
+            "--block-size",
+            "512",
+            "--batch",
+            "8",
+            "--vocab-size",
+            "1024",
+            "--no-progress",
+            "--no-plots",
+        ],
+        check=True,
+    )
     return out
 
 
@@ -143,9 +172,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", type=int, default=0, help="threads for both (0 = torch's default)")
-    ap.add_argument("--repack", choices=("auto", "on", "off"), default="auto",
-                    help="llama.cpp's weight repacking for its AMX/AVX kernels; auto = on, except on a CPU with AMX, where "
-                         "llama.cpp's AMX matrix product crashes on this model (ggml-org/llama.cpp#20824)")
+    ap.add_argument(
+        "--repack",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="llama.cpp's weight repacking for its AMX/AVX kernels; auto = on, except on a CPU with AMX, where "
+        "llama.cpp's AMX matrix product crashes on this model (ggml-org/llama.cpp#20824)",
+    )
     args = ap.parse_args()
     amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
     repack = args.repack == "on" or (args.repack == "auto" and not amx)
@@ -161,10 +194,19 @@ def main() -> None:
     n = args.new_tokens
     import llama_cpp
 
-    print(f"model: {run} ({model.num_params() / 1e6:.1f}M parameters, {model.cfg.n_layer} x {model.cfg.d_model}, vocab {model.cfg.vocab_size}); gradlm float32")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads each; torch {torch.__version__}, "
-          f"llama-cpp-python {llama_cpp.__version__}, weight repacking {'on' if repack else 'off'}; greedy, {n} new tokens per row, median of {args.repeats}\n")
-    print("| batch | decoder | tokens/s | / gradlm | greedy tokens equal to gradlm's | teacher-forced argmax agreement |")
+    print(
+        f"model: {run} ({model.num_params() / 1e6:.1f}M parameters, {model.cfg.n_layer} x {model.cfg.d_model}, vocab "
+        f"{model.cfg.vocab_size}); gradlm float32"
+    )
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads each; "
+        f"torch {torch.__version__}, "
+        f"llama-cpp-python {llama_cpp.__version__}, weight repacking {'on' if repack else 'off'}; greedy, {n} new "
+        f"tokens per row, median of {args.repeats}\n"
+    )
+    print(
+        "| batch | decoder | tokens/s | / gradlm | greedy tokens equal to gradlm's | teacher-forced argmax agreement |"
+    )
     print("|---:|---|---:|---:|---|---:|")
     for B in [int(b) for b in args.batches.split(",")]:
         prompts = [tok.encode(lines[i * 7 % len(lines)])[:48] for i in range(B)]
@@ -188,7 +230,9 @@ def main() -> None:
                 want = model(torch.tensor([seq]))[0].argmax(-1).tolist()
             got = e.forced_argmax(seq)
             forced = sum(a == b for a, b in zip(want[len(prompts[0]) - 1 : -1], got[len(prompts[0]) - 1 : -1])) / n
-            print(f"| {B} | llama.cpp {k} | {tps:,.0f} | {tps / base:.2f}x | {agreement(ref, outs[k])} | {forced:.1%} |")
+            print(
+                f"| {B} | llama.cpp {k} | {tps:,.0f} | {tps / base:.2f}x | {agreement(ref, outs[k])} | {forced:.1%} |"
+            )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     a = ap.parse_args()
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=a.vocab, d_model=a.d_model, n_layer=a.n_layer, n_head=a.n_head, block_size=a.block))
+    model = Transformer(
+        ModelConfig(vocab_size=a.vocab, d_model=a.d_model, n_layer=a.n_layer, n_head=a.n_head, block_size=a.block)
+    )
     x = torch.randint(0, a.vocab, (a.batch, a.block))
     y = torch.roll(x, -1, 1)
     opts = dict(variants(model))
@@ -61,8 +63,14 @@ def main() -> None:
                 full_t[name].append(t2 - t0)
     from gradlm.training.optim import fast_matmul_dtype
 
-    print(f"gradlm's Muon picks {fast_matmul_dtype('cpu')} for Newton-Schulz on this machine (from the CPU's bf16 features)")
-    print(f"model: d_model {a.d_model}, {a.n_layer} layers, {model.num_params():,} parameters; batch {a.batch} x {a.block} tokens; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"gradlm's Muon picks {fast_matmul_dtype('cpu')} for Newton-Schulz on this machine (from the CPU's bf16 "
+        "features)"
+    )
+    print(
+        f"model: d_model {a.d_model}, {a.n_layer} layers, {model.num_params():,} parameters; batch {a.batch} x "
+        f"{a.block} tokens; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print("| optimizer | step() ms | vs adamw | whole train step ms | vs adamw |\n|---|---:|---:|---:|---:|")
     base_s, base_f = statistics.median(step_t["adamw"]), statistics.median(full_t["adamw"])
     for name in opts:

@@ -34,9 +34,12 @@ def choice(data: str, seconds: float) -> str:
     bf16 = fast_matmul_dtype("cpu") == torch.bfloat16
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else __import__("contextlib").nullcontext
     probe = autosize.Probe(sample, autocast, "cpu", limit_s=0.05 * seconds)
-    c = autosize.choose(autosize.Allowance(seconds=seconds), len(tokens), probe, d.tokenizer.vocab_size, {}, max_block=len(val) - 1)
+    c = autosize.choose(
+        autosize.Allowance(seconds=seconds), len(tokens), probe, d.tokenizer.vocab_size, {}, max_block=len(val) - 1
+    )
     m = c.model
-    return f"{m['n_layer']} x {m['d_model']}, batch {c.train['batch']}, {c.tokens / 1e6:.2f}M tokens at {c.tokens_per_s:,.0f} tok/s"
+    shape = f"{m['n_layer']} x {m['d_model']}, batch {c.train['batch']}"
+    return f"{shape}, {c.tokens / 1e6:.2f}M tokens at {c.tokens_per_s:,.0f} tok/s"
 
 
 def main() -> None:

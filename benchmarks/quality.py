@@ -11,8 +11,10 @@ Side by side, in one run, on this machine:
 The split is nanoGPT's: the first 90% of the characters train, the last 10% are held out.
 
     python benchmarks/quality.py --nanogpt /work/.mirror/karpathy+nanoGPT/repo            # ~8 minutes
-    python benchmarks/quality.py --nanogpt ... --minutes 10                                   # and a 10-minute run of ours
-    python benchmarks/quality.py --nanogpt ... --corpus python-stdlib                         # another corpus: Python sources
+    python benchmarks/quality.py --nanogpt ... --minutes 10                                   # and a 10-minute run of
+    ours
+    python benchmarks/quality.py --nanogpt ... --corpus python-stdlib                         # another corpus: Python
+    sources
     python benchmarks/quality.py --nanogpt ... --corpus path/to/text.txt                      # any UTF-8 text
 
 It also measures this machine's matrix-multiply peak in the dtype training uses (the best of a few shapes
@@ -33,8 +35,20 @@ import tempfile
 import time
 from pathlib import Path
 
-RECIPE = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12",
-          "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
+RECIPE = [
+    "--device=cpu",
+    "--compile=False",
+    "--eval_iters=20",
+    "--log_interval=1",
+    "--block_size=64",
+    "--batch_size=12",
+    "--n_layer=4",
+    "--n_head=4",
+    "--n_embd=128",
+    "--max_iters=2000",
+    "--lr_decay_iters=2000",
+    "--dropout=0.0",
+]
 
 
 def corpus_text(path: str) -> str:
@@ -58,12 +72,19 @@ def run_reference(git_dir: Path, text: str, work: Path) -> tuple[float, float]:
     """nanoGPT's recipe in a temporary extraction of its repository: (wall seconds, validation bits/char)."""
     src = work / "nanogpt"
     src.mkdir()
-    archive = subprocess.run(["git", "--git-dir", str(git_dir), "archive", "HEAD"], check=True, capture_output=True).stdout
+    archive = subprocess.run(
+        ["git", "--git-dir", str(git_dir), "archive", "HEAD"], check=True, capture_output=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
     (src / "data" / "shakespeare_char" / "input.txt").write_text(text, encoding="utf-8")
     subprocess.run([sys.executable, "data/shakespeare_char/prepare.py"], cwd=src, check=True, capture_output=True)
     t0 = time.time()
-    r = subprocess.run([sys.executable, "train.py", "config/train_shakespeare_char.py", *RECIPE], cwd=src, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "train.py", "config/train_shakespeare_char.py", *RECIPE],
+        cwd=src,
+        capture_output=True,
+        text=True,
+    )
     wall = time.time() - t0
     if r.returncode != 0:
         raise SystemExit(f"nanoGPT failed:\n{r.stderr[-2000:]}")
@@ -74,11 +95,30 @@ def run_reference(git_dir: Path, text: str, work: Path) -> tuple[float, float]:
 def run_ours(train_txt: Path, val_txt: Path, seconds: float, out: Path) -> dict:
     gradlm = [sys.executable, "-m", "gradlm"]
     t0 = time.time()
-    r = subprocess.run([*gradlm, "train", "--data", str(train_txt), "--out", str(out), "--max-time", f"{seconds:.0f}s", "--no-progress"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            *gradlm,
+            "train",
+            "--data",
+            str(train_txt),
+            "--out",
+            str(out),
+            "--max-time",
+            f"{seconds:.0f}s",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     wall = time.time() - t0
     if r.returncode != 0:
         raise SystemExit(f"gradlm train failed:\n{r.stderr[-2000:]}")
-    e = subprocess.run([*gradlm, "eval", str(out), "--data", str(val_txt), "--json", "--no-progress"], capture_output=True, text=True, check=True)
+    e = subprocess.run(
+        [*gradlm, "eval", str(out), "--data", str(val_txt), "--json", "--no-progress"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     report = json.loads(e.stdout)
     summary = json.loads((out / "summary.json").read_text())
     config = json.loads((out / "config.json").read_text())
@@ -86,9 +126,17 @@ def run_ours(train_txt: Path, val_txt: Path, seconds: float, out: Path) -> dict:
 
     flops = flops_per_token(ModelConfig.from_dict(config["model"]))
     dtype = summary["dtype"]
-    return {"wall_s": wall, "train_s": summary["time_s"], "bpc": report["clean"]["bits_per_char"], "tokens_per_s": summary["tokens_per_s"],
-            "model": config["model"], "size": config.get("size", {}).get("reason", ""), "gflops": summary["tokens_per_s"] * flops / 1e9, "dtype": dtype,
-            "step_tokens": summary["tokens"] // max(summary["steps"], 1)}
+    return {
+        "wall_s": wall,
+        "train_s": summary["time_s"],
+        "bpc": report["clean"]["bits_per_char"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "model": config["model"],
+        "size": config.get("size", {}).get("reason", ""),
+        "gflops": summary["tokens_per_s"] * flops / 1e9,
+        "dtype": dtype,
+        "step_tokens": summary["tokens"] // max(summary["steps"], 1),
+    }
 
 
 def _rate(shapes: list[tuple[int, int, int]], dtype) -> float:
@@ -124,9 +172,19 @@ def matmul_peaks(dtype_name: str, model: dict, tokens: int) -> tuple[float, floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nanogpt", required=True, help="git directory of a nanoGPT checkout (outside this repository)")
-    ap.add_argument("--corpus", default="", help="a UTF-8 text file, or python-stdlib (this Python's standard library modules, ~1.1 MB); default: the shakespeare dataset")
+    ap.add_argument(
+        "--corpus",
+        default="",
+        help="a UTF-8 text file, or python-stdlib (this Python's standard library modules, ~1.1 MB); default: the "
+        "shakespeare dataset",
+    )
     ap.add_argument("--minutes", type=float, default=0, help="also train ours for this many minutes")
-    ap.add_argument("--reference", default="", metavar="SECONDS,BPC", help="reuse a reference measured on this machine instead of running it again")
+    ap.add_argument(
+        "--reference",
+        default="",
+        metavar="SECONDS,BPC",
+        help="reuse a reference measured on this machine instead of running it again",
+    )
     args = ap.parse_args()
     text = corpus_text(args.corpus)
     cut = int(len(text) * 0.9)
@@ -134,7 +192,10 @@ def main() -> None:
         work = Path(tmp)
         (work / "train.txt").write_text(text[:cut], encoding="utf-8")
         (work / "val.txt").write_text(text[cut:], encoding="utf-8")
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.processor())
+        cpu = next(
+            (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+            platform.processor(),
+        )
         print(f"machine: {cpu}, {os.cpu_count()} cores; corpus {len(text):,} characters (90% train / 10% held out)")
         if args.reference:
             T, ref_bpc = (float(v) for v in args.reference.split(","))
@@ -147,12 +208,26 @@ def main() -> None:
             m = o["model"]
             own, peak = matmul_peaks(o["dtype"], m, o["step_tokens"])
             share = o["gflops"] / own
-            print(f"gradlm, --max-time {seconds:.0f}s: {o['bpc']:.3f} bits/char on the held-out 10% ({o['train_s']:.0f} s training, {o['wall_s']:.0f} s with data preparation)")
+            print(
+                f"gradlm, --max-time {seconds:.0f}s: {o['bpc']:.3f} bits/char on the held-out 10% ({o['train_s']:.0f} "
+                f"s training, {o['wall_s']:.0f} s with data preparation)"
+            )
             print(f"  {o['size']}")
-            print(f"  training {o['gflops']:.0f} GFLOP/s = {share:.0%} of the {o['dtype']} matmul rate at the model's own shapes ({own:.0f} GFLOP/s), "
-                  f"{o['gflops'] / peak:.0%} of the machine's {o['dtype']} matmul peak ({peak:.0f} GFLOP/s at large shapes)")
-            rows.append((f"gradlm train --max-time {seconds:.0f}s (no model flags)", seconds, o["bpc"],
-                         f"{m['n_layer']} layers x {m['d_model']}, context {m['block_size']}, vocab {m['vocab_size']}, {o['dtype']}, {o['tokens_per_s']:,.0f} tok/s = {share:.0%} of the matmul rate at its shapes"))
+            print(
+                f"  training {o['gflops']:.0f} GFLOP/s = {share:.0%} of the {o['dtype']} matmul rate at the model's "
+                f"own shapes ({own:.0f} GFLOP/s), "
+                f"{o['gflops'] / peak:.0%} of the machine's {o['dtype']} matmul peak ({peak:.0f} GFLOP/s at large "
+                "shapes)"
+            )
+            rows.append(
+                (
+                    f"gradlm train --max-time {seconds:.0f}s (no model flags)",
+                    seconds,
+                    o["bpc"],
+                    f"{m['n_layer']} layers x {m['d_model']}, context {m['block_size']}, vocab {m['vocab_size']}, "
+                    f"{o['dtype']}, {o['tokens_per_s']:,.0f} tok/s = {share:.0%} of the matmul rate at its shapes",
+                )
+            )
     print("\n| run | budget (s) | held-out bits/char | model |\n|---|---:|---:|---|")
     for name, secs, bpc, what in rows:
         print(f"| {name} | {secs:.0f} | {bpc:.3f} | {what} |")

@@ -7,7 +7,9 @@ each gets steps = plain steps x plain step time / its step time. Then each model
 validation text, clean and with typos (gradlm eval --typos: the same rate and seed for all), and the
 typo penalty (noisy bits/byte - clean bits/byte) is compared with plain training's.
 
-    python benchmarks/robustness.py                   # --steps 300 --bpe-dropout 0.1 --typo-rate 0.05 --typos 0.05 --threads 1
+    python
+                                                      benchmarks/robustness.py                   # --steps 300
+                                                      --bpe-dropout 0.1 --typo-rate 0.05 --typos 0.05 --threads 1
     python benchmarks/robustness.py --steps 600 --jobs 2   # twice the training, two configurations at a time
     python benchmarks/robustness.py --throughput      # how fast each way of doing BPE-dropout is
     python benchmarks/robustness.py --qa              # drug-name QA: plain vs augmented fine-tuning
@@ -48,7 +50,17 @@ def configs(a) -> dict[str, dict]:
 
 
 def base_config(a, out: Path) -> TrainConfig:
-    return TrainConfig(data=a.data, out=str(out), vocab_size=1024, batch="32", seed=a.seed, warmup_steps=30, eval_every=10**6, progress=False, plots=False)
+    return TrainConfig(
+        data=a.data,
+        out=str(out),
+        vocab_size=1024,
+        batch="32",
+        seed=a.seed,
+        warmup_steps=30,
+        eval_every=10**6,
+        progress=False,
+        plots=False,
+    )
 
 
 def step_times(a, runs: dict[str, dict], out: Path, rounds: int = 16) -> dict[str, float]:
@@ -93,8 +105,16 @@ def train_and_score(job) -> dict:
     print(f"{name}: {steps} steps in {time.time() - t0:.0f}s, val bpb {summary['val_bpb']:.4f}", flush=True)
     model, tok = load_model(run)
     report = run_eval(model, tok, EvalConfig(data=str(val_text(run)), typos=a.typos, seed=a.seed, progress=False))
-    return {"run": name, "steps": steps, "step_s": step_s, "train_s": summary["time_s"], "clean_bpb": report["clean"]["bits_per_byte"],
-            "noisy_bpb": report["typos"]["noisy"]["bits_per_byte"], "penalty": report["typos"]["penalty_bits_per_byte"], "words": report["typos"]["words"]}
+    return {
+        "run": name,
+        "steps": steps,
+        "step_s": step_s,
+        "train_s": summary["time_s"],
+        "clean_bpb": report["clean"]["bits_per_byte"],
+        "noisy_bpb": report["typos"]["noisy"]["bits_per_byte"],
+        "penalty": report["typos"]["penalty_bits_per_byte"],
+        "words": report["typos"]["words"],
+    }
 
 
 def benchmark(a) -> None:
@@ -102,7 +122,10 @@ def benchmark(a) -> None:
     runs = configs(a)
     t_step = step_times(a, runs, out)
     print("step time (median, s): " + ", ".join(f"{n} {t:.3f}" for n, t in t_step.items()))
-    jobs = [(a, name, extra, max(1, round(a.steps * t_step["plain"] / t_step[name])), t_step[name]) for name, extra in runs.items()]
+    jobs = [
+        (a, name, extra, max(1, round(a.steps * t_step["plain"] / t_step[name])), t_step[name])
+        for name, extra in runs.items()
+    ]
     if a.jobs > 1:  # each configuration trains in a process of its own, a.jobs at a time (1 torch thread each)
         import multiprocessing
 
@@ -116,12 +139,17 @@ def benchmark(a) -> None:
         r["clean_change"] = r["clean_bpb"] / plain["clean_bpb"] - 1
     (out / "robustness.json").write_text(json.dumps(rows, indent=2))
     lines = [
-        f"| run | steps | step time (s) | clean bits/byte | noisy bits/byte ({a.typos:.0%} typos) | typo penalty | penalty vs plain | clean bits/byte vs plain | extra bits per misspelled word |",
+        f"| run | steps | step time (s) | clean bits/byte | noisy bits/byte ({a.typos:.0%} typos) | typo penalty | "
+        "penalty vs plain | clean bits/byte vs plain | extra bits per misspelled word |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['steps']} | {r['step_s']:.3f} | {r['clean_bpb']:.4f} | {r['noisy_bpb']:.4f} | {r['penalty']:+.4f} | "
-                     f"{r['penalty_change']:+.1%} | {r['clean_change']:+.1%} | {r['words']['extra_bits_per_misspelled_word']:+.2f} |")
+        lines.append(
+            f"| {r['run']} | {r['steps']} | {r['step_s']:.3f} | {r['clean_bpb']:.4f} | {r['noisy_bpb']:.4f} | "
+            f"{r['penalty']:+.4f} | "
+            f"{r['penalty_change']:+.1%} | {r['clean_change']:+.1%} | "
+            f"{r['words']['extra_bits_per_misspelled_word']:+.2f} |"
+        )
     table = "\n".join(lines)
     (out / "robustness.md").write_text(table + "\n")
     print(table)
@@ -145,14 +173,24 @@ def plot(rows: list[dict], a) -> None:
     # The penalty split by where its extra bits go (gradlm eval --typos, per word).
     inside = [r["penalty"] * r["words"]["extra_bits_in_misspelled_words"] / r["words"]["extra_bits"] for r in rows]
     ax2.bar(x, inside, 0.5, color="C3", label="on the misspelled words")
-    ax2.bar(x, [r["penalty"] - i for r, i in zip(rows, inside)], 0.5, bottom=inside, color="C1", label="on the text around them")
+    ax2.bar(
+        x,
+        [r["penalty"] - i for r, i in zip(rows, inside)],
+        0.5,
+        bottom=inside,
+        color="C1",
+        label="on the text around them",
+    )
     for k, r in enumerate(rows):
         ax2.annotate(f"{r['penalty_change']:+.0%}" if k else "", (k, r["penalty"]), ha="center", va="bottom")
     ax2.set_ylabel("typo penalty (noisy - clean bits/byte)")
     ax2.legend(loc="lower left")
     for ax in (ax1, ax2):
         ax.set_xticks(x, [r["run"] for r in rows], rotation=15)
-    fig.suptitle(f"Shakespeare, demo model, equal training time ({rows[0]['steps']} plain steps); {a.typos:.0%} typos, seed {a.seed}")
+    fig.suptitle(
+        f"Shakespeare, demo model, equal training time ({rows[0]['steps']} plain steps); {a.typos:.0%} typos, seed "
+        f"{a.seed}"
+    )
     fig.tight_layout()
     Path(a.png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(a.png, dpi=110)
@@ -176,9 +214,13 @@ def throughput(a) -> None:
     spec["model"]["dropout"] = a.bpe_dropout
     hf_drop = HFTokenizer.from_str(json.dumps(spec))
     plain = RandomSampler(ids, block, 0)
-    ours = {f"ours, bpe-dropout {a.bpe_dropout:g}": RobustSampler(RandomSampler(ids, block, 0), tok, a.bpe_dropout, 0.0, 0, block),
-            f"ours, typos {a.typo_rate:g}": RobustSampler(RandomSampler(ids, block, 0), tok, 0.0, a.typo_rate, 0, block),
-            "ours, both": RobustSampler(RandomSampler(ids, block, 0), tok, a.bpe_dropout, a.typo_rate, 0, block)}
+    ours = {
+        f"ours, bpe-dropout {a.bpe_dropout:g}": RobustSampler(
+            RandomSampler(ids, block, 0), tok, a.bpe_dropout, 0.0, 0, block
+        ),
+        f"ours, typos {a.typo_rate:g}": RobustSampler(RandomSampler(ids, block, 0), tok, 0.0, a.typo_rate, 0, block),
+        "ours, both": RobustSampler(RandomSampler(ids, block, 0), tok, a.bpe_dropout, a.typo_rate, 0, block),
+    }
 
     def hf_on_the_fly():
         x, y = plain.next(batch)
@@ -223,11 +265,16 @@ def throughput(a) -> None:
         seeded = "no: thread RNG, differs run to run" if k.startswith("HF") else "yes"
         print(f"| {k} | {v * 1000:.1f} | {(v - med['plain windows (no dropout)']) / step_s:+.1%} | {seeded} |")
     print(f"| training step (demo model, forward + backward + AdamW) | {step_s * 1000:.0f} | | |")
-    print(f"\npre-computing K segmentations: {per_byte * total_bytes:.1f} s and {tokens_per_byte * total_bytes * ids.itemsize / 1e6:.1f} MB of token files "
-          f"per segmentation of the {total_bytes / 1e6:.1f} MB training split (x K); HF dropout gives other ids for the same text in a fresh process: {unseeded}")
+    print(
+        f"\npre-computing K segmentations: {per_byte * total_bytes:.1f} s and "
+        f"{tokens_per_byte * total_bytes * ids.itemsize / 1e6:.1f} MB of token files "
+        f"per segmentation of the {total_bytes / 1e6:.1f} MB training split (x K); HF dropout gives other ids for the "
+        f"same text in a fresh process: {unseeded}"
+    )
 
 
 # ---- drug-name QA: exact match on misspelled questions -------------------------------------------------------
+
 
 def qa(a) -> None:
     """The README's drug-QA recipe (benchmarks/finetune.py: a base that read the facts, then full
@@ -249,16 +296,35 @@ def qa(a) -> None:
         for seed in a.qa_seeds:
             run = out / f"{name.replace(' ', '-')}-seed{seed}"
             if not (run / "summary.json").is_file():
-                gradlm("finetune", str(base), "--data", str(QA / "train.jsonl"), "--out", str(run), *COMMON, *RUNS["full"], "--seed", str(seed), "--no-progress", "--no-plots", *flags)
+                gradlm(
+                    "finetune",
+                    str(base),
+                    "--data",
+                    str(QA / "train.jsonl"),
+                    "--out",
+                    str(run),
+                    *COMMON,
+                    *RUNS["full"],
+                    "--seed",
+                    str(seed),
+                    "--no-progress",
+                    "--no-plots",
+                    *flags,
+                )
             runs.append({"seed": seed, **accuracy(run)})
             print(f"{name} seed {seed}: {runs[-1]}", flush=True)
         mean = {k: statistics.mean(r[k] for r in runs) for k in ("train", "heldout", "misspelled")}
         rows.append({"run": name, "runs": runs, **mean})
     (out / "qa.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| fine-tuning | train | heldout | misspelled | misspelled - heldout | misspelled - train |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| fine-tuning | train | heldout | misspelled | misspelled - heldout | misspelled - train |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['train']:.3f} | {r['heldout']:.3f} | {r['misspelled']:.3f} | "
-                     f"{(r['misspelled'] - r['heldout']) * 100:+.1f} pts | {(r['misspelled'] - r['train']) * 100:+.1f} pts |")
+        lines.append(
+            f"| {r['run']} | {r['train']:.3f} | {r['heldout']:.3f} | {r['misspelled']:.3f} | "
+            f"{(r['misspelled'] - r['heldout']) * 100:+.1f} pts | {(r['misspelled'] - r['train']) * 100:+.1f} pts |"
+        )
     table = f"exact match, mean of seeds {', '.join(map(str, a.qa_seeds))}\n\n" + "\n".join(lines)
     (out / "qa.md").write_text(table + "\n")
     print(table)
@@ -277,11 +343,21 @@ def main() -> None:
     ap.add_argument("--throughput", action="store_true", help="measure the ways to do BPE-dropout instead")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot from OUT/robustness.json")
     ap.add_argument("--qa", action="store_true", help="the drug-name QA comparison instead (examples/drugqa)")
-    ap.add_argument("--qa-seeds", type=lambda t: [int(x) for x in t.split(",")], default=[1337, 1], help="fine-tuning seeds, comma-separated (results are averaged)")
+    ap.add_argument(
+        "--qa-seeds",
+        type=lambda t: [int(x) for x in t.split(",")],
+        default=[1337, 1],
+        help="fine-tuning seeds, comma-separated (results are averaged)",
+    )
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)")
-    ap.add_argument("--jobs", type=int, default=1, help="train this many configurations at once, each in its own process (with --threads 1, one per core); "
-                    "steps are fixed from the step times measured first, so the results do not depend on it")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="train this many configurations at once, each in its own process (with --threads 1, one per core); "
+        "steps are fixed from the step times measured first, so the results do not depend on it",
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.plot_only:

@@ -106,7 +106,12 @@ def main() -> None:
     ap.add_argument("--sizes", default="0.15,0.5,2", help="corpus sizes in GB")
     ap.add_argument("--work", default="/tmp/gradlm-scale", help="folder for the corpora and outputs (outside the repo)")
     ap.add_argument("--vocab-size", type=int, default=4096)
-    ap.add_argument("--train-steps", type=int, default=100, help="steps of the shards-against-one-file training comparison (0: skip)")
+    ap.add_argument(
+        "--train-steps",
+        type=int,
+        default=100,
+        help="steps of the shards-against-one-file training comparison (0: skip)",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs of that comparison")
     args = ap.parse_args()
     work = Path(args.work)
@@ -120,18 +125,54 @@ def main() -> None:
         out = work / f"prepared-{gb:g}GB"
         tok.unlink(missing_ok=True)
         shutil.rmtree(out, ignore_errors=True)
-        t_tok, rss_tok = measured([*gradlm, "tokenizer", "train", "--data", str(corpus), "--vocab-size", str(args.vocab_size), "--out", str(tok)])
-        t_prep, rss_prep = measured([*gradlm, "prepare", "--data", str(corpus), "--tokenizer", str(tok), "--out", str(out), "--workers", str(cores)])
+        t_tok, rss_tok = measured(
+            [
+                *gradlm,
+                "tokenizer",
+                "train",
+                "--data",
+                str(corpus),
+                "--vocab-size",
+                str(args.vocab_size),
+                "--out",
+                str(tok),
+            ]
+        )
+        t_prep, rss_prep = measured(
+            [
+                *gradlm,
+                "prepare",
+                "--data",
+                str(corpus),
+                "--tokenizer",
+                str(tok),
+                "--out",
+                str(out),
+                "--workers",
+                str(cores),
+            ]
+        )
         t_raw = raw_tiktoken(corpus, tok, cores)
         rows.append((gb, nbytes, t_tok, rss_tok, t_prep, rss_prep, t_raw))
-        print(f"{gb:g} GB: tokenizer {t_tok:.0f}s {rss_tok / 1e9:.2f} GB | prepare {t_prep:.0f}s {rss_prep / 1e9:.2f} GB | raw tiktoken {t_raw:.0f}s", file=sys.stderr, flush=True)
+        print(
+            f"{gb:g} GB: tokenizer {t_tok:.0f}s {rss_tok / 1e9:.2f} GB | prepare {t_prep:.0f}s {rss_prep / 1e9:.2f} "
+            f"GB | raw tiktoken {t_raw:.0f}s",
+            file=sys.stderr,
+            flush=True,
+        )
     print(f"\nmachine: {os.cpu_count()} cores; vocabulary {args.vocab_size}; prepare with {cores} workers\n")
-    print("| corpus | tokenizer train: time | MB/s | peak RSS | prepare: time | MB/s | peak RSS | raw tiktoken: time | MB/s | prepare / raw |")
+    print(
+        "| corpus | tokenizer train: time | MB/s | peak RSS | prepare: time | MB/s | peak RSS | raw tiktoken: time | "
+        "MB/s | prepare / raw |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for gb, n, t_tok, rss_tok, t_prep, rss_prep, t_raw in rows:
         mb = n / 1e6
-        print(f"| {mb:,.0f} MB | {t_tok:.0f} s | {mb / t_tok:.1f} | {rss_tok / 1e9:.2f} GB | {t_prep:.0f} s | {mb / t_prep:.1f} | {rss_prep / 1e9:.2f} GB | "
-              f"{t_raw:.0f} s | {mb / t_raw:.1f} | {t_raw / t_prep:.2f}x |")
+        print(
+            f"| {mb:,.0f} MB | {t_tok:.0f} s | {mb / t_tok:.1f} | {rss_tok / 1e9:.2f} GB | {t_prep:.0f} s | "
+            f"{mb / t_prep:.1f} | {rss_prep / 1e9:.2f} GB | "
+            f"{t_raw:.0f} s | {mb / t_raw:.1f} | {t_raw / t_prep:.2f}x |"
+        )
     if args.train_steps:
         # the first corpus prepared twice: in 4M-token shards, and as one file; trained alternately, --repeats times
         gb = float(args.sizes.split(",")[0])
@@ -139,21 +180,59 @@ def main() -> None:
         for name, shard in (("shards", 1 << 22), ("one file", 1 << 40)):
             data[name] = work / f"prepared-{gb:g}GB-{name.replace(' ', '-')}"
             shutil.rmtree(data[name], ignore_errors=True)
-            measured([*gradlm, "prepare", "--data", str(work / f"corpus-{gb:g}GB"), "--tokenizer", str(work / f"tok-{gb:g}GB.json"),
-                      "--out", str(data[name]), "--shard-tokens", str(shard)])
-        shape = ["--n-layer", "4", "--d-model", "192", "--n-head", "6", "--block-size", "128", "--batch", "16", "--max-steps", str(args.train_steps),
-                 "--eval-every", str(args.train_steps), "--eval-tokens", "4096", "--no-progress", "--no-plots"]
+            measured(
+                [
+                    *gradlm,
+                    "prepare",
+                    "--data",
+                    str(work / f"corpus-{gb:g}GB"),
+                    "--tokenizer",
+                    str(work / f"tok-{gb:g}GB.json"),
+                    "--out",
+                    str(data[name]),
+                    "--shard-tokens",
+                    str(shard),
+                ]
+            )
+        shape = [
+            "--n-layer",
+            "4",
+            "--d-model",
+            "192",
+            "--n-head",
+            "6",
+            "--block-size",
+            "128",
+            "--batch",
+            "16",
+            "--max-steps",
+            str(args.train_steps),
+            "--eval-every",
+            str(args.train_steps),
+            "--eval-tokens",
+            "4096",
+            "--no-progress",
+            "--no-plots",
+        ]
         speed: dict[str, list[float]] = {"shards": [], "one file": []}
         for _ in range(args.repeats):
             for name in speed:
                 run = work / f"train-{name.replace(' ', '-')}"
                 shutil.rmtree(run, ignore_errors=True)
-                r = subprocess.run([*gradlm, "train", "--data", str(data[name]), "--out", str(run), *shape], capture_output=True, text=True, check=True)
+                r = subprocess.run(
+                    [*gradlm, "train", "--data", str(data[name]), "--out", str(run), *shape],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 speed[name].append(float(r.stdout.split("(")[1].split(" tok/s")[0].replace(",", "")))
         n_shards = len(json.loads((data["shards"] / "meta.json").read_text())["splits"]["train"]["shards"])
         a, b = statistics.median(speed["shards"]), statistics.median(speed["one file"])
-        print(f"\ntraining from {gb:g} GB ({args.train_steps} steps, median of {args.repeats} alternating runs): {a:,.0f} tok/s from "
-              f"{n_shards} shards, {b:,.0f} tok/s from one file ({a / b:.2f}x)")
+        print(
+            f"\ntraining from {gb:g} GB ({args.train_steps} steps, median of {args.repeats} alternating runs): "
+            f"{a:,.0f} tok/s from "
+            f"{n_shards} shards, {b:,.0f} tok/s from one file ({a / b:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,13 @@ import tempfile
 import time
 from pathlib import Path
 
-PROMPTS = ["ROMEO:", "To be, or not to be, that is", "KING HENRY:\nOnce more unto the breach, dear friends,", "O", "First Citizen:\nBefore we proceed any further, hear me speak."]
+PROMPTS = [
+    "ROMEO:",
+    "To be, or not to be, that is",
+    "KING HENRY:\nOnce more unto the breach, dear friends,",
+    "O",
+    "First Citizen:\nBefore we proceed any further, hear me speak.",
+]
 
 
 SHAPES = {  # random models (seeded): speed does not depend on what the weights say
@@ -66,7 +72,21 @@ def random_run(directory: Path, shape: str) -> Path:
 
 
 def start_server(run: Path, max_batch: int, threads: int, device: str = "auto") -> tuple[subprocess.Popen, str, str]:
-    cmd = [sys.executable, "-m", "gradlm", "serve", str(run), "--port", "0", "--max-batch", str(max_batch), "--threads", str(threads), "--device", device]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gradlm",
+        "serve",
+        str(run),
+        "--port",
+        "0",
+        "--max-batch",
+        str(max_batch),
+        "--threads",
+        str(threads),
+        "--device",
+        device,
+    ]
     env = {k: v for k, v in os.environ.items() if k != "GRADLM_API_KEY"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     ready = select.select([proc.stdout], [], [], 300)[0]
@@ -89,7 +109,10 @@ class Connection:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         data = json.dumps(body).encode()
-        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        )
         self.writer.write(head.encode() + data)
         lines = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         status = int(lines[0].split()[1])
@@ -150,7 +173,15 @@ def total(rounds: list[dict]) -> dict:
         for k, v in r["errors"].items():
             errors[k] = errors.get(k, 0) + v
     tokens, wall = sum(r["tokens"] for r in rounds), sum(r["wall"] for r in rounds)
-    return {"requests": sum(r["requests"] for r in rounds), "tokens": tokens, "wall": wall, "tps": tokens / wall, "p50": q[49], "p99": q[98], "errors": errors}
+    return {
+        "requests": sum(r["requests"] for r in rounds),
+        "tokens": tokens,
+        "wall": wall,
+        "tps": tokens / wall,
+        "p50": q[49],
+        "p99": q[98],
+        "errors": errors,
+    }
 
 
 def cpu_model() -> str:
@@ -165,17 +196,23 @@ def cpu_model() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=sorted(SHAPES), default="tiny", help="shape of the random model served (unless --run)")
+    ap.add_argument(
+        "--model", choices=sorted(SHAPES), default="tiny", help="shape of the random model served (unless --run)"
+    )
     ap.add_argument("--run", default="", help="serve this run directory instead of a random model")
     ap.add_argument("--clients", type=int, default=16, help="concurrent clients")
     ap.add_argument("--requests", type=int, default=2000, help="requests shared by the concurrent clients")
     ap.add_argument("--sequential", type=int, default=100, help="requests sent one at a time (the baseline)")
     ap.add_argument("--max-tokens", type=int, default=32, help="new tokens asked for per request")
     ap.add_argument("--temperature", type=float, default=0.8, help="temperature of every request (0 = greedy)")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of every request (1 = off, the API default)")
+    ap.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling of every request (1 = off, the API default)"
+    )
     ap.add_argument("--threads", type=int, default=0, help="the server's --threads (0 = its default)")
     ap.add_argument("--device", default="auto", help="the server's --device (default auto: the GPU if there is one)")
-    ap.add_argument("--rounds", type=int, default=5, help="rounds alternating the two phases (each does 1/rounds of the requests)")
+    ap.add_argument(
+        "--rounds", type=int, default=5, help="rounds alternating the two phases (each does 1/rounds of the requests)"
+    )
     args = ap.parse_args()
 
     import torch
@@ -185,26 +222,45 @@ def main() -> None:
         proc, url, banner = start_server(run, max_batch=max(args.clients, 1), threads=args.threads, device=args.device)
         try:
             print(banner)
-            print(f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; torch {torch.__version__}; Python {platform.python_version()}")
-            print(f"requests: /v1/completions, {args.max_tokens} new tokens, temperature {args.temperature}, top-p {args.top_p}, {len(PROMPTS)} prompts of 1 to ~15 tokens, each its own seed\n")
+            print(
+                f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; "
+                f"torch {torch.__version__}; Python {platform.python_version()}"
+            )
+            print(
+                f"requests: /v1/completions, {args.max_tokens} new tokens, temperature {args.temperature}, top-p "
+                f"{args.top_p}, {len(PROMPTS)} prompts of 1 to ~15 tokens, each its own seed\n"
+            )
             sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
             asyncio.run(load(url, 4, 16, sampling, 10**6))  # warm-up
             ones, manys = [], []
             for k in range(args.rounds):  # alternate the two phases, so both see the same machine load
                 ones.append(asyncio.run(load(url, 1, args.sequential // args.rounds, sampling, k * 10**4)))
-                manys.append(asyncio.run(load(url, args.clients, args.requests // args.rounds, sampling, 10**5 + k * 10**4)))
+                manys.append(
+                    asyncio.run(load(url, args.clients, args.requests // args.rounds, sampling, 10**5 + k * 10**4))
+                )
         finally:
             proc.terminate()
             proc.wait(30)
-    print("| clients | requests | completion tokens | wall (s) | tokens/s | p50 latency (ms) | p99 latency (ms) | errors |")
-    print("|--------:|---------:|------------------:|---------:|---------:|-----------------:|-----------------:|-------:|")
+    print(
+        "| clients | requests | completion tokens | wall (s) | tokens/s | p50 latency (ms) | p99 latency (ms) | "
+        "errors |"
+    )
+    print(
+        "|--------:|---------:|------------------:|---------:|---------:|-----------------:|-----------------:|-------:|"
+    )
     one, many = total(ones), total(manys)
     for clients, r in ((1, one), (args.clients, many)):
         errs = sum(r["errors"].values())
-        print(f"| {clients} | {r['requests']:,} | {r['tokens']:,} | {r['wall']:.1f} | {r['tps']:,.0f} | {1000 * r['p50']:.0f} | {1000 * r['p99']:.0f} | {errs}{' ' + str(r['errors']) if errs else ''} |")
+        print(
+            f"| {clients} | {r['requests']:,} | {r['tokens']:,} | {r['wall']:.1f} | {r['tps']:,.0f} | "
+            f"{1000 * r['p50']:.0f} | {1000 * r['p99']:.0f} | {errs}{' ' + str(r['errors']) if errs else ''} |"
+        )
     ratios = [m["tokens"] / m["wall"] / (o["tokens"] / o["wall"]) for o, m in zip(ones, manys)]
-    print(f"\naggregate tokens/s with {args.clients} concurrent clients / one client at a time: {many['tps'] / one['tps']:.2f}x overall; "
-          f"per round {', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f}x)")
+    print(
+        f"\naggregate tokens/s with {args.clients} concurrent clients / one client at a time: "
+        f"{many['tps'] / one['tps']:.2f}x overall; "
+        f"per round {', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f}x)"
+    )
     if sum(many["errors"].values()) or sum(one["errors"].values()):
         sys.exit(1)
 

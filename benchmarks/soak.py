@@ -125,7 +125,14 @@ class Soak:
             if time.monotonic() - t0 > 60:
                 break
             await asyncio.sleep(0.05)
-        return {"at_s": round(t0 - self.t0), "requests": n, "refused_503": refused, "drained_s": round(time.monotonic() - t0, 2), "rows_after": h["running"], "waiting_after": h["waiting"]}
+        return {
+            "at_s": round(t0 - self.t0),
+            "requests": n,
+            "refused_503": refused,
+            "drained_s": round(time.monotonic() - t0, 2),
+            "rows_after": h["running"],
+            "waiting_after": h["waiting"],
+        }
 
 
 async def run(args, url: str, pid: int) -> dict:
@@ -134,7 +141,11 @@ async def run(args, url: str, pid: int) -> dict:
     bursts: list[dict] = []
     # keep-alive shorter than the server's (uvicorn closes an idle connection after 5 s): a request sent on a connection
     # the server is closing at that moment fails in the client (ReadError), a race of HTTP keep-alive, not an answer
-    limits = httpx.Limits(max_connections=args.clients + args.burst + 8, max_keepalive_connections=args.clients + args.burst, keepalive_expiry=3)
+    limits = httpx.Limits(
+        max_connections=args.clients + args.burst + 8,
+        max_keepalive_connections=args.clients + args.burst,
+        keepalive_expiry=3,
+    )
     end_min = soak.t0 + args.minutes * 60
     hard_end = soak.t0 + args.max_minutes * 60
 
@@ -143,6 +154,7 @@ async def run(args, url: str, pid: int) -> dict:
         return now >= hard_end or (now >= end_min and soak.i >= args.requests)
 
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+
         async def monitor():
             next_minute, next_burst = soak.t0 + 60, soak.t0 + args.burst_every
             while not done():
@@ -153,37 +165,74 @@ async def run(args, url: str, pid: int) -> dict:
                     bursts.append(await soak.burst(client, args.burst))
                 if now >= next_minute:
                     h = await soak.health(client)
-                    minutes.append({"minute": len(minutes) + 1, "rss_mb": round(rss_mb(pid), 1), "rows": h["running"], "waiting": h["waiting"], "requests_so_far": soak.i})
-                    print(f"minute {len(minutes)}: {soak.i:,} requests, RSS {minutes[-1]['rss_mb']} MB, rows {h['running']}, waiting {h['waiting']}", flush=True)
+                    minutes.append(
+                        {
+                            "minute": len(minutes) + 1,
+                            "rss_mb": round(rss_mb(pid), 1),
+                            "rows": h["running"],
+                            "waiting": h["waiting"],
+                            "requests_so_far": soak.i,
+                        }
+                    )
+                    print(
+                        f"minute {len(minutes)}: {soak.i:,} requests, RSS {minutes[-1]['rss_mb']} MB, rows "
+                        f"{h['running']}, waiting {h['waiting']}",
+                        flush=True,
+                    )
                     next_minute += 60
 
         await asyncio.gather(monitor(), *(soak.steady(client, done) for _ in range(args.clients)))
         final = await soak.health(client)
-    return {"rows": soak.rows, "minutes": minutes, "bursts": bursts, "final": final, "seconds": time.monotonic() - soak.t0}
+    return {
+        "rows": soak.rows,
+        "minutes": minutes,
+        "bursts": bursts,
+        "final": final,
+        "seconds": time.monotonic() - soak.t0,
+    }
 
 
 def report(args, result: dict, server_line: str) -> str:
     rows = result["rows"]
-    out = [f"machine: {cpu_model()}, {result['seconds'] / 60:.1f} minutes, {len(rows):,} requests; {server_line}", "",
-           "| minute | requests | 200 | 503 (queue full) | other 4xx | 5xx | hung up / timed out (client) | p50 ms | p99 ms | server RSS MB | live rows, waiting at the minute's end |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    out = [
+        f"machine: {cpu_model()}, {result['seconds'] / 60:.1f} minutes, {len(rows):,} requests; {server_line}",
+        "",
+        "| minute | requests | 200 | 503 (queue full) | other 4xx | 5xx | hung up / timed out (client) | p50 ms | p99 "
+        "ms | server RSS MB | live rows, waiting at the minute's end |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for m in result["minutes"]:
         mine = [r for r in rows if r["minute"] == m["minute"] - 1]
         ok = sorted(r["latency"] for r in mine if r["outcome"] == "200")
         q = statistics.quantiles(ok, n=100, method="inclusive") if len(ok) > 1 else [float("nan")] * 99
         count = lambda pred: sum(1 for r in mine if pred(r["outcome"]))  # noqa: E731
-        out.append(f"| {m['minute']} | {len(mine):,} | {count(lambda o: o == '200'):,} | {count(lambda o: o == '503'):,} | "
-                   f"{count(lambda o: o.startswith('4')):,} | {count(lambda o: o.startswith('5') and o != '503'):,} | "
-                   f"{count(lambda o: o in ('hung up', 'timed out')):,} | {q[49] * 1000:.0f} | {q[98] * 1000:.0f} | {m['rss_mb']} | {m['rows']}, {m['waiting']} |")
+        out.append(
+            f"| {m['minute']} | {len(mine):,} | {count(lambda o: o == '200'):,} | {count(lambda o: o == '503'):,} | "
+            f"{count(lambda o: o.startswith('4')):,} | {count(lambda o: o.startswith('5') and o != '503'):,} | "
+            f"{count(lambda o: o in ('hung up', 'timed out')):,} | {q[49] * 1000:.0f} | {q[98] * 1000:.0f} | "
+            f"{m['rss_mb']} | {m['rows']}, {m['waiting']} |"
+        )
     five = sum(1 for r in rows if r["outcome"].startswith("5") and r["outcome"] != "503")
-    odd = {o: sum(r["outcome"] == o for r in rows) for o in sorted({r["outcome"] for r in rows} - {"200", "503", "hung up", "timed out"})}
+    odd = {
+        o: sum(r["outcome"] == o for r in rows)
+        for o in sorted({r["outcome"] for r in rows} - {"200", "503", "hung up", "timed out"})
+    }
     rss = [m["rss_mb"] for m in result["minutes"]]
     growth = (rss[-1] - rss[1]) / rss[1] if len(rss) > 2 else float("nan")
-    out += ["", f"5xx other than 503: {five}; other outcomes: {odd or 'none'}; RSS after warm-up (minute 2 -> {len(rss)}): "
-                f"{rss[1] if len(rss) > 1 else float('nan')} -> {rss[-1]} MB ({growth:+.1%}); at the end: {result['final']['running']} live rows, "
-                f"{result['final']['waiting']} waiting", "",
-            "| burst at s | requests at once | refused 503 | drained in s | live rows after |", "|---:|---:|---:|---:|---:|"]
-    out += [f"| {b['at_s']} | {b['requests']} | {b['refused_503']} | {b['drained_s']} | {b['rows_after']} |" for b in result["bursts"]]
+    out += [
+        "",
+        f"5xx other than 503: {five}; other outcomes: {odd or 'none'}; RSS after warm-up (minute 2 -> {len(rss)}): "
+        f"{rss[1] if len(rss) > 1 else float('nan')} -> {rss[-1]} MB ({growth:+.1%}); at the end: "
+        f"{result['final']['running']} live rows, "
+        f"{result['final']['waiting']} waiting",
+        "",
+        "| burst at s | requests at once | refused 503 | drained in s | live rows after |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    out += [
+        f"| {b['at_s']} | {b['requests']} | {b['refused_503']} | {b['drained_s']} | {b['rows_after']} |"
+        for b in result["bursts"]
+    ]
     return "\n".join(out)
 
 
@@ -193,7 +242,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=20_000)
     ap.add_argument("--max-minutes", type=float, default=30)
     ap.add_argument("--clients", type=int, default=12)
-    ap.add_argument("--burst", type=int, default=120, help="requests sent at once in a burst (the server takes max-batch + max-queue = 16 + 64)")
+    ap.add_argument(
+        "--burst",
+        type=int,
+        default=120,
+        help="requests sent at once in a burst (the server takes max-batch + max-queue = 16 + 64)",
+    )
     ap.add_argument("--burst-every", type=float, default=45)
     ap.add_argument("--model", default="tiny", choices=["tiny", "demo"])
     ap.add_argument("--run", default="")

@@ -44,7 +44,10 @@ def main() -> None:
         slow_batch.append(time.perf_counter() - t0)
     assert ids_fast == ids_slow, "tiktoken and HF disagree"
     f, s, fb, sb = (statistics.median(x) for x in (fast, slow, fast_batch, slow_batch))
-    print(f"corpus {a.data}: {mb:.2f} MB -> {len(ids_fast):,} tokens ({len(text.encode()) / len(ids_fast):.2f} bytes/token), vocab {tok.vocab_size}")
+    print(
+        f"corpus {a.data}: {mb:.2f} MB -> {len(ids_fast):,} tokens ({len(text.encode()) / len(ids_fast):.2f} "
+        f"bytes/token), vocab {tok.vocab_size}"
+    )
     print(f"train (HF tokenizers BpeTrainer): {train_s:.2f} s = {mb / train_s:.2f} MB/s")
     print("| encoder | one string MB/s | per line (batch) MB/s |\n|---|---:|---:|")
     print(f"| tiktoken (gradlm's fast path) | {mb / f:.1f} | {mb / fb:.1f} |")

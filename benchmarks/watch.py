@@ -35,7 +35,20 @@ from pathlib import Path
 
 import httpx
 
-SHAPE = ["--n-layer", "4", "--d-model", "192", "--n-head", "6", "--block-size", "128", "--batch", "32", "--vocab-size", "1024"]
+SHAPE = [
+    "--n-layer",
+    "4",
+    "--d-model",
+    "192",
+    "--n-head",
+    "6",
+    "--block-size",
+    "128",
+    "--batch",
+    "32",
+    "--vocab-size",
+    "1024",
+]
 
 
 def gradlm(*args: str, **kw) -> subprocess.Popen:
@@ -58,8 +71,23 @@ def viewer(url: str, counts: list[int], i: int, stop: threading.Event) -> None:
 
 def train_once(out: Path, args, kind: str) -> dict:
     watched = kind == "watched"
-    cmd = ["train", "--data", "shakespeare", "--out", str(out), "--max-steps", str(args.steps), "--eval-every", str(args.eval_every),
-           "--seed", "0", "--no-progress", "--no-plots", *SHAPE, *(["--sample-tokens", "0"] if kind == "silent" else [])]
+    cmd = [
+        "train",
+        "--data",
+        "shakespeare",
+        "--out",
+        str(out),
+        "--max-steps",
+        str(args.steps),
+        "--eval-every",
+        str(args.eval_every),
+        "--seed",
+        "0",
+        "--no-progress",
+        "--no-plots",
+        *SHAPE,
+        *(["--sample-tokens", "0"] if kind == "silent" else []),
+    ]
     watcher, stop, counts, threads = None, threading.Event(), [0] * args.viewers, []
     if watched:
         watcher = gradlm("watch", str(out), "--wait", "--port", "0", stdout=subprocess.PIPE, text=True)
@@ -82,7 +110,12 @@ def train_once(out: Path, args, kind: str) -> dict:
         watcher.terminate()
         watcher.wait()
     s = json.loads((out / "summary.json").read_text())
-    return {"tokens_per_s": s["tokens_per_s"], "wall_s": wall, "rows_seen": min(counts) if counts else 0, "watcher_cpu_s": cpu}
+    return {
+        "tokens_per_s": s["tokens_per_s"],
+        "wall_s": wall,
+        "rows_seen": min(counts) if counts else 0,
+        "watcher_cpu_s": cpu,
+    }
 
 
 def sample_cost(tmp: str) -> tuple[float, float]:
@@ -93,7 +126,9 @@ def sample_cost(tmp: str) -> tuple[float, float]:
     from gradlm.training.monitor import write_sample
     from gradlm.training.trainer import Trainer
 
-    args = build_parser().parse_args(["train", "--data", "shakespeare", "--out", str(Path(tmp) / "timing"), "--seed", "0", "--no-progress", *SHAPE])
+    args = build_parser().parse_args(
+        ["train", "--data", "shakespeare", "--out", str(Path(tmp) / "timing"), "--seed", "0", "--no-progress", *SHAPE]
+    )
     (model_cfg, cfg), _ = typed_configs(args, ModelConfig, TrainConfig)
     t = Trainer(model_cfg, cfg, log=lambda m: None).build()
     t.out.mkdir(parents=True, exist_ok=True)
@@ -116,8 +151,22 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--viewers", type=int, default=2)
     args = ap.parse_args()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    print(f"machine: {cpu}, {os.cpu_count()} cores; {args.steps} steps, evaluation every {args.eval_every}, {args.viewers} viewers, {args.rounds} rounds alternating")
+    cpu = (
+        next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
+    print(
+        f"machine: {cpu}, {os.cpu_count()} cores; {args.steps} steps, evaluation every {args.eval_every}, "
+        f"{args.viewers} viewers, {args.rounds} rounds alternating"
+    )
     results: dict[str, list[dict]] = {"alone": [], "watched": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
@@ -125,8 +174,15 @@ def main() -> None:
                 out = Path(tmp) / f"{kind}-{r}"
                 results[kind].append(train_once(out, args, kind))
                 x = results[kind][-1]
-                print(f"round {r + 1} {kind:>7}: {x['tokens_per_s']:,.0f} tok/s, {x['wall_s']:.1f} s wall"
-                      + (f", each viewer got {x['rows_seen']} rows, watcher CPU {x['watcher_cpu_s']:.2f} s" if kind == "watched" else ""), flush=True)
+                print(
+                    f"round {r + 1} {kind:>7}: {x['tokens_per_s']:,.0f} tok/s, {x['wall_s']:.1f} s wall"
+                    + (
+                        f", each viewer got {x['rows_seen']} rows, watcher CPU {x['watcher_cpu_s']:.2f} s"
+                        if kind == "watched"
+                        else ""
+                    ),
+                    flush=True,
+                )
         eval_s, sample_s = sample_cost(tmp)
     med = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in results.items()}
     wall = {k: statistics.median(x["wall_s"] for x in v) for k, v in results.items()}
@@ -134,9 +190,18 @@ def main() -> None:
     for k in results:
         print(f"| {k} | {med[k]:,.0f} | {wall[k]:.1f} |")
     cpu = statistics.median(x["watcher_cpu_s"] for x in results["watched"])
-    print(f"\nwatched / alone: {med['watched'] / med['alone']:.3f}x tokens/s, {wall['watched'] / wall['alone']:.3f}x wall time")
-    print(f"the watcher's own CPU time: {cpu:.2f} s over {wall['watched']:.1f} s ({100 * cpu / wall['watched']:.1f}% of one core, its start-up included)")
-    print(f"one evaluation {1000 * eval_s:.0f} ms, one sample of 48 tokens {1000 * sample_s:.0f} ms (+{100 * sample_s / eval_s:.0f}% per evaluation)")
+    print(
+        f"\nwatched / alone: {med['watched'] / med['alone']:.3f}x tokens/s, {wall['watched'] / wall['alone']:.3f}x "
+        "wall time"
+    )
+    print(
+        f"the watcher's own CPU time: {cpu:.2f} s over {wall['watched']:.1f} s ({100 * cpu / wall['watched']:.1f}% of "
+        "one core, its start-up included)"
+    )
+    print(
+        f"one evaluation {1000 * eval_s:.0f} ms, one sample of 48 tokens {1000 * sample_s:.0f} ms "
+        f"(+{100 * sample_s / eval_s:.0f}% per evaluation)"
+    )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,12 @@ def add_fields(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), type
         text = f.metadata.get("help", "")
         default = argparse.SUPPRESS if typed_only else f.default
         if isinstance(f.default, bool):
-            p.add_argument(spelled, action=argparse.BooleanOptionalAction, default=default, help=text + (f" (default: {f.default})" if typed_only else ""))
+            p.add_argument(
+                spelled,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=text + (f" (default: {f.default})" if typed_only else ""),
+            )
         else:
             kind = int if f.name == "seed" else type(f.default)
             shown = "" if f.default in ("", None) else f" (default: {f.default})"
@@ -58,8 +63,18 @@ def add_fields(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), type
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="", metavar="FILE", help="read settings from a TOML, YAML or JSON file (keys are the flags without '--'; a run's config.json works); flags typed here win")
-    p.add_argument("--print-config", action="store_true", help="print the effective settings (as YAML, which --config reads back) and exit")
+    p.add_argument(
+        "--config",
+        default="",
+        metavar="FILE",
+        help="read settings from a TOML, YAML or JSON file (keys are the flags without '--'; a run's config.json "
+        "works); flags typed here win",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective settings (as YAML, which --config reads back) and exit",
+    )
 
 
 def given_configs(args: argparse.Namespace, *classes) -> tuple[list, set[str]]:
@@ -78,7 +93,12 @@ def given_configs(args: argparse.Namespace, *classes) -> tuple[list, set[str]]:
         import yaml
 
         sections = {"ModelConfig": "model", "TrainConfig": "train", "FinetuneConfig": "finetune"}
-        print(yaml.safe_dump({sections.get(type(o).__name__, type(o).__name__): dataclasses.asdict(o) for o in objs}, sort_keys=False), end="")
+        print(
+            yaml.safe_dump(
+                {sections.get(type(o).__name__, type(o).__name__): dataclasses.asdict(o) for o in objs}, sort_keys=False
+            ),
+            end="",
+        )
         raise SystemExit(0)
     return objs, set(values)
 
@@ -101,9 +121,14 @@ def add_runtime_flags(p: argparse.ArgumentParser, decoding: bool = False, merge:
         dtype = "auto or float32: the adapter is folded into float32 weights, saved so like every run's"
         compiled = "accepted like everywhere; merge runs no forward pass, so nothing is compiled"
     else:
-        dtype = ("the weights while the model runs: float32, bfloat16" + (", or int8 (CPU: int8 copies of the matrices, faster, see docs/benchmarks.md)" if decoding else "")
-                 + "; auto = bfloat16 on CUDA, float32 on the CPU")
-        compiled = "on, off or auto (= off): torch.compile the " + ("decoding step" if decoding else "scored forward pass")
+        dtype = (
+            "the weights while the model runs: float32, bfloat16"
+            + (", or int8 (CPU: int8 copies of the matrices, faster, see docs/benchmarks.md)" if decoding else "")
+            + "; auto = bfloat16 on CUDA, float32 on the CPU"
+        )
+        compiled = "on, off or auto (= off): torch.compile the " + (
+            "decoding step" if decoding else "scored forward pass"
+        )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", help=dtype)
     p.add_argument("--compile", default="auto", choices=COMPILE, help=compiled)
@@ -127,9 +152,21 @@ def pick(args: argparse.Namespace, cls, **overrides):
 
 
 def constraint_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--choices", default="", metavar="FILE", help="constrain the output to one of the lines of FILE (one choice per line)")
-    p.add_argument("--regex", default="", metavar="R", help="constrain the output to match this regular expression whole")
-    p.add_argument("--json-schema", default="", metavar="FILE", help="constrain the output to JSON valid against the JSON schema in FILE")
+    p.add_argument(
+        "--choices",
+        default="",
+        metavar="FILE",
+        help="constrain the output to one of the lines of FILE (one choice per line)",
+    )
+    p.add_argument(
+        "--regex", default="", metavar="R", help="constrain the output to match this regular expression whole"
+    )
+    p.add_argument(
+        "--json-schema",
+        default="",
+        metavar="FILE",
+        help="constrain the output to JSON valid against the JSON schema in FILE",
+    )
     p.add_argument("--json-object", action="store_true", help="constrain the output to any JSON object")
     p.add_argument("--grammar", default="", metavar="FILE", help="constrain the output to the Lark grammar in FILE")
 
@@ -175,10 +212,20 @@ def cmd_tokenizer_train(args) -> None:
 
     out = Path(args.out)
     out = check_output(out / "tokenizer.json" if out.is_dir() else out, "--out")
-    tok = train_tokenizer(args.data, args.vocab_size, parse_size(args.tokenizer_sample, "--tokenizer-sample"), args.text_field,
-                          args.encoding_errors, _stderr, progress=sys.stderr.isatty())
+    tok = train_tokenizer(
+        args.data,
+        args.vocab_size,
+        parse_size(args.tokenizer_sample, "--tokenizer-sample"),
+        args.text_field,
+        args.encoding_errors,
+        _stderr,
+        progress=sys.stderr.isatty(),
+    )
     tok.save(out)
-    print(f"{out}: {tok.vocab_size} tokens ({tok.vocab_size - 256 - len(tok.specials)} merges + 256 bytes + {len(tok.specials)} special)")
+    print(
+        f"{out}: {tok.vocab_size} tokens ({tok.vocab_size - 256 - len(tok.specials)} merges + 256 bytes + "
+        f"{len(tok.specials)} special)"
+    )
 
 
 def _load_tokenizer(path: str):
@@ -234,13 +281,35 @@ def cmd_prepare(args) -> None:
     if args.tokenizer:
         tok = _load_tokenizer(args.tokenizer)
     else:
-        tok = train_tokenizer(args.data, args.vocab_size, parse_size(args.tokenizer_sample, "--tokenizer-sample"), args.text_field, args.encoding_errors, _stderr)
-    meta = prepare(args.data, tok, args.out, args.val_fraction, args.seed, args.text_field, args.workers, sys.stderr.isatty(),
-                   errors=args.encoding_errors, shard_tokens=args.shard_tokens, log=_stderr)
+        tok = train_tokenizer(
+            args.data,
+            args.vocab_size,
+            parse_size(args.tokenizer_sample, "--tokenizer-sample"),
+            args.text_field,
+            args.encoding_errors,
+            _stderr,
+        )
+    meta = prepare(
+        args.data,
+        tok,
+        args.out,
+        args.val_fraction,
+        args.seed,
+        args.text_field,
+        args.workers,
+        sys.stderr.isatty(),
+        errors=args.encoding_errors,
+        shard_tokens=args.shard_tokens,
+        log=_stderr,
+    )
     s = meta["splits"]
-    print(f"{args.out}: {s['train']['tokens']:,} train tokens in {_count(len(s['train']['shards']), 'shard')}, {s['val']['tokens']:,} val tokens "
-          f"({meta['dtype']}, split by {meta['split']}; {_count(meta['documents'], 'document')}, {meta['skipped_documents']:,} skipped, "
-          f"{meta['replaced_characters']:,} undecodable sequences replaced)")
+    print(
+        f"{args.out}: {s['train']['tokens']:,} train tokens in {_count(len(s['train']['shards']), 'shard')}, "
+        f"{s['val']['tokens']:,} val tokens "
+        f"({meta['dtype']}, split by {meta['split']}; {_count(meta['documents'], 'document')}, "
+        f"{meta['skipped_documents']:,} skipped, "
+        f"{meta['replaced_characters']:,} undecodable sequences replaced)"
+    )
 
 
 def cmd_train(args) -> None:
@@ -260,7 +329,8 @@ def cmd_train(args) -> None:
         if rank != 0:
             return
     print(
-        f"{s['run']}: {s['steps']} steps, {s['tokens']:,} tokens in {s['time_s']:.1f}s ({s['tokens_per_s']:,.0f} tok/s), "
+        f"{s['run']}: {s['steps']} steps, {s['tokens']:,} tokens in {s['time_s']:.1f}s ({s['tokens_per_s']:,.0f} "
+        "tok/s), "
         f"stopped by {s['stop']} | val loss {s['val_loss']:.4f} | val bits per byte {s['val_bpb']:.4f}"
     )
 
@@ -276,10 +346,18 @@ def cmd_finetune(args) -> None:
     ft_train = pick(args, TrainConfig)
     _check_typed_budgets(args, [ft_train])
     with watching(args, ft_train.out):
-        s = finetune(args.base, ft_train, pick(args, FinetuneConfig), dropout=dropout, given=given | ({"dropout"} if hasattr(args, "dropout") else set()))
+        s = finetune(
+            args.base,
+            ft_train,
+            pick(args, FinetuneConfig),
+            dropout=dropout,
+            given=given | ({"dropout"} if hasattr(args, "dropout") else set()),
+        )
     print(
-        f"{s['run']}: {s['finetune_method']} fine-tuning, {s['trainable_params']:,} trainable parameters of {s['full_finetune_params']:,}, "
-        f"{s['steps']} steps in {s['time_s']:.1f}s, stopped by {s['stop']} | val loss {s['val_loss']:.4f} (best {s['best_val_loss']:.4f})"
+        f"{s['run']}: {s['finetune_method']} fine-tuning, {s['trainable_params']:,} trainable parameters of "
+        f"{s['full_finetune_params']:,}, "
+        f"{s['steps']} steps in {s['time_s']:.1f}s, stopped by {s['stop']} | val loss {s['val_loss']:.4f} (best "
+        f"{s['best_val_loss']:.4f})"
     )
 
 
@@ -290,7 +368,10 @@ def cmd_merge(args) -> None:
 
     rt = resolve(args.device, "float32" if args.dtype == "auto" else args.dtype, args.compile, inference=True)
     if rt.dtype != "float32":
-        raise ConfigError(f"--dtype {args.dtype}: merge folds the adapter into float32 weights and saves them so, as every run is; leave --dtype out")
+        raise ConfigError(
+            f"--dtype {args.dtype}: merge folds the adapter into float32 weights and saves them so, as every run is; "
+            "leave --dtype out"
+        )
     s = merge(args.run, args.out, best=args.best, device=rt.device)
     print(f"{s['run']}: {s['params']:,} parameters, the base weights with {s['from']} folded in")
 
@@ -308,10 +389,18 @@ def cmd_chat(args) -> None:
     session = ChatSession(lm, system=args.system, sampling=sampling, constraint=constraint)
 
     if not lm.chat:
-        print(f"note: {args.run} was never fine-tuned for chat (it has no chat template), so it continues the conversation as text rather than answering; fine-tune it with `gradlm finetune`", file=sys.stderr)
+        print(
+            f"note: {args.run} was never fine-tuned for chat (it has no chat template), so it continues the "
+            "conversation as text rather than answering; fine-tune it with `gradlm finetune`",
+            file=sys.stderr,
+        )
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"chatting with {args.run} (context window {session.window} tokens): /reset starts over, /quit or Ctrl-D leaves", file=sys.stderr)
+        print(
+            f"chatting with {args.run} (context window {session.window} tokens): /reset starts over, /quit or Ctrl-D "
+            "leaves",
+            file=sys.stderr,
+        )
     chat_loop(session, interactive=interactive)
 
 
@@ -336,7 +425,12 @@ def cmd_generate(args) -> None:
     prompts = prompts or [""]
     failed = []
     for start in range(0, len(prompts), args.batch):  # several prompts: decoded together, --batch at a time
-        for k, c in enumerate(lm.complete(prompts[start : start + args.batch], cfg, logprobs=args.logprobs, truncate=args.truncate, **constrain), start + 1):
+        for k, c in enumerate(
+            lm.complete(
+                prompts[start : start + args.batch], cfg, logprobs=args.logprobs, truncate=args.truncate, **constrain
+            ),
+            start + 1,
+        ):
             if c.error:
                 failed.append(f"prompt {k}: {c.error}" if len(prompts) > 1 else c.error)
             if len(prompts) > 1:
@@ -346,14 +440,21 @@ def cmd_generate(args) -> None:
                 alts = "  ".join(f"{show_token(lm.tok, j)} {math.exp(lp):.1%}" for j, _, lp in t.top)
                 out.write(f"{i:>5}  {show_token(lm.tok, t.id):<16} {t.prob:7.2%}   {alts}\n")
             if args.logprobs:
-                out.write(f"[{len(c.token_ids)} tokens, finished by {c.finish_reason}; probabilities are the model's, before sampling controls]\n")
+                out.write(
+                    f"[{len(c.token_ids)} tokens, finished by {c.finish_reason}; probabilities are the model's, "
+                    "before sampling controls]\n"
+                )
             out.flush()
     if failed:  # every other prompt's text is written; the ones that do not fit the constraint fail the command
         raise ConstraintError(failed[0] + (f" (and {len(failed) - 1} more prompts)" if len(failed) > 1 else ""))
 
 
 def watch_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--watch", action="store_true", help="serve a live page of this run (gradlm watch) while it trains, and print its address")
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="serve a live page of this run (gradlm watch) while it trains, and print its address",
+    )
     p.add_argument("--watch-port", type=int, default=8008, help="port of that page (default: 8008; 0 picks a free one)")
 
 
@@ -373,15 +474,37 @@ def watching(args, path: str, again: str = ""):
     import shlex
     import subprocess
 
-    cmd = [sys.executable, "-m", "gradlm", "watch", str(path), "--wait", "--port", str(args.watch_port), "--exit-with-parent"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)  # its errors go to our stderr
+    cmd = [
+        sys.executable,
+        "-m",
+        "gradlm",
+        "watch",
+        str(path),
+        "--wait",
+        "--port",
+        str(args.watch_port),
+        "--exit-with-parent",
+    ]
+    # its errors go to our stderr
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         line = proc.stdout.readline()  # "watching NAME at http://127.0.0.1:PORT/", or nothing when it failed
         if not line.startswith("watching"):
-            raise ConfigError("--watch: the page could not start (see the line above); pick another --watch-port, or leave --watch out")
+            raise ConfigError(
+                "--watch: the page could not start (see the line above); pick another --watch-port, or leave --watch "
+                "out"
+            )
         again = again or f"`gradlm watch {shlex.quote(str(path))}` shows it again"
-        key = " (with the API key of $GRADLM_API_KEY: add ?key=KEY to the address)" if os.environ.get("GRADLM_API_KEY") else ""
-        print(f"watch it live: {line.split()[-1]}{key} (the page stops with this command; {again})", file=sys.stderr, flush=True)
+        key = (
+            " (with the API key of $GRADLM_API_KEY: add ?key=KEY to the address)"
+            if os.environ.get("GRADLM_API_KEY")
+            else ""
+        )
+        print(
+            f"watch it live: {line.split()[-1]}{key} (the page stops with this command; {again})",
+            file=sys.stderr,
+            flush=True,
+        )
         yield
         time.sleep(WATCH_GRACE_S)
     finally:
@@ -395,7 +518,14 @@ def watching(args, path: str, again: str = ""):
 def cmd_watch(args) -> None:
     from gradlm.serving.watch import serve
 
-    serve(args.runs, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("GRADLM_API_KEY", ""), wait=args.wait, exit_with_parent=args.exit_with_parent)
+    serve(
+        args.runs,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("GRADLM_API_KEY", ""),
+        wait=args.wait,
+        exit_with_parent=args.exit_with_parent,
+    )
 
 
 def cmd_serve(args) -> None:
@@ -403,7 +533,17 @@ def cmd_serve(args) -> None:
 
     key = args.api_key or os.environ.get("GRADLM_API_KEY", "")
     rt = model_runtime(args, decoding=True)
-    serve(args.run, host=args.host, port=args.port, api_key=key, best=args.best, max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads, runtime=rt)
+    serve(
+        args.run,
+        host=args.host,
+        port=args.port,
+        api_key=key,
+        best=args.best,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        threads=args.threads,
+        runtime=rt,
+    )
 
 
 def cmd_eval(args) -> None:
@@ -437,8 +577,18 @@ def cmd_lr_find(args) -> None:
         if args.watch and not out:  # the page reads the sweep from a folder: a temporary one unless --out names one
             out = str(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gradlm-lr-find-"))) / "lr-find")
         stack.enter_context(watching(args, out, again="" if args.lr_out else "add --out DIR to keep the sweep"))
-        png = args.png or (Path(args.lr_out) / "lr_find.png" if args.lr_out else None)  # a kept sweep keeps its curve too
-        r = lr_find(model_cfg, cfg, args.start_lr, args.end_lr, args.steps, png, log=lambda m: print(m, file=sys.stderr), out=out or None)
+        # a kept sweep keeps its curve too
+        png = args.png or (Path(args.lr_out) / "lr_find.png" if args.lr_out else None)
+        r = lr_find(
+            model_cfg,
+            cfg,
+            args.start_lr,
+            args.end_lr,
+            args.steps,
+            png,
+            log=lambda m: print(m, file=sys.stderr),
+            out=out or None,
+        )
     plot = f"plot: {r['png']}" if r.get("png") else "plot: none (add --png FILE to draw the curve)"
     print(f"suggested lr for {r['optimizer']}: {r['suggested_lr']:.3g}\nwhy: {r['reason']}\n{plot}")
 
@@ -447,7 +597,18 @@ def cmd_compare(args) -> None:
     from gradlm.training.compare import compare, format_table, parse_grid
 
     model_cfg, cfg = _train_configs(args)
-    grid = parse_grid({k: v for k, v in (("optimizer", args.optimizers), ("batch", args.batches), ("lr", args.lrs), ("schedule", args.schedules)) if v})
+    grid = parse_grid(
+        {
+            k: v
+            for k, v in (
+                ("optimizer", args.optimizers),
+                ("batch", args.batches),
+                ("lr", args.lrs),
+                ("schedule", args.schedules),
+            )
+            if v
+        }
+    )
     for extra in args.vary or []:
         name, _, values = extra.partition("=")
         grid = [dict(g, **h) for g in grid for h in parse_grid({name.replace("-", "_"): values})]
@@ -464,14 +625,31 @@ def cmd_sweep(args) -> None:
     (model_cfg, cfg), given = given_configs(args, ModelConfig, TrainConfig)
     space = parse_space(args.search)
     with watching(args, args.sweep_out):
-        r = sweep(model_cfg, cfg, space, args.sweep_out, trials=args.trials, given=given, sampler=args.search_sampler, pruner=args.pruner,
-                  storage=args.storage, study_name=args.study, objective=args.objective, log=_stderr)
+        r = sweep(
+            model_cfg,
+            cfg,
+            space,
+            args.sweep_out,
+            trials=args.trials,
+            given=given,
+            sampler=args.search_sampler,
+            pruner=args.pruner,
+            storage=args.storage,
+            study_name=args.study,
+            objective=args.objective,
+            log=_stderr,
+        )
     print(format_trials(r["trials"], r["objective"]), end="")
     b = r["best"]
     if b:
-        settings = ", ".join(f"{k.replace('_', '-')}={v:.3g}" if isinstance(v, float) else f"{k.replace('_', '-')}={v}" for k, v in b["params"].items())
-        print(f"best: trial {b['trial']}, {r['objective'].replace('_', ' ')} {b[r['objective']]:.4f} ({settings}); "
-              f"train with it: gradlm train --config {b['config']} --out runs/best")
+        settings = ", ".join(
+            f"{k.replace('_', '-')}={v:.3g}" if isinstance(v, float) else f"{k.replace('_', '-')}={v}"
+            for k, v in b["params"].items()
+        )
+        print(
+            f"best: trial {b['trial']}, {r['objective'].replace('_', ' ')} {b[r['objective']]:.4f} ({settings}); "
+            f"train with it: gradlm train --config {b['config']} --out runs/best"
+        )
     if r["plots"]:
         print("plots: " + ", ".join(r["plots"]))
 
@@ -484,7 +662,8 @@ def cmd_plot(args) -> None:
     first = RunDir(args.runs[0])
     out = check_output(args.png or first.training_plot, "--png")
     runs = {Path(r).name or str(r): read_metrics(r) for r in args.runs}
-    print(plot_runs(runs, out) if args.png else first.write_training_plot(runs))  # by default, the first run's plots/training.png
+    # by default, the first run's plots/training.png
+    print(plot_runs(runs, out) if args.png else first.write_training_plot(runs))
 
 
 def cmd_export(args) -> None:
@@ -492,24 +671,36 @@ def cmd_export(args) -> None:
         from gradlm.formats.gguf import export_gguf
 
         if args.dtype is not None:
-            raise ConfigError("--dtype is the Hugging Face export's precision; a GGUF export takes --gguf-type f32, f16 or q8_0")
+            raise ConfigError(
+                "--dtype is the Hugging Face export's precision; a GGUF export takes --gguf-type f32, f16 or q8_0"
+            )
         s = export_gguf(args.run, args.out_dir, args.gguf_type or "f16", best=args.best)
-        print(f"{s['out']}: {s['architecture']} ({s['gguf_type']}), {s['params']:,} parameters ({s['bytes'] / 1e6:.1f} MB); "
-              f"run it with llama.cpp: llama-server -m {s['out']}{' --jinja' if s['chat'] else ''}  (Ollama: ollama create NAME -f {Path(s['out']).parent / 'Modelfile'})")
+        print(
+            f"{s['out']}: {s['architecture']} ({s['gguf_type']}), {s['params']:,} parameters ({s['bytes'] / 1e6:.1f} "
+            "MB); "
+            f"run it with llama.cpp: llama-server -m {s['out']}{' --jinja' if s['chat'] else ''}  (Ollama: ollama "
+            f"create NAME -f {Path(s['out']).parent / 'Modelfile'})"
+        )
         return
     from gradlm.formats.hf import export_hf
 
     if args.gguf_type is not None:
         raise ConfigError("--gguf-type applies to --format gguf")
     s = export_hf(args.run, args.out_dir, dtype=args.dtype or "float32", best=args.best)
-    print(f"{s['out']}: {s['architecture']}, {s['params']:,} parameters in {s['dtype']} ({s['bytes'] / 1e6:.1f} MB); load it with transformers' AutoModelForCausalLM.from_pretrained")
+    print(
+        f"{s['out']}: {s['architecture']}, {s['params']:,} parameters in {s['dtype']} ({s['bytes'] / 1e6:.1f} MB); "
+        "load it with transformers' AutoModelForCausalLM.from_pretrained"
+    )
 
 
 def cmd_import(args) -> None:
     from gradlm.formats.hf import import_hf
 
     s = import_hf(args.hf_dir, args.run, block_size=args.block_size)
-    print(f"{s['run']}: imported {s['architecture']} ({s['params']:,} parameters, end of text {s['eos_token']}); continue with `gradlm train --init {s['run']}` or `gradlm generate {s['run']}`")
+    print(
+        f"{s['run']}: imported {s['architecture']} ({s['params']:,} parameters, end of text {s['eos_token']}); "
+        f"continue with `gradlm train --init {s['run']}` or `gradlm generate {s['run']}`"
+    )
 
 
 # ---- wiring ------------------------------------------------------------------------------------------
@@ -528,20 +719,59 @@ def add_reading_flags(p: argparse.ArgumentParser) -> None:
 
 
 LR_FIND_SKIP = (
-    "out", "resume", "from_best", "pause_at", "init", "max_steps", "max_time", "max_tokens", "max_epochs", "patience", "min_delta",
-    "schedule", "warmup_steps", "min_lr_ratio", "decay_fraction", "plots", "guard_retries", "eval_every", "eval_tokens", "log_every", "lr", "size",
-    "sample_tokens", "sample_prompt",
+    "out",
+    "resume",
+    "from_best",
+    "pause_at",
+    "init",
+    "max_steps",
+    "max_time",
+    "max_tokens",
+    "max_epochs",
+    "patience",
+    "min_delta",
+    "schedule",
+    "warmup_steps",
+    "min_lr_ratio",
+    "decay_fraction",
+    "plots",
+    "guard_retries",
+    "eval_every",
+    "eval_tokens",
+    "log_every",
+    "lr",
+    "size",
+    "sample_tokens",
+    "sample_prompt",
 )
 
 
 def add_watch_command(sub) -> None:
-    t = sub.add_parser("watch", help="a live page of one or more runs: curves, events, samples, progress (a compare or lr-find directory too)")
-    t.add_argument("runs", nargs="+", metavar="RUN", help="run directories, a `gradlm compare` output directory, or an `lr-find --out` directory")
+    t = sub.add_parser(
+        "watch",
+        help="a live page of one or more runs: curves, events, samples, progress (a compare or lr-find directory too)",
+    )
+    t.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="run directories, a `gradlm compare` output directory, or an `lr-find --out` directory",
+    )
     t.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     t.add_argument("--port", type=int, default=8008, help="port to listen on (default: 8008; 0 picks a free one)")
-    t.add_argument("--api-key", default="", help="require this key (as 'Authorization: Bearer KEY' or the page's ?key=KEY) (default: $GRADLM_API_KEY, else none)")
-    t.add_argument("--wait", action="store_true", help="accept a run directory that does not exist yet and show it once training starts")
-    t.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)  # --watch's child: ends with its training
+    t.add_argument(
+        "--api-key",
+        default="",
+        help="require this key (as 'Authorization: Bearer KEY' or the page's ?key=KEY) (default: $GRADLM_API_KEY, "
+        "else none)",
+    )
+    t.add_argument(
+        "--wait",
+        action="store_true",
+        help="accept a run directory that does not exist yet and show it once training starts",
+    )
+    # --watch's child: ends with its training
+    t.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     t.set_defaults(func=cmd_watch)
 
 
@@ -553,7 +783,9 @@ def add_tokenizer_command(sub) -> None:
     t = tks.add_parser("train", help="train a byte-level BPE tokenizer and save tokenizer.json")
     t.add_argument("--data", required=True, nargs="+", help=DATA_HELP)
     t.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB, help=VOCAB_HELP)
-    t.add_argument("--out", required=True, help="where to write the tokenizer: a .json file, or a directory (gets tokenizer.json)")
+    t.add_argument(
+        "--out", required=True, help="where to write the tokenizer: a .json file, or a directory (gets tokenizer.json)"
+    )
     add_reading_flags(t)
     t.set_defaults(func=cmd_tokenizer_train)
 
@@ -563,8 +795,18 @@ def add_tokenize_command(sub) -> None:
     t.add_argument("text", help="text to tokenize ('-' reads standard input)")
     t.add_argument("--tokenizer", default="", help="a run directory or tokenizer.json")
     t.add_argument("--ids", action="store_true", help="print only the ids")
-    t.add_argument("--allow-special", action="store_true", help="read <|endoftext|> etc. in the text as special tokens (default: plain text, as everywhere)")
-    t.add_argument("--typos", type=int, default=0, metavar="N", help="also show N misspellings of the text (one typo each: drop, swap, double, near key) and how each splits")
+    t.add_argument(
+        "--allow-special",
+        action="store_true",
+        help="read <|endoftext|> etc. in the text as special tokens (default: plain text, as everywhere)",
+    )
+    t.add_argument(
+        "--typos",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also show N misspellings of the text (one typo each: drop, swap, double, near key) and how each splits",
+    )
     t.add_argument("--seed", type=int, default=0, help="seed of the misspellings")
     t.set_defaults(func=cmd_tokenize)
 
@@ -575,13 +817,21 @@ def add_prepare_command(sub) -> None:
 
     t = sub.add_parser("prepare", help="tokenise a corpus into train/val token files")
     t.add_argument("--data", required=True, nargs="+", help=DATA_HELP)
-    t.add_argument("--out", required=True, help="output directory (new or empty; a prepare that was killed there resumes)")
-    t.add_argument("--tokenizer", default="", help="tokenizer to use (default: train one with --vocab-size on a sample of the corpus)")
+    t.add_argument(
+        "--out", required=True, help="output directory (new or empty; a prepare that was killed there resumes)"
+    )
+    t.add_argument(
+        "--tokenizer",
+        default="",
+        help="tokenizer to use (default: train one with --vocab-size on a sample of the corpus)",
+    )
     t.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB, help="when training a tokenizer: " + VOCAB_HELP)
     t.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out for validation")
     t.add_argument("--seed", type=int, default=0, help="seed of the document split")
     t.add_argument("--workers", type=int, default=0, help="tokenising processes (0 = one per core)")
-    t.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help=f"token ids per shard file (default: {SHARD_TOKENS:,})")
+    t.add_argument(
+        "--shard-tokens", type=int, default=SHARD_TOKENS, help=f"token ids per shard file (default: {SHARD_TOKENS:,})"
+    )
     add_reading_flags(t)
     t.set_defaults(func=cmd_prepare)
 
@@ -603,11 +853,18 @@ def add_finetune_command(sub) -> None:
     from gradlm.training.finetune import FinetuneConfig
     from gradlm.model.transformer import ModelConfig
 
-    t = sub.add_parser("finetune", help="fine-tune a run on chat .jsonl (loss on the replies) or raw text: full, frozen layers or LoRA")
+    t = sub.add_parser(
+        "finetune", help="fine-tune a run on chat .jsonl (loss on the replies) or raw text: full, frozen layers or LoRA"
+    )
     t.add_argument("base", nargs="?", default="", help="run directory to start from (may be left out with --resume)")
     add_fields(t, FinetuneConfig, typed_only=True)
     add_fields(t, TrainConfig, skip=("init", "vocab_size"), typed_only=True)
-    add_fields(t, ModelConfig, skip=tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "dropout"), typed_only=True)
+    add_fields(
+        t,
+        ModelConfig,
+        skip=tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "dropout"),
+        typed_only=True,
+    )
     watch_flags(t)
     t.set_defaults(func=cmd_finetune)
 
@@ -626,7 +883,11 @@ def add_chat_command(sub) -> None:
 
     t = sub.add_parser("chat", help="talk with a run in the terminal (multi-turn, streamed; /reset, /quit)")
     t.add_argument("run", help="run directory (fine-tuned for chat, e.g. with gradlm finetune)")
-    t.add_argument("--system", default="", help="system message that starts the conversation and is kept when old turns are dropped")
+    t.add_argument(
+        "--system",
+        default="",
+        help="system message that starts the conversation and is kept when old turns are dropped",
+    )
     t.add_argument("--best", action="store_true", help="use the best checkpoint (best validation loss)")
     add_fields(t, SamplingConfig, skip=("stop",))
     constraint_flags(t)
@@ -639,14 +900,40 @@ def add_generate_command(sub) -> None:
 
     t = sub.add_parser("generate", help="write text with a trained model (streamed)")
     t.add_argument("run", help="run directory")
-    t.add_argument("prompt", nargs="*", help="text to continue; several prompts are decoded together (default: start of a document)")
-    t.add_argument("--prompts", default="", help="file of prompts: one per line, or .jsonl of strings / {\"prompt\": ...}")
+    t.add_argument(
+        "prompt",
+        nargs="*",
+        help="text to continue; several prompts are decoded together (default: start of a document)",
+    )
+    t.add_argument(
+        "--prompts", default="", help='file of prompts: one per line, or .jsonl of strings / {"prompt": ...}'
+    )
     t.add_argument("--best", action="store_true", help="use best.safetensors (best validation loss)")
-    t.add_argument("--stop", action="append", metavar="TEXT", help="stop when this text appears; it is not printed (repeat for several)")
-    t.add_argument("--logprobs", type=int, default=0, metavar="N", help="show each token's probability and the N most likely alternatives")
-    t.add_argument("--truncate", choices=("error", "left"), default="error", help="a prompt longer than the context window: error, or keep its last tokens (left)")
+    t.add_argument(
+        "--stop",
+        action="append",
+        metavar="TEXT",
+        help="stop when this text appears; it is not printed (repeat for several)",
+    )
+    t.add_argument(
+        "--logprobs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="show each token's probability and the N most likely alternatives",
+    )
+    t.add_argument(
+        "--truncate",
+        choices=("error", "left"),
+        default="error",
+        help="a prompt longer than the context window: error, or keep its last tokens (left)",
+    )
     t.add_argument("--batch", type=int, default=8, help="prompts decoded together (default: 8)")
-    t.add_argument("--allow-special", action="store_true", help="read <|endoftext|>, <|user|> etc. in prompts as special tokens (default: plain text)")
+    t.add_argument(
+        "--allow-special",
+        action="store_true",
+        help="read <|endoftext|>, <|user|> etc. in prompts as special tokens (default: plain text)",
+    )
     add_fields(t, SamplingConfig, skip=("stop",))
     constraint_flags(t)
     add_runtime_flags(t, decoding=True)
@@ -660,11 +947,24 @@ def add_serve_command(sub) -> None:
     t.add_argument("run", help="run directory")
     t.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     t.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    t.add_argument("--api-key", default="", help="require this key as 'Authorization: Bearer KEY' (default: $GRADLM_API_KEY, else none)")
+    t.add_argument(
+        "--api-key",
+        default="",
+        help="require this key as 'Authorization: Bearer KEY' (default: $GRADLM_API_KEY, else none)",
+    )
     t.add_argument("--best", action="store_true", help="serve best.safetensors (best validation loss)")
-    t.add_argument("--max-batch", type=int, default=MAX_BATCH, help=f"most sequences generated together (default: {MAX_BATCH})")
-    t.add_argument("--max-queue", type=int, default=MAX_QUEUE, help=f"most requests waiting; more get 503 (default: {MAX_QUEUE})")
-    t.add_argument("--threads", type=int, default=0, help="torch threads for the model (default: all but one, left to the HTTP side)")
+    t.add_argument(
+        "--max-batch", type=int, default=MAX_BATCH, help=f"most sequences generated together (default: {MAX_BATCH})"
+    )
+    t.add_argument(
+        "--max-queue", type=int, default=MAX_QUEUE, help=f"most requests waiting; more get 503 (default: {MAX_QUEUE})"
+    )
+    t.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for the model (default: all but one, left to the HTTP side)",
+    )
     add_runtime_flags(t, decoding=True)
     t.set_defaults(func=cmd_serve)
 
@@ -672,7 +972,9 @@ def add_serve_command(sub) -> None:
 def add_eval_command(sub) -> None:
     from gradlm.evaluation.evaluate import EvalConfig
 
-    t = sub.add_parser("eval", help="loss, perplexity, bits per byte/char of a text; typo robustness; multiple choice; QA exact match")
+    t = sub.add_parser(
+        "eval", help="loss, perplexity, bits per byte/char of a text; typo robustness; multiple choice; QA exact match"
+    )
     t.add_argument("run", help="run directory")
     t.add_argument("--best", action="store_true", help="use best.safetensors (best validation loss)")
     t.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -687,12 +989,22 @@ def add_lr_find_command(sub) -> None:
     from gradlm.training.config import TrainConfig
     from gradlm.model.transformer import ModelConfig
 
-    t = sub.add_parser("lr-find", help="learning-rate range test: plot loss vs an exponentially growing lr, suggest one")
+    t = sub.add_parser(
+        "lr-find", help="learning-rate range test: plot loss vs an exponentially growing lr, suggest one"
+    )
     t.add_argument("--start-lr", type=float, default=1e-6, help="first learning rate of the sweep")
     t.add_argument("--end-lr", type=float, default=10.0, help="last learning rate of the sweep")
     t.add_argument("--steps", type=int, default=100, help="steps of the sweep")
-    t.add_argument("--png", default="", help="where to write the plot of loss against learning rate (checked before the sweep)")
-    t.add_argument("--out", dest="lr_out", default="", help="folder to record the sweep in as it runs: lr_find.jsonl, then lr_find.json and lr_find.png (what `gradlm watch` shows)")
+    t.add_argument(
+        "--png", default="", help="where to write the plot of loss against learning rate (checked before the sweep)"
+    )
+    t.add_argument(
+        "--out",
+        dest="lr_out",
+        default="",
+        help="folder to record the sweep in as it runs: lr_find.jsonl, then lr_find.json and lr_find.png (what "
+        "`gradlm watch` shows)",
+    )
     watch_flags(t)
     # The sweep sets the learning rate itself, runs a fixed number of steps and writes no run: flags about
     # budgets, schedules, evaluation, stopping and run directories mean nothing here and are not offered.
@@ -707,13 +1019,45 @@ def add_compare_command(sub) -> None:
     from gradlm.model.transformer import ModelConfig
 
     t = sub.add_parser("compare", help="train several configurations under one budget and plot them together")
-    t.add_argument("--optimizer", dest="optimizers", default="", metavar="A,B,...", help="optimizers to compare, comma-separated, e.g. sgd,momentum,adamw,muon")
-    t.add_argument("--batch", dest="batches", default="", metavar="A,B,...", help="batch modes to compare, comma-separated, e.g. full,1,32")
-    t.add_argument("--lr", dest="lrs", default="", metavar="A,B,...", help="learning rates to compare, comma-separated (default: each optimizer's own)")
-    t.add_argument("--schedule", dest="schedules", default="", metavar="A,B,...", help="schedules to compare, comma-separated")
-    t.add_argument("--vary", action="append", metavar="FIELD=V1,V2", help="any other training setting to compare, e.g. --vary weight-decay=0,0.1")
-    t.add_argument("--out", dest="compare_out", required=True, help="folder for the runs, compare.png, compare.md and compare.json")
-    add_fields(t, TrainConfig, skip=("out", "optimizer", "batch", "lr", "schedule", "resume", "from_best", "pause_at", "size"), typed_only=True)
+    t.add_argument(
+        "--optimizer",
+        dest="optimizers",
+        default="",
+        metavar="A,B,...",
+        help="optimizers to compare, comma-separated, e.g. sgd,momentum,adamw,muon",
+    )
+    t.add_argument(
+        "--batch",
+        dest="batches",
+        default="",
+        metavar="A,B,...",
+        help="batch modes to compare, comma-separated, e.g. full,1,32",
+    )
+    t.add_argument(
+        "--lr",
+        dest="lrs",
+        default="",
+        metavar="A,B,...",
+        help="learning rates to compare, comma-separated (default: each optimizer's own)",
+    )
+    t.add_argument(
+        "--schedule", dest="schedules", default="", metavar="A,B,...", help="schedules to compare, comma-separated"
+    )
+    t.add_argument(
+        "--vary",
+        action="append",
+        metavar="FIELD=V1,V2",
+        help="any other training setting to compare, e.g. --vary weight-decay=0,0.1",
+    )
+    t.add_argument(
+        "--out", dest="compare_out", required=True, help="folder for the runs, compare.png, compare.md and compare.json"
+    )
+    add_fields(
+        t,
+        TrainConfig,
+        skip=("out", "optimizer", "batch", "lr", "schedule", "resume", "from_best", "pause_at", "size"),
+        typed_only=True,
+    )
     add_fields(t, ModelConfig, skip=("vocab_size",), typed_only=True)
     add_config_flags(t)
     watch_flags(t)
@@ -723,24 +1067,82 @@ def add_compare_command(sub) -> None:
 def add_sweep_command(sub) -> None:
     from gradlm.training.config import TrainConfig
     from gradlm.model.transformer import ModelConfig
-    from gradlm.training.sweep import OBJECTIVES, PRUNERS, SAMPLERS
 
-    t = sub.add_parser("sweep", help="search hyperparameters with Optuna: every trial a run under one budget; the best settings, which mattered, plots")
-    t.add_argument("--search", nargs="+", required=True, metavar="NAME=SPEC",
-                   help="the search space: any training or model setting, as a list (optimizer=adamw,muon), a range (dropout=0..0.2), "
-                        "a log range (lr=1e-4..3e-2:log) or a stepped range (d-model=128..384:64); every other flag is the same for every trial")
-    t.add_argument("--trials", type=int, default=20, help="finished trials the study should hold; running the command again continues it (default: 20)")
-    t.add_argument("--search-sampler", choices=SAMPLERS, default="tpe", help="how Optuna proposes settings (not --sampler, the order of the training windows): tpe (learns from the trials so far), random, or grid (every combination of lists and stepped ranges) (default: tpe)")
-    t.add_argument("--pruner", choices=PRUNERS, default="median", help="stop trials behind the others at the same share of the budget: median, hyperband, or none (default: median)")
-    t.add_argument("--objective", choices=OBJECTIVES, default="val_bpb", help="what the search minimises: the final validation bits per byte (fair across vocabularies) or loss (default: val_bpb)")
-    t.add_argument("--storage", default="", metavar="URL", help="the Optuna storage of the study (default: sqlite:///OUT/study.db); a PostgreSQL URL lets several machines work on one study")
-    t.add_argument("--study", default="", metavar="NAME", help="the study's name in the storage (default: the --out folder's name)")
-    t.add_argument("--out", dest="sweep_out", required=True, help="folder for the trials (trial-NNNN run directories), the study, trials.md, best_config.json and the plots")
+    t = sub.add_parser(
+        "sweep",
+        help="search hyperparameters with Optuna: every trial a run under one budget; the best settings, which "
+        "mattered, plots",
+    )
+    sweep_search_flags(t)
+    sweep_study_flags(t)
     add_fields(t, TrainConfig, skip=("out", "resume", "from_best", "pause_at"), typed_only=True)
     add_fields(t, ModelConfig, skip=("vocab_size",), typed_only=True)
     add_config_flags(t)
     watch_flags(t)
     t.set_defaults(func=cmd_sweep)
+
+
+def sweep_search_flags(p: argparse.ArgumentParser) -> None:
+    """What `gradlm sweep` searches and how: the space, the trials, the sampler, the pruner, the objective."""
+    from gradlm.training.sweep import OBJECTIVES, PRUNERS, SAMPLERS
+
+    p.add_argument(
+        "--search",
+        nargs="+",
+        required=True,
+        metavar="NAME=SPEC",
+        help="the search space: any training or model setting, as a list (optimizer=adamw,muon), a range "
+        "(dropout=0..0.2), "
+        "a log range (lr=1e-4..3e-2:log) or a stepped range (d-model=128..384:64); every other flag is the same for "
+        "every trial",
+    )
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=20,
+        help="finished trials the study should hold; running the command again continues it (default: 20)",
+    )
+    p.add_argument(
+        "--search-sampler",
+        choices=SAMPLERS,
+        default="tpe",
+        help="how Optuna proposes settings (not --sampler, the order of the training windows): tpe (learns from the "
+        "trials so far), random, or grid (every combination of lists and stepped ranges) (default: tpe)",
+    )
+    p.add_argument(
+        "--pruner",
+        choices=PRUNERS,
+        default="median",
+        help="stop trials behind the others at the same share of the budget: median, hyperband, or none (default: "
+        "median)",
+    )
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="val_bpb",
+        help="what the search minimises: the final validation bits per byte (fair across vocabularies) or loss "
+        "(default: val_bpb)",
+    )
+
+
+def sweep_study_flags(p: argparse.ArgumentParser) -> None:
+    """Where `gradlm sweep` keeps its study and trials."""
+    p.add_argument(
+        "--storage",
+        default="",
+        metavar="URL",
+        help="the Optuna storage of the study (default: sqlite:///OUT/study.db); a PostgreSQL URL lets several "
+        "machines work on one study",
+    )
+    p.add_argument(
+        "--study", default="", metavar="NAME", help="the study's name in the storage (default: the --out folder's name)"
+    )
+    p.add_argument(
+        "--out",
+        dest="sweep_out",
+        required=True,
+        help="folder for the trials (trial-NNNN run directories), the study, trials.md, best_config.json and the plots",
+    )
 
 
 def add_plot_command(sub) -> None:
@@ -751,12 +1153,31 @@ def add_plot_command(sub) -> None:
 
 
 def add_export_command(sub) -> None:
-    t = sub.add_parser("export", help="write a run as a Hugging Face transformers checkpoint (Llama / Qwen3) or a llama.cpp GGUF file")
+    t = sub.add_parser(
+        "export", help="write a run as a Hugging Face transformers checkpoint (Llama / Qwen3) or a llama.cpp GGUF file"
+    )
     t.add_argument("run", help="run directory")
     t.add_argument("out_dir", help="output directory (new, empty, or a previous export of the same format)")
-    t.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf: transformers' layout (config.json, model.safetensors, tokenizer files); gguf: OUT/model.gguf for llama.cpp, Ollama and LM Studio, and an Ollama Modelfile (default: hf)")
-    t.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="--format hf: weight precision (default: float32)")
-    t.add_argument("--gguf-type", choices=("f32", "f16", "q8_0"), default=None, help="--format gguf: f32 (exact), f16 (half the size) or q8_0 (a quarter; 32 weights share a scale) (default: f16)")
+    t.add_argument(
+        "--format",
+        choices=("hf", "gguf"),
+        default="hf",
+        help="hf: transformers' layout (config.json, model.safetensors, tokenizer files); gguf: OUT/model.gguf for "
+        "llama.cpp, Ollama and LM Studio, and an Ollama Modelfile (default: hf)",
+    )
+    t.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="--format hf: weight precision (default: float32)",
+    )
+    t.add_argument(
+        "--gguf-type",
+        choices=("f32", "f16", "q8_0"),
+        default=None,
+        help="--format gguf: f32 (exact), f16 (half the size) or q8_0 (a quarter; 32 weights share a scale) (default: "
+        "f16)",
+    )
     t.add_argument("--best", action="store_true", help="export best.safetensors (best validation loss)")
     t.set_defaults(func=cmd_export)
 
@@ -765,11 +1186,32 @@ def add_import_command(sub) -> None:
     t = sub.add_parser("import", help="turn a local Hugging Face Llama/Qwen3/Qwen2 checkpoint into a run directory")
     t.add_argument("hf_dir", help="folder with config.json, model.safetensors and tokenizer.json")
     t.add_argument("run", help="run directory to create")
-    t.add_argument("--block-size", type=int, default=0, help="context window (default: the checkpoint's max_position_embeddings)")
+    t.add_argument(
+        "--block-size", type=int, default=0, help="context window (default: the checkpoint's max_position_embeddings)"
+    )
     t.set_defaults(func=cmd_import)
 
 
-COMMANDS = [add_tokenizer_command, add_tokenize_command, add_prepare_command, add_train_command, add_finetune_command, add_merge_command, add_chat_command, add_generate_command, add_serve_command, add_watch_command, add_eval_command, add_lr_find_command, add_compare_command, add_sweep_command, add_plot_command, add_export_command, add_import_command]  # in the order `gradlm --help` lists them
+# in the order `gradlm --help` lists them
+COMMANDS = [
+    add_tokenizer_command,
+    add_tokenize_command,
+    add_prepare_command,
+    add_train_command,
+    add_finetune_command,
+    add_merge_command,
+    add_chat_command,
+    add_generate_command,
+    add_serve_command,
+    add_watch_command,
+    add_eval_command,
+    add_lr_find_command,
+    add_compare_command,
+    add_sweep_command,
+    add_plot_command,
+    add_export_command,
+    add_import_command,
+]
 
 
 def build_parser(command: str = "") -> argparse.ArgumentParser:
@@ -802,7 +1244,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as e:  # the machine refused a read or write the checks before the work could not foresee
         where = f" {e.filename}" if e.filename else ""
-        print(f"error: cannot access{where}: {e.strerror or e}; check the path, its permissions and the free disk space", file=sys.stderr)
+        print(
+            f"error: cannot access{where}: {e.strerror or e}; check the path, its permissions and the free disk space",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

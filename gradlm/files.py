@@ -102,7 +102,8 @@ def stage(path: Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 (and a writer may recreate the file): the usual permissions
+        # mkstemp makes 0600 (and a writer may recreate the file): the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     except BaseException:
@@ -167,7 +168,8 @@ def atomic_write_dir(target: Path, write: Callable[[Path], None]) -> None:
         if target.is_dir() and any(target.iterdir()):
             if _exchange(tmp, target):  # one atomic swap: target is the previous folder, then the new one
                 shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous one
-            else:  # no atomic swap here: move the previous one aside, then the new one in (remove_stale undoes a kill between)
+            # no atomic swap here: move the previous one aside, then the new one in (remove_stale undoes a kill between)
+            else:
                 old = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".old", dir=target.parent))
                 os.replace(target, old / "x")
                 os.replace(tmp, target)
@@ -214,7 +216,9 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, dumps(obj, indent=2) + "\n")
 
 
-def write_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_weights(
+    path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """Write a safetensors file (not atomically: see save_weights). Tied tensors are stored once
     (safetensors forbids aliasing). metadata holds at most one key: safetensors keeps metadata in a
     hash map whose order changes from process to process, and equal weights must give equal bytes."""

@@ -54,14 +54,26 @@ def plot_runs(runs: dict[str, list[dict]], path: str | os.PathLike, title: str =
         train = step_rows(rows)
         val = [r for r in rows if "val_loss" in r]
         if train:
-            axes[0].plot([r["step"] for r in train], smooth([r["loss"] for r in train], 0.6), color=color, label=f"{label} train")
+            axes[0].plot(
+                [r["step"] for r in train], smooth([r["loss"] for r in train], 0.6), color=color, label=f"{label} train"
+            )
             axes[1].plot([r["step"] for r in train], [r["lr"] for r in train], color=color, label=label)
             muon = [r for r in train if "lr_muon" in r]
             if muon:  # Muon's matrices follow their own learning rate (--muon-lr)
-                axes[1].plot([r["step"] for r in muon], [r["lr_muon"] for r in muon], "--", color=color, label=f"{label} (muon matrices)")
-            axes[2].plot([r["step"] for r in train], [r["grad_norm"] for r in train], color=color, label=label, alpha=0.8)
+                axes[1].plot(
+                    [r["step"] for r in muon],
+                    [r["lr_muon"] for r in muon],
+                    "--",
+                    color=color,
+                    label=f"{label} (muon matrices)",
+                )
+            axes[2].plot(
+                [r["step"] for r in train], [r["grad_norm"] for r in train], color=color, label=label, alpha=0.8
+            )
         if val:
-            axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o--", color=color, ms=3, label=f"{label} val")
+            axes[0].plot(
+                [r["step"] for r in val], [r["val_loss"] for r in val], "o--", color=color, ms=3, label=f"{label} val"
+            )
         for r in rows:
             if r.get("event") == "diverged":
                 axes[0].axvline(r["at_step"], color=color, ls=":", alpha=0.6)
@@ -86,7 +98,13 @@ def plot_compare(runs: dict[str, list[dict]], path: str | os.PathLike, title: st
         val = [r for r in rows if "val_loss" in r]
         for ax, key in zip(axes, ("step", "tokens", "time")):
             if train:  # a run with few logged steps (batch GD) gets markers, or its curve would not show
-                ax.plot([r[key] for r in train], smooth([r["loss"] for r in train], 0.6), color=color, label=label, marker="s" if len(train) < 5 else None)
+                ax.plot(
+                    [r[key] for r in train],
+                    smooth([r["loss"] for r in train], 0.6),
+                    color=color,
+                    label=label,
+                    marker="s" if len(train) < 5 else None,
+                )
             if val:
                 ax.plot([r[key] for r in val], [r["val_loss"] for r in val], "o", color=color, ms=3)
     for ax, name in zip(axes, ("step", "tokens seen", "wall time (s)")):
@@ -98,13 +116,20 @@ def plot_compare(runs: dict[str, list[dict]], path: str | os.PathLike, title: st
     return _save(fig, path)
 
 
-def plot_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float, path: str | os.PathLike) -> Path:
+def plot_lr_find(
+    lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float, path: str | os.PathLike
+) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(lrs, losses, color="C0", alpha=0.3, label="loss")
     ax.plot(lrs, smoothed, color="C0", label="loss (smoothed)")
     ax.axvline(suggestion, color="C3", ls="--", label=f"suggested lr {suggestion:.2g}")
-    ax.set(xscale="log", xlabel="learning rate (grows exponentially each step)", ylabel="training loss", title="learning-rate range test")
+    ax.set(
+        xscale="log",
+        xlabel="learning rate (grows exponentially each step)",
+        ylabel="training loss",
+        title="learning-rate range test",
+    )
     lo, hi = min(min(losses), min(smoothed)), smoothed[0]
     ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.5 * (hi - lo + 1e-9))
     ax.grid(alpha=0.3)
@@ -145,24 +170,41 @@ def plot_importance(importances: dict[str, float], path: str | os.PathLike, note
         ax.barh([k.replace("_", "-") for k, _ in items], [v for _, v in items], color="C0")
         for k, (_, v) in enumerate(items):
             ax.text(v, k, f" {v:.2f}", va="center", fontsize=8)
-    ax.set(xlabel="importance (Optuna's PED-ANOVA, normalised to sum to 1)", title="what mattered" + (f"\n{note}" if note else ""))
+    ax.set(
+        xlabel="importance (Optuna's PED-ANOVA, normalised to sum to 1)",
+        title="what mattered" + (f"\n{note}" if note else ""),
+    )
     ax.set_xlim(0, 1.1)
     return _save(fig, path)
 
 
-def plot_sensitivity(points: list[tuple[dict, float]], space: list, objective: str, path: str | os.PathLike, pair: tuple[str, str] | None = None) -> Path:
+def plot_sensitivity(
+    points: list[tuple[dict, float]],
+    space: list,
+    objective: str,
+    path: str | os.PathLike,
+    pair: tuple[str, str] | None = None,
+) -> Path:
     """The objective against each searched setting (one panel each; log axes for log ranges), and a heat map of the
     best objective over two settings (pair, e.g. the learning rate and the batch size) from the trials that ran."""
     plt = _plt()
     n = len(space) + (1 if pair else 0)
     cols = min(n, 3)
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(5 * cols, 3.8 * ((n + cols - 1) // cols)), squeeze=False)
+    fig, axes = plt.subplots(
+        (n + cols - 1) // cols, cols, figsize=(5 * cols, 3.8 * ((n + cols - 1) // cols)), squeeze=False
+    )
     flat_axes = list(axes.flat)
     values = [v for _, v in points]
     for ax, p in zip(flat_axes, space):
         _sensitivity_panel(ax, p, [params[p.name] for params, _ in points], values, objective)
     if pair:
-        _pair_heat_map(fig, flat_axes[len(space)], [_cells(next(q for q in space if q.name == name), points) for name in pair], values, objective)
+        _pair_heat_map(
+            fig,
+            flat_axes[len(space)],
+            [_cells(next(q for q in space if q.name == name), points) for name in pair],
+            values,
+            objective,
+        )
     for ax in flat_axes[n:]:
         ax.axis("off")
     fig.suptitle(f"sensitivity of {objective.replace('_', ' ')} to each setting ({len(points)} finished trials)")
@@ -220,5 +262,9 @@ def _pair_heat_map(fig, ax, axis: list[tuple[str, list[str], list[int]]], values
             ax.text(a, b, f"{v:.3f}", ha="center", va="center", fontsize=7, color="k" if v <= mid else "w")
     ax.set_xticks(range(len(xc)), xc, rotation=30, fontsize=7)
     ax.set_yticks(range(len(yc)), yc, fontsize=7)
-    ax.set(xlabel=xn.replace("_", "-"), ylabel=yn.replace("_", " "), title=f"best {objective.replace('_', ' ')} (blank: not tried)")
+    ax.set(
+        xlabel=xn.replace("_", "-"),
+        ylabel=yn.replace("_", " "),
+        title=f"best {objective.replace('_', ' ')} (blank: not tried)",
+    )
     fig.colorbar(im, ax=ax)

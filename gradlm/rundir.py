@@ -17,7 +17,8 @@
       samples.jsonl        what the model writes at each evaluation: a seeded sample from a fixed prompt
       summary.json         the final report of the last training
       plots/               curves as PNG
-      trackers.json        --logger: each experiment tracker's id of this run (gradlm/training/trackers.py); tensorboard/
+      trackers.json        --logger: each experiment tracker's id of this run
+                           (gradlm/training/trackers.py); tensorboard/
                            and wandb/ hold those trackers' own files
       .lock                held (flock) by the one process writing the run
 
@@ -72,12 +73,20 @@ class RunDir:
         self.path = p = Path(path)  # the names: gradlm/layout.py
         self.config, self.tokenizer = p / layout.CONFIG, p / layout.TOKENIZER
         self.weights, self.best = p / layout.WEIGHTS, p / layout.BEST
-        self.state, self.previous_state, self.best_state = p / layout.STATE, p / layout.PREVIOUS_STATE, p / layout.BEST_STATE
+        self.state, self.previous_state, self.best_state = (
+            p / layout.STATE,
+            p / layout.PREVIOUS_STATE,
+            p / layout.BEST_STATE,
+        )
         self.metrics, self.samples, self.summary = p / layout.METRICS, p / layout.SAMPLES, p / layout.SUMMARY
         self.training_plot = p / layout.TRAINING_PLOT
         self.plots = self.training_plot.parent
         self.lock_file = p / layout.LOCK
-        self.adapter_config, self.adapter, self.best_adapter = p / layout.ADAPTER_CONFIG, p / layout.ADAPTER, p / layout.BEST_ADAPTER
+        self.adapter_config, self.adapter, self.best_adapter = (
+            p / layout.ADAPTER_CONFIG,
+            p / layout.ADAPTER,
+            p / layout.BEST_ADAPTER,
+        )
         self._lock: RunLock | None = None  # held by the one process writing the run: acquire(), release()
 
     def __str__(self) -> str:
@@ -93,13 +102,18 @@ class RunDir:
         if not self.path.is_dir():
             raise RunDirError(f"no run directory at {self.path}; train one with `gradlm train --out {self.path}`")
         if not self.exists():
-            raise RunDirError(f"{self.path} is not a run directory (no config.json); train one with `gradlm train --out {self.path}`")
+            raise RunDirError(
+                f"{self.path} is not a run directory (no config.json); train one with `gradlm train --out {self.path}`"
+            )
         cfg = ckpt.read_json(self.config, "run config")
         if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
             raise RunDirError(f"{self.config} has no model section; is {self.path} a gradlm run directory?")
         version = cfg.get("gradlm_version", "0")
         if _major(version) > _major(package_version()) or _major(version) < 0:
-            raise RunDirError(f"{self.path} was written by gradlm {version}, which this gradlm {package_version()} cannot read; upgrade gradlm")
+            raise RunDirError(
+                f"{self.path} was written by gradlm {version}, which this gradlm {package_version()} cannot read; "
+                "upgrade gradlm"
+            )
         return cfg
 
     def model_config(self) -> ModelConfig:
@@ -114,10 +128,19 @@ class RunDir:
         ckpt.atomic_write_json(self.config, config_dict(model, train, data, **extra))
 
     @classmethod
-    def create(cls, path: str | os.PathLike, config: dict, tok: Tokenizer, weights: dict[str, torch.Tensor], step: int, chat_template: bool = False) -> RunDir:
+    def create(
+        cls,
+        path: str | os.PathLike,
+        config: dict,
+        tok: Tokenizer,
+        weights: dict[str, torch.Tensor],
+        step: int,
+        chat_template: bool = False,
+    ) -> RunDir:
         """Write a complete run in one go (merge, import): tokenizer, weights (at step), the chat template
         if asked, and config.json (a config_dict) last, since it marks a complete run. All of it is built in
         a temporary folder renamed into place: a failure leaves no half-written run."""
+
         def write(tmp: Path) -> None:
             run = cls(tmp)
             run.save_tokenizer(tok)
@@ -152,7 +175,9 @@ class RunDir:
         A LoRA run loads its base run's weights and adds its adapter into them (fold_adapter)."""
         path = self.checkpoint_path(best)
         if best and not path.is_file():
-            raise RunDirError(f"{self.path} has no {path.name} yet (it is written at the first evaluation); drop --best")
+            raise RunDirError(
+                f"{self.path} has no {path.name} yet (it is written at the first evaluation); drop --best"
+            )
         try:
             if self.has_adapter():
                 adapter = self.read_adapter_config()
@@ -181,17 +206,34 @@ class RunDir:
         """adapter_config.json: the adapter's shape and the base run it adapts, by a path relative to this
         run (move the two together) and the sha256 of the base weights it was trained on."""
         base_path = Path(os.path.relpath(base.path.resolve(), self.path.resolve()))
-        ckpt.atomic_write_json(self.adapter_config, {
-            "format": "gradlm-lora", "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets),
-            "base_run": base_path.as_posix(), "base_weights_sha256": sha256_file(base.checkpoint_path()),
-        })
+        ckpt.atomic_write_json(
+            self.adapter_config,
+            {
+                "format": "gradlm-lora",
+                "r": rank,
+                "lora_alpha": alpha,
+                "lora_dropout": dropout,
+                "target_modules": list(targets),
+                "base_run": base_path.as_posix(),
+                "base_weights_sha256": sha256_file(base.checkpoint_path()),
+            },
+        )
 
     def read_adapter_config(self) -> dict:
         cfg = ckpt.read_json(self.adapter_config, "adapter config")
-        need = {"r": int, "lora_alpha": (int, float), "target_modules": list, "base_run": str, "base_weights_sha256": str}
+        need = {
+            "r": int,
+            "lora_alpha": (int, float),
+            "target_modules": list,
+            "base_run": str,
+            "base_weights_sha256": str,
+        }
         bad = [k for k, kind in need.items() if not isinstance(cfg.get(k) if isinstance(cfg, dict) else None, kind)]
         if bad or cfg.get("r", 0) < 1:
-            raise RunDirError(f"{self.adapter_config} is corrupt ({', '.join(bad) or 'r'} missing or invalid); fine-tune the run again")
+            raise RunDirError(
+                f"{self.adapter_config} is corrupt ({', '.join(bad) or 'r'} missing or invalid); fine-tune the run "
+                "again"
+            )
         return cfg
 
     def base_run(self, adapter: dict | None = None) -> RunDir:
@@ -200,17 +242,21 @@ class RunDir:
         base = RunDir(self.path / adapter["base_run"])
         if not base.checkpoint_path().is_file():
             raise RunDirError(
-                f"{self.path} is a LoRA adapter over {base.path}, which has no weights; put the base run back at that path "
+                f"{self.path} is a LoRA adapter over {base.path}, which has no weights; put the base run back at that "
+                "path "
                 f"(it is relative to {self.path}), or use a run merged with `gradlm merge`"
             )
         if sha256_file(base.checkpoint_path()) != adapter["base_weights_sha256"]:
             raise RunDirError(
-                f"the base run {base.path} has changed since the adapter in {self.path} was trained on it (its weights differ); "
+                f"the base run {base.path} has changed since the adapter in {self.path} was trained on it (its "
+                "weights differ); "
                 "restore the base run's weights, or fine-tune again from it as it is now"
             )
         return base
 
-    def load_model(self, best: bool = False, device: str = "cpu", dtype: str = "float32") -> tuple[Transformer, Tokenizer]:
+    def load_model(
+        self, best: bool = False, device: str = "cpu", dtype: str = "float32"
+    ) -> tuple[Transformer, Tokenizer]:
         """The model (eval mode, on device, weights in dtype: "bfloat16", else float32) and its tokenizer."""
         model = Transformer(self.model_config())
         self.load_weights_into(model, best)
@@ -250,7 +296,10 @@ class RunDir:
         """The training state matching the weights on disk (latest, or best with from_best)."""
         weights = self.checkpoint_path(best=from_best)
         if not weights.is_file():
-            raise RunDirError(f"cannot resume: {weights} is missing" + ("; resume without --from-best" if from_best else "; the run has no checkpoint yet, start it again"))
+            raise RunDirError(
+                f"cannot resume: {weights} is missing"
+                + ("; resume without --from-best" if from_best else "; the run has no checkpoint yet, start it again")
+            )
         step = weights_step(weights)
         candidates = [self.best_state] if from_best else [self.state, self.previous_state]
         found = []
@@ -261,8 +310,14 @@ class RunDir:
                 if state.get("step") == step:
                     return state
         if not found:
-            raise RunDirError(f"cannot resume: {candidates[0]} is missing; " + ("this run kept no state for its best weights" if from_best else "the run has no training state"))
-        raise RunDirError(f"cannot resume: {weights} is from step {step} but the training state {found[0][0]} is from step {found[0][1]}; the run is inconsistent")
+            raise RunDirError(
+                f"cannot resume: {candidates[0]} is missing; "
+                + ("this run kept no state for its best weights" if from_best else "the run has no training state")
+            )
+        raise RunDirError(
+            f"cannot resume: {weights} is from step {step} but the training state {found[0][0]} is from step "
+            f"{found[0][1]}; the run is inconsistent"
+        )
 
     # ---- summary, lock
 
@@ -285,7 +340,11 @@ class RunDir:
         metrics to draw together instead, as `gradlm plot` does)."""
         from gradlm.plots import plot_runs
 
-        return plot_runs(runs or {self.path.name or str(self.path): read_metrics(self.path)}, self.training_plot, title="" if runs else str(self.path))
+        return plot_runs(
+            runs or {self.path.name or str(self.path): read_metrics(self.path)},
+            self.training_plot,
+            title="" if runs else str(self.path),
+        )
 
     def acquire(self) -> None:
         """Hold the run's lock (one writer per run: RunLock) until release(); holding it already is fine."""
@@ -326,7 +385,10 @@ def _write_failure(run: Path, e: OSError, what: str) -> str:
         command = "finetune" if "finetune" in json.loads((run / "config.json").read_text()) else "train"
     except (OSError, ValueError):
         command = "train"
-    return f"cannot write the {what} in {run}: {reason}; the previous checkpoint is intact: free space (or fix permissions) and continue with `gradlm {command} --out {run} --resume`"
+    return (
+        f"cannot write the {what} in {run}: {reason}; the previous checkpoint is intact: free space (or fix "
+        f"permissions) and continue with `gradlm {command} --out {run} --resume`"
+    )
 
 
 class RunLock:
@@ -345,7 +407,10 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise RunDirError(f"{self.path.parent} is being written by another gradlm process (pid {holder}); wait for it to finish, stop it, or choose another --out") from None
+            raise RunDirError(
+                f"{self.path.parent} is being written by another gradlm process (pid {holder}); wait for it to "
+                "finish, stop it, or choose another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
@@ -379,7 +444,8 @@ class Metrics:
 
     def __init__(self, path: Path, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
-        self.listener = None  # called with every row written (the run's experiment trackers, gradlm/training/trackers.py)
+        # called with every row written (the run's experiment trackers, gradlm/training/trackers.py)
+        self.listener = None
 
     def truncate_after(self, step: int) -> int:
         """On resume, drop lines the interrupted run wrote after the checkpoint it resumes from; returns the last
@@ -428,9 +494,11 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
         raise RunDirError(f"{path} is corrupt ({e})") from None
 
 
-def load_model(run_dir: str | os.PathLike, best: bool = False, device: str = "cpu", dtype: str = "float32") -> tuple[Transformer, Tokenizer]:
+def load_model(
+    run_dir: str | os.PathLike, best: bool = False, device: str = "cpu", dtype: str = "float32"
+) -> tuple[Transformer, Tokenizer]:
     """A trained model (in eval mode, on device, weights in dtype) and its tokenizer from a run directory.
 
-        >>> model, tok = load_model("runs/demo")          # doctest: +SKIP
+    >>> model, tok = load_model("runs/demo")          # doctest: +SKIP
     """
     return RunDir(run_dir).load_model(best, device, dtype)

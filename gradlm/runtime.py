@@ -11,7 +11,8 @@ the same three flags with the same meaning, and resolve() turns them into a Runt
                compute capability 8.0; CPUs with AMX or AVX512-BF16 that ONEDNN_MAX_CPU_ISA does not
                cap below them), else float32.
                inference: the weights' dtype. auto = bfloat16 on CUDA, float32 on the CPU (bfloat16 matrix
-               products were no clear win there at batch 1; docs/benchmarks.md, "int8 decoding"). Commands that decode (generate,
+               products were no clear win there at batch 1; docs/benchmarks.md, "int8 decoding"). Commands that decode
+               (generate,
                chat, serve) also take int8 on the CPU: int8 copies of the matrices, multiplied by dynamic
                quantization (faster; its cost in quality is in docs/benchmarks.md), never auto.
     --compile  on, off or auto: torch.compile the training step and evaluation. auto = on for CUDA when
@@ -61,7 +62,10 @@ class Machine:
     def here(cls) -> Machine:
         cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
         mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-        cpu_bf16 = onednn_allows_bf16() and any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+        cpu_bf16 = onednn_allows_bf16() and any(
+            getattr(torch.cpu, probe, lambda: False)()
+            for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        )
         cuda_bf16 = bool(cuda) and all(torch.cuda.get_device_capability(i)[0] >= 8 for i in range(cuda))
         return cls(cuda, cuda_bf16, mps, cpu_bf16)
 
@@ -72,9 +76,26 @@ class Machine:
 
 # oneDNN's instruction sets, oldest first (its ONEDNN_MAX_CPU_ISA values, with their older and newer names);
 # from AVX512_CORE_BF16 on it multiplies bfloat16 in hardware.
-ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_BF16",
-               "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16",
-               "AVX10_2_512", "AVX10_2_512_AMX_2", "DEFAULT", "ALL")
+ONEDNN_ISAS = (
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16",
+    "AVX10_1_512",
+    "AVX512_CORE_AMX",
+    "AVX10_1_512_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512_AMX_FP16",
+    "AVX10_2_512",
+    "AVX10_2_512_AMX_2",
+    "DEFAULT",
+    "ALL",
+)
 
 
 def onednn_allows_bf16(environ=os.environ) -> bool:
@@ -96,14 +117,21 @@ def resolve_device(device: str, machine: Machine, local_rank: int = 0) -> str:
         return "cpu"
     if device == "mps":
         if not machine.mps:
-            raise ConfigError(f"--device mps was asked for but this machine has no Apple MPS device ({machine.describe()}); use --device cpu or auto")
+            raise ConfigError(
+                f"--device mps was asked for but this machine has no Apple MPS device ({machine.describe()}); use "
+                "--device cpu or auto"
+            )
         return "mps"
     if device == "cuda" or device.startswith("cuda:"):
         index = local_rank if device == "cuda" else device.removeprefix("cuda:")
         if not machine.cuda:
-            raise ConfigError(f"--device {device} was asked for but this machine has no CUDA GPU; use --device cpu or auto")
+            raise ConfigError(
+                f"--device {device} was asked for but this machine has no CUDA GPU; use --device cpu or auto"
+            )
         if not str(index).isdigit() or int(index) >= machine.cuda:
-            raise ConfigError(f"--device {device}: this machine has {machine.describe()} (cuda:0 to cuda:{machine.cuda - 1})")
+            raise ConfigError(
+                f"--device {device}: this machine has {machine.describe()} (cuda:0 to cuda:{machine.cuda - 1})"
+            )
         return f"cuda:{int(index)}"
     raise ConfigError(f"--device must be {DEVICE_HELP}, got {device!r}")
 
@@ -115,13 +143,15 @@ def native_bf16(device: str, machine: Machine) -> bool:
 
 
 def resolve_dtype(dtype: str, device: str, machine: Machine, inference: bool = False, decoding: bool = False) -> str:
-    """"float32" or "bfloat16" (see the module docstring): training's compute dtype, or with inference=True
+    """ "float32" or "bfloat16" (see the module docstring): training's compute dtype, or with inference=True
     the weights' dtype for decoding and scoring; "int8" too for decoding on the CPU."""
     dtype = (dtype or "auto").strip().lower()
     allowed = DECODING_DTYPES if decoding else DTYPES
     if dtype == "int8" and not decoding:
         what = "training computes" if not inference else "scoring computes"
-        raise ConfigError(f"--dtype int8 is for decoding on the CPU (generate, chat, serve); {what} in float32 or bfloat16")
+        raise ConfigError(
+            f"--dtype int8 is for decoding on the CPU (generate, chat, serve); {what} in float32 or bfloat16"
+        )
     if dtype not in allowed:
         raise ConfigError(f"--dtype must be {', '.join(allowed)}, got {dtype!r}")
     if dtype == "int8" and device != "cpu":
@@ -208,14 +238,24 @@ class Runtime:
         return f"{self.device}, {self.dtype}" + (", compiled" if self.compile else "")
 
 
-def resolve(device: str = "auto", dtype: str = "auto", compile: str | bool = "auto", *, inference: bool = False, decoding: bool = False,
-            budget_s: float | None = None, machine: Machine | None = None) -> Runtime:
+def resolve(
+    device: str = "auto",
+    dtype: str = "auto",
+    compile: str | bool = "auto",
+    *,
+    inference: bool = False,
+    decoding: bool = False,
+    budget_s: float | None = None,
+    machine: Machine | None = None,
+) -> Runtime:
     """The Runtime for these flags on this machine (or on `machine`, for tests). inference: a command that
     runs a trained model (its dtype is the weights'); decoding: one that generates (int8 allowed)."""
     machine = machine or Machine.here()
     dev = resolve_device(device, machine, int(os.environ.get("LOCAL_RANK", "0")))
     inference = inference or decoding
-    return Runtime(dev, resolve_dtype(dtype, dev, machine, inference, decoding), resolve_compile(compile, dev, budget_s, inference))
+    return Runtime(
+        dev, resolve_dtype(dtype, dev, machine, inference, decoding), resolve_compile(compile, dev, budget_s, inference)
+    )
 
 
 def set_fast_matmul(device: str) -> None:

@@ -33,7 +33,11 @@ def shakespeare_text() -> str:
     words = "thou art the sun and moon my love shall not be sweet night day fair lord good what is in a name".split()
     lines = []
     for _ in range(12000):
-        lines.append(f"{rng.choice(names)}:\n" + " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + ".\n")
+        lines.append(
+            f"{rng.choice(names)}:\n"
+            + " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize()
+            + ".\n"
+        )
     return "\n".join(lines)
 
 
@@ -117,7 +121,17 @@ def train_until(model, next_batch, steps: int, until=None, max_steps: int | None
     raise AssertionError(f"not learned in {max_steps} steps: a bug in the model, the loss or the batches")
 
 
-def fit(model, ids, steps: int, lr: float = 1e-2, batch: int = 16, block: int = 32, seed: int = 0, until=None, max_steps: int | None = None):
+def fit(
+    model,
+    ids,
+    steps: int,
+    lr: float = 1e-2,
+    batch: int = 16,
+    block: int = 32,
+    seed: int = 0,
+    until=None,
+    max_steps: int | None = None,
+):
     """Train `model` on random windows of the 1-D id tensor `ids` (train_until); returns it in eval mode."""
     import torch
 
@@ -247,7 +261,11 @@ def wait_for_step(run, step: int, proc, timeout: float = 120) -> None:
 
     end = time.time() + timeout
     while time.time() < end:
-        if (run / "metrics.jsonl").is_file() and any(json.loads(ln).get("step", 0) >= step for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()):
+        if (run / "metrics.jsonl").is_file() and any(
+            json.loads(ln).get("step", 0) >= step
+            for ln in (run / "metrics.jsonl").read_text().splitlines()
+            if ln.strip()
+        ):
             return
         if proc.poll() is not None:
             raise AssertionError(f"training ended before step {step}: {proc.communicate()[1][-2000:]}")
@@ -260,7 +278,13 @@ def start_gradlm(*args, **kw):
     import subprocess
     import sys
 
-    return subprocess.Popen([sys.executable, "-m", "gradlm", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gradlm", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def kill_and_resume(run, proc, at_steps, resume: list, rng, pause: float):

@@ -81,16 +81,23 @@ def test_the_chosen_model_is_timed_as_it_will_train():
     shape = {"n_layer": 4, "d_model": 128, "n_head": 4}  # one model, so the corpus alone sets the passes
     flat = choose(Allowance(seconds=60), 10**6, flat_machine(), 1030, fixed=shape)
     corpus = int(flat.tokens / 4.2)
-    assert choose(Allowance(seconds=60), corpus, flat_machine(), 1030, fixed=shape).model["dropout"] > 0  # at batch 16's speed
+    # at batch 16's speed
+    assert choose(Allowance(seconds=60), corpus, flat_machine(), 1030, fixed=shape).model["dropout"] > 0
     c = choose(Allowance(seconds=60), corpus, machine, 1030, fixed=shape)
     batch, dropout = int(c.train["batch"]), c.model["dropout"]
     assert asked[-1] == (batch, dropout) and batch < 16 and dropout == 0.0
     assert c.tokens / corpus < 4
-    assert c.tokens_per_s == pytest.approx(machine(ModelConfig(vocab_size=1030, **{k: c.model[k] for k in autosize.MODEL_KEYS}), batch, dropout))
+    assert c.tokens_per_s == pytest.approx(
+        machine(ModelConfig(vocab_size=1030, **{k: c.model[k] for k in autosize.MODEL_KEYS}), batch, dropout)
+    )
     assert c.tokens == pytest.approx(60 * c.tokens_per_s)
 
     asked.clear()  # on the edge (dropout's cost flips the decision back and forth): the last measured setting stands
-    flip = lambda cfg, batch, dropout=0.0: asked.append((batch, dropout)) or (1e11 / flops_per_token(cfg) * (0.5 if dropout else 1.0))
+
+    def flip(cfg, batch, dropout=0.0):
+        asked.append((batch, dropout))
+        return 1e11 / flops_per_token(cfg) * (0.5 if dropout else 1.0)
+
     c = choose(Allowance(seconds=60), corpus, flip, 1030, fixed=shape)
     assert asked[-1] == (int(c.train["batch"]), c.model["dropout"])
 
@@ -102,7 +109,16 @@ def test_a_faster_machine_buys_a_model_at_least_as_large():
 
 
 def test_explicit_settings_always_win():
-    fixed = {"n_layer": 3, "block_size": 64, "batch": "24", "lr": 1e-3, "warmup_steps": 7, "min_lr_ratio": 0.2, "eval_every": 5, "eval_tokens": 999}
+    fixed = {
+        "n_layer": 3,
+        "block_size": 64,
+        "batch": "24",
+        "lr": 1e-3,
+        "warmup_steps": 7,
+        "min_lr_ratio": 0.2,
+        "eval_every": 5,
+        "eval_tokens": 999,
+    }
     for seconds in (10, 600, 6000):
         c = choose(Allowance(seconds=seconds), 10**9, flat_machine(), 1030, fixed=fixed)
         assert c.model["n_layer"] == 3 and c.model["block_size"] == 64
@@ -128,7 +144,13 @@ def test_the_context_fits_the_data():
 
 def test_the_reason_names_the_choice_and_the_measurement():
     c = choose(Allowance(seconds=600), 10**7, flat_machine(), 1030)
-    for part in (f"{c.model['n_layer']} layers x {c.model['d_model']}", "tok/s measured", "tokens/param", "epochs", "600 s"):
+    for part in (
+        f"{c.model['n_layer']} layers x {c.model['d_model']}",
+        "tok/s measured",
+        "tokens/param",
+        "epochs",
+        "600 s",
+    ):
         assert part in c.reason, c.reason
 
 
@@ -188,16 +210,66 @@ def test_train_without_model_flags_sizes_itself_and_records_why(text_file, tmp_p
 
 def test_typed_flags_win_and_a_model_flag_turns_auto_sizing_off(text_file, tmp_path, capsys):
     out = tmp_path / "flags"
-    _run(["train", "--data", str(text_file), "--out", str(out), "--max-steps", "2", "--batch", "3", "--lr", "0.002", "--vocab-size", "300", "--no-progress", "--no-plots"])
+    _run(
+        [
+            "train",
+            "--data",
+            str(text_file),
+            "--out",
+            str(out),
+            "--max-steps",
+            "2",
+            "--batch",
+            "3",
+            "--lr",
+            "0.002",
+            "--vocab-size",
+            "300",
+            "--no-progress",
+            "--no-plots",
+        ]
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["batch"] == 3 and config["train"]["lr"] == 0.002 and config["model"]["vocab_size"] == 306
     assert "size" in config  # sized, with those three kept
     fixed = tmp_path / "fixed"
-    _run(["train", "--data", str(text_file), "--out", str(fixed), "--max-steps", "2", "--n-layer", "1", "--no-progress", "--no-plots"])
+    _run(
+        [
+            "train",
+            "--data",
+            str(text_file),
+            "--out",
+            str(fixed),
+            "--max-steps",
+            "2",
+            "--n-layer",
+            "1",
+            "--no-progress",
+            "--no-plots",
+        ]
+    )
     config = json.loads((fixed / "config.json").read_text())
-    assert "size" not in config and config["model"]["n_layer"] == 1 and config["model"]["d_model"] == ModelConfig().d_model
+    assert (
+        "size" not in config and config["model"]["n_layer"] == 1 and config["model"]["d_model"] == ModelConfig().d_model
+    )
     partial = tmp_path / "partial"
-    _run(["train", "--data", str(text_file), "--out", str(partial), "--max-steps", "2", "--n-layer", "1", "--size", "auto", "--no-progress", "--no-plots"])
+    _run(
+        [
+            "train",
+            "--data",
+            str(text_file),
+            "--out",
+            str(partial),
+            "--max-steps",
+            "2",
+            "--n-layer",
+            "1",
+            "--size",
+            "auto",
+            "--no-progress",
+            "--no-plots",
+        ]
+    )
     config = json.loads((partial / "config.json").read_text())
     assert "size" in config and config["model"]["n_layer"] == 1
 
@@ -219,9 +291,30 @@ def test_ddp_ranks_train_the_shape_rank_0_chose(text_file, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "gradlm",
-         "train", "--data", str(text_file), "--out", str(out), "--max-time", "3s", "--no-progress", "--no-plots"],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "gradlm",
+            "train",
+            "--data",
+            str(text_file),
+            "--out",
+            str(out),
+            "--max-time",
+            "3s",
+            "--no-progress",
+            "--no-plots",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     said = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("size auto:")]
@@ -260,7 +353,8 @@ def measure():
     return {"rung": rung, "tps": c.tokens_per_s, "own": min(own_time(spin) for _ in range(3)), "wall": min(walls)}
 
 quiet = measure()
-busy = subprocess.Popen([sys.executable, "-c", "import os; os.sched_setaffinity(0, {0})\nwhile True: pass"])  # ... and a neighbour
+busy = subprocess.Popen([sys.executable, "-c", "import os; os.sched_setaffinity(0, {0})\nwhile True: pass"])  # ... and
+a neighbour
 time.sleep(0.3)
 try:
     loaded = measure()
@@ -270,7 +364,10 @@ print(json.dumps({"quiet": quiet, "loaded": loaded}))
 """
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity") or not __import__("os").path.exists("/proc/self/task"), reason="Linux only")
+@pytest.mark.skipif(
+    not hasattr(__import__("os"), "sched_setaffinity") or not __import__("os").path.exists("/proc/self/task"),
+    reason="Linux only",
+)
 def test_the_probe_follows_the_machine_not_a_busy_neighbour():
     import subprocess
     import sys

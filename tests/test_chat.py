@@ -41,7 +41,10 @@ CONVERSATION = [
 TRICKY = [
     [{"role": "user", "content": "Hi"}],
     CONVERSATION,
-    [{"role": "user", "content": "  leading and trailing spaces  "}, {"role": "assistant", "content": "\n\nnewlines\r\n"}],
+    [
+        {"role": "user", "content": "  leading and trailing spaces  "},
+        {"role": "assistant", "content": "\n\nnewlines\r\n"},
+    ],
     [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}],
     [{"role": "system", "content": "emoji 🙂👍🏽 café 東京"}, {"role": "user", "content": "don't WON'T 1234567?!"}],
 ]
@@ -57,7 +60,9 @@ def test_mask_counts_exactly_the_assistant_tokens_and_their_end_tokens(tok):
     # Nothing the user or system wrote, and no role token, is trained on.
     untrained = tok.decode(i for i, m in zip(ids, mask) if not m)
     assert "zorvastatin" in untrained and "Answer in a few words." in untrained and "40 mg" not in untrained
-    assert not any(m for i, m in zip(ids, mask) if i in (tok.specials["<|assistant|>"], tok.specials["<|user|>"], tok.eot_id))
+    assert not any(
+        m for i, m in zip(ids, mask) if i in (tok.specials["<|assistant|>"], tok.specials["<|user|>"], tok.eot_id)
+    )
 
 
 def test_training_ids_equal_the_chat_ids_and_each_reply_follows_its_generation_prompt(tok):
@@ -96,7 +101,7 @@ def test_generation_prompt_ends_with_the_assistant_token_and_stop_ids(tok):
         ("hello", "non-empty list"),
         (["hello"], "message 1 must be an object"),
         ([{"role": "bot", "content": "x"}], "role 'bot'"),
-        ([{"role": "user"}], "needs \"content\" as a string"),
+        ([{"role": "user"}], 'needs "content" as a string'),
         ([{"role": "user", "content": 3}], "got int"),
         ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "may only come first"),
     ],

@@ -50,13 +50,16 @@ def dead_pid() -> int:
 def test_a_killed_writers_leftovers_go_and_a_live_ones_stay(tmp_path):
     target = tmp_path / "out"
     atomic_write_dir(target, lambda t: (t / "a").write_text("old"))
-    dead, live = dead_pid(), os.getppid()  # a process that is gone, and one that is alive (not this one: skipped as itself)
+    # a process that is gone, and one that is alive (not this one: skipped as itself)
+    dead, live = dead_pid(), os.getppid()
     (tmp_path / f".out.{dead}.abc.tmp").mkdir()
     (tmp_path / f".out.{live}.abc.tmp").mkdir()
     (tmp_path / ".out.notapid.tmp").mkdir()
     (tmp_path / f".outer.{dead}.x.tmp").write_text("another file's")
     atomic_write_dir(target, lambda t: (t / "b").write_text("new"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".out.{live}.abc.tmp", ".out.notapid.tmp", f".outer.{dead}.x.tmp", "out"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f".out.{live}.abc.tmp", ".out.notapid.tmp", f".outer.{dead}.x.tmp", "out"]
+    )
     assert snapshot(target) == {"b": b"new"}
     # Killed between moving the previous folder aside and the new one in (where no atomic swap exists):
     shutil.rmtree(target)
@@ -76,8 +79,20 @@ def base(tmp_path_factory, prepared, tok) -> Path:
     out = tmp_path_factory.mktemp("base") / "run"
     with pytest.MonkeyPatch.context() as mp:  # module-scoped: the autouse cache fixture does not reach here
         mp.setenv("GRADLM_CACHE", str(out.parent / "cache"))
-        train(tiny_config(tok.vocab_size, block_size=64, d_model=64), TrainConfig(data=str(prepared), out=str(out), batch="8", max_steps=4,
-                                                                                eval_every=4, eval_tokens=1024, seed=0, progress=False, plots=False))
+        train(
+            tiny_config(tok.vocab_size, block_size=64, d_model=64),
+            TrainConfig(
+                data=str(prepared),
+                out=str(out),
+                batch="8",
+                max_steps=4,
+                eval_every=4,
+                eval_tokens=1024,
+                seed=0,
+                progress=False,
+                plots=False,
+            ),
+        )
     return out
 
 
@@ -96,10 +111,13 @@ def kill_at_random_moments(argv: list, check, rng: random.Random, kills: int = 4
         check()
 
 
-@pytest.mark.parametrize("fmt, old, new", [
-    ("hf", ["--dtype", "float32"], ["--dtype", "bfloat16"]),
-    ("gguf", ["--gguf-type", "f32"], ["--gguf-type", "q8_0"]),
-])
+@pytest.mark.parametrize(
+    "fmt, old, new",
+    [
+        ("hf", ["--dtype", "float32"], ["--dtype", "bfloat16"]),
+        ("gguf", ["--gguf-type", "f32"], ["--gguf-type", "q8_0"]),
+    ],
+)
 def test_an_export_killed_anywhere_is_the_previous_export_or_the_new_one(base, tmp_path, fmt, old, new):
     pytest.importorskip("gguf") if fmt == "gguf" else None
     refs = {}
@@ -134,7 +152,9 @@ def test_tokenizer_train_killed_anywhere_leaves_the_previous_file_or_the_new_one
         assert out.read_bytes() in (old, new)
         out.write_bytes(old)
 
-    kill_at_random_moments(["tokenizer", "train", "--data", text_file, "--vocab-size", 300, "--out", out], check, random.Random(3))
+    kill_at_random_moments(
+        ["tokenizer", "train", "--data", text_file, "--vocab-size", 300, "--out", out], check, random.Random(3)
+    )
     finished(gradlm("tokenizer", "train", "--data", text_file, "--vocab-size", 300, "--out", out))
     assert out.read_bytes() == new and sorted(p.name for p in tmp_path.iterdir()) == ["new.json", "tok.json"]
 
@@ -148,8 +168,25 @@ def qa_file(path: Path) -> Path:
 def test_merge_killed_anywhere_leaves_nothing_or_the_whole_run(base, tmp_path):
     pytest.importorskip("peft")
     lora = tmp_path / "lora"
-    finished(gradlm("finetune", base, "--data", qa_file(tmp_path / "qa.jsonl"), "--out", lora, "--method", "lora", "--max-steps", 3,
-                    "--eval-every", 3, "--val-fraction", "0.25", *TINY))
+    finished(
+        gradlm(
+            "finetune",
+            base,
+            "--data",
+            qa_file(tmp_path / "qa.jsonl"),
+            "--out",
+            lora,
+            "--method",
+            "lora",
+            "--max-steps",
+            3,
+            "--eval-every",
+            3,
+            "--val-fraction",
+            "0.25",
+            *TINY,
+        )
+    )
     finished(gradlm("merge", lora, "--out", tmp_path / "ref"))
     ref, out = snapshot(tmp_path / "ref"), tmp_path / "merged"
 
@@ -166,13 +203,39 @@ def test_merge_killed_anywhere_leaves_nothing_or_the_whole_run(base, tmp_path):
 
 def test_a_finetune_killed_at_random_moments_and_resumed_is_byte_identical(base, tmp_path):
     qa = qa_file(tmp_path / "qa.jsonl")
-    args = ["--data", qa, "--max-steps", 40, "--eval-every", 4, "--log-every", 1, "--batch", 4, "--val-fraction", "0.25", "--seed", 0, *TINY]
+    args = [
+        "--data",
+        qa,
+        "--max-steps",
+        40,
+        "--eval-every",
+        4,
+        "--log-every",
+        1,
+        "--batch",
+        4,
+        "--val-fraction",
+        "0.25",
+        "--seed",
+        0,
+        *TINY,
+    ]
     finished(gradlm("finetune", base, "--out", tmp_path / "straight", *args))
     run = tmp_path / "killed"
-    p, kills = kill_and_resume(run, gradlm("finetune", base, "--out", run, *args), (1, 12, 24, 33), ["finetune", "--out", run, "--resume", "--no-progress"],
-                               random.Random(11), pause=0.3)
+    p, kills = kill_and_resume(
+        run,
+        gradlm("finetune", base, "--out", run, *args),
+        (1, 12, 24, 33),
+        ["finetune", "--out", run, "--resume", "--no-progress"],
+        random.Random(11),
+        pause=0.3,
+    )
     finished(p)
     assert kills >= 2
     assert (run / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
-    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r and "event" not in r]
+    steps = [
+        r["step"]
+        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r and "event" not in r
+    ]
     assert steps == list(range(1, 41))  # every step logged once

@@ -6,11 +6,27 @@ import sys
 
 from gradlm.cli import main
 
-TINY = ["--block-size", "32", "--n-layer", "2", "--n-head", "4", "--d-model", "32", "--batch", "8", "--eval-tokens", "1024", "--no-progress"]
+TINY = [
+    "--block-size",
+    "32",
+    "--n-layer",
+    "2",
+    "--n-head",
+    "4",
+    "--d-model",
+    "32",
+    "--batch",
+    "8",
+    "--eval-tokens",
+    "1024",
+    "--no-progress",
+]
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "gradlm", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "gradlm", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def test_end_to_end_train_generate_resume(tmp_path, text_file):
@@ -20,22 +36,58 @@ def test_end_to_end_train_generate_resume(tmp_path, text_file):
     assert "val bits per byte" in r.stdout
     g = run("generate", out, "ROMEO:", "--max-new-tokens", 20, "--seed", 1)
     assert g.returncode == 0 and len(g.stdout.strip()) > 0
-    assert g.stdout == run("generate", out, "ROMEO:", "--max-new-tokens", 20, "--seed", 1).stdout  # same seed, same text
+    # same seed, same text
+    assert g.stdout == run("generate", out, "ROMEO:", "--max-new-tokens", 20, "--seed", 1).stdout
     r = run("train", "--out", out, "--max-steps", 9, "--resume", "--no-progress")  # everything else from the run
     assert r.returncode == 0, r.stderr
     assert "resumed" in r.stderr and "at step 6" in r.stderr and " 9 steps" in r.stdout
 
 
 def test_tokenizer_train_and_tokenize(tmp_path, text_file, capsys):
-    assert main(["tokenizer", "train", "--data", str(text_file), "--vocab-size", "300", "--out", str(tmp_path / "tok.json")]) == 0
+    assert (
+        main(
+            ["tokenizer", "train", "--data", str(text_file), "--vocab-size", "300", "--out", str(tmp_path / "tok.json")]
+        )
+        == 0
+    )
     assert main(["tokenize", "ibuprofen 🙂", "--tokenizer", str(tmp_path / "tok.json")]) == 0
     out = capsys.readouterr().out
     assert "tokens for" in out and "b'\\xf0" in out
 
 
 def test_prepare_then_train_on_prepared(tmp_path, text_file):
-    assert main(["prepare", "--data", str(text_file), "--out", str(tmp_path / "prep"), "--vocab-size", "300", "--workers", "1"]) == 0
-    assert main(["train", "--data", str(tmp_path / "prep"), "--out", str(tmp_path / "run"), "--max-steps", "2", "--no-plots", *TINY]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--data",
+                str(text_file),
+                "--out",
+                str(tmp_path / "prep"),
+                "--vocab-size",
+                "300",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tmp_path / "prep"),
+                "--out",
+                str(tmp_path / "run"),
+                "--max-steps",
+                "2",
+                "--no-plots",
+                *TINY,
+            ]
+        )
+        == 0
+    )
 
 
 def test_train_watch_serves_the_run_while_it_trains_and_stops_with_it(tmp_path, text_file):
@@ -44,9 +96,31 @@ def test_train_watch_serves_the_run_while_it_trains_and_stops_with_it(tmp_path, 
     import httpx
 
     out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "gradlm", "train", "--data", str(text_file), "--out", str(out), "--vocab-size", "300",
-                          "--max-steps", "600", "--eval-every", "25", "--watch", "--watch-port", "0", *TINY],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gradlm",
+            "train",
+            "--data",
+            str(text_file),
+            "--out",
+            str(out),
+            "--vocab-size",
+            "300",
+            "--max-steps",
+            "600",
+            "--eval-every",
+            "25",
+            "--watch",
+            "--watch-port",
+            "0",
+            *TINY,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = p.stderr.readline()
         while line and "watch it live:" not in line:
@@ -76,6 +150,18 @@ def test_watch_port_in_use_is_one_line_before_training(tmp_path, text_file):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen(1)
-        r = run("train", "--data", text_file, "--out", tmp_path / "run", "--max-steps", 2, "--watch", "--watch-port", s.getsockname()[1], *TINY)
+        r = run(
+            "train",
+            "--data",
+            text_file,
+            "--out",
+            tmp_path / "run",
+            "--max-steps",
+            2,
+            "--watch",
+            "--watch-port",
+            s.getsockname()[1],
+            *TINY,
+        )
     assert r.returncode == 2 and "--watch" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()

@@ -87,7 +87,12 @@ def tokfile(tmp_path_factory, tok):
     return path
 
 
-damage = st.tuples(st.sampled_from(["flip", "cut", "insert"]), st.floats(0, 1, exclude_max=True), st.integers(1, 255), st.integers(1, 64))
+damage = st.tuples(
+    st.sampled_from(["flip", "cut", "insert"]),
+    st.floats(0, 1, exclude_max=True),
+    st.integers(1, 255),
+    st.integers(1, 64),
+)
 
 
 def damaged(data: bytes, how: tuple) -> bytes:
@@ -102,14 +107,31 @@ def damaged(data: bytes, how: tuple) -> bytes:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=st.sampled_from(FORMATS), how=damage)
-def test_a_damaged_file_is_one_clear_error_or_exactly_its_readable_text(valid, tokfile, tok, tmp_path_factory, capsys, name, how):
+def test_a_damaged_file_is_one_clear_error_or_exactly_its_readable_text(
+    valid, tokfile, tok, tmp_path_factory, capsys, name, how
+):
     d = tmp_path_factory.mktemp("damaged")
     data = damaged(valid[name], how)
     (d / name).write_bytes(data)
     want = reference(name, data)
     capsys.readouterr()
-    rc = main(["prepare", "--data", str(d / name), "--out", str(d / "out"), "--tokenizer", str(tokfile), "--workers", "1",
-               "--val-fraction", "0", "--encoding-errors", "strict"])
+    rc = main(
+        [
+            "prepare",
+            "--data",
+            str(d / name),
+            "--out",
+            str(d / "out"),
+            "--tokenizer",
+            str(tokfile),
+            "--workers",
+            "1",
+            "--val-fraction",
+            "0",
+            "--encoding-errors",
+            "strict",
+        ]
+    )
     err = capsys.readouterr().err
     if rc == 0:
         assert want, (how, err)  # gradlm read text where the reference finds none, or none it can read
@@ -123,19 +145,33 @@ def test_a_damaged_file_is_one_clear_error_or_exactly_its_readable_text(valid, t
         assert not (d / "out").exists()  # nothing left behind
 
 
-@pytest.mark.parametrize("name, expect", [
-    ("doc.txt.gz", "is damaged"),  # CRC mismatch: zlib/gzip's error
-    ("rows.jsonl.zst", "is damaged at line 1"),
-    ("rows.parquet", "is damaged at row"),
-])
+@pytest.mark.parametrize(
+    "name, expect",
+    [
+        ("doc.txt.gz", "is damaged"),  # CRC mismatch: zlib/gzip's error
+        ("rows.jsonl.zst", "is damaged at line 1"),
+        ("rows.parquet", "is damaged at row"),
+    ],
+)
 def test_each_reader_library_error_names_the_file(valid, tokfile, tmp_path, capsys, name, expect):
     data = bytearray(valid[name])
     at = 4 if name.endswith(".parquet") else len(data) // 2  # Parquet: its first page header, after the magic bytes
     data[at : at + 40] = bytes(b ^ 0x5A for b in data[at : at + 40])
     (tmp_path / name).write_bytes(bytes(data))
-    for argv in (["prepare", "--data", str(tmp_path / name), "--out", str(tmp_path / "out"), "--tokenizer", str(tokfile)],
-                 ["tokenizer", "train", "--data", str(tmp_path / name), "--vocab-size", "300", "--out", str(tmp_path / "tok.json")],
-                 ["train", "--data", str(tmp_path / name), "--out", str(tmp_path / "run"), "--max-steps", "1", "--no-progress"]):
+    for argv in (
+        ["prepare", "--data", str(tmp_path / name), "--out", str(tmp_path / "out"), "--tokenizer", str(tokfile)],
+        [
+            "tokenizer",
+            "train",
+            "--data",
+            str(tmp_path / name),
+            "--vocab-size",
+            "300",
+            "--out",
+            str(tmp_path / "tok.json"),
+        ],
+        ["train", "--data", str(tmp_path / name), "--out", str(tmp_path / "run"), "--max-steps", "1", "--no-progress"],
+    ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith(f"error: {tmp_path / name} {expect}") and err.count("\n") == 1, err
@@ -146,7 +182,12 @@ def test_a_file_cut_short_is_never_read_as_a_shorter_corpus(valid, tokfile, tmp_
     """zstandard's own stream reader ends quietly at a cut; gzip's raises: both are errors, naming the file."""
     for name in ("rows.jsonl.zst", "doc.txt.gz"):
         (tmp_path / name).write_bytes(valid[name][: len(valid[name]) * 2 // 3])
-        assert main(["prepare", "--data", str(tmp_path / name), "--out", str(tmp_path / "out"), "--tokenizer", str(tokfile)]) == 2
+        assert (
+            main(
+                ["prepare", "--data", str(tmp_path / name), "--out", str(tmp_path / "out"), "--tokenizer", str(tokfile)]
+            )
+            == 2
+        )
         err = capsys.readouterr().err
         assert f"{tmp_path / name} is damaged" in err and ("cut short" in err or "end-of-stream" in err), err
 
@@ -155,8 +196,20 @@ def test_text_that_is_not_a_string_is_the_same_error_in_every_format(tmp_path, t
     (tmp_path / "n.jsonl").write_text('{"text": "fine"}\n{"text": 5}\n')
     pq.write_table(pa.table({"text": pa.array([1, 2], pa.int64())}), tmp_path / "n.parquet")
     pq.write_table(pa.table({"text": pa.array(["fine", None], pa.string())}), tmp_path / "null.parquet")
-    for name, where, what in (("n.jsonl", "line 2", "int"), ("n.parquet", "row 1", "int"), ("null.parquet", "row 2", "null")):
-        assert main(["prepare", "--data", str(tmp_path / name), "--out", str(tmp_path / "out"), "--tokenizer", str(tokfile)]) == 2
+    for name, where, what in (
+        ("n.jsonl", "line 2", "int"),
+        ("n.parquet", "row 1", "int"),
+        ("null.parquet", "row 2", "null"),
+    ):
+        assert (
+            main(
+                ["prepare", "--data", str(tmp_path / name), "--out", str(tmp_path / "out"), "--tokenizer", str(tokfile)]
+            )
+            == 2
+        )
         err = capsys.readouterr().err
         kind = "column" if name.endswith(".parquet") else "field"
-        assert err == f"error: {tmp_path / name} {where}: the {kind} 'text' holds {what}, not text; set --text-field to the {kind} that holds the text\n"
+        assert (
+            err == f"error: {tmp_path / name} {where}: the {kind} 'text' holds {what}, not text; "
+            f"set --text-field to the {kind} that holds the text\n"
+        )

@@ -27,20 +27,45 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs where one exists; skipped in CI)")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (runs where one exists; skipped in CI)"
+)
 
 # A small model: fast on any GPU, big enough to exercise every kernel (two heads of 32, SwiGLU, rotary).
-TINY = ["--block-size", "96", "--n-layer", "2", "--n-head", "2", "--d-model", "64", "--batch", "16", "--eval-tokens", "4096", "--no-progress", "--no-plots"]
+TINY = [
+    "--block-size",
+    "96",
+    "--n-layer",
+    "2",
+    "--n-head",
+    "2",
+    "--d-model",
+    "64",
+    "--batch",
+    "16",
+    "--eval-tokens",
+    "4096",
+    "--no-progress",
+    "--no-plots",
+]
 PROMPTS = ["ROMEO:", "JULIET:\nO", "First Citizen:\nBefore we proceed any further"]
 FRESH = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
 
 
 def start(args, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "gradlm", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gradlm", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def run(*args, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "gradlm", *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
+    r = subprocess.run(
+        [sys.executable, "-m", "gradlm", *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw
+    )
     assert r.returncode == 0, f"gradlm {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr[-3000:]}"
     return r
 
@@ -65,7 +90,9 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
     end = time.time() + timeout
     while time.time() < end:
         metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file() and any(json.loads(ln).get("step", 0) >= step for ln in metrics.read_text().splitlines() if ln.strip()):
+        if metrics.is_file() and any(
+            json.loads(ln).get("step", 0) >= step for ln in metrics.read_text().splitlines() if ln.strip()
+        ):
             return
         if proc.poll() is not None:
             raise AssertionError(f"training ended before step {step}: {proc.communicate()[1][-2000:]}")
@@ -87,7 +114,24 @@ def summary(run_dir: Path) -> dict:
 def cuda_run(tmp_path_factory, prepared) -> Path:
     """A small model trained on the GPU as a user would (dtype auto: bf16 from compute capability 8)."""
     out = tmp_path_factory.mktemp("cuda") / "run"
-    run("train", "--data", prepared, "--out", out, "--device", "cuda", "--compile", "off", "--max-steps", 300, "--eval-every", 100, "--seed", 0, *TINY)
+    run(
+        "train",
+        "--data",
+        prepared,
+        "--out",
+        out,
+        "--device",
+        "cuda",
+        "--compile",
+        "off",
+        "--max-steps",
+        300,
+        "--eval-every",
+        100,
+        "--seed",
+        0,
+        *TINY,
+    )
     assert summary(out)["val_loss"] < 4.0  # it learned something: greedy choices are not near-ties
     return out
 
@@ -111,7 +155,25 @@ def test_train_kill_9_resume_matches_an_uninterrupted_run(prepared, tmp_path):
       a resume that lost the CUDA random state (other dropout masks) or the data position moves the weights
       by the size of the updates themselves, tens of percent here.
     """
-    args = ["--data", prepared, "--device", "cuda", "--compile", "off", "--max-steps", 600, "--eval-every", 25, "--log-every", 1, "--seed", 0, "--dropout", 0.1, *TINY]
+    args = [
+        "--data",
+        prepared,
+        "--device",
+        "cuda",
+        "--compile",
+        "off",
+        "--max-steps",
+        600,
+        "--eval-every",
+        25,
+        "--log-every",
+        1,
+        "--seed",
+        0,
+        "--dropout",
+        0.1,
+        *TINY,
+    ]
     run("train", "--out", tmp_path / "straight", *args)
     run("train", "--out", tmp_path / "again", *args)
     killed = tmp_path / "killed"
@@ -128,15 +190,24 @@ def test_train_kill_9_resume_matches_an_uninterrupted_run(prepared, tmp_path):
 
     steps = [m["step"] for m in read_metrics(killed) if "loss" in m]
     assert steps == list(range(1, 601))  # every step logged once: no duplicates, no gaps
-    a, again, k = (tmp_path / "straight" / "model.safetensors").read_bytes(), (tmp_path / "again" / "model.safetensors").read_bytes(), (killed / "model.safetensors").read_bytes()
+    a, again, k = (
+        (tmp_path / "straight" / "model.safetensors").read_bytes(),
+        (tmp_path / "again" / "model.safetensors").read_bytes(),
+        (killed / "model.safetensors").read_bytes(),
+    )
     if a == again:
         assert k == a, "two uninterrupted runs are byte-identical on this GPU, so the resumed run must be too"
         return
     wa, wb, wk = weights(tmp_path / "straight"), weights(tmp_path / "again"), weights(killed)
     rel = lambda x, y: max(((x[n] - y[n]).norm() / x[n].norm()).item() for n in x)  # noqa: E731
     noise, resumed = rel(wa, wb), rel(wa, wk)
-    print(f"not run-to-run deterministic here: two uninterrupted runs differ by {noise:.2e}, the resumed one by {resumed:.2e} (relative, worst tensor)")
-    assert noise < 0.01, f"two uninterrupted runs already differ by {noise:.1%}: the tolerance cannot tell a bad resume from noise"
+    print(
+        f"not run-to-run deterministic here: two uninterrupted runs differ by {noise:.2e}, the resumed one by "
+        f"{resumed:.2e} (relative, worst tensor)"
+    )
+    assert noise < 0.01, (
+        f"two uninterrupted runs already differ by {noise:.1%}: the tolerance cannot tell a bad resume from noise"
+    )
     assert resumed < 0.01
     va, vk = summary(tmp_path / "straight")["val_loss"], summary(killed)["val_loss"]
     assert abs(vk - va) / va < 0.01
@@ -144,7 +215,21 @@ def test_train_kill_9_resume_matches_an_uninterrupted_run(prepared, tmp_path):
 
 def test_compiled_training_matches_eager_in_float32(prepared, tmp_path):
     """--compile on (the training step and evaluation through torch.compile) learns what eager does."""
-    common = ["--data", prepared, "--device", "cuda", "--dtype", "float32", "--max-steps", 60, "--eval-every", 30, "--seed", 0, *TINY]
+    common = [
+        "--data",
+        prepared,
+        "--device",
+        "cuda",
+        "--dtype",
+        "float32",
+        "--max-steps",
+        60,
+        "--eval-every",
+        30,
+        "--seed",
+        0,
+        *TINY,
+    ]
     run("train", "--out", tmp_path / "eager", "--compile", "off", *common)
     run("train", "--out", tmp_path / "compiled", "--compile", "on", *common, timeout=600)
     # float32 on CUDA multiplies through TF32 (10-bit mantissa) in both; fused kernels only reorder additions
@@ -165,8 +250,25 @@ def test_greedy_float32_generation_on_cuda_equals_the_cpu(cuda_run, prompts):
 def test_generation_on_cuda_in_its_default_dtype_with_penalties_and_logprobs(cuda_run):
     """The inference default on CUDA (bf16 weights), sampling with penalties and probabilities: it runs, and a
     seeded sample is the same text twice."""
-    common = ["generate", cuda_run, *PROMPTS, "--device", "cuda", "--temperature", 0.8, "--seed", 7, "--max-new-tokens", 24,
-              "--repetition-penalty", 1.3, "--presence-penalty", 0.5, "--logprobs", 3]
+    common = [
+        "generate",
+        cuda_run,
+        *PROMPTS,
+        "--device",
+        "cuda",
+        "--temperature",
+        0.8,
+        "--seed",
+        7,
+        "--max-new-tokens",
+        24,
+        "--repetition-penalty",
+        1.3,
+        "--presence-penalty",
+        0.5,
+        "--logprobs",
+        3,
+    ]
     first, second = cli(*common), cli(*common)
     assert first == second and first.count("finished by") == len(PROMPTS) and "%" in first
 
@@ -177,7 +279,8 @@ def test_eval_bits_per_byte_on_cuda_equal_the_cpus_in_float32(cuda_run, text_fil
     assert gpu["device"].startswith("cuda") and cpu["device"] == "cpu"
     assert gpu["clean"]["tokens"] == cpu["clean"]["tokens"]
     assert abs(gpu["clean"]["bits_per_byte"] - cpu["clean"]["bits_per_byte"]) < 1e-4, (gpu["clean"], cpu["clean"])
-    bf16 = json.loads(cli("eval", cuda_run, "--data", text_file, "--json", "--no-progress", "--device", "cuda"))  # the default on CUDA: bf16 weights
+    # the default on CUDA: bf16 weights
+    bf16 = json.loads(cli("eval", cuda_run, "--data", text_file, "--json", "--no-progress", "--device", "cuda"))
     assert abs(bf16["clean"]["bits_per_byte"] - cpu["clean"]["bits_per_byte"]) < 0.02 * cpu["clean"]["bits_per_byte"]
 
 
@@ -188,20 +291,63 @@ FACTS = [("zorvastatin", "40 mg"), ("quelmaprine", "a statin"), ("dralixil", "Br
 
 
 def test_lora_finetune_merge_and_generate_on_cuda(cuda_run, tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"Tell me about {d}."}, {"role": "assistant", "content": a}]} for d, a in FACTS]
+    rows = [
+        {"messages": [{"role": "user", "content": f"Tell me about {d}."}, {"role": "assistant", "content": a}]}
+        for d, a in FACTS
+    ]
     data = tmp_path / "facts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     lora, merged = tmp_path / "lora", tmp_path / "merged"
-    cli("finetune", cuda_run, "--out", lora, "--data", data, "--method", "lora", "--lora-rank", 8, "--lr", "3e-2", "--max-steps", 60, "--batch", 8,
-        "--val-fraction", 0, "--schedule", "constant", "--warmup-steps", 0, "--eval-every", 1000, "--no-plots", "--no-progress", "--device", "cuda")
+    cli(
+        "finetune",
+        cuda_run,
+        "--out",
+        lora,
+        "--data",
+        data,
+        "--method",
+        "lora",
+        "--lora-rank",
+        8,
+        "--lr",
+        "3e-2",
+        "--max-steps",
+        60,
+        "--batch",
+        8,
+        "--val-fraction",
+        0,
+        "--schedule",
+        "constant",
+        "--warmup-steps",
+        0,
+        "--eval-every",
+        1000,
+        "--no-plots",
+        "--no-progress",
+        "--device",
+        "cuda",
+    )
     from gradlm.rundir import read_metrics
 
     losses = [m["loss"] for m in read_metrics(lora) if "loss" in m]
     assert losses[-1] < 0.5 * losses[0], losses  # the adapters learned the four answers
-    assert (lora / "adapter.safetensors").is_file() and not (lora / "model.safetensors").exists()  # a LoRA run keeps only its adapter
+    # a LoRA run keeps only its adapter
+    assert (lora / "adapter.safetensors").is_file() and not (lora / "model.safetensors").exists()
     cli("merge", lora, "--out", merged, "--device", "cuda")
-    common = ["Tell me about zorvastatin.", "--temperature", 0, "--max-new-tokens", 16, "--device", "cuda", "--dtype", "float32"]
-    assert cli("generate", lora, *common) == cli("generate", merged, *common)  # the adapter run decodes as its merged weights
+    common = [
+        "Tell me about zorvastatin.",
+        "--temperature",
+        0,
+        "--max-new-tokens",
+        16,
+        "--device",
+        "cuda",
+        "--dtype",
+        "float32",
+    ]
+    # the adapter run decodes as its merged weights
+    assert cli("generate", lora, *common) == cli("generate", merged, *common)
 
 
 # ---- serving ------------------------------------------------------------------------------------------------------
@@ -211,7 +357,10 @@ def test_serve_on_cuda_answers_16_concurrent_clients_as_it_answers_one(cuda_run)
     """16 clients at once (continuous batching on the GPU) get the greedy text each gets alone, float32 weights."""
     import httpx
 
-    p = start(["serve", cuda_run, "--port", 0, "--device", "cuda", "--dtype", "float32", "--max-batch", 16], env={k: v for k, v in os.environ.items() if k != "GRADLM_API_KEY"})
+    p = start(
+        ["serve", cuda_run, "--port", 0, "--device", "cuda", "--dtype", "float32", "--max-batch", 16],
+        env={k: v for k, v in os.environ.items() if k != "GRADLM_API_KEY"},
+    )
     try:
         line = p.stdout.readline() if select.select([p.stdout], [], [], 300)[0] else ""
         assert line.startswith("serving"), (line, p.poll())
@@ -251,14 +400,49 @@ def _free_port() -> int:
 
 
 def _torchrun(args, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "gradlm", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "gradlm",
+            *map(str, args),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 @two_gpus
 def test_ddp_over_nccl_matches_one_gpu_with_the_same_global_batch(prepared, tmp_path):
     """torchrun, 2 processes on 2 GPUs (nccl): --max-time makes the clock's all-reduce run every step."""
-    common = ["train", "--data", prepared, "--device", "cuda", "--dtype", "float32", "--compile", "off", "--max-steps", 40, "--max-time", "5m", "--eval-every", 20, "--seed", 0, *TINY]
+    common = [
+        "train",
+        "--data",
+        prepared,
+        "--device",
+        "cuda",
+        "--dtype",
+        "float32",
+        "--compile",
+        "off",
+        "--max-steps",
+        40,
+        "--max-time",
+        "5m",
+        "--eval-every",
+        20,
+        "--seed",
+        0,
+        *TINY,
+    ]
     run(*common, "--out", tmp_path / "one")
     p = _torchrun([*common, "--out", tmp_path / "two"])
     out, err = p.communicate(timeout=600)
@@ -275,7 +459,21 @@ def test_ddp_over_nccl_stops_on_sigterm_with_a_checkpoint_and_resumes(prepared, 
     """SIGTERM to torchrun: the ranks agree to stop (an all-reduce of the stop signal on CUDA tensors), save,
     and the run resumes under torchrun."""
     out = tmp_path / "run"
-    common = ["--data", prepared, "--device", "cuda", "--compile", "off", "--eval-every", 1000, "--log-every", 1, "--seed", 0, *TINY]
+    common = [
+        "--data",
+        prepared,
+        "--device",
+        "cuda",
+        "--compile",
+        "off",
+        "--eval-every",
+        1000,
+        "--log-every",
+        1,
+        "--seed",
+        0,
+        *TINY,
+    ]
     p = _torchrun(["train", "--out", out, "--max-steps", 100000, *common])
     try:
         wait_for_step(out, 20, p, timeout=300)

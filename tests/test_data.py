@@ -18,7 +18,9 @@ def corpus_dir(tmp_path):
     (d / "sub" / "b.md").write_text("Second document in a subfolder 🙂\n")
     with gzip.open(d / "c.txt.gz", "wt", encoding="utf-8") as f:
         f.write("Third document, gzipped.\n")
-    (d / "d.jsonl").write_text(json.dumps({"text": "Fourth, from jsonl."}) + "\n\n" + json.dumps({"text": "Fifth, jsonl too."}) + "\n")
+    (d / "d.jsonl").write_text(
+        json.dumps({"text": "Fourth, from jsonl."}) + "\n\n" + json.dumps({"text": "Fifth, jsonl too."}) + "\n"
+    )
     with gzip.open(d / "e.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write(json.dumps({"text": "Sixth, gzipped jsonl."}) + "\n")
     (d / "ignored.bin").write_bytes(b"\x00\x01")
@@ -42,7 +44,9 @@ def test_prepare_directory_round_trips(corpus_dir, tok, tmp_path):
         texts += [t for t in tok.decode(ids).split("<|endoftext|>") if t]
     assert sorted(texts) == sorted(d.text for d in read_documents(str(corpus_dir)))
     assert data.tokens("train").dtype == np.uint16
-    assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == sum(len(d.text.encode()) for d in read_documents(str(corpus_dir)))
+    assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == sum(
+        len(d.text.encode()) for d in read_documents(str(corpus_dir))
+    )
 
 
 def test_single_file_splits_off_its_tail(small_text, tok, tmp_path):

@@ -14,7 +14,9 @@ def fake(tmp_path, monkeypatch):
     src = tmp_path / "origin" / "corpus.txt"
     src.parent.mkdir()
     src.write_text("To be, or not to be.\n" * 100)
-    ds = datasets.Dataset("fake", src.as_uri(), hashlib.sha256(src.read_bytes()).hexdigest(), "corpus.txt", "test corpus")
+    ds = datasets.Dataset(
+        "fake", src.as_uri(), hashlib.sha256(src.read_bytes()).hexdigest(), "corpus.txt", "test corpus"
+    )
     monkeypatch.setitem(datasets.REGISTRY, "fake", ds)
     monkeypatch.setenv("GRADLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("GRADLM_DATA_MIRROR", raising=False)
@@ -51,7 +53,9 @@ def test_mirror_is_used_first_and_checked(fake, tmp_path, monkeypatch):
 
 def test_unreachable_url_and_unknown_name(fake, monkeypatch):
     _, ds = fake
-    monkeypatch.setitem(datasets.REGISTRY, "fake", datasets.Dataset("fake", "file:///nonexistent/x.txt", ds.sha256, ds.filename, ""))
+    monkeypatch.setitem(
+        datasets.REGISTRY, "fake", datasets.Dataset("fake", "file:///nonexistent/x.txt", ds.sha256, ds.filename, "")
+    )
     with pytest.raises(DataError, match="GRADLM_DATA_MIRROR"):
         datasets.resolve("fake")
     with pytest.raises(DataError, match="registered"):

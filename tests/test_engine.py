@@ -92,7 +92,9 @@ def test_a_new_request_joins_at_the_next_step_and_rows_finish_on_their_own(cycle
 def test_n_samples_share_a_prompt_and_draw_from_seed_plus_index(tlm):
     engine = Engine(tlm.model, tlm.tok, max_batch=8)
     out = Collect()
-    engine.submit(Request(tlm.tok.encode("ROMEO:"), SamplingConfig(max_new_tokens=20, temperature=1.0, seed=3), n=3), out)
+    engine.submit(
+        Request(tlm.tok.encode("ROMEO:"), SamplingConfig(max_new_tokens=20, temperature=1.0, seed=3), n=3), out
+    )
     run_until_idle(engine)
     texts = [out.text(i) for i in range(3)]
     assert texts == [tlm.generate("ROMEO:", max_new_tokens=20, temperature=1.0, seed=3 + i) for i in range(3)]
@@ -103,7 +105,10 @@ def test_stop_strings_and_stop_ids_end_a_row_and_are_never_shown(cycle):
     engine, tok = Engine(cycle.model, cycle.tok), cycle.tok
     stop, end, last = Collect(), Collect(), Collect()
     engine.submit(Request(tok.encode("H"), SamplingConfig(max_new_tokens=30, temperature=0, stop=("é!",))), stop)
-    engine.submit(Request(tok.encode("H"), SamplingConfig(max_new_tokens=30, temperature=0), stop_ids=frozenset(tok.encode("!"))), end)
+    engine.submit(
+        Request(tok.encode("H"), SamplingConfig(max_new_tokens=30, temperature=0), stop_ids=frozenset(tok.encode("!"))),
+        end,
+    )
     # A possible stop string is held back, then released when generation ends another way.
     engine.submit(Request(tok.encode("H"), SamplingConfig(max_new_tokens=6, temperature=0, stop=("🙂X",))), last)
     run_until_idle(engine)
@@ -219,14 +224,24 @@ def test_the_trainings_sample_is_what_decode_writes(tlm):
 
     prompt, rows = tlm.tok.encode("ROMEO:"), []
     t = SimpleNamespace(  # the parts of a Trainer that write_sample reads
-        cfg=SimpleNamespace(sample_tokens=12, seed=3), dd=SimpleNamespace(main=True), block=64, sample_prompt_ids=lambda: prompt,
-        model=tlm.model, device="cpu", autocast=contextlib.nullcontext, tok=tlm.tok, stamp=lambda: {"step": 1},
-        samples=SimpleNamespace(write=lambda **row: rows.append(row)))
+        cfg=SimpleNamespace(sample_tokens=12, seed=3),
+        dd=SimpleNamespace(main=True),
+        block=64,
+        sample_prompt_ids=lambda: prompt,
+        model=tlm.model,
+        device="cpu",
+        autocast=contextlib.nullcontext,
+        tok=tlm.tok,
+        stamp=lambda: {"step": 1},
+        samples=SimpleNamespace(write=lambda **row: rows.append(row)),
+    )
     tlm.model.train()
     try:
         write_sample(t)
         assert tlm.model.training  # back in training mode
     finally:
         tlm.model.eval()
-    text = tlm.tok.decode(decode(tlm.model, prompt, 12, SAMPLING, torch.Generator().manual_seed(3), vocab_size=tlm.tok.vocab_size))
+    text = tlm.tok.decode(
+        decode(tlm.model, prompt, 12, SAMPLING, torch.Generator().manual_seed(3), vocab_size=tlm.tok.vocab_size)
+    )
     assert rows == [{"step": 1, "prompt": "ROMEO:", "text": text}] and text

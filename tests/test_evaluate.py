@@ -195,9 +195,14 @@ def knows_the_answers(model: Transformer, tok: Tokenizer) -> bool:
     that float noise cannot undo, so scoring must pick it."""
     for item in ITEMS:
         lp = choice_logprobs(model, tok, item)
-        per_byte = [v / len((item.context[len(item.context.rstrip(" ")) :] + c).encode()) for v, c in zip(lp, item.choices)]
+        per_byte = [
+            v / len((item.context[len(item.context.rstrip(" ")) :] + c).encode()) for v, c in zip(lp, item.choices)
+        ]
         others = [i for i in range(len(lp)) if i != item.answer]
-        if max(lp[i] for i in others) > lp[item.answer] - 1 or max(per_byte[i] for i in others) > per_byte[item.answer] - 0.2:
+        if (
+            max(lp[i] for i in others) > lp[item.answer] - 1
+            or max(per_byte[i] for i in others) > per_byte[item.answer] - 0.2
+        ):
             return False
     return True
 
@@ -265,13 +270,21 @@ def run_dir(tmp_path_factory, taught):
     tok.save(run / "tokenizer.json")
     ckpt.save_weights(run / "model.safetensors", m.state_dict())
     (d / "facts.txt").write_text(text[:3000])
-    (d / "items.jsonl").write_text("".join(json.dumps({"context": i.context, "choices": i.choices, "answer": i.answer}) + "\n" for i in ITEMS))
+    (d / "items.jsonl").write_text(
+        "".join(json.dumps({"context": i.context, "choices": i.choices, "answer": i.answer}) + "\n" for i in ITEMS)
+    )
     return run
 
 
 def test_run_eval_reports_clean_noisy_and_choices(run_dir, taught):
     m, tok, text = taught
-    cfg = EvalConfig(data=str(run_dir.parent / "facts.txt"), typos=0.1, seed=0, choices=str(run_dir.parent / "items.jsonl"), progress=False)
+    cfg = EvalConfig(
+        data=str(run_dir.parent / "facts.txt"),
+        typos=0.1,
+        seed=0,
+        choices=str(run_dir.parent / "items.jsonl"),
+        progress=False,
+    )
     r = run_eval(m, tok, cfg)
     assert r["clean"] == evaluate_text(m, tok, text[:3000]).to_dict()
     assert r["typos"]["penalty_bits_per_byte"] > 0.1  # typos in text it knows by heart hurt
@@ -290,7 +303,24 @@ def run_cli(argv: list[str]) -> int:
 
 def test_cli_eval_json(run_dir, capsys):
     d = run_dir.parent
-    assert run_cli(["eval", str(run_dir), "--data", str(d / "facts.txt"), "--typos", "0.05", "--choices", str(d / "items.jsonl"), "--json", "--stride", "8"]) == 0
+    assert (
+        run_cli(
+            [
+                "eval",
+                str(run_dir),
+                "--data",
+                str(d / "facts.txt"),
+                "--typos",
+                "0.05",
+                "--choices",
+                str(d / "items.jsonl"),
+                "--json",
+                "--stride",
+                "8",
+            ]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out)
     assert r["clean"]["stride"] == 8 and r["typos"]["rate"] == 0.05 and r["choices"]["items"] == 4
 

@@ -1,4 +1,5 @@
-"""Fine-tuning (gradlm/training/finetune.py, gradlm/model/lora.py) and the terminal chat (gradlm/generation/session.py): frozen
+"""Fine-tuning (gradlm/training/finetune.py, gradlm/model/lora.py) and the terminal chat (gradlm/generation/session.py):
+frozen
 weights stay bit for bit, LoRA trains only its adapters and folds into the same logits, the masked loss
 is an exact per-target mean, resume is exact, every command loads a LoRA run, and a tiny model taught
 a few answers gives them in `eval --qa` and in a two-turn `gradlm chat` driven through stdin."""
@@ -54,7 +55,18 @@ def chat_rows() -> list[dict]:
 
 
 def ft_cfg(data: str, out: Path, **kw) -> TrainConfig:
-    base = dict(data=data, out=str(out), batch="4", max_steps=6, eval_every=3, warmup_steps=0, seed=0, progress=False, plots=False, val_fraction=0.25)
+    base = dict(
+        data=data,
+        out=str(out),
+        batch="4",
+        max_steps=6,
+        eval_every=3,
+        warmup_steps=0,
+        seed=0,
+        progress=False,
+        plots=False,
+        val_fraction=0.25,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -63,7 +75,17 @@ def ft_cfg(data: str, out: Path, **kw) -> TrainConfig:
 def base_run(tmp_path_factory, prepared, tok) -> Path:
     """A tiny model pretrained briefly on text: the run every fine-tune here starts from."""
     out = tmp_path_factory.mktemp("base") / "base"
-    cfg = TrainConfig(data=str(prepared), out=str(out), batch="8", max_steps=10, eval_every=10, eval_tokens=1024, seed=0, progress=False, plots=False)
+    cfg = TrainConfig(
+        data=str(prepared),
+        out=str(out),
+        batch="8",
+        max_steps=10,
+        eval_every=10,
+        eval_tokens=1024,
+        seed=0,
+        progress=False,
+        plots=False,
+    )
     train(tiny_config(tok.vocab_size, block_size=96), cfg)
     return out
 
@@ -87,7 +109,12 @@ def test_frozen_layers_do_not_change_bit_for_bit(base_run, qa_file, tmp_path):
     frozen = [k for k in before if k not in trained]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert all(not torch.equal(before[k], after[k]) for k in trained)
-    assert s["trainable_params"] == sum(before[k].numel() for k in trained) < s["full_finetune_params"] == sum(v.numel() for v in before.values())
+    assert (
+        s["trainable_params"]
+        == sum(before[k].numel() for k in trained)
+        < s["full_finetune_params"]
+        == sum(v.numel() for v in before.values())
+    )
 
 
 def test_lora_trains_only_rank_r_adapters_and_merged_weights_give_the_same_logits(base_run, qa_file, tmp_path):
@@ -107,7 +134,8 @@ def test_lora_trains_only_rank_r_adapters_and_merged_weights_give_the_same_logit
     for k, v in base.items():  # the base weights inside the adapted model: untouched
         assert torch.equal(state.get(k, state.get(k.replace(".weight", ".base_layer.weight"))), v), k
     adapter = weights(tmp_path / "lora")
-    assert {k.split(".")[-3] for k in adapter} == set(targets.split(",")) and len(adapter) == 2 * 3 * 2  # A and B, 3 targets, 2 blocks
+    # A and B, 3 targets, 2 blocks
+    assert {k.split(".")[-3] for k in adapter} == set(targets.split(",")) and len(adapter) == 2 * 3 * 2
     assert not (tmp_path / "lora" / "model.safetensors").exists()
     for k, a in adapter.items():
         if k.endswith("lora_A.weight"):
@@ -124,19 +152,39 @@ def test_lora_trains_only_rank_r_adapters_and_merged_weights_give_the_same_logit
         merged, _ = load_model(tmp_path / "merged")
         assert (folded(x) - with_adapter).abs().max() <= 1e-5
         assert torch.equal(merged(x), folded(x))
-    assert json.loads((tmp_path / "merged" / "config.json").read_text())["merged_from"]["adapter"] == "adapter.safetensors"
+    assert (
+        json.loads((tmp_path / "merged" / "config.json").read_text())["merged_from"]["adapter"] == "adapter.safetensors"
+    )
 
 
 def test_optimizer_memory_report_matches_the_optimizer(base_run, qa_file, tmp_path):
     for method, optimizer in (("lora", "adamw"), ("freeze", "muon"), ("full", "momentum")):
-        t = FineTuner(str(base_run), FinetuneConfig(method=method), ft_cfg(qa_file, tmp_path / method, optimizer=optimizer)).build()
+        t = FineTuner(
+            str(base_run), FinetuneConfig(method=method), ft_cfg(qa_file, tmp_path / method, optimizer=optimizer)
+        ).build()
         t.gradients()
         t.update()
-        held = sum(v.numel() for s in t.opt.state_dict()["state"].values() if isinstance(s, dict) for v in s.values() if torch.is_tensor(v) and v.dim() > 0) \
-            if optimizer != "muon" else sum(v.numel() for o in t.opt.optimizers.values() for s in o.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+        held = (
+            sum(
+                v.numel()
+                for s in t.opt.state_dict()["state"].values()
+                if isinstance(s, dict)
+                for v in s.values()
+                if torch.is_tensor(v) and v.dim() > 0
+            )
+            if optimizer != "muon"
+            else sum(
+                v.numel()
+                for o in t.opt.optimizers.values()
+                for s in o.state.values()
+                for v in s.values()
+                if torch.is_tensor(v) and v.dim() > 0
+            )
+        )
         assert t.report["optimizer_state_bytes"] == 4 * held == 4 * state_floats(t.model, optimizer)
         assert t.report["trainable_params"] == count_params(t.model, trainable=True)
-    assert t.report["full_finetune_optimizer_state_bytes"] == 4 * t.report["full_finetune_params"]  # momentum: one number per weight
+    # momentum: one number per weight
+    assert t.report["full_finetune_optimizer_state_bytes"] == 4 * t.report["full_finetune_params"]
 
 
 def test_the_step_loss_is_the_mean_over_every_target_whatever_the_micro_batches(base_run, qa_file, tmp_path):
@@ -163,12 +211,22 @@ def test_resuming_a_lora_finetune_is_exact(base_run, qa_file, tmp_path):
     ft = FinetuneConfig(method="lora", lora_rank=4, lora_dropout=0.1)
     whole = finetune(str(base_run), ft_cfg(qa_file, tmp_path / "whole", max_steps=8, eval_every=2), ft)
     finetune(str(base_run), ft_cfg(qa_file, tmp_path / "parts", max_steps=8, eval_every=2, pause_at=5), ft)
-    resumed = finetune("", TrainConfig(out=str(tmp_path / "parts"), resume=True, progress=False, plots=False), FinetuneConfig(), given={"out", "resume", "progress", "plots"})
+    resumed = finetune(
+        "",
+        TrainConfig(out=str(tmp_path / "parts"), resume=True, progress=False, plots=False),
+        FinetuneConfig(),
+        given={"out", "resume", "progress", "plots"},
+    )
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "parts")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["val_loss"] == whole["val_loss"] and resumed["steps"] == 8
     with pytest.raises(ConfigError, match="--lora-rank 2 cannot change on --resume"):
-        FineTuner("", FinetuneConfig(method="lora", lora_rank=2), TrainConfig(out=str(tmp_path / "parts"), resume=True), given={"lora_rank", "out", "resume"}).build()
+        FineTuner(
+            "",
+            FinetuneConfig(method="lora", lora_rank=2),
+            TrainConfig(out=str(tmp_path / "parts"), resume=True),
+            given={"lora_rank", "out", "resume"},
+        ).build()
 
 
 # ---- every command loads a LoRA run ---------------------------------------------------------------------------
@@ -186,8 +244,26 @@ def taught(tmp_path_factory, base_run, qa_file) -> dict[str, Path]:
     """The base fine-tuned on the facts (alone and in two-turn conversations) until it answers them:
     fully, and with LoRA (then merged)."""
     d = tmp_path_factory.mktemp("taught")
-    common = ["--data", qa_file, "--val-fraction", "0", "--batch", "8", "--schedule", "constant", "--warmup-steps", "0", "--eval-every", "1000", "--no-plots", "--no-progress"]
-    assert run_cli(["finetune", str(base_run), "--out", str(d / "full"), "--lr", "1e-2", "--max-steps", "120", *common]) == 0
+    common = [
+        "--data",
+        qa_file,
+        "--val-fraction",
+        "0",
+        "--batch",
+        "8",
+        "--schedule",
+        "constant",
+        "--warmup-steps",
+        "0",
+        "--eval-every",
+        "1000",
+        "--no-plots",
+        "--no-progress",
+    ]
+    assert (
+        run_cli(["finetune", str(base_run), "--out", str(d / "full"), "--lr", "1e-2", "--max-steps", "120", *common])
+        == 0
+    )
     # 120 steps teach it on most CPUs; where they do not, the run resumes for more (as a user would): how many
     # steps a tiny model needs differs by CPU, what it then answers must not.
     model, tok = load_model(d / "full")
@@ -195,10 +271,31 @@ def taught(tmp_path_factory, base_run, qa_file) -> dict[str, Path]:
     for steps in (240, 360, 480, 600):
         if replies_learned(model.eval(), facts):
             break
-        assert run_cli(["finetune", "--out", str(d / "full"), "--resume", "--max-steps", str(steps), "--no-progress"]) == 0
+        assert (
+            run_cli(["finetune", "--out", str(d / "full"), "--resume", "--max-steps", str(steps), "--no-progress"]) == 0
+        )
         model, _ = load_model(d / "full")
     assert replies_learned(model.eval(), facts), "600 steps did not teach the facts"
-    assert run_cli(["finetune", str(base_run), "--out", str(d / "lora"), "--method", "lora", "--lora-rank", "8", "--lr", "3e-2", "--max-steps", "60", *common]) == 0
+    assert (
+        run_cli(
+            [
+                "finetune",
+                str(base_run),
+                "--out",
+                str(d / "lora"),
+                "--method",
+                "lora",
+                "--lora-rank",
+                "8",
+                "--lr",
+                "3e-2",
+                "--max-steps",
+                "60",
+                *common,
+            ]
+        )
+        == 0
+    )
     assert run_cli(["merge", str(d / "lora"), "--out", str(d / "merged")]) == 0
     return {"full": d / "full", "lora": d / "lora", "merged": d / "merged"}
 
@@ -208,7 +305,9 @@ def test_a_tiny_model_finetuned_on_qa_pairs_answers_them_exactly(taught, tmp_pat
     assert run_cli(["eval", str(taught["full"]), "--qa", qa, "--json", "--no-progress"]) == 0
     report = json.loads(capsys.readouterr().out)["qa"]
     assert report["accuracy"] == 1.0, report["predictions"]
-    assert (taught["full"] / "chat_template.jinja").is_file() and json.loads((taught["full"] / "config.json").read_text())["finetune"]["method"] == "full"
+    assert (taught["full"] / "chat_template.jinja").is_file() and json.loads(
+        (taught["full"] / "config.json").read_text()
+    )["finetune"]["method"] == "full"
 
 
 def test_generate_eval_and_export_take_a_lora_run_as_its_merged_weights(taught, tmp_path, capsys):
@@ -216,7 +315,9 @@ def test_generate_eval_and_export_take_a_lora_run_as_its_merged_weights(taught, 
     outs = []
     for run in (lora, merged):
         assert run_cli(["generate", run, "Tell me", "--temperature", "0", "--max-new-tokens", "12"]) == 0
-        assert run_cli(["eval", run, "--qa", write_jsonl(tmp_path / "f.jsonl", qa_rows()), "--json", "--no-progress"]) == 0
+        assert (
+            run_cli(["eval", run, "--qa", write_jsonl(tmp_path / "f.jsonl", qa_rows()), "--json", "--no-progress"]) == 0
+        )
         outs.append(capsys.readouterr().out)
     assert outs[0].replace(lora, merged) == outs[1]
     assert run_cli(["export", lora, str(tmp_path / "hf")]) == 0
@@ -252,12 +353,20 @@ def test_a_lora_run_refuses_a_base_that_changed(base_run, qa_file, tmp_path):
         (["BASE", "--data", "QA", "--method", "lora", "--lora-targets", "q_proj,wq"], "unknown wq"),
         (["BASE", "--data", "QA", "--method", "freeze", "--train-top", "5"], "the model has 2 blocks"),
         (["BASE", "--data", "QA", "--method", "sideways"], "--method must be one of full, freeze, lora"),
-        (["BASE", "--data", "QA", "--val-fraction", "0", "--patience", "2"], "--val-fraction 0 holds no conversations out"),
+        (
+            ["BASE", "--data", "QA", "--val-fraction", "0", "--patience", "2"],
+            "--val-fraction 0 holds no conversations out",
+        ),
     ],
 )
 def test_finetune_mistakes_get_one_line_exit_2_and_write_nothing(base_run, qa_file, tmp_path, capsys, args, message):
     out = tmp_path / "out"
-    argv = ["finetune", *[{"BASE": str(base_run), "NOBASE": str(tmp_path / "nope"), "QA": qa_file}.get(a, a) for a in args], "--out", str(out)]
+    argv = [
+        "finetune",
+        *[{"BASE": str(base_run), "NOBASE": str(tmp_path / "nope"), "QA": qa_file}.get(a, a) for a in args],
+        "--out",
+        str(out),
+    ]
     code = run_cli(argv)
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
@@ -306,7 +415,11 @@ def test_chat_drops_the_oldest_turns_and_keeps_the_system_message(taught):
 
     chat_loop(chat, read=read, out=out, err=err)
     assert chat.dropped > 0 and chat.messages[0] == {"role": "system", "content": "Be brief."}
-    assert len(chat.turns) == 2 and "dropped its oldest turns" in err.getvalue() and "unknown command /oops" in err.getvalue()
+    assert (
+        len(chat.turns) == 2
+        and "dropped its oldest turns" in err.getvalue()
+        and "unknown command /oops" in err.getvalue()
+    )
     with pytest.raises(ConfigError, match="context window is 96; write a shorter message"):
         "".join(chat.send("why " * 100))
     assert len(chat.turns) == 2  # the refused message left the conversation as it was

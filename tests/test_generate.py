@@ -28,6 +28,7 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     values, order = candidates(logits, cfg)
     return values if order is None else torch.full_like(logits, float("-inf")).scatter(-1, order, values)
 
+
 GREEDY = SamplingConfig(temperature=0, max_new_tokens=12)
 
 
@@ -168,7 +169,9 @@ def test_presence_penalty_in_the_loop_stops_repeats(tok):
     prompt = tok.encode("H")
     plain = list(generate_ids(model, tok, prompt, SamplingConfig(temperature=0, max_new_tokens=25)))
     assert plain == (tok.encode(CYCLE)[1:] + tok.encode(CYCLE) * 5)[:25]  # it repeats itself when left alone ...
-    penalised = list(generate_ids(model, tok, prompt, SamplingConfig(temperature=0, max_new_tokens=25, presence_penalty=1e4)))
+    penalised = list(
+        generate_ids(model, tok, prompt, SamplingConfig(temperature=0, max_new_tokens=25, presence_penalty=1e4))
+    )
     assert len(set(penalised)) == len(penalised)  # ... and never with a huge presence penalty
 
 
@@ -263,8 +266,14 @@ def test_cached_fast_path_matches_module_path_with_padding(tok):
     for fast in (True, False):  # the engine's Forward in inference mode: fused; Transformer.forward: the module path
         with torch.inference_mode():
             cache = m.new_cache(3, 16, pad=pad)
-            step = (lambda idx: fused_forward(m, inference_weights(m), idx, cache, False)) if fast else (lambda idx: m(idx, cache=cache))
-            outs.append(torch.cat([step(x), step(torch.tensor([[1], [2], [3]])), step(torch.tensor([[4], [5], [6]]))], 1))
+            step = (
+                (lambda idx: fused_forward(m, inference_weights(m), idx, cache, False))
+                if fast
+                else (lambda idx: m(idx, cache=cache))
+            )
+            outs.append(
+                torch.cat([step(x), step(torch.tensor([[1], [2], [3]])), step(torch.tensor([[4], [5], [6]]))], 1)
+            )
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     with torch.inference_mode():  # Forward takes the fused path here, and refuses to overrun the cache
         cache = m.new_cache(3, 16, pad=pad)
@@ -333,7 +342,9 @@ def test_prompt_longer_than_context(lm, tok):
         lm.generate(long_prompt)
     text = lm.generate(long_prompt, truncate="left", temperature=0, max_new_tokens=5)
     ids = tok.encode(long_prompt)[-lm.context_window :]
-    assert text == tok.decode(list(generate_ids(lm.model, tok, ids, SamplingConfig(temperature=0, max_new_tokens=5), {tok.eot_id})))
+    assert text == tok.decode(
+        list(generate_ids(lm.model, tok, ids, SamplingConfig(temperature=0, max_new_tokens=5), {tok.eot_id}))
+    )
 
 
 def test_empty_prompt_starts_a_document_and_unknown_settings_fail(lm):
@@ -351,14 +362,36 @@ def run_dir(tmp_path_factory, model, tok):
 
 
 def test_load_and_cli_generate_batch(run_dir, lm, tmp_path, capsys):
-    assert load(run_dir).generate("ROMEO:", temperature=0, max_new_tokens=8) == lm.generate("ROMEO:", temperature=0, max_new_tokens=8)
+    assert load(run_dir).generate("ROMEO:", temperature=0, max_new_tokens=8) == lm.generate(
+        "ROMEO:", temperature=0, max_new_tokens=8
+    )
     f = tmp_path / "prompts.jsonl"
     f.write_text(json.dumps("ROMEO:") + "\n" + json.dumps({"prompt": "To be\nor"}) + "\n")
-    assert main(["generate", str(run_dir), "KING", "--prompts", str(f), "--temperature", "0", "--max-new-tokens", "6", "--batch", "2"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(run_dir),
+                "KING",
+                "--prompts",
+                str(f),
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "6",
+                "--batch",
+                "2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "--- 1/3: 'KING' ---" in out and "--- 3/3: 'To be\\nor' ---" in out
     assert lm.generate("To be\nor", temperature=0, max_new_tokens=6) in out
-    assert main(["generate", str(run_dir), "ROMEO:", "--temperature", "0", "--max-new-tokens", "3", "--logprobs", "2"]) == 0
+    assert (
+        main(["generate", str(run_dir), "ROMEO:", "--temperature", "0", "--max-new-tokens", "3", "--logprobs", "2"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "%" in out and "finished by length" in out
 

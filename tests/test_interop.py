@@ -13,7 +13,14 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from gradlm.cli import main  # noqa: E402
 from gradlm.text.data import TokenData  # noqa: E402
@@ -53,7 +60,21 @@ def _one_thread():
 
 
 def quick_train(model_cfg: ModelConfig, data: Path, out: Path, **kw) -> dict:
-    cfg = dict(data=str(data), out=str(out), batch="16", max_steps=200, lr=1e-2, warmup_steps=10, vocab_size=300, eval_every=1000, eval_tokens=1024, seed=0, progress=False, plots=False, dtype="float32")
+    cfg = dict(
+        data=str(data),
+        out=str(out),
+        batch="16",
+        max_steps=200,
+        lr=1e-2,
+        warmup_steps=10,
+        vocab_size=300,
+        eval_every=1000,
+        eval_tokens=1024,
+        seed=0,
+        progress=False,
+        plots=False,
+        dtype="float32",
+    )
     cfg.update(kw)
     with pytest.MonkeyPatch.context() as mp:  # module-scoped fixtures cannot use the autouse cache fixture
         mp.setenv("GRADLM_CACHE", str(out.parent / "cache"))
@@ -100,10 +121,15 @@ def test_export_config_and_files(exported):
     assert sorted(p.name for p in hf.iterdir()) == sorted(EXPORT_FILES)
     c = json.loads((hf / "config.json").read_text())
     assert c["architectures"] == ["Qwen3ForCausalLM" if variant == "qwen3" else "LlamaForCausalLM"]
-    assert c["head_dim"] == 16 and c["max_position_embeddings"] == 64 and c["num_key_value_heads"] == model.cfg.n_kv_head
+    assert (
+        c["head_dim"] == 16 and c["max_position_embeddings"] == 64 and c["num_key_value_heads"] == model.cfg.n_kv_head
+    )
     assert c["rope_theta"] == model.cfg.rope_theta and c["rms_norm_eps"] == model.cfg.norm_eps
     assert c["tie_word_embeddings"] == (variant == "qwen3")
-    assert c["eos_token_id"] == c["bos_token_id"] == tok.specials["<|endoftext|>"] and c["pad_token_id"] == tok.specials["<|pad|>"]
+    assert (
+        c["eos_token_id"] == c["bos_token_id"] == tok.specials["<|endoftext|>"]
+        and c["pad_token_id"] == tok.specials["<|pad|>"]
+    )
     tc = json.loads((hf / "tokenizer_config.json").read_text())
     assert tc["tokenizer_class"] == "PreTrainedTokenizerFast" and tc["eos_token"] == "<|endoftext|>"
     # transformers 5 ignores these for BPE tokenizers, 4.x does not: without them it adds BOS / eats spaces.
@@ -162,11 +188,20 @@ def test_export_greedy_generation_matches_transformers(exported):
     hm = hf_model(hf)
     prompts = [tok.encode(text)[:24] for text in TEXTS]
     cfg = SamplingConfig(temperature=0, max_new_tokens=32)
-    runs = Engine(model, tok, max_batch=len(prompts)).run([Request(p, cfg, 1, frozenset({tok.eot_id}), logprobs=5) for p in prompts])
+    runs = Engine(model, tok, max_batch=len(prompts)).run(
+        [Request(p, cfg, 1, frozenset({tok.eot_id}), logprobs=5) for p in prompts]
+    )
     compared = 0
     for prompt, pieces in zip(prompts, runs):
         x = torch.tensor([prompt])
-        out = hm.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=32, output_logits=True, return_dict_in_generate=True)
+        out = hm.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            do_sample=False,
+            max_new_tokens=32,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         theirs = out.sequences[0, len(prompt) :].tolist()
         ours = [piece.token for piece in pieces]
         for step, (token, logits) in enumerate(zip(ours, out.logits)):
@@ -240,7 +275,19 @@ def test_export_then_import_round_trips_exactly(exported, tmp_path, capsys):
 
 
 def hf_config(kind: str, tok: Tokenizer, **kw):
-    common = dict(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=5000.0, rms_norm_eps=1e-6, bos_token_id=tok.eot_id, eos_token_id=tok.eot_id)
+    common = dict(
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-6,
+        bos_token_id=tok.eot_id,
+        eos_token_id=tok.eot_id,
+    )
     common.update(kw)
     if kind == "llama":
         return LlamaConfig(**common)
@@ -257,7 +304,9 @@ def save_hf(cfg, tok: Tokenizer, out: Path, seed: int = 0):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p.dim() == 1 else 0.0))
     model.eval().save_pretrained(out)
-    PreTrainedTokenizerFast(tokenizer_object=HFTokenizer.from_str(tok.hf.to_str()), eos_token="<|endoftext|>").save_pretrained(out)
+    PreTrainedTokenizerFast(
+        tokenizer_object=HFTokenizer.from_str(tok.hf.to_str()), eos_token="<|endoftext|>"
+    ).save_pretrained(out)
     return model
 
 
@@ -278,20 +327,38 @@ def test_import_matches_transformers(hf_dir, tmp_path, capsys):
     assert (cfg.n_head, cfg.n_kv_head, cfg.d_model, cfg.d_ff, cfg.block_size) == (4, 2, 64, 96, 128)
     assert cfg.rope_theta == 5000.0 and cfg.norm_eps == 1e-6 and tok.eos_token == "<|endoftext|>"
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["train"] == {**asdict(TrainConfig(out=str(tmp_path / "run"))), "batch": 32}  # defaults, ready for --init
+    # defaults, ready for --init
+    assert saved["train"] == {**asdict(TrainConfig(out=str(tmp_path / "run"))), "batch": 32}
     ht = AutoTokenizer.from_pretrained(src)
     ids = tok.encode(" ".join(TEXTS))
     assert ids == ht(" ".join(TEXTS), add_special_tokens=False)["input_ids"]
     diff = max_logit_diff(model, hf_model(src), ids[:128])
     assert diff < 1e-4
-    rc, stdout, _ = run_cli(["generate", tmp_path / "run", "ROMEO:", "--max-new-tokens", "8", "--temperature", "0"], capsys)
+    rc, stdout, _ = run_cli(
+        ["generate", tmp_path / "run", "ROMEO:", "--max-new-tokens", "8", "--temperature", "0"], capsys
+    )
     assert rc == 0 and stdout.strip()
 
 
 def test_imported_model_continues_training(hf_dir, tmp_path, text_file):
     _, src = hf_dir
     import_hf(src, tmp_path / "base")
-    s = train(ModelConfig(), TrainConfig(init=str(tmp_path / "base"), data=str(text_file), out=str(tmp_path / "tuned"), batch="4", max_steps=3, warmup_steps=0, lr=1e-3, eval_every=1000, eval_tokens=512, progress=False, plots=False))
+    s = train(
+        ModelConfig(),
+        TrainConfig(
+            init=str(tmp_path / "base"),
+            data=str(text_file),
+            out=str(tmp_path / "tuned"),
+            batch="4",
+            max_steps=3,
+            warmup_steps=0,
+            lr=1e-3,
+            eval_every=1000,
+            eval_tokens=512,
+            progress=False,
+            plots=False,
+        ),
+    )
     assert s["steps"] == 3 and math.isfinite(s["val_loss"])
     a, _ = load_model(tmp_path / "base")
     b, _ = load_model(tmp_path / "tuned")
@@ -311,7 +378,9 @@ def test_import_without_endoftext_keeps_the_checkpoints_eos(named_by, tok, tmp_p
     save_hf(hf_config("llama", tok), tok, src)
     (src / "tokenizer.json").write_text(json.dumps(spec))
     if named_by == "tokenizer_config.json":
-        (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>"}))
+        (src / "tokenizer_config.json").write_text(
+            json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>"})
+        )
     else:
         (src / "tokenizer_config.json").unlink()
     import_hf(src, tmp_path / "run")
@@ -377,7 +446,10 @@ BAD_CHECKPOINTS = {
     "missing weights": (lambda d, tok: (d / "model.safetensors").unlink(), "no model.safetensors"),
     "pickle": (_replace_weights_with("pytorch_model.bin"), "pickled"),
     "sharded": (_replace_weights_with("model.safetensors.index.json"), "sharded"),
-    "rope scaling": (_edit_config(rope_parameters={"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0}), "rope"),
+    "rope scaling": (
+        _edit_config(rope_parameters={"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0}),
+        "rope",
+    ),
     "attention bias": (_edit_config(attention_bias=True), "biases"),
     "head_dim": (_edit_config(head_dim=32), "head_dim"),
     "remote code": (_edit_config(auto_map={"AutoModelForCausalLM": "modeling_evil.Evil"}), "auto_map"),

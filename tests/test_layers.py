@@ -47,7 +47,12 @@ def imports() -> dict[str, set[str]]:
     for path in paths:
         found = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.split(".")[0] == "gradlm":
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and node.module
+                and node.module.split(".")[0] == "gradlm"
+            ):
                 base = node.module.partition(".")[2]
                 found |= {f"{base}.{a.name}" if base else a.name for a in node.names} | ({base} if base else set())
             elif isinstance(node, ast.Import):
@@ -68,7 +73,9 @@ def test_every_module_has_a_layer():
     placed = set(layer_of())
     assert not modules - placed, f"place these modules in a layer of tests/test_layers.py: {sorted(modules - placed)}"
     named = {top for names in LAYERS.values() for top in names}
-    assert not named - {m.split(".")[0] for m in modules}, f"no such modules any more: {sorted(named - {m.split('.')[0] for m in modules})}"
+    assert not named - {m.split(".")[0] for m in modules}, (
+        f"no such modules any more: {sorted(named - {m.split('.')[0] for m in modules})}"
+    )
 
 
 def test_imports_go_down_the_layers():
@@ -111,7 +118,9 @@ def test_the_contract_test_sees_a_violation(tmp_path, monkeypatch):
     """The checks above can fail: a model that imports the trainer breaks both rules."""
     shutil.copytree(PACKAGE, tmp_path / "gradlm", ignore=shutil.ignore_patterns("static", "__pycache__"))
     model = tmp_path / "gradlm" / "model" / "transformer.py"
-    model.write_text(model.read_text(encoding="utf-8") + "\nfrom gradlm.training.trainer import train\n", encoding="utf-8")
+    model.write_text(
+        model.read_text(encoding="utf-8") + "\nfrom gradlm.training.trainer import train\n", encoding="utf-8"
+    )
     monkeypatch.setattr(__import__(__name__), "PACKAGE", tmp_path / "gradlm")
     graph = imports()
     assert "training.trainer" in graph["model.transformer"]

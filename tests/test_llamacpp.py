@@ -70,8 +70,21 @@ def run(tmp_path_factory, small_text) -> Path:
     (d / "text.txt").write_text(small_text[:40_000])
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GRADLM_CACHE", str(d / "cache"))
-        cfg = TrainConfig(data=str(d / "text.txt"), out=str(d / "run"), batch="16", max_steps=150, lr=1e-2, warmup_steps=10, vocab_size=400,
-                          eval_every=1000, eval_tokens=1024, seed=0, progress=False, plots=False, dtype="float32")
+        cfg = TrainConfig(
+            data=str(d / "text.txt"),
+            out=str(d / "run"),
+            batch="16",
+            max_steps=150,
+            lr=1e-2,
+            warmup_steps=10,
+            vocab_size=400,
+            eval_every=1000,
+            eval_tokens=1024,
+            seed=0,
+            progress=False,
+            plots=False,
+            dtype="float32",
+        )
         train(ModelConfig(n_layer=2, d_model=64, n_head=4, n_kv_head=2, block_size=64), cfg)
     return d / "run"
 
@@ -82,9 +95,25 @@ def qk_run(run, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("gguf-qk")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GRADLM_CACHE", str(d / "cache"))
-        cfg = TrainConfig(data=str(run.parent / "text.txt"), out=str(d / "run"), batch="16", max_steps=60, lr=1e-2, warmup_steps=10, vocab_size=400,
-                          eval_every=1000, eval_tokens=1024, seed=0, progress=False, plots=False, dtype="float32")
-        train(ModelConfig(n_layer=2, d_model=64, n_head=4, n_kv_head=2, block_size=64, qk_norm=True, tie_embeddings=True), cfg)
+        cfg = TrainConfig(
+            data=str(run.parent / "text.txt"),
+            out=str(d / "run"),
+            batch="16",
+            max_steps=60,
+            lr=1e-2,
+            warmup_steps=10,
+            vocab_size=400,
+            eval_every=1000,
+            eval_tokens=1024,
+            seed=0,
+            progress=False,
+            plots=False,
+            dtype="float32",
+        )
+        train(
+            ModelConfig(n_layer=2, d_model=64, n_head=4, n_kv_head=2, block_size=64, qk_norm=True, tie_embeddings=True),
+            cfg,
+        )
     return d / "run"
 
 
@@ -100,14 +129,20 @@ def test_the_file_says_what_llama_cpp_needs(run, exports):
     r = gguf.GGUFReader(exports["f16"])
     text = lambda k: bytes(r.fields[k].parts[r.fields[k].data[0]]).decode()  # noqa: E731
     value = lambda k: r.fields[k].parts[r.fields[k].data[0]][0]  # noqa: E731
-    assert text("general.architecture") == "llama" and text("tokenizer.ggml.pre") == "llama-bpe" and text("tokenizer.ggml.model") == "gpt2"
+    assert (
+        text("general.architecture") == "llama"
+        and text("tokenizer.ggml.pre") == "llama-bpe"
+        and text("tokenizer.ggml.model") == "gpt2"
+    )
     _, tok = load_model(run)
     assert value("tokenizer.ggml.eos_token_id") == tok.eot_id and not value("tokenizer.ggml.add_bos_token")
     names = {t.name for t in r.tensors}
     assert {"token_embd.weight", "output_norm.weight", "blk.1.attn_q.weight", "blk.1.ffn_down.weight"} <= names
     types = {t.name: t.tensor_type.name for t in r.tensors}
     assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"  # norms stay f32
-    assert {t.tensor_type.name for t in gguf.GGUFReader(exports["q8_0"]).tensors if t.name.endswith("attn_q.weight")} == {"Q8_0"}
+    assert {
+        t.tensor_type.name for t in gguf.GGUFReader(exports["q8_0"]).tensors if t.name.endswith("attn_q.weight")
+    } == {"Q8_0"}
     assert "FROM ./model.gguf" in (exports["f16"].parent / "Modelfile").read_text()
 
 
@@ -117,7 +152,8 @@ def test_export_replaces_only_its_own_output(run, tmp_path, capsys):
     assert main(["export", str(run), str(tmp_path / "mine"), "--format", "gguf"]) == 2
     assert "not a previous gradlm GGUF export" in capsys.readouterr().err
     assert main(["export", str(run), str(tmp_path / "g"), "--format", "gguf", "--gguf-type", "q8_0"]) == 0
-    assert main(["export", str(run), str(tmp_path / "g"), "--format", "gguf", "--gguf-type", "f32"]) == 0  # a previous export: replaced
+    # a previous export: replaced
+    assert main(["export", str(run), str(tmp_path / "g"), "--format", "gguf", "--gguf-type", "f32"]) == 0
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["Modelfile", "model.gguf"]
     assert main(["export", str(run), str(tmp_path / "h"), "--format", "gguf", "--dtype", "float16"]) == 2
     assert "--gguf-type" in capsys.readouterr().err and not (tmp_path / "h").exists()
@@ -171,12 +207,17 @@ def test_llama_cpp_decodes_the_exported_model_as_gradlm_does(run, exports, kind)
     # Teacher-forced, every position: the argmaxes agree wherever no difference as large as diff can reorder them
     # (a near-tie may go either way: which positions are near-ties depends on what this CPU's short run learned).
     sure = must_agree(ours, theirs)
-    agree = (theirs.argmax(-1) == ours.argmax(-1))
-    print(f"{kind}: max logit diff {diff:.3g}, argmax agreement {agree.float().mean().item():.3f}, {int(sure.sum())}/{len(ids)} positions sure")
+    agree = theirs.argmax(-1) == ours.argmax(-1)
+    print(
+        f"{kind}: max logit diff {diff:.3g}, argmax agreement {agree.float().mean().item():.3f}, "
+        f"{int(sure.sum())}/{len(ids)} positions sure"
+    )
     assert agree[sure].all(), (kind, diff, (~agree).nonzero().flatten().tolist())
     if kind == "f32":
-        assert diff < 5e-3 and sure.float().mean() > 0.5, (diff, sure)  # float32 in another summation order: ~1e-3 apart
-        llm.reset()  # free-running greedy decoding in llama.cpp: gradlm's tokens, up to a near-tie where the paths may part
+        # float32 in another summation order: ~1e-3 apart
+        assert diff < 5e-3 and sure.float().mean() > 0.5, (diff, sure)
+        # free-running greedy decoding in llama.cpp: gradlm's tokens, up to a near-tie where the paths may part
+        llm.reset()
         llm.eval(prompt)
         out = list(prompt)
         while len(out) < 60:
@@ -199,7 +240,10 @@ def test_a_qk_norm_model_runs_as_qwen3_in_llama_cpp(qk_run, tmp_path):
     path = Path(export_gguf(qk_run, tmp_path / "q", "f32")["out"])
     r = gguf.GGUFReader(path)
     assert bytes(r.fields["general.architecture"].parts[-1]).decode() == "qwen3"
-    assert "blk.0.attn_q_norm.weight" in {t.name for t in r.tensors} and "output.weight" not in {t.name for t in r.tensors}  # tied head
+    # tied head
+    assert "blk.0.attn_q_norm.weight" in {t.name for t in r.tensors} and "output.weight" not in {
+        t.name for t in r.tensors
+    }
     model, tok = load_model(qk_run)
     ids = tok.encode("ROMEO: But soft")
     while len(ids) < 40:
@@ -228,8 +272,16 @@ def test_the_chat_template_renders_gradlms_ids(run, tmp_path):
     _, tok = load_model(run)
     # (content that spells a special token is plain text in gradlm; llama.cpp's tokenizer, fed the rendered
     # string, would read it as the token: the server path in llama.cpp shares that limit with transformers)
-    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Dose of zorvastatin? 🙂"},
-                {"role": "assistant", "content": "40 mg"}, {"role": "user", "content": "And ibuprofne?"}]
-    text = jinja2.Environment().from_string(template).render(messages=messages, add_generation_prompt=True, bos_token="<|endoftext|>")
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Dose of zorvastatin? 🙂"},
+        {"role": "assistant", "content": "40 mg"},
+        {"role": "user", "content": "And ibuprofne?"},
+    ]
+    text = (
+        jinja2.Environment()
+        .from_string(template)
+        .render(messages=messages, add_generation_prompt=True, bos_token="<|endoftext|>")
+    )
     assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == encode_chat(tok, messages)
     assert json.loads(json.dumps(llm.metadata))["tokenizer.ggml.eot_token_id"] == str(tok.specials["<|end|>"])

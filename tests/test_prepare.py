@@ -68,7 +68,16 @@ def test_a_killed_prepare_resumes_to_the_same_shards(corpus_dir, tok, tmp_path):
     d, _ = corpus_dir
     full = prepare(str(d), tok, tmp_path / "full", val_fraction=0.2, progress=False, workers=2, shard_tokens=700)
     with pytest.raises(_Stop):  # killed right after its 4th shard
-        prepare(str(d), tok, tmp_path / "part", val_fraction=0.2, progress=False, workers=2, shard_tokens=700, stop_after_shards=4)
+        prepare(
+            str(d),
+            tok,
+            tmp_path / "part",
+            val_fraction=0.2,
+            progress=False,
+            workers=2,
+            shard_tokens=700,
+            stop_after_shards=4,
+        )
     assert (tmp_path / "part" / "progress.json").is_file() and not (tmp_path / "part" / "meta.json").exists()
     (tmp_path / "part" / ".train-00009.bin.x.tmp").write_bytes(b"half")  # what a kill -9 mid-write leaves
     again = prepare(str(d), tok, tmp_path / "part", val_fraction=0.2, progress=False, workers=2, shard_tokens=700)
@@ -106,7 +115,10 @@ def test_jsonl_lines_follow_the_policy_one_by_one(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n{"text": "also fine"}\n')
     stats = ReadStats()
-    assert [doc.text for doc in iter_documents(str(p), errors="skip", stats=stats)] == ["fine", "also fine"] and stats.skipped == 1
+    assert [doc.text for doc in iter_documents(str(p), errors="skip", stats=stats)] == [
+        "fine",
+        "also fine",
+    ] and stats.skipped == 1
     assert [doc.text for doc in iter_documents(str(p), errors="replace")][1] == "caf\ufffd"
     with pytest.raises(DataError, match="x.jsonl is not valid UTF-8"):
         list(iter_documents(str(p), errors="strict"))
@@ -135,7 +147,8 @@ def test_the_tokenizer_learns_from_a_bounded_sample_and_says_so(tmp_path, corpus
     (tmp_path / "t.txt").write_text(text)
     pieces, seen = tokenizer_sample(str(tmp_path / "t.txt"), 200_000, seed=0)
     taken = sum(len(p.encode()) for p in pieces)
-    assert seen == len(text.encode()) and 0.3 * 200_000 < taken <= 1.2 * 200_000  # bounded by the budget, not the corpus
+    # bounded by the budget, not the corpus
+    assert seen == len(text.encode()) and 0.3 * 200_000 < taken <= 1.2 * 200_000
     where = [text.index(p) / len(text) for p in pieces]
     assert min(where) < 0.33 and max(where) > 0.66  # drawn across the whole file, not its start
     said = []
@@ -174,14 +187,35 @@ def test_prepare_killed_at_a_random_moment_resumes_to_the_same_shards(tmp_path, 
     for i in range(40):
         (d / f"f{i:02d}.txt").write_text(corpus[i * 25_000 : (i + 1) * 25_000])
     tok.save(tmp_path / "tok.json")
-    cmd = lambda out: [sys.executable, "-m", "gradlm", "prepare", "--data", str(d), "--tokenizer", str(tmp_path / "tok.json"),  # noqa: E731
-                       "--out", str(out), "--shard-tokens", "3000", "--workers", "2"]
+
+    def cmd(out):
+        return [
+            sys.executable,
+            "-m",
+            "gradlm",
+            "prepare",
+            "--data",
+            str(d),
+            "--tokenizer",
+            str(tmp_path / "tok.json"),
+            "--out",
+            str(out),
+            "--shard-tokens",
+            "3000",
+            "--workers",
+            "2",
+        ]
+
     assert subprocess.run(cmd(tmp_path / "full"), capture_output=True, text=True, timeout=300).returncode == 0
     rng, kills = random.Random(3), []
     for attempt in range(3):  # kill at a seeded random moment after the first shards, then resume
         p = subprocess.Popen(cmd(tmp_path / "part"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         end = time.time() + 120
-        while time.time() < end and len(list((tmp_path / "part").glob("train-*.bin"))) < 3 * (attempt + 1) and p.poll() is None:
+        while (
+            time.time() < end
+            and len(list((tmp_path / "part").glob("train-*.bin"))) < 3 * (attempt + 1)
+            and p.poll() is None
+        ):
             time.sleep(0.01)
         time.sleep(rng.uniform(0, 0.2))
         p.kill()
@@ -192,6 +226,7 @@ def test_prepare_killed_at_a_random_moment_resumes_to_the_same_shards(tmp_path, 
     r = subprocess.run(cmd(tmp_path / "part"), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     full, part = (json.loads((tmp_path / x / "meta.json").read_text()) for x in ("full", "part"))
-    assert kills and part["splits"] == full["splits"] and len(full["splits"]["train"]["shards"]) > 10, kills  # killed at least once mid-run
+    # killed at least once mid-run
+    assert kills and part["splits"] == full["splits"] and len(full["splits"]["train"]["shards"]) > 10, kills
     names = sorted(p.name for p in (tmp_path / "part").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "full").iterdir())  # no stray temporary files either

@@ -71,7 +71,10 @@ def test_a_taught_model_answers_exactly_and_wrong_answers_score_zero(taught, tok
     right = load_qa(write_jsonl(tmp_path / "right.jsonl", qa_rows()))
     wrong = load_qa(write_jsonl(tmp_path / "wrong.jsonl", qa_rows(wrong=True)))
     s = score_qa(model, tok, right + wrong, batch=3)
-    assert s.splits == {"right": {"items": 4, "correct": 4, "accuracy": 1.0}, "wrong": {"items": 4, "correct": 0, "accuracy": 0.0}}
+    assert s.splits == {
+        "right": {"items": 4, "correct": 4, "accuracy": 1.0},
+        "wrong": {"items": 4, "correct": 0, "accuracy": 0.0},
+    }
     assert (s.items, s.correct, s.accuracy) == (8, 4, 0.5)
     assert [p["got"] for p in s.predictions[:4]] == [a for _, a in FACTS]  # <|end|> stops and is not shown
     # Batching never changes a reply.
@@ -82,7 +85,13 @@ def test_split_field_overrides_the_file_name_and_case_is_ignored(taught, tok, tm
     model, _ = taught
     rows = qa_rows(split="heldout")
     rows[0]["completion"] = rows[0]["completion"].upper() + "  "
-    rows[1] = {"messages": [{"role": "user", "content": rows[1]["prompt"]}, {"role": "assistant", "content": rows[1]["completion"]}], "split": "other"}
+    rows[1] = {
+        "messages": [
+            {"role": "user", "content": rows[1]["prompt"]},
+            {"role": "assistant", "content": rows[1]["completion"]},
+        ],
+        "split": "other",
+    }
     s = score_qa(model, tok, load_qa(write_jsonl(tmp_path / "mixed.jsonl", rows)))
     assert s.splits["heldout"] == {"items": 3, "correct": 3, "accuracy": 1.0} and s.splits["other"]["correct"] == 1
 
@@ -92,7 +101,7 @@ def test_split_field_overrides_the_file_name_and_case_is_ignored(taught, tok, tm
     [
         ({"messages": [{"role": "user", "content": "q"}]}, "must end with the assistant's expected answer"),
         ({"messages": [{"role": "assistant", "content": "a"}]}, "must end with the assistant's expected answer"),
-        ({"prompt": "q", "completion": "a", "split": 3}, "\"split\" must be a non-empty string"),
+        ({"prompt": "q", "completion": "a", "split": 3}, '"split" must be a non-empty string'),
         ({"question": "q"}, "has neither"),
     ],
 )
@@ -110,7 +119,10 @@ def test_a_question_longer_than_the_window_is_refused(taught, tok, tmp_path):
 
 def test_run_eval_and_report(taught, tok, tmp_path):
     model, _ = taught
-    files = [write_jsonl(tmp_path / "train.jsonl", qa_rows()), write_jsonl(tmp_path / "typo.jsonl", qa_rows(wrong=True))]
+    files = [
+        write_jsonl(tmp_path / "train.jsonl", qa_rows()),
+        write_jsonl(tmp_path / "typo.jsonl", qa_rows(wrong=True)),
+    ]
     r = run_eval(model, tok, EvalConfig(qa=files, progress=False))
     assert r["qa"]["splits"]["train"]["accuracy"] == 1.0 and r["qa"]["splits"]["typo"]["accuracy"] == 0.0
     text = format_report(r)
@@ -135,7 +147,11 @@ def test_cli_eval_qa_json_per_file(taught, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--qa", "missing.jsonl"], "no such file"), (["--qa", "QA", "--qa-max-tokens", "0"], "--qa-max-tokens"), ([], "nothing to evaluate")],
+    [
+        (["--qa", "missing.jsonl"], "no such file"),
+        (["--qa", "QA", "--qa-max-tokens", "0"], "--qa-max-tokens"),
+        ([], "nothing to evaluate"),
+    ],
 )
 def test_cli_eval_qa_errors_exit_2_with_one_line(taught, tmp_path, capsys, args, message):
     _, run = taught
@@ -200,7 +216,10 @@ def test_drugqa_facts_are_consistent_and_the_splits_test_what_they_claim():
     assert len(drugs) == len(rows) == 80
     for name, d in drugs.items():
         assert d["interaction"] != name and drugs[d["interaction"]]["interaction"] == name  # pairs: one answer
-    splits = {s: [json.loads(x) for x in (DRUGQA / f"{s}.jsonl").read_text().splitlines()] for s in ("train", "heldout", "misspelled")}
+    splits = {
+        s: [json.loads(x) for x in (DRUGQA / f"{s}.jsonl").read_text().splitlines()]
+        for s in ("train", "heldout", "misspelled")
+    }
     assert {s: len(v) for s, v in splits.items()} == {"train": 720, "heldout": 240, "misspelled": 240}
     for split, lines in splits.items():
         for x in lines:
@@ -216,4 +235,7 @@ def test_drugqa_facts_are_consistent_and_the_splits_test_what_they_claim():
     assert Counter(x["typo"] for x in splits["misspelled"]) == {k: 60 for k in NAME_TYPO_KINDS}
     facts = (DRUGQA / "facts.txt").read_text()
     assert all(name in facts and d["dose"] in facts for name, d in drugs.items())
-    assert {it.split for it in load_qa([str(DRUGQA / "heldout.jsonl"), str(DRUGQA / "misspelled.jsonl")])} == {"heldout", "misspelled"}
+    assert {it.split for it in load_qa([str(DRUGQA / "heldout.jsonl"), str(DRUGQA / "misspelled.jsonl")])} == {
+        "heldout",
+        "misspelled",
+    }

@@ -15,7 +15,17 @@ from conftest import tiny_config
 
 pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
 
-BASE = dict(batch="4", eval_every=5, log_every=1, warmup_steps=0, progress=False, plots=False, dtype="float32", vocab_size=300, seed=0)
+BASE = dict(
+    batch="4",
+    eval_every=5,
+    log_every=1,
+    warmup_steps=0,
+    progress=False,
+    plots=False,
+    dtype="float32",
+    vocab_size=300,
+    seed=0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +38,10 @@ def base(tmp_path_factory, text_file):
 def test_a_chat_finetune_extended_by_epochs_on_resume_trains_the_new_epoch(base, tmp_path):
     """Extending a fine-tune on conversations by --max-epochs sizes the new phase's warmup from the
     conversations' epochs (it once read the token count of a text corpus it does not have, and crashed)."""
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]} for i in range(30)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}
+        for i in range(30)
+    ]
     qa = tmp_path / "qa.jsonl"
     qa.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     ft = dict(data=str(qa), out=str(tmp_path / "ft"), **BASE)
@@ -64,6 +77,11 @@ def test_no_module_but_the_trainer_writes_the_trainers_attributes():
     import gradlm
 
     pattern = re.compile(r"\bt\.[a-z_]+\s*(\+|-)?=[^=]|setattr\(t\b")
-    writers = [f"{p.name}:{i}" for p in Path(gradlm.__file__).parent.rglob("*.py") if p.name != "trainer.py"
-               for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    writers = [
+        f"{p.name}:{i}"
+        for p in Path(gradlm.__file__).parent.rglob("*.py")
+        if p.name != "trainer.py"
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not writers, writers

@@ -35,7 +35,18 @@ def tok1k(corpus) -> Tokenizer:
 
 
 def run_cfg(prepared, tmp_path, name="run", **kw):
-    base = dict(data=str(prepared), out=str(tmp_path / name), batch="8", max_steps=12, eval_every=6, eval_tokens=1024, warmup_steps=0, seed=0, progress=False, plots=False)
+    base = dict(
+        data=str(prepared),
+        out=str(tmp_path / name),
+        batch="8",
+        max_steps=12,
+        eval_every=6,
+        eval_tokens=1024,
+        warmup_steps=0,
+        seed=0,
+        progress=False,
+        plots=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -91,7 +102,8 @@ def test_training_typos_are_seeded_and_each_changes_a_word_by_at_most_one_letter
 
 def test_align_typos_maps_the_unchanged_text_and_the_ends_of_changed_words():
     clean = "the cat sat"
-    al = align_typos(clean, Typos("the act sa", 2, 9, ((4, 2, "ac"), (10, 1, ""))))  # 'cat' swapped two letters, 'sat' dropped one
+    # 'cat' swapped two letters, 'sat' dropped one
+    al = align_typos(clean, Typos("the act sa", 2, 9, ((4, 2, "ac"), (10, 1, ""))))
     m = al.offsets
     assert len(m) == len("the act sa") + 1
     assert m[:5].tolist() == [0, 1, 2, 3, 4]  # "the " is the same, and so is where the word begins
@@ -110,9 +122,14 @@ def test_align_typos_finds_every_misspelled_word_and_lines_up_the_rest(corpus):
     clean = corpus[:20_000] + UNICODE * 3
     t = inject_typos(clean, 0.1, 3, TRAIN_TYPO_KINDS)
     al = align_typos(clean, t)
-    nbytes = lambda s: len(s.encode("utf-8"))
+
+    def nbytes(s):
+        return len(s.encode("utf-8"))
+
     pairs = [(c, n) for c, n in zip(LETTERS.finditer(clean), LETTERS.finditer(t.text)) if c.group() != n.group()]
-    assert len(pairs) > 300 and al.words.tolist() == [[nbytes(t.text[: n.start()]), nbytes(t.text[: n.end()])] for _, n in pairs]
+    assert len(pairs) > 300 and al.words.tolist() == [
+        [nbytes(t.text[: n.start()]), nbytes(t.text[: n.end()])] for _, n in pairs
+    ]
     # Outside the misspelled words every byte is the clean byte its offset maps to.
     noisy_b, clean_b = t.text.encode(), clean.encode()
     inside = np.zeros(len(noisy_b), dtype=bool)
@@ -127,7 +144,9 @@ def test_align_typos_finds_every_misspelled_word_and_lines_up_the_rest(corpus):
 
 
 def windows_of(tok, text, block=64):
-    ids = np.array([tok.eot_id, *tok.encode(text[:30_000]), tok.eot_id, *tok.encode(text[30_000:60_000])], dtype=np.uint16)
+    ids = np.array(
+        [tok.eot_id, *tok.encode(text[:30_000]), tok.eot_id, *tok.encode(text[30_000:60_000])], dtype=np.uint16
+    )
     return ids, block
 
 
@@ -174,8 +193,11 @@ def test_typo_windows_target_the_clean_tokens_and_the_typo_free_rest_of_misspell
                 k = next((k for k, m in enumerate(noisy_words) if m.start() <= s0 and s0 + len(piece) <= m.end()), None)
                 if k is not None and noisy_words[k].group() != clean_words[k]:
                     word, at = noisy_words[k].group(), s0 - noisy_words[k].start()
-                    cut = noisy_words[k].end() == len(noisy)  # the window may end inside the word: its suffix is unknown
-                    assert clean_words[k].startswith(word[: at + len(piece)]) or (not cut and clean_words[k].endswith(word[at:]))
+                    # the window may end inside the word: its suffix is unknown
+                    cut = noisy_words[k].end() == len(noisy)
+                    assert clean_words[k].startswith(word[: at + len(piece)]) or (
+                        not cut and clean_words[k].endswith(word[at:])
+                    )
                     pieces += 1
                     continue
             targets.append(t)
@@ -220,7 +242,11 @@ def test_bad_augmentation_settings_are_one_clear_error(prepared, tmp_path, tok):
     assert "--typo-rate" in str(e.value)
     train(tiny_config(tok.vocab_size), run_cfg(prepared, tmp_path, "paused", pause_at=2))
     with pytest.raises(ConfigError, match="--bpe-dropout 0.1 cannot change on --resume"):
-        Trainer(tiny_config(tok.vocab_size), run_cfg(prepared, tmp_path, "paused", resume=True, bpe_dropout=0.1), given={"bpe_dropout"}).build()
+        Trainer(
+            tiny_config(tok.vocab_size),
+            run_cfg(prepared, tmp_path, "paused", resume=True, bpe_dropout=0.1),
+            given={"bpe_dropout"},
+        ).build()
 
 
 # ---- measuring: eval --typos per word, tokenize --typos ----------------------------------------------------
@@ -235,7 +261,9 @@ def test_eval_typos_says_where_the_extra_bits_go(prepared, tmp_path, tok, small_
     r = run_eval(model, t, EvalConfig(data=str(tmp_path / "val.txt"), typos=0.05, seed=2, progress=False))
     w = r["typos"]["words"]
     assert w["misspelled_words"] > 20 and w["tokens_per_word_noisy"] > w["tokens_per_word_clean"]
-    total_extra = r["typos"]["noisy"]["loss"] * r["typos"]["noisy"]["tokens"] - r["clean"]["loss"] * r["clean"]["tokens"]
+    total_extra = (
+        r["typos"]["noisy"]["loss"] * r["typos"]["noisy"]["tokens"] - r["clean"]["loss"] * r["clean"]["tokens"]
+    )
     assert w["extra_bits"] == pytest.approx(total_extra / np.log(2), rel=1e-6)  # every extra bit is accounted for
     assert w["extra_bits_in_misspelled_words"] + w["extra_bits_elsewhere"] == pytest.approx(w["extra_bits"])
     top = w["top"][0]
@@ -248,7 +276,10 @@ def test_tokenize_typos_shows_how_misspellings_resplit(tok, tmp_path, capsys):
     assert all(s.text != "acetaminophen" and tok.decode(s.ids) == s.text for s in splits)
     assert typo_splits(tok, "acetaminophen", 4, seed=0) == splits
     tok.save(tmp_path / "tok.json")
-    assert main(["tokenize", "acetaminophen", "--tokenizer", str(tmp_path / "tok.json"), "--typos", "3", "--seed", "1"]) == 0
+    assert (
+        main(["tokenize", "acetaminophen", "--tokenizer", str(tmp_path / "tok.json"), "--typos", "3", "--seed", "1"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.count("->") >= 3 and "tokens" in out
 
@@ -264,7 +295,8 @@ def test_fine_tuning_augments_the_questions_and_leaves_the_replies(tok1k):
     for _ in range(3):
         (xp, yp), (x, y) = plain.next(16), robust.next(16)
         for r in range(16):
-            assert [t for t in y[r].tolist() if t >= 0] == [t for t in yp[r].tolist() if t >= 0]  # the replies, all of them, as they were
+            # the replies, all of them, as they were
+            assert [t for t in y[r].tolist() if t >= 0] == [t for t in yp[r].tolist() if t >= 0]
             question = tok1k.decode([t for t in x[r].tolist() if t != pad_id(tok1k)])
             assert question.count("<|user|>") == 1 and question.count("<|assistant|>") == 1
         changed = sum(x[r][x[r] != pad_id(tok1k)].tolist() != xp[r][xp[r] != pad_id(tok1k)].tolist() for r in range(16))

@@ -21,15 +21,43 @@ from gradlm.training.trainer import Trainer, train
 
 from conftest import kill_and_resume, start_gradlm, tiny_config, wait_for_step
 
-TINY = ["--block-size", "32", "--n-layer", "2", "--n-head", "4", "--d-model", "32", "--batch", "8", "--eval-tokens", "1024", "--no-progress", "--no-plots"]
+TINY = [
+    "--block-size",
+    "32",
+    "--n-layer",
+    "2",
+    "--n-head",
+    "4",
+    "--d-model",
+    "32",
+    "--batch",
+    "8",
+    "--eval-tokens",
+    "1024",
+    "--no-progress",
+    "--no-plots",
+]
 
 
 def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "gradlm", *map(str, args)], capture_output=True, text=True, timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "gradlm", *map(str, args)], capture_output=True, text=True, timeout=300, **kw
+    )
 
 
 def cfg_for(prepared, tmp_path, name="run", **kw):
-    base = dict(data=str(prepared), out=str(tmp_path / name), batch="8", max_steps=8, eval_every=4, eval_tokens=1024, warmup_steps=0, seed=0, progress=False, plots=False)
+    base = dict(
+        data=str(prepared),
+        out=str(tmp_path / name),
+        batch="8",
+        max_steps=8,
+        eval_every=4,
+        eval_tokens=1024,
+        warmup_steps=0,
+        seed=0,
+        progress=False,
+        plots=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -43,12 +71,12 @@ def test_loading_sampling_evaluating_and_exporting_never_import_the_trainer(prep
 import sys
 import gradlm
 from gradlm import load_lm, load_model, evaluate_text
-lm = load_lm({str(tmp_path / 'run')!r})
+lm = load_lm({str(tmp_path / "run")!r})
 lm.generate("a", max_new_tokens=3, temperature=0)
-model, tok = load_model({str(tmp_path / 'run')!r})
+model, tok = load_model({str(tmp_path / "run")!r})
 evaluate_text(model, tok, "some text to score")
 from gradlm.formats.hf import export_hf
-export_hf({str(tmp_path / 'run')!r}, {str(tmp_path / 'hf')!r})
+export_hf({str(tmp_path / "run")!r}, {str(tmp_path / "hf")!r})
 bad = [m for m in ("gradlm.training.trainer", "gradlm.training.compare", "gradlm.training.lrfind") if m in sys.modules]
 print("imported:", bad)
 sys.exit(1 if bad else 0)
@@ -69,8 +97,23 @@ def test_public_api_names_resolve_lazily():
 # ---- resume: typed flags override, the rest is the run's --------------------------------------------
 
 # The first run uses non-default values, so "not given -> the saved value" differs from "the default".
-SAVED = dict(lr=2e-3, weight_decay=0.05, beta1=0.8, beta2=0.9, grad_clip=0.5, eval_every=4, eval_tokens=1024, log_every=3, patience=7,
-             min_delta=0.01, guard_retries=5, micro_batch=8, dtype="float32", plots=False, progress=False)
+SAVED = dict(
+    lr=2e-3,
+    weight_decay=0.05,
+    beta1=0.8,
+    beta2=0.9,
+    grad_clip=0.5,
+    eval_every=4,
+    eval_tokens=1024,
+    log_every=3,
+    patience=7,
+    min_delta=0.01,
+    guard_retries=5,
+    micro_batch=8,
+    dtype="float32",
+    plots=False,
+    progress=False,
+)
 
 
 def _group(t, label="lr", decay=True):
@@ -114,10 +157,14 @@ def paused(prepared, tmp_path, tok):
 def test_each_overridable_flag_takes_effect_when_typed_and_not_otherwise(paused, prepared, tmp_path, tok, flag):
     value, used = OVERRIDES[flag]
     resume = dict(data=str(prepared), out=str(paused), resume=True)
-    t = Trainer(tiny_config(tok.vocab_size), TrainConfig(**resume, **{flag: value}), given={flag, "data", "out", "resume"}).build()
+    t = Trainer(
+        tiny_config(tok.vocab_size), TrainConfig(**resume, **{flag: value}), given={flag, "data", "out", "resume"}
+    ).build()
     assert used(t) == pytest.approx(value), flag
     t.close_run_dir()  # a resumed Trainer holds the run's lock until closed (or dropped)
-    t = Trainer(tiny_config(tok.vocab_size), TrainConfig(**resume, **{flag: value}), given={"data", "out", "resume"}).build()
+    t = Trainer(
+        tiny_config(tok.vocab_size), TrainConfig(**resume, **{flag: value}), given={"data", "out", "resume"}
+    ).build()
     saved = SAVED.get(flag, TrainConfig(max_steps=8).max_steps if flag == "max_steps" else None)
     assert used(t) == pytest.approx(saved), flag  # not typed: the run's own value, not the flag object's
 
@@ -126,7 +173,11 @@ def test_muon_and_momentum_learning_rates_apply_to_their_own_groups(prepared, tm
     for opt, flag, label in (("muon", "muon_lr", "lr_muon"), ("momentum", "momentum", "lr")):
         name = f"run-{opt}"
         train(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, name=name, optimizer=opt, pause_at=2))
-        t = Trainer(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, name=name, optimizer=opt, resume=True, **{flag: 0.5}), given={flag}).build()
+        t = Trainer(
+            tiny_config(tok.vocab_size),
+            cfg_for(prepared, tmp_path, name=name, optimizer=opt, resume=True, **{flag: 0.5}),
+            given={flag},
+        ).build()
         g = next(g for g in t.opt.param_groups if g["label"] == label)
         assert (g["base_lr"] if flag == "muon_lr" else g["momentum"]) == 0.5
         if opt == "muon":  # the other group keeps the run's own lr
@@ -135,8 +186,30 @@ def test_muon_and_momentum_learning_rates_apply_to_their_own_groups(prepared, tm
 
 def test_cli_resume_lr_is_used_logged_and_recorded(text_file, tmp_path):
     out = tmp_path / "run"
-    r = cli("train", "--data", text_file, "--out", out, "--vocab-size", 300, "--max-steps", 40, "--pause-at", 20, "--lr", 3e-3,
-            "--schedule", "constant", "--warmup-steps", 0, "--log-every", 1, "--eval-every", 20, *TINY)
+    r = cli(
+        "train",
+        "--data",
+        text_file,
+        "--out",
+        out,
+        "--vocab-size",
+        300,
+        "--max-steps",
+        40,
+        "--pause-at",
+        20,
+        "--lr",
+        3e-3,
+        "--schedule",
+        "constant",
+        "--warmup-steps",
+        0,
+        "--log-every",
+        1,
+        "--eval-every",
+        20,
+        *TINY,
+    )
     assert r.returncode == 0, r.stderr
     r = cli("train", "--out", out, "--resume", "--lr", 1e-3, "--no-progress")
     assert r.returncode == 0, r.stderr
@@ -161,12 +234,20 @@ def test_cli_resume_lr_is_used_logged_and_recorded(text_file, tmp_path):
 )
 def test_flags_that_cannot_apply_to_a_run_in_progress_are_refused_by_name(paused, prepared, tok, given, message):
     with pytest.raises(ConfigError, match=message):
-        Trainer(tiny_config(tok.vocab_size), TrainConfig(data=str(prepared), out=str(paused), resume=True, **given), given=set(given)).build()
+        Trainer(
+            tiny_config(tok.vocab_size),
+            TrainConfig(data=str(prepared), out=str(paused), resume=True, **given),
+            given=set(given),
+        ).build()
 
 
 def test_model_shape_flags_are_refused_on_resume(paused, prepared, tok):
     with pytest.raises(ConfigError, match="--n-layer 3 cannot change on --resume"):
-        Trainer(tiny_config(tok.vocab_size, n_layer=3), TrainConfig(data=str(prepared), out=str(paused), resume=True), given={"n_layer"}).build()
+        Trainer(
+            tiny_config(tok.vocab_size, n_layer=3),
+            TrainConfig(data=str(prepared), out=str(paused), resume=True),
+            given={"n_layer"},
+        ).build()
 
 
 def test_a_spent_budget_is_an_error_not_a_silent_exit(prepared, tmp_path, tok):
@@ -181,13 +262,17 @@ def test_a_spent_budget_is_an_error_not_a_silent_exit(prepared, tmp_path, tok):
 def test_extending_a_run_warms_the_learning_rate_up_again_without_a_jump(prepared, tmp_path, tok, schedule):
     kw = dict(schedule=schedule, log_every=1, decay_fraction=0.5)
     train(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, max_steps=10, pause_at=6, **kw))
-    train(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, max_steps=30, resume=True, **kw), given={"max_steps"})
+    train(
+        tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, max_steps=30, resume=True, **kw), given={"max_steps"}
+    )
     lrs = [r["lr"] for r in sorted((r for r in read_metrics(tmp_path / "run") if "lr" in r), key=lambda r: r["step"])]
     assert len(lrs) == 30
     peak, warmup = 3e-3, 24 // 5  # the phase warms over a fifth of its 24 steps at most
     top = lrs.index(max(lrs[6:]), 6)
-    assert all(a <= b * (1 + 1e-9) for a, b in zip(lrs[5:top], lrs[6 : top + 1])), lrs  # climbs from where it was (wsd: at the peak) ...
-    assert all(b - a <= (peak - lrs[5]) / warmup * 1.001 for a, b in zip(lrs[5:top], lrs[6 : top + 1]))  # ... in even steps, no jump
+    # climbs from where it was (wsd: at the peak) ...
+    assert all(a <= b * (1 + 1e-9) for a, b in zip(lrs[5:top], lrs[6 : top + 1])), lrs
+    # ... in even steps, no jump
+    assert all(b - a <= (peak - lrs[5]) / warmup * 1.001 for a, b in zip(lrs[5:top], lrs[6 : top + 1]))
     assert top - 5 <= warmup and max(lrs) == pytest.approx(peak, rel=0.02)  # back at the run's peak within the warmup
     assert all(b <= a * (1 + 1e-9) for a, b in zip(lrs[top:], lrs[top + 1 :])), lrs  # then decays over the new budget
     assert 3e-3 * 0.1 <= lrs[-1] <= 0.35 * peak  # towards (never below) the floor
@@ -196,8 +281,28 @@ def test_extending_a_run_warms_the_learning_rate_up_again_without_a_jump(prepare
 def test_extending_a_finished_run_trains_at_the_typed_lr_or_the_runs_peak(text_file, tmp_path):
     """The README's "extend it" line after a run that decayed to 0: the new phase trains at a real learning rate."""
     out = tmp_path / "run"
-    first = cli("train", "--data", text_file, "--out", out, "--vocab-size", 300, "--max-steps", 10, "--eval-every", 5, "--lr", 3e-3,
-                "--min-lr-ratio", 0, "--warmup-steps", 2, "--log-every", 1, *TINY)
+    first = cli(
+        "train",
+        "--data",
+        text_file,
+        "--out",
+        out,
+        "--vocab-size",
+        300,
+        "--max-steps",
+        10,
+        "--eval-every",
+        5,
+        "--lr",
+        3e-3,
+        "--min-lr-ratio",
+        0,
+        "--warmup-steps",
+        2,
+        "--log-every",
+        1,
+        *TINY,
+    )
     assert first.returncode == 0, first.stderr
     rows = lambda: sorted((r for r in read_metrics(out) if "lr" in r), key=lambda r: r["step"])  # noqa: E731
     assert rows()[-1]["lr"] < 3e-4  # decayed nearly to 0
@@ -205,11 +310,13 @@ def test_extending_a_finished_run_trains_at_the_typed_lr_or_the_runs_peak(text_f
     assert typed.returncode == 0, typed.stderr
     assert "to 0.001 (--lr)" in typed.stderr
     after = [r["lr"] for r in rows() if r["step"] > 10]
-    assert max(after) == pytest.approx(1e-3, rel=0.1) and after[-1] < 1e-4  # warms to the typed --lr (the cosine has begun), decays over the new budget
+    # warms to the typed --lr (the cosine has begun), decays over the new budget
+    assert max(after) == pytest.approx(1e-3, rel=0.1) and after[-1] < 1e-4
     again = cli("train", "--out", out, "--resume", "--max-steps", 60, "--no-progress")
     assert again.returncode == 0, again.stderr
     assert "(the run's peak)" in again.stderr
-    assert max(r["lr"] for r in rows() if r["step"] > 30) == pytest.approx(1e-3, rel=0.1)  # the peak the run now has: the typed one
+    # the peak the run now has: the typed one
+    assert max(r["lr"] for r in rows() if r["step"] > 30) == pytest.approx(1e-3, rel=0.1)
     assert RunDir(out).read_config()["train"]["lr"] == pytest.approx(1e-3)
 
 
@@ -218,12 +325,19 @@ def test_from_best_resumes_the_best_checkpoint_exactly(prepared, tmp_path, tok):
     train(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, max_steps=8, eval_every=4, min_delta=10.0))
     run = RunDir(tmp_path / "run")
     assert int(ckpt.weights_metadata(run.best)["step"]) == 4 and int(ckpt.weights_metadata(run.weights)["step"]) == 8
-    t = Trainer(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, max_steps=16, resume=True, from_best=True), given={"max_steps"}).build()
+    t = Trainer(
+        tiny_config(tok.vocab_size),
+        cfg_for(prepared, tmp_path, max_steps=16, resume=True, from_best=True),
+        given={"max_steps"},
+    ).build()
     assert t.step == 4 and t.tokens_seen == 4 * 8 * 32
     best = ckpt.load_weights(run.best)
     assert all(torch.equal(v, best[k]) for k, v in t.model.state_dict().items() if k in best)
     t.close_run_dir()
-    s = train(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, max_steps=8, resume=True, from_best=True, min_delta=10.0))
+    s = train(
+        tiny_config(tok.vocab_size),
+        cfg_for(prepared, tmp_path, max_steps=8, resume=True, from_best=True, min_delta=10.0),
+    )
     assert s["steps"] == 8  # steps 5..8 again, from the best checkpoint
     with pytest.raises(ConfigError, match="--from-best only applies with --resume"):
         Trainer(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, name="other", from_best=True)).build()
@@ -238,7 +352,7 @@ def test_equal_weights_give_equal_bytes(tmp_path):
 import torch
 from gradlm import files as ckpt
 state = {{"b": torch.ones(3), "a": torch.arange(4.0), "c": torch.zeros(2, dtype=torch.bfloat16)}}
-ckpt.save_weights({str(tmp_path / 'y.safetensors')!r}, dict(reversed(state.items())), {{"step": "3"}})
+ckpt.save_weights({str(tmp_path / "y.safetensors")!r}, dict(reversed(state.items())), {{"step": "3"}})
 """
     ckpt.save_weights(tmp_path / "x.safetensors", state, {"step": "3"})
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)  # another process: another hash seed
@@ -248,7 +362,17 @@ ckpt.save_weights({str(tmp_path / 'y.safetensors')!r}, dict(reversed(state.items
 
 
 def test_resume_reads_the_same_prepared_cache(text_file, tmp_path, tok):
-    cfg = dict(data=str(text_file), out=str(tmp_path / "run"), vocab_size=300, batch="8", max_steps=4, eval_every=2, eval_tokens=512, progress=False, plots=False)
+    cfg = dict(
+        data=str(text_file),
+        out=str(tmp_path / "run"),
+        vocab_size=300,
+        batch="8",
+        max_steps=4,
+        eval_every=2,
+        eval_tokens=512,
+        progress=False,
+        plots=False,
+    )
     train(tiny_config(300), TrainConfig(**cfg, pause_at=2))
     cache = tmp_path / "cache" / "prepared"
     first = sorted(p.name for p in cache.iterdir())
@@ -266,7 +390,22 @@ def _start(args, **kw):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(prepared, tmp_path, sig, code):
     run = tmp_path / "run"
-    p = _start(["train", "--data", prepared, "--out", run, "--max-steps", 100000, "--eval-every", 100000, "--log-every", 1, *TINY])
+    p = _start(
+        [
+            "train",
+            "--data",
+            prepared,
+            "--out",
+            run,
+            "--max-steps",
+            100000,
+            "--eval-every",
+            100000,
+            "--log-every",
+            1,
+            *TINY,
+        ]
+    )
     wait_for_step(run, 3, p)
     p.send_signal(sig)
     out, err = p.communicate(timeout=120)
@@ -280,12 +419,16 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(prepared, tmp_path, 
 
 def test_one_writer_per_run_and_no_stale_lock_after_a_crash(prepared, tmp_path, tok):
     run = tmp_path / "run"
-    p = _start(["train", "--data", prepared, "--out", run, "--max-steps", 100000, "--eval-every", 2, "--log-every", 1, *TINY])
+    p = _start(
+        ["train", "--data", prepared, "--out", run, "--max-steps", 100000, "--eval-every", 2, "--log-every", 1, *TINY]
+    )
     try:
         wait_for_step(run, 2, p)
         time.sleep(0.5)
         r = cli("train", "--out", run, "--resume", "--no-progress")
-        assert r.returncode == 2 and "being written by another gradlm process" in r.stderr and f"pid {p.pid}" in r.stderr, r.stderr
+        assert (
+            r.returncode == 2 and "being written by another gradlm process" in r.stderr and f"pid {p.pid}" in r.stderr
+        ), r.stderr
     finally:
         p.kill()  # SIGKILL: the kernel drops its lock
         p.wait()
@@ -323,10 +466,16 @@ def test_corrupt_files_give_one_line_naming_the_file(prepared, tmp_path, tok):
     state = run / "state" / "trainer.pt"
     state.write_bytes(state.read_bytes()[:100])
     r = cli("train", "--out", run, "--resume", "--no-progress")
-    assert r.returncode == 2 and "trainer.pt" in r.stderr and "corrupt" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2 and "trainer.pt" in r.stderr and "corrupt" in r.stderr and "Traceback" not in r.stderr, (
+        r.stderr
+    )
     weights = run / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])
-    for args in (("generate", run, "hi"), ("eval", run, "--data", prepared / "tokenizer.json"), ("train", "--out", run, "--resume")):
+    for args in (
+        ("generate", run, "hi"),
+        ("eval", run, "--data", prepared / "tokenizer.json"),
+        ("train", "--out", run, "--resume"),
+    ):
         r = cli(*args)
         assert r.returncode == 2 and "model.safetensors" in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     (run / "config.json").write_text('{"model": {}, "gradlm_version": "9.0.0"}')
@@ -337,16 +486,39 @@ def test_corrupt_files_give_one_line_naming_the_file(prepared, tmp_path, tok):
 def test_kill_9_at_random_moments_then_resume_is_bit_identical(prepared, tmp_path):
     """SIGKILL at seeded random moments (mid-step, mid-checkpoint, whatever comes), resume each time;
     the final weights and training state equal an uninterrupted run's, byte for byte."""
-    args = ["--data", prepared, "--max-steps", 60, "--eval-every", 3, "--log-every", 1, "--seed", 0, "--dropout", 0.1, *TINY]
+    args = [
+        "--data",
+        prepared,
+        "--max-steps",
+        60,
+        "--eval-every",
+        3,
+        "--log-every",
+        1,
+        "--seed",
+        0,
+        "--dropout",
+        0.1,
+        *TINY,
+    ]
     straight = cli("train", "--out", tmp_path / "straight", *args)
     assert straight.returncode == 0, straight.stderr
     run = tmp_path / "killed"
-    p, kills = kill_and_resume(run, _start(["train", "--out", run, *args]), (1, 15, 30, 45), ["train", "--out", run, "--resume", "--no-progress"],
-                               random.Random(1), pause=0.4)
+    p, kills = kill_and_resume(
+        run,
+        _start(["train", "--out", run, *args]),
+        (1, 15, 30, 45),
+        ["train", "--out", run, "--resume", "--no-progress"],
+        random.Random(1),
+        pause=0.4,
+    )
     p.communicate(timeout=300)
     assert p.returncode == 0
     assert kills >= 2
-    print(f"kill -9 test: {kills} kills at seeded random moments, {len(read_metrics(run))} metrics rows; final weights byte-identical")
+    print(
+        f"kill -9 test: {kills} kills at seeded random moments, {len(read_metrics(run))} metrics rows; final weights "
+        "byte-identical"
+    )
     assert (run / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
     steps = [r["step"] for r in read_metrics(run) if "loss" in r]
     assert steps == list(range(1, 61))  # every step logged once: no duplicates, no gaps
@@ -354,7 +526,9 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(prepared, tmp_pat
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again_from_its_init(prepared, tmp_path, tok):
     train(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, name="a", max_steps=4))
-    t = Trainer(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, name="b", init=str(tmp_path / "a"), max_steps=4)).build()
+    t = Trainer(
+        tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, name="b", init=str(tmp_path / "a"), max_steps=4)
+    ).build()
     t.start_run_dir()  # config.json is written, then the process dies before any checkpoint
     t.close_run_dir()
     r = Trainer(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, name="b", resume=True)).build()

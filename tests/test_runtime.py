@@ -146,8 +146,18 @@ def sharp_run(tmp_path_factory, tok):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("command", ["generate {run} hi", "chat {run}", "eval {run} --data {text}", "serve {run} --port 0", "merge {run} --out {out}",
-                                     "train --data {text} --out {out} --max-steps 2", "lr-find --data {text} --steps 10"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "generate {run} hi",
+        "chat {run}",
+        "eval {run} --data {text}",
+        "serve {run} --port 0",
+        "merge {run} --out {out}",
+        "train --data {text} --out {out} --max-steps 2",
+        "lr-find --data {text} --steps 10",
+    ],
+)
 def test_a_device_this_machine_lacks_is_one_line_and_exit_2(command, sharp_run, text_file, tmp_path, capsys):
     from gradlm.cli import main
 
@@ -173,7 +183,10 @@ def test_int8_decoding_on_the_cpu_through_the_cli_and_the_api(sharp_run, tok, ca
         rounded = lm.engine.forward(ids, lm.model.new_cache(1, 64))
     assert (rounded - exact).abs().max() < 0.05 * exact.abs().max()
     int8 = lm.complete("ROMEO:", temperature=0, max_new_tokens=24)[0]
-    assert main(["generate", str(sharp_run), "ROMEO:", "--temperature", "0", "--max-new-tokens", "24", "--dtype", "int8"]) == 0
+    assert (
+        main(["generate", str(sharp_run), "ROMEO:", "--temperature", "0", "--max-new-tokens", "24", "--dtype", "int8"])
+        == 0
+    )
     assert capsys.readouterr().out == int8.text + "\n"
     assert main(["eval", str(sharp_run), "--data", "x", "--dtype", "int8"]) == 2
     assert "scoring computes in float32 or bfloat16" in capsys.readouterr().err
@@ -186,7 +199,9 @@ def test_eval_reports_where_it_ran_and_bfloat16_weights_score_close_to_float32(s
 
     figures = {}
     for dtype in ("float32", "bfloat16"):
-        assert main(["eval", str(sharp_run), "--data", str(text_file), "--json", "--device", "cpu", "--dtype", dtype]) == 0
+        assert (
+            main(["eval", str(sharp_run), "--data", str(text_file), "--json", "--device", "cpu", "--dtype", dtype]) == 0
+        )
         report = json.loads(capsys.readouterr().out)
         assert (report["device"], report["dtype"]) == ("cpu", dtype)
         figures[dtype] = report["clean"]["bits_per_byte"]
@@ -234,11 +249,18 @@ def test_a_training_step_reads_the_device_once(prepared, tmp_path, tok, monkeypa
 
     from conftest import tiny_config
 
-    t = Trainer(tiny_config(tok.vocab_size), TrainConfig(data=str(prepared), out=str(tmp_path / "run"), batch="8", accum=2, max_steps=5, progress=False, plots=False)).build()
+    t = Trainer(
+        tiny_config(tok.vocab_size),
+        TrainConfig(
+            data=str(prepared), out=str(tmp_path / "run"), batch="8", accum=2, max_steps=5, progress=False, plots=False
+        ),
+    ).build()
     reads = []
     for name in ("item", "tolist", "__float__", "__bool__"):
         real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name: reads.append(_name) or _real(self, *a))
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _real=real, _name=name: reads.append(_name) or _real(self, *a)
+        )
     t.model.train()
     loss, norm = t.gradients()
     assert reads == ["tolist"] and loss > 0 and norm > 0

@@ -26,8 +26,20 @@ BLOCK = 32
 
 
 def cfg(data, out, **kw) -> TrainConfig:
-    base = dict(data=str(data), out=str(out), batch="8", max_steps=3, eval_every=10, eval_tokens=1 << 20, warmup_steps=0,
-                seed=0, progress=False, plots=False, dtype="float32", vocab_size=300)
+    base = dict(
+        data=str(data),
+        out=str(out),
+        batch="8",
+        max_steps=3,
+        eval_every=10,
+        eval_tokens=1 << 20,
+        warmup_steps=0,
+        seed=0,
+        progress=False,
+        plots=False,
+        dtype="float32",
+        vocab_size=300,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -57,22 +69,37 @@ def two_files(tmp_path_factory, small_text, base):
 
 def test_training_finetuning_and_eval_print_the_same_validation_figure(base, two_files, tmp_path, capsys):
     data, val = two_files
-    t = Trainer(tiny_config(300), cfg(data, tmp_path / "t", init=str(base))).build()  # the base's weights, not trained further
+    # the base's weights, not trained further
+    t = Trainer(tiny_config(300), cfg(data, tmp_path / "t", init=str(base))).build()
     tok = RunDir(base).load_tokenizer()
     assert t.tok.sha256 == tok.sha256
     assert t.source.val_tokens.tolist() == [tok.eot_id] + tok.encode(val)  # the held-out document, whole windows of it
     trained = t.evaluate()
-    tuned = FineTuner(str(base), FinetuneConfig(), cfg(data, tmp_path / "f")).build().evaluate()  # text: scored as pretraining scores it
+    # text: scored as pretraining scores it
+    tuned = FineTuner(str(base), FinetuneConfig(), cfg(data, tmp_path / "f")).build().evaluate()
     main(["eval", str(base), "--data", str(data / "b_val.txt"), "--stride", str(BLOCK), "--json"])
     evaluated = json.loads(capsys.readouterr().out)["clean"]
-    assert evaluated["windows"] == len(t.source.val_tokens) // BLOCK and evaluated["tokens"] == len(t.source.val_tokens) - 1
+    assert (
+        evaluated["windows"] == len(t.source.val_tokens) // BLOCK
+        and evaluated["tokens"] == len(t.source.val_tokens) - 1
+    )
     assert trained["val_bpb"] == pytest.approx(evaluated["bits_per_byte"], abs=1e-6)
     assert trained["val_loss"] == pytest.approx(evaluated["loss"], abs=1e-6)
-    assert tuned["val_bpb"] == pytest.approx(trained["val_bpb"], abs=1e-9) and tuned["val_loss"] == pytest.approx(trained["val_loss"], abs=1e-9)
+    assert tuned["val_bpb"] == pytest.approx(trained["val_bpb"], abs=1e-9) and tuned["val_loss"] == pytest.approx(
+        trained["val_loss"], abs=1e-9
+    )
 
 
 def test_finetuning_validation_scores_the_replies_only(base, tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"What is item {i}?"}, {"role": "assistant", "content": f"It is number {i * 7}."}]} for i in range(40)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is item {i}?"},
+                {"role": "assistant", "content": f"It is number {i * 7}."},
+            ]
+        }
+        for i in range(40)
+    ]
     qa = tmp_path / "qa.jsonl"
     qa.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     t = FineTuner(str(base), FinetuneConfig(), cfg(qa, tmp_path / "ft", val_fraction=0.25, micro_batch=3)).build()
@@ -90,7 +117,11 @@ def test_finetuning_validation_scores_the_replies_only(base, tmp_path):
                     nll, n = nll + loss, n + 1
                     if lengths[target] > 0:
                         bits, nbytes = bits + loss / math.log(2), nbytes + int(lengths[target])
-    assert n > 0 and got["val_loss"] == pytest.approx(nll / n, rel=1e-6) and got["val_bpb"] == pytest.approx(bits / nbytes, rel=1e-6)
+    assert (
+        n > 0
+        and got["val_loss"] == pytest.approx(nll / n, rel=1e-6)
+        and got["val_bpb"] == pytest.approx(bits / nbytes, rel=1e-6)
+    )
 
 
 def test_spaced_windows_split_over_ranks_into_the_same_figure(tok):
@@ -102,7 +133,9 @@ def test_spaced_windows_split_over_ranks_into_the_same_figure(tok):
     assert whole.tokens == 10 * 32 == sum(p.tokens for p in parts)
     # Not to the last bit: a window's float32 logits depend on which windows share its batch where the kernels block
     # by batch size (ATen's AVX2 ones do: 5e-10 apart there), so each token's loss may move by a float32 rounding.
-    assert whole.nll == pytest.approx(sum(p.nll for p in parts), rel=1e-6) and whole.bits == pytest.approx(sum(p.bits for p in parts), rel=1e-6)
+    assert whole.nll == pytest.approx(sum(p.nll for p in parts), rel=1e-6) and whole.bits == pytest.approx(
+        sum(p.bits for p in parts), rel=1e-6
+    )
 
 
 def test_masked_targets_are_left_out_and_kept_losses_follow_the_windows(tok):

@@ -123,7 +123,9 @@ def test_stop_strings_are_never_shown_streamed_or_not(client, lm, stop):
     r = client.completions.create(model=NAME, prompt="H", max_tokens=20, temperature=0, stop=stop)
     assert r.choices[0].text == want
     assert r.choices[0].finish_reason == ("stop" if first >= 0 else "length")
-    pieces, finish = streamed_text(client.completions.create(model=NAME, prompt="H", max_tokens=20, temperature=0, stop=stop, stream=True))
+    pieces, finish = streamed_text(
+        client.completions.create(model=NAME, prompt="H", max_tokens=20, temperature=0, stop=stop, stream=True)
+    )
     assert "".join(pieces) == want and finish == r.choices[0].finish_reason
 
 
@@ -147,7 +149,9 @@ def test_streamed_equals_non_streamed_for_the_same_seed(client):
     assert "".join(pieces) == r.choices[0].text and finish == r.choices[0].finish_reason
     messages = [{"role": "user", "content": "Hi"}]
     c = client.chat.completions.create(messages=messages, **settings)
-    pieces, finish = streamed_text(client.chat.completions.create(messages=messages, stream=True, **settings), chat=True)
+    pieces, finish = streamed_text(
+        client.chat.completions.create(messages=messages, stream=True, **settings), chat=True
+    )
     assert "".join(pieces) == c.choices[0].message.content and finish == c.choices[0].finish_reason
     assert c.choices[0].message.role == "assistant" and c.object == "chat.completion"
 
@@ -169,11 +173,15 @@ def test_seeds_reproduce_and_n_samples_draw_from_seed_plus_index(client):
 
 
 def _one(client, prompt: str, seed: int) -> str:
-    return client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=1.0, seed=seed).choices[0].text
+    return (
+        client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=1.0, seed=seed).choices[0].text
+    )
 
 
 def test_logprobs_are_the_models_own_before_sampling_filters(client, lm):
-    r = client.completions.create(model=NAME, prompt="H", max_tokens=6, temperature=0.7, seed=0, logprobs=3, extra_body={"top_k": 3})
+    r = client.completions.create(
+        model=NAME, prompt="H", max_tokens=6, temperature=0.7, seed=0, logprobs=3, extra_body={"top_k": 3}
+    )
     lp = r.choices[0].logprobs
     ids = lm.tok.encode("H") + lp.model_extra["token_ids"]
     with torch.no_grad():
@@ -183,7 +191,14 @@ def test_logprobs_are_the_models_own_before_sampling_filters(client, lm):
         assert value == pytest.approx(float(row[ids[k + 1]]), abs=1e-4)
         assert sorted(top.values(), reverse=True) == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
     assert lp.text_offset == [0, 1, 2, 2, 2, 2]  # 🙂's bytes start where the character does
-    c = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    c = client.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = c.choices[0].logprobs.content
     assert bytes(b for t in content for b in t.bytes).decode() == c.choices[0].message.content
     assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.logprob for t in content)
@@ -202,7 +217,13 @@ def test_special_token_text_in_a_request_stays_text(client, lm):
 
 
 def test_include_usage_and_the_chat_stream_shape(http):
-    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 5,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with http.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.headers["content-type"] == "text/event-stream; charset=utf-8"
         lines = [ln for ln in r.iter_lines() if ln]
@@ -216,7 +237,9 @@ def test_include_usage_and_the_chat_stream_shape(http):
 
 def test_concurrent_requests_are_batched_and_write_what_they_would_alone(client, engine):
     def one(seed):
-        r = client.completions.create(model=NAME, prompt="Hi" if seed % 2 else "H", max_tokens=20 + seed, temperature=1.0, seed=seed)
+        r = client.completions.create(
+            model=NAME, prompt="Hi" if seed % 2 else "H", max_tokens=20 + seed, temperature=1.0, seed=seed
+        )
         return r.choices[0].text, r.usage.completion_tokens
 
     alone = [one(s) for s in range(8)]
@@ -235,7 +258,12 @@ BAD = [
     ({"prompt": "H", "temperature": -1}, 400, "temperature", "temperature"),
     ({"prompt": "H", "top_p": 0}, 400, "top_p", "top_p"),
     ({"prompt": "H", "n": 0}, 400, "n", "n"),
-    ({"prompt": "H", "max_tokens": 64}, 400, "max_tokens", "65 tokens (1 in the prompt + 64 max_tokens), more than the context window of 64"),
+    (
+        {"prompt": "H", "max_tokens": 64},
+        400,
+        "max_tokens",
+        "65 tokens (1 in the prompt + 64 max_tokens), more than the context window of 64",
+    ),
     ({"prompt": "H" * 70}, 400, "prompt", "70 tokens long; the context window is 64"),
     ({"prompt": [1, 2]}, 400, "prompt", "string or a non-empty list of strings"),
     ({"prompt": "H", "stop": ["!", ""]}, 400, "stop", "must not be empty"),
@@ -272,9 +300,14 @@ def test_bad_chat_requests_get_openai_errors(http, messages, message):
 def test_transport_errors_are_openai_json_too(http, client):
     r = http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
-    r = http.post("/v1/completions", content=b'{"prompt": "H"}', headers={"content-type": "application/x-www-form-urlencoded"})
+    r = http.post(
+        "/v1/completions", content=b'{"prompt": "H"}', headers={"content-type": "application/x-www-form-urlencoded"}
+    )
     assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"]
-    assert http.get("/v1/nothing").status_code == 404 and "no such endpoint" in http.get("/v1/nothing").json()["error"]["message"]
+    assert (
+        http.get("/v1/nothing").status_code == 404
+        and "no such endpoint" in http.get("/v1/nothing").json()["error"]["message"]
+    )
     assert http.get("/v1/completions").status_code == 405 and "error" in http.get("/v1/completions").json()
     big = b'{"prompt": "' + b"a" * (2 << 20) + b'"}'
     r = http.post("/v1/completions", content=big, headers={"content-type": "application/json"})
@@ -348,7 +381,13 @@ def run_dir(tmp_path_factory, lm):
 
 def test_cli_serve_answers_and_stops(run_dir):
     env = dict(os.environ, GRADLM_API_KEY="k")
-    proc = subprocess.Popen([sys.executable, "-m", "gradlm", "serve", str(run_dir), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradlm", "serve", str(run_dir), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert select.select([proc.stdout], [], [], 120)[0], "the server printed nothing in 2 minutes"
         line = proc.stdout.readline()  # "serving cyclerun (...) at http://127.0.0.1:PORT/ ..."
@@ -381,7 +420,14 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def test_playground_generates_tokens_with_probabilities_and_alternatives(url, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+    flags = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+    ]
     shot = Path(os.environ.get("GRADLM_SCREENSHOT") or tmp_path / "playground.png")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=flags)
@@ -396,7 +442,9 @@ def test_playground_generates_tokens_with_probabilities_and_alternatives(url, tm
             page.fill("#max_tokens", "24")
             page.fill("#seed", "4")
             page.click("#generate")
-            page.wait_for_function("document.getElementById('cstatus').textContent.startsWith('finished')", timeout=20_000)
+            page.wait_for_function(
+                "document.getElementById('cstatus').textContent.startsWith('finished')", timeout=20_000
+            )
             tokens = page.locator("#cout .tok")
             assert tokens.count() >= 20
             assert page.locator("#cout .pending").inner_text() == ""
@@ -410,7 +458,9 @@ def test_playground_generates_tokens_with_probabilities_and_alternatives(url, tm
             page.screenshot(path=str(shot))
             page.click("nav button[data-tab=tokenize]")
             page.fill("#ttext", "acetominophen 🙂")
-            page.wait_for_function("document.getElementById('tstats').textContent.includes('for 18 bytes')", timeout=10_000)
+            page.wait_for_function(
+                "document.getElementById('tstats').textContent.includes('for 18 bytes')", timeout=10_000
+            )
             boxes = page.locator("#tout .piece")
             assert boxes.count() == len(httpx.post(url + "/tokenize", json={"text": "acetominophen 🙂"}).json()["ids"])
             assert boxes.last.inner_text().split() == ["\\x82", "130"]  # the last byte of 🙂, and its id
@@ -447,13 +497,20 @@ def test_chat_qa_cli_and_server_give_the_same_greedy_text(chat_run, tok, capsys)
     lm = load(chat_run)
     question = "Dose of zorvastatin?"
     chat = "".join(ChatSession(lm, sampling=SamplingConfig(temperature=0, max_new_tokens=20)).send(question))
-    qa = score_qa(lm.model, lm.tok, [QAItem([{"role": "user", "content": question}], ANSWER, "train", "q1")], max_new_tokens=20).predictions[0]["got"]
+    qa = score_qa(
+        lm.model, lm.tok, [QAItem([{"role": "user", "content": question}], ANSWER, "train", "q1")], max_new_tokens=20
+    ).predictions[0]["got"]
     template = tok.decode(encode_chat(tok, [{"role": "user", "content": question}]))  # the same ids, typed
-    assert main(["generate", str(chat_run), template, "--allow-special", "--temperature", "0", "--max-new-tokens", "20"]) == 0
+    assert (
+        main(["generate", str(chat_run), template, "--allow-special", "--temperature", "0", "--max-new-tokens", "20"])
+        == 0
+    )
     cli = capsys.readouterr().out.removesuffix("\n")
     with live(create_app(lm, NAME)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=20)
+        r = client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=20
+        )
         server = r.choices[0].message.content
         assert r.choices[0].finish_reason == "stop"
     assert chat == qa == cli == server == ANSWER
@@ -466,13 +523,17 @@ def test_completions_on_a_chat_tuned_run_stop_at_end_and_never_show_special_toke
     lm = load(chat_run)
     first = tok.decode(tok.encode(ANSWER)[:1])  # a prompt inside the answer: the model finishes it, then <|end|>
     with live(create_app(lm, NAME)) as url:
-        r = httpx.post(url + "/v1/completions", json={"prompt": first, "max_tokens": 30, "temperature": 0}, timeout=60).json()
-    assert r["choices"][0]["text"] == ANSWER[len(first):] and r["choices"][0]["finish_reason"] == "stop"
-    assert lm.generate(first, temperature=0, max_new_tokens=30) == ANSWER[len(first):]
+        r = httpx.post(
+            url + "/v1/completions", json={"prompt": first, "max_tokens": 30, "temperature": 0}, timeout=60
+        ).json()
+    assert r["choices"][0]["text"] == ANSWER[len(first) :] and r["choices"][0]["finish_reason"] == "stop"
+    assert lm.generate(first, temperature=0, max_new_tokens=30) == ANSWER[len(first) :]
     # The same model read as a base model (no chat template) runs on past <|end|>, and still never
     # writes a special token as text: it continues with the answer again.
     base = LM(lm.model, tok).complete(first, temperature=0, max_new_tokens=30)[0]
-    assert "<|" not in base.text and base.text.startswith(ANSWER[len(first):] + ANSWER) and base.finish_reason == "length"
+    assert (
+        "<|" not in base.text and base.text.startswith(ANSWER[len(first) :] + ANSWER) and base.finish_reason == "length"
+    )
     assert tok.specials["<|end|>"] in base.token_ids
 
 
@@ -488,6 +549,12 @@ def test_chat_refuses_a_message_longer_than_the_context_window(chat_run, tok):
         list(ChatSession(lm).send(long))
     with pytest.raises(ConfigError, match="context window"):
         lm.generate(long)
-    out = subprocess.run([sys.executable, "-m", "gradlm", "chat", str(chat_run), "--temperature", "0"], input=long + "\nHi\n", capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "gradlm", "chat", str(chat_run), "--temperature", "0"],
+        input=long + "\nHi\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "context window" in out.stderr and "Traceback" not in out.stderr
     assert out.stdout.strip() == ANSWER  # only the second message was answered

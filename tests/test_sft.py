@@ -36,14 +36,40 @@ def write_jsonl(path, rows) -> str:
 
 QA = [
     {"prompt": "What class is zorvastatin?", "completion": "a statin"},
-    {"messages": [{"role": "user", "content": "Max daily dose of quelmaprine?"}, {"role": "assistant", "content": "25 mg"}], "split": "train"},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "Max daily dose of quelmaprine?"},
+            {"role": "assistant", "content": "25 mg"},
+        ],
+        "split": "train",
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Bye."},
+        ]
+    },
 ]
 
 
 def test_prompt_completion_is_one_user_and_one_assistant_turn(tmp_path, tok):
     a = read_conversations(write_jsonl(tmp_path / "a.jsonl", [QA[0]]))[0]
-    b = read_conversations(write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user", "content": QA[0]["prompt"]}, {"role": "assistant", "content": QA[0]["completion"]}]}]))[0]
+    b = read_conversations(
+        write_jsonl(
+            tmp_path / "b.jsonl",
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": QA[0]["prompt"]},
+                        {"role": "assistant", "content": QA[0]["completion"]},
+                    ]
+                }
+            ],
+        )
+    )[0]
     assert a.messages == b.messages and a.where == f"{tmp_path / 'a.jsonl'} line 1"
     gz = tmp_path / "c.jsonl.gz"
     gz.write_bytes(gzip.compress((json.dumps(QA[1]) + "\n").encode()))
@@ -57,11 +83,11 @@ def test_prompt_completion_is_one_user_and_one_assistant_turn(tmp_path, tok):
         ("not json", "line 2 is not JSON"),
         ('"just a string"', "line 2: expected an object"),
         ('{"text": "hello"}', "line 2 has neither"),
-        ('{"prompt": "q"}', "line 2: \"prompt\" and \"completion\" must both be strings"),
+        ('{"prompt": "q"}', 'line 2: "prompt" and "completion" must both be strings'),
         ('{"prompt": "q", "completion": 5}', "must both be strings"),
         ('{"messages": [{"role": "user", "content": "q"}], "prompt": "q", "completion": "a"}', "line 2 has both"),
         ('{"messages": [{"role": "robot", "content": "q"}]}', "line 2: message 1 has role 'robot'"),
-        ('{"messages": []}', "line 2: \"messages\" must be a non-empty list"),
+        ('{"messages": []}', 'line 2: "messages" must be a non-empty list'),
     ],
 )
 def test_bad_lines_name_the_file_and_line(tmp_path, line, message):
@@ -194,7 +220,10 @@ def test_split_and_ordered_batches(tmp_path, tok):
     train, val = split_examples(examples, 0.2, seed=0)
     assert len(val) == 5 and len(train) == 18
     assert sorted(map(id, train + val)) == sorted(map(id, examples))
-    assert split_examples(examples, 0.2, seed=0) == (train, val) and split_examples(examples, 0.2, seed=1) != (train, val)
+    assert split_examples(examples, 0.2, seed=0) == (train, val) and split_examples(examples, 0.2, seed=1) != (
+        train,
+        val,
+    )
     got = [x for x, _ in batches(val, 2, pad_id(tok))]
     assert [len(x) for x in got] == [2, 2, 1]
     with pytest.raises(DataError, match="validation fraction"):

@@ -79,7 +79,9 @@ def test_save_load_is_standard_tokenizer_json(tok, tmp_path):
 
 def test_hf_fallback_matches_when_pretokenizer_unknown(tok, small_text):
     spec = json.loads(tok.to_json())
-    spec["pre_tokenizer"]["pretokenizers"][1]["trim_offsets"] = not spec["pre_tokenizer"]["pretokenizers"][1].get("trim_offsets", True)
+    spec["pre_tokenizer"]["pretokenizers"][1]["trim_offsets"] = not spec["pre_tokenizer"]["pretokenizers"][1].get(
+        "trim_offsets", True
+    )
     other = Tokenizer(HFTokenizer.from_str(json.dumps(spec)))
     assert other.backend == "hf"
     assert other.encode(small_text[:3000]) == tok.encode(small_text[:3000])

@@ -35,8 +35,22 @@ def tracker_env(tmp_path, monkeypatch):
 
 
 def tiny(tmp_path, corpus, **kw) -> tuple[ModelConfig, TrainConfig]:
-    cfg = dict(data=str(corpus), out=str(tmp_path / "runs" / "a"), vocab_size=300, batch="4", max_steps=30, eval_every=10, log_every=5,
-               eval_tokens=512, sample_tokens=8, warmup_steps=2, progress=False, device="cpu", dtype="float32", logger=ALL)
+    cfg = dict(
+        data=str(corpus),
+        out=str(tmp_path / "runs" / "a"),
+        vocab_size=300,
+        batch="4",
+        max_steps=30,
+        eval_every=10,
+        log_every=5,
+        eval_tokens=512,
+        sample_tokens=8,
+        warmup_steps=2,
+        progress=False,
+        device="cpu",
+        dtype="float32",
+        logger=ALL,
+    )
     cfg.update(kw)
     return ModelConfig(n_layer=1, n_head=2, d_model=32, block_size=16), TrainConfig(**cfg)
 
@@ -64,7 +78,11 @@ def read_tensorboard(run: Path) -> tuple[dict, list[str], list[str], list[str]]:
     scalars = {k: [(e.step, e.value) for e in acc.Scalars(k)] for k in tags["scalars"]}
 
     def texts(tag):
-        return [tensor_util.make_ndarray(e.tensor_proto).item().decode() for e in acc.Tensors(tag)] if tag in tags["tensors"] else []
+        return (
+            [tensor_util.make_ndarray(e.tensor_proto).item().decode() for e in acc.Tensors(tag)]
+            if tag in tags["tensors"]
+            else []
+        )
 
     return scalars, texts("sample/text_summary"), texts("events/text_summary"), tags["images"]
 
@@ -97,7 +115,8 @@ def read_wandb(run: Path) -> tuple[dict, dict, list[dict]]:
             kind = r.WhichOneof("record_type")
             if kind == "history":
                 row: dict = {}
-                for i in r.history.item:  # a logged object (a table, an image) comes as one item per field: samples/_type, ...
+                # a logged object (a table, an image) comes as one item per field: samples/_type, ...
+                for i in r.history.item:
                     *outer, last = [i.key] if i.key else list(i.nested_key)
                     at = row
                     for k in outer:
@@ -148,7 +167,9 @@ def assert_same(got: dict[str, list], want: dict[str, dict[int, float]], who: st
     which a resume that repeats steps measures again)."""
     for k, points in want.items():
         steps = [s for s, _ in got.get(k, [])]
-        assert sorted(steps) == sorted(points), f"{who}: {k} at steps {sorted(steps)}, metrics.jsonl has {sorted(points)}"
+        assert sorted(steps) == sorted(points), (
+            f"{who}: {k} at steps {sorted(steps)}, metrics.jsonl has {sorted(points)}"
+        )
         if k == "tokens_per_s" and not clock:
             continue
         for s, v in got[k]:
@@ -227,7 +248,9 @@ def test_lr_find_and_compare_log_too(tmp_path, tracker_env, text_file):
     model_cfg, cfg = tiny(tmp_path, text_file, logger="tensorboard", max_steps=12)
     r = lr_find(model_cfg, cfg, steps=20, out=tmp_path / "lr", png=tmp_path / "lr" / "lr_find.png", log=lambda m: None)
     scalars = read_tensorboard(tmp_path / "lr")[0]
-    assert [v for _, v in scalars["lr"]] == pytest.approx(r["lrs"]) and [v for _, v in scalars["loss"]] == pytest.approx(r["losses"])
+    assert [v for _, v in scalars["lr"]] == pytest.approx(r["lrs"]) and [
+        v for _, v in scalars["loss"]
+    ] == pytest.approx(r["losses"])
     with pytest.raises(ConfigError, match="add --out"):
         lr_find(model_cfg, cfg, steps=20, log=lambda m: None)
     compare(model_cfg, cfg, [{"optimizer": "sgd"}, {"optimizer": "adamw"}], tmp_path / "cmp", log=lambda m: None)
@@ -235,7 +258,9 @@ def test_lr_find_and_compare_log_too(tmp_path, tracker_env, text_file):
         assert_same(read_tensorboard(tmp_path / "cmp" / sub)[0], expected(tmp_path / "cmp" / sub), sub)
 
 
-def test_a_logger_that_fails_mid_run_is_dropped_and_training_goes_on(tmp_path, tracker_env, text_file, monkeypatch, capsys):
+def test_a_logger_that_fails_mid_run_is_dropped_and_training_goes_on(
+    tmp_path, tracker_env, text_file, monkeypatch, capsys
+):
     from gradlm.training import trackers
 
     def broken(self, step, values):
@@ -260,16 +285,66 @@ def test_bad_loggers_are_one_line_and_write_nothing(tmp_path, text_file, monkeyp
         parse_loggers("wandb")
     monkeypatch.undo()
     out = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "gradlm", "train", "--data", str(text_file), "--out", str(out), "--max-steps", "5", "--logger", "tensorbord"],
-                       capture_output=True, text=True)
-    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr and "'tensorbord' is not a tracker" in p.stderr
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradlm",
+            "train",
+            "--data",
+            str(text_file),
+            "--out",
+            str(out),
+            "--max-steps",
+            "5",
+            "--logger",
+            "tensorbord",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        p.returncode == 2
+        and p.stderr.count("\n") == 1
+        and "Traceback" not in p.stderr
+        and "'tensorbord' is not a tracker" in p.stderr
+    )
     assert not out.exists()
 
 
 def test_a_tracker_that_cannot_start_is_one_line_and_leaves_no_run(tmp_path, text_file):
     out = tmp_path / "run"
     env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": "nosuchstore://nowhere"}
-    p = subprocess.run([sys.executable, "-m", "gradlm", "train", "--data", str(text_file), "--out", str(out), "--max-steps", "5", "--logger", "tensorboard,mlflow",
-                        "--n-layer", "1", "--d-model", "32", "--n-head", "2", "--block-size", "16", "--vocab-size", "300"], capture_output=True, text=True, env=env)
-    assert p.returncode == 2 and "--logger mlflow: could not start" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradlm",
+            "train",
+            "--data",
+            str(text_file),
+            "--out",
+            str(out),
+            "--max-steps",
+            "5",
+            "--logger",
+            "tensorboard,mlflow",
+            "--n-layer",
+            "1",
+            "--d-model",
+            "32",
+            "--n-head",
+            "2",
+            "--block-size",
+            "16",
+            "--vocab-size",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert p.returncode == 2 and "--logger mlflow: could not start" in p.stderr and "Traceback" not in p.stderr, (
+        p.stderr
+    )
     assert not out.exists()

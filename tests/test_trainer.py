@@ -28,7 +28,19 @@ pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every C
 
 def cfg_for(prepared, tmp_path, name="run", **kw):
     # float32: these tests compare gradients and weights with float32 references (bf16 has a test of its own)
-    base = dict(data=str(prepared), out=str(tmp_path / name), batch="8", max_steps=20, eval_every=10, eval_tokens=2048, warmup_steps=0, seed=0, progress=False, plots=False, dtype="float32")
+    base = dict(
+        data=str(prepared),
+        out=str(tmp_path / name),
+        batch="8",
+        max_steps=20,
+        eval_every=10,
+        eval_tokens=2048,
+        warmup_steps=0,
+        seed=0,
+        progress=False,
+        plots=False,
+        dtype="float32",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -58,12 +70,17 @@ def test_full_batch_is_one_update_per_epoch_with_the_mean_gradient(prepared, tmp
     ref(x, y).backward()  # the mean loss over every window of the training set
     for (name, p), q in zip(t.model.named_parameters(), ref.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), name
-    s = train(model_for(tok), cfg_for(prepared, tmp_path, name="full", batch="full", micro_batch=16, max_epochs=2, eval_every=1000))
+    s = train(
+        model_for(tok),
+        cfg_for(prepared, tmp_path, name="full", batch="full", micro_batch=16, max_epochs=2, eval_every=1000),
+    )
     assert s["steps"] == 2 and s["epochs"] == 2
 
 
 def test_sgd_batch_one_visits_windows_in_seeded_order(prepared, tmp_path, tok):
-    t = Trainer(model_for(tok), cfg_for(prepared, tmp_path, batch="1", sampler="epoch", optimizer="sgd", seed=5)).build()
+    t = Trainer(
+        model_for(tok), cfg_for(prepared, tmp_path, batch="1", sampler="epoch", optimizer="sgd", seed=5)
+    ).build()
     seen = []
     real_next = t.sampler.next
     t.sampler.next = lambda n, *rows: (lambda xy: (seen.append(int(xy[0][0, 0])), xy)[1])(real_next(n, *rows))
@@ -87,13 +104,20 @@ def test_accumulation_equals_one_big_batch(prepared, tmp_path, tok):
 
 
 def test_early_stopping_fires_on_a_plateau(prepared, tmp_path, tok):
-    s = train(model_for(tok), cfg_for(prepared, tmp_path, lr=1e-9, schedule="constant", max_steps=500, eval_every=5, patience=2, min_delta=0.01))
+    s = train(
+        model_for(tok),
+        cfg_for(
+            prepared, tmp_path, lr=1e-9, schedule="constant", max_steps=500, eval_every=5, patience=2, min_delta=0.01
+        ),
+    )
     assert s["stop"] == "converged" and s["steps"] == 15
     assert (tmp_path / "run" / "best.safetensors").is_file()
 
 
 def test_divergence_guard_recovers_from_an_absurd_lr(prepared, tmp_path, tok):
-    s = train(model_for(tok), cfg_for(prepared, tmp_path, lr=10.0, grad_clip=0.0, max_steps=30, guard_retries=20, plots=True))
+    s = train(
+        model_for(tok), cfg_for(prepared, tmp_path, lr=10.0, grad_clip=0.0, max_steps=30, guard_retries=20, plots=True)
+    )
     assert s["divergence_restarts"] >= 1 and math.isfinite(s["val_loss"])
     assert (tmp_path / "run" / "plots" / "training.png").is_file()  # the plot draws a run with guard events
     assert s["val_loss"] < math.log(tok.vocab_size)
@@ -107,7 +131,8 @@ def test_the_guard_never_takes_a_diverged_evaluation_as_its_refuge(prepared, tmp
     t = Trainer(model_for(tok), cfg_for(prepared, tmp_path)).build()
     guard = DivergenceGuard(t)
     first = guard.good
-    guard.mark_good(val_loss=3 * math.log(tok.vocab_size))  # far worse than guessing: restoring here would diverge again
+    # far worse than guessing: restoring here would diverge again
+    guard.mark_good(val_loss=3 * math.log(tok.vocab_size))
     assert guard.good is first
     guard.mark_good(val_loss=0.9 * math.log(tok.vocab_size))
     assert guard.good is not first
@@ -136,7 +161,16 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(prepared, tmp_path, tok
 def test_run_directory_layout_and_reuse_rules(prepared, tmp_path, tok):
     train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=4, eval_every=2, plots=True))
     run = tmp_path / "run"
-    for f in ("config.json", "tokenizer.json", "model.safetensors", "best.safetensors", "state/trainer.pt", "metrics.jsonl", "summary.json", "plots/training.png"):
+    for f in (
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors",
+        "best.safetensors",
+        "state/trainer.pt",
+        "metrics.jsonl",
+        "summary.json",
+        "plots/training.png",
+    ):
         assert (run / f).is_file(), f
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"]["vocab_size"] == tok.vocab_size and cfg["train"]["max_steps"] == 4
@@ -149,13 +183,20 @@ def test_run_directory_layout_and_reuse_rules(prepared, tmp_path, tok):
 def test_budget_by_tokens_and_epochs(prepared, tmp_path, tok):
     s = train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=0, max_tokens=8 * 32 * 5))
     assert s["steps"] == 5
-    s = train(model_for(tok), cfg_for(prepared, tmp_path, name="ep", max_steps=0, sampler="epoch", batch="64", max_epochs=1.0, eval_every=1000))
+    s = train(
+        model_for(tok),
+        cfg_for(
+            prepared, tmp_path, name="ep", max_steps=0, sampler="epoch", batch="64", max_epochs=1.0, eval_every=1000
+        ),
+    )
     assert s["epochs"] == pytest.approx(1.0)
 
 
 def test_init_continues_from_another_run(prepared, tmp_path, tok):
     a = train(model_for(tok), cfg_for(prepared, tmp_path, name="a", max_steps=30))
-    b = train(model_for(tok, n_layer=5), cfg_for(prepared, tmp_path, name="b", init=str(tmp_path / "a"), max_steps=1, lr=1e-9))
+    b = train(
+        model_for(tok, n_layer=5), cfg_for(prepared, tmp_path, name="b", init=str(tmp_path / "a"), max_steps=1, lr=1e-9)
+    )
     assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-3)  # architecture and weights come from --init
 
 
@@ -173,34 +214,139 @@ def _free_port() -> int:
 
 
 def test_ddp_two_processes_match_one_with_the_same_global_batch(prepared, tmp_path, tok):
-    common = ["train", "--data", str(prepared), "--batch", "8", "--max-steps", "3", "--eval-every", "3", "--eval-tokens", "1024",
-              "--block-size", "32", "--n-layer", "2", "--n-head", "4", "--d-model", "32", "--seed", "0", "--no-progress", "--no-plots", "--dtype", "float32"]
+    common = [
+        "train",
+        "--data",
+        str(prepared),
+        "--batch",
+        "8",
+        "--max-steps",
+        "3",
+        "--eval-every",
+        "3",
+        "--eval-tokens",
+        "1024",
+        "--block-size",
+        "32",
+        "--n-layer",
+        "2",
+        "--n-head",
+        "4",
+        "--d-model",
+        "32",
+        "--seed",
+        "0",
+        "--no-progress",
+        "--no-plots",
+        "--dtype",
+        "float32",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, "-m", "gradlm", *common, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, "-m", "gradlm", *common, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "gradlm", *common, "--out", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "gradlm",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    assert not any(torch.equal(a[k], Transformer(tiny_config(tok.vocab_size)).state_dict()[k]) for k in a if k.endswith("q_proj.weight"))
+    assert not any(
+        torch.equal(a[k], Transformer(tiny_config(tok.vocab_size)).state_dict()[k])
+        for k in a
+        if k.endswith("q_proj.weight")
+    )
 
 
 def test_two_nodes_match_one_process_with_the_same_global_batch(prepared, tmp_path, tok):
     """torchrun --nnodes 2: two agents (two "machines" on 127.0.0.1, static rendezvous, gloo), one process
     each, reading the same prepared shards; the weights equal one process's with the same global batch."""
-    common = ["train", "--data", str(prepared), "--batch", "8", "--max-steps", "3", "--eval-every", "3", "--eval-tokens", "1024",
-              "--block-size", "32", "--n-layer", "2", "--n-head", "4", "--d-model", "32", "--seed", "0", "--no-progress", "--no-plots", "--dtype", "float32"]
+    common = [
+        "train",
+        "--data",
+        str(prepared),
+        "--batch",
+        "8",
+        "--max-steps",
+        "3",
+        "--eval-every",
+        "3",
+        "--eval-tokens",
+        "1024",
+        "--block-size",
+        "32",
+        "--n-layer",
+        "2",
+        "--n-head",
+        "4",
+        "--d-model",
+        "32",
+        "--seed",
+        "0",
+        "--no-progress",
+        "--no-plots",
+        "--dtype",
+        "float32",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, "-m", "gradlm", *common, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, "-m", "gradlm", *common, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr
     port = str(_free_port())
     nodes = [
-        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(r),
-                          "--master_addr", "127.0.0.1", "--master_port", port, "-m", "gradlm", *common, "--out", str(tmp_path / "two")],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(r),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                "-m",
+                "gradlm",
+                *common,
+                "--out",
+                str(tmp_path / "two"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for r in (0, 1)
     ]
     outs = [p.communicate(timeout=300) for p in nodes]
@@ -238,15 +384,35 @@ def test_a_widening_gap_while_validation_improves_is_variance_not_overfitting():
 def test_make_demos_run_is_told_of_variance_and_never_of_overfitting():
     """The evaluations of `make demo` (2026-12-06, 2-core Sapphire Rapids, bf16: 1,208 steps, val 2.2038 bits per
     byte): validation improved at every one, and the old rule called it overfitting twice in a run like it."""
-    demo = [(4.577, 4.288), (4.375, 3.991), (4.228, 3.77), (4.084, 3.53), (3.928, 3.367), (3.861, 3.279), (3.856, 3.268)]
+    demo = [
+        (4.577, 4.288),
+        (4.375, 3.991),
+        (4.228, 3.77),
+        (4.084, 3.53),
+        (3.928, 3.367),
+        (3.861, 3.279),
+        (3.856, 3.268),
+    ]
     assert warnings_along(demo) == [(3, "variance")]
 
 
 def test_validation_that_stops_improving_while_training_falls_is_overfitting():
-    history = [(3.0, 3.0), (2.5, 2.45), (2.3, 2.2), (2.25, 2.05), (2.27, 1.9), (2.3, 1.8), (2.32, 1.7), (2.4, 1.6), (2.5, 1.5)]
+    history = [
+        (3.0, 3.0),
+        (2.5, 2.45),
+        (2.3, 2.2),
+        (2.25, 2.05),
+        (2.27, 1.9),
+        (2.3, 1.8),
+        (2.32, 1.7),
+        (2.4, 1.6),
+        (2.5, 1.5),
+    ]
     assert warnings_along(history) == [(3, "variance"), (6, "overfitting")]  # told once each; from 6 on it holds
     _, message = fit_warning(stepped(history[:7]))
-    assert "best 2.250 at step 400, now 2.320" in message and "training loss fell 2.050 -> 1.700 since step 400" in message
+    assert (
+        "best 2.250 at step 400, now 2.320" in message and "training loss fell 2.050 -> 1.700 since step 400" in message
+    )
     # A plateau where training does not fall either is neither: nothing is learned, nothing is overfitted.
     assert warnings_along([(3.0, 3.0), (2.5, 2.5), (2.5, 2.5), (2.5, 2.5), (2.5, 2.5)]) == []
 
@@ -257,9 +423,25 @@ def test_a_run_on_a_tiny_corpus_is_told_when_it_overfits(tmp_path, tok, small_te
     (tmp_path / "tiny.txt").write_text(small_text[:2500])
     from gradlm.model.transformer import ModelConfig
 
-    s = train(ModelConfig(n_layer=2, n_head=4, d_model=64, block_size=32),
-              TrainConfig(data=str(tmp_path / "tiny.txt"), out=str(tmp_path / "run"), vocab_size=300, batch="8", max_steps=400, eval_every=20,
-                          eval_tokens=2048, val_fraction=0.2, lr=3e-3, warmup_steps=0, seed=0, progress=False, plots=False, dtype="float32"))
+    s = train(
+        ModelConfig(n_layer=2, n_head=4, d_model=64, block_size=32),
+        TrainConfig(
+            data=str(tmp_path / "tiny.txt"),
+            out=str(tmp_path / "run"),
+            vocab_size=300,
+            batch="8",
+            max_steps=400,
+            eval_every=20,
+            eval_tokens=2048,
+            val_fraction=0.2,
+            lr=3e-3,
+            warmup_steps=0,
+            seed=0,
+            progress=False,
+            plots=False,
+            dtype="float32",
+        ),
+    )
     rows = read_metrics(tmp_path / "run")
     evals = [r for r in rows if "val_loss" in r and "event" not in r]
     told = [r for r in rows if r.get("event") == "overfitting"]
@@ -267,7 +449,8 @@ def test_a_run_on_a_tiny_corpus_is_told_when_it_overfits(tmp_path, tok, small_te
     for event in told:
         before = [r for r in evals if r["step"] <= event["step"]]
         best = min(range(len(before) - 3), key=lambda i: before[i]["val_loss"])
-        assert all(r["val_loss"] > before[best]["val_loss"] - 1e-3 for r in before[-3:])  # no new best for 3 evaluations ...
+        # no new best for 3 evaluations ...
+        assert all(r["val_loss"] > before[best]["val_loss"] - 1e-3 for r in before[-3:])
         assert before[-1]["train_eval_loss"] < before[-4]["train_eval_loss"]  # ... while training still fell
     assert s["best_val_loss"] == min(r["val_loss"] for r in evals)
 
@@ -333,6 +516,7 @@ def test_bf16_autocast_trains_and_resumes_bit_exactly_with_fp32_master_weights(p
 
 def _strict_json(text: str):
     """json.loads that refuses NaN and Infinity, as JSON.parse and jq do."""
+
     def refuse(name):
         raise ValueError(f"not JSON: {name}")
 
@@ -364,7 +548,8 @@ def test_every_json_file_is_strict_and_numbers_are_numbers(prepared, tmp_path, t
     assert config["train"]["batch"] == 8 and isinstance(config["train"]["batch"], int)
     for line in (run / "metrics.jsonl").read_text().splitlines():
         _strict_json(line)
-    assert train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=20, eval_every=10, resume=True))["steps"] == 20  # "8" read back
+    # "8" read back
+    assert train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=20, eval_every=10, resume=True))["steps"] == 20
 
 
 def test_train_leaves_the_callers_configs_as_they_were(prepared, tmp_path, tok):
@@ -447,7 +632,11 @@ def test_resume_reads_its_own_tokens_offline_and_refuses_other_ones(text_file, t
     for p in (tmp_path / "cache" / "prepared").iterdir():
         shutil.rmtree(p)
     with pytest.raises(DataError, match=f"no longer gives the tokens this run trained on.*{identity}"):
-        train(model_for(tok), cfg_for(None, tmp_path, **{**kw, "pause_at": 0, "max_steps": 12, "resume": True}), given={"max_steps"})
+        train(
+            model_for(tok),
+            cfg_for(None, tmp_path, **{**kw, "pause_at": 0, "max_steps": 12, "resume": True}),
+            given={"max_steps"},
+        )
 
 
 def test_a_run_from_before_identities_resumes_from_the_folder_it_recorded(text_file, tmp_path, tok, monkeypatch):
@@ -479,33 +668,43 @@ def test_samples_are_written_at_every_evaluation_and_leave_training_untouched(pr
     train(model_for(tok, dropout=0.1), cfg_for(prepared, tmp_path, name="again", **kw))
     samples = _rows(tmp_path / "with", "samples.jsonl")
     assert [s["step"] for s in samples] == [4, 8, 12]
-    assert len({s["prompt"] for s in samples}) == 1 and samples[0]["prompt"]  # one fixed prompt: only the weights change
+    # one fixed prompt: only the weights change
+    assert len({s["prompt"] for s in samples}) == 1 and samples[0]["prompt"]
     assert all(len(tok.encode(s["text"])) >= 1 for s in samples) and len({s["text"] for s in samples}) > 1
     untimed = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]  # noqa: E731
-    assert untimed(samples) == untimed(_rows(tmp_path / "again", "samples.jsonl"))  # seeded: the same run writes the same samples
+    # seeded: the same run writes the same samples
+    assert untimed(samples) == untimed(_rows(tmp_path / "again", "samples.jsonl"))
     assert not (tmp_path / "without" / "samples.jsonl").exists()
     a, b = load_file(tmp_path / "with" / "model.safetensors"), load_file(tmp_path / "without" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # sampling draws from its own generator, in eval mode
 
 
 def test_a_given_sample_prompt_is_used(prepared, tmp_path, tok):
-    train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=4, eval_every=4, sample_prompt="ROMEO:", sample_tokens=5))
+    train(
+        model_for(tok), cfg_for(prepared, tmp_path, max_steps=4, eval_every=4, sample_prompt="ROMEO:", sample_tokens=5)
+    )
     (s,) = _rows(tmp_path / "run", "samples.jsonl")
     assert s["prompt"] == "ROMEO:" and s["text"]
 
 
 def test_metrics_rows_carry_progress_best_and_events_with_messages(prepared, tmp_path, tok):
-    train(model_for(tok), cfg_for(prepared, tmp_path, lr=10.0, grad_clip=0.0, max_steps=30, eval_every=10, guard_retries=20, log_every=1))
+    train(
+        model_for(tok),
+        cfg_for(prepared, tmp_path, lr=10.0, grad_clip=0.0, max_steps=30, eval_every=10, guard_retries=20, log_every=1),
+    )
     rows = read_metrics(tmp_path / "run")
     steps = [r for r in rows if "grad_norm" in r and "event" not in r]
     assert all(0 < r["progress"] <= 1 and r["eta_s"] >= 0 for r in steps) and steps[-1]["progress"] == 1.0
     evals = [r for r in rows if "val_loss" in r]
     assert evals and all(isinstance(r["best"], bool) for r in evals) and evals[0]["best"]
     events = [r for r in rows if "event" in r]
-    assert {e["event"] for e in events} >= {"diverged", "stopped"} and all(e["message"] and "time" in e and "tokens" in e for e in events)
+    assert {e["event"] for e in events} >= {"diverged", "stopped"} and all(
+        e["message"] and "time" in e and "tokens" in e for e in events
+    )
     assert events[-1] == rows[-1] and events[-1]["event"] == "stopped" and events[-1]["reason"] == "budget"
     restore = next(e for e in events if e["event"] == "diverged")
-    assert restore["at_tokens"] >= restore["tokens"] and restore["at_step"] >= restore["step"]  # where it diverged, where it went back to
+    # where it diverged, where it went back to
+    assert restore["at_tokens"] >= restore["tokens"] and restore["at_step"] >= restore["step"]
 
 
 def test_a_crash_is_recorded_as_why_the_run_stopped(prepared, tmp_path, tok):
@@ -516,13 +715,19 @@ def test_a_crash_is_recorded_as_why_the_run_stopped(prepared, tmp_path, tok):
     with pytest.raises(RuntimeError):
         train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=10, eval_every=2), on_step=crash)
     last = read_metrics(tmp_path / "run")[-1]
-    assert last["event"] == "stopped" and last["reason"] == "error" and "RuntimeError: out of memory" in last["message"] and "checkpoint is step 2" in last["message"]
+    assert (
+        last["event"] == "stopped"
+        and last["reason"] == "error"
+        and "RuntimeError: out of memory" in last["message"]
+        and "checkpoint is step 2" in last["message"]
+    )
 
 
 def test_a_resume_and_a_budget_extension_are_events_and_samples_are_trimmed_like_metrics(prepared, tmp_path, tok):
     train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=8, eval_every=4, pause_at=6))
     run = tmp_path / "run"
-    (run / "samples.jsonl").open("a").write(json.dumps({"step": 7, "text": "written after the checkpoint"}) + "\n")  # a crash after it
+    # a crash after it
+    (run / "samples.jsonl").open("a").write(json.dumps({"step": 7, "text": "written after the checkpoint"}) + "\n")
     train(model_for(tok), cfg_for(prepared, tmp_path, max_steps=12, eval_every=4, resume=True), given={"max_steps"})
     events = [r for r in read_metrics(run) if "event" in r]
     assert [e["event"] for e in events] == ["stopped", "resumed", "budget_extended", "stopped"]
@@ -536,9 +741,27 @@ def test_a_chat_finetune_samples_an_answer_to_a_held_out_question(prepared, tmp_
 
     train(model_for(tok), cfg_for(prepared, tmp_path, name="base", max_steps=2))
     qa = tmp_path / "qa.jsonl"
-    qa.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is {i}?"}, {"role": "assistant", "content": f"it is {i}"}]}) + "\n" for i in range(20)))
-    finetune(str(tmp_path / "base"), cfg_for(qa, tmp_path, name="ft", max_steps=4, eval_every=2, val_fraction=0.2, sample_tokens=4), FinetuneConfig())
+    qa.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"what is {i}?"},
+                        {"role": "assistant", "content": f"it is {i}"},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(20)
+        )
+    )
+    finetune(
+        str(tmp_path / "base"),
+        cfg_for(qa, tmp_path, name="ft", max_steps=4, eval_every=2, val_fraction=0.2, sample_tokens=4),
+        FinetuneConfig(),
+    )
     samples = _rows(tmp_path / "ft", "samples.jsonl")
     question = samples[0]["prompt"].split("<|user|>")[1].split("<|end|>")[0]
     assert len(samples) == 2 and question.startswith("what is ")
-    assert samples[0]["prompt"] == tok.decode(encode_chat(tok, [{"role": "user", "content": question}]))  # up to where the reply starts
+    # up to where the reply starts
+    assert samples[0]["prompt"] == tok.decode(encode_chat(tok, [{"role": "user", "content": question}]))

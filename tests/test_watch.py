@@ -26,7 +26,9 @@ from gradlm.serving.watch import JsonLines, Story, Watcher, check_sources, creat
 from gradlm.serving.webserver import sse
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium); .ci/run installs it")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium); .ci/run installs it"
+)
 TIMEOUT_MS = 15_000
 
 
@@ -49,15 +51,42 @@ def rewrite(path: Path, rows: list[dict]) -> None:
 
 
 def step_row(step: int, loss: float = 5.0, **extra) -> dict:
-    return {"step": step, "tokens": 512 * step, "time": round(0.05 * step, 3), "epoch": step / 800, "lr": 1e-3, "loss": loss, "grad_norm": 0.5, "tokens_per_s": 10240.0, **extra}
+    return {
+        "step": step,
+        "tokens": 512 * step,
+        "time": round(0.05 * step, 3),
+        "epoch": step / 800,
+        "lr": 1e-3,
+        "loss": loss,
+        "grad_norm": 0.5,
+        "tokens_per_s": 10240.0,
+        **extra,
+    }
 
 
 def eval_row(step: int, val_loss: float, best: bool = True) -> dict:
-    return {"step": step, "tokens": 512 * step, "time": round(0.05 * step, 3), "epoch": step / 800, "val_loss": val_loss, "val_bpb": val_loss / 1.7, "train_eval_loss": val_loss - 0.05, "gap": 0.05, "best": best}
+    return {
+        "step": step,
+        "tokens": 512 * step,
+        "time": round(0.05 * step, 3),
+        "epoch": step / 800,
+        "val_loss": val_loss,
+        "val_bpb": val_loss / 1.7,
+        "train_eval_loss": val_loss - 0.05,
+        "gap": 0.05,
+        "best": best,
+    }
 
 
 def event_row(step: int, kind: str, message: str, **extra) -> dict:
-    return {"step": step, "tokens": 512 * step, "time": round(0.05 * step, 3), "event": kind, "message": message, **extra}
+    return {
+        "step": step,
+        "tokens": 512 * step,
+        "time": round(0.05 * step, 3),
+        "event": kind,
+        "message": message,
+        **extra,
+    }
 
 
 def make_run(path: Path, config: dict, steps: range, loss0: float = 7.0, lr_muon: bool = False) -> Path:
@@ -75,11 +104,40 @@ def make_run(path: Path, config: dict, steps: range, loss0: float = 7.0, lr_muon
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, text_file) -> Path:
-    """A tiny real run, trained once by the CLI: its config.json, metrics, summary (and samples, when training writes them)."""
+    """A tiny real run, trained once by the CLI: its config.json, metrics, summary (and samples, when training writes
+    them)."""
     out = tmp_path_factory.mktemp("watch") / "tiny"
     env = {**os.environ, "GRADLM_CACHE": str(tmp_path_factory.mktemp("cache"))}
-    args = ["train", "--data", text_file, "--out", out, "--max-steps", 40, "--eval-every", 20, "--log-every", 5, "--n-layer", 1, "--d-model", 32, "--n-head", 2, "--block-size", 32, "--batch", 4, "--vocab-size", 300, "--no-progress", "--no-plots"]
-    r = subprocess.run([sys.executable, "-m", "gradlm", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    args = [
+        "train",
+        "--data",
+        text_file,
+        "--out",
+        out,
+        "--max-steps",
+        40,
+        "--eval-every",
+        20,
+        "--log-every",
+        5,
+        "--n-layer",
+        1,
+        "--d-model",
+        32,
+        "--n-head",
+        2,
+        "--block-size",
+        32,
+        "--batch",
+        4,
+        "--vocab-size",
+        300,
+        "--no-progress",
+        "--no-plots",
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "gradlm", *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     return out
 
@@ -111,7 +169,8 @@ def test_appended_lines_arrive_once_each_and_a_half_written_line_waits(tmp_path)
         f.write(line[20:])
     assert tail.poll() == (False, [step_row(3)])
     with open(path, "a") as f:
-        f.write('{"step": 4, "loss": NaN}\nnot json\n[1, 2]\n')  # NaN becomes null; lines that are not objects are skipped
+        # NaN becomes null; lines that are not objects are skipped
+        f.write('{"step": 4, "loss": NaN}\nnot json\n[1, 2]\n')
     assert tail.poll() == (False, [{"step": 4, "loss": None}])
 
 
@@ -120,7 +179,8 @@ def test_a_replaced_or_shrunk_file_is_read_again_from_its_start(tmp_path):
     tail = JsonLines(path)
     append(path, *[step_row(s) for s in range(1, 6)])
     assert len(tail.poll()[1]) == 5
-    rewrite(path, [step_row(1), step_row(2)])  # resume: rows after the checkpoint dropped, a new file renamed into place
+    # resume: rows after the checkpoint dropped, a new file renamed into place
+    rewrite(path, [step_row(1), step_row(2)])
     assert tail.poll() == (True, [step_row(1), step_row(2)])
     append(path, step_row(3))
     assert tail.poll() == (False, [step_row(3)])
@@ -146,14 +206,29 @@ def test_status_from_the_files(tmp_path):
     assert status([step_row(10)])["state"] == "running"
     assert status([step_row(40)], done) == {"state": "finished", "reason": "budget", "message": None}
     stopped = event_row(40, "stopped", "the budget of 40 steps is spent", reason="budget")
-    assert status([step_row(40), stopped]) == {"state": "finished", "reason": "budget", "message": "the budget of 40 steps is spent"}
+    assert status([step_row(40), stopped]) == {
+        "state": "finished",
+        "reason": "budget",
+        "message": "the budget of 40 steps is spent",
+    }
     # resumed: the summary (and the stop) are the previous training's until it ends again
     resumed = event_row(40, "resumed", "resumed from step 40")
     assert status([step_row(40), stopped, resumed], done)["state"] == "running"
     assert status([step_row(40), stopped, resumed, step_row(50)], done)["state"] == "running"
-    assert status([step_row(40), stopped, resumed, step_row(80), event_row(80, "stopped", "", reason="converged")], done)["reason"] == "converged"
-    assert status([step_row(40), step_row(50)], done)["state"] == "running"  # an older run (no events) training past its summary
-    assert status([step_row(40), {"step": 30, "event": "diverged", "at_step": 35, "loss": None, "new_lr": 1e-4}], done)["state"] == "finished"
+    assert (
+        status([step_row(40), stopped, resumed, step_row(80), event_row(80, "stopped", "", reason="converged")], done)[
+            "reason"
+        ]
+        == "converged"
+    )
+    # an older run (no events) training past its summary
+    assert status([step_row(40), step_row(50)], done)["state"] == "running"
+    assert (
+        status([step_row(40), {"step": 30, "event": "diverged", "at_step": 35, "loss": None, "new_lr": 1e-4}], done)[
+            "state"
+        ]
+        == "finished"
+    )
 
 
 def test_watcher_sends_everything_first_then_what_changes(tmp_path, config):
@@ -178,7 +253,10 @@ def test_watcher_sends_everything_first_then_what_changes(tmp_path, config):
     assert got["file"]["file"] == "summary" and got["status"]["state"] == "finished"
     text = sse({"run": "r0", "rows": [{"loss": float("nan")}]}, event="rows")
     assert text.startswith("event: rows\ndata: ") and text.endswith("\n\n")
-    assert json.loads(text.split("data: ", 1)[1], parse_constant=lambda c: pytest.fail(c)) == {"run": "r0", "rows": [{"loss": None}]}
+    assert json.loads(text.split("data: ", 1)[1], parse_constant=lambda c: pytest.fail(c)) == {
+        "run": "r0",
+        "rows": [{"loss": None}],
+    }
 
 
 def test_a_comparison_shows_each_run_as_it_appears(tmp_path, config):
@@ -191,10 +269,19 @@ def test_a_comparison_shows_each_run_as_it_appears(tmp_path, config):
     make_run(cmp / "optimizer-adamw", config, range(1, 3))
     got = w.poll()
     runs = dict(got)["runs"]["runs"]
-    assert [(r["name"], r["group"], r["color"]) for r in runs] == [("optimizer-sgd", "g0", 0), ("optimizer-adamw", "g0", 1)]
+    assert [(r["name"], r["group"], r["color"]) for r in runs] == [
+        ("optimizer-sgd", "g0", 0),
+        ("optimizer-adamw", "g0", 1),
+    ]
     assert [len(d["rows"]) for e, d in got if e == "rows" and d["run"] == "r1"] == [2]
-    (cmp / "compare.json").write_text(json.dumps({"budget": "budget: max steps 5", "runs": [{"label": "optimizer=sgd", "status": "ok"}]}))
-    assert dict(w.poll())["file"] == {"group": "g0", "file": "compare", "data": {"budget": "budget: max steps 5", "runs": [{"label": "optimizer=sgd", "status": "ok"}]}}
+    (cmp / "compare.json").write_text(
+        json.dumps({"budget": "budget: max steps 5", "runs": [{"label": "optimizer=sgd", "status": "ok"}]})
+    )
+    assert dict(w.poll())["file"] == {
+        "group": "g0",
+        "file": "compare",
+        "data": {"budget": "budget: max steps 5", "runs": [{"label": "optimizer=sgd", "status": "ok"}]},
+    }
 
 
 def test_wait_accepts_a_run_before_training_creates_it(tmp_path, config):
@@ -224,16 +311,23 @@ def test_paths_that_are_not_runs_are_refused_with_one_message(tmp_path, capsys):
         create_app([str(tmp_path / "empty")])
     assert main(["watch", "/nonexistent/run"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: no such run directory: /nonexistent/run") and err.count("\n") == 1 and "Traceback" not in err
+    assert (
+        err.startswith("error: no such run directory: /nonexistent/run")
+        and err.count("\n") == 1
+        and "Traceback" not in err
+    )
 
 
 def test_the_watcher_process_leaves_torch_alone(tmp_path, config):
     """The watcher starts light: the command's parser, the app and its socket read JSON and never need the model
     code (what `gradlm watch` and `train --watch` run, up to serving)."""
     run = make_run(tmp_path / "light", config, range(1, 3))
-    code = ("import sys; from gradlm.cli import build_parser; from gradlm.serving import watch, webserver; "
-            f"build_parser('watch').parse_args(['watch', {str(run)!r}]); watch.create_app([{str(run)!r}], hosts=webserver.LOCAL_NAMES); "
-            "webserver.listen('127.0.0.1', 0); sys.exit('torch' in sys.modules)")
+    code = (
+        "import sys; from gradlm.cli import build_parser; from gradlm.serving import watch, webserver; "
+        f"build_parser('watch').parse_args(['watch', {str(run)!r}]); watch.create_app([{str(run)!r}], "
+        "hosts=webserver.LOCAL_NAMES); "
+        "webserver.listen('127.0.0.1', 0); sys.exit('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
@@ -248,7 +342,12 @@ def test_runs_that_share_a_name_are_told_apart():
 @contextlib.contextmanager
 def command(*args: str):
     """`gradlm watch ARGS --port 0` in a subprocess: yields the URL its one line prints."""
-    p = subprocess.Popen([sys.executable, "-m", "gradlm", "watch", *args, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "gradlm", "watch", *args, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = p.stdout.readline()
         assert line.startswith("watching "), line + p.stderr.read()
@@ -261,7 +360,8 @@ def command(*args: str):
 
 
 def sse_events(response, wanted: set[str], limit_s: float = 10) -> list[tuple[str, dict]]:
-    """Events read from a streaming response (or its iter_lines(), to read on later) until each name in wanted has come."""
+    """Events read from a streaming response (or its iter_lines(), to read on later) until each name in wanted has
+    come."""
     got, event, deadline = [], None, time.monotonic() + limit_s
     for line in response if hasattr(response, "__next__") else response.iter_lines():
         if line.startswith("event: "):
@@ -300,7 +400,10 @@ def test_events_need_the_key_and_the_page_asks_nothing_of_other_origins(tmp_path
 def test_several_viewers_each_get_everything(tmp_path, config):
     run = make_run(tmp_path / "shared", config, range(1, 11))
     with command(str(run)) as url:
-        with httpx.stream("GET", url + "events", timeout=10) as ra, httpx.stream("GET", url + "events", timeout=10) as rb:
+        with (
+            httpx.stream("GET", url + "events", timeout=10) as ra,
+            httpx.stream("GET", url + "events", timeout=10) as rb,
+        ):
             a, b = ra.iter_lines(), rb.iter_lines()
             first, second = sse_events(a, {"hello", "rows", "status"}), sse_events(b, {"hello", "rows", "status"})
             append(run / "metrics.jsonl", step_row(11))
@@ -325,10 +428,20 @@ def test_a_local_watcher_answers_only_to_this_machines_names(tmp_path, config):
 def test_a_watcher_started_for_a_training_ends_when_the_training_dies(tmp_path, config):
     """--watch's watcher (--exit-with-parent) leaves no process holding the port when its parent is killed."""
     run = make_run(tmp_path / "orphan", config, range(1, 3))
-    parent = subprocess.Popen([sys.executable, "-c", (
-        "import subprocess, sys, time; "
-        f"p = subprocess.Popen([sys.executable, '-m', 'gradlm', 'watch', {str(run)!r}, '--port', '0', '--exit-with-parent'], stdout=subprocess.PIPE, text=True); "
-        "print(p.pid, p.stdout.readline().split()[-1], flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import subprocess, sys, time; "
+                f"p = subprocess.Popen([sys.executable, '-m', 'gradlm', 'watch', {str(run)!r}, '--port', '0', "
+                "'--exit-with-parent'], stdout=subprocess.PIPE, text=True); "
+                "print(p.pid, p.stdout.readline().split()[-1], flush=True); time.sleep(600)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     pid, url = parent.stdout.readline().split()
     assert httpx.get(url).status_code == 200
     parent.kill()  # SIGKILL: no chance to stop its child
@@ -378,7 +491,14 @@ def stop(server) -> None:
 def browser():
     from playwright.sync_api import sync_playwright
 
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+    flags = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+    ]
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=flags)
         yield b
@@ -416,12 +536,29 @@ def test_the_page_follows_a_run_as_it_trains_and_rebuilds_on_resume(tmp_path, co
         append(run / "metrics.jsonl", step_row(4, progress=0.1, eta_s=90.0))
         until(page, "() => document.getElementById('eta').textContent === '10% · 1m30s left'")
         append(run / "metrics.jsonl", step_row(5, loss=4.0), eval_row(5, 4.2))
-        append(run / "metrics.jsonl", event_row(5, "diverged", "loss 41.0 at step 5: restored step 4, learning rate halved", at_step=5, loss=41.0, new_lr=5e-4))
+        append(
+            run / "metrics.jsonl",
+            event_row(
+                5,
+                "diverged",
+                "loss 41.0 at step 5: restored step 4, learning rate halved",
+                at_step=5,
+                loss=41.0,
+                new_lr=5e-4,
+            ),
+        )
         append(run / "metrics.jsonl", event_row(5, "mystery", "a kind this page has never heard of"))
         untrusted = "<img src=x onerror=alert(1)> thou <b>art</b>"
         append(run / "samples.jsonl", {"step": 5, "tokens": 2560, "time": 0.25, "prompt": "ROMEO:", "text": untrusted})
-        until(page, "() => gradlmWatch.pointCount('live', 'loss') === 5 && gradlmWatch.pointCount('live', 'val_loss') === 1")
-        until(page, "() => document.querySelectorAll('#events .event').length === 2 && document.querySelectorAll('#samples .sample').length === 1")
+        until(
+            page,
+            "() => gradlmWatch.pointCount('live', 'loss') === 5 && gradlmWatch.pointCount('live', 'val_loss') === 1",
+        )
+        until(
+            page,
+            "() => document.querySelectorAll('#events .event').length === 2 && document.querySelectorAll('#samples "
+            ".sample').length === 1",
+        )
         assert page.locator("#samples .sample .text").inner_text() == untrusted  # shown as text, never as markup
         assert page.locator("#samples img, #samples b").count() == 0
         assert page.locator("#samples .sample .prompt").inner_text() == "ROMEO:"
@@ -433,10 +570,16 @@ def test_the_page_follows_a_run_as_it_trains_and_rebuilds_on_resume(tmp_path, co
         until(page, "() => gradlmWatch.series('lr').join() === 'lr,lr_muon'")
 
         # resume: the rows after the checkpoint (step 4) are dropped by a rewrite, then training appends again
-        rewrite(run / "metrics.jsonl", [step_row(s) for s in range(1, 5)] + [event_row(4, "resumed", "resumed from step 4")])
+        rewrite(
+            run / "metrics.jsonl", [step_row(s) for s in range(1, 5)] + [event_row(4, "resumed", "resumed from step 4")]
+        )
         rewrite(run / "samples.jsonl", [])
         until(page, "() => gradlmWatch.pointCount('live', 'loss') === 4 && gradlmWatch.rows('live', 'steps') === 4")
-        until(page, "() => document.querySelectorAll('#events .event').length === 1 && document.querySelectorAll('#samples .sample').length === 0")
+        until(
+            page,
+            "() => document.querySelectorAll('#events .event').length === 1 && document.querySelectorAll('#samples "
+            ".sample').length === 0",
+        )
         assert page.locator("#events .event").get_attribute("data-kind") == "resumed"
         assert gradlm_series(page, "lr") == ["lr"] and page.locator("#best").is_hidden()
         append(run / "metrics.jsonl", step_row(5, loss=3.0))
@@ -465,18 +608,39 @@ def test_a_comparison_overlays_its_runs_and_shows_new_ones(tmp_path, config, bro
     with live([str(cmp)], api_key="sekrit") as (url, _), open_page(browser, url, query="?key=sekrit") as (page, _):
         until(page, "() => gradlmWatch.runs().length === 2 && gradlmWatch.pointCount('optimizer-adamw', 'loss') === 40")
         assert page.evaluate("() => gradlmWatch.runs()") == ["optimizer-sgd", "optimizer-adamw"]
-        assert gradlm_series(page, "loss") == ["optimizer-sgd train", "optimizer-sgd val", "optimizer-adamw train", "optimizer-adamw val"]
+        assert gradlm_series(page, "loss") == [
+            "optimizer-sgd train",
+            "optimizer-sgd val",
+            "optimizer-adamw train",
+            "optimizer-adamw val",
+        ]
         assert [n.inner_text() for n in page.locator("#runs .run .name").all()] == ["optimizer-sgd", "optimizer-adamw"]
-        colors = page.eval_on_selector_all("#runs .run .swatch", "els => els.map(e => getComputedStyle(e).backgroundColor)")
+        colors = page.eval_on_selector_all(
+            "#runs .run .swatch", "els => els.map(e => getComputedStyle(e).backgroundColor)"
+        )
         assert len(set(colors)) == 2
         make_run(cmp / "optimizer-muon", config, range(1, 11), lr_muon=True)
         until(page, "() => gradlmWatch.runs().length === 3 && gradlmWatch.pointCount('optimizer-muon', 'loss') === 10")
         assert "optimizer-muon lr_muon" in gradlm_series(page, "lr")
         page.locator("#runs .run input").first.uncheck()  # the legend hides a run from every chart
-        until(page, "() => !gradlmWatch.series('loss').includes('optimizer-sgd train') && gradlmWatch.series('bpb').length === 2")
+        until(
+            page,
+            "() => !gradlmWatch.series('loss').includes('optimizer-sgd train') && gradlmWatch.series('bpb').length "
+            "=== 2",
+        )
         page.select_option("#run-select", label="optimizer-muon")
         until(page, "() => document.getElementById('status').textContent.startsWith('running · step 10')")
-        (cmp / "compare.json").write_text(json.dumps({"budget": "budget: max steps 40", "runs": [{"label": n, "status": "ok", "val_bpb": 2.5} for n in ("optimizer=sgd", "optimizer=adamw", "optimizer=muon")]}))
+        (cmp / "compare.json").write_text(
+            json.dumps(
+                {
+                    "budget": "budget: max steps 40",
+                    "runs": [
+                        {"label": n, "status": "ok", "val_bpb": 2.5}
+                        for n in ("optimizer=sgd", "optimizer=adamw", "optimizer=muon")
+                    ],
+                }
+            )
+        )
         until(page, "() => document.querySelectorAll('#compare tr').length === 4")
         with open_page(browser, url) as (keyless, errors):  # without the key: the page says what is missing
             until(keyless, "() => document.getElementById('conn').dataset.state === 'denied'")
@@ -490,7 +654,13 @@ def test_a_finished_run_and_an_lr_find_on_a_phone(tmp_path, trained, browser):
     lr.mkdir()
     lrs = [1e-5 * 1.2**i for i in range(60)]
     smoothed = [6.0 - 2.0 * min(i, 40) / 40 + (0.5 * (i - 45) if i > 45 else 0) for i in range(60)]
-    append(lr / "lr_find.jsonl", *[{"step": i + 1, "lr": x, "loss": s + 0.05 * (-1) ** i, "smoothed": s} for i, (x, s) in enumerate(zip(lrs, smoothed))][:50])
+    append(
+        lr / "lr_find.jsonl",
+        *[
+            {"step": i + 1, "lr": x, "loss": s + 0.05 * (-1) ** i, "smoothed": s}
+            for i, (x, s) in enumerate(zip(lrs, smoothed))
+        ][:50],
+    )
     rows = metrics_rows(trained)
     steps = [r for r in rows if "loss" in r and "event" not in r]
     evals = [r for r in rows if "val_loss" in r]
@@ -510,11 +680,29 @@ def test_a_finished_run_and_an_lr_find_on_a_phone(tmp_path, trained, browser):
         assert page.locator("#samples .sample").count() == samples
         until(page, "() => gradlmWatch.pointCount('lrfind', 'smoothed', 'lrfind') === 50")
         assert "sweeping" in page.locator("#lrfind-result").inner_text()
-        append(lr / "lr_find.jsonl", *[{"step": i + 1, "lr": lrs[i], "loss": smoothed[i], "smoothed": smoothed[i]} for i in range(50, 60)])
-        (lr / "lr_find.json").write_text(json.dumps({"suggested_lr": lrs[30], "min_loss_lr": lrs[40], "reason": "the steepest descent of the smoothed loss", "lrs": lrs, "losses": smoothed, "smoothed": smoothed, "optimizer": "adamw"}))
+        append(
+            lr / "lr_find.jsonl",
+            *[{"step": i + 1, "lr": lrs[i], "loss": smoothed[i], "smoothed": smoothed[i]} for i in range(50, 60)],
+        )
+        (lr / "lr_find.json").write_text(
+            json.dumps(
+                {
+                    "suggested_lr": lrs[30],
+                    "min_loss_lr": lrs[40],
+                    "reason": "the steepest descent of the smoothed loss",
+                    "lrs": lrs,
+                    "losses": smoothed,
+                    "smoothed": smoothed,
+                    "optimizer": "adamw",
+                }
+            )
+        )
         until(page, "() => document.getElementById('lrfind-result').textContent.includes('the steepest descent')")
         assert f"{lrs[30]:.2e}".replace("e-0", "e-") in page.locator("#lrfind-result").inner_text()
         assert page.evaluate("() => gradlmWatch.pointCount('lrfind', 'loss', 'lrfind')") == 60
-        assert page.evaluate("() => document.documentElement.scrollWidth <= innerWidth")  # no sideways scrolling on a phone
-        widths = page.eval_on_selector_all("figure.chart .uplot", "els => els.map(e => e.getBoundingClientRect().right)")
+        # no sideways scrolling on a phone
+        assert page.evaluate("() => document.documentElement.scrollWidth <= innerWidth")
+        widths = page.eval_on_selector_all(
+            "figure.chart .uplot", "els => els.map(e => e.getBoundingClientRect().right)"
+        )
         assert widths and max(widths) <= 390

@@ -28,14 +28,37 @@ ROOT = Path(__file__).resolve().parents[1]
 # MKL_ENABLE_INSTRUCTIONS cap the libraries behind the matrix products (and a cap below bfloat16 makes gradlm's
 # --dtype auto take float32, as on such a CPU); OMP_NUM_THREADS sets torch's threads (1 and 2 both occur).
 SETTINGS = {
-    "default": ("any x86-64 CPU: scalar ATen kernels, oneDNN and MKL held to SSE4, float32, 1 thread",
-                {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "OMP_NUM_THREADS": "1"}),
-    "avx2": ("an AVX2 CPU without AVX512 (older AMD EPYC and Ryzen, most laptops): float32, 2 threads",
-             {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "OMP_NUM_THREADS": "2"}),
-    "avx512": ("an AVX512 Xeon without AVX512-BF16 or AMX: float32, 1 thread",
-               {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI", "MKL_ENABLE_INSTRUCTIONS": "AVX512", "OMP_NUM_THREADS": "1"}),
-    "native": ("this CPU as it is: its widest kernels, bfloat16 where it has AMX or AVX512-BF16, 2 threads",
-               {"OMP_NUM_THREADS": "2"}),
+    "default": (
+        "any x86-64 CPU: scalar ATen kernels, oneDNN and MKL held to SSE4, float32, 1 thread",
+        {
+            "ATEN_CPU_CAPABILITY": "default",
+            "ONEDNN_MAX_CPU_ISA": "SSE41",
+            "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+            "OMP_NUM_THREADS": "1",
+        },
+    ),
+    "avx2": (
+        "an AVX2 CPU without AVX512 (older AMD EPYC and Ryzen, most laptops): float32, 2 threads",
+        {
+            "ATEN_CPU_CAPABILITY": "avx2",
+            "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+            "OMP_NUM_THREADS": "2",
+        },
+    ),
+    "avx512": (
+        "an AVX512 Xeon without AVX512-BF16 or AMX: float32, 1 thread",
+        {
+            "ATEN_CPU_CAPABILITY": "avx512",
+            "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+            "OMP_NUM_THREADS": "1",
+        },
+    ),
+    "native": (
+        "this CPU as it is: its widest kernels, bfloat16 where it has AMX or AVX512-BF16, 2 threads",
+        {"OMP_NUM_THREADS": "2"},
+    ),
 }
 CAPABILITY_ORDER = ["DEFAULT", "AVX2", "AVX512"]
 
@@ -48,7 +71,18 @@ print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "thread
 
 
 def environment(settings: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "ATEN_CPU_CAPABILITY",
+            "ONEDNN_MAX_CPU_ISA",
+            "DNNL_MAX_CPU_ISA",
+            "MKL_ENABLE_INSTRUCTIONS",
+            "OMP_NUM_THREADS",
+        )
+    }
     env.update(settings)
     return env
 
@@ -60,7 +94,9 @@ def probe(env: dict[str, str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeat", type=int, default=1, help="run every setting this many times in a row (default 1)")
     parser.add_argument("--only", action="append", choices=list(SETTINGS), help="just this setting (repeatable)")
     parser.add_argument("pytest_args", nargs="*", help="after --: arguments for pytest (default: -m numerics)")
@@ -74,17 +110,33 @@ def main(argv: list[str] | None = None) -> int:
             got = probe(env)
             wanted = settings.get("ATEN_CPU_CAPABILITY", "").upper()
             if wanted and got["capability"] != wanted:
-                print(f"== {name}: skipped, this CPU cannot play it (asked ATen for {wanted}, got {got['capability']})", flush=True)
+                print(
+                    f"== {name}: skipped, this CPU cannot play it (asked ATen for {wanted}, got {got['capability']})",
+                    flush=True,
+                )
                 results.append((round_, name, got, "skipped", 0.0))
                 continue
-            print(f"== {name} (round {round_}/{args.repeat}): {what}\n   ATen {got['capability']}, {got['threads']} thread(s), "
-                  f"training dtype auto = {got['dtype']}; {' '.join(f'{k}={v}' for k, v in settings.items())}", flush=True)
+            print(
+                f"== {name} (round {round_}/{args.repeat}): {what}\n   ATen {got['capability']}, {got['threads']} "
+                "thread(s), "
+                f"training dtype auto = {got['dtype']}; {' '.join(f'{k}={v}' for k, v in settings.items())}",
+                flush=True,
+            )
             start = time.monotonic()
-            rc = subprocess.call([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *(args.pytest_args or ["-m", "numerics"])], env=env, cwd=ROOT)
-            results.append((round_, name, got, "passed" if rc == 0 else f"FAILED (exit {rc})", time.monotonic() - start))
+            rc = subprocess.call(
+                [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *(args.pytest_args or ["-m", "numerics"])],
+                env=env,
+                cwd=ROOT,
+            )
+            results.append(
+                (round_, name, got, "passed" if rc == 0 else f"FAILED (exit {rc})", time.monotonic() - start)
+            )
     print("\nround  setting  ATen     threads  dtype     result")
     for round_, name, got, result, seconds in results:
-        print(f"{round_:>5}  {name:<7}  {got['capability']:<7}  {got['threads']:>7}  {got['dtype']:<8}  {result}" + (f" in {seconds:.0f} s" if seconds else ""))
+        print(
+            f"{round_:>5}  {name:<7}  {got['capability']:<7}  {got['threads']:>7}  {got['dtype']:<8}  {result}"
+            + (f" in {seconds:.0f} s" if seconds else "")
+        )
     failed = sum(r[3].startswith("FAILED") for r in results)
     skipped = sum(r[3] == "skipped" for r in results)
     print(f"settings: {len(results) - failed - skipped} passed, {failed} failed, {skipped} skipped")

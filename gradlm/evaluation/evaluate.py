@@ -44,15 +44,47 @@ from gradlm.text.typos import inject_typos
 class EvalConfig:
     """What `gradlm eval` measures."""
 
-    data: str = field(default="", metadata={"help": "text to score, all of it: a file, directory, .jsonl, .gz or a registered dataset name"})
-    stride: int = field(default=0, metadata={"help": "tokens each window moves on (and scores); 0 = half the context window. Smaller = more context per token, slower"})
+    data: str = field(
+        default="",
+        metadata={"help": "text to score, all of it: a file, directory, .jsonl, .gz or a registered dataset name"},
+    )
+    stride: int = field(
+        default=0,
+        metadata={
+            "help": "tokens each window moves on (and scores); 0 = half the context window. Smaller = more context "
+            "per token, slower"
+        },
+    )
     batch: int = field(default=8, metadata={"help": "windows (or answer choices) per forward pass"})
-    typos: float = field(default=0.0, metadata={"help": "also score a copy of the text with typos in this share of its letters (swap, drop, insert, substitute), e.g. 0.05"})
+    typos: float = field(
+        default=0.0,
+        metadata={
+            "help": "also score a copy of the text with typos in this share of its letters (swap, drop, insert, "
+            "substitute), e.g. 0.05"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of the typos"})
-    choices: str = field(default="", metadata={"help": "multiple-choice items to score: .jsonl with {\"context\", \"choices\", \"answer\"} per line"})
-    qa: list[str] = field(default_factory=list, metadata={"help": "question-answering files to score by exact match of greedy chat replies: .jsonl whose last message is the expected answer (see gradlm/text/sft.py); accuracy per file or per \"split\" field"})
-    answers: str = field(default="free", metadata={"help": "QA replies: free, or choices (the model picks among the distinct answers the QA files hold; the report shows exact match both ways)"})
-    qa_max_tokens: int = field(default=32, metadata={"help": "most tokens of a QA reply (generation stops earlier at <|end|>)"})
+    choices: str = field(
+        default="",
+        metadata={"help": 'multiple-choice items to score: .jsonl with {"context", "choices", "answer"} per line'},
+    )
+    qa: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "question-answering files to score by exact match of greedy chat replies: .jsonl whose last "
+            'message is the expected answer (see gradlm/text/sft.py); accuracy per file or per "split" field'
+        },
+    )
+    answers: str = field(
+        default="free",
+        metadata={
+            "help": "QA replies: free, or choices (the model picks among the distinct answers the QA files hold; the "
+            "report shows exact match both ways)"
+        },
+    )
+    qa_max_tokens: int = field(
+        default=32, metadata={"help": "most tokens of a QA reply (generation stops earlier at <|end|>)"}
+    )
     text_field: str = field(default="text", metadata={"help": "field holding the text in .jsonl input"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar on a terminal"})
 
@@ -94,7 +126,9 @@ class _Progress:
 
     def __init__(self, total: int, enabled: bool, what: str):
         self.total, self.enabled, self.what, self.done = total, enabled, what, 0
-        self.bar = tqdm(total=total, unit=what, desc="eval", dynamic_ncols=True) if enabled and sys.stderr.isatty() else None
+        self.bar = (
+            tqdm(total=total, unit=what, desc="eval", dynamic_ncols=True) if enabled and sys.stderr.isatty() else None
+        )
         self.t0 = self.last = time.time()
         self.shown = False
 
@@ -105,14 +139,21 @@ class _Progress:
         elif self.enabled and self.done < self.total and time.time() - self.last >= 10:
             self.last = time.time()
             rate = self.done / max(self.last - self.t0, 1e-9)
-            print(f"eval: {self.done / self.total:.0%} ({self.done:,}/{self.total:,} {self.what}s, {rate:.1f}/s, ETA {(self.total - self.done) / rate:.0f}s)", file=sys.stderr)
+            print(
+                f"eval: {self.done / self.total:.0%} ({self.done:,}/{self.total:,} {self.what}s, {rate:.1f}/s, ETA "
+                f"{(self.total - self.done) / rate:.0f}s)",
+                file=sys.stderr,
+            )
             self.shown = True
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         elif self.shown and self.done >= self.total:
-            print(f"eval: 100% ({self.done:,}/{self.total:,} {self.what}s in {time.time() - self.t0:.0f}s)", file=sys.stderr)
+            print(
+                f"eval: 100% ({self.done:,}/{self.total:,} {self.what}s in {time.time() - self.t0:.0f}s)",
+                file=sys.stderr,
+            )
 
 
 # ---- scoring text -----------------------------------------------------------------------------------------
@@ -135,12 +176,23 @@ class TextScore:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "nll"}
 
 
-def evaluate_text(model: Transformer, tok: Tokenizer, text: str | list[str], stride: int = 0, batch: int = 8, progress: bool = False, keep_nll: bool = False) -> TextScore:
+def evaluate_text(
+    model: Transformer,
+    tok: Tokenizer,
+    text: str | list[str],
+    stride: int = 0,
+    batch: int = 8,
+    progress: bool = False,
+    keep_nll: bool = False,
+) -> TextScore:
     """Loss, perplexity, bits per byte and bits per character of a text (or several documents); keep_nll
     keeps each token's loss too (.nll, for the per-word view of typos)."""
     docs = [text] if isinstance(text, str) else list(text)
     if tok.vocab_size > model.cfg.vocab_size:
-        raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but the model only {model.cfg.vocab_size}; use the run's own tokenizer")
+        raise ConfigError(
+            f"the tokenizer has {tok.vocab_size} ids but the model only {model.cfg.vocab_size}; use the run's own "
+            "tokenizer"
+        )
     window = model.cfg.block_size
     stride = stride or max(1, window // 2)
     if not 1 <= stride <= window:
@@ -156,8 +208,16 @@ def evaluate_text(model: Transformer, tok: Tokenizer, text: str | list[str], str
         raise DataError("the text is too short to evaluate: it needs at least one token to predict")
     plan = window_plan(len(seq) - 1, window, stride)
     bar = _Progress(len(plan), progress, "window")
-    try:  # float32: the reference figure (training's validation uses the run's compute dtype; see gradlm/model/scoring.py)
-        s = score(model, sliding_windows(torch.tensor(seq), window, stride, batch), torch.tensor(tok.token_byte_lengths()), "float32", keep=keep_nll, on_window=bar.update)
+    # float32: the reference figure (training's validation uses the run's compute dtype; see gradlm/model/scoring.py)
+    try:
+        s = score(
+            model,
+            sliding_windows(torch.tensor(seq), window, stride, batch),
+            torch.tensor(tok.token_byte_lengths()),
+            "float32",
+            keep=keep_nll,
+            on_window=bar.update,
+        )
     finally:
         bar.close()
     bits, total_bytes, loss = s.bits, s.bytes, s.loss
@@ -189,20 +249,25 @@ def load_choices(path: str | Path) -> list[ChoiceItem]:
     """Items from a .jsonl file: {"context": str, "choices": [str, ...], "answer": index or choice text}."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"no choices file at {p}; give a .jsonl with one {{\"context\", \"choices\", \"answer\"}} object per line")
+        raise DataError(
+            f'no choices file at {p}; give a .jsonl with one {{"context", "choices", "answer"}} object per line'
+        )
     items = []
     for n, obj in jsonl_objects(p):
         where = f"{p} line {n}"
         if not isinstance(obj, dict) or not isinstance(obj.get("context"), str):
-            raise DataError(f"{where} needs a string field \"context\"")
+            raise DataError(f'{where} needs a string field "context"')
         choices = obj.get("choices")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-            raise DataError(f"{where} needs \"choices\": a list of at least two non-empty strings")
+            raise DataError(f'{where} needs "choices": a list of at least two non-empty strings')
         answer = obj.get("answer")
         if isinstance(answer, str) and answer in choices:
             answer = choices.index(answer)
         if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
-            raise DataError(f"{where}: \"answer\" must be the index (0..{len(choices) - 1}) or the text of the right choice, got {answer!r}")
+            raise DataError(
+                f'{where}: "answer" must be the index (0..{len(choices) - 1}) or the text of the right choice, got '
+                f"{answer!r}"
+            )
         items.append(ChoiceItem(obj["context"], choices, answer))
     if not items:
         raise DataError(f"{p} holds no items")
@@ -230,7 +295,9 @@ def _split_context(context: str, choice: str) -> tuple[str, str]:
 
 
 @torch.inference_mode()
-def score_choices(model: Transformer, tok: Tokenizer, items: list[ChoiceItem], batch: int = 8, progress: bool = False) -> ChoiceScore:
+def score_choices(
+    model: Transformer, tok: Tokenizer, items: list[ChoiceItem], batch: int = 8, progress: bool = False
+) -> ChoiceScore:
     """Pick each item's choice by log-likelihood given the context (plain and per byte); accuracy."""
     block, eot = model.cfg.block_size, tok.eot_id
     pairs = []  # (item, choice, input ids, targets, bytes of the choice)
@@ -240,9 +307,13 @@ def score_choices(model: Transformer, tok: Tokenizer, items: list[ChoiceItem], b
             ctx_ids = ([eot] if eot >= 0 else []) + tok.encode(ctx)
             cont_ids = tok.encode(cont)
             if not ctx_ids:
-                raise DataError(f"item {n + 1} has an empty context and the tokenizer has no <|endoftext|> to start from")
+                raise DataError(
+                    f"item {n + 1} has an empty context and the tokenizer has no <|endoftext|> to start from"
+                )
             if len(cont_ids) > block:
-                raise DataError(f"item {n + 1} choice {c + 1} is {len(cont_ids)} tokens, longer than the context window ({block})")
+                raise DataError(
+                    f"item {n + 1} choice {c + 1} is {len(cont_ids)} tokens, longer than the context window ({block})"
+                )
             seq = (ctx_ids + cont_ids)[-(block + 1) :]  # a long context loses its oldest tokens
             targets = [-1] * (len(seq) - 1 - len(cont_ids)) + cont_ids
             pairs.append((n, c, seq[:-1], targets, len(cont.encode())))
@@ -277,7 +348,9 @@ def score_choices(model: Transformer, tok: Tokenizer, items: list[ChoiceItem], b
         pick, pick_norm = max(range(len(lp)), key=lp.__getitem__), max(range(len(lp)), key=norm.__getitem__)
         correct += pick == item.answer
         correct_norm += pick_norm == item.answer
-        preds.append({"logprobs": lp, "logprobs_per_byte": norm, "picked": pick, "picked_norm": pick_norm, "answer": item.answer})
+        preds.append(
+            {"logprobs": lp, "logprobs_per_byte": norm, "picked": pick, "picked_norm": pick_norm, "answer": item.answer}
+        )
     return ChoiceScore(len(items), correct, correct_norm, correct / len(items), correct_norm / len(items), preds)
 
 
@@ -303,10 +376,12 @@ def load_qa(paths: list[str] | str) -> list[QAItem]:
         for c in read_conversations(path):
             *question, last = c.messages
             if last["role"] != "assistant" or not question:
-                raise DataError(f"{c.where}: a QA line must end with the assistant's expected answer, after the question")
+                raise DataError(
+                    f"{c.where}: a QA line must end with the assistant's expected answer, after the question"
+                )
             split = c.extra.get("split", default_split)
             if not isinstance(split, str) or not split:
-                raise DataError(f"{c.where}: \"split\" must be a non-empty string, got {split!r}")
+                raise DataError(f'{c.where}: "split" must be a non-empty string, got {split!r}')
             items.append(QAItem(question, last["content"], split, c.where))
     return items
 
@@ -334,7 +409,14 @@ class QAScore:
 
 
 def score_qa(
-    model: Transformer, tok: Tokenizer, items: list[QAItem], batch: int = 8, max_new_tokens: int = 32, progress: bool = False, runtime=None, choices: list[str] | None = None
+    model: Transformer,
+    tok: Tokenizer,
+    items: list[QAItem],
+    batch: int = 8,
+    max_new_tokens: int = 32,
+    progress: bool = False,
+    runtime=None,
+    choices: list[str] | None = None,
 ) -> QAScore:
     """Greedy replies through the chat template, stopped at <|end|>, scored by exact match (normalize_answer).
     The questions are rows of the engine, batch at a time (a finished row makes room for the next). With
@@ -357,7 +439,9 @@ def score_qa(
     bar = _Progress(len(items), progress, "question")
     try:
         constraint = make_constraint(choices=choices) if choices else None
-        for i, piece in engine.stream([Request(p, sampling, 1, stops, slide=True, constraint=constraint) for p in prompts]):
+        for i, piece in engine.stream(
+            [Request(p, sampling, 1, stops, slide=True, constraint=constraint) for p in prompts]
+        ):
             replies[i] += piece.text
             if piece.finish:
                 bar.update(1)
@@ -420,7 +504,10 @@ def run_eval(model: Transformer, tok: Tokenizer, cfg: EvalConfig, runtime=None) 
         report["qa"] = score_qa(model, tok, items, cfg.batch, cfg.qa_max_tokens, cfg.progress, runtime).to_dict()
         if cfg.answers == "choices":
             answers = qa_answers(items)
-            report["qa_choices"] = {"answers": answers, **score_qa(model, tok, items, cfg.batch, cfg.qa_max_tokens, cfg.progress, runtime, answers).to_dict()}
+            report["qa_choices"] = {
+                "answers": answers,
+                **score_qa(model, tok, items, cfg.batch, cfg.qa_max_tokens, cfg.progress, runtime, answers).to_dict(),
+            }
     return report
 
 
@@ -429,8 +516,14 @@ def format_report(report: dict) -> str:
     lines = []
     if "clean" in report:
         c = report["clean"]
-        lines.append(f"{report['data']}: {c['tokens']:,} tokens, {c['bytes']:,} bytes, {c['chars']:,} characters ({c['windows']:,} windows, stride {c['stride']})")
-        lines.append(f"loss {c['loss']:.4f} | perplexity {c['perplexity']:.2f} | bits per byte {c['bits_per_byte']:.4f} | bits per char {c['bits_per_char']:.4f}")
+        lines.append(
+            f"{report['data']}: {c['tokens']:,} tokens, {c['bytes']:,} bytes, {c['chars']:,} characters "
+            f"({c['windows']:,} windows, stride {c['stride']})"
+        )
+        lines.append(
+            f"loss {c['loss']:.4f} | perplexity {c['perplexity']:.2f} | bits per byte {c['bits_per_byte']:.4f} | bits "
+            f"per char {c['bits_per_char']:.4f}"
+        )
     if "typos" in report:
         t = report["typos"]
         clean, noisy, pen = report["clean"]["bits_per_byte"], t["noisy"]["bits_per_byte"], t["penalty_bits_per_byte"]
@@ -445,7 +538,8 @@ def format_report(report: dict) -> str:
     if "choices" in report:
         s = report["choices"]
         lines.append(
-            f"{report['choices_file']}: {s['items']} items | accuracy {s['accuracy']:.3f} ({s['correct']}/{s['items']}) | "
+            f"{report['choices_file']}: {s['items']} items | accuracy {s['accuracy']:.3f} "
+            f"({s['correct']}/{s['items']}) | "
             f"length-normalised {s['accuracy_norm']:.3f} ({s['correct_norm']}/{s['items']})"
         )
     if "qa" in report:

@@ -14,7 +14,9 @@ from gradlm.text.tokenizer import Tokenizer
 from gradlm.text.augment import WORDS, _byte_offsets
 
 
-def _word_bits(tok: Tokenizer, doc: str, ids: list[int], bits: np.ndarray) -> tuple[list[str], np.ndarray, list[list[int]]]:
+def _word_bits(
+    tok: Tokenizer, doc: str, ids: list[int], bits: np.ndarray
+) -> tuple[list[str], np.ndarray, list[list[int]]]:
     """The words (runs of letters) of doc, the bits spent on the tokens of each, and those tokens.
 
     A token belongs to the word it overlaps, taken with the space or sign before it (' the'), the way
@@ -37,25 +39,35 @@ def _word_bits(tok: Tokenizer, doc: str, ids: list[int], bits: np.ndarray) -> tu
     return [m.group(1) for m in matches], word_bits, tokens
 
 
-def word_penalties(tok: Tokenizer, clean_docs: list[str], noisy_docs: list[str], clean_nll: torch.Tensor, noisy_nll: torch.Tensor, top: int = 10) -> dict:
+def _docs_word_bits(tok: Tokenizer, docs: list[str], nll: torch.Tensor) -> tuple[list, float]:
+    """Each document's _word_bits, read off the per-token losses of all of them, and the total bits."""
+    bits = np.concatenate([[0.0], nll.double().numpy() / np.log(2)])  # bits of seq[j]; seq[0] is not predicted
+    pos, per_doc = 0, []
+    for d in docs:
+        ids = tok.encode(d)
+        pos += tok.eot_id >= 0  # the <|endoftext|> before each document
+        per_doc.append(_word_bits(tok, d, ids, bits[pos : pos + len(ids)]))
+        pos += len(ids)
+    if pos != len(bits):
+        raise ValueError("the per-token losses do not match the documents")
+    return per_doc, float(bits.sum())
+
+
+def word_penalties(
+    tok: Tokenizer,
+    clean_docs: list[str],
+    noisy_docs: list[str],
+    clean_nll: torch.Tensor,
+    noisy_nll: torch.Tensor,
+    top: int = 10,
+) -> dict:
     """Where the extra bits of noisy text go: the misspelled words themselves or the text around them,
     how their split changes, and the words that cost the most.
 
     clean_nll / noisy_nll: evaluate_text(..., keep_nll=True).nll of the documents (each preceded by
     <|endoftext|>); noisy_docs are inject_typos copies of clean_docs, so their words pair up one to one."""
-    sides = []
-    for docs, nll in ((clean_docs, clean_nll), (noisy_docs, noisy_nll)):
-        bits = np.concatenate([[0.0], nll.double().numpy() / np.log(2)])  # bits of seq[j]; seq[0] is not predicted
-        pos, per_doc = 0, []
-        for d in docs:
-            ids = tok.encode(d)
-            pos += tok.eot_id >= 0  # the <|endoftext|> before each document
-            per_doc.append(_word_bits(tok, d, ids, bits[pos : pos + len(ids)]))
-            pos += len(ids)
-        if pos != len(bits):
-            raise ValueError("the per-token losses do not match the documents")
-        sides.append((per_doc, float(bits.sum())))
-    (clean_side, clean_total), (noisy_side, noisy_total) = sides
+    clean_side, clean_total = _docs_word_bits(tok, clean_docs, clean_nll)
+    noisy_side, noisy_total = _docs_word_bits(tok, noisy_docs, noisy_nll)
     groups: dict[str, dict] = {}
     n = extra_misspelled = tokens_clean = tokens_noisy = 0
     for (cw, cb, ct), (nw, nb, nt) in zip(clean_side, noisy_side):
@@ -66,8 +78,17 @@ def word_penalties(tok: Tokenizer, clean_docs: list[str], noisy_docs: list[str],
             extra_misspelled += nb[k] - cb[k]
             tokens_clean += len(ct[k])
             tokens_noisy += len(nt[k])
-            g = groups.setdefault(cw[k], {"word": cw[k], "times": 0, "extra_bits": 0.0, "clean_split": [tok.pieces[i].decode("utf-8", "replace") for i in ct[k]],
-                                         "example": nw[k], "example_split": [tok.pieces[i].decode("utf-8", "replace") for i in nt[k]]})
+            g = groups.setdefault(
+                cw[k],
+                {
+                    "word": cw[k],
+                    "times": 0,
+                    "extra_bits": 0.0,
+                    "clean_split": [tok.pieces[i].decode("utf-8", "replace") for i in ct[k]],
+                    "example": nw[k],
+                    "example_split": [tok.pieces[i].decode("utf-8", "replace") for i in nt[k]],
+                },
+            )
             g["times"] += 1
             g["extra_bits"] += nb[k] - cb[k]
     extra = noisy_total - clean_total
@@ -92,8 +113,10 @@ def format_word_penalties(w: dict) -> str:
         return "per word: no word was misspelled"
     share = w["extra_bits_in_misspelled_words"] / w["extra_bits"] if w["extra_bits"] else float("nan")
     lines = [
-        f"per word: {w['misspelled_words']:,} misspelled words, split into {w['tokens_per_word_clean']:.2f} -> {w['tokens_per_word_noisy']:.2f} tokens "
-        f"and costing {w['extra_bits_per_misspelled_word']:+.2f} bits each; of the {w['extra_bits']:+,.0f} extra bits, {share:.0%} are on the "
+        f"per word: {w['misspelled_words']:,} misspelled words, split into {w['tokens_per_word_clean']:.2f} -> "
+        f"{w['tokens_per_word_noisy']:.2f} tokens "
+        f"and costing {w['extra_bits_per_misspelled_word']:+.2f} bits each; of the {w['extra_bits']:+,.0f} extra "
+        f"bits, {share:.0%} are on the "
         f"misspelled words and {1 - share:.0%} on the text around them",
         f"  {'word':<14} {'times':>5} {'extra bits':>10}  clean split -> one misspelling's split",
     ]

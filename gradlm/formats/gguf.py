@@ -2,7 +2,8 @@
 
     runs/NAME/                               OUT/
       config.json, model.safetensors   ->      model.gguf   arch "llama" (or "qwen3" with --qk-norm), f32 / f16 / q8_0
-      tokenizer.json                   ->                   tokenizer.ggml.*: byte-level BPE, gradlm's merges, pre "llama-bpe"
+      tokenizer.json                   ->
+                                       tokenizer.ggml.*: byte-level BPE, gradlm's merges, pre "llama-bpe"
       chat_template.jinja (chat runs)  ->                   tokenizer.chat_template
                                                Modelfile    for `ollama create NAME -f OUT/Modelfile`
 
@@ -53,7 +54,8 @@ def rope_to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
     (pairs i, i + head_dim/2) to the interleaved one (pairs 2i, 2i + 1) within each head."""
     rows, cols = w.shape
     half = rows // heads // 2
-    return w.reshape(heads, 2, half, cols).transpose(1, 2).reshape(rows, cols)  # (heads, half, 2, cols): i, i+half side by side
+    # (heads, half, 2, cols): i, i+half side by side
+    return w.reshape(heads, 2, half, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def _tensors(cfg: ModelConfig, state: dict[str, torch.Tensor], arch: str) -> list[tuple[str, torch.Tensor]]:
@@ -62,11 +64,17 @@ def _tensors(cfg: ModelConfig, state: dict[str, torch.Tensor], arch: str) -> lis
     if not cfg.tie_embeddings:  # tied: llama.cpp reads the head from token_embd
         out.append(("output.weight", state["lm_head.weight"]))
     names = {
-        "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-        "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-        "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
-        "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-        "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+        "input_layernorm.weight": "attn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "self_attn.q_norm.weight": "attn_q_norm.weight",
+        "self_attn.k_norm.weight": "attn_k_norm.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
     }
     for i in range(cfg.n_layer):
         for ours, theirs in names.items():
@@ -109,11 +117,19 @@ def _vocabulary(tok: Tokenizer, vocab_size: int = 0) -> tuple[list[str], list[in
 def modelfile(chat: bool, gguf_type: str) -> str:
     """An Ollama Modelfile for OUT/model.gguf: the chat layout of gradlm/text/chat.py in Go template syntax for a
     chat-tuned run (stopping at <|end|>), plain completion otherwise."""
-    lines = [f"# Ollama: ollama create NAME -f Modelfile   (written by gradlm {package_version()}, {gguf_type})", "FROM ./model.gguf"]
+    lines = [
+        f"# Ollama: ollama create NAME -f Modelfile   (written by gradlm {package_version()}, {gguf_type})",
+        "FROM ./model.gguf",
+    ]
     if chat:
-        role = "{{ if eq .Role \"system\" }}%s{{ else if eq .Role \"user\" }}%s{{ else }}%s{{ end }}" % (
-            ROLE_TOKENS["system"], ROLE_TOKENS["user"], ROLE_TOKENS["assistant"])
-        template = EOT + "{{ range .Messages }}" + role + "{{ .Content }}" + END + "{{ end }}" + ROLE_TOKENS["assistant"]
+        role = '{{ if eq .Role "system" }}%s{{ else if eq .Role "user" }}%s{{ else }}%s{{ end }}' % (
+            ROLE_TOKENS["system"],
+            ROLE_TOKENS["user"],
+            ROLE_TOKENS["assistant"],
+        )
+        template = (
+            EOT + "{{ range .Messages }}" + role + "{{ .Content }}" + END + "{{ end }}" + ROLE_TOKENS["assistant"]
+        )
         lines += [f'TEMPLATE """{template}"""', f'PARAMETER stop "{END}"']
     else:
         lines += ['TEMPLATE """{{ .Prompt }}"""']
@@ -131,7 +147,9 @@ def _written_by_gradlm(path: Path) -> bool:
         return False
 
 
-def export_gguf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, gguf_type: str = "f16", best: bool = False) -> dict:
+def export_gguf(
+    run_dir: str | os.PathLike, out_dir: str | os.PathLike, gguf_type: str = "f16", best: bool = False
+) -> dict:
     """Write run_dir as OUT/model.gguf (+ an Ollama Modelfile); a LoRA run is folded into its base first.
     Returns a summary: the path, the architecture, the type, parameters and bytes."""
     if gguf_type not in GGUF_TYPES:
@@ -139,7 +157,9 @@ def export_gguf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, gguf_typ
     try:
         import gguf
     except ImportError:
-        raise ConfigError("GGUF export needs the gguf package (llama.cpp's writer): pip install gguf  (or pip install -e \".[gguf]\")") from None
+        raise ConfigError(
+            'GGUF export needs the gguf package (llama.cpp\'s writer): pip install gguf  (or pip install -e ".[gguf]")'
+        ) from None
     out = Path(out_dir)
     check_export_target(out, GGUF_FILES, "model.gguf", _written_by_gradlm, "GGUF ")
     model, tok = load_for_export(run_dir, best, "llama.cpp")
@@ -162,15 +182,25 @@ def export_gguf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, gguf_typ
         ckpt.atomic_write_text(tmp / "Modelfile", modelfile(chat, gguf_type))
 
     ckpt.atomic_write_dir(out, write)
-    return {"out": str(out / "model.gguf"), "architecture": arch, "gguf_type": gguf_type, "params": model.num_params(),
-            "bytes": (out / "model.gguf").stat().st_size, "chat": chat}
+    return {
+        "out": str(out / "model.gguf"),
+        "architecture": arch,
+        "gguf_type": gguf_type,
+        "params": model.num_params(),
+        "bytes": (out / "model.gguf").stat().st_size,
+        "chat": chat,
+    }
 
 
 def _add_model_keys(w, cfg: ModelConfig, name: str, gguf_type: str) -> None:
     """The file's name, our marker, its type, and the model's shape."""
     import gguf
 
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[gguf_type]
     w.add_name(name)
     w.add_string(MARKER, package_version())
     w.add_file_type(int(file_type))
@@ -189,7 +219,9 @@ def _add_model_keys(w, cfg: ModelConfig, name: str, gguf_type: str) -> None:
     w.add_vocab_size(cfg.vocab_size)
 
 
-def _add_tokenizer_keys(w, tok: Tokenizer, vocabulary: tuple[list[str], list[int], list[str]], chat_template: str | None) -> None:
+def _add_tokenizer_keys(
+    w, tok: Tokenizer, vocabulary: tuple[list[str], list[int], list[str]], chat_template: str | None
+) -> None:
     """The vocabulary (tokens, types, merges: `_vocabulary`) and special tokens; the chat template and <|end|>
     as EOT for a chat-tuned run (chat_template not None)."""
     tokens, types, merges = vocabulary
@@ -218,6 +250,10 @@ def _add_tensors(w, tensors: list[tuple[str, torch.Tensor]], gguf_type: str) -> 
         if a.ndim == 1 or gguf_type == "f32":
             w.add_tensor(name, a.astype(np.float32))
         elif gguf_type == "q8_0" and a.shape[-1] % 32 == 0:
-            w.add_tensor(name, gguf.quants.quantize(a.astype(np.float32), gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(
+                name,
+                gguf.quants.quantize(a.astype(np.float32), gguf.GGMLQuantizationType.Q8_0),
+                raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+            )
         else:
             w.add_tensor(name, a.astype(np.float16))

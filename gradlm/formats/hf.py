@@ -98,7 +98,12 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer, dtype: str = "float32") -> dict:
     if model_type == "llama":
         out.update(mlp_bias=False, pretraining_tp=1)
     else:
-        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer, layer_types=["full_attention"] * cfg.n_layer)
+        out.update(
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=cfg.n_layer,
+            layer_types=["full_attention"] * cfg.n_layer,
+        )
     return out
 
 
@@ -124,7 +129,9 @@ def hf_tokenizer_config(tok: Tokenizer, block_size: int) -> dict:
     }
 
 
-def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32", best: bool = False) -> dict:
+def export_hf(
+    run_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32", best: bool = False
+) -> dict:
     """Write run_dir as a transformers checkpoint in out_dir; returns a summary.
 
     out_dir must be missing, empty, or a previous gradlm export (which is replaced whole).
@@ -144,7 +151,9 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
 
     def write(tmp: Path) -> None:
         ckpt.atomic_write_json(tmp / "config.json", hf_config(cfg, tok, dtype))
-        ckpt.atomic_write_json(tmp / "generation_config.json", {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad})
+        ckpt.atomic_write_json(
+            tmp / "generation_config.json", {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad}
+        )
         ckpt.atomic_write_text(tmp / "tokenizer.json", tok.to_json())
         ckpt.atomic_write_json(tmp / "tokenizer_config.json", hf_tokenizer_config(tok, cfg.block_size))
         # transformers expects format=pt in the safetensors header.
@@ -165,9 +174,13 @@ def load_for_export(run_dir: str | os.PathLike, best: bool, where: str) -> tuple
     an end-of-text token (the target's end of sequence) and a vocabulary the model covers."""
     model, tok = load_model(run_dir, best=best)
     if tok.eot_id < 0:
-        raise TokenizerError(f"the tokenizer of {run_dir} has no end-of-text token ({EOT}); {where} needs an end-of-sequence token")
+        raise TokenizerError(
+            f"the tokenizer of {run_dir} has no end-of-text token ({EOT}); {where} needs an end-of-sequence token"
+        )
     if tok.vocab_size > model.cfg.vocab_size:
-        raise RunDirError(f"{run_dir}: the tokenizer has {tok.vocab_size} ids but the model only {model.cfg.vocab_size}")
+        raise RunDirError(
+            f"{run_dir}: the tokenizer has {tok.vocab_size} ids but the model only {model.cfg.vocab_size}"
+        )
     return model, tok
 
 
@@ -181,8 +194,14 @@ def check_export_target(out: Path, files: tuple[str, ...], marker: str, is_ours,
         return
     foreign = sorted(p.name for p in out.iterdir() if p.name not in files)
     if foreign or not is_ours(out / marker):
-        what = f"it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}" if foreign else f"its {marker} was not written by gradlm export"
-        raise RunDirError(f"{out} is not empty and not a previous gradlm {kind}export ({what}); export into a new or empty directory")
+        what = (
+            f"it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}"
+            if foreign
+            else f"its {marker} was not written by gradlm export"
+        )
+        raise RunDirError(
+            f"{out} is not empty and not a previous gradlm {kind}export ({what}); export into a new or empty directory"
+        )
 
 
 def _exported_by_gradlm(config: Path) -> bool:
@@ -195,9 +214,8 @@ def _exported_by_gradlm(config: Path) -> bool:
 # ---- import ------------------------------------------------------------------------------------------
 
 
-def model_config_from_hf(hf: dict, block_size: int = 0) -> tuple[ModelConfig, str]:
-    """(ModelConfig, architecture) for a transformers config.json dict; ConfigError listing every
-    feature gradlm's model does not have (biases, rope scaling, sliding windows, ...)."""
+def _hf_architecture(hf: dict) -> str:
+    """The supported architecture a config.json names, once it is known to give every size; ConfigError otherwise."""
     if "auto_map" in hf:
         raise ConfigError(f"config.json asks for custom code (auto_map), which gradlm never runs; {SUPPORTED_TEXT}")
     archs = hf.get("architectures") or []
@@ -206,11 +224,18 @@ def model_config_from_hf(hf: dict, block_size: int = 0) -> tuple[ModelConfig, st
     arch = archs[0] if isinstance(archs, list) and len(archs) == 1 else None
     if arch not in SUPPORTED:
         raise ConfigError(f"unsupported architecture {archs or hf.get('model_type')!r}; {SUPPORTED_TEXT}")
-    family = SUPPORTED[arch]
     sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     bad = [k for k in sizes if not isinstance(hf.get(k), int) or isinstance(hf.get(k), bool) or hf[k] < 1]
     if bad:
         raise ConfigError(f"config.json lacks positive integers for {', '.join(bad)}; is it a complete {arch} config?")
+    return arch
+
+
+def model_config_from_hf(hf: dict, block_size: int = 0) -> tuple[ModelConfig, str]:
+    """(ModelConfig, architecture) for a transformers config.json dict; ConfigError listing every
+    feature gradlm's model does not have (biases, rope scaling, sliding windows, ...)."""
+    arch = _hf_architecture(hf)
+    family = SUPPORTED[arch]
 
     def get(key: str):
         return hf[key] if hf.get(key) is not None else _DEFAULTS.get(key)
@@ -233,10 +258,14 @@ def model_config_from_hf(hf: dict, block_size: int = 0) -> tuple[ModelConfig, st
     if hf.get("head_dim") is not None and hf["head_dim"] * heads != hidden:
         problems.append(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads ({hidden} / {heads})")
     if problems:
-        raise ConfigError(f"{arch} checkpoint uses what gradlm's model does not have: {'; '.join(problems)}. {SUPPORTED_TEXT}")
+        raise ConfigError(
+            f"{arch} checkpoint uses what gradlm's model does not have: {'; '.join(problems)}. {SUPPORTED_TEXT}"
+        )
     max_pos = hf.get("max_position_embeddings") or _MAX_POSITIONS[family]
     if block_size and not 0 < block_size <= max_pos:
-        raise ConfigError(f"--block-size must be between 1 and the checkpoint's max_position_embeddings ({max_pos}), got {block_size}")
+        raise ConfigError(
+            f"--block-size must be between 1 and the checkpoint's max_position_embeddings ({max_pos}), got {block_size}"
+        )
     cfg = ModelConfig(
         vocab_size=hf["vocab_size"],
         block_size=block_size or max_pos,
@@ -262,7 +291,10 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
         if (hf_dir / "model.safetensors.index.json").is_file() or list(hf_dir.glob("model-*-of-*.safetensors")):
             why = "the checkpoint is sharded (model.safetensors.index.json); gradlm imports one model.safetensors"
         elif list(hf_dir.glob("*.bin")) or list(hf_dir.glob("*.pt")) or list(hf_dir.glob("*.pth")):
-            why = "it has only pickled weights (*.bin/*.pt), which gradlm never loads because unpickling can run code; convert them to model.safetensors"
+            why = (
+                "it has only pickled weights (*.bin/*.pt), which gradlm never loads because unpickling can run code; "
+                "convert them to model.safetensors"
+            )
         else:
             why = "no model.safetensors"
         raise RunDirError(f"cannot import {hf_dir}: {why}. {SUPPORTED_TEXT}")
@@ -277,7 +309,9 @@ def gradlm_state(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     """HF tensor names -> gradlm names, as float32 (gradlm trains in fp32); a tied head is stored once."""
     biases = sorted(k for k in hf_state if k.endswith(".bias"))
     if biases:
-        raise ConfigError(f"the checkpoint has bias tensors ({biases[0]}, ...), which gradlm's model does not have. {SUPPORTED_TEXT}")
+        raise ConfigError(
+            f"the checkpoint has bias tensors ({biases[0]}, ...), which gradlm's model does not have. {SUPPORTED_TEXT}"
+        )
     state = {}
     for k, t in hf_state.items():
         if k.endswith("rotary_emb.inv_freq"):
@@ -302,11 +336,17 @@ def _import_tokenizer(hf_dir: Path, hf: dict) -> Tokenizer:
     path = hf_dir / "tokenizer.json"
     if not path.is_file():
         found = [n for n in ("tokenizer.model", "vocab.json", "spiece.model") if (hf_dir / n).is_file()]
-        hint = f" (it has {', '.join(found)}: load it with transformers and save_pretrained to get tokenizer.json)" if found else ""
+        hint = (
+            f" (it has {', '.join(found)}: load it with transformers and save_pretrained to get tokenizer.json)"
+            if found
+            else ""
+        )
         raise TokenizerError(f"cannot import {hf_dir}: no tokenizer.json{hint}. {SUPPORTED_TEXT}")
     tk_cfg = _json_file(hf_dir / "tokenizer_config.json") if (hf_dir / "tokenizer_config.json").is_file() else {}
     if "auto_map" in tk_cfg:
-        raise ConfigError(f"tokenizer_config.json asks for custom code (auto_map), which gradlm never runs; {SUPPORTED_TEXT}")
+        raise ConfigError(
+            f"tokenizer_config.json asks for custom code (auto_map), which gradlm never runs; {SUPPORTED_TEXT}"
+        )
     spec = _json_file(path)
     model_type = (spec.get("model") or {}).get("type")
     if model_type != "BPE" or not (_has_byte_level(spec.get("pre_tokenizer")) and _has_byte_level(spec.get("decoder"))):
@@ -326,7 +366,10 @@ def _import_tokenizer(hf_dir: Path, hf: dict) -> Tokenizer:
         eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
         eos = hf_tok.id_to_token(eos_id) if isinstance(eos_id, int) else None
     if eos is None:
-        raise TokenizerError(f"cannot import {hf_dir}: the tokenizer has no {EOT} and neither tokenizer_config.json (eos_token) nor config.json (eos_token_id) names an end-of-text token")
+        raise TokenizerError(
+            f"cannot import {hf_dir}: the tokenizer has no {EOT} and neither tokenizer_config.json (eos_token) nor "
+            "config.json (eos_token_id) names an end-of-text token"
+        )
     return Tokenizer(hf_tok, eos_token=eos)
 
 
@@ -365,8 +408,16 @@ def import_hf(hf_dir: str | os.PathLike, run_dir: str | os.PathLike, block_size:
     if tok.vocab_size > cfg.vocab_size:
         raise TokenizerError(f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is {cfg.vocab_size}")
     state = gradlm_state(_read_hf_weights(src), cfg)
-    run_config = config_dict(cfg, asdict(TrainConfig(out=str(out))), {"tokenizer": "given", "tokenizer_sha256": tok.sha256}, imported_from={"path": str(src.resolve()), "architecture": arch})
+    run_config = config_dict(
+        cfg,
+        asdict(TrainConfig(out=str(out))),
+        {"tokenizer": "given", "tokenizer_sha256": tok.sha256},
+        imported_from={"path": str(src.resolve()), "architecture": arch},
+    )
     RunDir.create(out, run_config, tok, state, step=0)
-    return {"run": str(out), "architecture": arch, "params": sum(t.numel() for t in state.values()), "eos_token": tok.eos_token}
-
-
+    return {
+        "run": str(out),
+        "architecture": arch,
+        "params": sum(t.numel() for t in state.values()),
+        "eos_token": tok.eos_token,
+    }

@@ -56,13 +56,24 @@ class Constraint:
         return LLMatcher.grammar_from_lark(self.value)
 
     def describe(self) -> str:
-        return {"choices": "the choice list", "regex": "the regular expression", "json_schema": "the JSON schema",
-                "json_object": "the JSON object constraint", "grammar": "the grammar"}[self.kind]
+        return {
+            "choices": "the choice list",
+            "regex": "the regular expression",
+            "json_schema": "the JSON schema",
+            "json_object": "the JSON object constraint",
+            "grammar": "the grammar",
+        }[self.kind]
 
 
-def make_constraint(choices=None, regex=None, json_schema=None, json_object: bool = False, grammar=None) -> Constraint | None:
+def make_constraint(
+    choices=None, regex=None, json_schema=None, json_object: bool = False, grammar=None
+) -> Constraint | None:
     """The one Constraint given (None when none is): at most one of them, each of the right type."""
-    given = {k: v for k, v in dict(choices=choices, regex=regex, json_schema=json_schema, grammar=grammar).items() if v is not None}
+    given = {
+        k: v
+        for k, v in dict(choices=choices, regex=regex, json_schema=json_schema, grammar=grammar).items()
+        if v is not None
+    }
     if json_object:
         given["json_object"] = True
     if len(given) > 1:
@@ -71,7 +82,12 @@ def make_constraint(choices=None, regex=None, json_schema=None, json_object: boo
         return None
     kind, value = given.popitem()
     if kind == "choices":
-        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value or not all(isinstance(c, str) and c for c in value):
+        if (
+            isinstance(value, str)
+            or not isinstance(value, (list, tuple))
+            or not value
+            or not all(isinstance(c, str) and c for c in value)
+        ):
             raise ConfigError("choices must be a non-empty list of non-empty strings")
         value = tuple(dict.fromkeys(value))
     elif kind in ("regex", "grammar") and (not isinstance(value, str) or not value):
@@ -97,8 +113,10 @@ def _one_line(error: str) -> str:
 def constraint_failed(constraint: Constraint, error: str) -> str:
     """The message for a matcher that gave up while decoding (llguidance stops when a constraint grows past its
     limits, e.g. a regex like a{1000}{1000}): what was asked, why it stopped, and that the output is unfinished."""
-    return (f"{constraint.describe()} could not be followed while decoding ({_one_line(error) or 'the matcher stopped'}): "
-            "the output stopped before it fits; simplify the constraint")
+    return (
+        f"{constraint.describe()} could not be followed while decoding ({_one_line(error) or 'the matcher stopped'}): "
+        "the output stopped before it fits; simplify the constraint"
+    )
 
 
 class Guide:

@@ -207,7 +207,9 @@ class _Row:
         if self.constraint is not None:
             self.constraint.consume_token(t.id)
             if self.constraint.is_error():  # it gave up (a limit of its own, say): stopped, but not complete
-                return self._finish("", "error", t, constraint_failed(self.handle.request.constraint, self.constraint.get_error()))
+                return self._finish(
+                    "", "error", t, constraint_failed(self.handle.request.constraint, self.constraint.get_error())
+                )
             complete = self.constraint.is_stopped()  # the output is whole and nothing more may follow
         if t.id in self.stop_ids:
             return self._finish("", "stop", t)
@@ -229,7 +231,9 @@ class _Row:
         rest = self.decoder.flush()
         self._decoded(rest, False)
         tail, hit = self.matcher.push(rest)
-        return self._emit(text + (tail if hit else tail + self.matcher.flush()), "stop" if hit and not error else reason, t, error)
+        return self._emit(
+            text + (tail if hit else tail + self.matcher.flush()), "stop" if hit and not error else reason, t, error
+        )
 
     def _decoded(self, text: str, pending: bool) -> None:
         """The decoder produced text; unless a character is still unfinished, every held token's text is known."""
@@ -261,12 +265,20 @@ class Engine:
     event loop). start() steps in a thread of its own; stream()/run() step in the caller's.
     """
 
-    def __init__(self, model: Transformer, tok: Tokenizer, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE, runtime: Runtime | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        tok: Tokenizer,
+        max_batch: int = MAX_BATCH,
+        max_queue: int = MAX_QUEUE,
+        runtime: Runtime | None = None,
+    ):
         if max_batch < 1 or max_queue < 0:
             raise ConfigError(f"max batch must be >= 1 and max queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tok = model, tok
         rt = runtime or Runtime(str(model.embed_tokens.weight.device))
-        self.forward = Forward(model, int8=rt.dtype == "int8", compile=rt.compile)  # the fast path in inference mode; owns its weight copies
+        # the fast path in inference mode; owns its weight copies
+        self.forward = Forward(model, int8=rt.dtype == "int8", compile=rt.compile)
         self.device = model.embed_tokens.weight.device
         self.guide: Guide | None = None  # compiles constraints, made on the first request that has one
         self.specials = frozenset(tok.specials.values())
@@ -302,14 +314,20 @@ class Engine:
         if request.logprobs is not None and not 0 <= request.logprobs <= self.model.cfg.vocab_size:
             raise ConfigError(f"logprobs must be between 0 and the vocabulary size, got {request.logprobs}")
         c = request.cache
-        if c is not None and (request.n != 1 or c.kv.shape[1] != 1 or c.pad is not None or not 0 <= c.pos < len(request.prompt)):
-            raise ValueError("a continued KV cache must have one unpadded row holding fewer ids than the prompt, for n = 1")
+        if c is not None and (
+            request.n != 1 or c.kv.shape[1] != 1 or c.pad is not None or not 0 <= c.pos < len(request.prompt)
+        ):
+            raise ValueError(
+                "a continued KV cache must have one unpadded row holding fewer ids than the prompt, for n = 1"
+            )
         handle = Handle(self, request, on_piece)
         if request.constraint is not None:
             handle.matchers = self.matchers(request.constraint, request.n, request.stop_ids)
         with self._cond:
             if len(self._waiting) >= self.max_queue:
-                raise BusyError(f"{len(self._waiting)} requests are already waiting (the most this server queues); retry shortly")
+                raise BusyError(
+                    f"{len(self._waiting)} requests are already waiting (the most this server queues); retry shortly"
+                )
             self._waiting.append(handle)
             self._cond.notify()
         return handle
@@ -510,7 +528,9 @@ class Engine:
         parts = [(self._cache, b) for b in range(len(self._rows))]
         if full and keep:
             sub = self.model.new_cache(len(full), keep)
-            self.forward(torch.tensor([self._rows[b].ids[-keep - 1 : -1] for b in full], device=self.device), sub, last_only=True)
+            self.forward(
+                torch.tensor([self._rows[b].ids[-keep - 1 : -1] for b in full], device=self.device), sub, last_only=True
+            )
             for i, b in enumerate(full):
                 parts[b] = (sub, i)
         for b in full:
@@ -553,7 +573,11 @@ class Engine:
                 groups.setdefault((c.temperature, c.top_k, c.top_p, c.min_p), []).append(b)
         for members in groups.values():
             cfg = rows[members[0]].cfg
-            uniform = None if cfg.temperature == 0 else torch.cat([torch.rand(1, generator=rows[b].gen) for b in members])[:, None]
+            uniform = (
+                None
+                if cfg.temperature == 0
+                else torch.cat([torch.rand(1, generator=rows[b].gen) for b in members])[:, None]
+            )
             for b, t in zip(members, next_token(logits[members], cfg, uniform=uniform).tolist()):
                 ids[b] = t
         return ids
@@ -585,5 +609,9 @@ class Engine:
             if wanted[b] is None:
                 out.append(Token(r.index, t))
             else:
-                out.append(Token(r.index, t, chosen[b], tuple(zip(best_i[b][: wanted[b]], best_v[b][: wanted[b]])) if k else ()))
+                out.append(
+                    Token(
+                        r.index, t, chosen[b], tuple(zip(best_i[b][: wanted[b]], best_v[b][: wanted[b]])) if k else ()
+                    )
+                )
         return out

@@ -31,7 +31,17 @@ from gradlm.runtime import Runtime
 from gradlm.model.sampling import SamplingConfig
 from gradlm.text.tokenizer import Tokenizer
 
-__all__ = ["LM", "Completion", "Event", "SamplingConfig", "TokenLogprob", "generate_text", "load", "read_prompts", "stream_text"]
+__all__ = [
+    "LM",
+    "Completion",
+    "Event",
+    "SamplingConfig",
+    "TokenLogprob",
+    "generate_text",
+    "load",
+    "read_prompts",
+    "stream_text",
+]
 
 
 @dataclass
@@ -101,13 +111,22 @@ class LM:
         >>> lm.generate("Dose of zorvastatin?", regex=r"[0-9]+ mg", temperature=0)
     """
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, allow_special: bool = False, chat: bool = False, runtime: Runtime | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        allow_special: bool = False,
+        chat: bool = False,
+        runtime: Runtime | None = None,
+    ):
         self.model = model
         self.tok = tokenizer
         self.allow_special = allow_special  # read "<|endoftext|>" etc. in prompts as special tokens
         self.chat = chat
-        self.runtime = runtime or Runtime(str(model.embed_tokens.weight.device))  # where it runs; int8: decode with int8 weight copies
-        self.engine = Engine(model, tokenizer, max_queue=1 << 30, runtime=self.runtime)  # stepped synchronously, in the caller's thread
+        # where it runs; int8: decode with int8 weight copies
+        self.runtime = runtime or Runtime(str(model.embed_tokens.weight.device))
+        # stepped synchronously, in the caller's thread
+        self.engine = Engine(model, tokenizer, max_queue=1 << 30, runtime=self.runtime)
 
     @property
     def context_window(self) -> int:
@@ -120,13 +139,16 @@ class LM:
         if self.chat and "<|end|>" in self.tok.specials:
             ids.add(self.tok.specials["<|end|>"])
         return frozenset(ids)
+
     def encode_prompt(self, prompt: str, truncate: str = "error", number: int | None = None) -> list[int]:
         """Token ids of a prompt; an empty prompt is the end-of-text token (the start of a document)."""
         if truncate not in ("error", "left"):
             raise ConfigError(f"truncate must be 'error' or 'left', got {truncate!r}")
         if not prompt:
             if self.tok.eot_id < 0:
-                raise ConfigError("the prompt is empty and this tokenizer has no <|endoftext|> token to start from; give a prompt")
+                raise ConfigError(
+                    "the prompt is empty and this tokenizer has no <|endoftext|> token to start from; give a prompt"
+                )
             return [self.tok.eot_id]
         ids = self.tok.encode(prompt, allow_special=self.allow_special)
         block = self.context_window
@@ -179,7 +201,15 @@ class LM:
                 finish = "eot"
             yield Event(r, piece.text, piece.token, finish, piece.error)
 
-    def stream(self, prompt: str, cfg: SamplingConfig | None = None, *, truncate: str = "error", stop_at_eot: bool = True, **overrides) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: str,
+        cfg: SamplingConfig | None = None,
+        *,
+        truncate: str = "error",
+        stop_at_eot: bool = True,
+        **overrides,
+    ) -> Iterator[str]:
         """Yield pieces of the continuation as they are generated (never half a character, never a
         stop string or the text after it). A constraint that fails while decoding raises ConstraintError after
         the text so far."""
@@ -220,13 +250,24 @@ class LM:
                     lps[ev.row].append(TokenLogprob(t.id, self.tok.decode([t.id]), t.logprob, top))
             if ev.finish:
                 reasons[ev.row], errors[ev.row] = ev.finish, ev.error
-        return [Completion(p, "".join(texts[b]), ids[b], reasons[b], lps[b] if logprobs else None, errors[b]) for b, p in enumerate(prompts)]
+        return [
+            Completion(p, "".join(texts[b]), ids[b], reasons[b], lps[b] if logprobs else None, errors[b])
+            for b, p in enumerate(prompts)
+        ]
 
     def generate(self, prompt: str, cfg: SamplingConfig | None = None, *, truncate: str = "error", **overrides) -> str:
         """The whole continuation of one prompt (ConstraintError where its constraint failed while decoding)."""
         return self.generate_batch([prompt], cfg, truncate=truncate, **overrides)[0]
 
-    def generate_batch(self, prompts: list[str], cfg: SamplingConfig | None = None, *, truncate: str = "error", batch_size: int = 0, **overrides) -> list[str]:
+    def generate_batch(
+        self,
+        prompts: list[str],
+        cfg: SamplingConfig | None = None,
+        *,
+        truncate: str = "error",
+        batch_size: int = 0,
+        **overrides,
+    ) -> list[str]:
         """Continuations of several prompts, decoded together (per-row stopping). ConstraintError where a
         constraint failed while decoding: complete() keeps such rows, with finish_reason "error"."""
         done = self.complete(prompts, cfg, truncate=truncate, batch_size=batch_size, **overrides)
@@ -236,7 +277,9 @@ class LM:
         return [c.text for c in done]
 
 
-def load(run_dir: str | os.PathLike, best: bool = False, allow_special: bool = False, runtime: Runtime | None = None) -> LM:
+def load(
+    run_dir: str | os.PathLike, best: bool = False, allow_special: bool = False, runtime: Runtime | None = None
+) -> LM:
     """An LM from a run directory (model.safetensors, or best.safetensors with best=True), run as runtime
     says (gradlm/runtime.py: its device and weights' dtype, int8 copies for decoding on the CPU, compile;
     default: the CPU in float32); chat-tuned when the run has a chat template (fine-tuned on conversations).
@@ -264,14 +307,21 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
         for n, obj in jsonl_objects(p):
             obj = obj.get("prompt") if isinstance(obj, dict) else obj
             if not isinstance(obj, str):
-                raise DataError(f"{p} line {n} must be a JSON string or an object with a string \"prompt\"")
+                raise DataError(f'{p} line {n} must be a JSON string or an object with a string "prompt"')
             prompts.append(obj)
     if not prompts:
         raise DataError(f"{p} holds no prompts")
     return prompts
 
 
-def stream_text(model: Transformer, tok: Tokenizer, prompt: str, cfg: SamplingConfig, stop_at_eot: bool = True, truncate: str = "error") -> Iterator[str]:
+def stream_text(
+    model: Transformer,
+    tok: Tokenizer,
+    prompt: str,
+    cfg: SamplingConfig,
+    stop_at_eot: bool = True,
+    truncate: str = "error",
+) -> Iterator[str]:
     """Yield pieces of generated text as tokens arrive (multi-byte characters are never cut).
     A prompt longer than the context window is an error unless truncate="left" (as everywhere)."""
     return LM(model, tok).stream(prompt, cfg, stop_at_eot=stop_at_eot, truncate=truncate)

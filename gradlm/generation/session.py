@@ -7,7 +7,8 @@
 
 Each turn lays the whole conversation out with the chat template (gradlm/text/chat.py) and generates the
 reply as one row of the engine (gradlm/generation/engine.py: the sampler, stop strings and the text edge every
-entry point shares), streamed as it is written and stopped at <|end|>. The KV cache is kept between turns: it is rewound to the longest prefix it shares
+entry point shares), streamed as it is written and stopped at <|end|>. The KV cache is kept between turns: it is rewound
+to the longest prefix it shares
 with the new conversation's ids, so usually only the new user message runs through the model. When
 the conversation plus room for a reply no longer fits the context window, the oldest turns are
 dropped (the system message stays) and the cache keeps only what still matches (the system message).
@@ -38,7 +39,9 @@ class ChatSession:
     constraint (gradlm/generation/constrain.py) makes every reply fit a choice list, a regex, a JSON schema...
     """
 
-    def __init__(self, lm: LM, system: str = "", sampling: SamplingConfig | None = None, constraint: Constraint | None = None):
+    def __init__(
+        self, lm: LM, system: str = "", sampling: SamplingConfig | None = None, constraint: Constraint | None = None
+    ):
         self.lm, self.model, self.tok = lm, lm.model, lm.tok
         self.sampling = sampling or SamplingConfig()
         self.sampling.validate()
@@ -69,13 +72,17 @@ class ChatSession:
         The reply, whole or as far as it got when the caller stopped reading, joins the conversation."""
         ids = self._prompt(self.turns + [{"role": "user", "content": text}])
         # Room for the reply inside the window, so the cache never has to slide in the middle of it.
-        sampling = dataclasses.replace(self.sampling, max_new_tokens=min(self.sampling.max_new_tokens, self.window - len(ids)))
+        sampling = dataclasses.replace(
+            self.sampling, max_new_tokens=min(self.sampling.max_new_tokens, self.window - len(ids))
+        )
         cache = self._reuse(ids)
         reply = []
         try:
             if sampling.max_new_tokens < 1:
                 return
-            for _, piece in self.lm.engine.stream([Request(ids, sampling, 1, self.stops, cache=cache, constraint=self.constraint)]):
+            for _, piece in self.lm.engine.stream(
+                [Request(ids, sampling, 1, self.stops, cache=cache, constraint=self.constraint)]
+            ):
                 if piece.token.id not in self.stops:
                     reply.append(piece.token.id)
                 if piece.text:
@@ -101,7 +108,9 @@ class ChatSession:
             dropped += 1
         if len(ids) >= self.window:
             what = "the system message and your message take" if self.system else "your message takes"
-            raise ConfigError(f"{what} {len(ids)} tokens, but the model's context window is {self.window}; write a shorter message")
+            raise ConfigError(
+                f"{what} {len(ids)} tokens, but the model's context window is {self.window}; write a shorter message"
+            )
         self.turns, self.dropped = turns, self.dropped + dropped
         return ids
 
@@ -121,7 +130,13 @@ class ChatSession:
         return self.cache
 
 
-def chat_loop(session: ChatSession, read: Callable[[str], str] = input, out: TextIO | None = None, err: TextIO | None = None, interactive: bool = False) -> None:
+def chat_loop(
+    session: ChatSession,
+    read: Callable[[str], str] = input,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    interactive: bool = False,
+) -> None:
     """Read user messages line by line (read = input), print each reply as it streams to out (stdout)
     and notes to err (stderr). /reset starts over, /quit (or the end of input) leaves. interactive
     shows a "you> " prompt."""
@@ -156,4 +171,7 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input, out: Tex
         out.write("\n")
         out.flush()
         if session.dropped > dropped:
-            print(f"(the conversation outgrew the context window of {session.window} tokens: dropped its oldest turns)", file=err)
+            print(
+                f"(the conversation outgrew the context window of {session.window} tokens: dropped its oldest turns)",
+                file=err,
+            )

@@ -33,7 +33,8 @@ from gradlm.model.sampling import SamplingConfig, next_token
 class Forward:
     """The forward over a KV cache that generation uses: logits (B, T or 1, V) of idx (B, T) appended to
     the cache. In eval mode without autograd it is fused_forward, with weight copies made on first use;
-    otherwise Transformer.forward itself (int8 always takes the fused path: the module path has no int8 form). check() remakes the copies when any weight changed since they were made
+    otherwise Transformer.forward itself (int8 always takes the fused path: the module path has no int8 form). check()
+    remakes the copies when any weight changed since they were made
     (training, load_state_dict, .to()): the engine calls it whenever it admits rows, not at every step,
     since the check costs ~0.1 ms and a decoding step a few. The copies cost one extra copy of the
     matrices while this Forward lives."""
@@ -48,7 +49,10 @@ class Forward:
     def __call__(self, idx: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         model = self.model
         if cache.pos + idx.shape[1] > min(model.cfg.block_size, cache.max_len):
-            raise ValueError(f"sequence of {cache.pos + idx.shape[1]} tokens exceeds the context window ({model.cfg.block_size}) or the KV cache ({cache.max_len})")
+            raise ValueError(
+                f"sequence of {cache.pos + idx.shape[1]} tokens exceeds the context window ({model.cfg.block_size}) "
+                f"or the KV cache ({cache.max_len})"
+            )
         if (model.training or torch.is_grad_enabled()) and not self.int8:
             return model(idx, cache=cache, last_only=last_only)
         return self._fused(model, self._weights or self.check(), idx, cache, last_only)
@@ -63,8 +67,15 @@ class Forward:
 
 
 @torch.no_grad()
-def decode(model: Transformer, prompt: list[int], n: int, cfg: SamplingConfig, gen: torch.Generator | None = None,
-           vocab_size: int | None = None, forward: Forward | None = None) -> list[int]:
+def decode(
+    model: Transformer,
+    prompt: list[int],
+    n: int,
+    cfg: SamplingConfig,
+    gen: torch.Generator | None = None,
+    vocab_size: int | None = None,
+    forward: Forward | None = None,
+) -> list[int]:
     """The n ids that follow prompt, one at a time in a new KV cache: the prompt runs once, then each new
     id; next_token picks each (with gen). vocab_size: pick among the first vocab_size ids only (the ids a
     tokenizer has, where the model has more rows). forward: a Forward, or None for the model's own forward
@@ -80,10 +91,13 @@ def decode(model: Transformer, prompt: list[int], n: int, cfg: SamplingConfig, g
     return torch.cat(new, 1)[0].tolist() if new else []  # one read from the device, not one per token
 
 
-def fused_forward(model: Transformer, weights: tuple, idx: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
+def fused_forward(
+    model: Transformer, weights: tuple, idx: torch.Tensor, cache: KVCache, last_only: bool
+) -> torch.Tensor:
     """Logits (B, T or 1, V) of idx (B, T) appended to the cache: Transformer.forward(idx, cache=cache)'s
     result up to float rounding, by the fused operations described above, with weights from
-    inference_weights(model)."""
+    inference_weights(model). One body on purpose: it is the decode loop's hot path, read as one sequence of
+    fused operations beside Transformer.forward (helpers would add a Python call per layer and per token)."""
     B, T = idx.shape
     H, KV, D, C = model.cfg.n_head, model.cfg.n_kv_head, model.cfg.head_dim, model.cfg.d_model
     start, end, half = cache.pos, cache.pos + T, model.cfg.head_dim // 2
@@ -128,7 +142,12 @@ def fused_forward(model: Transformer, weights: tuple, idx: torch.Tensor, cache: 
                 part.mul_(cos).addcmul_(rotated, sin)
         kv_cache.narrow(2, start, T).copy_(qkv.narrow(1, H, 2 * KV))  # this token's keys and values
         y = F.scaled_dot_product_attention(
-            qkv.narrow(1, 0, H), k_cache.narrow(2, 0, end), v_cache.narrow(2, 0, end), attn_mask=mask, is_causal=causal, enable_gqa=KV != H
+            qkv.narrow(1, 0, H),
+            k_cache.narrow(2, 0, end),
+            v_cache.narrow(2, 0, end),
+            attn_mask=mask,
+            is_causal=causal,
+            enable_gqa=KV != H,
         )  # (B, H, T, D)
         y = y.reshape(B, H * D) if T == 1 else y.transpose(1, 2).reshape(B * T, H * D)
         x = addmm(x, y, w_o)  # x + attention (B*T, C)
@@ -187,7 +206,8 @@ def inference_weights(model: Transformer, int8: bool = False) -> tuple:
         dtype = model.embed_tokens.weight.dtype
         sin_signed = torch.cat([-model.rope_sin[:, : D // 2], model.rope_sin[:, D // 2 :]], dim=1).to(dtype)
         mean_of = {n: torch.full((n, 1), 1.0 / n, device=device) for n in {model.cfg.d_model, D}}
-        eps = torch.tensor([model.cfg.norm_eps], device=device)  # a tensor: adding a Python float costs a conversion per call
+        # a tensor: adding a Python float costs a conversion per call
+        eps = torch.tensor([model.cfg.norm_eps], device=device)
         head_t = (model.lm_head.weight * model.norm.weight).t().contiguous()
         if not int8:
             return layers, head_t, sin_signed, mean_of, eps, torch.mm, torch.addmm

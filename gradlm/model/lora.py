@@ -33,7 +33,10 @@ def parse_targets(text: str) -> list[str]:
     names = list(LORA_TARGETS) if text.strip() == "all" else [t.strip() for t in text.split(",") if t.strip()]
     unknown = [n for n in names if n not in LORA_TARGETS]
     if unknown or not names:
-        raise ConfigError(f"--lora-targets {text!r}: {'unknown ' + ', '.join(unknown) if unknown else 'none given'}; choose from {','.join(LORA_TARGETS)} (or all)")
+        raise ConfigError(
+            f"--lora-targets {text!r}: {'unknown ' + ', '.join(unknown) if unknown else 'none given'}; choose from "
+            f"{','.join(LORA_TARGETS)} (or all)"
+        )
     return names
 
 
@@ -43,7 +46,9 @@ def add_adapters(model: nn.Module, rank: int, alpha: float, dropout: float, targ
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
-        raise ConfigError("--method lora needs the peft package: pip install 'gradlm[lora]' (or pip install peft)") from None
+        raise ConfigError(
+            "--method lora needs the peft package: pip install 'gradlm[lora]' (or pip install peft)"
+        ) from None
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
     return inject_adapter_in_model(config, model)
 
@@ -77,8 +82,17 @@ def fold_adapter(model: nn.Module, adapter: dict[str, torch.Tensor], scale: floa
         for key in a_keys:
             module = key.removesuffix(".lora_A.weight")
             A, B, W = adapter[key], adapter.get(module + ".lora_B.weight"), params.get(module + ".weight")
-            if B is None or W is None or A.dim() != 2 or B.shape != (W.shape[0], A.shape[0]) or A.shape[1] != W.shape[1]:
-                raise ValueError(f"{module}: the adapter's A {tuple(A.shape)} and B {tuple(B.shape) if B is not None else None} do not fit the weight")
+            if (
+                B is None
+                or W is None
+                or A.dim() != 2
+                or B.shape != (W.shape[0], A.shape[0])
+                or A.shape[1] != W.shape[1]
+            ):
+                raise ValueError(
+                    f"{module}: the adapter's A {tuple(A.shape)} and B {tuple(B.shape) if B is not None else None} do "
+                    "not fit the weight"
+                )
             W.add_((B.to(W.dtype) @ A.to(W.dtype)) * scale)
 
 
@@ -87,7 +101,9 @@ def freeze_below(model: nn.Module, trained_blocks: int) -> None:
     gradients. With tied embeddings the head is the input embedding, which then trains too."""
     n = len(model.layers)
     if not 0 <= trained_blocks <= n:
-        raise ConfigError(f"--train-top {trained_blocks}: the model has {n} blocks; train between 0 (the head only) and {n} of them")
+        raise ConfigError(
+            f"--train-top {trained_blocks}: the model has {n} blocks; train between 0 (the head only) and {n} of them"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     for part in [*model.layers[n - trained_blocks :], model.norm, model.lm_head]:

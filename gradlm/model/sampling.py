@@ -8,7 +8,8 @@ Applied in this order to a row's next-token logits:
     top_k                keep the k most likely tokens
     top_p                keep the smallest set of most likely tokens whose probability reaches p
     min_p                keep tokens at least min_p x the probability of the most likely one
-The engine (gradlm/generation/engine.py) calls these for every row it decodes, and gradlm/model/infer.py's decode() for the
+The engine (gradlm/generation/engine.py) calls these for every row it decodes, and gradlm/model/infer.py's decode() for
+the
 one-row decodes of training's samples; nothing else samples.
 """
 
@@ -30,13 +31,25 @@ class SamplingConfig:
     max_new_tokens: int = field(default=200, metadata={"help": "most tokens to generate"})
     temperature: float = field(default=0.8, metadata={"help": "softmax temperature; 0 = greedy"})
     top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens (0 = off)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: smallest set with this probability mass (1 = off)"})
+    top_p: float = field(
+        default=1.0, metadata={"help": "nucleus sampling: smallest set with this probability mass (1 = off)"}
+    )
     min_p: float = field(default=0.0, metadata={"help": "drop tokens below min_p x the top probability (0 = off)"})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "> 1 discourages tokens already in the text (1 = off)"})
-    frequency_penalty: float = field(default=0.0, metadata={"help": "subtract this x count of each generated token from its logit"})
-    presence_penalty: float = field(default=0.0, metadata={"help": "subtract this from the logit of every token generated before"})
-    seed: int | None = field(default=None, metadata={"help": "random seed: the same seed and settings give the same text"})
-    stop: tuple[str, ...] = field(default=(), metadata={"help": "stop when this text appears; it is not included (repeat for several)"})
+    repetition_penalty: float = field(
+        default=1.0, metadata={"help": "> 1 discourages tokens already in the text (1 = off)"}
+    )
+    frequency_penalty: float = field(
+        default=0.0, metadata={"help": "subtract this x count of each generated token from its logit"}
+    )
+    presence_penalty: float = field(
+        default=0.0, metadata={"help": "subtract this from the logit of every token generated before"}
+    )
+    seed: int | None = field(
+        default=None, metadata={"help": "random seed: the same seed and settings give the same text"}
+    )
+    stop: tuple[str, ...] = field(
+        default=(), metadata={"help": "stop when this text appears; it is not included (repeat for several)"}
+    )
 
     def __post_init__(self):
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -80,7 +93,9 @@ def penalties_active(cfg: SamplingConfig) -> bool:
     return cfg.repetition_penalty != 1.0 or cfg.frequency_penalty != 0 or cfg.presence_penalty != 0
 
 
-def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, cfg: SamplingConfig
+) -> torch.Tensor:
     """logits (B, V); seen (B, V) bool: token in prompt or output; counts (B, V): times generated."""
     if cfg.repetition_penalty != 1.0:
         penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
@@ -125,7 +140,9 @@ def candidates(logits: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor,
     return _truncate_sorted(values, cfg), order
 
 
-def next_token(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None = None, uniform: torch.Tensor | None = None) -> torch.Tensor:
+def next_token(
+    logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None = None, uniform: torch.Tensor | None = None
+) -> torch.Tensor:
     """One id per row of logits (B, V) -> (B,), drawn from the filtered distribution (see candidates).
     temperature 0 is argmax (the other controls then change nothing). Each row uses one uniform number:
     from gen, or given as uniform (B, 1) (rows that keep random generators of their own)."""

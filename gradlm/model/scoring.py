@@ -36,10 +36,13 @@ import torch.distributed as dist
 
 from gradlm.runtime import Runtime
 
-SCORE_DTYPES = ("float32", "bfloat16")  # what the scorer computes in (runtime.DTYPES are the --dtype choices, "auto" among them)
+# what the scorer computes in (runtime.DTYPES are the --dtype choices, "auto" among them)
+SCORE_DTYPES = ("float32", "bfloat16")
 
 
-def byte_bits(nll: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def byte_bits(
+    nll: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(bits, bytes) of the scored targets: the loss in bits over targets that stand for bytes, and the
     number of those bytes. nll (nats) and targets have the same shape; targets of -1 are not scored and
     special tokens cover no bytes, so neither counts."""
@@ -68,8 +71,15 @@ class Score:
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, windows: Iterable[tuple[torch.Tensor, torch.Tensor]], byte_lengths: torch.Tensor, dtype: str = "float32",
-          keep: bool = False, distributed: bool = False, on_window: Callable[[int], None] | None = None) -> Score:
+def score(
+    model: torch.nn.Module,
+    windows: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    byte_lengths: torch.Tensor,
+    dtype: str = "float32",
+    keep: bool = False,
+    distributed: bool = False,
+    on_window: Callable[[int], None] | None = None,
+) -> Score:
     """Sum the loss and bits per byte of model over windows of (x, y), y = -1 where nothing is scored.
 
     dtype: "float32" or "bfloat16" (see the module docstring). keep: also return each scored target's
@@ -108,7 +118,9 @@ def score(model: torch.nn.Module, windows: Iterable[tuple[torch.Tensor, torch.Te
 # ---- the windows each command scores -----------------------------------------------------------------------
 
 
-def spaced_windows(tokens: np.ndarray, block: int, max_tokens: int, batch: int, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def spaced_windows(
+    tokens: np.ndarray, block: int, max_tokens: int, batch: int, rank: int = 0, world: int = 1
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Up to max_tokens of tokens in non-overlapping windows of block, evenly spaced over all of them
     (every window when max_tokens covers them), batch windows at a time; rank takes every world-th window.
     Training's validation: a fixed sample, the same at every evaluation, so the curve compares like with like."""
@@ -140,7 +152,9 @@ def window_plan(n_targets: int, window: int, stride: int) -> list[tuple[int, int
     return plan
 
 
-def sliding_windows(seq: torch.Tensor, window: int, stride: int, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def sliding_windows(
+    seq: torch.Tensor, window: int, stride: int, batch: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Windows of `window` tokens moving `stride` at a time over seq (1-D ids), batch at a time: each scores
     only the targets no earlier window scored (window_plan), so every token but the first is scored once.
     stride = window gives non-overlapping windows (cheapest), stride 1 the full context for every token."""

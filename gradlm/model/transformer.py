@@ -31,14 +31,23 @@ class ModelConfig:
     block_size: int = field(default=256, metadata={"help": "context window: the most tokens the model attends over"})
     n_layer: int = field(default=4, metadata={"help": "number of transformer blocks"})
     n_head: int = field(default=4, metadata={"help": "attention heads per block"})
-    n_kv_head: int = field(default=0, metadata={"help": "key/value heads (grouped-query attention); 0 = same as --n-head"})
+    n_kv_head: int = field(
+        default=0, metadata={"help": "key/value heads (grouped-query attention); 0 = same as --n-head"}
+    )
     d_model: int = field(default=128, metadata={"help": "width of the residual stream (embedding size)"})
-    d_ff: int = field(default=0, metadata={"help": "hidden width of the SwiGLU MLP; 0 = about 8/3 x d_model, rounded up to 32"})
+    d_ff: int = field(
+        default=0, metadata={"help": "hidden width of the SwiGLU MLP; 0 = about 8/3 x d_model, rounded up to 32"}
+    )
     rope_theta: float = field(default=10000.0, metadata={"help": "rotary embedding base"})
     norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon"})
     qk_norm: bool = field(default=False, metadata={"help": "RMS-normalise queries and keys per head (Qwen3 style)"})
     tie_embeddings: bool = field(default=False, metadata={"help": "share the input embedding with the output head"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on attention and residual branches (a regulariser; on CPU rounded to a multiple of 1/256)"})
+    dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "dropout on attention and residual branches (a regulariser; on CPU rounded to a multiple of 1/256)"
+        },
+    )
 
     def __post_init__(self):
         check_field_types(self)
@@ -173,7 +182,11 @@ def _explicit_attention_pays(q: torch.Tensor) -> bool:
     runs SDPA in float32 through its CPU flash kernel, the slowest part of a small model's training step;
     two plain products make the whole step 1.2-1.3x faster at context 64-128, and no faster at 256
     (benchmarks/train_step.py; docs/benchmarks.md, "Where a training step's time goes")."""
-    if q.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
+    if (
+        q.device.type != "cpu"
+        or not torch.is_autocast_enabled("cpu")
+        or torch.get_autocast_dtype("cpu") != torch.bfloat16
+    ):
         return False
     return q.shape[-2] <= EXPLICIT_ATTENTION_MAX_CONTEXT
 
@@ -203,7 +216,9 @@ def _causal_bias(T: int) -> torch.Tensor:
     return _CAUSAL_BIAS[T]
 
 
-def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+def explicit_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
+) -> torch.Tensor:
     """Causal softmax(q k^T / sqrt(D)) v as two batched products, for q (B, H, T, D) and k, v (B, Hkv, T, D):
     the same function as SDPA with is_causal=True. Scores and softmax stay float32 (scores rounded to
     bf16 cost ~0.01 bits/char at equal steps); under autocast the second product runs in its dtype."""
@@ -248,7 +263,13 @@ class Attention(nn.Module):
             y = explicit_causal_attention(q, k, v, dropout_p)
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, dropout_p=dropout_p, enable_gqa=self.n_kv_head != self.n_head
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None and T > 1,
+                dropout_p=dropout_p,
+                enable_gqa=self.n_kv_head != self.n_head,
             )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, H, T, D) -> (B, T, H*D)
 
@@ -274,7 +295,9 @@ class Block(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, mask, cache, layer):
-        x = x + dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer), self.dropout, self.training)
+        x = x + dropout(
+            self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer), self.dropout, self.training
+        )
         return x + dropout(self.mlp(self.post_attention_layernorm(x)), self.dropout, self.training)
 
 
@@ -307,7 +330,11 @@ class Transformer(nn.Module):
             if p.dim() == 1:
                 nn.init.ones_(p)
             else:
-                s = std / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                s = (
+                    std / math.sqrt(2 * self.cfg.n_layer)
+                    if name.endswith(("o_proj.weight", "down_proj.weight"))
+                    else std
+                )
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=gen) * s)
 
@@ -338,7 +365,9 @@ class Transformer(nn.Module):
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x)
         logits = self.lm_head(x).float()
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction)
+        loss = F.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction
+        )
         return loss if reduction != "none" else loss.view(B, T)
 
     def rope_and_mask(self, idx: torch.Tensor, start: int, T: int, cache: KVCache | None, dtype):

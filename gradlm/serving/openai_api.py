@@ -45,12 +45,26 @@ MAX_STOPS = 16
 class APIError(Exception):
     """A request the server refuses, as OpenAI reports it."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error", headers=None):
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    kind: str = "invalid_request_error",
+    headers=None,
+):
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -123,7 +137,11 @@ def _message_text(content: Any, n: int) -> Any:
     """A message's content as a string: a string, or OpenAI's list of {"type": "text", "text"} parts."""
     if isinstance(content, list):
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-            raise APIError(400, f"message {n}: content parts must be {{\"type\": \"text\", \"text\": ...}} (this model reads text only)", "messages")
+            raise APIError(
+                400,
+                f'message {n}: content parts must be {{"type": "text", "text": ...}} (this model reads text only)',
+                "messages",
+            )
         return "".join(p["text"] for p in content)
     return content
 
@@ -199,13 +217,20 @@ class Server:
     def check_key(self, authorization: str | None) -> None:
         problem = key_problem(bearer(authorization), self.api_key)
         if problem == "missing":
-            raise APIError(401, "this server needs an API key: send the header Authorization: Bearer KEY", code="invalid_api_key")
+            raise APIError(
+                401, "this server needs an API key: send the header Authorization: Bearer KEY", code="invalid_api_key"
+            )
         if problem == "wrong":
             raise APIError(401, "the API key is wrong", code="invalid_api_key")
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.name:
-            raise APIError(404, f"no model {model!r} here; this server serves {self.name!r} (see GET /v1/models)", "model", "model_not_found")
+            raise APIError(
+                404,
+                f"no model {model!r} here; this server serves {self.name!r} (see GET /v1/models)",
+                "model",
+                "model_not_found",
+            )
 
     def sampling(self, body: Sampling, prompt_tokens: int, prompt_param: str) -> SamplingConfig:
         """The SamplingConfig of a request, after the checks that need the prompt's length."""
@@ -219,8 +244,11 @@ class Server:
         room = self.block - prompt_tokens
         if room < 1:
             raise APIError(
-                400, f"the prompt is {prompt_tokens} tokens long; the context window is {self.block} tokens and leaves no room to generate; shorten it",
-                prompt_param, "context_length_exceeded",
+                400,
+                f"the prompt is {prompt_tokens} tokens long; the context window is {self.block} tokens and leaves no "
+                "room to generate; shorten it",
+                prompt_param,
+                "context_length_exceeded",
             )
         asked = body.max_completion_tokens or body.max_tokens
         if asked is not None and prompt_tokens + asked > self.block:
@@ -228,8 +256,10 @@ class Server:
             raise APIError(
                 400,
                 f"this request needs {prompt_tokens + asked} tokens ({prompt_tokens} in the prompt + {asked} {which}), "
-                f"more than the context window of {self.block} tokens; ask for at most {room} new tokens or shorten the prompt",
-                which, "context_length_exceeded",
+                f"more than the context window of {self.block} tokens; ask for at most {room} new tokens or shorten "
+                "the prompt",
+                which,
+                "context_length_exceeded",
             )
         cfg = SamplingConfig(
             max_new_tokens=asked or room,  # by default: the rest of the context window
@@ -257,13 +287,22 @@ class Server:
         rf = body.response_format
         kind = rf.get("type") if isinstance(rf, dict) else rf
         if rf is not None and kind not in ("text", "json_object", "json_schema"):
-            raise APIError(400, 'response_format must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}', "response_format")
+            raise APIError(
+                400,
+                'response_format must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                '"json_schema": {...}}',
+                "response_format",
+            )
         if kind == "json_object":
             given["json_object"] = True
         elif kind == "json_schema":
             spec = rf.get("json_schema")
             if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-                raise APIError(400, 'response_format json_schema needs "json_schema": {"name": ..., "schema": {...}}', "response_format")
+                raise APIError(
+                    400,
+                    'response_format json_schema needs "json_schema": {"name": ..., "schema": {...}}',
+                    "response_format",
+                )
             given["json_schema"] = spec["schema"]
         if body.choices is not None:
             given["choices"] = body.choices
@@ -280,12 +319,16 @@ class Server:
             raise APIError(400, "prompt is required", "prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise APIError(400, "prompt must be a string or a non-empty list of strings (token ids are not accepted)", "prompt")
+            raise APIError(
+                400, "prompt must be a string or a non-empty list of strings (token ids are not accepted)", "prompt"
+            )
         out = []
         for p in prompts:
             ids = self.tok.encode(p) if p else [self.tok.eot_id]
             if not ids or ids[0] < 0:
-                raise APIError(400, "the prompt is empty and this tokenizer has no <|endoftext|> to start from", "prompt")
+                raise APIError(
+                    400, "the prompt is empty and this tokenizer has no <|endoftext|> to start from", "prompt"
+                )
             out.append(ids)
         return out
 
@@ -294,7 +337,10 @@ class Server:
         if messages is None:
             raise APIError(400, "messages is required", "messages")
         if isinstance(messages, list):  # content parts become text; other fields (such as "name") are dropped
-            messages = [{"role": m.get("role"), "content": _message_text(m.get("content"), n)} if isinstance(m, dict) else m for n, m in enumerate(messages, 1)]
+            messages = [
+                {"role": m.get("role"), "content": _message_text(m.get("content"), n)} if isinstance(m, dict) else m
+                for n, m in enumerate(messages, 1)
+            ]
         try:
             return encode_chat(self.tok, messages)
         except GradlmError as e:
@@ -302,7 +348,16 @@ class Server:
 
     # ---- running -----------------------------------------------------------------------------------
 
-    def submit(self, prompts: list[list[int]], cfg: SamplingConfig, n: int, stop_ids: set[int], logprobs: int | None, stream: bool, constraint: Constraint | None = None):
+    def submit(
+        self,
+        prompts: list[list[int]],
+        cfg: SamplingConfig,
+        n: int,
+        stop_ids: set[int],
+        logprobs: int | None,
+        stream: bool,
+        constraint: Constraint | None = None,
+    ):
         """Queue every prompt (n samples each). Returns the handles and the queue on which lists of
         pieces arrive, tagged with the prompt's first choice index: each piece as it comes when
         streaming, else each sample's pieces all at once when it is done (one wake-up per sample)."""
@@ -346,13 +401,16 @@ class Server:
         left = choices
         try:
             while left:
-                item = queue.get_nowait() if not queue.empty() else await queue.get()  # pieces come a step's worth at a time
+                # pieces come a step's worth at a time
+                item = queue.get_nowait() if not queue.empty() else await queue.get()
                 if item is None:  # the client went away
                     return
                 base, batch = item
                 for piece in batch:
                     if isinstance(piece, Exception):
-                        raise APIError(500, "the model failed while generating; see the server's log", kind="server_error")
+                        raise APIError(
+                            500, "the model failed while generating; see the server's log", kind="server_error"
+                        )
                     if piece.finish is not None:
                         left -= 1
                     yield base + piece.index, piece
@@ -365,8 +423,17 @@ class Server:
     def logprob_entry(self, token_id: int, logprob: float, top) -> dict:
         """One token in chat's logprobs format, plus gradlm's "id" (the token id)."""
         raw = self.tok.pieces[token_id]
-        alts = [{"token": token_string(self.tok.pieces[i]), "logprob": lp, "bytes": list(self.tok.pieces[i]), "id": i} for i, lp in top]
-        return {"token": token_string(raw), "logprob": logprob, "bytes": list(raw), "id": token_id, "top_logprobs": alts}
+        alts = [
+            {"token": token_string(self.tok.pieces[i]), "logprob": lp, "bytes": list(self.tok.pieces[i]), "id": i}
+            for i, lp in top
+        ]
+        return {
+            "token": token_string(raw),
+            "logprob": logprob,
+            "bytes": list(raw),
+            "id": token_id,
+            "top_logprobs": alts,
+        }
 
     def completion_logprobs(self, piece: Piece) -> dict:
         """Completions' logprobs format for the tokens of a piece (text_offset: where each token's text
@@ -410,10 +477,17 @@ class Server:
         prompts = self.completion_prompts(body.prompt)
         cfg = self.sampling(body, max(len(p) for p in prompts), "prompt")
         # Where `gradlm generate` stops: <|endoftext|>, and <|end|> too for a chat-tuned model.
-        handles, queue = self.submit(prompts, cfg, body.n, self.lm.stop_ids, body.logprobs, body.stream, self.constraint(body))
+        handles, queue = self.submit(
+            prompts, cfg, body.n, self.lm.stop_ids, body.logprobs, body.stream, self.constraint(body)
+        )
         choices = len(prompts) * body.n  # choice p * n + j is sample j of prompt p
         usage = _Usage(sum(len(p) for p in prompts))
-        base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": self.name}
+        base = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.name,
+        }
         want_lp = body.logprobs is not None
 
         def part(i: int, piece: Piece) -> dict | None:
@@ -431,7 +505,11 @@ class Server:
             c = part(i, piece)
             if c is not None:
                 if want_lp:
-                    out[i]["logprobs"] = c["logprobs"] if out[i]["logprobs"] is None else {k: v + c["logprobs"][k] for k, v in out[i]["logprobs"].items()}
+                    out[i]["logprobs"] = (
+                        c["logprobs"]
+                        if out[i]["logprobs"] is None
+                        else {k: v + c["logprobs"][k] for k, v in out[i]["logprobs"].items()}
+                    )
                 out[i]["text"] += c["text"]
                 out[i]["finish_reason"] = c["finish_reason"]
                 if "error" in c:
@@ -444,9 +522,16 @@ class Server:
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        handles, queue = self.submit([prompt], cfg, body.n, chat_stop_ids(self.tok), top, body.stream, self.constraint(body))
+        handles, queue = self.submit(
+            [prompt], cfg, body.n, chat_stop_ids(self.tok), top, body.stream, self.constraint(body)
+        )
         choices, usage = body.n, _Usage(len(prompt))
-        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": self.name}
+        base = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.name,
+        }
 
         def entries(piece: Piece) -> list[dict]:
             return [self.logprob_entry(t.id, t.logprob, t.top) for t in piece.tokens]
@@ -462,7 +547,10 @@ class Server:
                 return _failed({"index": i, "delta": delta, "logprobs": lp, "finish_reason": piece.finish}, piece)
 
             # OpenAI's first chunk of each choice names the role.
-            first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(choices)]
+            first = [
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(choices)
+            ]
             base = dict(base, object="chat.completion.chunk")
             return self.stream(handles, queue, choices, base, usage, include_usage, part, first)
         texts, lps, last = [""] * choices, [[] for _ in range(choices)], [None] * choices
@@ -473,12 +561,15 @@ class Server:
                 lps[i] += entries(piece)
             last[i] = piece
         out = [
-            _failed({
-                "index": i,
-                "message": {"role": "assistant", "content": texts[i]},
-                "logprobs": {"content": lps[i]} if top is not None else None,
-                "finish_reason": last[i].finish if last[i] else None,
-            }, last[i])
+            _failed(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": texts[i]},
+                    "logprobs": {"content": lps[i]} if top is not None else None,
+                    "finish_reason": last[i].finish if last[i] else None,
+                },
+                last[i],
+            )
             for i in range(choices)
         ]
         return dict(base, choices=out, usage=usage.json())
@@ -507,7 +598,13 @@ class Server:
         return {"object": "list", "data": [self.model_card()]}
 
     def model_card(self) -> dict:
-        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "gradlm", "context_window": self.block}
+        return {
+            "id": self.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "gradlm",
+            "context_window": self.block,
+        }
 
 
 async def _watch_disconnect(request: HTTPRequest, queue: asyncio.Queue) -> None:
@@ -515,5 +612,3 @@ async def _watch_disconnect(request: HTTPRequest, queue: asyncio.Queue) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
     queue.put_nowait(None)
-
-

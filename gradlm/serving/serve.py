@@ -30,7 +30,14 @@ try:
     from fastapi.responses import HTMLResponse
     from starlette.exceptions import HTTPException
 
-    from gradlm.serving.openai_api import APIError, ChatRequest, CompletionRequest, Server, TokenizeRequest, error_response
+    from gradlm.serving.openai_api import (
+        APIError,
+        ChatRequest,
+        CompletionRequest,
+        Server,
+        TokenizeRequest,
+        error_response,
+    )
 except ImportError:  # the [serve] extra is missing: serve() says how to install it
     FastAPI = None
 
@@ -100,11 +107,19 @@ class BodyLimit:
 
 def playground_html() -> str:
     """The playground: one static page shipped in the package (no external resources)."""
-    return resources.files("gradlm").joinpath("static/playground.html").read_text(encoding="utf-8")
+    return resources.files("gradlm.serving").joinpath("static/playground.html").read_text(encoding="utf-8")
 
 
-def create_app(lm: LM, name: str, api_key: str = "", max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE, engine: Engine | None = None, max_body: int = MAX_BODY,
-               hosts: list[str] | None = None):
+def create_app(
+    lm: LM,
+    name: str,
+    api_key: str = "",
+    max_batch: int = MAX_BATCH,
+    max_queue: int = MAX_QUEUE,
+    engine: Engine | None = None,
+    max_body: int = MAX_BODY,
+    hosts: list[str] | None = None,
+):
     """The ASGI app serving lm as model `name`. It starts its engine on startup (unless one is given
     already running) and stops it on shutdown. api_key: required as a Bearer token when set. hosts: the Host
     names a request may carry (others get 400; serve() gives this machine's names to a server on loopback
@@ -114,7 +129,13 @@ def create_app(lm: LM, name: str, api_key: str = "", max_batch: int = MAX_BATCH,
     own_engine = engine is None
     engine = engine or Engine(lm.model, lm.tok, max_batch=max_batch, max_queue=max_queue, runtime=lm.runtime)
     server = Server(lm, name, engine, api_key)
-    app = FastAPI(title="gradlm", lifespan=_lifespan(engine if own_engine else None), docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="gradlm",
+        lifespan=_lifespan(engine if own_engine else None),
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     if hosts:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -185,7 +206,13 @@ def _add_info_routes(app, server: Server) -> None:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": server.name, "context_window": server.block, "auth": bool(server.api_key), **server.engine.stats()}
+        return {
+            "status": "ok",
+            "model": server.name,
+            "context_window": server.block,
+            "auth": bool(server.api_key),
+            **server.engine.stats(),
+        }
 
     @app.get("/v1/models", dependencies=guarded)
     async def models():
@@ -215,7 +242,14 @@ def _add_generation_routes(app, server: Server) -> None:
 
 
 def serve(
-    run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str = "", best: bool = False, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE, threads: int = 0,
+    run: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str = "",
+    best: bool = False,
+    max_batch: int = MAX_BATCH,
+    max_queue: int = MAX_QUEUE,
+    threads: int = 0,
     runtime=None,
 ) -> None:
     """Serve a run directory until interrupted (the `gradlm serve` command).
@@ -228,14 +262,25 @@ def serve(
 
     webserver.check_port(port)
     if max_batch < 1 or max_queue < 0 or threads < 0:
-        raise ConfigError(f"--max-batch must be at least 1, --max-queue and --threads at least 0; got {max_batch}, {max_queue} and {threads}")
+        raise ConfigError(
+            f"--max-batch must be at least 1, --max-queue and --threads at least 0; got {max_batch}, {max_queue} and "
+            f"{threads}"
+        )
     torch.set_num_threads(threads or max(1, torch.get_num_threads() - 1))
     lm = load_lm(run, best, runtime)
     name = Path(run).resolve().name
-    app = create_app(lm, name, api_key=api_key, max_batch=max_batch, max_queue=max_queue, hosts=webserver.trusted_hosts(host, api_key))
+    app = create_app(
+        lm,
+        name,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        hosts=webserver.trusted_hosts(host, api_key),
+    )
     sock, base = webserver.open_socket(host, port, api_key, exposes="use the model")
     print(
-        f"serving {name} ({lm.model.num_params():,} parameters, context {lm.context_window} tokens; {lm.runtime.describe()}; torch threads: {torch.get_num_threads()}) at {base}/ "
+        f"serving {name} ({lm.model.num_params():,} parameters, context {lm.context_window} tokens; "
+        f"{lm.runtime.describe()}; torch threads: {torch.get_num_threads()}) at {base}/ "
         f"(playground); OpenAI base URL {base}/v1{'; API key required' if api_key else ''}",
         flush=True,
     )

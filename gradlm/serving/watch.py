@@ -1,4 +1,5 @@
-"""A live page of training runs: curves, events, samples and progress while gradient descent happens (FastAPI + uvicorn).
+"""A live page of training runs: curves, events, samples and progress while gradient descent happens (FastAPI +
+uvicorn).
 
     gradlm watch runs/demo                   # http://127.0.0.1:8008/: one run, live
     gradlm watch runs/a runs/b               # several runs overlaid, one colour each on every chart
@@ -79,7 +80,10 @@ ASSETS = {
     "uplot/uPlot.min.css": ("vendor/uplot/uPlot.min.css", "text/css; charset=utf-8"),
 }
 # the page works offline and shows untrusted model text: it may load and connect to its own origin only
-PAGE_POLICY = "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+PAGE_POLICY = (
+    "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'"
+)
 
 
 # ---- reading files that another process writes -------------------------------------------------------------
@@ -226,7 +230,7 @@ def run_status(has_config: bool, story: Story, summary: dict | None) -> dict:
 
 
 def kind_of(path: Path) -> str | None:
-    """"run", "lr_find" or "compare" for a directory gradlm wrote (or is writing), else None."""
+    """ "run", "lr_find" or "compare" for a directory gradlm wrote (or is writing), else None."""
     if not path.is_dir():
         return None
     if any((path / f).is_file() for f in RUN_FILES):
@@ -263,14 +267,20 @@ def check_sources(paths: list[str], wait: bool = False) -> list[tuple[Path, str]
         path = Path(p).expanduser().resolve()
         if not path.exists():
             if not wait:
-                raise ConfigError(f"no such run directory: {p}; give {what}, or add --wait to watch one that training is about to create")
+                raise ConfigError(
+                    f"no such run directory: {p}; give {what}, or add --wait to watch one that training is about to "
+                    "create"
+                )
             out.setdefault(path, "pending")
             continue
         if not path.is_dir():
             raise ConfigError(f"{p} is a file; give {what}")
         kind = kind_of(path)
         if kind is None and not wait:
-            raise ConfigError(f"{p} is not {what}: it holds none of config.json, metrics.jsonl, lr_find.jsonl or compare.json; add --wait if training has yet to start there")
+            raise ConfigError(
+                f"{p} is not {what}: it holds none of config.json, metrics.jsonl, lr_find.jsonl or compare.json; add "
+                "--wait if training has yet to start there"
+            )
         out.setdefault(path, kind or "pending")
     return list(out.items())
 
@@ -297,8 +307,14 @@ class Run:
     def set_kind(self, kind: str) -> None:
         self.kind, self.data = kind, {}
         if kind == "run":
-            self.lines = {"metrics": JsonLines(self.path / layout.METRICS), "samples": JsonLines(self.path / layout.SAMPLES)}
-            self.files = {"config": JsonFile(self.path / layout.CONFIG), "summary": JsonFile(self.path / layout.SUMMARY)}
+            self.lines = {
+                "metrics": JsonLines(self.path / layout.METRICS),
+                "samples": JsonLines(self.path / layout.SAMPLES),
+            }
+            self.files = {
+                "config": JsonFile(self.path / layout.CONFIG),
+                "summary": JsonFile(self.path / layout.SUMMARY),
+            }
         elif kind == "lr_find":
             self.lines = {"lr_find": JsonLines(self.path / "lr_find.jsonl")}
             self.files = {"lr_find": JsonFile(self.path / "lr_find.json")}
@@ -332,7 +348,13 @@ class Run:
 
     def current_status(self) -> dict:
         if self.kind == "lr_find":
-            state = "finished" if self.data.get("lr_find") else "running" if self.lines["lr_find"].inode is not None else "waiting"
+            state = (
+                "finished"
+                if self.data.get("lr_find")
+                else "running"
+                if self.lines["lr_find"].inode is not None
+                else "waiting"
+            )
             status = {"state": state, "reason": None, "message": None}
         else:
             status = run_status(self.data.get("config") is not None, self.story, self.data.get("summary"))
@@ -370,7 +392,15 @@ class Watcher:
 
         if not self.started:
             self.started = True
-            send("hello", {"version": 1, "now": round(time.time(), 1), "poll_s": POLL_S, "sources": [str(path) for path, _ in self.sources]})
+            send(
+                "hello",
+                {
+                    "version": 1,
+                    "now": round(time.time(), 1),
+                    "poll_s": POLL_S,
+                    "sources": [str(path) for path, _ in self.sources],
+                },
+            )
         self._discover()
         listed = self._listing()
         if listed != self.listed:
@@ -421,8 +451,13 @@ class Watcher:
         group_names = run_names(list(self.groups))
         return {
             # colour by place in the list: the first run C0, as in compare.png (a --wait placeholder leaves no gap)
-            "runs": [{"id": r.id, "name": n, "path": str(r.path), "kind": r.kind, "group": r.group, "color": i} for i, (r, n) in enumerate(zip(self.runs, names))],
-            "groups": [{"id": gid, "name": n, "path": str(p)} for (p, (gid, _)), n in zip(self.groups.items(), group_names)],
+            "runs": [
+                {"id": r.id, "name": n, "path": str(r.path), "kind": r.kind, "group": r.group, "color": i}
+                for i, (r, n) in enumerate(zip(self.runs, names))
+            ],
+            "groups": [
+                {"id": gid, "name": n, "path": str(p)} for (p, (gid, _)), n in zip(self.groups.items(), group_names)
+            ],
         }
 
 
@@ -431,12 +466,16 @@ class Watcher:
 
 def _static(name: str) -> bytes:
     try:
-        return resources.files("gradlm").joinpath("static", *name.split("/")).read_bytes()
+        return resources.files("gradlm.serving").joinpath("static", *name.split("/")).read_bytes()
     except OSError:
-        raise GradlmError(f"gradlm/serving/static/{name} is missing from this installation of gradlm; reinstall it") from None
+        raise GradlmError(
+            f"gradlm/serving/static/{name} is missing from this installation of gradlm; reinstall it"
+        ) from None
 
 
-def create_app(paths: list[str], api_key: str = "", wait: bool = False, poll_s: float = POLL_S, hosts: list[str] | None = None):
+def create_app(
+    paths: list[str], api_key: str = "", wait: bool = False, poll_s: float = POLL_S, hosts: list[str] | None = None
+):
     """The ASGI app watching paths (run, compare or lr-find directories; with wait, ones not there yet).
 
     api_key: when set, /events needs it (Bearer header or ?key=); the page and its static files stay open.
@@ -475,7 +514,11 @@ def _add_page_routes(app, page: bytes, assets: dict[str, tuple[bytes, str]]) -> 
 
     @app.get("/", include_in_schema=False)
     async def index():
-        return Response(page, media_type="text/html; charset=utf-8", headers={"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"})
+        return Response(
+            page,
+            media_type="text/html; charset=utf-8",
+            headers={"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"},
+        )
 
     @app.get("/static/{name:path}", include_in_schema=False)
     async def static(name: str):
@@ -490,13 +533,19 @@ def _add_events_route(app, sources: list, api_key: str, closing: threading.Event
 
     @app.get("/events")
     async def events(request: HTTPRequest):
-        problem = webserver.key_problem(request.query_params.get("key") or webserver.bearer(request.headers.get("authorization")), api_key)
+        problem = webserver.key_problem(
+            request.query_params.get("key") or webserver.bearer(request.headers.get("authorization")), api_key
+        )
         if problem == "missing":
-            return _error(401, "this watcher needs its API key: open the page as /?key=KEY (or send Authorization: Bearer KEY)")
+            return _error(
+                401, "this watcher needs its API key: open the page as /?key=KEY (or send Authorization: Bearer KEY)"
+            )
         if problem == "wrong":
             return _error(401, "the API key is wrong")
         stream = _event_stream(request, sources, closing, poll_s)
-        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
 
 async def _event_stream(request: HTTPRequest, sources: list, closing: threading.Event, poll_s: float):
@@ -516,7 +565,14 @@ async def _event_stream(request: HTTPRequest, sources: list, closing: threading.
         await asyncio.sleep(poll_s)
 
 
-def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8008, api_key: str = "", wait: bool = False, exit_with_parent: bool = False) -> None:
+def serve(
+    paths: list[str],
+    host: str = "127.0.0.1",
+    port: int = 8008,
+    api_key: str = "",
+    wait: bool = False,
+    exit_with_parent: bool = False,
+) -> None:
     """Serve the live page of paths until interrupted (the `gradlm watch` command). Prints one line,
     `watching NAMES at http://HOST:PORT/`, once it listens (the real port when port is 0).
     exit_with_parent: stop when the process that started this one ends, however it ends (`--watch`: a training

@@ -35,7 +35,9 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
         sock.listen(128)
     except OSError as e:
-        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host") from None
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host"
+        ) from None
     return sock
 
 
@@ -57,7 +59,11 @@ def open_socket(host: str, port: int, api_key: str, exposes: str) -> tuple[socke
     when anyone who can reach the machine could use it (exposes: what they could do, e.g. "use the model")."""
     sock = listen(host, port)
     if not is_loopback(host) and not api_key:
-        print(f"warning: listening on {host} without an API key: anyone who can reach this machine can {exposes}; set --api-key or GRADLM_API_KEY", file=sys.stderr)
+        print(
+            f"warning: listening on {host} without an API key: anyone who can reach this machine can {exposes}; set "
+            "--api-key or GRADLM_API_KEY",
+            file=sys.stderr,
+        )
     shown = f"[{host}]" if ":" in host else host
     return sock, f"http://{shown}:{sock.getsockname()[1]}"
 

@@ -41,7 +41,8 @@ from gradlm.text.tokenizer import SPLIT_PATTERN, Tokenizer
 
 TRAIN_TYPO_KINDS = (*NAME_TYPO_KINDS, "case")  # the slips of a typist: drop, swap, double, near_key, case
 PRE_TOKENS = regex.compile(SPLIT_PATTERN)
-WORDS = regex.compile(r"[^\r\n\p{L}\p{N}]?(\p{L}+)")  # a run of letters with the space or sign before it, as pre-tokens are
+# a run of letters with the space or sign before it, as pre-tokens are
+WORDS = regex.compile(r"[^\r\n\p{L}\p{N}]?(\p{L}+)")
 _NONE = np.iinfo(np.int64).max  # rank of a pair that is not a merge
 
 
@@ -59,7 +60,10 @@ class Segmenter:
 
     def __init__(self, tok: Tokenizer):
         if tok.backend != "tiktoken":
-            raise ConfigError("--bpe-dropout and --typo-rate need a tokenizer trained by gradlm (ids in merge order); this one was imported")
+            raise ConfigError(
+                "--bpe-dropout and --typo-rate need a tokenizer trained by gradlm (ids in merge order); this one was "
+                "imported"
+            )
         specials = set(tok.specials.values())
         rank: dict[bytes, int] = {}
         for i, piece in enumerate(tok.pieces):
@@ -78,7 +82,9 @@ class Segmenter:
         self.keys = keys if len(keys) else np.array([-1], dtype=np.int64)
         self.merged = np.array([pairs[k] for k in keys.tolist()] or [0], dtype=np.int64)
 
-    def segment(self, words: list[bytes], p: float = 0.0, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def segment(
+        self, words: list[bytes], p: float = 0.0, rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The ids of each word, one after another, and how many ids each word got.
 
         Words are pre-tokens (never merged with each other). Rows are grouped by length (up to 8, 16,
@@ -226,7 +232,16 @@ class RobustSampler:
     to the longest. Its random generator is separate from the inner sampler's and is saved in state_dict,
     so a resumed run draws exactly the batches an uninterrupted one would."""
 
-    def __init__(self, inner, tok: Tokenizer, bpe_dropout: float, typo_rate: float, seed: int, block: int, context_only: bool = False):
+    def __init__(
+        self,
+        inner,
+        tok: Tokenizer,
+        bpe_dropout: float,
+        typo_rate: float,
+        seed: int,
+        block: int,
+        context_only: bool = False,
+    ):
         self.inner, self.tok, self.block, self.context_only = inner, tok, block, context_only
         self.p, self.rate = bpe_dropout, typo_rate
         self.seg = Segmenter(tok)
@@ -264,38 +279,12 @@ class RobustSampler:
 
     def augment(self, rows: list[np.ndarray], targeted: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (B, T <= block) for rows of deterministic ids and which of them are targets."""
-        # 1. Cut every row into parts: runs of ordinary tokens (text) and single special tokens.
-        parts = []  # (row, first token, end token, changed: whether its text is augmented)
-        for r, row in enumerate(rows):
-            start = 0
-            for c in [*np.flatnonzero(self.special[row]).tolist(), len(row)]:
-                if c > start:
-                    parts.append((r, start, c, not (self.context_only and targeted[r][start:c].any())))
-                if c < len(row):
-                    parts.append((r, c, c + 1, False))
-                start = c + 1
-        # 2. Parts that change: typos, then pre-tokens, all re-segmented together.
-        words: list[bytes] = []
-        aligned: list[Alignment | None] = []  # for each part with typos
-        n_words = []
-        for r, a, b, changed in parts:
-            if not changed:
-                aligned.append(None)
-                n_words.append(0)
-                continue
-            clean = b"".join([self.tok.pieces[i] for i in rows[r][a:b].tolist()]).decode("utf-8", "surrogateescape")
-            typos = inject_typos(clean, self.rate, int(self.rng.integers(1 << 62)), TRAIN_TYPO_KINDS) if self.rate else None
-            noisy = typos.text if typos else clean
-            pieces = [w.encode("utf-8", "surrogateescape") for w in PRE_TOKENS.findall(noisy)]
-            words += pieces
-            aligned.append(align_typos(clean, typos) if typos and typos.edits else None)
-            n_words.append(len(pieces))
-        ids, counts = self.seg.segment(words, self.p, self.rng)
-        # Part k's new ids are ids[bound[k]:bound[k + 1]].
-        bound = np.concatenate([[0], np.cumsum(counts)])[np.concatenate([[0], np.cumsum(n_words)])]
-        # 3. Per row: the inputs, where each ends in the clean text (in units), the target there, and
+        parts = self._parts(rows, targeted)
+        ids, bound, aligned = self._resegment(rows, parts)
+        # Per row: the inputs, where each ends in the clean text (in units), the target there, and
         # which inputs are typo-free pieces of a misspelled word (the targets where no clean token begins).
-        starts = [np.concatenate([[0], np.cumsum(self.units[row])]) for row in rows]  # where each clean id begins; then the end
+        # where each clean id begins; then the end
+        starts = [np.concatenate([[0], np.cumsum(self.units[row])]) for row in rows]
         xs: list[list[np.ndarray]] = [[] for _ in rows]
         ends: list[list[np.ndarray]] = [[] for _ in rows]
         word_piece: list[list[np.ndarray]] = [[] for _ in rows]
@@ -304,7 +293,11 @@ class RobustSampler:
             e = np.cumsum(self.units[got])
             al = aligned[k]
             # Word pieces are targets in pre-training only: in fine-tuning the changed text carries no loss.
-            word_piece[r].append(self._word_pieces(e - self.units[got], e, al) if al is not None and not self.context_only else np.zeros(len(got), dtype=bool))
+            word_piece[r].append(
+                self._word_pieces(e - self.units[got], e, al)
+                if al is not None and not self.context_only
+                else np.zeros(len(got), dtype=bool)
+            )
             if al is not None:
                 e = al.offsets[e]
             xs[r].append(got)
@@ -314,7 +307,8 @@ class RobustSampler:
         Y = np.full((len(rows), width), -1, dtype=np.int64)
         for r, row in enumerate(rows):
             x, e = np.concatenate(xs[r]), np.concatenate(ends[r])[:width]
-            piece = np.append(np.concatenate(word_piece[r])[1:], False)[:width]  # piece[i]: x[i + 1] is a typo-free piece
+            # piece[i]: x[i + 1] is a typo-free piece
+            piece = np.append(np.concatenate(word_piece[r])[1:], False)[:width]
             at = np.minimum(np.searchsorted(starts[r][:-1], e), len(row) - 1)
             hit = (e >= 0) & (starts[r][at] == e) & (e < starts[r][-1]) & targeted[r][at]
             nxt = np.append(x[1:], 0)[:width]
@@ -322,6 +316,46 @@ class RobustSampler:
             X[r, : len(x)] = x
             Y[r, : len(x)] = np.where(hit, row[at], np.where(piece, nxt, -1))
         return torch.from_numpy(X), torch.from_numpy(Y)
+
+    def _parts(self, rows: list[np.ndarray], targeted: list[np.ndarray]) -> list[tuple[int, int, int, bool]]:
+        """Every row cut into parts: runs of ordinary tokens (text) and single special tokens, each as
+        (row, first token, end token, changed: whether its text is augmented)."""
+        parts = []
+        for r, row in enumerate(rows):
+            start = 0
+            for c in [*np.flatnonzero(self.special[row]).tolist(), len(row)]:
+                if c > start:
+                    parts.append((r, start, c, not (self.context_only and targeted[r][start:c].any())))
+                if c < len(row):
+                    parts.append((r, c, c + 1, False))
+                start = c + 1
+        return parts
+
+    def _resegment(
+        self, rows: list[np.ndarray], parts: list[tuple[int, int, int, bool]]
+    ) -> tuple[np.ndarray, np.ndarray, list[Alignment | None]]:
+        """The parts that change: typos, then pre-tokens, all re-segmented together. Returns the new ids,
+        their bounds (part k's new ids are ids[bound[k]:bound[k + 1]]) and each part's typo alignment."""
+        words: list[bytes] = []
+        aligned: list[Alignment | None] = []  # for each part with typos
+        n_words = []
+        for r, a, b, changed in parts:
+            if not changed:
+                aligned.append(None)
+                n_words.append(0)
+                continue
+            clean = b"".join([self.tok.pieces[i] for i in rows[r][a:b].tolist()]).decode("utf-8", "surrogateescape")
+            typos = (
+                inject_typos(clean, self.rate, int(self.rng.integers(1 << 62)), TRAIN_TYPO_KINDS) if self.rate else None
+            )
+            noisy = typos.text if typos else clean
+            pieces = [w.encode("utf-8", "surrogateescape") for w in PRE_TOKENS.findall(noisy)]
+            words += pieces
+            aligned.append(align_typos(clean, typos) if typos and typos.edits else None)
+            n_words.append(len(pieces))
+        ids, counts = self.seg.segment(words, self.p, self.rng)
+        bound = np.concatenate([[0], np.cumsum(counts)])[np.concatenate([[0], np.cumsum(n_words)])]
+        return ids, bound, aligned
 
     @staticmethod
     def _word_pieces(s: np.ndarray, t: np.ndarray, al: Alignment) -> np.ndarray:

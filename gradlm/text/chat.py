@@ -86,16 +86,16 @@ def validate_messages(messages: Any, where: str = "the conversation") -> list[Me
     `where` names the conversation in the message (e.g. "data.jsonl line 7").
     """
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects")
+        raise DataError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
     out = []
     for n, m in enumerate(messages, 1):
         if not isinstance(m, dict):
-            raise DataError(f"{where}: message {n} must be an object with \"role\" and \"content\", got {type(m).__name__}")
+            raise DataError(f'{where}: message {n} must be an object with "role" and "content", got {type(m).__name__}')
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise DataError(f"{where}: message {n} has role {role!r}; roles are {', '.join(ROLES)}")
         if not isinstance(content, str):
-            raise DataError(f"{where}: message {n} ({role}) needs \"content\" as a string, got {type(content).__name__}")
+            raise DataError(f'{where}: message {n} ({role}) needs "content" as a string, got {type(content).__name__}')
         if role == "system" and n > 1:
             raise DataError(f"{where}: message {n} is a system message; a system message may only come first")
         out.append({"role": role, "content": content})
@@ -127,7 +127,9 @@ def encode_chat(tok: Tokenizer, messages: list[Message], add_generation_prompt: 
     return out
 
 
-def encode_for_training(tok: Tokenizer, messages: list[Message], where: str = "the conversation") -> tuple[list[int], list[bool]]:
+def encode_for_training(
+    tok: Tokenizer, messages: list[Message], where: str = "the conversation"
+) -> tuple[list[int], list[bool]]:
     """(ids, mask) of a conversation for supervised fine-tuning: mask[i] is True where ids[i] is a token
     the loss covers, i.e. every assistant content token and each assistant turn's <|end|>.
 
@@ -136,7 +138,9 @@ def encode_for_training(tok: Tokenizer, messages: list[Message], where: str = "t
     """
     msgs = validate_messages(messages, where)
     if not any(m["role"] == "assistant" for m in msgs):
-        raise DataError(f"{where} has no assistant message, so there is nothing to learn from it; add the reply to train on")
+        raise DataError(
+            f"{where} has no assistant message, so there is nothing to learn from it; add the reply to train on"
+        )
     ids: list[int] = []
     mask: list[bool] = []
     for piece, trained in _segments(tok, msgs):

@@ -73,8 +73,10 @@ class ReadStats:
     def summary(self) -> str:
         if not (self.skipped or self.replaced):
             return ""
-        return (f"{self.replaced:,} undecodable byte sequences replaced by U+FFFD, {self.skipped:,} documents skipped "
-                f"(e.g. {'; '.join(self.where)})")
+        return (
+            f"{self.replaced:,} undecodable byte sequences replaced by U+FFFD, {self.skipped:,} documents skipped "
+            f"(e.g. {'; '.join(self.where)})"
+        )
 
 
 def kind(path: Path) -> tuple[str, str]:
@@ -187,8 +189,11 @@ def damaged(path: Path, e: BaseException, where: str = "") -> DataError:
     if isinstance(e, OSError) and not comp and fmt != "parquet" and not isinstance(e, EOFError):
         return DataError(f"cannot read {path}{where}: {e.strerror or reason}; check the file and its permissions")
     test = {"gz": f"`gzip -t {path}`", "zst": f"`zstd -t {path}`"}.get(comp, "")
-    return DataError(f"{path} is damaged{where}: {reason}; " + (f"{test} confirms it; " if test else "")
-                     + "re-create it from the original, or leave it out of --data")
+    return DataError(
+        f"{path} is damaged{where}: {reason}; "
+        + (f"{test} confirms it; " if test else "")
+        + "re-create it from the original, or leave it out of --data"
+    )
 
 
 class _Decoder:
@@ -237,13 +242,16 @@ def _binary(path: Path, errors: str, stats: ReadStats) -> None:
         stats.skipped += 1
         stats.note(f"{path} is binary")
         return
-    raise DataError(f"{path} looks binary (it contains NUL bytes); gradlm reads UTF-8 text, .jsonl, .parquet and .gz/.zst of those")
+    raise DataError(
+        f"{path} looks binary (it contains NUL bytes); gradlm reads UTF-8 text, .jsonl, .parquet and .gz/.zst of those"
+    )
 
 
 def _text_file(path: Path, comp: str, errors: str, stats: ReadStats) -> Iterator[StreamedDocument]:
     """One document of blocks. Under skip, a bad byte found mid-file drops the blocks not yet handed on only:
     so skip decodes the whole file before handing any of it on (one file's text in memory at a time)."""
-    size = path.stat().st_size if not comp else -1  # compressed: counted only if a tail split needs it (decompressed_size)
+    # compressed: counted only if a tail split needs it (decompressed_size)
+    size = path.stat().st_size if not comp else -1
     decode = _Decoder(str(path), errors, stats)
     f = _open(path, comp)
 
@@ -322,9 +330,17 @@ def _jsonl(path: Path, comp: str, text_field: str, errors: str, stats: ReadStats
                     continue
                 obj = _json_line(path, n, line)
                 if not isinstance(obj, dict) or text_field not in obj:
-                    raise DataError(f"{path} line {n} has no field {text_field!r}; set --text-field to the field that holds the text")
+                    raise DataError(
+                        f"{path} line {n} has no field {text_field!r}; set --text-field to the field that holds the "
+                        "text"
+                    )
                 stats.documents += 1
-                yield StreamedDocument(f"{path}:{n}", [_text_value(obj[text_field], path, f"line {n}", "field", text_field)], -1, record=True)
+                yield StreamedDocument(
+                    f"{path}:{n}",
+                    [_text_value(obj[text_field], path, f"line {n}", "field", text_field)],
+                    -1,
+                    record=True,
+                )
     except _damage() as e:
         raise damaged(path, e, f" at line {n + 1}") from None
 
@@ -333,7 +349,10 @@ def _text_value(value: object, path: Path, where: str, what: str, name: str) -> 
     """A record's text: a string, in every format (a number, a list or null is the same one error)."""
     if not isinstance(value, str):
         shown = "null" if value is None else type(value).__name__
-        raise DataError(f"{path} {where}: the {what} {name!r} holds {shown}, not text; set --text-field to the {what} that holds the text")
+        raise DataError(
+            f"{path} {where}: the {what} {name!r} holds {shown}, not text; set --text-field to the {what} that holds "
+            "the text"
+        )
     return value
 
 
@@ -347,7 +366,9 @@ def _parquet(path: Path, text_field: str, stats: ReadStats) -> Iterator[Streamed
     except Exception as e:  # noqa: BLE001  (pyarrow raises its own types for a file that is not Parquet)
         raise damaged(path, e) from None
     if text_field not in f.schema_arrow.names:
-        raise DataError(f"{path} has no column {text_field!r} (columns: {', '.join(f.schema_arrow.names)}); set --text-field")
+        raise DataError(
+            f"{path} has no column {text_field!r} (columns: {', '.join(f.schema_arrow.names)}); set --text-field"
+        )
     row = 0
     batches = f.iter_batches(columns=[text_field], batch_size=1024)
     while True:
@@ -361,7 +382,9 @@ def _parquet(path: Path, text_field: str, stats: ReadStats) -> Iterator[Streamed
         for value in values:
             row += 1
             stats.documents += 1
-            yield StreamedDocument(f"{path}:row {row}", [_text_value(value, path, f"row {row}", "column", text_field)], -1, record=True)
+            yield StreamedDocument(
+                f"{path}:row {row}", [_text_value(value, path, f"row {row}", "column", text_field)], -1, record=True
+            )
 
 
 # ---- small inputs, whole: prompts, QA files, chat data, text to evaluate
@@ -409,14 +432,18 @@ def read_documents(sources: Iterable[str] | str, text_field: str = "text", error
     docs = [Document(d.source, d.text) for d in iter_documents(sources, text_field, errors)]
     docs = [d for d in docs if d.text.strip()]
     if not docs:
-        raise DataError(f"no text in {', '.join([sources] if isinstance(sources, str) else list(sources))}: the corpus is empty")
+        raise DataError(
+            f"no text in {', '.join([sources] if isinstance(sources, str) else list(sources))}: the corpus is empty"
+        )
     return docs
 
 
 # ---- the stream
 
 
-def iter_documents(sources: Iterable[str] | str, text_field: str = "text", errors: str = DEFAULT_ERRORS, stats: ReadStats | None = None) -> Iterator[StreamedDocument]:
+def iter_documents(
+    sources: Iterable[str] | str, text_field: str = "text", errors: str = DEFAULT_ERRORS, stats: ReadStats | None = None
+) -> Iterator[StreamedDocument]:
     """Every document of the sources, one at a time (see the module docstring). Empty documents are dropped."""
     if errors not in ENCODING_ERRORS:
         raise DataError(f"--encoding-errors must be one of {', '.join(ENCODING_ERRORS)}, got {errors!r}")
@@ -427,7 +454,9 @@ def iter_documents(sources: Iterable[str] | str, text_field: str = "text", error
             yield from _jsonl(path, comp, text_field, errors, stats)
         elif fmt == "parquet":
             if comp:
-                raise DataError(f"{path}: a compressed Parquet file; Parquet compresses itself, so give the .parquet file")
+                raise DataError(
+                    f"{path}: a compressed Parquet file; Parquet compresses itself, so give the .parquet file"
+                )
             yield from _parquet(path, text_field, stats)
         else:
             yield from _text_file(path, comp, errors, stats)

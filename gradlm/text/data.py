@@ -79,18 +79,25 @@ class TokenData:
         self.meta = json.loads(meta_path.read_text())
         self.tokenizer = Tokenizer.load(self.path / "tokenizer.json")
         if self.tokenizer.sha256 != self.meta["tokenizer_sha256"]:
-            raise DataError(f"{self.path}: tokenizer.json does not match the one the tokens were made with; prepare again")
+            raise DataError(
+                f"{self.path}: tokenizer.json does not match the one the tokens were made with; prepare again"
+            )
         dtype = np.dtype(self.meta["dtype"])
         self.splits = {}
         for name in ("train", "val"):
             split = self.meta["splits"][name]
-            shards = split.get("shards") or [{"file": f"{name}.bin", "tokens": split["tokens"]}]  # format 1: one file a split
+            # format 1: one file a split
+            shards = split.get("shards") or [{"file": f"{name}.bin", "tokens": split["tokens"]}]
             parts = []
             for sh in shards:
                 f = self.path / sh["file"]
                 if sh["tokens"] and (not f.is_file() or f.stat().st_size != sh["tokens"] * dtype.itemsize):
-                    raise DataError(f"{f} is missing or has the wrong size for {sh['tokens']:,} tokens; prepare the data again")
-                parts.append(np.memmap(f, dtype=dtype, mode="r", shape=(sh["tokens"],)) if sh["tokens"] else np.zeros(0, dtype))
+                    raise DataError(
+                        f"{f} is missing or has the wrong size for {sh['tokens']:,} tokens; prepare the data again"
+                    )
+                parts.append(
+                    np.memmap(f, dtype=dtype, mode="r", shape=(sh["tokens"],)) if sh["tokens"] else np.zeros(0, dtype)
+                )
             self.splits[name] = Tokens(parts, dtype)
 
     def tokens(self, split: str) -> Tokens:
@@ -124,7 +131,10 @@ class RandomSampler:
 
     def __init__(self, tokens: np.ndarray, block: int, seed: int):
         if len(tokens) < block + 1:
-            raise DataError(f"only {len(tokens)} training tokens, fewer than the context window + 1 ({block + 1}); lower --block-size or add text")
+            raise DataError(
+                f"only {len(tokens)} training tokens, fewer than the context window + 1 ({block + 1}); lower "
+                "--block-size or add text"
+            )
         self.tokens, self.block = tokens, block
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -153,7 +163,10 @@ class EpochSampler:
     def __init__(self, tokens: np.ndarray, block: int, seed: int):
         self.n_windows = (len(tokens) - 1) // block
         if self.n_windows < 1:
-            raise DataError(f"only {len(tokens)} training tokens, fewer than the context window + 1 ({block + 1}); lower --block-size or add text")
+            raise DataError(
+                f"only {len(tokens)} training tokens, fewer than the context window + 1 ({block + 1}); lower "
+                "--block-size or add text"
+            )
         self.tokens, self.block, self.seed = tokens, block, seed
         self.epoch, self.pos = 0, 0
         self._order = self._perm(0)
@@ -189,7 +202,8 @@ class EpochSampler:
         self._order = self._perm(self.epoch)
 
 
-# ---- training data: prepared once, cached --------------------------------------------------------------------------------------------
+# ---- training data: prepared once, cached
+# --------------------------------------------------------------------------------------------
 
 
 def _source_key(sources: list[str], extra: dict) -> str:
@@ -217,7 +231,9 @@ def find_prepared(identity: str, hint: str | os.PathLike | None = None) -> Token
     or anywhere in the cache of prepared text; None if there is none. Reads no raw text, so it works offline."""
     hinted = Path(hint) if hint else None
     cache = datasets.cache_dir() / "prepared"
-    places = ([hinted] if hinted else []) + (sorted(p for p in cache.iterdir() if p != hinted) if cache.is_dir() else [])
+    places = ([hinted] if hinted else []) + (
+        sorted(p for p in cache.iterdir() if p != hinted) if cache.is_dir() else []
+    )
     for p in places:
         if not (p / "meta.json").is_file():
             continue
@@ -232,7 +248,14 @@ def find_prepared(identity: str, hint: str | os.PathLike | None = None) -> Token
     return None
 
 
-def resolve_data(cfg, tokenizer: Tokenizer | None = None, log=print, trained_here: bool | None = None, identity: str = "", hint: str = "") -> TokenData:
+def resolve_data(
+    cfg,
+    tokenizer: Tokenizer | None = None,
+    log=print,
+    trained_here: bool | None = None,
+    identity: str = "",
+    hint: str = "",
+) -> TokenData:
     """The data of a training run (cfg: a TrainConfig): a prepared directory as it is, or raw text
     tokenised (and the tokenizer trained) once and cached.
 
@@ -253,7 +276,8 @@ def resolve_data(cfg, tokenizer: Tokenizer | None = None, log=print, trained_her
     data = _resolve_data(cfg, tokenizer, log, trained_here)
     if identity and data.identity != identity:
         raise DataError(
-            f"--data {cfg.data} no longer gives the tokens this run trained on (identity {data.identity}, the run recorded {identity}); "
+            f"--data {cfg.data} no longer gives the tokens this run trained on (identity {data.identity}, the run "
+            f"recorded {identity}); "
             "restore the original text or prepared folder, or start a new run from this one with --init"
         )
     return data
@@ -266,8 +290,18 @@ def _resolve_data(cfg, tokenizer: Tokenizer | None, log, trained_here: bool | No
     trained_here = tokenizer is None if trained_here is None else trained_here
     tok_key = "trained" if trained_here else tokenizer.sha256
     sample = parse_size(cfg.tokenizer_sample, "--tokenizer-sample")
-    key = _source_key(sources, {"vocab": cfg.vocab_size, "val": cfg.val_fraction, "field": cfg.text_field, "tok": tok_key,
-                                "errors": cfg.encoding_errors, "sample": sample, "format": 2})
+    key = _source_key(
+        sources,
+        {
+            "vocab": cfg.vocab_size,
+            "val": cfg.val_fraction,
+            "field": cfg.text_field,
+            "tok": tok_key,
+            "errors": cfg.encoding_errors,
+            "sample": sample,
+            "format": 2,
+        },
+    )
     cached = datasets.cache_dir() / "prepared" / key
     if (cached / "meta.json").is_file():
         data = TokenData(cached)
@@ -278,7 +312,19 @@ def _resolve_data(cfg, tokenizer: Tokenizer | None, log, trained_here: bool | No
     if tokenizer is None:
         tokenizer = train_tokenizer(sources, cfg.vocab_size, sample, cfg.text_field, cfg.encoding_errors, log)
     t0 = time.time()
-    meta = prepare(sources, tokenizer, cached, cfg.val_fraction, seed=0, text_field=cfg.text_field, progress=cfg.progress and sys.stderr.isatty(),
-                   errors=cfg.encoding_errors, log=log)
-    log(f"tokenised {meta['splits']['train']['tokens']:,} train + {meta['splits']['val']['tokens']:,} val tokens in {time.time() - t0:.1f}s (cached in {cached})")
+    meta = prepare(
+        sources,
+        tokenizer,
+        cached,
+        cfg.val_fraction,
+        seed=0,
+        text_field=cfg.text_field,
+        progress=cfg.progress and sys.stderr.isatty(),
+        errors=cfg.encoding_errors,
+        log=log,
+    )
+    log(
+        f"tokenised {meta['splits']['train']['tokens']:,} train + {meta['splits']['val']['tokens']:,} val tokens in "
+        f"{time.time() - t0:.1f}s (cached in {cached})"
+    )
     return TokenData(cached)

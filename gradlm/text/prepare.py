@@ -40,7 +40,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gradlm import files as ckpt
-from gradlm.text.corpus import DEFAULT_ERRORS, ReadStats, StreamedDocument, decompressed_size, iter_documents, kind, source_files
+from gradlm.text.corpus import (
+    DEFAULT_ERRORS,
+    ReadStats,
+    StreamedDocument,
+    decompressed_size,
+    iter_documents,
+    kind,
+    source_files,
+)
 from gradlm.errors import ConfigError, DataError
 from gradlm.text.tokenizer import Tokenizer
 
@@ -281,6 +289,8 @@ def prepare(
 ) -> dict:
     """Tokenise a corpus into out_dir (see the module docstring); returns meta.json's content. A folder left
     by a killed prepare of the same corpus and settings is resumed; anything else in out_dir is refused.
+    Long because it is one straight sequence (plan, resume, encode and write, finish) whose cleanup on a
+    failure needs every piece it set up at hand.
 
     Example:
         >>> meta = prepare("my_texts/", tok, "data/mine", errors="replace")   # doctest: +SKIP
@@ -294,9 +304,17 @@ def prepare(
     created = not out.exists()
     resume = _start(out, settings)
     stats = ReadStats()  # documents, skipped documents and replaced characters (the encoding policy)
-    done_jobs: list[list] = resume.get("jobs", [])  # [split, number of ids] of each piece whose ids are all in written shards
+    # [split, number of ids] of each piece whose ids are all in written shards
+    done_jobs: list[list] = resume.get("jobs", [])
     writers = _writers(out, dtype, shard_tokens, resume.get("shards", {}), done_jobs)
-    bar = tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="prepare", disable=not progress, leave=False)
+    bar = tqdm(
+        total=sum(p.stat().st_size for p in files),
+        unit="B",
+        unit_scale=True,
+        desc="prepare",
+        disable=not progress,
+        leave=False,
+    )
     reader = _Reader(sources, text_field, errors, stats, plan, len(done_jobs), bar)
 
     def shard_written(jobs: list[list]) -> None:
@@ -310,7 +328,10 @@ def prepare(
     try:
         counts = _write(results, reader.tags, writers, done_jobs, np.asarray([tok.eot_id], dtype=dtype), shard_written)
         if not reader.has_text:
-            raise DataError(f"no text in {', '.join(sources)}: the corpus is empty" + (f" ({stats.summary()})" if stats.skipped else ""))
+            raise DataError(
+                f"no text in {', '.join(sources)}: the corpus is empty"
+                + (f" ({stats.summary()})" if stats.skipped else "")
+            )
         for w in writers.values():
             w.flush()
     except _Stop:
@@ -327,13 +348,32 @@ def prepare(
     return _finish(out, tok, settings, writers, counts, stats)
 
 
-def _settings(sources: list[str], files: list[Path], tok: Tokenizer, dtype: np.dtype, plan: SplitPlan, text_field: str, errors: str,
-              shard_tokens: int) -> dict:
+def _settings(
+    sources: list[str],
+    files: list[Path],
+    tok: Tokenizer,
+    dtype: np.dtype,
+    plan: SplitPlan,
+    text_field: str,
+    errors: str,
+    shard_tokens: int,
+) -> dict:
     """What decides the shards: a prepare resumes only one with the same (meta.json keeps all but the files)."""
-    return {"format": FORMAT, "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "dtype": dtype.name,
-            "split": plan.mode, "val_fraction": plan.val_fraction, "seed": plan.seed, "text_field": text_field, "encoding_errors": errors,
-            "shard_tokens": shard_tokens, "sources": [str(s) for s in sources],
-            "files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+    return {
+        "format": FORMAT,
+        "tokenizer_sha256": tok.sha256,
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        "dtype": dtype.name,
+        "split": plan.mode,
+        "val_fraction": plan.val_fraction,
+        "seed": plan.seed,
+        "text_field": text_field,
+        "encoding_errors": errors,
+        "shard_tokens": shard_tokens,
+        "sources": [str(s) for s in sources],
+        "files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+    }
 
 
 def _encoders(tok: Tokenizer, dtype: np.dtype, workers: int) -> ProcessPoolExecutor | None:
@@ -344,7 +384,9 @@ def _encoders(tok: Tokenizer, dtype: np.dtype, workers: int) -> ProcessPoolExecu
     return None
 
 
-def _writers(out: Path, dtype: np.dtype, shard_tokens: int, shards: dict[str, list[dict]], done_jobs: list[list]) -> dict[str, _ShardWriter]:
+def _writers(
+    out: Path, dtype: np.dtype, shard_tokens: int, shards: dict[str, list[dict]], done_jobs: list[list]
+) -> dict[str, _ShardWriter]:
     """Each split's writer, with the shards a resumed prepare already wrote; each drops, before appending, the
     ids of its split already in them beyond the pieces whose ids are all there (done_jobs), since those
     pieces are encoded again."""
@@ -365,7 +407,9 @@ class _Reader:
     for whoever writes the workers' results (the bytes of a piece that is encoded are counted by its worker: 0);
     `has_text` says whether any piece so far was more than white space."""
 
-    def __init__(self, sources: list[str], text_field: str, errors: str, stats: ReadStats, plan: SplitPlan, n_done: int, bar):
+    def __init__(
+        self, sources: list[str], text_field: str, errors: str, stats: ReadStats, plan: SplitPlan, n_done: int, bar
+    ):
         self.sources, self.text_field, self.errors, self.stats, self.plan = sources, text_field, errors, stats, plan
         self.n_done, self.bar = n_done, bar
         self.tags: deque[list[tuple[str, bool, int]]] = deque()
@@ -396,8 +440,14 @@ class _Reader:
             yield group
 
 
-def _write(results: Iterator[list[tuple[np.ndarray | None, int]]], tags: deque, writers: dict[str, _ShardWriter], done_jobs: list[list],
-           eot: np.ndarray, shard_written) -> dict[str, dict[str, int]]:
+def _write(
+    results: Iterator[list[tuple[np.ndarray | None, int]]],
+    tags: deque,
+    writers: dict[str, _ShardWriter],
+    done_jobs: list[list],
+    eot: np.ndarray,
+    shard_written,
+) -> dict[str, dict[str, int]]:
     """Append the workers' ids to their split's shards (a document's preceded by <|endoftext|>), calling
     shard_written(jobs) after each shard written, jobs being the [split, number of ids] of every piece so far;
     returns each split's documents and bytes."""
@@ -419,11 +469,18 @@ def _write(results: Iterator[list[tuple[np.ndarray | None, int]]], tags: deque, 
     return counts
 
 
-def _finish(out: Path, tok: Tokenizer, settings: dict, writers: dict[str, _ShardWriter], counts: dict, stats: ReadStats) -> dict:
+def _finish(
+    out: Path, tok: Tokenizer, settings: dict, writers: dict[str, _ShardWriter], counts: dict, stats: ReadStats
+) -> dict:
     """Write the tokenizer, then meta.json (which marks the folder complete), and drop progress.json."""
     tok.save(out / "tokenizer.json")
-    meta = {**settings, "splits": {s: {"tokens": writers[s].committed, **counts[s], "shards": writers[s].shards} for s in SPLITS},
-            "documents": stats.documents, "skipped_documents": stats.skipped, "replaced_characters": stats.replaced}
+    meta = {
+        **settings,
+        "splits": {s: {"tokens": writers[s].committed, **counts[s], "shards": writers[s].shards} for s in SPLITS},
+        "documents": stats.documents,
+        "skipped_documents": stats.skipped,
+        "replaced_characters": stats.replaced,
+    }
     meta.pop("files")
     ckpt.atomic_write_text(out / "meta.json", ckpt.dumps(meta, indent=2) + "\n")
     (out / "progress.json").unlink(missing_ok=True)
@@ -454,7 +511,9 @@ def _start(out: Path, settings: dict) -> dict:
                     if not f.is_file() or f.stat().st_size != s["tokens"] * np.dtype(settings["dtype"]).itemsize:
                         raise DataError(f"{f} is missing or cut short; delete {out} and prepare again")
             return state
-        raise DataError(f"{out} holds an unfinished prepare of other data or settings; delete it or choose another --out")
+        raise DataError(
+            f"{out} holds an unfinished prepare of other data or settings; delete it or choose another --out"
+        )
     raise DataError(f"{out} exists and is not a prepared data directory; choose another --out")
 
 
@@ -484,8 +543,13 @@ def _abandon(out: Path, created: bool) -> None:
 # ---- a bounded sample for the tokenizer ---------------------------------------------------------------------
 
 
-def tokenizer_sample(sources: list[str] | str, budget: int = TOKENIZER_SAMPLE, seed: int = 0, text_field: str = "text",
-                     errors: str = DEFAULT_ERRORS) -> tuple[list[str], int]:
+def tokenizer_sample(
+    sources: list[str] | str,
+    budget: int = TOKENIZER_SAMPLE,
+    seed: int = 0,
+    text_field: str = "text",
+    errors: str = DEFAULT_ERRORS,
+) -> tuple[list[str], int]:
     """(pieces, bytes read): pieces of the corpus (~8 KB, cut between pre-tokens) drawn with a seeded chance
     so that about `budget` bytes are kept, spread over the whole corpus (at most 1.2 x budget: memory stays
     bounded even where compressed files hold more than their size on disk suggests)."""
@@ -518,8 +582,15 @@ def parse_size(text: str | int, flag: str) -> int:
     return int(value)
 
 
-def train_tokenizer(sources: list[str] | str, vocab_size: int, sample: int = TOKENIZER_SAMPLE, text_field: str = "text",
-                    errors: str = DEFAULT_ERRORS, log=print, progress: bool = False) -> Tokenizer:
+def train_tokenizer(
+    sources: list[str] | str,
+    vocab_size: int,
+    sample: int = TOKENIZER_SAMPLE,
+    text_field: str = "text",
+    errors: str = DEFAULT_ERRORS,
+    log=print,
+    progress: bool = False,
+) -> Tokenizer:
     """A tokenizer learned from a seeded sample of about `sample` bytes drawn across the whole corpus (memory
     follows the sample, not the corpus); the log says how much of the corpus it learned from."""
     t0 = time.time()
@@ -527,10 +598,17 @@ def train_tokenizer(sources: list[str] | str, vocab_size: int, sample: int = TOK
     taken = sum(len(p.encode()) for p in pieces)
     tok = Tokenizer.train(pieces, vocab_size, show_progress=progress, length=len(pieces))
     share = taken / max(seen, 1)
-    log(f"trained a {tok.vocab_size}-token tokenizer in {time.time() - t0:.1f}s on {_bytes(taken)} of {_bytes(seen)} of text "
-        f"({share:.1%} of the corpus{', a seeded sample; --tokenizer-sample sets its size' if share < 1 else ''})")
+    log(
+        f"trained a {tok.vocab_size}-token tokenizer in {time.time() - t0:.1f}s on {_bytes(taken)} of {_bytes(seen)} "
+        "of text "
+        f"({share:.1%} of the corpus{', a seeded sample; --tokenizer-sample sets its size' if share < 1 else ''})"
+    )
     return tok
 
 
 def _bytes(n: float) -> str:
-    return next(f"{n / d:,.1f} {u}" for d, u in ((1 << 30, "GB"), (1 << 20, "MB"), (1 << 10, "kB"), (1, "bytes")) if n >= d or d == 1)
+    return next(
+        f"{n / d:,.1f} {u}"
+        for d, u in ((1 << 30, "GB"), (1 << 20, "MB"), (1 << 10, "kB"), (1, "bytes"))
+        if n >= d or d == 1
+    )

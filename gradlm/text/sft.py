@@ -73,8 +73,10 @@ class SFTData:
             return None
         dropped = f", and {self.dropped} of them kept no assistant token and were left out" if self.dropped else ""
         return (
-            f"warning: {self.truncated} of {len(self.examples) + self.dropped} conversations are longer than the context "
-            f"window ({self.block_size + 1} tokens) and were cut to it{dropped}; use a larger --block-size or shorter conversations"
+            f"warning: {self.truncated} of {len(self.examples) + self.dropped} conversations are longer than the "
+            "context "
+            f"window ({self.block_size + 1} tokens) and were cut to it{dropped}; use a larger --block-size or shorter "
+            "conversations"
         )
 
 
@@ -88,21 +90,26 @@ def _is_jsonl(path: Path) -> bool:
 def conversation_from(obj: object, where: str) -> Conversation:
     """One .jsonl value as a Conversation ("messages", or "prompt" + "completion"); DataError otherwise."""
     if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected an object with \"messages\" or \"prompt\" and \"completion\", got {type(obj).__name__}")
+        raise DataError(
+            f'{where}: expected an object with "messages" or "prompt" and "completion", got {type(obj).__name__}'
+        )
     has_messages, has_prompt = "messages" in obj, "prompt" in obj or "completion" in obj
     if has_messages and has_prompt:
-        raise DataError(f"{where} has both \"messages\" and \"prompt\"/\"completion\"; give one form per line")
+        raise DataError(f'{where} has both "messages" and "prompt"/"completion"; give one form per line')
     if has_messages:
         messages = validate_messages(obj["messages"], where)
         rest = {k: v for k, v in obj.items() if k != "messages"}
     elif has_prompt:
         prompt, completion = obj.get("prompt"), obj.get("completion")
         if not isinstance(prompt, str) or not isinstance(completion, str):
-            raise DataError(f"{where}: \"prompt\" and \"completion\" must both be strings")
+            raise DataError(f'{where}: "prompt" and "completion" must both be strings')
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
         rest = {k: v for k, v in obj.items() if k not in ("prompt", "completion")}
     else:
-        raise DataError(f"{where} has neither \"messages\" nor \"prompt\" and \"completion\"; see `gradlm finetune --help` for the formats")
+        raise DataError(
+            f'{where} has neither "messages" nor "prompt" and "completion"; see `gradlm finetune --help` for the '
+            "formats"
+        )
     return Conversation(where, messages, rest)
 
 
@@ -112,9 +119,12 @@ def read_conversations(paths: str | os.PathLike | list) -> list[Conversation]:
     out: list[Conversation] = []
     for p in map(Path, paths):
         if not p.is_file():
-            raise DataError(f"no such file: {p}; chat data is .jsonl with \"messages\" or \"prompt\"/\"completion\" per line")
+            raise DataError(f'no such file: {p}; chat data is .jsonl with "messages" or "prompt"/"completion" per line')
         if not _is_jsonl(p):
-            raise DataError(f"{p} is not .jsonl: chat data is one JSON conversation per line (raw text is for continued pretraining)")
+            raise DataError(
+                f"{p} is not .jsonl: chat data is one JSON conversation per line (raw text is for continued "
+                "pretraining)"
+            )
         found = [conversation_from(obj, f"{p} line {n}") for n, obj in jsonl_objects(p)]
         if not found:
             raise DataError(f"{p} holds no conversations")
@@ -151,7 +161,10 @@ def make_examples(conversations: list[Conversation], tok: Tokenizer, block_size:
                 continue
         examples.append(Example(ids, mask, c.where))
     if not examples:
-        raise DataError(f"every conversation is longer than the context window ({block_size + 1} tokens) before its first reply; use a larger --block-size")
+        raise DataError(
+            f"every conversation is longer than the context window ({block_size + 1} tokens) before its first reply; "
+            "use a larger --block-size"
+        )
     return SFTData(examples, truncated, dropped, block_size)
 
 
@@ -167,7 +180,10 @@ def split_examples(examples: list[Example], val_fraction: float, seed: int = 0) 
     if val_fraction == 0:
         return list(examples), []
     if len(examples) < 2:
-        raise DataError(f"{len(examples)} conversation is too few to hold some out for validation; add data or set the validation fraction to 0")
+        raise DataError(
+            f"{len(examples)} conversation is too few to hold some out for validation; add data or set the validation "
+            "fraction to 0"
+        )
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(len(examples) * val_fraction))
@@ -178,7 +194,10 @@ def split_examples(examples: list[Example], val_fraction: float, seed: int = 0) 
 def pad_id(tok: Tokenizer) -> int:
     """The id batches are padded with: the dedicated <|pad|> (never <|end|>, which the model must learn)."""
     if PAD not in tok.specials:
-        raise TokenizerError(f"this tokenizer has no {PAD} token to pad batches with; fine-tune from a run whose tokenizer gradlm trained")
+        raise TokenizerError(
+            f"this tokenizer has no {PAD} token to pad batches with; fine-tune from a run whose tokenizer gradlm "
+            "trained"
+        )
     return tok.specials[PAD]
 
 
@@ -263,7 +282,13 @@ class SFTSampler:
         return self.epoch + self.pos / len(self.examples)
 
     def state_dict(self) -> dict:
-        return {"kind": "sft", "epoch": self.epoch, "pos": self.pos, "examples": len(self.examples), "fingerprint": self._fingerprint}
+        return {
+            "kind": "sft",
+            "epoch": self.epoch,
+            "pos": self.pos,
+            "examples": len(self.examples),
+            "fingerprint": self._fingerprint,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "sft" or state.get("fingerprint") != self._fingerprint:

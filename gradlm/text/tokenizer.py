@@ -206,7 +206,9 @@ class Tokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
-            raise TokenizerError(f"no tokenizer at {path}: train one with `gradlm tokenizer train` or pass a run directory")
+            raise TokenizerError(
+                f"no tokenizer at {path}: train one with `gradlm tokenizer train` or pass a run directory"
+            )
         try:
             hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # the HF loader raises plain Exceptions with its parser message

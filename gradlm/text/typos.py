@@ -21,7 +21,8 @@ class Typos(NamedTuple):
     text: str
     edits: int  # typos made
     letters: int  # letters in the original text (each had `rate` chance of one typo)
-    at: tuple[tuple[int, int, str], ...] = ()  # each typo, in order: (index in the original, characters replaced, what was written)
+    # each typo, in order: (index in the original, characters replaced, what was written)
+    at: tuple[tuple[int, int, str], ...] = ()
 
 
 TYPO_KINDS = ("swap", "drop", "insert", "substitute")  # inject_typos' mix

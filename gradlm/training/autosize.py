@@ -2,7 +2,8 @@
 
 From the budget (seconds, tokens or steps), the corpus (unique training tokens) and the training speed
 measured on this machine, choose the tokenizer size, depth, width, heads, context, batch, learning rate,
-warmup, dropout and evaluation cadence. The rule is compute-optimal in the Chinchilla sense, tokens = TOKENS_PER_PARAM x parameters,
+warmup, dropout and evaluation cadence. The rule is compute-optimal in the Chinchilla sense, tokens = TOKENS_PER_PARAM x
+parameters,
 with the ratio fitted by experiment for models this small (docs/benchmarks.md, "Choosing the model"),
 and repeated passes over the corpus counted at a value that decays (`useful_tokens`), so a small corpus
 bounds the model however long the budget.
@@ -24,8 +25,22 @@ from gradlm.errors import ConfigError, flag
 from gradlm.model.transformer import Transformer, ModelConfig, flops_per_token, matmul_params
 
 # The depth/width ladder the chooser walks: (layers, width). Heads are 32 wide up to 256, then 64.
-LADDER = ((2, 64), (3, 96), (4, 128), (4, 160), (4, 192), (5, 224), (6, 256), (6, 320), (8, 384),
-          (8, 448), (10, 512), (12, 640), (12, 768), (16, 1024))
+LADDER = (
+    (2, 64),
+    (3, 96),
+    (4, 128),
+    (4, 160),
+    (4, 192),
+    (5, 224),
+    (6, 256),
+    (6, 320),
+    (8, 384),
+    (8, 448),
+    (10, 512),
+    (12, 640),
+    (12, 768),
+    (16, 1024),
+)
 TOKENS_PER_PARAM = 0.3  # fitted at 90 s of Shakespeare on 2 cores (docs/benchmarks.md, "Choosing the model")
 # Repeated data: the k-th pass over the corpus is worth exp(-(k-1)/REPEATS) of the first. Muennighoff et al. found
 # ~15 for large models; ten-minute Shakespeare runs overfit badly when 8 passes counted in full, so 4 here.
@@ -135,10 +150,14 @@ def choose(
     chosen model is timed again at the batch and dropout its token count gives it.
     fixed: settings the user gave (MODEL_KEYS, TRAIN_KEYS and dropout); they are kept as given."""
     fixed = dict(fixed or {})
-    cfg, tps, tokens, useful = _largest_fitting(budget, corpus_tokens, tokens_per_s, vocab_size, fixed, tokens_per_param, repeats, max_block)
+    cfg, tps, tokens, useful = _largest_fitting(
+        budget, corpus_tokens, tokens_per_s, vocab_size, fixed, tokens_per_param, repeats, max_block
+    )
     batch, dropout = _batch_and_dropout(tokens, cfg, fixed, corpus_tokens)
     if budget.seconds:
-        batch, dropout, tps, tokens = _time_as_trained(cfg, budget.seconds, tokens_per_s, fixed, corpus_tokens, batch, dropout)
+        batch, dropout, tps, tokens = _time_as_trained(
+            cfg, budget.seconds, tokens_per_s, fixed, corpus_tokens, batch, dropout
+        )
         useful = useful_tokens(tokens, corpus_tokens, repeats)
     params = matmul_params(cfg)
     epochs = tokens / max(corpus_tokens, 1)
@@ -146,17 +165,30 @@ def choose(
     train = _train_settings(cfg, batch, tokens, fixed)
     model = {k: getattr(cfg, k) for k in MODEL_KEYS}
     model["dropout"] = dropout
-    spend = f"{budget.seconds:g} s at {tps:,.0f} tok/s measured" if budget.seconds else (f"a budget of {budget.tokens:,} tokens" if budget.tokens else f"{budget.steps:,} steps")
-    why = f"the corpus ({corpus_tokens:,} tokens, worth at most {repeats:g} passes) caps it" if capped else f"≈ {useful / max(params, 1):.1f} useful tokens/param"
-    reason = (
-        f"size auto: {cfg.n_layer} layers x {cfg.d_model} ({cfg.n_head} heads, context {cfg.block_size}), ~{params / 1e6:.2f}M params, "
-        f"batch {batch}, lr {train['lr']:g}, dropout {model['dropout']:g}; ~{_count(tokens)} tokens ({epochs:.1f} epochs) in {spend}, {why}"
+    spend = (
+        f"{budget.seconds:g} s at {tps:,.0f} tok/s measured"
+        if budget.seconds
+        else (f"a budget of {budget.tokens:,} tokens" if budget.tokens else f"{budget.steps:,} steps")
     )
-    return Choice(model=model, train=train, params=params, tokens=tokens, tokens_per_s=tps, capped=capped, reason=reason)
+    why = (
+        f"the corpus ({corpus_tokens:,} tokens, worth at most {repeats:g} passes) caps it"
+        if capped
+        else f"≈ {useful / max(params, 1):.1f} useful tokens/param"
+    )
+    reason = (
+        f"size auto: {cfg.n_layer} layers x {cfg.d_model} ({cfg.n_head} heads, context {cfg.block_size}), "
+        f"~{params / 1e6:.2f}M params, "
+        f"batch {batch}, lr {train['lr']:g}, dropout {model['dropout']:g}; ~{_count(tokens)} tokens ({epochs:.1f} "
+        f"epochs) in {spend}, {why}"
+    )
+    return Choice(
+        model=model, train=train, params=params, tokens=tokens, tokens_per_s=tps, capped=capped, reason=reason
+    )
 
 
-def _candidate(i: int, budget: Allowance, tokens_per_s: Callable, vocab_size: int, fixed: dict, fixed_model: dict,
-               max_block: int) -> tuple[ModelConfig, float, float] | None:
+def _candidate(
+    i: int, budget: Allowance, tokens_per_s: Callable, vocab_size: int, fixed: dict, fixed_model: dict, max_block: int
+) -> tuple[ModelConfig, float, float] | None:
     """(model, throughput, training tokens the budget buys) of the i-th rung; None if the fixed settings do
     not fit it. Time budgets are compared at batch 16 (or the fixed batch) without dropout."""
     cfg = rung(i, vocab_size, fixed_model, max_block)
@@ -175,8 +207,16 @@ def _candidate(i: int, budget: Allowance, tokens_per_s: Callable, vocab_size: in
     return cfg, tps, tokens
 
 
-def _largest_fitting(budget: Allowance, corpus_tokens: int, tokens_per_s: Callable, vocab_size: int, fixed: dict,
-                     tokens_per_param: float, repeats: float, max_block: int) -> tuple[ModelConfig, float, float, float]:
+def _largest_fitting(
+    budget: Allowance,
+    corpus_tokens: int,
+    tokens_per_s: Callable,
+    vocab_size: int,
+    fixed: dict,
+    tokens_per_param: float,
+    repeats: float,
+    max_block: int,
+) -> tuple[ModelConfig, float, float, float]:
     """(model, throughput, tokens, useful tokens) of the largest rung that still gets tokens_per_param useful
     tokens per parameter (the smallest that fits the fixed settings if none does); walking up the ladder
     stops at the first that does not."""
@@ -195,7 +235,10 @@ def _largest_fitting(budget: Allowance, corpus_tokens: int, tokens_per_s: Callab
             break
     if chosen is None:
         shape = ", ".join(f"{flag(k)} {v}" for k, v in fixed_model.items())
-        raise ConfigError(f"--size auto found no model of its ladder that fits {shape}; give the whole shape (e.g. --d-model as well) or drop --size auto")
+        raise ConfigError(
+            f"--size auto found no model of its ladder that fits {shape}; give the whole shape (e.g. --d-model as "
+            "well) or drop --size auto"
+        )
     return chosen
 
 
@@ -205,8 +248,15 @@ def _batch_and_dropout(tokens: float, cfg: ModelConfig, fixed: dict, corpus_toke
     return batch, fixed["dropout"] if "dropout" in fixed else dropout_for(tokens / max(corpus_tokens, 1))
 
 
-def _time_as_trained(cfg: ModelConfig, seconds: float, tokens_per_s: Callable, fixed: dict, corpus_tokens: int,
-                     batch: int, dropout: float) -> tuple[int, float, float, float]:
+def _time_as_trained(
+    cfg: ModelConfig,
+    seconds: float,
+    tokens_per_s: Callable,
+    fixed: dict,
+    corpus_tokens: int,
+    batch: int,
+    dropout: float,
+) -> tuple[int, float, float, float]:
     """(batch, dropout, throughput, tokens) of the chosen model timed as it will train. The ladder was timed
     at one batch without dropout, and a smaller batch or dropout is slower per token: time again until the
     settings agree with the measurement."""
@@ -228,7 +278,9 @@ def _train_settings(cfg: ModelConfig, batch: int, tokens: float, fixed: dict) ->
         "batch": str(batch),
         "lr": fixed.get("lr") or lr_for(cfg, batch),
         # AdamW needs ~50 steps before its full learning rate (measured: 20 was far worse, 50 to 200 equal)
-        "warmup_steps": fixed["warmup_steps"] if "warmup_steps" in fixed else int(min(max(50, 0.05 * steps), steps / 4)),
+        "warmup_steps": fixed["warmup_steps"]
+        if "warmup_steps" in fixed
+        else int(min(max(50, 0.05 * steps), steps / 4)),
         "min_lr_ratio": fixed.get("min_lr_ratio", 0.0),  # a fixed budget decays to zero (measured: better than 0.1)
         # about EVALS evaluations, each over ~1% of the run's tokens (two passes, train and validation,
         # at a third of a training step's cost each: ~5% of the budget in all)

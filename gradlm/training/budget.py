@@ -63,8 +63,12 @@ class Budget:
         evaluation's reserve as spent (reserve=True), so training stops in time for it."""
         cfg, ph = self.cfg, self.phase or {}
         step, tokens, epochs = self.position()
-        parts = [(step, cfg.max_steps, ph.get("step", 0)), (tokens, cfg.max_tokens, ph.get("tokens", 0)),
-                 (self.elapsed + (self.reserve_s if reserve else 0.0), self.max_time_s, ph.get("elapsed", 0.0)), (epochs, cfg.max_epochs, ph.get("epochs", 0.0))]
+        parts = [
+            (step, cfg.max_steps, ph.get("step", 0)),
+            (tokens, cfg.max_tokens, ph.get("tokens", 0)),
+            (self.elapsed + (self.reserve_s if reserve else 0.0), self.max_time_s, ph.get("elapsed", 0.0)),
+            (epochs, cfg.max_epochs, ph.get("epochs", 0.0)),
+        ]
         return [p for p in parts if p[1]]
 
     def progress(self, reserve: bool = True) -> float:
@@ -84,7 +88,15 @@ class Budget:
         if ph is None:
             return lr_factor(self.progress(), step, c.schedule, c.warmup_steps, c.min_lr_ratio, c.decay_fraction)
         p = max(((used - start) / max(budget - start, 1e-12) for used, budget, start in self.spent()), default=0.0)
-        return lr_factor(p, step - ph["step"], c.schedule, ph.get("warmup", 0), c.min_lr_ratio, c.decay_fraction, warm_from=ph.get("warm_from", 0.0))
+        return lr_factor(
+            p,
+            step - ph["step"],
+            c.schedule,
+            ph.get("warmup", 0),
+            c.min_lr_ratio,
+            c.decay_fraction,
+            warm_from=ph.get("warm_from", 0.0),
+        )
 
     def steps_left(self, step_tokens: int, steps_per_epoch: float) -> int:
         """About how many updates the budget has left (for time, at the pace of the last steps run)."""
@@ -104,7 +116,14 @@ class Budget:
         """The rest of the run is a new schedule phase (a budget extended on resume), warming up again
         from the factor the run had reached."""
         step, tokens, epochs = self.position()
-        self.phase = {"step": step, "tokens": tokens, "elapsed": self.elapsed, "epochs": epochs, "warm_from": self.last_factor, "warmup": warmup}
+        self.phase = {
+            "step": step,
+            "tokens": tokens,
+            "elapsed": self.elapsed,
+            "epochs": epochs,
+            "warm_from": self.last_factor,
+            "warmup": warmup,
+        }
 
     # -- the clock
 
@@ -115,14 +134,18 @@ class Budget:
     def stepped(self, seconds: float, eval_tokens: int, step_tokens: int) -> None:
         """A step took `seconds`: follow the pace, and keep back the time of the final evaluation."""
         self.train_time += seconds
-        self.step_s = seconds if not self.step_s else 0.7 * self.step_s + 0.3 * seconds  # recent pace: follows a machine that slows down
+        # recent pace: follows a machine that slows down
+        self.step_s = seconds if not self.step_s else 0.7 * self.step_s + 0.3 * seconds
         if self.max_time_s:
             # Keep back the final evaluation and checkpoint: the last one's time, scaled up by how much slower
             # steps run now than then (never down: a reserve too small overshoots the budget); before any, a
             # forward pass (a third of a step's work) over eval_tokens of validation and of training text.
             # Computed before tick(), which makes every rank take the largest: they stop at the same step.
-            self.reserve_s = (self.eval_s * max(1.0, self.step_s / self.eval_step_s) if self.eval_s
-                              else self.step_s * (2 * eval_tokens / step_tokens) / 3 + 0.5)
+            self.reserve_s = (
+                self.eval_s * max(1.0, self.step_s / self.eval_step_s)
+                if self.eval_s
+                else self.step_s * (2 * eval_tokens / step_tokens) / 3 + 0.5
+            )
 
     def evaluated(self, seconds: float) -> None:
         """An evaluation and checkpoint took `seconds`: the final one costs about the same, at today's pace."""

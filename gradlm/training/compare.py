@@ -8,7 +8,6 @@ import itertools
 import os
 
 
-
 from gradlm import files as ckpt
 from gradlm import layout
 from gradlm import plots
@@ -17,7 +16,6 @@ from gradlm.model.transformer import ModelConfig
 from gradlm.rundir import RunDir, read_metrics
 from gradlm.training.config import TrainConfig
 from gradlm.training.trainer import train
-
 
 
 # ---- comparison lab ----------------------------------------------------------------------------------
@@ -57,12 +55,21 @@ def compare(model_cfg: ModelConfig, base: TrainConfig, grid: list[dict], out_dir
     if (out / layout.COMPARE).exists():
         raise ConfigError(f"{out} already holds a comparison; choose another --out")
     if not (base.max_steps or base.max_tokens or base.max_time or base.max_epochs):
-        raise ConfigError("give the comparison one budget for every run: --max-steps, --max-tokens, --max-time or --max-epochs")
+        raise ConfigError(
+            "give the comparison one budget for every run: --max-steps, --max-tokens, --max-time or --max-epochs"
+        )
     runs = []
     for settings in grid:  # every configuration is checked before any of them trains
         label = _label(settings, grid)
         # One model for every configuration: the flags' shape (--size auto would size each run on its own probe)
-        cfg = dataclasses.replace(base, **settings, out=str(out / label.replace("=", "-").replace(",", "_")), progress=False, resume=False, size="fixed")
+        cfg = dataclasses.replace(
+            base,
+            **settings,
+            out=str(out / label.replace("=", "-").replace(",", "_")),
+            progress=False,
+            resume=False,
+            size="fixed",
+        )
         try:
             cfg.validate()
             model_cfg.validate()
@@ -72,20 +79,7 @@ def compare(model_cfg: ModelConfig, base: TrainConfig, grid: list[dict], out_dir
     table, curves = [], {}
     for label, settings, cfg in runs:
         log(f"--- {label}")
-        row = {"label": label, **settings}
-        try:
-            s = train(model_cfg, cfg)
-            row.update(steps=s["steps"], tokens=s["tokens"], time_s=round(s["time_s"], 1), val_loss=s["val_loss"], val_bpb=s["val_bpb"], best_val_loss=s["best_val_loss"], restarts=s["divergence_restarts"], status="ok")
-            warning = rank_warning(s["steps"], cfg.warmup_steps)
-            if warning:
-                row["warning"] = warning
-                log(f"warning: {label}: {warning}")
-        except Diverged as e:
-            row.update(status="diverged", error=str(e))
-        except GradlmError as e:  # not a property of gradient descent: a setting or input that cannot work
-            row.update(status="error", error=str(e))
-            log(f"error: {label}: {e}")
-        table.append(row)
+        table.append(_train_row(model_cfg, label, settings, cfg, log))
         if RunDir(cfg.out).metrics.is_file():
             curves[label] = read_metrics(cfg.out)
     if all(r["status"] == "error" for r in table):
@@ -96,6 +90,33 @@ def compare(model_cfg: ModelConfig, base: TrainConfig, grid: list[dict], out_dir
     return {"runs": table, "png": str(png)}
 
 
+def _train_row(model_cfg: ModelConfig, label: str, settings: dict, cfg: TrainConfig, log) -> dict:
+    """Train one configuration of the comparison; its row of the table, whether it finished, diverged or failed."""
+    row = {"label": label, **settings}
+    try:
+        s = train(model_cfg, cfg)
+        row.update(
+            steps=s["steps"],
+            tokens=s["tokens"],
+            time_s=round(s["time_s"], 1),
+            val_loss=s["val_loss"],
+            val_bpb=s["val_bpb"],
+            best_val_loss=s["best_val_loss"],
+            restarts=s["divergence_restarts"],
+            status="ok",
+        )
+        warning = rank_warning(s["steps"], cfg.warmup_steps)
+        if warning:
+            row["warning"] = warning
+            log(f"warning: {label}: {warning}")
+    except Diverged as e:
+        row.update(status="diverged", error=str(e))
+    except GradlmError as e:  # not a property of gradient descent: a setting or input that cannot work
+        row.update(status="error", error=str(e))
+        log(f"error: {label}: {e}")
+    return row
+
+
 MIN_STEPS_TO_RANK = 50  # fewer updates than this say more about the start than about the method
 
 
@@ -103,25 +124,43 @@ def rank_warning(steps: int, warmup_steps: int) -> str:
     """Why a run's final loss cannot rank it against others, or '' when it can: it ended inside its learning-rate
     warmup (it never trained at its own learning rate), or after too few steps for the loss to separate methods."""
     if steps <= warmup_steps:
-        return f"ended inside its warmup ({steps} of {warmup_steps} warmup steps): it never trained at its learning rate; give a larger budget or fewer --warmup-steps"
+        return (
+            f"ended inside its warmup ({steps} of {warmup_steps} warmup steps): it never trained at its learning "
+            "rate; give a larger budget or fewer --warmup-steps"
+        )
     if steps < MIN_STEPS_TO_RANK:
         return f"only {steps} steps: too few to rank (at least {MIN_STEPS_TO_RANK}); give a larger budget"
     return ""
 
 
 def _budget(cfg: TrainConfig) -> str:
-    parts = [f"{k.replace('_', ' ')} {getattr(cfg, k)}" for k in ("max_steps", "max_tokens", "max_time", "max_epochs") if getattr(cfg, k)]
+    parts = [
+        f"{k.replace('_', ' ')} {getattr(cfg, k)}"
+        for k in ("max_steps", "max_tokens", "max_time", "max_epochs")
+        if getattr(cfg, k)
+    ]
     return "budget: " + ", ".join(parts)
 
 
 def format_table(rows: list[dict]) -> str:
     """The comparison as a Markdown table, best final validation bits per byte first; a run that cannot be
     ranked (ended in its warmup, too few steps) says so in the last column."""
-    head = "| run | steps | tokens | time (s) | val loss | val bits/byte | restarts | note |\n|---|---:|---:|---:|---:|---:|---:|---|\n"
-    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["val_bpb"])  # bits per byte: fair across vocabularies
-    lines = [f"| {r['label']} | {r['steps']} | {r['tokens']:,} | {r['time_s']} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {r['restarts']} | {r.get('warning', '')} |" for r in ok]
+    head = (
+        "| run | steps | tokens | time (s) | val loss | val bits/byte | restarts | note |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---|\n"
+    )
+    # bits per byte: fair across vocabularies
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["val_bpb"])
+    lines = [
+        f"| {r['label']} | {r['steps']} | {r['tokens']:,} | {r['time_s']} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} "
+        f"| {r['restarts']} | {r.get('warning', '')} |"
+        for r in ok
+    ]
     lines += [f"| {r['label']} | {r['status']} | | | | | | {r.get('error', '')} |" for r in rows if r["status"] != "ok"]
     unranked = sum(1 for r in ok if r.get("warning"))
-    foot = f"\nwarning: {unranked} of {len(ok)} runs cannot be ranked by this table (see the note column)\n" if unranked else ""
+    foot = (
+        f"\nwarning: {unranked} of {len(ok)} runs cannot be ranked by this table (see the note column)\n"
+        if unranked
+        else ""
+    )
     return head + "\n".join(lines) + "\n" + foot
-

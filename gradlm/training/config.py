@@ -25,9 +25,13 @@ from gradlm.runtime import COMPILE, DEVICE_HELP, DTYPES
 from gradlm.training.trackers import LOGGER_HELP, parse_loggers
 
 
-DEFAULT_VOCAB = 1024  # tokenizer size when none is given (measured best of 512 / 1024 / 2048 on 1 MB: gradlm/training/autosize.py)
-VOCAB_HELP = (f"tokenizer size: 256 bytes + merges (256 = pure bytes); the {len(SPECIAL_TOKENS)} reserved special tokens come on top, "
-              f"so {DEFAULT_VOCAB} gives {DEFAULT_VOCAB + len(SPECIAL_TOKENS)} ids")
+# tokenizer size when none is given (measured best of 512 / 1024 / 2048 on 1 MB: gradlm/training/autosize.py)
+DEFAULT_VOCAB = 1024
+VOCAB_HELP = (
+    f"tokenizer size: 256 bytes + merges (256 = pure bytes); the {len(SPECIAL_TOKENS)} reserved special tokens come "
+    "on top, "
+    f"so {DEFAULT_VOCAB} gives {DEFAULT_VOCAB + len(SPECIAL_TOKENS)} ids"
+)
 DEFAULT_STEPS = 1000  # the budget of a run given none, said in the log
 FULL_BATCH_MICRO = 32  # windows per forward pass of --batch full unless --micro-batch says
 
@@ -36,54 +40,178 @@ FULL_BATCH_MICRO = 32  # windows per forward pass of --batch full unless --micro
 class TrainConfig:
     """How to train. Saved as the "train" section of a run's config.json."""
 
-    data: str = field(default="shakespeare", metadata={"help": "raw text (file, directory, .jsonl, .gz, or a registered name such as shakespeare) or a `gradlm prepare` directory"})
+    data: str = field(
+        default="shakespeare",
+        metadata={
+            "help": "raw text (file, directory, .jsonl, .gz, or a registered name such as shakespeare) or a `gradlm "
+            "prepare` directory"
+        },
+    )
     out: str = field(default="runs/default", metadata={"help": "run directory to write"})
     vocab_size: int = field(default=DEFAULT_VOCAB, metadata={"help": "when --data is raw text: " + VOCAB_HELP})
     val_fraction: float = field(default=0.1, metadata={"help": "share of the text held out for validation"})
-    text_field: str = field(default="text", metadata={"help": "field (or Parquet column) holding the text in .jsonl and .parquet input"})
-    encoding_errors: str = field(default="replace", metadata={"help": "bytes that are not UTF-8 in raw text: replace (by U+FFFD, counted), skip (the document, counted) or strict (stop, naming the file and offset)"})
-    tokenizer_sample: str = field(default=f"{TOKENIZER_SAMPLE >> 20}MB", metadata={"help": "when a tokenizer is trained from raw text: how much text it learns from, a seeded sample across the whole corpus (e.g. 16MB, 1GB); memory follows it"})
-    batch: str = field(default="32", metadata={"help": "windows per update: N (mini-batch), 1 (stochastic GD) or full (batch GD: one update per epoch)"})
-    micro_batch: int = field(default=0, metadata={"help": f"windows per forward pass; 0 = the whole batch (or {FULL_BATCH_MICRO} with --batch full)"})
+    text_field: str = field(
+        default="text", metadata={"help": "field (or Parquet column) holding the text in .jsonl and .parquet input"}
+    )
+    encoding_errors: str = field(
+        default="replace",
+        metadata={
+            "help": "bytes that are not UTF-8 in raw text: replace (by U+FFFD, counted), skip (the document, counted) "
+            "or strict (stop, naming the file and offset)"
+        },
+    )
+    tokenizer_sample: str = field(
+        default=f"{TOKENIZER_SAMPLE >> 20}MB",
+        metadata={
+            "help": "when a tokenizer is trained from raw text: how much text it learns from, a seeded sample across "
+            "the whole corpus (e.g. 16MB, 1GB); memory follows it"
+        },
+    )
+    batch: str = field(
+        default="32",
+        metadata={
+            "help": "windows per update: N (mini-batch), 1 (stochastic GD) or full (batch GD: one update per epoch)"
+        },
+    )
+    micro_batch: int = field(
+        default=0,
+        metadata={"help": f"windows per forward pass; 0 = the whole batch (or {FULL_BATCH_MICRO} with --batch full)"},
+    )
     accum: int = field(default=1, metadata={"help": "gradient accumulation: micro-batches summed into one update"})
-    sampler: str = field(default="auto", metadata={"help": "random (windows at random offsets) or epoch (every window once per epoch, seeded order); auto = epoch for --batch full"})
-    size: str = field(default="auto", metadata={"help": "auto: choose depth, width, heads, context, batch, learning rate, warmup, dropout, evaluation cadence and tokenizer size from the budget, the corpus and this machine's speed (measured in a short probe); the default when no model-shape flag is given, and the flags you give override their part of the choice. fixed: each flag's own default"})
+    sampler: str = field(
+        default="auto",
+        metadata={
+            "help": "random (windows at random offsets) or epoch (every window once per epoch, seeded order); auto = "
+            "epoch for --batch full"
+        },
+    )
+    size: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: choose depth, width, heads, context, batch, learning rate, warmup, dropout, evaluation "
+            "cadence and tokenizer size from the budget, the corpus and this machine's speed (measured in a short "
+            "probe); the default when no model-shape flag is given, and the flags you give override their part of "
+            "the choice. fixed: each flag's own default"
+        },
+    )
     optimizer: str = field(default="adamw", metadata={"help": "sgd, momentum, nesterov, adamw or muon"})
-    lr: float = field(default=0.0, metadata={"help": "peak learning rate (for muon: of its AdamW part); 0 = the optimizer's default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())})
+    lr: float = field(
+        default=0.0,
+        metadata={
+            "help": "peak learning rate (for muon: of its AdamW part); 0 = the optimizer's default: "
+            + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+        },
+    )
     muon_lr: float = field(default=MUON_LR, metadata={"help": "learning rate of Muon's matrix updates"})
     weight_decay: float = field(default=0.1, metadata={"help": "decoupled weight decay on matrices (a regulariser)"})
     momentum: float = field(default=0.9, metadata={"help": "momentum for --optimizer momentum/nesterov"})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
-    schedule: str = field(default="cosine", metadata={"help": "learning-rate schedule: constant, cosine, linear or wsd"})
+    schedule: str = field(
+        default="cosine", metadata={"help": "learning-rate schedule: constant, cosine, linear or wsd"}
+    )
     warmup_steps: int = field(default=20, metadata={"help": "steps of linear warmup"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a fraction of the peak"})
     decay_fraction: float = field(default=0.2, metadata={"help": "wsd: share of the budget spent decaying"})
-    max_steps: int = field(default=0, metadata={"help": f"budget: stop after this many updates (with no budget of any kind: {DEFAULT_STEPS} steps, and the log says so)"})
-    max_time: str = field(default="", metadata={"help": "budget: stop after this much wall time from the first step, evaluations included, e.g. 90s, 5m, 1h"})
+    max_steps: int = field(
+        default=0,
+        metadata={
+            "help": f"budget: stop after this many updates (with no budget of any kind: {DEFAULT_STEPS} steps, and "
+            "the log says so)"
+        },
+    )
+    max_time: str = field(
+        default="",
+        metadata={
+            "help": "budget: stop after this much wall time from the first step, evaluations included, e.g. 90s, 5m, 1h"
+        },
+    )
     max_tokens: int = field(default=0, metadata={"help": "budget: stop after this many training tokens"})
-    max_epochs: float = field(default=0.0, metadata={"help": "budget: stop after this many passes over the training set"})
-    pause_at: int = field(default=0, metadata={"help": "save and stop at this step without ending the schedule; continue with --resume"})
+    max_epochs: float = field(
+        default=0.0, metadata={"help": "budget: stop after this many passes over the training set"}
+    )
+    pause_at: int = field(
+        default=0, metadata={"help": "save and stop at this step without ending the schedule; continue with --resume"}
+    )
     eval_every: int = field(default=50, metadata={"help": "evaluate (and checkpoint) every N steps"})
     eval_tokens: int = field(default=32768, metadata={"help": "validation tokens per evaluation"})
-    sample_tokens: int = field(default=48, metadata={"help": "at every evaluation, write a seeded sample of this many tokens from a fixed prompt to samples.jsonl: what the model writes as it learns (0 = none)"})
-    sample_prompt: str = field(default="", metadata={"help": "the fixed prompt of those samples (default: the first tokens of the validation text)"})
-    patience: int = field(default=0, metadata={"help": "early stopping: stop after N evaluations without improvement (0 = off)"})
-    min_delta: float = field(default=0.0, metadata={"help": "improvement in validation loss that counts for --patience"})
-    guard_retries: int = field(default=8, metadata={"help": "divergence guard: times to restore the last good state and halve the lr before giving up"})
-    bpe_dropout: float = field(default=0.0, metadata={"help": "BPE-dropout: re-split the training text (in fine-tuning: the system and user turns) with every merge skipped with this probability, e.g. 0.1, so the model learns to read words from their pieces; the loss, evaluation and the saved tokenizer stay deterministic"})
-    typo_rate: float = field(default=0.0, metadata={"help": "typo augmentation: give this share of the letters of the training text (in fine-tuning: the system and user turns) a typo (drop, swap, double, near key, case), e.g. 0.05; the loss stays on the clean text (a misspelled word's typo-free pieces are targets, a typo never is)"})
+    sample_tokens: int = field(
+        default=48,
+        metadata={
+            "help": "at every evaluation, write a seeded sample of this many tokens from a fixed prompt to "
+            "samples.jsonl: what the model writes as it learns (0 = none)"
+        },
+    )
+    sample_prompt: str = field(
+        default="",
+        metadata={"help": "the fixed prompt of those samples (default: the first tokens of the validation text)"},
+    )
+    patience: int = field(
+        default=0, metadata={"help": "early stopping: stop after N evaluations without improvement (0 = off)"}
+    )
+    min_delta: float = field(
+        default=0.0, metadata={"help": "improvement in validation loss that counts for --patience"}
+    )
+    guard_retries: int = field(
+        default=8,
+        metadata={"help": "divergence guard: times to restore the last good state and halve the lr before giving up"},
+    )
+    bpe_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "BPE-dropout: re-split the training text (in fine-tuning: the system and user turns) with every "
+            "merge skipped with this probability, e.g. 0.1, so the model learns to read words from their pieces; "
+            "the loss, evaluation and the saved tokenizer stay deterministic"
+        },
+    )
+    typo_rate: float = field(
+        default=0.0,
+        metadata={
+            "help": "typo augmentation: give this share of the letters of the training text (in fine-tuning: the "
+            "system and user turns) a typo (drop, swap, double, near key, case), e.g. 0.05; the loss stays on the "
+            "clean text (a misspelled word's typo-free pieces are targets, a typo never is)"
+        },
+    )
     seed: int = field(default=1337, metadata={"help": "fixes initialisation, data order and dropout"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
-    dtype: str = field(default="auto", metadata={"help": "float32, or bfloat16 autocast (weights and optimizer state stay float32); auto = bfloat16 where the hardware multiplies it natively (CUDA from compute capability 8, CPUs with AMX or AVX512-BF16), else float32"})
-    compile: str = field(default="auto", metadata={"help": "torch.compile the training step and evaluation: on, off, or auto = on for CUDA when the time budget pays for the compile, off on the CPU"})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "float32, or bfloat16 autocast (weights and optimizer state stay float32); auto = bfloat16 where "
+            "the hardware multiplies it natively (CUDA from compute capability 8, CPUs with AMX or AVX512-BF16), "
+            "else float32"
+        },
+    )
+    compile: str = field(
+        default="auto",
+        metadata={
+            "help": "torch.compile the training step and evaluation: on, off, or auto = on for CUDA when the time "
+            "budget pays for the compile, off on the CPU"
+        },
+    )
     log_every: int = field(default=10, metadata={"help": "log the training loss every N steps"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint; flags you type override its saved settings where they can"})
-    from_best: bool = field(default=False, metadata={"help": "with --resume: continue from the best checkpoint (best.safetensors) instead of the latest"})
-    init: str = field(default="", metadata={"help": "start from the weights (and tokenizer) of this run directory: fine-tuning / transfer learning"})
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "continue the run in --out from its last checkpoint; flags you type override its saved settings "
+            "where they can"
+        },
+    )
+    from_best: bool = field(
+        default=False,
+        metadata={"help": "with --resume: continue from the best checkpoint (best.safetensors) instead of the latest"},
+    )
+    init: str = field(
+        default="",
+        metadata={
+            "help": "start from the weights (and tokenizer) of this run directory: fine-tuning / transfer learning"
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "show a progress bar on a terminal"})
-    plots: bool = field(default=True, metadata={"help": "draw loss, learning-rate and gradient-norm curves into plots/ at the end"})
+    plots: bool = field(
+        default=True, metadata={"help": "draw loss, learning-rate and gradient-norm curves into plots/ at the end"}
+    )
     logger: str = field(default="", metadata={"help": LOGGER_HELP + "; a resumed run keeps logging where it did"})
 
     def __post_init__(self):
@@ -92,10 +220,15 @@ class TrainConfig:
         if isinstance(self.batch, int) and not isinstance(self.batch, bool):
             self.batch = str(self.batch)  # TrainConfig(batch=32) means what --batch 32 means
         if not isinstance(self.batch, str):
-            raise ConfigError(f"TrainConfig.batch must be a number of windows or 'full', got {self.batch!r} ({type(self.batch).__name__})")
+            raise ConfigError(
+                f"TrainConfig.batch must be a number of windows or 'full', got {self.batch!r} "
+                f"({type(self.batch).__name__})"
+            )
         check_field_types(self)
 
     def validate(self) -> None:
+        """Every problem of the settings at once, as one ConfigError. Long on purpose: one check per setting in
+        one list, read top to bottom (pieces would only split the list)."""
         problems = []
         if self.batch != "full" and not (self.batch.isdigit() and int(self.batch) >= 1):
             problems.append(f"--batch must be a positive integer or 'full', got {self.batch!r}")
@@ -119,7 +252,17 @@ class TrainConfig:
         for name in ("max_steps", "max_tokens", "max_epochs"):
             if getattr(self, name) < 0:
                 problems.append(f"{flag(name)} is a budget and must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "sample_tokens", "patience", "guard_retries", "micro_batch", "pause_at", "weight_decay", "grad_clip", "min_delta"):
+        for name in (
+            "warmup_steps",
+            "sample_tokens",
+            "patience",
+            "guard_retries",
+            "micro_batch",
+            "pause_at",
+            "weight_decay",
+            "grad_clip",
+            "min_delta",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"{flag(name)} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -137,12 +280,21 @@ class TrainConfig:
         if self.compile not in COMPILE:
             problems.append(f"--compile must be {', '.join(COMPILE)}, got {self.compile!r}")
         if not 0 <= self.bpe_dropout < 1:
-            problems.append(f"--bpe-dropout is the chance of skipping a merge and must be in [0, 1), e.g. 0.1; got {self.bpe_dropout}")
+            problems.append(
+                "--bpe-dropout is the chance of skipping a merge and must be in [0, 1), e.g. 0.1; got "
+                f"{self.bpe_dropout}"
+            )
         if not 0 <= self.typo_rate < 1:
-            problems.append(f"--typo-rate is the share of letters given a typo and must be in [0, 1), e.g. 0.05; got {self.typo_rate}")
+            problems.append(
+                "--typo-rate is the share of letters given a typo and must be in [0, 1), e.g. 0.05; got "
+                f"{self.typo_rate}"
+            )
         try:
             if parse_duration(self.max_time) < 0:
-                problems.append(f"--max-time is a budget and must be a positive duration such as 90s, 5m or 1h, got {self.max_time!r}")
+                problems.append(
+                    "--max-time is a budget and must be a positive duration such as 90s, 5m or 1h, got "
+                    f"{self.max_time!r}"
+                )
         except ConfigError as e:
             problems.append(str(e))
         try:
@@ -161,13 +313,25 @@ class TrainConfig:
 # What a resume may change, and why the rest cannot: the run's model, tokenizer, data and data order
 # are fixed by its checkpoint, and changing the schedule would make the learning rate jump.
 FIXED_ON_RESUME = {
-    "data": "the data", "vocab_size": "the tokenizer", "val_fraction": "the data split", "text_field": "the data",
-    "encoding_errors": "the data", "tokenizer_sample": "the tokenizer",
-    "optimizer": "the optimizer (its state is restored)", "batch": "the batch geometry", "accum": "the batch geometry",
-    "sampler": "the data order", "seed": "the data order and initialisation", "init": "the starting weights",
-    "schedule": "the learning-rate schedule", "warmup_steps": "the learning-rate schedule",
-    "min_lr_ratio": "the learning-rate schedule", "decay_fraction": "the learning-rate schedule",
-    "size": "the model's shape", "bpe_dropout": "the data augmentation", "typo_rate": "the data augmentation",
+    "data": "the data",
+    "vocab_size": "the tokenizer",
+    "val_fraction": "the data split",
+    "text_field": "the data",
+    "encoding_errors": "the data",
+    "tokenizer_sample": "the tokenizer",
+    "optimizer": "the optimizer (its state is restored)",
+    "batch": "the batch geometry",
+    "accum": "the batch geometry",
+    "sampler": "the data order",
+    "seed": "the data order and initialisation",
+    "init": "the starting weights",
+    "schedule": "the learning-rate schedule",
+    "warmup_steps": "the learning-rate schedule",
+    "min_lr_ratio": "the learning-rate schedule",
+    "decay_fraction": "the learning-rate schedule",
+    "size": "the model's shape",
+    "bpe_dropout": "the data augmentation",
+    "typo_rate": "the data augmentation",
 }
 BUDGETS = ("max_steps", "max_tokens", "max_time", "max_epochs")
 
@@ -175,12 +339,16 @@ BUDGETS = ("max_steps", "max_tokens", "max_time", "max_epochs")
 def check_budgets(cfg: TrainConfig, given: set[str]) -> None:
     """A budget the caller gave must be positive: `--max-time 0` or `--max-steps 0` would otherwise mean
     "no limit" (and train until Ctrl-C) or "the default" by accident. Negative ones fail in validate()."""
-    zero = [b for b in BUDGETS if b in given and not (parse_duration(cfg.max_time) if b == "max_time" else getattr(cfg, b))]
+    zero = [
+        b for b in BUDGETS if b in given and not (parse_duration(cfg.max_time) if b == "max_time" else getattr(cfg, b))
+    ]
     if zero:
         flags = ", ".join(f"{flag(b)} {getattr(cfg, b) if getattr(cfg, b) != '' else repr('')}" for b in zero)
         raise ConfigError(
-            f"{flags}: a budget must be positive (e.g. --max-time 5m or --max-steps 2000); leave the flag out for the default "
-            f"of {DEFAULT_STEPS} steps when no budget is given")
+            f"{flags}: a budget must be positive (e.g. --max-time 5m or --max-steps 2000); leave the flag out for the "
+            "default "
+            f"of {DEFAULT_STEPS} steps when no budget is given"
+        )
 
 
 OPTIMIZER_SETTINGS = ("lr", "muon_lr", "weight_decay", "momentum", "beta1", "beta2")
@@ -202,10 +370,14 @@ def resume_settings(saved: TrainConfig, new: TrainConfig, given: set[str]) -> Tr
     for name in sorted(given & set(FIXED_ON_RESUME)):
         if getattr(given, name) != getattr(saved, name):
             raise ConfigError(
-                f"{flag(name)} {getattr(given, name)} cannot change on --resume ({FIXED_ON_RESUME[name]} of the run is {getattr(saved, name)!r}); "
+                f"{flag(name)} {getattr(given, name)} cannot change on --resume ({FIXED_ON_RESUME[name]} of the run "
+                f"is {getattr(saved, name)!r}); "
                 f"drop it, or start a new run from this one with --init {given.out}"
             )
-    merged = {f.name: getattr(new if f.name in given or f.name in PER_INVOCATION else saved, f.name) for f in fields(TrainConfig)}
+    merged = {
+        f.name: getattr(new if f.name in given or f.name in PER_INVOCATION else saved, f.name)
+        for f in fields(TrainConfig)
+    }
     return TrainConfig(**merged)
 
 
@@ -255,7 +427,10 @@ def read_config_file(path: str | os.PathLike, classes) -> dict:
         else:
             unknown.append(str(key))
     if unknown:
-        raise ConfigError(f"--config {p}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(sorted(unknown))}; the settings are the command's flags without '--'")
+        raise ConfigError(
+            f"--config {p}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(sorted(unknown))}; the "
+            "settings are the command's flags without '--'"
+        )
     return values
 
 

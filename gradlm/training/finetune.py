@@ -34,7 +34,15 @@ from gradlm import files as ckpt
 from gradlm.text.chat import encode_chat
 from gradlm.training.config import TrainConfig, given_fields
 from gradlm.errors import ConfigError, RunDirError, flag
-from gradlm.model.lora import LORA_TARGETS, add_adapters, adapter_weights, count_params, freeze_below, load_adapter_weights, parse_targets
+from gradlm.model.lora import (
+    LORA_TARGETS,
+    add_adapters,
+    adapter_weights,
+    count_params,
+    freeze_below,
+    load_adapter_weights,
+    parse_targets,
+)
 from gradlm.model.transformer import ModelConfig
 from gradlm.training.optim import base_lrs, state_floats
 from gradlm.rundir import RunDir, config_dict, weights_step
@@ -48,12 +56,28 @@ METHODS = ("full", "freeze", "lora")
 class FinetuneConfig:
     """What a fine-tune trains. Saved as the "finetune" section of the run's config.json."""
 
-    method: str = field(default="full", metadata={"help": "full (every weight), freeze (only the top --train-top blocks + head) or lora (low-rank adapters)"})
-    train_top: int = field(default=1, metadata={"help": "--method freeze: train only the top N blocks, the final norm and the head (0 = the head only); every block below them is frozen"})
+    method: str = field(
+        default="full",
+        metadata={
+            "help": "full (every weight), freeze (only the top --train-top blocks + head) or lora (low-rank adapters)"
+        },
+    )
+    train_top: int = field(
+        default=1,
+        metadata={
+            "help": "--method freeze: train only the top N blocks, the final norm and the head (0 = the head only); "
+            "every block below them is frozen"
+        },
+    )
     lora_rank: int = field(default=8, metadata={"help": "--method lora: rank r of each adapter"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "--method lora: the adapter's update is scaled by alpha / r"})
+    lora_alpha: float = field(
+        default=16.0, metadata={"help": "--method lora: the adapter's update is scaled by alpha / r"}
+    )
     lora_dropout: float = field(default=0.0, metadata={"help": "--method lora: dropout on the adapters' input"})
-    lora_targets: str = field(default=",".join(LORA_TARGETS), metadata={"help": "--method lora: comma-separated projections to adapt (or all)"})
+    lora_targets: str = field(
+        default=",".join(LORA_TARGETS),
+        metadata={"help": "--method lora: comma-separated projections to adapt (or all)"},
+    )
 
     def validate(self, given: Iterable[str] = ()) -> None:
         """Every problem at once; given names the settings the caller chose, so one that does not apply is refused."""
@@ -148,7 +172,8 @@ class Lora(Full):
 
     def describe(self) -> str:
         ft = self.ft
-        return f"lora (rank {ft.lora_rank}, alpha {ft.lora_alpha:g}, dropout {ft.lora_dropout:g}, on {','.join(parse_targets(ft.lora_targets))})"
+        targets = ",".join(parse_targets(ft.lora_targets))
+        return f"lora (rank {ft.lora_rank}, alpha {ft.lora_alpha:g}, dropout {ft.lora_dropout:g}, on {targets})"
 
 
 STRATEGIES = {"full": Full, "freeze": Freeze, "lora": Lora}
@@ -164,15 +189,22 @@ class ChatData:
 
     def __init__(self, cfg: TrainConfig, tok, block: int, log):
         if cfg.sampler == "random":
-            raise ConfigError("--sampler random draws windows of text; conversations are visited once per epoch in a seeded order: drop --sampler")
+            raise ConfigError(
+                "--sampler random draws windows of text; conversations are visited once per epoch in a seeded order: "
+                "drop --sampler"
+            )
         if cfg.patience and cfg.val_fraction == 0:
-            raise ConfigError("--patience stops on the validation loss, but --val-fraction 0 holds no conversations out; set --val-fraction")
+            raise ConfigError(
+                "--patience stops on the validation loss, but --val-fraction 0 holds no conversations out; set "
+                "--val-fraction"
+            )
         self.cfg, self.tok, self.pad = cfg, tok, pad_id(tok)
         self.sft = load_sft(cfg.data, tok, block)
         if self.sft.warning():
             log(self.sft.warning())
         self.train_examples, self.val_examples = split_examples(self.sft.examples, cfg.val_fraction, cfg.seed)
-        k = min(len(self.train_examples), max(len(self.val_examples), 32))  # as many training conversations, spread evenly
+        # as many training conversations, spread evenly
+        k = min(len(self.train_examples), max(len(self.val_examples), 32))
         self.train_probe = [self.train_examples[i * len(self.train_examples) // k] for i in range(k)]
 
     def check(self, block: int) -> None:
@@ -184,10 +216,13 @@ class ChatData:
     def sampler(self, kind: str, block: int):
         cfg = self.cfg
         sampler = SFTSampler(self.train_examples, self.pad, cfg.seed)
-        if cfg.bpe_dropout or cfg.typo_rate:  # misspell / re-split the questions, not the replies (gradlm/text/augment.py)
+        # misspell / re-split the questions, not the replies (gradlm/text/augment.py)
+        if cfg.bpe_dropout or cfg.typo_rate:
             from gradlm.text.augment import RobustSampler
 
-            sampler = RobustSampler(sampler, self.tok, cfg.bpe_dropout, cfg.typo_rate, cfg.seed, block, context_only=True)
+            sampler = RobustSampler(
+                sampler, self.tok, cfg.bpe_dropout, cfg.typo_rate, cfg.seed, block, context_only=True
+            )
         return sampler, True
 
     def eval_windows(self, split: str, block: int, micro: int, dd) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -213,14 +248,23 @@ class ChatData:
         return e.ids[: e.mask.index(True)] if True in e.mask else e.ids
 
     def summary(self) -> dict:
-        return {"path": str(self.cfg.data), "format": "chat", "tokenizer": "given", "tokenizer_sha256": self.tok.sha256,
-                "train_conversations": len(self.train_examples), "val_conversations": len(self.val_examples), "truncated": self.sft.truncated}
+        return {
+            "path": str(self.cfg.data),
+            "format": "chat",
+            "tokenizer": "given",
+            "tokenizer_sha256": self.tok.sha256,
+            "train_conversations": len(self.train_examples),
+            "val_conversations": len(self.val_examples),
+            "truncated": self.sft.truncated,
+        }
 
     def describe(self, t: Trainer) -> str:
         lrs, cfg = base_lrs(t.opt), t.cfg
         return (
-            f"model: {t.model.num_params():,} parameters, from {cfg.init} | data: {len(self.train_examples)} conversations "
-            f"({len(self.val_examples)} held out), loss on the assistant's tokens | batch {'full' if t.full_batch else t.batch} conversations "
+            f"model: {t.model.num_params():,} parameters, from {cfg.init} | data: {len(self.train_examples)} "
+            "conversations "
+            f"({len(self.val_examples)} held out), loss on the assistant's tokens | batch "
+            f"{'full' if t.full_batch else t.batch} conversations "
             f"({t.accum} x {t.micro}) | {cfg.optimizer}, lr {lrs['lr']:g}, {cfg.schedule} | device {t.device}"
         )
 
@@ -233,20 +277,32 @@ class FineTuner(Trainer):
     (the trainer's TextData), with all, some or low-rank parameters (Full, Freeze, Lora). Construct it like
     Trainer, then build() it (run() builds it too)."""
 
-    def __init__(self, base: str, ft: FinetuneConfig, cfg: TrainConfig, dropout: float = 0.0, log=None, given: Iterable[str] | None = None):
+    def __init__(
+        self,
+        base: str,
+        ft: FinetuneConfig,
+        cfg: TrainConfig,
+        dropout: float = 0.0,
+        log=None,
+        given: Iterable[str] | None = None,
+    ):
         given_ft = given_fields(ft, given)
         if cfg.resume:
             ft = self._saved_finetune(cfg.out, ft, given_ft)
         ft.validate(given_ft)
         if base:
-            cfg = dataclasses.replace(cfg, init=base)  # the Trainer starts a new run from it: its model, tokenizer, weights
+            # the Trainer starts a new run from it: its model, tokenizer, weights
+            cfg = dataclasses.replace(cfg, init=base)
             given = None if given is None else {*given, "init"}
         elif not cfg.resume:
             raise ConfigError("say which run to fine-tune: gradlm finetune BASE_RUN --data FILE --out RUN")
         if ft.method == "freeze" and not cfg.resume:  # before any work: the base's depth is in its config
             n = RunDir(cfg.init).model_config().n_layer
             if ft.train_top > n:
-                raise ConfigError(f"--train-top {ft.train_top}: the model has {n} blocks; train between 0 (the head only) and {n} of them")
+                raise ConfigError(
+                    f"--train-top {ft.train_top}: the model has {n} blocks; train between 0 (the head only) and {n} "
+                    "of them"
+                )
         super().__init__(ModelConfig(dropout=dropout), cfg, log=log, given=given)
         self.ft, self.method = ft, STRATEGIES[ft.method](ft)
         self.command = "finetune"
@@ -258,30 +314,40 @@ class FineTuner(Trainer):
         self.config_extra["finetune"] = {"base_run": str(self.cfg.init), **asdict(self.ft)}
         m, opt_name = self.model, self.cfg.optimizer
         self.report = {
-            "finetune_method": self.ft.method, "trainable_params": count_params(m, trainable=True), "full_finetune_params": self.full_params,
-            "optimizer_state_bytes": 4 * state_floats(m, opt_name), "full_finetune_optimizer_state_bytes": self.full_state_bytes,
+            "finetune_method": self.ft.method,
+            "trainable_params": count_params(m, trainable=True),
+            "full_finetune_params": self.full_params,
+            "optimizer_state_bytes": 4 * state_floats(m, opt_name),
+            "full_finetune_optimizer_state_bytes": self.full_state_bytes,
         }
         return self
 
     @staticmethod
-    def _saved_finetune(out: str, asked: FinetuneConfig, given: set[str])  -> FinetuneConfig:
+    def _saved_finetune(out: str, asked: FinetuneConfig, given: set[str]) -> FinetuneConfig:
         """The run's own fine-tuning settings; a given one that differs cannot apply to it."""
         saved = RunDir(out).read_config().get("finetune")
         if not isinstance(saved, dict):
-            raise RunDirError(f"{out} was not made by `gradlm finetune`; continue it with `gradlm train --out {out} --resume`")
-        if "freeze_layers" in saved:  # runs made before the flag was renamed (its old name said the opposite of what it did)
+            raise RunDirError(
+                f"{out} was not made by `gradlm finetune`; continue it with `gradlm train --out {out} --resume`"
+            )
+        # runs made before the flag was renamed (its old name said the opposite of what it did)
+        if "freeze_layers" in saved:
             saved = {"train_top": saved["freeze_layers"], **saved}
         ft = FinetuneConfig(**{f.name: saved[f.name] for f in fields(FinetuneConfig) if f.name in saved})
         for name in sorted(given):
             if getattr(asked, name) != getattr(ft, name):
-                raise ConfigError(f"{flag(name)} {getattr(asked, name)} cannot change on --resume (the run was fine-tuned with {getattr(ft, name)!r}); drop it, or fine-tune a new run")
+                raise ConfigError(
+                    f"{flag(name)} {getattr(asked, name)} cannot change on --resume (the run was fine-tuned with "
+                    f"{getattr(ft, name)!r}); drop it, or fine-tune a new run"
+                )
         return ft
 
     def load_data(self, model_cfg: ModelConfig):
         """Conversations (a chat .jsonl) in the base run's tokenizer, or text as pretraining reads it."""
         if not is_chat_file(self.cfg.data):
             return super().load_data(model_cfg)
-        return ChatData(self.cfg, self.init_tok, model_cfg.block_size, self.log)  # on resume, the run's own copy of the base's tokenizer
+        # on resume, the run's own copy of the base's tokenizer
+        return ChatData(self.cfg, self.init_tok, model_cfg.block_size, self.log)
 
     def adapt_model(self) -> None:
         m = self.model
@@ -312,17 +378,26 @@ class FineTuner(Trainer):
         r, cfg = self.report, self.cfg
         return (
             f"{super().describe()}\n"
-            f"fine-tuning: {self.method.describe()}: {r['trainable_params']:,} trainable parameters of {r['full_finetune_params']:,} "
-            f"({r['trainable_params'] / r['full_finetune_params']:.1%}); {cfg.optimizer} state {_mb(r['optimizer_state_bytes'])} "
+            f"fine-tuning: {self.method.describe()}: {r['trainable_params']:,} trainable parameters of "
+            f"{r['full_finetune_params']:,} "
+            f"({r['trainable_params'] / r['full_finetune_params']:.1%}); {cfg.optimizer} state "
+            f"{_mb(r['optimizer_state_bytes'])} "
             f"vs {_mb(r['full_finetune_optimizer_state_bytes'])} for full fine-tuning"
         )
 
 
-def finetune(base: str, cfg: TrainConfig, ft: FinetuneConfig | None = None, dropout: float = 0.0, given: Iterable[str] | None = None) -> dict:
+def finetune(
+    base: str,
+    cfg: TrainConfig,
+    ft: FinetuneConfig | None = None,
+    dropout: float = 0.0,
+    given: Iterable[str] | None = None,
+) -> dict:
     """Fine-tune the run `base` on cfg.data into cfg.out; returns the training summary (with trainable
     parameters and optimizer memory against full fine-tuning). base may be "" with cfg.resume.
 
-        >>> finetune("runs/base", TrainConfig(data="qa.jsonl", out="runs/qa", max_epochs=3), FinetuneConfig(method="lora"))  # doctest: +SKIP
+        >>> cfg = TrainConfig(data="qa.jsonl", out="runs/qa", max_epochs=3)
+        >>> finetune("runs/base", cfg, FinetuneConfig(method="lora"))  # doctest: +SKIP
     """
     return run(FineTuner(base, ft or FinetuneConfig(), cfg, dropout=dropout, given=given))
 
@@ -340,8 +415,14 @@ def merge(run_dir: str | os.PathLike, out_dir: str | os.PathLike, best: bool = F
     model, tok = src.load_model(best, device)
     path = src.checkpoint_path(best)
     adapter = src.read_adapter_config()
-    merged_from = {"run": str(src.path.resolve()), "adapter": path.name, "base_run": str((src.path / adapter["base_run"]).resolve())}
-    config = config_dict(model.cfg, cfg.get("train", {}), cfg.get("data", {}), finetune=cfg.get("finetune"), merged_from=merged_from)
+    merged_from = {
+        "run": str(src.path.resolve()),
+        "adapter": path.name,
+        "base_run": str((src.path / adapter["base_run"]).resolve()),
+    }
+    config = config_dict(
+        model.cfg, cfg.get("train", {}), cfg.get("data", {}), finetune=cfg.get("finetune"), merged_from=merged_from
+    )
     weights = {k: v.float().cpu() for k, v in model.state_dict().items()}
     RunDir.create(out, config, tok, weights, weights_step(path), chat_template=src.has_chat_template())
     return {"run": str(out), "params": model.num_params(), "from": str(path)}

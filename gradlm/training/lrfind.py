@@ -33,8 +33,16 @@ from gradlm.training.trackers import Trackers, parse_loggers
 from gradlm.training.trainer import Trainer
 
 
-def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, end_lr: float = 10.0, steps: int = 100, png: str | os.PathLike | None = None, log=print,
-            out: str | os.PathLike | None = None) -> dict:
+def lr_find(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    start_lr: float = 1e-6,
+    end_lr: float = 10.0,
+    steps: int = 100,
+    png: str | os.PathLike | None = None,
+    log=print,
+    out: str | os.PathLike | None = None,
+) -> dict:
     """Learning-rate range test. Returns {"suggested_lr", "reason", "lrs", "losses", ...}; with png, draws
     the loss against the learning rate there. Shows a progress bar on a terminal (cfg.progress), a log line
     every tenth of the sweep otherwise.
@@ -46,30 +54,26 @@ def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, en
     The suggestion is the learning rate where the smoothed loss falls fastest per decade of learning
     rate: large enough to make quick progress, well below the point where the loss turns back up.
     """
-    if not 0 < start_lr < end_lr:
-        raise ConfigError(f"the range test needs 0 < --start-lr < --end-lr, got {start_lr} and {end_lr}")
-    if steps < 10:
-        raise ConfigError(f"--steps must be at least 10 for a usable curve, got {steps}")
-    if png:
-        ckpt.check_output(png, "--png")  # before the sweep, not after it
+    _check_range(start_lr, end_lr, steps, png)
     loggers = parse_loggers(cfg.logger)
     check_logged_out(cfg, out)
     record, trackers = None, None
     if out:
-        out = ckpt.check_output(out, "--out", is_dir=True)
-        if (out / LR_FIND_RESULT).exists() or (out / LR_FIND_ROWS).exists():
-            raise ConfigError(f"{out} already holds a learning-rate sweep; choose another --out")
-        made = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
-        record = Metrics(out / LR_FIND_ROWS)
+        out, made, record = _start_record(out)
     try:
         if loggers:  # every row of lr_find.jsonl (step, lr, loss, smoothed) also goes to the trackers
-            settings = {"lr_find": {"start_lr": start_lr, "end_lr": end_lr, "steps": steps}, "model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)}
+            settings = {
+                "lr_find": {"start_lr": start_lr, "end_lr": end_lr, "steps": steps},
+                "model": dataclasses.asdict(model_cfg),
+                "train": dataclasses.asdict(cfg),
+            }
             trackers = Trackers(loggers, out, settings, log=log)
             record.listener = trackers.metrics_row
         result = _sweep(model_cfg, cfg, start_lr, end_lr, steps, log, record)
         if png:
-            result["png"] = str(plots.plot_lr_find(result["lrs"], result["losses"], result["smoothed"], result["suggested_lr"], png))
+            result["png"] = str(
+                plots.plot_lr_find(result["lrs"], result["losses"], result["smoothed"], result["suggested_lr"], png)
+            )
         if out:
             ckpt.atomic_write_json(out / LR_FIND_RESULT, result)
         if trackers is not None:
@@ -89,14 +93,37 @@ def lr_find(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float = 1e-6, en
 LR_FIND_ROWS, LR_FIND_RESULT = layout.LR_FIND_ROWS, layout.LR_FIND_RESULT
 
 
+def _check_range(start_lr: float, end_lr: float, steps: int, png) -> None:
+    """ConfigError for a range or a step count that cannot give a usable curve, or a --png that cannot be written."""
+    if not 0 < start_lr < end_lr:
+        raise ConfigError(f"the range test needs 0 < --start-lr < --end-lr, got {start_lr} and {end_lr}")
+    if steps < 10:
+        raise ConfigError(f"--steps must be at least 10 for a usable curve, got {steps}")
+    if png:
+        ckpt.check_output(png, "--png")  # before the sweep, not after it
+
+
+def _start_record(out: str | os.PathLike) -> tuple[Path, bool, Metrics]:
+    """The --out folder (made here if it was not there: whether it was), with the sweep's lr_find.jsonl in it."""
+    out = ckpt.check_output(out, "--out", is_dir=True)
+    if (out / LR_FIND_RESULT).exists() or (out / LR_FIND_ROWS).exists():
+        raise ConfigError(f"{out} already holds a learning-rate sweep; choose another --out")
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    return out, made, Metrics(out / LR_FIND_ROWS)
+
+
 def check_logged_out(cfg: TrainConfig, out) -> None:
     """--logger records a sweep in its --out folder (TensorBoard's files, the trackers' ids): one must be given."""
     if cfg.logger and not out:
-        raise ConfigError(f"--logger {cfg.logger} records the sweep in its --out folder (TensorBoard's files, the trackers' ids): add --out DIR")
+        raise ConfigError(
+            f"--logger {cfg.logger} records the sweep in its --out folder (TensorBoard's files, the trackers' ids): "
+            "add --out DIR"
+        )
 
 
 def _sweep(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float, end_lr: float, steps: int, log, record) -> dict:
-    """The sweep itself and its reading (see lr_find)."""
+    """The sweep itself (see lr_find), and the suggestion _read_curve reads off it."""
     cfg = copy.deepcopy(cfg)
     cfg.lr = cfg.lr or 1.0
     cfg.size = "fixed"  # the range test is for the model the flags describe
@@ -106,7 +133,13 @@ def _sweep(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float, end_lr: fl
         t.model.train()
         lrs, losses, smoothed = [], [], []
         best = float("inf")
-        bar = tqdm(total=steps, desc="lr-find", disable=not (cfg.progress and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
+        bar = tqdm(
+            total=steps,
+            desc="lr-find",
+            disable=not (cfg.progress and sys.stderr.isatty()),
+            dynamic_ncols=True,
+            leave=False,
+        )
         for i in range(steps):
             lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
             set_lr(t.opt, lr / cfg.lr)
@@ -130,6 +163,11 @@ def _sweep(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float, end_lr: fl
         bar.close()
     if len(lrs) < 5:
         raise GradlmError(f"the loss diverged within {len(lrs)} steps from lr {start_lr:g}; lower --start-lr")
+    return {**_read_curve(lrs, losses), "optimizer": cfg.optimizer}
+
+
+def _read_curve(lrs: list[float], losses: list[float]) -> dict:
+    """The suggestion read off a sweep's losses (see lr_find), with the curve it was read from."""
     # Analyse a centred moving average: the online EMA lags ~10 steps, which on an exponential sweep
     # would shift every reading towards larger learning rates.
     k = max(1, len(losses) // 25)
@@ -144,8 +182,17 @@ def _sweep(model_cfg: ModelConfig, cfg: TrainConfig, start_lr: float, end_lr: fl
     steepest = lo + int(window.argmin())
     suggested = float(lrs[steepest])
     reason = (
-        f"the loss falls fastest at lr {suggested:.2g} ({slope[steepest]:.2f} nats per decade), is lowest at lr {lrs[lowest]:.2g} "
+        f"the loss falls fastest at lr {suggested:.2g} ({slope[steepest]:.2f} nats per decade), is lowest at lr "
+        f"{lrs[lowest]:.2g} "
         f"and {'turns up after it' if lowest < len(lrs) - 1 else 'was still falling at the end of the range'}: "
-        f"start at the fastest-falling point; learning rates near {lrs[lowest]:.2g} are already too large for a whole run"
+        f"start at the fastest-falling point; learning rates near {lrs[lowest]:.2g} are already too large for a whole "
+        "run"
     )
-    return {"suggested_lr": suggested, "min_loss_lr": float(lrs[lowest]), "reason": reason, "lrs": lrs, "losses": losses, "smoothed": smoothed, "optimizer": cfg.optimizer}
+    return {
+        "suggested_lr": suggested,
+        "min_loss_lr": float(lrs[lowest]),
+        "reason": reason,
+        "lrs": lrs,
+        "losses": losses,
+        "smoothed": smoothed,
+    }

@@ -41,7 +41,9 @@ def gap_widening(gaps: list[float], evals: int = 3, min_gap: float = 0.05) -> bo
     return len(recent) == evals + 1 and all(b > a + 1e-3 for a, b in zip(recent, recent[1:])) and recent[-1] > min_gap
 
 
-def fit_warning(history: list[tuple[float, float, int]], evals: int = 3, min_delta: float = 1e-3) -> tuple[str, str] | None:
+def fit_warning(
+    history: list[tuple[float, float, int]], evals: int = 3, min_delta: float = 1e-3
+) -> tuple[str, str] | None:
     """What the evaluations so far say about variance, as (event kind, message), or None; only at the evaluation
     where it starts to hold, so a run is told once per streak. history: (validation loss, training loss, step) of
     each evaluation.
@@ -57,10 +59,11 @@ def fit_warning(history: list[tuple[float, float, int]], evals: int = 3, min_del
         if len(h) < evals + 1:
             return None
         val, train = [e[0] for e in h], [e[1] for e in h]
-        best_before = min(val[: -evals])
+        best_before = min(val[:-evals])
         if min(val[-evals:]) > best_before - min_delta and train[-1] < train[-evals - 1] - min_delta:
             return "overfitting"
-        if gap_widening([v - tr for v, tr in zip(val, train)], evals) and val[-1] < min(val[:-1]) - min_delta:  # a new best, now
+        # a new best, now
+        if gap_widening([v - tr for v, tr in zip(val, train)], evals) and val[-1] < min(val[:-1]) - min_delta:
             return "variance"
         return None
 
@@ -70,12 +73,21 @@ def fit_warning(history: list[tuple[float, float, int]], evals: int = 3, min_del
     (v0, t0, at), (v1, t1, _) = history[-evals - 1], history[-1]
     if kind == "overfitting":
         best_val, _, best_step = min(history[:-evals], key=lambda e: e[0])  # the first best
-        return kind, (f"warning: overfitting: validation loss has not improved for {evals} evaluations (best {best_val:.3f} at step "
-                      f"{best_step}, now {v1:.3f}) while training loss fell {t0:.3f} -> {t1:.3f} since step {at}: from here more steps "
-                      "make the model worse on new text; stop (best.safetensors keeps the best), or add --dropout, --weight-decay or data")
-    return kind, (f"note: variance is growing: the train/validation gap widened for {evals} evaluations ({v0 - t0:.3f} -> {v1 - t1:.3f} "
-                  f"since step {at}) while validation still improves ({v0:.3f} -> {v1:.3f}): keep going; --dropout or --weight-decay "
-                  "may let validation improve further")
+        return kind, (
+            f"warning: overfitting: validation loss has not improved for {evals} evaluations (best {best_val:.3f} at "
+            "step "
+            f"{best_step}, now {v1:.3f}) while training loss fell {t0:.3f} -> {t1:.3f} since step {at}: from here "
+            "more steps "
+            "make the model worse on new text; stop (best.safetensors keeps the best), or add --dropout, "
+            "--weight-decay or data"
+        )
+    return kind, (
+        f"note: variance is growing: the train/validation gap widened for {evals} evaluations ({v0 - t0:.3f} -> "
+        f"{v1 - t1:.3f} "
+        f"since step {at}) while validation still improves ({v0:.3f} -> {v1:.3f}): keep going; --dropout or "
+        "--weight-decay "
+        "may let validation improve further"
+    )
 
 
 class DivergenceGuard:
@@ -107,10 +119,17 @@ class DivergenceGuard:
         t.restore(self.good)
         if t.guard_used >= t.cfg.guard_retries:
             t.save()
-            t.event("stopped", f"stopped: diverged at step {bad_step} and the guard gave up after {t.guard_used} restarts", log=False, reason="diverged")
+            t.event(
+                "stopped",
+                f"stopped: diverged at step {bad_step} and the guard gave up after {t.guard_used} restarts",
+                log=False,
+                reason="diverged",
+            )
             raise Diverged(
-                f"training diverged at step {bad_step} (loss {loss:.4g}, gradient norm {grad_norm:.4g}) and the guard gave up "
-                f"after {t.guard_used} restarts with a halved learning rate; the last good state (step {t.step}) is saved in {t.out}. "
+                f"training diverged at step {bad_step} (loss {loss:.4g}, gradient norm {grad_norm:.4g}) and the guard "
+                "gave up "
+                f"after {t.guard_used} restarts with a halved learning rate; the last good state (step {t.step}) is "
+                f"saved in {t.out}. "
                 f"Try --lr {base_lrs(t.opt)['lr'] / 2:.2g} or lower (see `gradlm lr-find`)"
             )
         t.state.restarted()
@@ -118,8 +137,15 @@ class DivergenceGuard:
         self.good = t.snapshot()
         self.ema = None
         new = base_lrs(t.opt)
-        t.event("diverged", f"divergence guard: step {bad_step} loss {loss:.4g} (grad norm {grad_norm:.4g}); restored step {t.step}, lr halved to {new['lr']:.3g} ({t.guard_used}/{t.cfg.guard_retries})",
-                at_step=bad_step, at_tokens=bad_tokens, loss=loss if math.isfinite(loss) else None, new_lr=new["lr"])
+        t.event(
+            "diverged",
+            f"divergence guard: step {bad_step} loss {loss:.4g} (grad norm {grad_norm:.4g}); restored step {t.step}, "
+            f"lr halved to {new['lr']:.3g} ({t.guard_used}/{t.cfg.guard_retries})",
+            at_step=bad_step,
+            at_tokens=bad_tokens,
+            loss=loss if math.isfinite(loss) else None,
+            new_lr=new["lr"],
+        )
         return False
 
 
@@ -138,7 +164,11 @@ def evaluate_and_checkpoint(t, show: TrainLog) -> bool:
     if improved and t.dd.main:
         t.run.mark_best()
     if cfg.patience and t.bad_evals >= cfg.patience:
-        t.event("converged", f"converged: validation loss has not improved by {cfg.min_delta} for {cfg.patience} evaluations (best {t.best_val:.4f}); best weights in {t.run.checkpoint_path(best=True)}")
+        t.event(
+            "converged",
+            f"converged: validation loss has not improved by {cfg.min_delta} for {cfg.patience} evaluations (best "
+            f"{t.best_val:.4f}); best weights in {t.run.checkpoint_path(best=True)}",
+        )
         return True
     return False
 
@@ -156,7 +186,7 @@ def write_sample(t) -> None:
     run with samples resumes bit for bit as one without."""
     if not (t.cfg.sample_tokens and t.dd.main):
         return
-    prompt = t.sample_prompt_ids()[-(t.block - 1):]  # the newest tokens if the prompt fills the window
+    prompt = t.sample_prompt_ids()[-(t.block - 1) :]  # the newest tokens if the prompt fills the window
     n = min(t.cfg.sample_tokens, t.block - len(prompt))
     model, gen = t.model, torch.Generator(device=t.device).manual_seed(t.cfg.seed)
     was_training = model.training
@@ -177,7 +207,10 @@ class TrainLog:
         self.t = t
         cfg = t.cfg
         self.bar = tqdm(
-            total=100.0, initial=round(100 * t.budget.progress(), 2), disable=not (cfg.progress and sys.stderr.isatty() and t.dd.main), dynamic_ncols=True,
+            total=100.0,
+            initial=round(100 * t.budget.progress(), 2),
+            disable=not (cfg.progress and sys.stderr.isatty() and t.dd.main),
+            dynamic_ncols=True,
             bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]",
         )
         self.t_last, self.tokens_since = t.budget.train_time, 0
@@ -190,19 +223,39 @@ class TrainLog:
             tps = self.tokens_since / max(budget.train_time - self.t_last, 1e-9)  # evaluations excluded
             self.t_last, self.tokens_since = budget.train_time, 0
             eta = budget.eta()
-            t.metrics.write(**t.stamp(), epoch=round(t.epochs_done(), 4), **lrs, loss=loss, grad_norm=grad_norm, tokens_per_s=round(tps, 1),
-                            progress=round(min(budget.progress(), 1.0), 4), eta_s=round(eta, 1) if math.isfinite(eta) else None)
+            t.metrics.write(
+                **t.stamp(),
+                epoch=round(t.epochs_done(), 4),
+                **lrs,
+                loss=loss,
+                grad_norm=grad_norm,
+                tokens_per_s=round(tps, 1),
+                progress=round(min(budget.progress(), 1.0), 4),
+                eta_s=round(eta, 1) if math.isfinite(eta) else None,
+            )
             lr_text = " | ".join(f"{k.replace('_', ' ')} {v:.2e}" for k, v in lrs.items())
             if self.bar.disable and cfg.progress:
-                t.log(f"step {t.step:>6} | loss {loss:.4f} | {lr_text} | grad norm {grad_norm:.3f} | {tps:,.0f} tok/s | {budget.elapsed:.0f}s, eta {eta:.0f}s")
-            self.bar.set_postfix(step=t.step, loss=f"{loss:.3f}", lr=f"{lrs['lr']:.1e}", tok_s=f"{tps:,.0f}", val=f"{self.last_eval.get('val_loss', float('nan')):.3f}")
+                t.log(
+                    f"step {t.step:>6} | loss {loss:.4f} | {lr_text} | grad norm {grad_norm:.3f} | {tps:,.0f} tok/s | "
+                    f"{budget.elapsed:.0f}s, eta {eta:.0f}s"
+                )
+            self.bar.set_postfix(
+                step=t.step,
+                loss=f"{loss:.3f}",
+                lr=f"{lrs['lr']:.1e}",
+                tok_s=f"{tps:,.0f}",
+                val=f"{self.last_eval.get('val_loss', float('nan')):.3f}",
+            )
         self.bar.update(min(100.0, 100 * budget.progress()) - self.bar.n)
 
     def evaluation(self, ev: dict, gap: float, best: bool) -> None:
         t = self.t
         self.last_eval = ev
         t.metrics.write(**t.stamp(), epoch=round(t.epochs_done(), 4), **ev, gap=gap, best=best)
-        t.log(f"step {t.step:>6} | val loss {ev['val_loss']:.4f} | val bpb {ev['val_bpb']:.4f} | train loss {ev['train_eval_loss']:.4f}")
+        t.log(
+            f"step {t.step:>6} | val loss {ev['val_loss']:.4f} | val bpb {ev['val_bpb']:.4f} | train loss "
+            f"{ev['train_eval_loss']:.4f}"
+        )
 
     def close(self) -> None:
         self.bar.close()

@@ -31,7 +31,9 @@ SCHEDULES = ("constant", "cosine", "linear", "wsd")
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32, eps: float = 1e-7) -> torch.Tensor:
+def orthogonalize(
+    g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32, eps: float = 1e-7
+) -> torch.Tensor:
     """Approximately U V^T for g = U S V^T, by a Newton-Schulz iteration in `dtype`.
 
     g may be one matrix (m, n) or a stack (k, m, n), orthogonalised independently in one batched call.
@@ -63,7 +65,9 @@ def fast_matmul_dtype(device_type: str = "cpu") -> torch.dtype:
     """
     if device_type == "cuda":
         return torch.bfloat16
-    native = any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    native = any(
+        getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    )
     return torch.bfloat16 if native else torch.float32
 
 
@@ -74,8 +78,19 @@ class Muon(torch.optim.Optimizer):
     depend on the matrix's aspect ratio. Matrices of the same shape are orthogonalised as one batch.
     """
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, ns_steps=5, ns_dtype: torch.dtype | None = None):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps))
+    def __init__(
+        self,
+        params,
+        lr=0.02,
+        momentum=0.95,
+        nesterov=True,
+        weight_decay=0.0,
+        ns_steps=5,
+        ns_dtype: torch.dtype | None = None,
+    ):
+        super().__init__(
+            params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps)
+        )
         device = next((p.device.type for g in self.param_groups for p in g["params"]), "cpu")
         self.ns_dtype = ns_dtype or fast_matmul_dtype(device)  # None: whichever is faster here
 
@@ -197,7 +212,13 @@ def build_optimizer(
 
 
 def lr_factor(
-    progress: float, step: int, schedule: str = "cosine", warmup_steps: int = 0, min_lr_ratio: float = 0.1, decay_fraction: float = 0.2, warm_from: float = 0.0
+    progress: float,
+    step: int,
+    schedule: str = "cosine",
+    warmup_steps: int = 0,
+    min_lr_ratio: float = 0.1,
+    decay_fraction: float = 0.2,
+    warm_from: float = 0.0,
 ) -> float:
     """Multiplier on the base learning rate.
 

@@ -36,7 +36,8 @@ class Start:
 
     model_cfg: ModelConfig
     cfg: TrainConfig
-    init_tok: Tokenizer | None  # the tokenizer the run must use (--init's, or the resumed run's own); None: from the data
+    # the tokenizer the run must use (--init's, or the resumed run's own); None: from the data
+    init_tok: Tokenizer | None
     tokenizer_trained_here: bool | None  # on resume, whether the run trained its tokenizer; None: not known yet
     saved_cfg: TrainConfig | None = None  # on resume, the run's settings before this invocation
     saved_data: dict = field(default_factory=dict)  # on resume, where the run's tokens were, and their identity
@@ -58,16 +59,21 @@ def fresh_start(run: RunDir, model_cfg: ModelConfig, cfg: TrainConfig) -> Start:
     return Start(model_cfg, cfg, init_tok, None)
 
 
-def resume_start(run: RunDir, model_cfg: ModelConfig, cfg: TrainConfig, given: set[str], given_model: set[str]) -> Start:
+def resume_start(
+    run: RunDir, model_cfg: ModelConfig, cfg: TrainConfig, given: set[str], given_model: set[str]
+) -> Start:
     """The saved run's settings with the typed flags applied; a shape flag that differs is a ConfigError."""
     if not run.exists():
-        raise RunDirError(f"cannot resume: {cfg.out} is not a run directory (no config.json); drop --resume to start it")
+        raise RunDirError(
+            f"cannot resume: {cfg.out} is not a run directory (no config.json); drop --resume to start it"
+        )
     saved = run.read_config()
     saved_model = run.model_config()
     for name in sorted(given_model - {"dropout", "vocab_size"}):  # vocab_size comes from the tokenizer, not a flag
         if getattr(model_cfg, name) != getattr(saved_model, name):
             raise ConfigError(
-                f"{flag(name)} {getattr(model_cfg, name)} cannot change on --resume (the model's shape is fixed by its weights: "
+                f"{flag(name)} {getattr(model_cfg, name)} cannot change on --resume (the model's shape is fixed by "
+                "its weights: "
                 f"{name} is {getattr(saved_model, name)}); drop it, or start a new run with --init {cfg.out}"
             )
     if "dropout" in given_model:
@@ -75,13 +81,19 @@ def resume_start(run: RunDir, model_cfg: ModelConfig, cfg: TrainConfig, given: s
     saved_cfg = TrainConfig.from_dict(saved.get("train", {}))
     new = resume_settings(saved_cfg, cfg, given)
     new.validate()
-    notes = [f"{flag(name)}: {getattr(saved_cfg, name)!r} -> {getattr(new, name)!r}"
-             for name in sorted(given - set(PER_INVOCATION)) if getattr(new, name) != getattr(saved_cfg, name)]
+    notes = [
+        f"{flag(name)}: {getattr(saved_cfg, name)!r} -> {getattr(new, name)!r}"
+        for name in sorted(given - set(PER_INVOCATION))
+        if getattr(new, name) != getattr(saved_cfg, name)
+    ]
     saved_data = saved.get("data", {})
-    return Start(saved_model, new, run.load_tokenizer(), saved_data.get("tokenizer") == "trained", saved_cfg, saved_data, notes)
+    return Start(
+        saved_model, new, run.load_tokenizer(), saved_data.get("tokenizer") == "trained", saved_cfg, saved_data, notes
+    )
 
 
 # ---- the training state of a checkpoint ------------------------------------------------------------------
+
 
 @dataclass
 class TrainState:
@@ -118,13 +130,12 @@ class TrainState:
                 setattr(self, f.name, state[f.name])
 
 
-
-
 def checkpoint_state(t) -> dict:
     """What a checkpoint keeps of a Trainer besides its weights: counters, clock, optimizer, sampler, RNG."""
     state = t.state.state_dict()
     state.update(t.budget.state_dict())
-    state.update(optimizer=t.opt.state_dict(), sampler=t.sampler.state_dict(), torch_rng=t.rt.rng_state())  # CPU and CUDA generators
+    # CPU and CUDA generators
+    state.update(optimizer=t.opt.state_dict(), sampler=t.sampler.state_dict(), torch_rng=t.rt.rng_state())
     return state
 
 
@@ -166,22 +177,27 @@ def extend_budget(t) -> None:
     done = f"{t.step} steps, {t.tokens_seen:,} tokens, {budget.elapsed:.1f}s, {t.epochs_done():.2f} epochs"
     if spent and changed:
         flags = ", ".join(f"{flag(b)} {getattr(cfg, b)}" for b in changed)
-        raise ConfigError(f"{flags} is already spent: {t.out} has trained {done}; give a larger budget to train further")
+        raise ConfigError(
+            f"{flags} is already spent: {t.out} has trained {done}; give a larger budget to train further"
+        )
     if spent:
         given = ", ".join(f"{flag(b)} {getattr(cfg, b)}" for b in BUDGETS if getattr(cfg, b))
         raise ConfigError(
             f"{t.out} has finished its budget ({given}; trained {done}); to train further, give a larger budget "
-            f"(e.g. --max-steps {2 * t.step}): the learning rate warms up again to the run's peak (or to --lr) and decays over the new budget"
+            f"(e.g. --max-steps {2 * t.step}): the learning rate warms up again to the run's peak (or to --lr) and "
+            "decays over the new budget"
         )
     if changed and t.step > 0:
-        warmup = max(1, min(max(cfg.warmup_steps, 10), budget.steps_left(t.step_tokens, t.steps_per_epoch()) // 5))  # a fifth of the phase at most
+        # a fifth of the phase at most
+        warmup = max(1, min(max(cfg.warmup_steps, 10), budget.steps_left(t.step_tokens, t.steps_per_epoch()) // 5))
         budget.start_phase(warmup)
         lr, factor = base_lrs(t.opt)["lr"], budget.last_factor
         whose = "--lr" if "lr" in t.given else "the run's peak"
         flags = ", ".join(f"{flag(b)} {getattr(cfg, b)}" for b in changed)
         rise = f"warms the learning rate up from {lr * factor:.3g} to {lr:.3g} ({whose}) over {warmup} steps"
         t.notes.append(
-            f"budget extended ({flags}): a new {cfg.schedule} phase {rise if factor < 0.999 else f'keeps the learning rate at {lr:.3g} ({whose})'}, "
+            f"budget extended ({flags}): a new {cfg.schedule} phase "
+            f"{rise if factor < 0.999 else f'keeps the learning rate at {lr:.3g} ({whose})'}, "
             f"then decays it to {lr * cfg.min_lr_ratio:.3g} over the rest of the budget"
         )
         t.pending_events.append(("budget_extended", t.notes[-1]))

@@ -46,8 +46,27 @@ PRUNERS = ("median", "hyperband", "none")
 OBJECTIVES = ("val_bpb", "val_loss")
 STUDY_FILE = "study.db"
 # Settings that say where and how a trial runs, not how it learns: never searched.
-NOT_SEARCHED = {"data", "out", "resume", "from_best", "pause_at", "init", "progress", "plots", "logger", "device", "compile",
-                "max_steps", "max_time", "max_tokens", "max_epochs", "text_field", "encoding_errors", "log_every", "sample_prompt"}
+NOT_SEARCHED = {
+    "data",
+    "out",
+    "resume",
+    "from_best",
+    "pause_at",
+    "init",
+    "progress",
+    "plots",
+    "logger",
+    "device",
+    "compile",
+    "max_steps",
+    "max_time",
+    "max_tokens",
+    "max_epochs",
+    "text_field",
+    "encoding_errors",
+    "log_every",
+    "sample_prompt",
+}
 PER_TRIAL = ("out", "resume", "from_best", "pause_at")  # left out of best_config.json: it says how to learn, not where
 
 
@@ -77,37 +96,57 @@ class Param:
             return str(value) in map(str, self.choices)
         if not self.low <= float(value) <= self.high:
             return False
-        return self.step is None or abs((float(value) - self.low) / self.step - round((float(value) - self.low) / self.step)) < 1e-9
+        return (
+            self.step is None
+            or abs((float(value) - self.low) / self.step - round((float(value) - self.low) / self.step)) < 1e-9
+        )
 
     def grid(self) -> list:
         """The values a grid search visits (lists, and stepped ranges)."""
         if self.choices is not None:
             return list(self.choices)
         if self.step is None:
-            raise ConfigError(f"--search-sampler grid visits listed values: {self.name}={self.low}..{self.high} is a continuous range; "
-                              f"give values ({self.name}=a,b,c) or a step ({self.name}={self.low}..{self.high}:STEP)")
+            raise ConfigError(
+                f"--search-sampler grid visits listed values: {self.name}={self.low}..{self.high} is a continuous "
+                "range; "
+                f"give values ({self.name}=a,b,c) or a step ({self.name}={self.low}..{self.high}:STEP)"
+            )
         n = int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
         return [self.kind(self.low + i * self.step) for i in range(n)]
 
 
 # vocab_size is both: searched, it is the tokenizer's size (the training setting), which sets the model's.
-FIELDS = {f.name: ("model", f) for f in dataclasses.fields(ModelConfig)} | {f.name: ("train", f) for f in dataclasses.fields(TrainConfig)}
+FIELDS = {f.name: ("model", f) for f in dataclasses.fields(ModelConfig)} | {
+    f.name: ("train", f) for f in dataclasses.fields(TrainConfig)
+}
 NUMERIC_STRINGS = {"batch": int}  # a string setting whose values may also be a range of numbers (--batch N | full)
 
 
 def parse_space(items: list[str]) -> list[Param]:
     """--search NAME=SPEC ... -> the space. SPEC: a,b,c (a list) | lo..hi (a range) | lo..hi:log | lo..hi:STEP."""
     if not items:
-        raise ConfigError("give the search space: --search NAME=SPEC ..., e.g. --search lr=1e-4..3e-2:log batch=8,16,32 optimizer=adamw,muon")
+        raise ConfigError(
+            "give the search space: --search NAME=SPEC ..., e.g. --search lr=1e-4..3e-2:log batch=8,16,32 "
+            "optimizer=adamw,muon"
+        )
     space: dict[str, Param] = {}
     for item in items:
         name, eq, spec = item.partition("=")
         key = name.strip().lstrip("-").replace("-", "_")
         if not eq or not spec.strip():
-            raise ConfigError(f"--search {item!r}: write NAME=SPEC, e.g. lr=1e-4..3e-2:log, batch=8,16,32 or d-model=128..384:64")
+            raise ConfigError(
+                f"--search {item!r}: write NAME=SPEC, e.g. lr=1e-4..3e-2:log, batch=8,16,32 or d-model=128..384:64"
+            )
         if key not in FIELDS or key in NOT_SEARCHED:
-            near = " (it says where or how long a trial runs, the same for every trial: pass it as a flag)" if key in NOT_SEARCHED else ""
-            raise ConfigError(f"--search {name}: not a training or model setting that can be searched{near}; the settings are `gradlm train`'s flags")
+            near = (
+                " (it says where or how long a trial runs, the same for every trial: pass it as a flag)"
+                if key in NOT_SEARCHED
+                else ""
+            )
+            raise ConfigError(
+                f"--search {name}: not a training or model setting that can be searched{near}; the settings are "
+                "`gradlm train`'s flags"
+            )
         if key in space:
             raise ConfigError(f"--search {name} is given twice")
         section, f = FIELDS[key]
@@ -133,14 +172,19 @@ def _param(key: str, section: str, f: dataclasses.Field, spec: str) -> Param:
     lo_text, _, hi_text = rng.partition("..")
     low, high = (_typed(flag, v.strip(), float) for v in (lo_text, hi_text))
     if number is int and not (float(low).is_integer() and float(high).is_integer()):
-        raise ConfigError(f"--search {flag}={spec}: {flag} is a whole number; give a range of whole numbers, e.g. {flag}=8..64")
+        raise ConfigError(
+            f"--search {flag}={spec}: {flag} is a whole number; give a range of whole numbers, e.g. {flag}=8..64"
+        )
     if not low < high:
         raise ConfigError(f"--search {flag}={spec}: the range is empty (its low end must be below its high end)")
     log, step = False, None
     if option == "log":
         log = True
         if low <= 0:
-            raise ConfigError(f"--search {flag}={spec}: a log range must be above 0 (log of {low:g} is undefined); start it at a small positive value")
+            raise ConfigError(
+                f"--search {flag}={spec}: a log range must be above 0 (log of {low:g} is undefined); start it at a "
+                "small positive value"
+            )
     elif option:
         step = _typed(flag, option, float)
         if not step > 0 or step > high - low:
@@ -166,11 +210,19 @@ def _typed(flag: str, text: str, kind: type):
         raise ConfigError(f"--search {flag}: {text!r} is not a {kind.__name__}") from None
 
 
-def trial_configs(model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], values: dict, out: Path) -> tuple[ModelConfig, TrainConfig]:
+def trial_configs(
+    model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], values: dict, out: Path
+) -> tuple[ModelConfig, TrainConfig]:
     """The configurations of one trial: the fixed flags, with the searched values put in."""
-    train = {p.name: (str(values[p.name]) if p.name in NUMERIC_STRINGS else values[p.name]) for p in space if p.section == "train"}
+    train = {
+        p.name: (str(values[p.name]) if p.name in NUMERIC_STRINGS else values[p.name])
+        for p in space
+        if p.section == "train"
+    }
     model = {p.name: values[p.name] for p in space if p.section == "model"}
-    return dataclasses.replace(model_cfg, **model), dataclasses.replace(cfg, **train, out=str(out), progress=False, resume=False)
+    return dataclasses.replace(model_cfg, **model), dataclasses.replace(
+        cfg, **train, out=str(out), progress=False, resume=False
+    )
 
 
 def check_space(model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param]) -> None:
@@ -196,7 +248,8 @@ def open_study(storage: str, name: str, sampler: str, pruner: str, space: list[P
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat: experimental since Optuna 2.9
+    # the heartbeat: experimental since Optuna 2.9
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     if sampler == "grid":
         s = optuna.samplers.GridSampler({p.name: p.grid() for p in space}, seed=seed)
     elif sampler == "random":
@@ -204,26 +257,36 @@ def open_study(storage: str, name: str, sampler: str, pruner: str, space: list[P
     else:
         s = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(8, max(3, len(space) + 1)))
     # Trials report at the share of the budget spent (percent), so runs with different steps per second compare.
-    p = {"median": optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=30),
-         "hyperband": optuna.pruners.HyperbandPruner(min_resource=10, max_resource=100, reduction_factor=3),
-         "none": optuna.pruners.NopPruner()}[pruner]
+    p = {
+        "median": optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=30),
+        "hyperband": optuna.pruners.HyperbandPruner(min_resource=10, max_resource=100, reduction_factor=3),
+        "none": optuna.pruners.NopPruner(),
+    }[pruner]
     for attempt in range(3):  # two workers starting together race to create the storage's tables: the loser tries again
         try:
             with _creating(storage):
                 if storage.startswith(("sqlite:", "postgresql", "mysql", "oracle", "mssql")):
                     # a heartbeat lets any worker mark the trial of a worker that died as failed
-                    store = optuna.storages.RDBStorage(storage, heartbeat_interval=15, grace_period=60,
-                                                       engine_kwargs={"connect_args": {"timeout": 60}} if storage.startswith("sqlite:") else {})
+                    store = optuna.storages.RDBStorage(
+                        storage,
+                        heartbeat_interval=15,
+                        grace_period=60,
+                        engine_kwargs={"connect_args": {"timeout": 60}} if storage.startswith("sqlite:") else {},
+                    )
                 else:
                     store = storage
-                return optuna.create_study(study_name=name, storage=store, sampler=s, pruner=p, direction="minimize", load_if_exists=True)
+                return optuna.create_study(
+                    study_name=name, storage=store, sampler=s, pruner=p, direction="minimize", load_if_exists=True
+                )
         except Exception as e:
             if attempt < 2 and any(race in str(e) for race in ("already exists", "UNIQUE constraint", "duplicate key")):
                 time.sleep(0.5 + random.random())
                 continue
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"--storage {storage}: cannot open it as an Optuna storage ({first}); give a URL such as "
-                              f"sqlite:///sweep.db or postgresql://user:password@host/db") from None
+            raise ConfigError(
+                f"--storage {storage}: cannot open it as an Optuna storage ({first}); give a URL such as "
+                f"sqlite:///sweep.db or postgresql://user:password@host/db"
+            ) from None
 
 
 @contextlib.contextmanager
@@ -232,7 +295,7 @@ def _creating(storage: str):
     if not storage.startswith("sqlite:///"):
         yield
         return
-    lock = Path(storage[len("sqlite:///"):] + ".lock")
+    lock = Path(storage[len("sqlite:///") :] + ".lock")
     with open(lock, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -274,12 +337,29 @@ def counted(study) -> int:
     import optuna
 
     S = optuna.trial.TrialState
-    return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state in (S.COMPLETE, S.PRUNED, S.RUNNING) or t.state == S.FAIL and t.user_attrs.get("status") in ("diverged", "error"))
+    return sum(
+        1
+        for t in study.get_trials(deepcopy=False)
+        if t.state in (S.COMPLETE, S.PRUNED, S.RUNNING)
+        or t.state == S.FAIL
+        and t.user_attrs.get("status") in ("diverged", "error")
+    )
 
 
-def sweep(model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], out: str | os.PathLike, trials: int = 20, given: set[str] | None = None,
-          sampler: str = "tpe", pruner: str = "median", storage: str = "", study_name: str = "", objective: str = "val_bpb", log=print) -> dict:
+def sweep(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    space: list[Param],
+    out: str | os.PathLike,
+    trials: int = 20,
+    given: set[str] | None = None,
+    sampler: str = "tpe",
+    pruner: str = "median",
+    storage: str = "",
+    study_name: str = "",
+    objective: str = "val_bpb",
+    log=print,
+) -> dict:
     """Search space for the trials' best objective; returns {"best": ..., "trials": [...], "plots": [...]}.
     given: the settings the caller typed, fixed in every trial (--size auto chooses the rest); None, as for train():
     the settings that differ from their defaults. Trial 0 is the default: the values `gradlm train` with the same
@@ -291,7 +371,8 @@ def sweep(model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], out: str
     cfg.validate()
     model_cfg.validate()
     check_space(model_cfg, cfg, space)
-    target = min(trials, math.prod(len(p.grid()) for p in space)) if sampler == "grid" else trials  # a range without a step fails here
+    # a range without a step fails here
+    target = min(trials, math.prod(len(p.grid()) for p in space)) if sampler == "grid" else trials
     study, storage = _open_in(out, storage, study_name, sampler, pruner, space, cfg.seed)
     dead = fail_dead_trials(study)
     if dead:
@@ -318,10 +399,14 @@ def _check_sweep(cfg: TrainConfig, trials: int, sampler: str, pruner: str, objec
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
     if not (cfg.max_steps or cfg.max_tokens or cfg.max_time or cfg.max_epochs):
-        raise ConfigError("give every trial one budget: --max-time (e.g. 30s), --max-steps, --max-tokens or --max-epochs")
+        raise ConfigError(
+            "give every trial one budget: --max-time (e.g. 30s), --max-steps, --max-tokens or --max-epochs"
+        )
 
 
-def _open_in(out: Path, storage: str, study_name: str, sampler: str, pruner: str, space: list[Param], seed: int) -> tuple:
+def _open_in(
+    out: Path, storage: str, study_name: str, sampler: str, pruner: str, space: list[Param], seed: int
+) -> tuple:
     """(study, storage URL): the study of --storage, or by default of a SQLite file in out. A folder made here
     for a study that then fails to open is removed again."""
     default, made = not storage, not out.exists()
@@ -340,17 +425,28 @@ def _open_in(out: Path, storage: str, study_name: str, sampler: str, pruner: str
     return study, storage
 
 
-def _enqueue_default(study, model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], given: set[str], out: Path, log) -> None:
+def _enqueue_default(
+    study, model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], given: set[str], out: Path, log
+) -> None:
     """Trial 0: the values `gradlm train` with the same flags would use, when they lie in the space."""
     values = default_values(model_cfg, cfg, space, set(given), out)
     if values is not None and all(p.contains(values[p.name]) for p in space):
         study.enqueue_trial(values, user_attrs={"default": True})
-        log("trial 0 is the default, what `gradlm train` with these flags would use: " + ", ".join(f"{k}={_show(v)}" for k, v in values.items()))
+        log(
+            "trial 0 is the default, what `gradlm train` with these flags would use: "
+            + ", ".join(f"{k}={_show(v)}" for k, v in values.items())
+        )
     elif values is not None:
-        log("the default (" + ", ".join(f"{k}={_show(v)}" for k, v in values.items()) + ") lies outside the space: it is not one of the trials")
+        log(
+            "the default ("
+            + ", ".join(f"{k}={_show(v)}" for k, v in values.items())
+            + ") lies outside the space: it is not one of the trials"
+        )
 
 
-def _objective(model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], out: Path, objective: str, given: set[str], log):
+def _objective(
+    model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], out: Path, objective: str, given: set[str], log
+):
     """Optuna's objective: train one trial in out/trial-NNNN and return its objective; it reports the objective
     at each evaluation (at the percent of the budget spent) so the pruner can stop it early."""
     import optuna
@@ -376,9 +472,11 @@ def _objective(model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], out
 
         try:
             s = train(m, t, given=given, on_eval=on_eval)
-        except Interrupted:  # Ctrl-C: the trial is failed (and tried again by the next run of the sweep), the sweep stops
+        # Ctrl-C: the trial is failed (and tried again by the next run of the sweep), the sweep stops
+        except Interrupted:
             raise
-        except GradlmError as e:  # the trial's own settings failed it (a divergence, a shape that cannot train): it counts
+        # the trial's own settings failed it (a divergence, a shape that cannot train): it counts
+        except GradlmError as e:
             trial.set_user_attr("status", "diverged" if isinstance(e, Diverged) else "error")
             trial.set_user_attr("error", str(e))
             log(f"trial {trial.number}: {e}")
@@ -403,14 +501,21 @@ class TrialFailed(Exception):
     """A trial that its own settings failed: Optuna records it as failed and the sweep goes on."""
 
 
-def default_values(model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], given: set[str], out: Path) -> dict | None:
+def default_values(
+    model_cfg: ModelConfig, cfg: TrainConfig, space: list[Param], given: set[str], out: Path
+) -> dict | None:
     """The value of each searched setting that `gradlm train` with the same flags would use: --size auto's choice
     (measured by its probe, as the trials will be) or the flag's default. Builds the run's trainer without training
     it (nothing is written but the data cache the trials share); None if it cannot be built."""
     from gradlm.training.trainer import Trainer
 
     try:
-        t = Trainer(model_cfg, dataclasses.replace(cfg, out=str(out / "default-probe"), progress=False), log=lambda m: None, given=given).build()
+        t = Trainer(
+            model_cfg,
+            dataclasses.replace(cfg, out=str(out / "default-probe"), progress=False),
+            log=lambda m: None,
+            given=given,
+        ).build()
     except GradlmError:
         return None
     try:
@@ -435,7 +540,11 @@ def _show(v) -> str:
 
 
 def budget_text(cfg: TrainConfig) -> str:
-    parts = [f"{k.replace('max_', '').replace('_', ' ')} {getattr(cfg, k)}" for k in ("max_time", "max_steps", "max_tokens", "max_epochs") if getattr(cfg, k)]
+    parts = [
+        f"{k.replace('max_', '').replace('_', ' ')} {getattr(cfg, k)}"
+        for k in ("max_time", "max_steps", "max_tokens", "max_epochs")
+        if getattr(cfg, k)
+    ]
     return "budget: " + ", ".join(parts)
 
 
@@ -450,15 +559,36 @@ def rows(study, objective: str) -> list[dict]:
     out = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
-        state = {S.COMPLETE: "ok", S.PRUNED: "pruned", S.FAIL: a.get("status", "died"), S.RUNNING: "running", S.WAITING: "waiting"}.get(t.state, str(t.state))
+        state = {
+            S.COMPLETE: "ok",
+            S.PRUNED: "pruned",
+            S.FAIL: a.get("status", "died"),
+            S.RUNNING: "running",
+            S.WAITING: "waiting",
+        }.get(t.state, str(t.state))
         note = a.get("warning") or a.get("error", "")
         if a.get("default"):
             note = "the default (gradlm train's own choice)" + (f"; {note}" if note else "")
-        out.append({"trial": t.number, "state": state, objective: a.get(objective), "val_loss": a.get("val_loss"), "val_bpb": a.get("val_bpb"),
-                    "steps": a.get("steps"), "time_s": a.get("time_s"), "params": dict(t.params), "run": a.get("run", ""), "note": note,
-                    "unranked": state == "ok" and bool(a.get("warning"))})
+        out.append(
+            {
+                "trial": t.number,
+                "state": state,
+                objective: a.get(objective),
+                "val_loss": a.get("val_loss"),
+                "val_bpb": a.get("val_bpb"),
+                "steps": a.get("steps"),
+                "time_s": a.get("time_s"),
+                "params": dict(t.params),
+                "run": a.get("run", ""),
+                "note": note,
+                "unranked": state == "ok" and bool(a.get("warning")),
+            }
+        )
     order = {"ok": 0, "pruned": 1}
-    return sorted(out, key=lambda r: (order.get(r["state"], 2), r[objective] if r[objective] is not None else math.inf, r["trial"]))
+    return sorted(
+        out,
+        key=lambda r: (order.get(r["state"], 2), r[objective] if r[objective] is not None else math.inf, r["trial"]),
+    )
 
 
 def format_trials(table: list[dict], objective: str) -> str:
@@ -470,11 +600,21 @@ def format_trials(table: list[dict], objective: str) -> str:
     def num(v, fmt):
         return format(v, fmt) if isinstance(v, (int, float)) else ""
 
-    lines = [f"| {r['trial']} | {r['state']} | {num(r[objective], '.4f')} | {num(r[other], '.4f')} | {num(r['steps'], 'd')} | {num(r['time_s'], '')} | "
-             + " | ".join(_show(r["params"][n]) if n in r["params"] else "" for n in names) + f" | {r['note']} |" for r in table]
+    lines = [
+        f"| {r['trial']} | {r['state']} | {num(r[objective], '.4f')} | {num(r[other], '.4f')} | "
+        f"{num(r['steps'], 'd')} | {num(r['time_s'], '')} | "
+        + " | ".join(_show(r["params"][n]) if n in r["params"] else "" for n in names)
+        + f" | {r['note']} |"
+        for r in table
+    ]
     ok = [r for r in table if r["state"] == "ok"]
     short = sum(1 for r in ok if r["unranked"])
-    foot = f"\nwarning: {short} of {len(ok)} finished trials cannot be ranked by this table (too short: see the note column); give a larger budget\n" if short else ""
+    foot = (
+        f"\nwarning: {short} of {len(ok)} finished trials cannot be ranked by this table (too short: see the note "
+        "column); give a larger budget\n"
+        if short
+        else ""
+    )
     return head + "\n".join(lines) + "\n" + foot
 
 
@@ -488,9 +628,22 @@ def write_results(study, out: Path, objective: str, cfg: TrainConfig, space: lis
     best = None
     if done:
         b = min(done, key=lambda t: t.value)
-        best = {"trial": b.number, objective: b.value, "params": b.params, "run": b.user_attrs.get("run", ""), "config": str(out / "best_config.json")}
+        best = {
+            "trial": b.number,
+            objective: b.value,
+            "params": b.params,
+            "run": b.user_attrs.get("run", ""),
+            "config": str(out / "best_config.json"),
+        }
         write_best_config(Path(best["run"]), out / "best_config.json")
-    result = {"study": study.study_name, "objective": objective, "budget": budget_text(cfg), "best": best, "trials": table, "plots": []}
+    result = {
+        "study": study.study_name,
+        "objective": objective,
+        "budget": budget_text(cfg),
+        "best": best,
+        "trials": table,
+        "plots": [],
+    }
     if plots and done:
         result["plots"], result["importance"] = draw(study, table, space, objective, out)
     ckpt.atomic_write_json(out / "sweep.json", result)
@@ -529,8 +682,16 @@ def draw(study, table: list[dict], space: list[Param], objective: str, out: Path
     """history.png, importance.png and sensitivity.png; returns their paths and the importances."""
     from gradlm import plots
 
-    paths = [plots.plot_sweep_history([(r["trial"], r[objective] if r["state"] == "ok" else _last_report(study, r["trial"]), r["state"]) for r in table],
-                                      objective, out / "history.png")]
+    paths = [
+        plots.plot_sweep_history(
+            [
+                (r["trial"], r[objective] if r["state"] == "ok" else _last_report(study, r["trial"]), r["state"])
+                for r in table
+            ],
+            objective,
+            out / "history.png",
+        )
+    ]
     imp, why = importances(study)
     paths.append(plots.plot_importance(imp, out / "importance.png", note=why))
     points = [(r["params"], r[objective]) for r in table if r["state"] == "ok" and r[objective] is not None]

@@ -4,7 +4,8 @@ gradlm's own record of a run is metrics.jsonl and samples.jsonl (gradlm/rundir.p
 written there also goes, as it is written, to
 
   tensorboard  event files in RUN/tensorboard/           tensorboard --logdir runs
-  wandb        Weights & Biases, offline by default      wandb sync RUN/wandb/offline-run-* (WANDB_MODE=online logs live)
+  wandb        Weights & Biases, offline by default      wandb sync RUN/wandb/offline-run-*
+               (WANDB_MODE=online logs live)
   mlflow       MLflow, SQLite store beside the runs      mlflow ui --backend-store-uri sqlite:///runs/mlflow/mlflow.db
                (or $MLFLOW_TRACKING_URI, e.g. a tracking server)
   trackio      trackio's local store ($TRACKIO_DIR)       trackio show --project gradlm
@@ -39,7 +40,11 @@ from gradlm.errors import ConfigError, GradlmError
 
 # name -> the module it needs (the extra of the same name installs it: pip install 'gradlm[wandb]')
 LOGGERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
-LOGGER_HELP = "also log the run to these experiment trackers, comma-separated: " + ", ".join(LOGGERS) + " (each an extra: pip install 'gradlm[wandb]')"
+LOGGER_HELP = (
+    "also log the run to these experiment trackers, comma-separated: "
+    + ", ".join(LOGGERS)
+    + " (each an extra: pip install 'gradlm[wandb]')"
+)
 STATE_FILE = layout.TRACKERS  # in the run directory: each tracker's id of this run, so a resume continues it
 
 
@@ -48,10 +53,15 @@ def parse_loggers(text: str, flag: str = "--logger") -> list[str]:
     names = list(dict.fromkeys(n.strip().lower() for n in (text or "").split(",") if n.strip()))
     unknown = [n for n in names if n not in LOGGERS]
     if unknown:
-        raise ConfigError(f"{flag} {unknown[0]!r} is not a tracker gradlm logs to; choose from {', '.join(LOGGERS)} (comma-separated for several)")
+        raise ConfigError(
+            f"{flag} {unknown[0]!r} is not a tracker gradlm logs to; choose from {', '.join(LOGGERS)} "
+            "(comma-separated for several)"
+        )
     for n in names:
         if importlib.util.find_spec(LOGGERS[n]) is None:
-            raise ConfigError(f"{flag} {n} needs the {LOGGERS[n]} package, which is not installed: pip install 'gradlm[{n}]'")
+            raise ConfigError(
+                f"{flag} {n} needs the {LOGGERS[n]} package, which is not installed: pip install 'gradlm[{n}]'"
+            )
     return names
 
 
@@ -69,8 +79,11 @@ def flat(config: dict, prefix: str = "") -> dict:
 def numbers(row: dict) -> dict[str, float]:
     """The scalars of a metrics.jsonl row: every finite number but the step (a flag such as "best" is not one).
     The run's clock, "time", is sent as "time_s" (trackio reserves "time" for its own)."""
-    return {("time_s" if k == "time" else k): v for k, v in row.items()
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        ("time_s" if k == "time" else k): v
+        for k, v in row.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 @contextlib.contextmanager
@@ -145,11 +158,24 @@ class WandB(Tracker):
         self.state = {"id": state.get("id") or secrets.token_hex(4)}
         settings = wandb.Settings(console="off", save_code=False, x_disable_stats=True)
         with quiet():
-            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "gradlm"), name=name, id=self.state["id"], dir=str(folder), mode=mode,
-                                  config=config, resume="allow", settings=settings, reinit="create_new")
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "gradlm"),
+                name=name,
+                id=self.state["id"],
+                dir=str(folder),
+                mode=mode,
+                config=config,
+                resume="allow",
+                settings=settings,
+                reinit="create_new",
+            )
         self.last = 0  # W&B's steps only go forward: an event at an earlier step is shown at the newest one
         self.Table, self.Image = wandb.Table, wandb.Image
-        self.where = f"wandb sync {folder}/wandb/offline-run-*-{self.state['id']}" if mode == "offline" else (self.run.url or "W&B")
+        self.where = (
+            f"wandb sync {folder}/wandb/offline-run-*-{self.state['id']}"
+            if mode == "offline"
+            else (self.run.url or "W&B")
+        )
 
     def _log(self, step, data):
         self.last = max(self.last, step)
@@ -199,11 +225,18 @@ class MLflow(Tracker):
             exp = c.get_experiment_by_name(exp_name)
             if exp is None:
                 try:  # artifacts beside the local store, not in the working directory
-                    c.create_experiment(exp_name, artifact_location=(local / "artifacts").as_uri() if uri.startswith("sqlite:///") and local.is_dir() else None)
+                    c.create_experiment(
+                        exp_name,
+                        artifact_location=(local / "artifacts").as_uri()
+                        if uri.startswith("sqlite:///") and local.is_dir()
+                        else None,
+                    )
                 except Exception:  # another process made it first
                     pass
                 exp = c.get_experiment_by_name(exp_name)
-            run_id = c.create_run(exp.experiment_id, run_name=name, tags={"gradlm.run_dir": str(folder.resolve())}).info.run_id
+            run_id = c.create_run(
+                exp.experiment_id, run_name=name, tags={"gradlm.run_dir": str(folder.resolve())}
+            ).info.run_id
             params = [Param(k, str(v)[:6000]) for k, v in flat(config).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
                 c.log_batch(run_id, params=params[i : i + 100])
@@ -233,7 +266,8 @@ class MLflow(Tracker):
 
 
 class Trackio(Tracker):
-    """trackio's local store ($TRACKIO_DIR, else ~/.cache/huggingface/trackio); the project is $TRACKIO_PROJECT or gradlm."""
+    """trackio's local store ($TRACKIO_DIR, else ~/.cache/huggingface/trackio); the project is $TRACKIO_PROJECT or
+    gradlm."""
 
     name = "trackio"
 
@@ -244,8 +278,15 @@ class Trackio(Tracker):
         self.project = os.environ.get("TRACKIO_PROJECT", "gradlm")
         name = name.strip("/").replace("/", "-")  # trackio files a run's images under its name: no folders in it
         with quiet():
-            self.run = trackio.init(project=self.project, name=name, config=flat(config), resume="allow" if state else "never",
-                                    embed=False, auto_log_cpu=False, auto_log_gpu=False)
+            self.run = trackio.init(
+                project=self.project,
+                name=name,
+                config=flat(config),
+                resume="allow" if state else "never",
+                embed=False,
+                auto_log_cpu=False,
+                auto_log_gpu=False,
+            )
         self.state = {"project": self.project, "name": name}
         self.trackio = trackio
         self.where = f"trackio show --project {self.project}"
@@ -258,7 +299,11 @@ class Trackio(Tracker):
 
     def event(self, step, kind, message):
         with quiet():
-            self.run.alert(title=kind, text=message, level=self.trackio.AlertLevel.WARN if kind in WARNINGS else self.trackio.AlertLevel.INFO)
+            self.run.alert(
+                title=kind,
+                text=message,
+                level=self.trackio.AlertLevel.WARN if kind in WARNINGS else self.trackio.AlertLevel.INFO,
+            )
 
     def images(self, step, paths):
         self.run.log({f"plots/{k}": self.trackio.Image(str(p)) for k, p in paths.items()}, step=step)
@@ -287,8 +332,16 @@ class Trackers:
     step metrics.jsonl held before it was trimmed (the interrupted run sent those; an exact resume repeats them); a
     tracker new to the run is first given the run's history up to `since` (metrics.jsonl and samples.jsonl as kept)."""
 
-    def __init__(self, names: list[str], folder: str | os.PathLike, config: dict, since: int = -1, until: int = -1,
-                 history: tuple[list[dict], list[dict]] = ([], []), log=print):
+    def __init__(
+        self,
+        names: list[str],
+        folder: str | os.PathLike,
+        config: dict,
+        since: int = -1,
+        until: int = -1,
+        history: tuple[list[dict], list[dict]] = ([], []),
+        log=print,
+    ):
         self.folder, self.since = Path(folder), since
         path = self.folder / STATE_FILE
         try:
@@ -303,7 +356,10 @@ class Trackers:
                     self.open.append(KINDS[n](self.folder, display_name(self.folder), config, saved.get(n, {})))
                 except Exception as e:
                     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    raise GradlmError(f"--logger {n}: could not start ({type(e).__name__}: {first}); check its settings, or leave it out") from None
+                    raise GradlmError(
+                        f"--logger {n}: could not start ({type(e).__name__}: {first}); check its settings, or leave "
+                        "it out"
+                    ) from None
                 self.until[n] = until if n in saved else -1
         except BaseException:
             self.close(ok=False)
@@ -315,7 +371,10 @@ class Trackers:
         new = [t for t in self.open if self.until[t.name] < 0]
         if new and since >= 0:  # --logger added on a resume: the run so far, first
             rows, samples = history
-            for row in sorted([(r, "metrics_row") for r in rows] + [(r, "sample_row") for r in samples], key=lambda x: x[0].get("step", 0)):
+            for row in sorted(
+                [(r, "metrics_row") for r in rows] + [(r, "sample_row") for r in samples],
+                key=lambda x: x[0].get("step", 0),
+            ):
                 getattr(self, row[1])(row[0], only=new)
 
     def _each(self, what: str, *args, only: list[Tracker] | None = None) -> None:
@@ -326,7 +385,10 @@ class Trackers:
                 getattr(t, what)(*args)
             except Exception as e:  # a logger never stops training
                 self.open.remove(t)
-                print(f"warning: --logger {t.name} failed ({type(e).__name__}: {e}); training goes on without it", file=sys.stderr)
+                print(
+                    f"warning: --logger {t.name} failed ({type(e).__name__}: {e}); training goes on without it",
+                    file=sys.stderr,
+                )
 
     def _fresh(self, step: int) -> list[Tracker]:
         """The trackers that have not been given this step before."""

@@ -89,9 +89,15 @@ class TextData:
 
     def check(self, block: int) -> None:
         """Refuse data too short for the model's context window."""
-        for name, toks, fix in (("training", self.train_tokens, "add text"), ("validation", self.val_tokens, "raise --val-fraction or add text")):
+        for name, toks, fix in (
+            ("training", self.train_tokens, "add text"),
+            ("validation", self.val_tokens, "raise --val-fraction or add text"),
+        ):
             if len(toks) < block + 1:
-                raise ConfigError(f"the {name} split has {len(toks):,} tokens, fewer than the context window + 1 ({block + 1}); lower --block-size or {fix}")
+                raise ConfigError(
+                    f"the {name} split has {len(toks):,} tokens, fewer than the context window + 1 ({block + 1}); "
+                    f"lower --block-size or {fix}"
+                )
 
     def sampler_kind(self, full_batch: bool) -> str:
         return "epoch" if full_batch or self.cfg.sampler == "epoch" else "random"
@@ -131,8 +137,14 @@ class TextData:
 
     def summary(self) -> dict:
         """The "data" section of config.json."""
-        return {"path": str(self.data.path), "tokenizer": "trained" if self.trained_here else "given", "tokenizer_sha256": self.tok.sha256,
-                "train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens), "identity": self.data.identity}
+        return {
+            "path": str(self.data.path),
+            "tokenizer": "trained" if self.trained_here else "given",
+            "tokenizer_sha256": self.tok.sha256,
+            "train_tokens": len(self.train_tokens),
+            "val_tokens": len(self.val_tokens),
+            "identity": self.data.identity,
+        }
 
     def describe(self, t: Trainer) -> str:
         """The run's first log line: the model, the step's batch, the optimizer, the device."""
@@ -140,8 +152,10 @@ class TextData:
         lrs = base_lrs(t.opt)
         lr_text = f"lr {lrs['lr']:g}" + (f" (muon matrices: lr {lrs['lr_muon']:g})" if "lr_muon" in lrs else "")
         return (
-            f"model: {m.num_params():,} parameters ({m.num_params(True):,} non-embedding), {m.flops_per_token() / 1e6:.1f} MFLOP/token | "
-            f"batch {'full' if t.full_batch else t.batch} = {t.step_tokens:,} tokens/step ({t.accum} x {t.micro} windows x {t.block} tokens) | "
+            f"model: {m.num_params():,} parameters ({m.num_params(True):,} non-embedding), "
+            f"{m.flops_per_token() / 1e6:.1f} MFLOP/token | "
+            f"batch {'full' if t.full_batch else t.batch} = {t.step_tokens:,} tokens/step ({t.accum} x {t.micro} "
+            f"windows x {t.block} tokens) | "
             f"{t.cfg.optimizer}, {lr_text}, {t.cfg.schedule} | device {t.device}, {t.compute_dtype}"
         )
 
@@ -156,7 +170,9 @@ def _log(dd: Dist, msg: str) -> None:
 
 def _counter(name: str) -> property:
     """Trainer.step etc.: the run's counters live in Trainer.state (a TrainState); these read and set them there."""
-    return property(lambda t: getattr(t.state, name), lambda t, v: setattr(t.state, name, v), doc=f"Trainer.state.{name}")
+    return property(
+        lambda t: getattr(t.state, name), lambda t, v: setattr(t.state, name, v), doc=f"Trainer.state.{name}"
+    )
 
 
 class Trainer:
@@ -214,37 +230,8 @@ class Trainer:
         return self
 
     def _setup(self, model_cfg: ModelConfig, cfg: TrainConfig, log, given: Iterable[str] | None) -> None:
-        given_train = given_fields(cfg, given)
-        given_model = given_fields(model_cfg, given)
-        start = resume_start(self.run, model_cfg, cfg, given_train, given_model) if cfg.resume else fresh_start(self.run, model_cfg, cfg)
-        model_cfg, cfg = start.model_cfg, start.cfg
-        self.init_tok, self.tokenizer_trained_here = start.init_tok, start.tokenizer_trained_here
-        self.saved_cfg, self.saved_data = start.saved_cfg, start.saved_data
-        self.notes = start.notes  # what a resume changed, said once the log is set up
-        self.pending_events: list[tuple[str, str]] = []  # (kind, message) of a resume, written once the run directory is open
-        unset = TrainConfig()
-        check_budgets(cfg, {b for b in given_train if getattr(cfg, b) != getattr(unset, b)})  # e.g. max_time="0" (the CLI checks typed flags)
-        if not any(getattr(cfg, b) for b in BUDGETS):
-            cfg.max_steps = DEFAULT_STEPS
-            self.notes.append(f"no budget given: training for {DEFAULT_STEPS} steps, the default (set --max-steps, --max-tokens, --max-time or --max-epochs)")
-        # --size auto: the default for a new run given no model-shape flag (or asked for with --size auto)
-        self.auto = (not cfg.resume and not cfg.init and cfg.size == "auto"
-                     and ("size" in given_train or not given_model & set(autosize.MODEL_KEYS)))
-        self.fixed = {k: getattr(model_cfg, k) for k in given_model & {*autosize.MODEL_KEYS, "dropout"}}
-        self.fixed.update({k: getattr(cfg, k) for k in given_train & set(autosize.TRAIN_KEYS)})
-        self.cfg, self.out, self.given = cfg, self.run.path, given_train  # the settings the caller chose
-        self.state = TrainState()  # the counters (resume.py): read here as self.step, self.best_val, ...
-        self.budget = Budget(cfg, lambda: (self.step, self.tokens_seen, self.epochs_done()))
-        # Device, compute dtype and compilation, decided once from the flags and the machine (gradlm/runtime.py):
-        # bf16 autocast where the device multiplies bf16 natively, decided from its features so every resume
-        # and every rank agrees; weights and optimizer state stay fp32. Validation computes in the same dtype.
-        self.rt = runtime.resolve(cfg.device, cfg.dtype, cfg.compile, budget_s=self.budget.max_time_s or None)
-        self.device, self.compute_dtype, self.autocast = self.rt.device, self.rt.dtype, self.rt.autocast
-        self.dd = init_distributed(self.device)
-        if self.rt.kind == "cuda":
-            torch.cuda.set_device(self.device)
-            runtime.set_fast_matmul(self.device)
-        self.log = log or (lambda msg: _log(self.dd, msg))
+        model_cfg, cfg, given_train = self._settings(model_cfg, cfg, given)
+        self._place(cfg, log)
         # A resume restores a checkpoint, unless the run stopped before its first one: then it starts again
         # from its settings (and from its --init weights, if it has any).
         self.restoring = cfg.resume and (cfg.from_best or self.run.checkpoint_path().is_file())
@@ -261,11 +248,68 @@ class Trainer:
         self.saved_step = -1
         self.resumed = cfg.resume
         if cfg.resume and not self.restoring:
-            self.notes.append(f"{self.out} has no checkpoint yet (it stopped before its first one): starting it from step 0 with its saved settings")
+            self.notes.append(
+                f"{self.out} has no checkpoint yet (it stopped before its first one): starting it from step 0 with "
+                "its saved settings"
+            )
         elif self.restoring:
             restore_checkpoint(self, self.run.load_state(cfg.from_best))
         self.metrics = Metrics(self.run.metrics, self.dd.main)
         self.samples = Metrics(self.run.samples, self.dd.main)
+
+    def _settings(
+        self, model_cfg: ModelConfig, cfg: TrainConfig, given: Iterable[str] | None
+    ) -> tuple[ModelConfig, TrainConfig, set[str]]:
+        """The settings of this run: fresh, or resumed (the saved ones, with what the caller gave applied),
+        a budget, and whether --size auto chooses the shape; the counters and the budget's clock."""
+        given_train = given_fields(cfg, given)
+        given_model = given_fields(model_cfg, given)
+        start = (
+            resume_start(self.run, model_cfg, cfg, given_train, given_model)
+            if cfg.resume
+            else fresh_start(self.run, model_cfg, cfg)
+        )
+        model_cfg, cfg = start.model_cfg, start.cfg
+        self.init_tok, self.tokenizer_trained_here = start.init_tok, start.tokenizer_trained_here
+        self.saved_cfg, self.saved_data = start.saved_cfg, start.saved_data
+        self.notes = start.notes  # what a resume changed, said once the log is set up
+        # (kind, message) of a resume, written once the run directory is open
+        self.pending_events: list[tuple[str, str]] = []
+        unset = TrainConfig()
+        # e.g. max_time="0" (the CLI checks typed flags)
+        check_budgets(cfg, {b for b in given_train if getattr(cfg, b) != getattr(unset, b)})
+        if not any(getattr(cfg, b) for b in BUDGETS):
+            cfg.max_steps = DEFAULT_STEPS
+            self.notes.append(
+                f"no budget given: training for {DEFAULT_STEPS} steps, the default (set --max-steps, --max-tokens, "
+                "--max-time or --max-epochs)"
+            )
+        # --size auto: the default for a new run given no model-shape flag (or asked for with --size auto)
+        self.auto = (
+            not cfg.resume
+            and not cfg.init
+            and cfg.size == "auto"
+            and ("size" in given_train or not given_model & set(autosize.MODEL_KEYS))
+        )
+        self.fixed = {k: getattr(model_cfg, k) for k in given_model & {*autosize.MODEL_KEYS, "dropout"}}
+        self.fixed.update({k: getattr(cfg, k) for k in given_train & set(autosize.TRAIN_KEYS)})
+        self.cfg, self.out, self.given = cfg, self.run.path, given_train  # the settings the caller chose
+        self.state = TrainState()  # the counters (resume.py): read here as self.step, self.best_val, ...
+        self.budget = Budget(cfg, lambda: (self.step, self.tokens_seen, self.epochs_done()))
+        return model_cfg, cfg, given_train
+
+    def _place(self, cfg: TrainConfig, log) -> None:
+        """Where the run computes, and its log."""
+        # Device, compute dtype and compilation, decided once from the flags and the machine (gradlm/runtime.py):
+        # bf16 autocast where the device multiplies bf16 natively, decided from its features so every resume
+        # and every rank agrees; weights and optimizer state stay fp32. Validation computes in the same dtype.
+        self.rt = runtime.resolve(cfg.device, cfg.dtype, cfg.compile, budget_s=self.budget.max_time_s or None)
+        self.device, self.compute_dtype, self.autocast = self.rt.device, self.rt.dtype, self.rt.autocast
+        self.dd = init_distributed(self.device)
+        if self.rt.kind == "cuda":
+            torch.cuda.set_device(self.device)
+            runtime.set_fast_matmul(self.device)
+        self.log = log or (lambda msg: _log(self.dd, msg))
 
     # -- data: rank 0 prepares (and caches); the other ranks then read the same cache
 
@@ -274,14 +318,18 @@ class Trainer:
         cfg, dd = self.cfg, self.dd
         trained = self.tokenizer_trained_here if self.cfg.resume else None
         saved = self.saved_data if cfg.resume else {}
-        where = dict(identity=saved.get("identity", ""), hint=saved.get("path", ""))  # a resume reads its own tokens, offline
+        # a resume reads its own tokens, offline
+        where = dict(identity=saved.get("identity", ""), hint=saved.get("path", ""))
         data = resolve_data(cfg, self.init_tok, self.log, trained, **where) if dd.main else None
         if dd.world > 1:
             dist.barrier()
             data = data or resolve_data(cfg, self.init_tok, self.log, trained, **where)
         tok = data.tokenizer
         if self.init_tok is not None and self.init_tok.sha256 != tok.sha256:
-            raise ConfigError(f"{cfg.data} was tokenised with another tokenizer than {cfg.init or cfg.out}; pass raw text so it is tokenised with the run's tokenizer")
+            raise ConfigError(
+                f"{cfg.data} was tokenised with another tokenizer than {cfg.init or cfg.out}; pass raw text so it is "
+                "tokenised with the run's tokenizer"
+            )
         if self.init_tok is None:
             model_cfg.vocab_size = tok.vocab_size
         if tok.vocab_size > model_cfg.vocab_size:
@@ -296,8 +344,10 @@ class Trainer:
         cfg, m = self.cfg, self.model_cfg
         seconds = self.budget.max_time_s
         budget = autosize.Allowance(
-            seconds=seconds, tokens=cfg.max_tokens or int(cfg.max_epochs * len(self.source.train_tokens)),
-            steps=cfg.max_steps)
+            seconds=seconds,
+            tokens=cfg.max_tokens or int(cfg.max_epochs * len(self.source.train_tokens)),
+            steps=cfg.max_steps,
+        )
         shortest = min(len(self.source.train_tokens), len(self.source.val_tokens)) - 1
         tokens = self.source.train_tokens
 
@@ -307,7 +357,11 @@ class Trainer:
 
         probe = autosize.Probe(sample, self.autocast, self.device, limit_s=0.05 * seconds) if seconds else None
         t0 = time.time()
-        choice = autosize.choose(budget, len(tokens), probe, m.vocab_size, self.fixed, max_block=max(shortest, 2)) if self.dd.main else None
+        choice = (
+            autosize.choose(budget, len(tokens), probe, m.vocab_size, self.fixed, max_block=max(shortest, 2))
+            if self.dd.main
+            else None
+        )
         if self.dd.world > 1:
             shared = [choice]
             dist.broadcast_object_list(shared, src=0)
@@ -319,8 +373,14 @@ class Trainer:
             if k != "lr" or cfg.optimizer in ("adamw", "muon"):
                 setattr(cfg, k, v)
         m.validate()
-        self.log(choice.reason + (f" (probe {probe_s:.1f} s, apart from the budget like data preparation)" if probe else ""))
-        self.config_extra["size"] = {"reason": choice.reason, "probe_s": round(probe_s, 2), "tokens_per_param": autosize.TOKENS_PER_PARAM}
+        self.log(
+            choice.reason + (f" (probe {probe_s:.1f} s, apart from the budget like data preparation)" if probe else "")
+        )
+        self.config_extra["size"] = {
+            "reason": choice.reason,
+            "probe_s": round(probe_s, 2),
+            "tokens_per_param": autosize.TOKENS_PER_PARAM,
+        }
 
     # -- model, optimizer, sampler, batch geometry
 
@@ -334,11 +394,20 @@ class Trainer:
             self.log(f"initialised from {cfg.init}")
         self.adapt_model()
         self.model.to(self.device)
-        self.opt = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, (cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr,
-                                   fused=self.rt.kind == "cuda")
+        self.opt = build_optimizer(
+            self.model,
+            cfg.optimizer,
+            cfg.lr,
+            cfg.weight_decay,
+            cfg.momentum,
+            (cfg.beta1, cfg.beta2),
+            muon_lr=cfg.muon_lr,
+            fused=self.rt.kind == "cuda",
+        )
         self.full_batch = cfg.batch == "full"
         self.sampler_kind = self.source.sampler_kind(self.full_batch)
-        self.sampler, self.masked_targets = self.source.sampler(self.sampler_kind, block)  # masked: targets hold -1 (see gradients())
+        # masked: targets hold -1 (see gradients())
+        self.sampler, self.masked_targets = self.source.sampler(self.sampler_kind, block)
         if self.full_batch:  # batch gradient descent: all windows, accumulated, per update
             self.micro = cfg.micro_batch or FULL_BATCH_MICRO
             self.batch = self.sampler.n_windows
@@ -347,14 +416,20 @@ class Trainer:
             self.batch = int(cfg.batch) * cfg.accum
         self.accum = math.ceil(self.batch / self.micro)
         if self.micro % dd.world:
-            raise ConfigError(f"the micro-batch ({self.micro}) must divide evenly over {dd.world} processes; set --micro-batch to a multiple of {dd.world}")
+            raise ConfigError(
+                f"the micro-batch ({self.micro}) must divide evenly over {dd.world} processes; set --micro-batch to a "
+                f"multiple of {dd.world}"
+            )
         self.step_tokens = self.batch * block
         # The compiled model (when compiling) serves the step and evaluation alike; DDP wraps it for the step.
         self.fast_model = torch.compile(self.model) if self.rt.compile else self.model
         self.run_model = self.fast_model
         if dd.world > 1:
-            self.run_model = torch.nn.parallel.DistributedDataParallel(self.run_model, device_ids=[dd.local_rank] if self.device.startswith("cuda") else None)
-        self.byte_lengths = torch.tensor(self.tok.token_byte_lengths(), dtype=torch.long, device=self.device)  # for bits per byte
+            self.run_model = torch.nn.parallel.DistributedDataParallel(
+                self.run_model, device_ids=[dd.local_rank] if self.device.startswith("cuda") else None
+            )
+        # for bits per byte
+        self.byte_lengths = torch.tensor(self.tok.token_byte_lengths(), dtype=torch.long, device=self.device)
 
     # -- the other hooks (see the class docstring)
 
@@ -413,7 +488,7 @@ class Trainer:
             share = int((y >= 0).sum()) / targets * dd.world
             x, y = self.rt.to_device(x, y)  # pinned and non-blocking on CUDA
             sync = dd.world == 1 or k == self.accum - 1
-            with (nullcontext() if sync else self.run_model.no_sync()), self.autocast():
+            with nullcontext() if sync else self.run_model.no_sync(), self.autocast():
                 loss = self.run_model(x, y)
                 (loss * share).backward()
             loss_sum += loss.detach() * share
@@ -435,10 +510,13 @@ class Trainer:
         sizes = [min(self.micro, self.batch - k * self.micro) for k in range(self.accum)]
         dd = self.dd
         if not self.masked_targets:  # each rank reads only its own windows of text
+
             def text_windows():
                 for n in sizes:
                     x, y = self.sampler.next(n, dd.rank, dd.world)
-                    yield x, y, self.sampler.last_rows * self.block  # the global micro-batch's positions, alike on every rank
+                    # the global micro-batch's positions, alike on every rank
+                    yield x, y, self.sampler.last_rows * self.block
+
             return text_windows(), self.batch * self.block
         # masked batches are drawn whole (every rank counts the step's targets), then each takes its rows
         drawn = [self.sampler.next(n) for n in sizes]
@@ -459,12 +537,25 @@ class Trainer:
     def evaluate(self) -> dict:
         """Validation loss and bits per byte, and the loss on a probe of the training data (for the gap),
         through the one scorer in the run's compute dtype; every rank scores its share of the windows."""
-        val, train = (score(self.fast_model, self.eval_windows(split), self.byte_lengths, self.compute_dtype, distributed=self.dd.world > 1)
-                      for split in ("val", "train"))
+        val, train = (
+            score(
+                self.fast_model,
+                self.eval_windows(split),
+                self.byte_lengths,
+                self.compute_dtype,
+                distributed=self.dd.world > 1,
+            )
+            for split in ("val", "train")
+        )
         return {"val_loss": val.loss, "val_bpb": val.bits_per_byte, "train_eval_loss": train.loss}
 
     def snapshot(self) -> dict:
-        return {"model": copy.deepcopy(self.model.state_dict()), "opt": copy.deepcopy(self.opt.state_dict()), "step": self.step, "tokens_seen": self.tokens_seen}
+        return {
+            "model": copy.deepcopy(self.model.state_dict()),
+            "opt": copy.deepcopy(self.opt.state_dict()),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+        }
 
     def restore(self, snap: dict) -> None:
         self.model.load_state_dict(snap["model"])
@@ -485,11 +576,20 @@ class Trainer:
         else:
             if self.run.exists():  # another process made it between our check and the lock
                 self.run.release()
-                raise RunDirError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+                raise RunDirError(
+                    f"{self.out} already holds a run; pass --resume to continue it or choose another --out"
+                )
             self.run.metrics.unlink(missing_ok=True)
             self.run.samples.unlink(missing_ok=True)
-        config = config_dict(self.model_cfg, asdict(self.cfg), self.source.summary(), **self.config_extra, params=self.model.num_params(),
-                             runtime={"device": self.device, "dtype": self.compute_dtype})  # what "auto" resolved to here
+        config = config_dict(
+            self.model_cfg,
+            asdict(self.cfg),
+            self.source.summary(),
+            **self.config_extra,
+            params=self.model.num_params(),
+            # what "auto" resolved to here
+            runtime={"device": self.device, "dtype": self.compute_dtype},
+        )
         try:
             self.open_trackers(config, until)
         except BaseException:  # a tracker that cannot start: nothing of a new run is left behind
@@ -501,12 +601,15 @@ class Trainer:
         ckpt.atomic_write_json(self.run.config, config)
 
     def open_trackers(self, config: dict, until: int) -> None:
-        """--logger: every row of metrics.jsonl and samples.jsonl also goes to these trackers (gradlm/training/trackers.py)."""
+        """--logger: every row of metrics.jsonl and samples.jsonl also goes to these trackers
+        (gradlm/training/trackers.py)."""
         names = parse_loggers(self.cfg.logger)
         if not names:
             return
         history = (read_jsonl(self.run.metrics), read_jsonl(self.run.samples)) if self.resumed else ([], [])
-        self.trackers = Trackers(names, self.out, config, since=self.step if self.resumed else -1, until=until, history=history, log=self.log)
+        self.trackers = Trackers(
+            names, self.out, config, since=self.step if self.resumed else -1, until=until, history=history, log=self.log
+        )
         self.metrics.listener, self.samples.listener = self.trackers.metrics_row, self.trackers.sample_row
 
     def close_trackers(self, ok: bool) -> None:
@@ -549,7 +652,9 @@ def _validate_all(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
 # ---- train() and the loop -------------------------------------------------------------------------------
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, on_step=None, given: Iterable[str] | None = None, on_eval=None) -> dict:
+def train(
+    model_cfg: ModelConfig, cfg: TrainConfig, on_step=None, given: Iterable[str] | None = None, on_eval=None
+) -> dict:
     """Train a model as configured; returns a summary (final validation loss, bits per byte, steps, ...).
     The caller's configurations are left as they were (the Trainer works on copies).
 
@@ -560,7 +665,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, on_step=None, given: Iterabl
     saved settings. None means: every field that differs from its default.
 
     Example:
-        >>> train(ModelConfig(n_layer=2), TrainConfig(data="notes.txt", out="runs/notes", max_time="2m"))  # doctest: +SKIP
+        >>> cfg = TrainConfig(data="notes.txt", out="runs/notes", max_time="2m")
+        >>> train(ModelConfig(n_layer=2), cfg)  # doctest: +SKIP
     """
     return run(Trainer(model_cfg, cfg, given=given).build(), on_step, on_eval)
 
@@ -577,8 +683,15 @@ def run(t: Trainer, on_step=None, on_eval=None) -> dict:
         raise
     except BaseException as e:  # a crash, a second Ctrl-C: the run's record says it stopped, and why
         if t.dd.main:
-            why = "a second signal stopped it at once" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-            t.event("stopped", f"stopped at step {t.step}: {why}; the last checkpoint is step {max(t.saved_step, 0)}", log=False, reason="error")
+            why = (
+                "a second signal stopped it at once" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+            )
+            t.event(
+                "stopped",
+                f"stopped at step {t.step}: {why}; the last checkpoint is step {max(t.saved_step, 0)}",
+                log=False,
+                reason="error",
+            )
         raise
     finally:
         t.close_run_dir()
@@ -617,7 +730,8 @@ def _loop(t: Trainer, on_step, on_eval) -> dict:
             if not guard.observe(loss, grad_norm):  # overshot: the guard restored the last good state, lr halved
                 continue
             t.update()  # the gradient-descent update
-            budget.stepped(time.time() - t0, cfg.eval_tokens, t.step_tokens)  # the pace, and the final evaluation's reserve
+            # the pace, and the final evaluation's reserve
+            budget.stepped(time.time() - t0, cfg.eval_tokens, t.step_tokens)
             budget.tick(t.dd.world, t.device)
             if on_step is not None:
                 on_step(t.step, loss, lrs["lr"])
@@ -649,12 +763,28 @@ def _finish(t: Trainer, show: TrainLog, stop_reason: str, signum: int) -> dict:
         t.save()
     budget.tick(t.dd.world, t.device)
     summary = {
-        "run": str(out), "steps": t.step, "tokens": t.tokens_seen, "epochs": t.epochs_done(), "time_s": budget.elapsed,
-        "train_time_s": budget.train_time, "tokens_per_s": t.tokens_seen / budget.train_time if budget.train_time else 0.0, "dtype": t.compute_dtype,
-        "stop": stop_reason, "best_val_loss": t.best_val, "divergence_restarts": t.guard_used, **show.last_eval, **t.report,
+        "run": str(out),
+        "steps": t.step,
+        "tokens": t.tokens_seen,
+        "epochs": t.epochs_done(),
+        "time_s": budget.elapsed,
+        "train_time_s": budget.train_time,
+        "tokens_per_s": t.tokens_seen / budget.train_time if budget.train_time else 0.0,
+        "dtype": t.compute_dtype,
+        "stop": stop_reason,
+        "best_val_loss": t.best_val,
+        "divergence_restarts": t.guard_used,
+        **show.last_eval,
+        **t.report,
     }
-    why = {"budget": "its budget is spent", "converged": "it converged (early stopping)", "paused": f"--pause-at {t.cfg.pause_at}", "pruned": "the sweep pruned it (behind the other trials at this point of the budget)",
-           "interrupted": f"{signal.Signals(signum).name if signum else 'a signal'}: continue with `gradlm {t.command} --out {out} --resume`"}.get(stop_reason, stop_reason)
+    why = {
+        "budget": "its budget is spent",
+        "converged": "it converged (early stopping)",
+        "paused": f"--pause-at {t.cfg.pause_at}",
+        "pruned": "the sweep pruned it (behind the other trials at this point of the budget)",
+        "interrupted": f"{signal.Signals(signum).name if signum else 'a signal'}: continue with `gradlm {t.command} "
+        f"--out {out} --resume`",
+    }.get(stop_reason, stop_reason)
     t.event("stopped", f"stopped at step {t.step}: {why}", log=False, reason=stop_reason)
     if t.dd.main:
         t.run.write_summary(summary)
@@ -665,5 +795,9 @@ def _finish(t: Trainer, show: TrainLog, stop_reason: str, signum: int) -> dict:
     t.close_trackers(ok=stop_reason != "interrupted")
     if stop_reason == "interrupted":
         name = signal.Signals(signum).name
-        raise Interrupted(f"{name}: stopped at step {t.step} and saved a checkpoint in {out}; continue with `gradlm {t.command} --out {out} --resume`", 128 + signum)
+        raise Interrupted(
+            f"{name}: stopped at step {t.step} and saved a checkpoint in {out}; continue with `gradlm {t.command} "
+            f"--out {out} --resume`",
+            128 + signum,
+        )
     return summary
