@@ -365,14 +365,15 @@ def given_fields(cfg, given: Iterable[str] | None) -> set[str]:
 
 
 def resume_settings(saved: TrainConfig, new: TrainConfig, given: set[str]) -> TrainConfig:
-    """The settings to resume with: the run's own, except the flags typed (budgets, optimizer
-    settings, cadence, ...). A typed flag that cannot apply to a run in progress is refused by name."""
+    """The settings to resume with: the run's own (saved), except those the caller gave (named in given, their
+    values in new: budgets, optimizer settings, cadence, ...). One that cannot apply to a run in progress is
+    refused by name."""
     for name in sorted(given & set(FIXED_ON_RESUME)):
-        if getattr(given, name) != getattr(saved, name):
+        if getattr(new, name) != getattr(saved, name):
             raise ConfigError(
-                f"{flag(name)} {getattr(given, name)} cannot change on --resume ({FIXED_ON_RESUME[name]} of the run "
+                f"{flag(name)} {getattr(new, name)} cannot change on --resume ({FIXED_ON_RESUME[name]} of the run "
                 f"is {getattr(saved, name)!r}); "
-                f"drop it, or start a new run from this one with --init {given.out}"
+                f"drop it, or start a new run from this one with --init {new.out}"
             )
     merged = {
         f.name: getattr(new if f.name in given or f.name in PER_INVOCATION else saved, f.name)
