@@ -559,6 +559,35 @@ def cmd_eval(args) -> None:
     print(dumps({"run": args.run, **report}, indent=2) if args.json else format_report(report))
 
 
+def cmd_landscape(args) -> None:
+    from gradlm.evaluation.landscape import LandscapeConfig, landscape
+    from gradlm.files import dumps
+
+    cfg = pick(args, LandscapeConfig)
+    cfg.validate()  # bad flags fail before the model loads
+    text = None
+    if args.data:
+        path = Path(args.data)
+        if not path.is_file():
+            raise ConfigError(f"--data {args.data}: no such file; give a text file to score the surface on")
+        text = path.read_text(encoding="utf-8", errors="replace")
+    r = landscape(args.run, cfg, out=args.out or None, text=text, best=args.best, progress=args.progress)
+    if args.json:
+        print(dumps(r, indent=2))
+        return
+    where = args.out or str(Path(args.run) / "landscape")
+    print(
+        f"loss at the centre (the {r['weights']} weights): {r['center_loss']:.4f} on {r['windows']} batches; "
+        f"curvature along d1: {r['curvature_d1']:.3g}; the slices span {min(r['slice_2d'][0] + r['slice_1d']):.4f} "
+        f"to {max(max(row) for row in r['slice_2d']):.4f}"
+    )
+    if r["line"]:
+        t = r["line_t"]
+        start = r["line"][min(range(len(t)), key=lambda i: abs(t[i]))]
+        print(f"the line from the initial weights: loss {start:.4f} there, {r['center_loss']:.4f} at the trained ones")
+    print(f"wrote {where}/landscape.json and its pictures ({r['seconds']:.1f} s)")
+
+
 def _train_configs(args):
     from gradlm.model.transformer import ModelConfig
     from gradlm.training.config import TrainConfig
@@ -985,6 +1014,27 @@ def add_eval_command(sub) -> None:
     t.set_defaults(func=cmd_eval)
 
 
+def add_landscape_command(sub) -> None:
+    from gradlm.evaluation.landscape import LandscapeConfig
+
+    t = sub.add_parser(
+        "landscape",
+        help="the loss surface around a run's weights: 1-D and 2-D slices, the line from its initial weights",
+    )
+    t.add_argument("run", help="run directory")
+    t.add_argument("--best", action="store_true", help="around best.safetensors (best validation loss)")
+    t.add_argument(
+        "--data", default="", metavar="FILE", help="score on this text (default: the run's validation windows)"
+    )
+    t.add_argument(
+        "--out", default="", metavar="DIR", help="folder for landscape.json and the pictures (default: RUN/landscape)"
+    )
+    t.add_argument("--json", action="store_true", help="print the results as JSON")
+    t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_fields(t, LandscapeConfig)
+    t.set_defaults(func=cmd_landscape)
+
+
 def add_lr_find_command(sub) -> None:
     from gradlm.training.config import TrainConfig
     from gradlm.model.transformer import ModelConfig
@@ -1205,6 +1255,7 @@ COMMANDS = [
     add_serve_command,
     add_watch_command,
     add_eval_command,
+    add_landscape_command,
     add_lr_find_command,
     add_compare_command,
     add_sweep_command,

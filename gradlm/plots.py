@@ -268,3 +268,54 @@ def _pair_heat_map(fig, ax, axis: list[tuple[str, list[str], list[int]]], values
         title=f"best {objective.replace('_', ' ')} (blank: not tried)",
     )
     fig.colorbar(im, ax=ax)
+
+
+def plot_landscape(result: dict, folder: str | os.PathLike) -> list[Path]:
+    """gradlm landscape's pictures in folder: the 1-D slice, the 2-D slice as contours and as a surface, and the
+    line from the initial weights (if sampled). The trained weights are the centre (0, 0) of every slice."""
+    import numpy as np
+
+    plt, folder = _plt(), Path(folder)
+    axis = np.asarray(result["axis"])
+    one, two = np.asarray(result["slice_1d"], dtype=float), np.asarray(result["slice_2d"], dtype=float)
+    plane = result["config"]["plane"]
+    d1 = "toward the initial weights (a = 1)" if plane == "init" else "random direction d1"
+    title = f"{Path(result['run']).name}: validation loss around the {result['weights']} weights"
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(axis, one, marker=".")
+    ax.axvline(0, color="grey", lw=0.8, ls=":")
+    ax.set(xlabel=f"a, along the {d1} (filter-normalised)", ylabel="loss", title=title)
+    ax.annotate(f"curvature at 0: {result['curvature_d1']:.3g}", xy=(0.02, 0.95), xycoords="axes fraction", va="top")
+    paths.append(_save(fig, folder / "landscape_1d.png"))
+
+    clipped = np.minimum(two, np.nanpercentile(two, 95))  # a few huge losses at the corners would flatten the map
+    levels = np.linspace(np.nanmin(clipped), np.nanmax(clipped), 25)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    filled = ax.contourf(axis, axis, clipped, levels=levels, cmap="viridis")
+    ax.contour(axis, axis, clipped, levels=levels[::3], colors="white", linewidths=0.5)
+    ax.plot([0], [0], "r*", ms=12, label="trained weights")
+    if plane == "init" and axis[0] <= 1 <= axis[-1]:
+        ax.plot([1], [0], "wo", ms=7, label="initial weights")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.colorbar(filled, label="loss (clipped at its 95th percentile)")
+    ax.set(xlabel=f"a ({d1})", ylabel="b (random direction d2)", title=title)
+    paths.append(_save(fig, folder / "landscape_2d.png"))
+
+    fig = plt.figure(figsize=(6.5, 5))
+    ax = fig.add_subplot(projection="3d")
+    a, b = np.meshgrid(axis, axis)
+    ax.plot_surface(a, b, clipped, cmap="viridis", linewidth=0, antialiased=True)
+    ax.set(xlabel="a", ylabel="b", zlabel="loss", title=title)
+    paths.append(_save(fig, folder / "landscape_3d.png"))
+
+    if result["line"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(result["line_t"], result["line"], marker=".")
+        for t, name in ((0, "initial"), (1, "trained")):
+            ax.axvline(t, color="grey", lw=0.8, ls=":")
+            ax.annotate(name, xy=(t, 0.98), xycoords=("data", "axes fraction"), ha="center", va="top", fontsize=8)
+        ax.set(xlabel="t: weights (1 - t) initial + t trained", ylabel="loss", title=title)
+        paths.append(_save(fig, folder / "landscape_line.png"))
+    return paths
