@@ -588,6 +588,38 @@ def cmd_landscape(args) -> None:
     print(f"wrote {where}/landscape.json and its pictures ({r['seconds']:.1f} s)")
 
 
+def cmd_inspect(args) -> None:
+    from gradlm.evaluation.inspection import format_views, inspect_text, neighbors
+    from gradlm.files import check_output, dumps
+    from gradlm.rundir import load_model
+
+    if args.top < 1:
+        raise ConfigError(f"--top must be at least 1, got {args.top}")
+    if args.attention:
+        check_output(args.attention, "--attention")
+    model, tok = load_model(args.run, best=args.best)
+    for name, value, count in (("--layer", args.layer, model.cfg.n_layer), ("--head", args.head, model.cfg.n_head)):
+        if value is not None and not 0 <= value < count:
+            what = "blocks" if name == "--layer" else "heads"
+            raise ConfigError(f"{name} {value}: the model has {count} {what}, numbered 0 to {count - 1}")
+    views = inspect_text(model, tok, args.text, k=args.top, lens=args.lens)
+    if args.neighbors:
+        views["neighbors"] = neighbors(model, tok, args.neighbors, k=args.top * 2)
+    if args.attention:
+        from gradlm.plots import plot_attention
+
+        plot_attention(views["attention"], views["tokens"], args.attention, layer=args.layer, head=args.head)
+    if args.json:
+        print(dumps(views))
+        return
+    print(format_views(views))
+    for row in views.get("neighbors", []):
+        near = "  ".join(f"{n['text']} {n['cosine']:.2f}" for n in row["nearest"])
+        print(f"\nnearest to {row['token']} in embedding space (cosine): {near}")
+    if args.attention:
+        print(f"\nwrote the attention maps to {args.attention}")
+
+
 def _train_configs(args):
     from gradlm.model.transformer import ModelConfig
     from gradlm.training.config import TrainConfig
@@ -1014,6 +1046,23 @@ def add_eval_command(sub) -> None:
     t.set_defaults(func=cmd_eval)
 
 
+def add_inspect_command(sub) -> None:
+    t = sub.add_parser(
+        "inspect", help="inside a model: attention maps, next-token candidates, the logit lens, embedding neighbours"
+    )
+    t.add_argument("run", help="run directory")
+    t.add_argument("text", help="the text to look at (at most the model's context window)")
+    t.add_argument("--best", action="store_true", help="use best.safetensors (best validation loss)")
+    t.add_argument("--top", type=int, default=5, help="next-token candidates shown at each position")
+    t.add_argument("--lens", action="store_true", help="also each layer's guess of the next token (the logit lens)")
+    t.add_argument("--neighbors", default="", metavar="WORD", help="the nearest tokens to each token of WORD")
+    t.add_argument("--attention", default="", metavar="PNG", help="draw the attention maps there")
+    t.add_argument("--layer", type=int, default=None, help="--attention: only this layer (from 0)")
+    t.add_argument("--head", type=int, default=None, help="--attention: only this head (from 0)")
+    t.add_argument("--json", action="store_true", help="print every view as JSON (attention as numbers)")
+    t.set_defaults(func=cmd_inspect)
+
+
 def add_landscape_command(sub) -> None:
     from gradlm.evaluation.landscape import LandscapeConfig
 
@@ -1255,6 +1304,7 @@ COMMANDS = [
     add_serve_command,
     add_watch_command,
     add_eval_command,
+    add_inspect_command,
     add_landscape_command,
     add_lr_find_command,
     add_compare_command,

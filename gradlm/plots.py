@@ -319,3 +319,34 @@ def plot_landscape(result: dict, folder: str | os.PathLike) -> list[Path]:
         ax.set(xlabel="t: weights (1 - t) initial + t trained", ylabel="loss", title=title)
         paths.append(_save(fig, folder / "landscape_line.png"))
     return paths
+
+
+def plot_attention(
+    attention: list, tokens: list[str], path: str | os.PathLike, layer: int | None = None, head: int | None = None
+) -> Path:
+    """Attention maps (gradlm inspect --attention): every layer x head as a grid of small maps, or one layer's heads,
+    or one head large with its tokens on the axes. Row i: how much position i reads each position (columns)."""
+    import numpy as np
+
+    plt = _plt()
+    a = np.asarray(attention)  # (layers, heads, T, T)
+    layers = [layer] if layer is not None else list(range(a.shape[0]))
+    heads = [head] if head is not None else list(range(a.shape[1]))
+    big = len(layers) == 1 and len(heads) == 1
+    size = 6 if big else 2.0
+    fig, axes = plt.subplots(
+        len(layers), len(heads), figsize=(size * len(heads) + 1, size * len(layers)), squeeze=False
+    )
+    for r, li in enumerate(layers):
+        for c, hi in enumerate(heads):
+            ax = axes[r][c]
+            ax.imshow(a[li, hi], cmap="Blues", vmin=0, vmax=1)
+            ax.set_title(f"layer {li}, head {hi}", fontsize=9 if big else 7)
+            if big:
+                ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
+                ax.set_yticks(range(len(tokens)), tokens, fontsize=7)
+            else:
+                ax.set_xticks([])
+                ax.set_yticks([])
+    fig.suptitle("attention: row = the position reading, column = the position read", fontsize=10)
+    return _save(fig, path)

@@ -353,8 +353,8 @@ def measure():
     return {"rung": rung, "tps": c.tokens_per_s, "own": min(own_time(spin) for _ in range(3)), "wall": min(walls)}
 
 quiet = measure()
-busy = subprocess.Popen([sys.executable, "-c", "import os; os.sched_setaffinity(0, {0})\nwhile True: pass"])  # ... and
-a neighbour
+# ... and a neighbour
+busy = subprocess.Popen([sys.executable, "-c", "import os; os.sched_setaffinity(0, {0})\nwhile True: pass"])
 time.sleep(0.3)
 try:
     loaded = measure()

@@ -247,7 +247,9 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+    def project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, D), keys and values (B, KV, T, D) of x, the queries and keys normed (if qk_norm) and
+        rotated to their positions: what attention compares (gradlm inspect reads its maps from these)."""
         B, T, _ = x.shape
         # (B, T, H*D) -> (B, H, T, D)
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -255,7 +257,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         dropout_p = self.dropout if self.training else 0.0
