@@ -85,6 +85,7 @@ def test_the_centre_is_the_runs_validation_loss_and_the_line_ends_there(run, tmp
     out, summary = run
     cfg = LandscapeConfig(grid=5, span=1.0, plane="init", line_points=7, batch_size=4)
     r = landscape(out, cfg, out=tmp_path / "land", progress=False)
+    assert r["dtype"] == "float32"  # --dtype auto: what the run validated in
     assert r["center_loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
     assert r["slice_1d"][2] == pytest.approx(r["center_loss"], rel=1e-9)  # a = 0
     assert r["slice_2d"][2][2] == pytest.approx(r["center_loss"], rel=1e-9)
@@ -126,6 +127,7 @@ def test_the_command_writes_its_pictures_and_refuses_mistakes(run, tmp_path, cap
         (["--grid", "2"], "--grid must be at least 3"),
         (["--plane", "pca"], "--plane must be one of random, init"),
         (["--span", "0"], "--span must be a positive number"),
+        (["--dtype", "int8"], "--dtype must be auto, float32, bfloat16"),
     ):
         assert main(["landscape", str(out), "--out", str(tmp_path / "bad"), *bad]) == 2
         err = capsys.readouterr().err

@@ -18,9 +18,9 @@ weights) and d2 a random filter-normalised direction orthogonal to it: the plane
 The initial weights are rebuilt exactly as training made them (the run's seed; the --init run's weights for
 a run that started from another), so every run has its line without having saved anything.
 
-Every loss is the one scorer's (gradlm/model/scoring.py) in float32 on the same windows: by default the run's
-own validation windows (--eval-tokens of evenly spaced windows of its validation split), so the centre of
-the slices is the run's final validation loss.
+Every loss is the one scorer's (gradlm/model/scoring.py) on the same windows, in the dtype the run's validation
+used (--dtype): by default the run's own validation windows (--eval-tokens of evenly spaced windows of its
+validation split), so the centre of the slices is the run's final validation loss.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from gradlm import files
 from gradlm.errors import ConfigError, RunDirError
-from gradlm.model.scoring import score, spaced_windows
+from gradlm.model.scoring import SCORE_DTYPES, score, spaced_windows
 from gradlm.model.transformer import Transformer
 from gradlm.rundir import RunDir
 from gradlm.text.data import find_prepared
@@ -64,6 +64,10 @@ class LandscapeConfig:
         default=25, metadata={"help": "points on the line from the initial to the trained weights (0 = no line)"}
     )
     seed: int = field(default=0, metadata={"help": "seed of the random directions"})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "float32, bfloat16 (autocast), or auto: what the run's validation computed in"},
+    )
 
     def validate(self) -> None:
         problems = []
@@ -79,6 +83,8 @@ class LandscapeConfig:
             problems.append(f"--plane must be one of {', '.join(PLANES)}, got {self.plane!r}")
         if self.line_points < 0 or self.line_points == 1:
             problems.append(f"--line-points must be 0 (no line) or at least 2, got {self.line_points}")
+        if self.dtype not in ("auto", *SCORE_DTYPES):
+            problems.append(f"--dtype must be auto, {', '.join(SCORE_DTYPES)}, got {self.dtype!r}")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -180,9 +186,11 @@ def text_windows(tokens: list[int], block: int, batch_size: int) -> list[tuple[t
     return list(spaced_windows(np.asarray(tokens, dtype=np.int64), block, len(tokens), batch_size))
 
 
-def loss_fn(model: torch.nn.Module, windows: list, byte_lengths: torch.Tensor) -> Callable[[], float]:
-    """The mean validation loss of model's current weights on windows (float32, the one scorer)."""
-    return lambda: score(model, windows, byte_lengths, "float32").loss
+def loss_fn(
+    model: torch.nn.Module, windows: list, byte_lengths: torch.Tensor, dtype: str = "float32"
+) -> Callable[[], float]:
+    """The mean validation loss of model's current weights on windows (the one scorer, in dtype)."""
+    return lambda: score(model, windows, byte_lengths, dtype).loss
 
 
 # ---- the slices ------------------------------------------------------------------------------------------------
@@ -269,7 +277,10 @@ def landscape(
     )
     if cfg.batches:
         windows = windows[: cfg.batches]
-    loss = loss_fn(model, windows, torch.tensor(tok.token_byte_lengths(), dtype=torch.long))
+    dtype = cfg.dtype if cfg.dtype != "auto" else run.read_config().get("runtime", {}).get("dtype", "float32")
+    if dtype not in SCORE_DTYPES:
+        dtype = "float32"
+    loss = loss_fn(model, windows, torch.tensor(tok.token_byte_lengths(), dtype=torch.long), dtype)
     theta = weights_of(model)
     gen = torch.Generator().manual_seed(cfg.seed)
     d1, d2 = filter_normalized(theta, gen), filter_normalized(theta, gen)
@@ -293,6 +304,7 @@ def landscape(
         "run": str(run.path),
         "weights": "best" if best else "final",
         "config": asdict(cfg),
+        "dtype": dtype,
         "windows": len(windows),
         "tokens": int(sum(y.numel() for _, y in windows)),
         "center_loss": center,
