@@ -14,7 +14,7 @@ DEMO_RUN   ?= runs/demo
 DEMO_TIME  ?= 2m
 DEMO_FLAGS ?=   # none: --size auto chooses the model, batch and learning rate for the 2 minutes on this machine
 
-.PHONY: demo test lint format test-cpus venv clean
+.PHONY: demo test lint format docs docs-serve test-cpus venv clean
 
 # llama-cpp-python (a dev extra: the GGUF tests run llama.cpp) builds from source: only the library, for this CPU.
 LLAMA_CMAKE ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF
@@ -40,8 +40,16 @@ demo: venv
 	@echo "--- validation ---"
 	@$(PY) -c "import json; s=json.load(open('$(DEMO_RUN)/summary.json')); print(f\"val loss {s['val_loss']:.4f} | val bits per byte {s['val_bpb']:.4f} | {s['steps']} steps, {s['tokens_per_s']:,.0f} tok/s\")"
 
-test: $(VENV)/.installed-dev lint
+test: $(VENV)/.installed-dev lint docs
 	$(PY) -m pytest
+
+# The site (mkdocs-material): every page of docs/, one page per command from the parser, the API from the
+# docstrings. --strict: a broken link or a missing page fails the build (and so `make test`).
+docs: $(VENV)/.installed-dev
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+docs-serve: $(VENV)/.installed-dev
+	$(VENV)/bin/mkdocs serve
 
 # ruff (pyflakes, pycodestyle, 120 columns; the formatter's layout) and the import contracts of pyproject.toml
 # (the layers of the code): seconds. `make format` applies the formatter.
@@ -62,4 +70,4 @@ test-cpus: $(VENV)/.installed-dev
 	$(PY) tools/test_cpus.py --repeat $(REPEAT) $(foreach c,$(CPUS),--only $(c))
 
 clean:
-	rm -rf $(VENV) runs .cache
+	rm -rf $(VENV) runs .cache site
