@@ -14,7 +14,7 @@ DEMO_RUN   ?= runs/demo
 DEMO_TIME  ?= 2m
 DEMO_FLAGS ?=   # none: --size auto chooses the model, batch and learning rate for the 2 minutes on this machine
 
-.PHONY: demo test lint format docs docs-serve test-cpus venv clean
+.PHONY: demo test lint format docs docs-serve docs-figures test-cpus venv clean
 
 # llama-cpp-python (a dev extra: the GGUF tests run llama.cpp) builds from source: only the library, for this CPU.
 LLAMA_CMAKE ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF
@@ -48,18 +48,22 @@ test: $(VENV)/.installed-dev lint docs
 docs: $(VENV)/.installed-dev
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
+# The course's pictures, redrawn by running its chapters at full size (a few minutes on 2 cores).
+docs-figures: $(VENV)/.installed-dev
+	for f in docs/course/[0-9]*.py; do $(PY) $$f || exit 1; done
+
 docs-serve: $(VENV)/.installed-dev
 	$(VENV)/bin/mkdocs serve
 
 # ruff (pyflakes, pycodestyle, 120 columns; the formatter's layout) and the import contracts of pyproject.toml
 # (the layers of the code): seconds. `make format` applies the formatter.
 lint: $(VENV)/.installed-dev
-	$(VENV)/bin/ruff check gradlm tests tools benchmarks
-	$(VENV)/bin/ruff format --check gradlm tests tools benchmarks
+	$(VENV)/bin/ruff check gradlm tests tools benchmarks docs
+	$(VENV)/bin/ruff format --check gradlm tests tools benchmarks docs
 	$(VENV)/bin/lint-imports
 
 format: $(VENV)/.installed-dev
-	$(VENV)/bin/ruff format gradlm tests tools benchmarks
+	$(VENV)/bin/ruff format gradlm tests tools benchmarks docs
 
 # The tests that touch numerics once per CPU kernel choice this machine can play (tools/test_cpus.py):
 # make test-cpus                         every setting, once
