@@ -2,30 +2,19 @@
 Before training the rows are random and no token is near another; after, tokens used alike have moved close
 together. The script trains a small model and compares each token's nearest neighbour before and after."""
 
-import tempfile
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from _common import args, plt
+from _common import args, plt, small_run
 
-from gradlm import TrainConfig, train
 from gradlm.evaluation.inspection import neighbors
 from gradlm.evaluation.landscape import initial_weights  # the weights training started from
 from gradlm.model.transformer import ModelConfig
 from gradlm.rundir import RunDir, load_model
-from gradlm.text.datasets import resolve
 
 a = args(__doc__)
-work = Path(tempfile.mkdtemp(prefix="course-02-"))
-data = work / "shakespeare.txt"
-data.write_text(resolve("shakespeare").read_text(encoding="utf-8")[: 100_000 if a.tiny else None], encoding="utf-8")
-shape = ModelConfig(n_layer=2, d_model=64, n_head=4, block_size=64)
-cfg = TrainConfig(data=str(data), out=str(work / "run"), vocab_size=512 if a.tiny else 1024,
-                  max_steps=20 if a.tiny else 600, eval_tokens=1024, progress=False, plots=False, seed=0)  # fmt: skip
-train(shape, cfg)
-model, tok = load_model(work / "run")
-start = RunDir(work / "run")
+run, _ = small_run(a.tiny, ModelConfig(n_layer=2, d_model=64, n_head=4, block_size=64), max_steps=600)
+model, tok = load_model(run)
+start = RunDir(run)
 
 
 def nearest_cosine(weight: torch.Tensor) -> float:

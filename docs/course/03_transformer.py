@@ -3,28 +3,17 @@ what it read (the MLP). The script trains a small model and looks at its attenti
 before (a "previous-token head", one of the first things a language model learns), and what each layer would
 predict if it were the last (the logit lens)."""
 
-import tempfile
-from pathlib import Path
-
 import torch
-from _common import args
+from _common import args, small_run
 
-from gradlm import TrainConfig, train
 from gradlm.evaluation.inspection import inspect_text
 from gradlm.model.transformer import ModelConfig
 from gradlm.plots import plot_attention
 from gradlm.rundir import load_model
-from gradlm.text.datasets import resolve
 
 a = args(__doc__)
-work = Path(tempfile.mkdtemp(prefix="course-03-"))
-data = work / "shakespeare.txt"
-data.write_text(resolve("shakespeare").read_text(encoding="utf-8")[: 100_000 if a.tiny else None], encoding="utf-8")
-shape = ModelConfig(n_layer=3, d_model=64, n_head=4, block_size=64)
-cfg = TrainConfig(data=str(data), out=str(work / "run"), vocab_size=512 if a.tiny else 1024,
-                  max_steps=20 if a.tiny else 600, eval_tokens=1024, progress=False, plots=False, seed=0)  # fmt: skip
-train(shape, cfg)
-model, tok = load_model(work / "run")
+run, _ = small_run(a.tiny, ModelConfig(n_layer=3, d_model=64, n_head=4, block_size=64), max_steps=600)
+model, tok = load_model(run)
 
 text = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
 views = inspect_text(model, tok, text, lens=True)

@@ -3,30 +3,23 @@ what it found (gradlm landscape): a random plane through the trained weights, th
 and the straight line between them."""
 
 import shutil
-import tempfile
 from pathlib import Path
 
-from _common import args
+from _common import args, small_run
 
-from gradlm import ModelConfig, TrainConfig, train
+from gradlm import ModelConfig
 from gradlm.evaluation.landscape import LandscapeConfig, landscape
 
 a = args(__doc__)
-work = Path(tempfile.mkdtemp(prefix="course-09-"))
 shape = (
     dict(n_layer=2, d_model=64, n_head=4, block_size=64)
     if a.tiny
     else dict(n_layer=4, d_model=128, n_head=4, block_size=128)
 )
-data = "shakespeare"
-if a.tiny:  # the first 100 KB of it
-    from gradlm.text.datasets import resolve
-
-    data = str(work / "shakespeare_100k.txt")
-    Path(data).write_text(resolve("shakespeare").read_text(encoding="utf-8")[:100_000], encoding="utf-8")
-cfg = TrainConfig(data=data, out=str(work / "run"), vocab_size=512, max_steps=20 if a.tiny else 400,
-                  eval_tokens=1024 if a.tiny else 4096, progress=False, plots=False, seed=0)  # fmt: skip
-summary = train(ModelConfig(**shape), cfg)
+run, summary = small_run(
+    a.tiny, ModelConfig(**shape), max_steps=400, vocab_size=512, eval_tokens=1024 if a.tiny else 4096
+)
+work = run.parent
 grid = 5 if a.tiny else 15
 for plane in ("random", "init"):
     r = landscape(work / "run", LandscapeConfig(grid=grid, span=1.0 if plane == "random" else 1.5, plane=plane,
