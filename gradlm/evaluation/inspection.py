@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from gradlm.errors import ConfigError
 from gradlm.model.transformer import Transformer
-from gradlm.text.tokenizer import Tokenizer
+from gradlm.text.tokenizer import Tokenizer, show_token
 
 
 @dataclass
@@ -44,11 +44,6 @@ def _ids(model: Transformer, tok: Tokenizer, text: str) -> torch.Tensor:
             "shorten it"
         )
     return torch.tensor([ids], device=model.embed_tokens.weight.device)
-
-
-def show(tok: Tokenizer, i: int) -> str:
-    """A token as text, with its spaces and control characters visible."""
-    return tok.decode([i]).replace(" ", "·").replace("\n", "\\n").replace("\t", "\\t") or f"<{i}>"
 
 
 @torch.no_grad()
@@ -82,7 +77,7 @@ def forward_views(model: Transformer, idx: torch.Tensor) -> tuple[torch.Tensor, 
 
 def top(probs: torch.Tensor, tok: Tokenizer, k: int) -> list[Candidate]:
     p, i = probs[: tok.vocab_size].topk(min(k, tok.vocab_size))
-    return [Candidate(int(j), show(tok, int(j)), float(q)) for q, j in zip(p, i)]
+    return [Candidate(int(j), show_token(tok, int(j)), float(q)) for q, j in zip(p, i)]
 
 
 def inspect_text(model: Transformer, tok: Tokenizer, text: str, k: int = 5, lens: bool = False) -> dict:
@@ -99,7 +94,7 @@ def inspect_text(model: Transformer, tok: Tokenizer, text: str, k: int = 5, lens
     logits, attention, resid = forward_views(model, idx)
     probs = logits.softmax(-1)
     out = {
-        "tokens": [show(tok, int(i)) for i in idx[0]],
+        "tokens": [show_token(tok, int(i)) for i in idx[0]],
         "ids": idx[0].tolist(),
         "attention": attention.tolist(),
         "next": [[c.__dict__ for c in top(p, tok, k)] for p in probs],
@@ -124,9 +119,9 @@ def neighbors(model: Transformer, tok: Tokenizer, text: str, k: int = 10) -> lis
         s, j = sims.topk(min(k, tok.vocab_size - 1))
         out.append(
             {
-                "token": show(tok, i),
+                "token": show_token(tok, i),
                 "id": i,
-                "nearest": [{"text": show(tok, int(b)), "id": int(b), "cosine": float(a)} for a, b in zip(s, j)],
+                "nearest": [{"text": show_token(tok, int(b)), "id": int(b), "cosine": float(a)} for a, b in zip(s, j)],
             }
         )
     return out
