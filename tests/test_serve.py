@@ -411,6 +411,21 @@ def test_cli_serve_mistakes_are_one_line(run_dir, tmp_path, capsys):
     assert err.startswith("error: cannot listen on 127.0.0.1:") and err.count("\n") == 1
 
 
+def test_inspect_answers_what_gradlm_inspect_computes_and_refuses_bad_requests(http, lm):
+    from gradlm.evaluation.inspection import inspect_text
+
+    got = http.post("/inspect", json={"text": "HELLO", "top": 3, "lens": True}).json()
+    want = inspect_text(lm.model, lm.tok, "HELLO", k=3, lens=True)
+    assert got["tokens"] == want["tokens"] and got["next"] == want["next"] and got["lens"] == want["lens"]
+    att, ref = torch.tensor(got["attention"]), torch.tensor(want["attention"])
+    assert att.shape == ref.shape == (lm.model.cfg.n_layer, lm.model.cfg.n_head, len(want["ids"]), len(want["ids"]))
+    assert torch.allclose(att, ref, atol=5e-5)  # rounded to 4 decimals
+    assert "lens" not in http.post("/inspect", json={"text": "HELLO"}).json()
+    for body, says in (({"text": ""}, "the text is empty"), ({"text": "H", "top": 0}, "top must be between 1 and 20")):
+        r = http.post("/inspect", json=body)
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith(says), r.text
+
+
 # ---- the playground, in a real browser ---------------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -464,6 +479,17 @@ def test_playground_generates_tokens_with_probabilities_and_alternatives(url, tm
             boxes = page.locator("#tout .piece")
             assert boxes.count() == len(httpx.post(url + "/tokenize", json={"text": "acetominophen 🙂"}).json()["ids"])
             assert boxes.last.inner_text().split() == ["\\x82", "130"]  # the last byte of 🙂, and its id
+            page.click("nav button[data-tab=inspect]")
+            page.fill("#itext", "HELLO")
+            page.click("#inspectbtn")
+            page.wait_for_function("document.getElementById('istatus').textContent.includes('heads')", timeout=10_000)
+            views = httpx.post(url + "/inspect", json={"text": "HELLO"}).json()
+            assert page.locator("#itoks .piece").count() == len(views["tokens"])
+            assert page.locator("#inext tr").count() == 5  # the "alternatives shown" setting
+            page.locator("#itoks .piece").first.click()  # the first token becomes the query: it reads only itself
+            assert page.locator("#itoks .query").count() == 1 and page.locator("#inext tr").count() == 5
+            assert page.locator("#ilayer option").count() == len(views["attention"])
+            assert page.locator("#imap").evaluate("c => c.width") > 0
             assert not elsewhere and not console_errors, (elsewhere, console_errors)
         finally:
             browser.close()

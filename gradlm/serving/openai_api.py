@@ -31,6 +31,7 @@ from gradlm.text.chat import stop_ids as chat_stop_ids
 from gradlm.generation.constrain import Constraint, make_constraint
 from gradlm.generation.engine import Engine, Piece, Request
 from gradlm.errors import BusyError, ConfigError, GradlmError
+from gradlm.evaluation.inspection import inspect_text
 from gradlm.generation.generate import LM, SamplingConfig
 from gradlm.serving.webserver import bearer, key_problem, sse
 
@@ -120,6 +121,13 @@ class ChatRequest(Sampling):
 class TokenizeRequest(BaseModel):
     model: str | None = None
     text: str
+
+
+class InspectRequest(BaseModel):
+    model: str | None = None
+    text: str
+    top: int = 5  # next-token candidates at each position
+    lens: bool = False  # each layer's guess too (the logit lens)
 
 
 def _stops(stop: Any) -> tuple[str, ...]:
@@ -593,6 +601,21 @@ class Server:
             "offsets": offsets,
             "context_window": self.block,
         }
+
+    def inspect(self, body: InspectRequest) -> dict:
+        """inspect_text's views of one text (gradlm inspect): its tokens, the attention of every layer and head
+        (rounded to 4 decimals), the top next tokens at each position and, with lens, each layer's guess."""
+        self.check_model(body.model)
+        if not 1 <= body.top <= 20:
+            raise APIError(400, f"top must be between 1 and 20, got {body.top}", "top")
+        try:
+            views = inspect_text(self.lm.model, self.tok, body.text, k=body.top, lens=body.lens)
+        except ConfigError as e:
+            raise APIError(400, str(e), "text") from None
+        views["attention"] = [
+            [[[round(p, 4) for p in row] for row in head] for head in layer] for layer in views["attention"]
+        ]
+        return {"model": self.name, **views}
 
     def models(self) -> dict:
         return {"object": "list", "data": [self.model_card()]}

@@ -36,6 +36,7 @@ try:
         CompletionRequest,
         Server,
         TokenizeRequest,
+        InspectRequest,
         error_response,
     )
 except ImportError:  # the [serve] extra is missing: serve() says how to install it
@@ -239,6 +240,10 @@ def _add_generation_routes(app, server: Server) -> None:
     @app.post("/tokenize", dependencies=guarded)
     async def tokenize(body: TokenizeRequest):
         return server.tokenize(body)
+
+    @app.post("/inspect", dependencies=guarded)
+    def inspect(body: InspectRequest):  # plain def: a forward pass, run in the thread pool beside the engine
+        return server.inspect(body)
 
 
 def serve(
