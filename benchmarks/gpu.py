@@ -54,6 +54,7 @@ sys.path.insert(0, str(HERE))  # benchmarks/generate.py, benchmarks/quality.py
 
 from gradlm import runtime as runtime_module  # noqa: E402
 from gradlm.model.transformer import Transformer, ModelConfig, flops_per_token  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 SECTIONS = ("train", "generate", "serve", "tests", "quality")
 # The most seconds each section may take (estimates for an H100, not yet measured: train ~140 s, of which ~100 s are
@@ -174,17 +175,6 @@ def fmt(v: float, digits: int = 0) -> str:
 # ---- the machine -------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine(rt) -> dict:
     info = {
         "device": rt.device,
@@ -192,7 +182,7 @@ def machine(rt) -> dict:
         "torch": torch.__version__,
         "cuda_runtime": torch.version.cuda,
         "python": platform.python_version(),
-        "cpu": f"{cpu_model()}, {os.cpu_count()} cores",
+        "cpu": f"{cpu_name()}, {os.cpu_count()} cores",
         "gpu": None,
         "driver": None,
     }

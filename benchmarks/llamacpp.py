@@ -1,11 +1,12 @@
-"""gradlm's own decoding against llama.cpp on the same weights: f32, f16 and q8_0 GGUF exports, batch 1 and 8.
+"""gradlm's own decoding against llama.cpp on the same weights: f32, f16 and q8_0 GGUF exports, batch 1, 8 and 16.
 
 Takes a run (--run; by default trains one: 6 layers x 320 on Shakespeare for 200 steps), exports it with
 `gradlm export --format gguf` in each type, and decodes greedily, side by side in one process, alternating:
-gradlm (its engine, float32, KV cache) and llama.cpp through llama-cpp-python's low-level API (one
-context, a batch of N sequences, greedy argmax in numpy, so both pay a Python loop per step). Prompts are
-Shakespeare lines of different lengths; every row decodes --new-tokens tokens, no early stop. Tokens/s counts
-new tokens over the whole call, prefill included; each figure is the median of --repeats runs after a warm-up.
+gradlm (its engine with a KV cache, float32 and `--dtype int8`) and llama.cpp through llama-cpp-python's
+low-level API (one context, a batch of N sequences, greedy argmax in numpy, so both pay a Python loop per step).
+Prompts are Shakespeare lines of different lengths; every row decodes --new-tokens tokens, no early stop.
+Tokens/s counts new tokens over the whole call, prefill included; each
+figure is the median of --repeats runs after a warm-up.
 Agreement: the share of positions where llama.cpp's greedy token equals gradlm's, row by row up to the first
 difference ("exact" when every row matches), and the teacher-forced argmax agreement over gradlm's tokens.
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,6 +33,8 @@ from gradlm.generation.engine import Engine, Request
 from gradlm.model.sampling import SamplingConfig
 from gradlm.formats.gguf import export_gguf
 from gradlm.rundir import load_model
+from gradlm.runtime import Runtime
+from machine import cpu_flags, cpu_name
 
 
 def gradlm_decode(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int]]:
@@ -170,7 +172,7 @@ def main() -> None:
     ap.add_argument("--run", default="", help="run directory (default: train one into a temporary folder)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--batches", default="1,8,16")
     ap.add_argument("--threads", type=int, default=0, help="threads for both (0 = torch's default)")
     ap.add_argument(
         "--repack",
@@ -199,7 +201,7 @@ def main() -> None:
         f"{model.cfg.vocab_size}); gradlm float32"
     )
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads each; "
+        f"machine: {cpu_name()} ({cpu_flags()}), {os.cpu_count()} cores, {threads} threads each; "
         f"torch {torch.__version__}, "
         f"llama-cpp-python {llama_cpp.__version__}, weight repacking {'on' if repack else 'off'}; greedy, {n} new "
         f"tokens per row, median of {args.repeats}\n"
@@ -211,18 +213,22 @@ def main() -> None:
     for B in [int(b) for b in args.batches.split(",")]:
         prompts = [tok.encode(lines[i * 7 % len(lines)])[:48] for i in range(B)]
         engines = {t: LlamaCpp(f, B, max(map(len, prompts)) + n + 1, threads, repack) for t, f in files.items()}
-        ours = Engine(model, tok)
-        ref = gradlm_decode(ours, prompts, n)
+        ours, int8 = Engine(model, tok), Engine(model, tok, runtime=Runtime("cpu", "int8"))
+        ref, ref8 = gradlm_decode(ours, prompts, n), gradlm_decode(int8, prompts, n)
         outs = {t: e.decode(prompts, n) for t, e in engines.items()}  # warm-up
-        times = {"gradlm": [], **{t: [] for t in engines}}
+        times = {"gradlm": [], "int8": [], **{t: [] for t in engines}}
         for _ in range(args.repeats):
             t, ref = timed(lambda: gradlm_decode(ours, prompts, n))
             times["gradlm"].append(t)
+            t, ref8 = timed(lambda: gradlm_decode(int8, prompts, n))
+            times["int8"].append(t)
             for k, e in engines.items():
                 t, outs[k] = timed(lambda: e.decode(prompts, n))
                 times[k].append(t)
         base = B * n / statistics.median(times["gradlm"])
         print(f"| {B} | gradlm (float32) | {base:,.0f} | 1.00x | | |")
+        tps8 = B * n / statistics.median(times["int8"])
+        print(f"| {B} | gradlm (--dtype int8) | {tps8:,.0f} | {tps8 / base:.2f}x | {agreement(ref, ref8)} | |")
         for k, e in engines.items():
             tps = B * n / statistics.median(times[k])
             seq = prompts[0] + ref[0]

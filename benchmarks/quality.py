@@ -27,13 +27,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from machine import cpu_name
 
 RECIPE = [
     "--device=cpu",
@@ -192,10 +192,7 @@ def main() -> None:
         work = Path(tmp)
         (work / "train.txt").write_text(text[:cut], encoding="utf-8")
         (work / "val.txt").write_text(text[cut:], encoding="utf-8")
-        cpu = next(
-            (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-            platform.processor(),
-        )
+        cpu = cpu_name()
         print(f"machine: {cpu}, {os.cpu_count()} cores; corpus {len(text):,} characters (90% train / 10% held out)")
         if args.reference:
             T, ref_bpc = (float(v) for v in args.reference.split(","))

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from machine import cpu_name
 
 PROMPTS = [
     "ROMEO:",
@@ -184,16 +185,6 @@ def total(rounds: list[dict]) -> dict:
     }
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -223,7 +214,7 @@ def main() -> None:
         try:
             print(banner)
             print(
-                f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; "
+                f"machine: {cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; "
                 f"torch {torch.__version__}; Python {platform.python_version()}"
             )
             print(

@@ -12,7 +12,6 @@ model shapes that `--size auto` picks, and reports the ratio. Not a test: figure
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
@@ -20,18 +19,9 @@ import torch
 import gradlm.model.transformer as model_module
 from gradlm.model.transformer import Transformer, ModelConfig
 from gradlm.training.optim import build_optimizer
+from machine import cpu_name
 
 PATHS = {"sdpa": 0, "explicit": model_module.EXPLICIT_ATTENTION_MAX_CONTEXT}  # the context limit that selects each path
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def time_steps(shape: tuple[int, int, int, int], path: str, steps: int, bf16: bool) -> tuple[float, float]:

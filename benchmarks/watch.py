@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import time
 from pathlib import Path
 
 import httpx
+from machine import cpu_name
 
 SHAPE = [
     "--n-layer",
@@ -151,18 +151,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--viewers", type=int, default=2)
     args = ap.parse_args()
-    cpu = (
-        next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else platform.processor()
-    )
+    cpu = cpu_name()
     print(
         f"machine: {cpu}, {os.cpu_count()} cores; {args.steps} steps, evaluation every {args.eval_every}, "
         f"{args.viewers} viewers, {args.rounds} rounds alternating"
