@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from gradlm.text.corpus import jsonl_objects
 from gradlm.errors import ConfigError, DataError, check_field_types
+from gradlm.model.compiling import use_cache
 from gradlm.model.transformer import Transformer
 from gradlm.model.scoring import score, sliding_windows, window_plan
 from gradlm.text.tokenizer import Tokenizer
@@ -467,7 +468,10 @@ def run_eval(model: Transformer, tok: Tokenizer, cfg: EvalConfig, runtime=None) 
     """Everything `gradlm eval` reports, as a JSON-ready dict. runtime (gradlm/runtime.py): the device and
     weights' dtype the model was loaded in, and whether to compile what is scored (QA decodes on the engine)."""
     cfg.validate(model.cfg.block_size)
-    scored = torch.compile(model) if runtime is not None and runtime.compile else model
+    compiling = runtime is not None and runtime.compile
+    if compiling:
+        use_cache()  # inductor's compiled graphs kept in $GRADLM_CACHE/inductor
+    scored = torch.compile(model) if compiling else model
     param = next(model.parameters())
     report: dict = {"device": str(param.device), "dtype": str(param.dtype).removeprefix("torch.")}
     if cfg.data:

@@ -26,6 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from gradlm.model.compiling import Compiled
 from gradlm.model.transformer import Transformer, KVCache
 from gradlm.model.sampling import SamplingConfig, next_token
 
@@ -43,8 +44,9 @@ class Forward:
         self.model, self.int8 = model, int8
         self._key: tuple | None = None
         self._weights: tuple | None = None
-        # compile: torch.compile the fused step (`--compile on`), shapes dynamic (batch, prompt and cache length vary)
-        self._fused = torch.compile(fused_forward, dynamic=True) if compile else fused_forward
+        # compile: torch.compile the fused step (`--compile on`), shapes dynamic (batch, prompt and cache length vary);
+        # it says when it compiles and runs eagerly if compiling fails (gradlm/model/compiling.py)
+        self._fused = Compiled(fused_forward, "the decode step", dynamic=True) if compile else fused_forward
 
     def __call__(self, idx: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         model = self.model

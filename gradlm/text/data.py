@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gradlm.text import datasets
+from gradlm.layout import cache_dir
 from gradlm.text.corpus import source_files
 from gradlm.errors import DataError
 from gradlm.text.prepare import parse_size, prepare, train_tokenizer
@@ -230,7 +230,7 @@ def find_prepared(identity: str, hint: str | os.PathLike | None = None) -> Token
     """The prepared data with this identity (see TokenData.identity): at hint (the folder a run recorded)
     or anywhere in the cache of prepared text; None if there is none. Reads no raw text, so it works offline."""
     hinted = Path(hint) if hint else None
-    cache = datasets.cache_dir() / "prepared"
+    cache = cache_dir() / "prepared"
     places = ([hinted] if hinted else []) + (
         sorted(p for p in cache.iterdir() if p != hinted) if cache.is_dir() else []
     )
@@ -302,7 +302,7 @@ def _resolve_data(cfg, tokenizer: Tokenizer | None, log, trained_here: bool | No
             "format": 2,
         },
     )
-    cached = datasets.cache_dir() / "prepared" / key
+    cached = cache_dir() / "prepared" / key
     if (cached / "meta.json").is_file():
         data = TokenData(cached)
         if tokenizer is None or data.tokenizer.sha256 == tokenizer.sha256:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradlm.errors import DataError
+from gradlm.layout import cache_dir
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,6 @@ REGISTRY: dict[str, Dataset] = {
         )
     ]
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GRADLM_CACHE") or Path.home() / ".cache" / "gradlm")
 
 
 def sha256_file(path: Path) -> str:

@@ -184,7 +184,7 @@ def build_optimizer(
     fused: bool = False,
 ) -> torch.optim.Optimizer:
     """The optimizer for `model`, with weight decay on matrices only and base_lr on every group.
-    lr 0 means the optimizer's default (DEFAULT_LR). fused: AdamW's single-kernel update (for CUDA)."""
+    lr 0 means the optimizer's default (DEFAULT_LR). fused: AdamW's single-kernel update (CUDA and CPU)."""
     if name not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     lr = lr or DEFAULT_LR[name]
@@ -196,7 +196,7 @@ def build_optimizer(
     if name in ("sgd", "momentum", "nesterov"):
         mu = 0.0 if name == "sgd" else momentum
         return torch.optim.SGD(_groups(named, weight_decay, lr), lr=lr, momentum=mu, nesterov=name == "nesterov")
-    if name == "adamw":  # fused: one kernel for every parameter's update (CUDA)
+    if name == "adamw":  # fused: one kernel for every parameter's update
         return torch.optim.AdamW(_groups(named, weight_decay, lr), lr=lr, betas=betas, eps=eps, fused=fused or None)
     hidden = [(n, p) for n, p in named if muon_updates(n, p)]
     hidden_ids = {id(p) for _, p in hidden}
@@ -207,7 +207,7 @@ def build_optimizer(
         muon = Muon([p for _, p in hidden], lr=muon_lr, weight_decay=weight_decay)
     for g in muon.param_groups:
         g.update(base_lr=muon_lr, decay=True, label="lr_muon")
-    adamw = torch.optim.AdamW(_groups(rest, weight_decay, lr), lr=lr, betas=betas, eps=eps)
+    adamw = torch.optim.AdamW(_groups(rest, weight_decay, lr), lr=lr, betas=betas, eps=eps, fused=fused or None)
     return Combined({"muon": muon, "adamw": adamw})
 
 

@@ -1,0 +1,67 @@
+"""torch.compile that never surprises a user: it says when it compiles, keeps what it compiled, and never crashes.
+
+    step = Compiled(fused_forward, "the decode step", dynamic=True)
+    step(model, weights, idx, cache, last_only)     # the first call (and each new shape) compiles, and says so
+
+- Each call that compiled a new graph writes one line: "compiling the decode step: 12.3 s (cached in
+  ~/.cache/gradlm/inductor for next time)". Inductor's on-disk caches (FX graphs, AOTAutograd, kernels) live in
+  $GRADLM_CACHE/inductor unless TORCHINDUCTOR_CACHE_DIR says otherwise, so a second process compiles the same
+  shapes in seconds.
+- A call that fails to compile runs eagerly instead, with one warning line, and every later call is eager too.
+  (A failure while compiling happens before the graph runs, so nothing ran twice; an error of the function itself
+  is raised again by the eager call.) `--compile off` never compiles at all.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gradlm.layout import cache_dir
+
+
+def use_cache() -> Path:
+    """Where inductor keeps what it compiled: TORCHINDUCTOR_CACHE_DIR, set to $GRADLM_CACHE/inductor if unset."""
+    return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor")))
+
+
+def graphs_compiled() -> int:
+    """How many graphs dynamo has compiled in this process so far."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+class Compiled:
+    """fn through torch.compile(**options), saying each compile and falling back to fn when compiling fails.
+    what names fn in the lines it writes; say writes them (default: to stderr)."""
+
+    def __init__(self, fn: Callable, what: str, say: Callable[[str], None] | None = None, **options):
+        self.eager, self.what = fn, what
+        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.cache = use_cache()
+        self.fn = torch.compile(fn, **options)
+        self.failed = False
+
+    def __call__(self, *args, **kwargs):
+        if self.failed:
+            return self.eager(*args, **kwargs)
+        before, start = graphs_compiled(), time.perf_counter()
+        try:
+            out = self.fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001  (any failure of the compiler: run it as written)
+            self.failed = True
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            self.say(
+                f"warning: compiling {self.what} failed ({type(e).__name__}: {first}); running it without "
+                "compiling (--compile off skips the attempt)"
+            )
+            return self.eager(*args, **kwargs)
+        if graphs_compiled() > before:
+            self.say(
+                f"compiling {self.what}: {time.perf_counter() - start:.1f} s (cached in {self.cache} for next time)"
+            )
+        return out

@@ -1,0 +1,52 @@
+"""torch.compile never surprises a user (gradlm/model/compiling.py): each compile is said once with its time, what it
+compiled is kept under $GRADLM_CACHE/inductor, and a compile that fails runs the step eagerly with one warning."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from gradlm.model import compiling
+from gradlm.model.compiling import Compiled
+from gradlm.model.infer import Forward, decode
+from gradlm.model.sampling import SamplingConfig
+
+from conftest import sharp_model
+
+
+def test_each_new_shape_says_it_compiled_once_and_inductor_caches_in_gradlms_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADLM_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # restored after the test
+    lines = []
+    # dynamo's graphs without inductor's C++ (seconds, not tens of them): what is said does not depend on the backend
+    step = Compiled(lambda x: torch.sin(x) * 2 + 1, "a test step", say=lines.append, dynamic=False, backend="eager")
+    x = torch.arange(6.0)
+    assert torch.allclose(step(x), torch.sin(x) * 2 + 1)
+    step(x + 1)  # the same shape: no second compile
+    assert len(lines) == 1 and lines[0].startswith("compiling a test step: ") and str(tmp_path / "inductor") in lines[0]
+    step(torch.arange(9.0))  # a new shape compiles again, and says so
+    assert len(lines) == 2 and lines[1].startswith("compiling a test step: ")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")  # where inductor keeps its graphs
+
+
+def test_a_step_that_fails_to_compile_runs_eagerly_after_one_warning(monkeypatch, tok):
+    def broken_compile(fn, **options):
+        def compiled(*args, **kwargs):
+            raise RuntimeError("inductor could not lower this\nand more detail")
+
+        return compiled
+
+    monkeypatch.setattr(compiling.torch, "compile", broken_compile)
+    model = sharp_model(tok.vocab_size)
+    cfg = SamplingConfig(temperature=0, max_new_tokens=12)
+    want = decode(model, [1, 2, 3], 12, cfg, forward=Forward(model))
+    lines = []
+    forward = Forward(model, compile=True)
+    forward._fused.say = lines.append
+    assert decode(model, [1, 2, 3], 12, cfg, forward=forward) == want
+    assert decode(model, [4, 5], 6, cfg, forward=forward)  # and again: eager from now on, no second warning
+    assert lines == [
+        "warning: compiling the decode step failed (RuntimeError: inductor could not lower this); running it without "
+        "compiling (--compile off skips the attempt)"
+    ]
