@@ -804,6 +804,7 @@ LR_FIND_SKIP = (
     "size",
     "sample_tokens",
     "sample_prompt",
+    "snapshots",
 )
 
 
