@@ -21,6 +21,7 @@ from gradlm.evaluation.landscape import (
     initial_weights,
     landscape,
     loss_fn,
+    path_directions,
     project_path,
     run_windows,
     slice_1d,
@@ -184,6 +185,9 @@ def test_snapshots_are_taken_at_evenly_spaced_steps_and_resume_neither_repeats_n
     train(tiny_config(300), path_cfg(text_file, parts, snapshots=3, resume=True))
     assert RunDir(parts).list_snapshots() == [3, 6, 9]
     assert all(same(snapshot(whole, s), snapshot(parts, s)) for s in (3, 6, 9))  # step 9 taken again, exactly
+    # a budget extended on resume goes on at the points of the new budget: 24 steps, after 12 the next is at 3/4
+    train(tiny_config(300), path_cfg(text_file, parts, snapshots=3, max_steps=24, resume=True), given={"max_steps"})
+    assert RunDir(parts).list_snapshots() == [3, 6, 9, 18]
 
 
 def test_a_divergence_guard_restore_takes_back_the_snapshots_of_the_steps_it_undoes(text_file, tmp_path):
@@ -213,6 +217,25 @@ def test_the_path_is_projected_by_least_squares_onto_directions_that_are_not_ort
     assert held == pytest.approx(1.0)
     coords, off_plane, held = project_path([{"w": point["w"] + off["w"]}], d1, d2)
     assert off_plane[0] > 0.1 and held < 1
+
+
+def test_the_paths_directions_are_its_top_two_singular_vectors_not_centred():
+    g = torch.Generator().manual_seed(1)
+    diffs = [{"m": torch.randn(5, 3, generator=g), "v": torch.randn(4, generator=g)} for _ in range(4)]
+    d1, d2 = path_directions(diffs, g)
+
+    def flat(d):
+        return torch.cat([d["m"].reshape(-1), d["v"]]).double()
+
+    u, v, m = flat(d1), flat(d2), torch.stack([flat(d) for d in diffs])
+    assert float(u.norm()) == pytest.approx(1.0, abs=1e-6) and float(v.norm()) == pytest.approx(1.0, abs=1e-6)
+    assert float(u @ v) == pytest.approx(0.0, abs=1e-6)  # unit and orthogonal: not filter-normalised
+    _, s, vh = torch.linalg.svd(m, full_matrices=False)  # the reference: the points' matrix, not centred
+    plane, reference = torch.stack([u, v]).T, vh[:2].T
+    assert torch.allclose(plane @ plane.T, reference @ reference.T, atol=1e-5)  # the same plane
+    assert float(m[0] @ u) > 0 and float(m[0] @ v) > 0  # signed toward the first point (the initial weights)
+    _, _, held = project_path(diffs, d1, d2)
+    assert held == pytest.approx(float((s[:2] ** 2).sum() / (s**2).sum()), rel=1e-5)
 
 
 @pytest.fixture(scope="module")
