@@ -585,6 +585,11 @@ def cmd_landscape(args) -> None:
         t = r["line_t"]
         start = r["line"][min(range(len(t)), key=lambda i: abs(t[i]))]
         print(f"the line from the initial weights: loss {start:.4f} there, {r['center_loss']:.4f} at the trained ones")
+    if r["path"]:
+        print(
+            f"the path training recorded ({len(r['path']) - 2} snapshots), projected onto the plane: it holds "
+            f"{r['path_explained']:.1%} of the path's variance"
+        )
     print(f"wrote {where}/landscape.json and its pictures ({r['seconds']:.1f} s)")
 
 
@@ -804,6 +809,7 @@ LR_FIND_SKIP = (
     "size",
     "sample_tokens",
     "sample_prompt",
+    "snapshots",
 )
 
 

@@ -24,6 +24,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER = "adapter.safetensors"
 BEST_ADAPTER = "best_adapter.safetensors"
 TRACKERS = "trackers.json"
+SNAPSHOTS = "snapshots"  # --snapshots N: the weights at N points of the run, step-NNNNNNN.safetensors (its path)
 RUN_MARKERS = (CONFIG, METRICS)  # either one makes a folder a run directory (a run being written has one of them first)
 
 # gradlm lr-find --out DIR, gradlm compare --out DIR

@@ -271,42 +271,61 @@ def _pair_heat_map(fig, ax, axis: list[tuple[str, list[str], list[int]]], values
 
 
 def plot_landscape(result: dict, folder: str | os.PathLike) -> list[Path]:
-    """gradlm landscape's pictures in folder: the 1-D slice, the 2-D slice as contours and as a surface, and the
-    line from the initial weights (if sampled). The trained weights are the centre (0, 0) of every slice."""
+    """gradlm landscape's pictures in folder: the 1-D slice, the 2-D slice as contours (with the recorded path
+    projected onto the plane, if the run has one) and as a surface, and the line from the initial weights (if
+    sampled). The trained weights are the centre (0, 0) of every slice."""
     import numpy as np
 
     plt, folder = _plt(), Path(folder)
     axis = np.asarray(result["axis"])
+    axis_b = np.asarray(result.get("axis_b", axis))
     one, two = np.asarray(result["slice_1d"], dtype=float), np.asarray(result["slice_2d"], dtype=float)
-    plane = result["config"]["plane"]
-    d1 = "toward the initial weights (a = 1)" if plane == "init" else "random direction d1"
+    plane, path = result["config"]["plane"], result.get("path") or []
+    d1, d2, scaled = {
+        "init": ("toward the initial weights (a = 1)", "random direction d2", "filter-normalised"),
+        "path": ("path's first principal component", "path's second principal component", "unit norm"),
+    }.get(plane, ("random direction d1", "random direction d2", "filter-normalised"))
     title = f"{Path(result['run']).name}: validation loss around the {result['weights']} weights"
+    if path:
+        held = f"{100 * result['path_explained']:.1f}% of the path's variance"
+        title += f"\n{'the two components explain' if plane == 'path' else 'the plane holds'} {held}"
     paths = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(axis, one, marker=".")
     ax.axvline(0, color="grey", lw=0.8, ls=":")
-    ax.set(xlabel=f"a, along the {d1} (filter-normalised)", ylabel="loss", title=title)
+    ax.set(xlabel=f"a, along the {d1} ({scaled})", ylabel="loss", title=title)
     ax.annotate(f"curvature at 0: {result['curvature_d1']:.3g}", xy=(0.02, 0.95), xycoords="axes fraction", va="top")
     paths.append(_save(fig, folder / "landscape_1d.png"))
 
     clipped = np.minimum(two, np.nanpercentile(two, 95))  # a few huge losses at the corners would flatten the map
     levels = np.linspace(np.nanmin(clipped), np.nanmax(clipped), 25)
     fig, ax = plt.subplots(figsize=(6, 5))
-    filled = ax.contourf(axis, axis, clipped, levels=levels, cmap="viridis")
-    ax.contour(axis, axis, clipped, levels=levels[::3], colors="white", linewidths=0.5)
+    filled = ax.contourf(axis, axis_b, clipped, levels=levels, cmap="viridis")
+    ax.contour(axis, axis_b, clipped, levels=levels[::3], colors="white", linewidths=0.5)
+    if path:  # projected onto the plane; a point off the grid is cut off at its edge
+        pa, pb = [p["a"] for p in path], [p["b"] for p in path]
+        ax.plot(pa, pb, color="white", lw=1.2, marker="o", ms=4, mfc="orange", mec="black", label="training path")
+        ax.plot(pa[:1], pb[:1], "o", ms=8, mfc="none", mec="orange", mew=2, label="its start (initial weights)")
     ax.plot([0], [0], "r*", ms=12, label="trained weights")
-    if plane == "init" and axis[0] <= 1 <= axis[-1]:
+    if plane == "init" and axis[0] <= 1 <= axis[-1] and not path:
         ax.plot([1], [0], "wo", ms=7, label="initial weights")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlim(axis[0], axis[-1])
+    ax.set_ylim(axis_b[0], axis_b[-1])
+    ax.legend(loc="best" if path else "upper right", fontsize=8)
     fig.colorbar(filled, label="loss (clipped at its 95th percentile)")
-    ax.set(xlabel=f"a ({d1})", ylabel="b (random direction d2)", title=title)
+    ax.set(xlabel=f"a ({d1})", ylabel=f"b ({d2})", title=title)
     paths.append(_save(fig, folder / "landscape_2d.png"))
 
     fig = plt.figure(figsize=(6.5, 5))
     ax = fig.add_subplot(projection="3d")
-    a, b = np.meshgrid(axis, axis)
-    ax.plot_surface(a, b, clipped, cmap="viridis", linewidth=0, antialiased=True)
+    a, b = np.meshgrid(axis, axis_b)
+    ax.plot_surface(a, b, clipped, cmap="viridis", linewidth=0, antialiased=True, alpha=0.85 if path else 1.0)
+    inside = [p for p in path if axis[0] <= p["a"] <= axis[-1] and axis_b[0] <= p["b"] <= axis_b[-1]]
+    if inside:  # the path at the loss of its projection, on the surface
+        top = np.nanmax(clipped)
+        zs = [min(p["plane_loss"], top) if p["plane_loss"] is not None else top for p in inside]
+        ax.plot([p["a"] for p in inside], [p["b"] for p in inside], zs, color="red", marker="o", ms=3, zorder=10)
     ax.set(xlabel="a", ylabel="b", zlabel="loss", title=title)
     paths.append(_save(fig, folder / "landscape_3d.png"))
 

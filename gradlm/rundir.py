@@ -17,6 +17,8 @@
       samples.jsonl        what the model writes at each evaluation: a seeded sample from a fixed prompt
       summary.json         the final report of the last training
       plots/               curves as PNG
+      snapshots/           --snapshots N: the weights at N points of the run, evenly spaced over its budget
+                           (step-NNNNNNN.safetensors, metadata {"step"}): the path it took (gradlm landscape)
       trackers.json        --logger: each experiment tracker's id of this run
                            (gradlm/training/trackers.py); tensorboard/
                            and wandb/ hold those trackers' own files
@@ -82,6 +84,7 @@ class RunDir:
         self.training_plot = p / layout.TRAINING_PLOT
         self.plots = self.training_plot.parent
         self.lock_file = p / layout.LOCK
+        self.snapshots = p / layout.SNAPSHOTS
         self.adapter_config, self.adapter, self.best_adapter = (
             p / layout.ADAPTER_CONFIG,
             p / layout.ADAPTER,
@@ -178,6 +181,12 @@ class RunDir:
             raise RunDirError(
                 f"{self.path} has no {path.name} yet (it is written at the first evaluation); drop --best"
             )
+        self._load_into(model, path)
+        return weights_step(path)
+
+    def _load_into(self, model: Transformer, path: Path) -> None:
+        """Load a weights file of this run (a checkpoint's, or a snapshot) into model; a LoRA run's holds an
+        adapter, folded into its base run's weights."""
         try:
             if self.has_adapter():
                 adapter = self.read_adapter_config()
@@ -187,7 +196,38 @@ class RunDir:
                 model.load_weights(ckpt.load_weights(path))
         except ValueError as e:
             raise RunDirError(f"{path} does not fit the model in config.json: {e}") from None
-        return weights_step(path)
+
+    # ---- the path training took: --snapshots
+
+    def snapshot_path(self, step: int) -> Path:
+        return self.snapshots / f"step-{step:07d}.safetensors"
+
+    def save_snapshot(self, weights: dict[str, torch.Tensor], step: int) -> None:
+        """snapshots/step-NNNNNNN.safetensors: the tensors a checkpoint keeps, at this step, written atomically
+        (a second snapshot of the same step replaces the first)."""
+        try:
+            ckpt.save_weights(self.snapshot_path(step), weights, {"step": str(step)})
+        except OSError as e:
+            raise RunDirError(_write_failure(self.path, e, "snapshot")) from None
+
+    def list_snapshots(self) -> list[int]:
+        """The steps of the run's snapshots, in order."""
+        if not self.snapshots.is_dir():
+            return []
+        names = [p.name for p in self.snapshots.glob("step-*.safetensors")]
+        steps = (n.removeprefix("step-").removesuffix(".safetensors") for n in names)
+        return sorted(int(s) for s in steps if s.isdigit())
+
+    def drop_snapshots(self, after: int) -> None:
+        """Remove the snapshots of the steps after `after`: a run going back to that step (a resume, a divergence
+        guard restore) takes them again on its way."""
+        for step in self.list_snapshots():
+            if step > after:
+                self.snapshot_path(step).unlink(missing_ok=True)
+
+    def load_snapshot_into(self, model: Transformer, step: int) -> None:
+        """Load the snapshot of this step into model (a LoRA run's: its adapter folded into the base weights)."""
+        self._load_into(model, self.snapshot_path(step))
 
     def write_chat_template(self) -> Path:
         """chat_template.jinja: the run was fine-tuned for chat (or from a run that was); see gradlm/text/chat.py."""

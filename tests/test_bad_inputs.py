@@ -430,6 +430,7 @@ def test_lr_find_offers_only_flags_that_mean_something_to_it(capsys):
         "--resume",
         "--sample-tokens",
         "--sample-prompt",
+        "--snapshots",
     ):
         assert flag not in text, flag
     # --out: where the sweep is recorded

@@ -1,6 +1,7 @@
 """The loss surface (gradlm/evaluation/landscape.py): filter-normalised directions, slices that recover a known
 quadratic's curvature, the centre equal to the run's own validation loss, the initial weights rebuilt exactly,
-the plane through the initial weights, and the command's files and mistakes."""
+the plane through the initial weights, the path training recorded (--snapshots: written at evenly spaced steps,
+kept exact by resume and the divergence guard) and its own plane, and the command's files and mistakes."""
 
 from __future__ import annotations
 
@@ -10,13 +11,19 @@ import numpy as np
 import pytest
 import torch
 
+from gradlm import files
 from gradlm.cli import main
+from gradlm.errors import ConfigError
 from gradlm.evaluation.landscape import (
     LandscapeConfig,
     curvature,
     filter_normalized,
     initial_weights,
     landscape,
+    loss_fn,
+    path_directions,
+    project_path,
+    run_windows,
     slice_1d,
     slice_2d,
     weights_of,
@@ -128,6 +135,7 @@ def test_the_command_writes_its_pictures_and_refuses_mistakes(run, tmp_path, cap
         (["--plane", "pca"], "--plane must be one of random, init"),
         (["--span", "0"], "--span must be a positive number"),
         (["--dtype", "int8"], "--dtype must be auto, float32, bfloat16"),
+        (["--plane", "path"], "recorded none (no snapshots/); train with --snapshots N"),
     ):
         assert main(["landscape", str(out), "--out", str(tmp_path / "bad"), *bad]) == 2
         err = capsys.readouterr().err
@@ -135,3 +143,134 @@ def test_the_command_writes_its_pictures_and_refuses_mistakes(run, tmp_path, cap
         assert not (tmp_path / "bad").exists()
     assert main(["landscape", str(tmp_path / "nope")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+# ---- the path training took: --snapshots, --plane path -------------------------------------------------------
+
+
+def path_cfg(text_file, out, **kw) -> TrainConfig:
+    base = dict(
+        data=str(text_file), out=str(out), vocab_size=300, max_steps=12, batch="8", eval_every=4, eval_tokens=1024,
+        lr=3e-3, seed=4, dtype="float32", progress=False, plots=False, sample_tokens=0,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def snapshot(out, step: int) -> dict[str, torch.Tensor]:
+    return files.load_weights(RunDir(out).snapshot_path(step))
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_snapshots_are_taken_at_evenly_spaced_steps_and_resume_neither_repeats_nor_loses_them(text_file, tmp_path):
+    with pytest.raises(ConfigError, match="--snapshots must not be negative, got -1"):
+        TrainConfig(snapshots=-1).validate()
+    whole = tmp_path / "whole"
+    train(tiny_config(300), path_cfg(text_file, whole, snapshots=3))
+    assert RunDir(whole).list_snapshots() == [3, 6, 9]  # 12 steps: the points 1/4, 2/4, 3/4; the end is the checkpoint
+    assert json.loads(RunDir(whole).config.read_text())["train"]["snapshots"] == 3
+    assert files.weights_metadata(RunDir(whole).snapshot_path(6)) == {"step": "6"}
+    # the same run stopped at step 6: its weights there are the snapshot (the same tensors, in float32)
+    parts = tmp_path / "parts"
+    train(tiny_config(300), path_cfg(text_file, parts, snapshots=3, pause_at=6))
+    assert same(snapshot(whole, 6), files.load_weights(RunDir(parts).weights))
+    assert snapshot(whole, 6)["embed_tokens.weight"].dtype == torch.float32
+    # ... paused again at 8 (a checkpoint at step 8), and killed later, after it took snapshots past that checkpoint
+    train(tiny_config(300), path_cfg(text_file, parts, snapshots=3, pause_at=8, resume=True))
+    zeros = {k: torch.zeros_like(v) for k, v in snapshot(whole, 9).items()}
+    for step in (9, 10):
+        RunDir(parts).save_snapshot(zeros, step)
+    train(tiny_config(300), path_cfg(text_file, parts, snapshots=3, resume=True))
+    assert RunDir(parts).list_snapshots() == [3, 6, 9]
+    assert all(same(snapshot(whole, s), snapshot(parts, s)) for s in (3, 6, 9))  # step 9 taken again, exactly
+    # a budget extended on resume goes on at the points of the new budget: 24 steps, after 12 the next is at 3/4
+    train(tiny_config(300), path_cfg(text_file, parts, snapshots=3, max_steps=24, resume=True), given={"max_steps"})
+    assert RunDir(parts).list_snapshots() == [3, 6, 9, 18]
+
+
+def test_a_divergence_guard_restore_takes_back_the_snapshots_of_the_steps_it_undoes(text_file, tmp_path):
+    t = Trainer(tiny_config(300), path_cfg(text_file, tmp_path / "r", snapshots=3)).build()
+    t.start_run_dir()
+    good = t.snapshot()
+    t.step = 3  # 3 of 12 steps: the first point
+    t.record_path()
+    t.step = 4
+    t.record_path()  # not a point
+    assert RunDir(t.out).list_snapshots() == [3]
+    t.restore(good)  # the guard goes back to step 0
+    assert RunDir(t.out).list_snapshots() == [] and t.state.path_at == 0.0
+    t.step = 3
+    t.record_path()  # and on its way again takes the snapshot again
+    assert RunDir(t.out).list_snapshots() == [3]
+    t.close_run_dir()
+
+
+def test_the_path_is_projected_by_least_squares_onto_directions_that_are_not_orthogonal():
+    g = torch.Generator().manual_seed(0)
+    d1, d2, off = ({"w": torch.randn(6, 4, generator=g, dtype=torch.float64)} for _ in range(3))
+    d2 = {"w": d2["w"] + 0.5 * d1["w"]}  # far from orthogonal
+    point = {"w": 0.3 * d1["w"] - 0.2 * d2["w"]}
+    coords, off_plane, held = project_path([point, {"w": point["w"] + 0 * off["w"]}], d1, d2)
+    assert coords[0] == pytest.approx([0.3, -0.2], abs=1e-12) and off_plane[0] == pytest.approx(0.0, abs=1e-6)
+    assert held == pytest.approx(1.0)
+    coords, off_plane, held = project_path([{"w": point["w"] + off["w"]}], d1, d2)
+    assert off_plane[0] > 0.1 and held < 1
+
+
+def test_the_paths_directions_are_its_top_two_singular_vectors_not_centred():
+    g = torch.Generator().manual_seed(1)
+    diffs = [{"m": torch.randn(5, 3, generator=g), "v": torch.randn(4, generator=g)} for _ in range(4)]
+    d1, d2 = path_directions(diffs, g)
+
+    def flat(d):
+        return torch.cat([d["m"].reshape(-1), d["v"]]).double()
+
+    u, v, m = flat(d1), flat(d2), torch.stack([flat(d) for d in diffs])
+    assert float(u.norm()) == pytest.approx(1.0, abs=1e-6) and float(v.norm()) == pytest.approx(1.0, abs=1e-6)
+    assert float(u @ v) == pytest.approx(0.0, abs=1e-6)  # unit and orthogonal: not filter-normalised
+    _, s, vh = torch.linalg.svd(m, full_matrices=False)  # the reference: the points' matrix, not centred
+    plane, reference = torch.stack([u, v]).T, vh[:2].T
+    assert torch.allclose(plane @ plane.T, reference @ reference.T, atol=1e-5)  # the same plane
+    assert float(m[0] @ u) > 0 and float(m[0] @ v) > 0  # signed toward the first point (the initial weights)
+    _, _, held = project_path(diffs, d1, d2)
+    assert held == pytest.approx(float((s[:2] ** 2).sum() / (s**2).sum()), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def path_run(tmp_path_factory, text_file):
+    """A tiny run that recorded one snapshot (step 4 of 8): with the initial and final weights, a path that its
+    plane holds exactly."""
+    out = tmp_path_factory.mktemp("land") / "path"
+    train(tiny_config(300), path_cfg(text_file, out, max_steps=8, snapshots=1, eval_every=100, eval_tokens=2048))
+    assert RunDir(out).list_snapshots() == [4]
+    return out
+
+
+def test_the_plane_of_the_path_holds_it_and_the_loss_there_is_the_snapshots(path_run, tmp_path, capsys):
+    cfg = LandscapeConfig(grid=3, line_points=0, batch_size=4, plane="path")
+    r = landscape(path_run, cfg, out=tmp_path / "land", progress=False)
+    initial, step4, final = r["path"]
+    assert [p["name"] for p in r["path"]] == ["initial", "step 4", "final"] and step4["step"] == 4
+    assert (final["a"], final["b"]) == (0.0, 0.0) and final["plane_loss"] == r["center_loss"]  # theta*: the origin
+    assert r["path_explained"] == pytest.approx(1.0, abs=1e-6)  # two points besides theta*: a plane holds them
+    # the loss at the snapshot's point of the plane is the loss of its own weights, scored apart
+    model, tok = RunDir(path_run).load_model()
+    RunDir(path_run).load_snapshot_into(model, 4)
+    direct = loss_fn(model, run_windows(RunDir(path_run), 4), torch.tensor(tok.token_byte_lengths()), "float32")()
+    assert step4["loss"] == pytest.approx(direct, rel=1e-9)
+    assert step4["plane_loss"] == pytest.approx(direct, rel=1e-5) and step4["off_plane"] < 1e-3
+    assert initial["plane_loss"] == pytest.approx(initial["loss"], rel=1e-5) and initial["loss"] > direct
+    assert initial["a"] > 0  # the directions point toward where training started
+    # the grid spans every point of the path, with a margin; its centre is theta*
+    a, b = np.abs([p["a"] for p in r["path"]]).max(), np.abs([p["b"] for p in r["path"]]).max()
+    assert r["axis"][-1] == pytest.approx(1.25 * a) and r["axis_b"][-1] >= 1.25 * b
+    assert r["slice_2d"][1][1] == pytest.approx(r["center_loss"], rel=1e-9)
+    saved = json.loads((tmp_path / "land" / "landscape.json").read_text())
+    assert saved["path_explained"] == r["path_explained"] and saved["path"][1]["plane_loss"] == step4["plane_loss"]
+    # another plane draws the path too: with --plane init the initial weights are at (1, 0)
+    args = ["landscape", str(path_run), "--plane", "init", "--grid", "3", "--line-points", "0", "--batches", "1"]
+    assert main([*args, "--out", str(tmp_path / "init"), "--json"]) == 0
+    init = json.loads(capsys.readouterr().out)["path"]
+    assert init[0]["a"] == pytest.approx(1.0, abs=1e-6) and init[0]["b"] == pytest.approx(0.0, abs=1e-6)

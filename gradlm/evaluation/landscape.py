@@ -1,6 +1,7 @@
 """The loss surface around a trained model: what gradient descent walked on.
 
     gradlm landscape runs/demo                  # RUN/landscape/: landscape.json and four pictures
+    gradlm landscape runs/demo --plane path     # the plane of the path training took (train with --snapshots N)
 
 Three views, each the validation loss at weights near the trained ones theta*:
   1-D slice      L(theta* + a d1) for a in [-span, span]
@@ -14,6 +15,18 @@ The directions d1, d2 are random and normalised per filter (Li, Xu, Taylor, Stud
 and the scale invariance of normalised networks does not distort the picture; the norms' gains (1-D) are
 left where they are. With --plane init, d1 is the line from theta* back to theta0 (a = 1 is the initial
 weights) and d2 a random filter-normalised direction orthogonal to it: the plane holds where training started.
+
+The path training took, when the run recorded it (gradlm train --snapshots N: the weights at N points of its
+budget in RUN/snapshots/), is the initial weights, the snapshots and the final weights. With --plane path the
+plane is the path's own (Li et al., section 7): d1, d2 are the first two principal components of the points
+minus theta*, the unit vectors whose plane through theta* is closest to them in least squares (the top right
+singular vectors of the n_points x n_params matrix, computed from its n x n Gram matrix; not centred, as
+sklearn's PCA in Li et al.'s code is, because the plane must pass through theta*, the centre of the picture).
+These directions are NOT filter-normalised: a step of 1 is a step of norm 1 in weight space, and the grid spans
+the path's projection with a margin (--span scales it). The share of the path's variance (its squared distance
+from theta*) that the plane holds is reported; it is 1 when the path has at most two points besides theta*.
+With any plane, a recorded path is projected onto it (least squares on the two directions, which need not be
+orthogonal) and drawn on the contour map, with each point's loss and the loss at its projection.
 
 The initial weights are rebuilt exactly as training made them (the run's seed; the --init run's weights for
 a run that started from another), so every run has its line without having saved anything.
@@ -40,10 +53,11 @@ from gradlm import files
 from gradlm.errors import ConfigError, RunDirError
 from gradlm.model.scoring import SCORE_DTYPES, score, spaced_windows
 from gradlm.model.transformer import Transformer
-from gradlm.rundir import RunDir
+from gradlm.rundir import RunDir, weights_step
 from gradlm.text.data import find_prepared
 
-PLANES = ("random", "init")
+PLANES = ("random", "init", "path")
+PATH_MARGIN = 1.25  # --plane path: the grid reaches this times the path's farthest point along each direction
 
 
 @dataclass
@@ -51,14 +65,23 @@ class LandscapeConfig:
     """How the surface is sampled (the flags of `gradlm landscape`)."""
 
     grid: int = field(default=21, metadata={"help": "points per axis of the 2-D slice (and of the 1-D slice)"})
-    span: float = field(default=1.0, metadata={"help": "each slice covers [-span, span] along its directions"})
+    span: float = field(
+        default=1.0,
+        metadata={
+            "help": "each slice covers [-span, span] along its directions; --plane path: span x the path's reach "
+            "along each, plus a quarter"
+        },
+    )
     batches: int = field(
         default=0, metadata={"help": "batches of validation windows each loss averages (0 = all the run's windows)"}
     )
     batch_size: int = field(default=8, metadata={"help": "windows per forward pass"})
     plane: str = field(
         default="random",
-        metadata={"help": "random (two random directions) or init (the line to the initial weights + one random)"},
+        metadata={
+            "help": "random (two random directions), init (the line to the initial weights + one random) or path "
+            "(the first two principal components of the path training recorded with --snapshots)"
+        },
     )
     line_points: int = field(
         default=25, metadata={"help": "points on the line from the initial to the trained weights (0 = no line)"}
@@ -154,6 +177,80 @@ def initial_weights(run: RunDir) -> dict[str, torch.Tensor]:
         torch.manual_seed(train.get("seed", 0))  # as the trainer does before it makes the model
         model.reset_parameters(seed=train.get("seed", 0))
     return weights_of(model)
+
+
+# ---- the path training took (--snapshots) ---------------------------------------------------------------------
+
+
+def recorded_path(
+    run: RunDir, model: torch.nn.Module, theta, theta0, steps: list[int], loss: Callable[[], float], tick=lambda: None
+) -> list[dict]:
+    """The path a run recorded, in order: the initial weights theta0, the snapshots of these steps and the final
+    weights, each {"name", "step", "loss", "diff"}: its validation loss and its weights minus theta (the centre).
+    model is left at theta."""
+    points = []
+
+    def add(name: str, step: int) -> None:
+        w = weights_of(model)
+        points.append({"name": name, "step": step, "loss": loss(), "diff": {k: w[k] - theta[k] for k in theta}})
+        tick()
+
+    try:
+        set_weights(model, theta0, [])
+        add("initial", 0)
+        for step in steps:
+            run.load_snapshot_into(model, step)
+            add(f"step {step}", step)
+        add("final", run.load_weights_into(model))
+    finally:
+        set_weights(model, theta, [])
+    return points
+
+
+def path_directions(diffs: list[dict[str, torch.Tensor]], gen: torch.Generator) -> tuple[dict, dict]:
+    """The first two principal components of a path (diffs: its points minus theta*), not centred: the unit
+    directions of the plane through theta* closest to the points, from the eigenvectors of their Gram matrix
+    (the right singular vectors of the points' matrix). Each is signed so the first point (the initial weights)
+    lies on its positive side. A path along one line has no second: d2 is then a random unit direction
+    orthogonal to d1."""
+    n = len(diffs)
+    gram = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i, n):
+            gram[i, j] = gram[j, i] = _dot(diffs[i], diffs[j])
+    values, vectors = np.linalg.eigh(gram)
+    values, vectors = values[::-1], vectors[:, ::-1]  # the largest first
+    if not values[0] > 0:
+        raise ConfigError("the recorded path does not move: every point of it equals the weights at the centre")
+    dirs = []
+    for k in range(min(2, n)):
+        if values[k] <= 1e-12 * values[0]:
+            break
+        c = vectors[:, k] / math.sqrt(values[k])
+        d = {name: sum(float(c[i]) * diffs[i][name].double() for i in range(n)).float() for name in diffs[0]}
+        sign = -1.0 if _dot(d, diffs[0]) < 0 else 1.0
+        dirs.append({name: sign * v for name, v in d.items()})
+    if len(dirs) < 2:
+        d2 = orthogonal_to({k: torch.randn(v.shape, generator=gen) for k, v in dirs[0].items()}, dirs[0])
+        norm = math.sqrt(_dot(d2, d2))
+        dirs.append({k: v / norm for k, v in d2.items()})
+    return dirs[0], dirs[1]
+
+
+def project_path(diffs: list[dict[str, torch.Tensor]], d1, d2) -> tuple[np.ndarray, list[float], float]:
+    """The least-squares coordinates (a, b) of each displacement on the plane of d1 and d2 (any two independent
+    directions: the 2 x 2 normal equations), each one's share of its length off the plane, and the share of the
+    path's variance (its squared distance from theta*) that the plane holds."""
+    g = np.array([[_dot(d1, d1), _dot(d1, d2)], [_dot(d1, d2), _dot(d2, d2)]])
+    coords, off, held, total = [], [], 0.0, 0.0
+    for diff in diffs:
+        r = np.array([_dot(d1, diff), _dot(d2, diff)])
+        c = np.linalg.solve(g, r)
+        norm2, inside = _dot(diff, diff), float(c @ r)
+        coords.append(c)
+        off.append(math.sqrt(max(norm2 - inside, 0.0) / norm2) if norm2 > 0 else 0.0)
+        held, total = held + inside, total + norm2
+    return np.asarray(coords), off, min(held / total, 1.0) if total > 0 else 1.0
 
 
 # ---- the loss --------------------------------------------------------------------------------------------------
@@ -256,7 +353,8 @@ def landscape(
 ) -> dict:
     """Sample the loss surface around a run's weights; write landscape.json (and the pictures) in out
     (default RUN/landscape) and return what it holds: the axes, the losses, the centre's loss, the
-    curvature along d1 and the time it took. text: score on this text instead of the run's validation windows.
+    curvature along d1, the recorded path (if the run has snapshots) and the time it took. text: score on this
+    text instead of the run's validation windows.
 
         >>> r = landscape("runs/demo", LandscapeConfig(grid=11))   # doctest: +SKIP
         >>> r["center_loss"], r["curvature_d1"]
@@ -266,6 +364,14 @@ def landscape(
     run = RunDir(run_dir)
     if not run.exists():
         raise RunDirError(f"{run_dir} is not a run directory (no config.json); train one first")
+    final_step = weights_step(run.checkpoint_path()) if run.checkpoint_path().is_file() else -1
+    # a snapshot past the checkpoint is of steps an interrupted run has not kept (its resume takes them again)
+    steps = [s for s in run.list_snapshots() if final_step < 0 or s < final_step]
+    if cfg.plane == "path" and not steps:
+        raise ConfigError(
+            f"--plane path draws the path training took, and {run.path} recorded none (no snapshots/); train with "
+            "--snapshots N (e.g. --snapshots 10) to record it"
+        )
     out = Path(out) if out is not None else run.path / "landscape"
     files.check_output(out, "landscape folder", is_dir=True)
     t0 = time.time()
@@ -284,18 +390,32 @@ def landscape(
     theta = weights_of(model)
     gen = torch.Generator().manual_seed(cfg.seed)
     d1, d2 = filter_normalized(theta, gen), filter_normalized(theta, gen)
-    theta0 = initial_weights(run) if cfg.line_points or cfg.plane == "init" else None
-    if cfg.plane == "init":
-        d1 = {k: theta0[k] - theta[k] for k in theta}  # a = 1: the initial weights
-        d2 = orthogonal_to(d2, d1)
-    axis = np.linspace(-cfg.span, cfg.span, cfg.grid)
+    theta0 = initial_weights(run) if cfg.line_points or cfg.plane == "init" or steps else None
     ts = np.linspace(-0.25, 1.25, cfg.line_points) if cfg.line_points else np.zeros(0)
-    total = cfg.grid + cfg.grid * cfg.grid + len(ts)
+    n_path = len(steps) + 2 if steps else 0  # the initial weights, the snapshots, the final weights
+    total = cfg.grid + cfg.grid * cfg.grid + len(ts) + 2 * n_path
     bar = tqdm(total=total, desc="landscape", unit="loss", disable=not progress, leave=False)
     try:
         center = loss()
+        path = recorded_path(run, model, theta, theta0, steps, loss, bar.update) if steps else []
+        if cfg.plane == "init":
+            d1 = {k: theta0[k] - theta[k] for k in theta}  # a = 1: the initial weights
+            d2 = orthogonal_to(d2, d1)
+        elif cfg.plane == "path":
+            d1, d2 = path_directions([p["diff"] for p in path], gen)
+        coords, off, explained = project_path([p.pop("diff") for p in path], d1, d2) if path else (None, [], None)
+        axis = axis_b = np.linspace(-cfg.span, cfg.span, cfg.grid)
+        if cfg.plane == "path":  # the path's projection, and a margin
+            reach = np.abs(coords).max(axis=0) * PATH_MARGIN * cfg.span
+            axis = np.linspace(-reach[0], reach[0], cfg.grid)
+            axis_b = np.linspace(-max(reach[1], 0.1 * reach[0]), max(reach[1], 0.1 * reach[0]), cfg.grid)
+        for i, p in enumerate(path):  # each point's projection, and the loss there
+            a, b = float(coords[i, 0]), float(coords[i, 1])
+            set_weights(model, theta, [(a, d1), (b, d2)])
+            p.update(a=a, b=b, off_plane=off[i], plane_loss=loss())
+            bar.update()
         one = slice_1d(model, theta, d1, axis, loss, bar.update)
-        two = slice_2d(model, theta, d1, d2, axis, axis, loss, bar.update)
+        two = slice_2d(model, theta, d1, d2, axis, axis_b, loss, bar.update)
         line = interpolate(model, theta0, theta, ts, loss, bar.update) if len(ts) else np.zeros(0)
     finally:
         bar.close()
@@ -309,11 +429,14 @@ def landscape(
         "tokens": int(sum(y.numel() for _, y in windows)),
         "center_loss": center,
         "axis": axis.tolist(),
+        "axis_b": axis_b.tolist(),
         "slice_1d": one.tolist(),
         "slice_2d": two.tolist(),
         "line_t": ts.tolist(),
         "line": line.tolist(),
-        "curvature_d1": curvature(axis, one, within=cfg.span / 2),
+        "curvature_d1": curvature(axis, one, within=float(axis[-1]) / 2),
+        "path": path,  # with snapshots: name, step, loss, a, b, off_plane (share of its length), plane_loss
+        "path_explained": explained,  # the share of the path's variance the plane holds
         "seconds": round(time.time() - t0, 2),
     }
     files.atomic_write_dir(out, lambda tmp: _write(tmp, result, plots))

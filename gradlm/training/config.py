@@ -149,6 +149,13 @@ class TrainConfig:
         default="",
         metadata={"help": "the fixed prompt of those samples (default: the first tokens of the validation text)"},
     )
+    snapshots: int = field(
+        default=0,
+        metadata={
+            "help": "record the path training takes: save the weights N times, evenly spaced over the budget, into "
+            "RUN/snapshots/ (the final weights are the checkpoint), for `gradlm landscape RUN --plane path` (0 = off)"
+        },
+    )
     patience: int = field(
         default=0, metadata={"help": "early stopping: stop after N evaluations without improvement (0 = off)"}
     )
@@ -261,6 +268,7 @@ class TrainConfig:
             "guard_retries",
             "micro_batch",
             "pause_at",
+            "snapshots",
             "weight_decay",
             "grad_clip",
             "min_delta",

@@ -107,6 +107,16 @@ class TrainState:
     bad_evals: int = 0  # evaluations in a row without an improvement of --min-delta (early stopping)
     guard_used: int = 0  # divergence-guard restores so far
     eval_history: list = field(default_factory=list)  # (validation loss, training loss, step) of each evaluation
+    path_at: float = 0.0  # --snapshots: the budget's progress (0-1) at the last snapshot of the path
+
+    def snapshot_due(self, progress: float, n: int) -> bool:
+        """--snapshots n: whether the run, now at progress (0-1 of its budget), has passed one of the points
+        k / (n + 1), k = 1..n, since its last snapshot (then this one is recorded as taken). The end of the
+        budget never is: the final weights are the checkpoint."""
+        if not n or progress >= 1 or _point(progress, n) <= _point(self.path_at, n):
+            return False
+        self.path_at = progress
+        return True
 
     def evaluated(self, val_loss: float, train_loss: float, min_delta: float) -> bool:
         """Record an evaluation at the current step; True if it improved on the best by more than min_delta."""
@@ -128,6 +138,11 @@ class TrainState:
         for f in fields(self):
             if f.name in state:
                 setattr(self, f.name, state[f.name])
+
+
+def _point(progress: float, n: int) -> int:
+    """How many of the n snapshot points k / (n + 1) progress has reached (steps / max_steps: exactly)."""
+    return math.floor(progress * (n + 1) + 1e-9)
 
 
 def checkpoint_state(t) -> dict:
@@ -187,6 +202,8 @@ def extend_budget(t) -> None:
             f"(e.g. --max-steps {2 * t.step}): the learning rate warms up again to the run's peak (or to --lr) and "
             "decays over the new budget"
         )
+    if changed:  # --snapshots: the rest of the path at the points of the new budget
+        t.state.path_at = min(t.state.path_at, budget.progress())
     if changed and t.step > 0:
         # a fifth of the phase at most
         warmup = max(1, min(max(cfg.warmup_steps, 10), budget.steps_left(t.step_tokens, t.steps_per_epoch()) // 5))

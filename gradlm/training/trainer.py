@@ -570,17 +570,27 @@ class Trainer:
         return {"val_loss": val.loss, "val_bpb": val.bits_per_byte, "train_eval_loss": train.loss}
 
     def snapshot(self) -> dict:
+        """The state the divergence guard comes back to (in memory; not a --snapshots file)."""
         return {
             "model": copy.deepcopy(self.model.state_dict()),
             "opt": copy.deepcopy(self.opt.state_dict()),
             "step": self.step,
             "tokens_seen": self.tokens_seen,
+            "path_at": self.state.path_at,
         }
 
     def restore(self, snap: dict) -> None:
         self.model.load_state_dict(snap["model"])
         self.opt.load_state_dict(snap["opt"])
-        self.step, self.tokens_seen = snap["step"], snap["tokens_seen"]
+        self.step, self.tokens_seen, self.state.path_at = snap["step"], snap["tokens_seen"], snap["path_at"]
+        if self.dd.main:  # the path's snapshots past this step were of the steps undone
+            self.run.drop_snapshots(after=self.step)
+
+    def record_path(self) -> None:
+        """--snapshots N: after a step, save the weights (what a checkpoint keeps) to RUN/snapshots/ when the
+        run has passed the next of N points evenly spaced over its budget (TrainState.snapshot_due)."""
+        if self.state.snapshot_due(self.budget.progress(), self.cfg.snapshots) and self.dd.main:
+            self.run.save_snapshot(self.checkpoint_weights(), self.step)
 
     def start_run_dir(self) -> None:
         """Create (or reopen) the run directory on rank 0: take the lock, write config.json (the settings
@@ -601,6 +611,7 @@ class Trainer:
                 )
             self.run.metrics.unlink(missing_ok=True)
             self.run.samples.unlink(missing_ok=True)
+        self.run.drop_snapshots(after=self.step)  # those an interrupted run took after its checkpoint come again
         config = config_dict(
             self.model_cfg,
             asdict(self.cfg),
@@ -756,6 +767,7 @@ def _loop(t: Trainer, on_step, on_eval) -> dict:
             if on_step is not None:
                 on_step(t.step, loss, lrs["lr"])
             show.step(loss, grad_norm, lrs)
+            t.record_path()  # --snapshots: before this step's checkpoint, which records it as taken
             # ---- every --eval-every steps, and at the end: validation, checkpoint, early stopping
             done = budget.progress() >= 1 or (cfg.pause_at and t.step >= cfg.pause_at)
             if t.step % cfg.eval_every == 0 or done:
