@@ -576,10 +576,10 @@ def cmd_landscape(args) -> None:
         print(dumps(r, indent=2))
         return
     where = args.out or str(Path(args.run) / "landscape")
+    losses = [v for row in r["slice_2d"] for v in row] + r["slice_1d"]
     print(
         f"loss at the centre (the {r['weights']} weights): {r['center_loss']:.4f} on {r['windows']} batches; "
-        f"curvature along d1: {r['curvature_d1']:.3g}; the slices span {min(r['slice_2d'][0] + r['slice_1d']):.4f} "
-        f"to {max(max(row) for row in r['slice_2d']):.4f}"
+        f"curvature along d1: {r['curvature_d1']:.3g}; the slices span {min(losses):.4f} to {max(losses):.4f}"
     )
     if r["line"]:
         t = r["line_t"]
