@@ -2,6 +2,8 @@
 Before training the rows are random and no token is near another; after, tokens used alike have moved close
 together. The script trains a small model and compares each token's nearest neighbour before and after."""
 
+import shutil
+
 import torch
 import torch.nn.functional as F
 from _common import args, plt, small_run
@@ -48,3 +50,4 @@ for (x, y), w in zip(xy.tolist(), words):
 ax.set(title="Token vectors after training (2 main directions)", xticks=[], yticks=[])
 fig.savefig(f"{a.out}/02_vectors.png", dpi=110, bbox_inches="tight")
 print(f"check: mean cosine to the nearest other token: {before:.3f} before training, {after:.3f} after")
+shutil.rmtree(run.parent)  # the temporary folder small_run trained in

@@ -3,6 +3,8 @@ what it read (the MLP). The script trains a small model and looks at its attenti
 before (a "previous-token head", one of the first things a language model learns), and what each layer would
 predict if it were the last (the logit lens)."""
 
+import shutil
+
 import torch
 from _common import args, small_run
 
@@ -32,3 +34,4 @@ agree = sum(x == y for x, y in zip(first, last)) / len(last)
 print(f"check: the strongest previous-token head is layer {layer}, head {head}: {float(previous.max()):.2f} "
       f"of its attention on the token before, against {uniform:.2f} for a head that reads evenly")  # fmt: skip
 print(f"check: the first layer's guess already equals the output's at {agree:.0%} of the positions")
+shutil.rmtree(run.parent)  # the temporary folder small_run trained in

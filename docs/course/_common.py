@@ -28,7 +28,8 @@ def plt():
 
 def small_run(tiny: bool, model, max_steps: int, vocab_size: int = 1024, eval_tokens: int = 1024, **settings) -> tuple:
     """Train model (a ModelConfig) on Shakespeare (its first 100 KB and a 512-token vocabulary when tiny, 20 steps)
-    in a temporary folder: (the run's folder, the training summary). settings: more TrainConfig fields (lr=...)."""
+    in a temporary folder: (the run's folder, the training summary). settings: more TrainConfig fields (lr=...; seed 0
+    unless given)."""
     import tempfile
 
     from gradlm import TrainConfig, train
@@ -39,5 +40,5 @@ def small_run(tiny: bool, model, max_steps: int, vocab_size: int = 1024, eval_to
     data.write_text(resolve("shakespeare").read_text(encoding="utf-8")[: 100_000 if tiny else None], encoding="utf-8")
     cfg = TrainConfig(data=str(data), out=str(work / "run"), vocab_size=512 if tiny else vocab_size,
                       max_steps=20 if tiny else max_steps, eval_tokens=eval_tokens, progress=False, plots=False,
-                      seed=0, **settings)  # fmt: skip
+                      **{"seed": 0, **settings})  # fmt: skip
     return work / "run", train(model, cfg)
