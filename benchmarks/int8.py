@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,12 +26,14 @@ from pathlib import Path
 import torch
 
 from gradlm.generation.engine import Engine
+from gradlm.model import infer
 from gradlm.model.infer import Forward
 from gradlm.rundir import load_model
 from gradlm.runtime import Runtime
 from gradlm.model.scoring import byte_bits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_flags, cpu_name  # noqa: E402
 from llamacpp import benchmark_run, gradlm_decode as decode, shakespeare_lines, shakespeare_text  # noqa: E402  (the same run and prompts as that benchmark)
 
 
@@ -72,7 +73,7 @@ def main() -> None:
         f"{model.cfg.vocab_size})"
     )
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"machine: {cpu_name()} ({cpu_flags()}), {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads); "
         f"greedy, {n} new tokens per row, median of {args.repeats}\n"
     )
@@ -97,12 +98,17 @@ def main() -> None:
     bpb = {
         name: bits_per_byte(e.forward, model, held_out, byte_lengths) for name, e in (("fp32", fp32), ("int8", int8))
     }
-    print(
-        f"\nheld-out bits per byte ({len(held_out):,} tokens of the last 10% of Shakespeare): float32 "
-        f"{bpb['fp32']:.4f}, "
-        f"int8 {bpb['int8']:.4f} ({bpb['int8'] - bpb['fp32']:+.4f}, "
-        f"{math.exp((bpb['int8'] - bpb['fp32']) * math.log(2)) - 1:+.2%} in perplexity per byte)"
-    )
+    kernels = {"int8": "dynamic quantization"}
+    if infer.Int8.weight_only:  # the kernel few rows take: score every window through it too
+        infer.WEIGHT_ONLY_ROWS, rows = model.cfg.block_size, infer.WEIGHT_ONLY_ROWS
+        bpb["weight-only"] = bits_per_byte(Forward(model, int8=True), model, held_out, byte_lengths)
+        infer.WEIGHT_ONLY_ROWS = rows
+        kernels["weight-only"] = f"the weight-only kernel (bf16 activations) that batches of up to {rows} rows take"
+    print(f"\nheld-out bits per byte ({len(held_out):,} tokens, Shakespeare's last 10%): float32 {bpb['fp32']:.4f}")
+    for name, kernel in kernels.items():
+        d = bpb[name] - bpb["fp32"]
+        per_byte = math.exp(d * math.log(2)) - 1
+        print(f"  int8 by {kernel}: {bpb[name]:.4f} ({d:+.4f}, {per_byte:+.2%} in perplexity per byte)")
 
 
 if __name__ == "__main__":

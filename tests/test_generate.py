@@ -282,6 +282,46 @@ def test_cached_fast_path_matches_module_path_with_padding(tok):
             Forward(m)(torch.zeros(3, 8, dtype=torch.long), cache)
 
 
+@pytest.mark.numerics
+@pytest.mark.parametrize("weight_only", [False, True], ids=["dynamic", "weight-only"])
+def test_int8_products_are_the_float32_products_to_within_the_rounding_of_int8(weight_only, monkeypatch):
+    """--dtype int8: each matrix as int8 with a scale per output column; few rows multiply through the weight-only
+    kernel (bf16 activations) where ATen has AVX512, the rest by dynamic quantization. Both stay near a @ w."""
+    from gradlm.model import infer
+
+    monkeypatch.setattr(infer.Int8, "weight_only", weight_only)
+    g = torch.Generator().manual_seed(0)
+    w, a = torch.randn(96, 160, generator=g) / 10, torch.randn(3, 96, generator=g)
+    m = infer.Int8(w)
+    assert (m.q is not None) == weight_only
+    got, want = m.times(a), a @ w
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    err = float((got - want).norm() / want.norm())
+    assert 1e-5 < err < 0.02, err  # int8 rounding: not exact, and not far
+    if weight_only:  # more rows than WEIGHT_ONLY_ROWS take dynamic quantization: another rounding, as close
+        many = torch.randn(infer.WEIGHT_ONLY_ROWS + 1, 96, generator=g)
+        assert float((m.times(many) - many @ w).norm() / (many @ w).norm()) < 0.02
+
+
+@pytest.mark.numerics
+def test_int8_decoding_keeps_the_float32_models_predictions(tok):
+    """The int8 fused path (both kernels: the one-row steps and the 9-token prompt) picks float32's likeliest token
+    wherever float32 prefers it clearly (by more than int8's rounding moves a logit)."""
+    m = sharp_model(tok.vocab_size, seed=4, scale=10.0)
+    x = torch.randint(0, tok.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+    logits = []
+    for int8 in (False, True):
+        with torch.inference_mode():
+            cache, forward = m.new_cache(1, 16), Forward(m, int8=int8)
+            steps = [forward(x, cache)] + [forward(torch.tensor([[t]]), cache) for t in (3, 1, 4, 1, 5)]
+            logits.append(torch.cat(steps, 1)[0].float())
+    f32, q8 = logits
+    top = f32.topk(2, -1).values
+    clear = top[:, 0] - top[:, 1] > 0.25
+    assert clear.sum() >= 4 and torch.equal(q8.argmax(-1)[clear], f32.argmax(-1)[clear])
+    assert 1e-4 < float((q8 - f32).norm() / f32.norm()) < 0.08
+
+
 # ---- text: stop strings, logprobs, prompts ---------------------------------------------------------------
 
 

@@ -162,23 +162,45 @@ def fused_forward(
     return mm(norm(x), head_t).view(B, T, -1)  # the final norm's weight is in head_t
 
 
-def _int8(w: torch.Tensor) -> torch.ScriptObject:
-    """w (in, out), float32, as a packed int8 matrix for dynamic quantization: one scale per output column
-    (symmetric, round to nearest); the activations are quantized per call by linear_dynamic."""
-    w = w.t().contiguous()  # (out, in): the layout the packer takes
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
-    with warnings.catch_warnings():  # torch >= 2.10 marks its quantized tensors deprecated; they still run, fast
-        warnings.simplefilter("ignore", UserWarning)
-        q = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
-    return torch.ops.quantized.linear_prepack(q, None)
+# Rows (batch x new tokens) up to which an int8 product takes torch's weight-only int8 kernel (activations in bf16,
+# int8 weights with a bf16 scale per output column) instead of dynamic quantization, on CPUs where ATen runs its
+# AVX512 kernels: at batch 1 its products take 0.33 ms a decoding step against dynamic quantization's 0.57 ms (2
+# threads, the 6 x 320 model); at batch 8 it is the slower one (1.02 vs 0.75 ms). docs/benchmarks.md, "int8".
+WEIGHT_ONLY_ROWS = 4
 
 
-def _mm_int8(a: torch.Tensor, w) -> torch.Tensor:
-    return torch.ops.quantized.linear_dynamic(a, w)
+class Int8:
+    """A matrix w (in, out) as int8 with one scale per output column (symmetric, round to nearest), in the two
+    forms torch multiplies fast: packed for dynamic quantization (fbgemm: activations quantized per call), and
+    (out, in) int8 with bf16 scales for the weight-only kernel (activations in bf16), which few rows take where
+    ATen has its AVX512 kernels."""
+
+    weight_only = torch.backends.cpu.get_cpu_capability() == "AVX512"  # its vectorised kernel; scalar elsewhere
+
+    def __init__(self, w: torch.Tensor):
+        w = w.t().contiguous()  # (out, in): the layout both take
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        with warnings.catch_warnings():  # torch >= 2.10 marks its quantized tensors deprecated; they still run, fast
+            warnings.simplefilter("ignore", UserWarning)
+            zero = torch.zeros_like(scale, dtype=torch.long)
+            packed = torch.quantize_per_channel(w, scale.double(), zero, 0, torch.qint8)
+        self.packed = torch.ops.quantized.linear_prepack(packed, None)
+        self.q, self.scale = (q, scale.to(torch.bfloat16)) if self.weight_only else (None, None)
+
+    def times(self, a: torch.Tensor) -> torch.Tensor:
+        """a @ w, float32 (rows, out), for a (rows, in) float32."""
+        if self.q is not None and a.shape[0] <= WEIGHT_ONLY_ROWS:
+            return torch._weight_int8pack_mm(a.to(torch.bfloat16), self.q, self.scale).float()
+        return torch.ops.quantized.linear_dynamic(a, self.packed)
 
 
-def _addmm_int8(x: torch.Tensor, a: torch.Tensor, w) -> torch.Tensor:
-    return x + torch.ops.quantized.linear_dynamic(a, w)
+def _mm_int8(a: torch.Tensor, w: Int8) -> torch.Tensor:
+    return w.times(a)
+
+
+def _addmm_int8(x: torch.Tensor, a: torch.Tensor, w: Int8) -> torch.Tensor:
+    return x + w.times(a)
 
 
 def inference_weights(model: Transformer, int8: bool = False) -> tuple:
@@ -213,5 +235,5 @@ def inference_weights(model: Transformer, int8: bool = False) -> tuple:
         head_t = (model.lm_head.weight * model.norm.weight).t().contiguous()
         if not int8:
             return layers, head_t, sin_signed, mean_of, eps, torch.mm, torch.addmm
-        layers = [(_int8(qkv), _int8(o), _int8(gu), _int8(down), qn, kn) for qkv, o, gu, down, qn, kn in layers]
-        return layers, _int8(head_t), sin_signed, mean_of, eps, _mm_int8, _addmm_int8
+        layers = [(Int8(qkv), Int8(o), Int8(gu), Int8(down), qn, kn) for qkv, o, gu, down, qn, kn in layers]
+        return layers, Int8(head_t), sin_signed, mean_of, eps, _mm_int8, _addmm_int8
