@@ -34,8 +34,6 @@ VOCAB_HELP = (
 )
 DEFAULT_STEPS = 1000  # the budget of a run given none, said in the log
 FULL_BATCH_MICRO = 32  # windows per forward pass of --batch full unless --micro-batch says
-EVAL_PASS_TOKENS = 16384  # tokens an evaluation scores per forward pass at most (see Trainer._setup)
-EVAL_LOGITS_BYTES = 256 << 20  # and float32 logits a pass at most
 
 
 @dataclass

@@ -40,8 +40,6 @@ from gradlm.training.budget import Budget
 from gradlm.training.config import (
     BUDGETS,
     DEFAULT_STEPS,
-    EVAL_LOGITS_BYTES,
-    EVAL_PASS_TOKENS,
     FULL_BATCH_MICRO,
     TrainConfig,
     check_budgets,
@@ -432,13 +430,6 @@ class Trainer:
                 f"multiple of {dd.world}"
             )
         self.step_tokens = self.batch * block
-        # Evaluation has no backward pass, so it scores more windows per forward than the micro-batch (for a small
-        # model a pass of a few windows is all overhead): up to EVAL_PASS_TOKENS tokens and EVAL_LOGITS_BYTES of
-        # float32 logits a pass. A compiled model keeps the micro-batch's shape (another would compile a new graph).
-        self.eval_rows = self.micro
-        if not self.rt.compile:
-            fit = min(EVAL_PASS_TOKENS // block, EVAL_LOGITS_BYTES // (4 * block * self.model.cfg.vocab_size))
-            self.eval_rows = max(self.micro, fit)
         # The compiled model (when compiling) serves the step and evaluation alike; DDP wraps it for the step.
         if self.rt.compile:
             use_cache()  # inductor's compiled graphs kept in $GRADLM_CACHE/inductor
@@ -467,7 +458,7 @@ class Trainer:
 
     def eval_windows(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches validation scores: "val", or a "train" probe (this rank's share; from the data)."""
-        return self.source.eval_windows(split, self.block, self.eval_rows, self.dd)
+        return self.source.eval_windows(split, self.block, self.micro, self.dd)
 
     def steps_per_epoch(self) -> float:
         """Updates in one pass over the training data."""
