@@ -13,8 +13,9 @@ the same three flags with the same meaning, and resolve() turns them into a Runt
                inference: the weights' dtype. auto = bfloat16 on CUDA, float32 on the CPU (bfloat16 matrix
                products were no clear win there at batch 1; docs/benchmarks.md, "int8 decoding"). Commands that decode
                (generate,
-               chat, serve) also take int8 on the CPU: int8 copies of the matrices, multiplied by dynamic
-               quantization (faster; its cost in quality is in docs/benchmarks.md), never auto.
+               chat, serve) also take int8 on the CPU: int8 copies of the matrices, multiplied by torch's weight-only
+               int8 kernel at batches of up to 4 rows (on AVX512 CPUs) and by dynamic quantization otherwise (faster;
+               its cost in quality, +0.0001 held-out bits per byte, is in docs/benchmarks.md), never auto.
     --compile  on, off or auto: torch.compile the training step and evaluation. auto = on for CUDA when
                the time budget is long enough to pay for the compile (COMPILE_SECONDS at COMPILE_SPEEDUP),
                off on the CPU and MPS. For the commands that only run a trained model, auto = off (not yet
@@ -156,7 +157,7 @@ def resolve_dtype(dtype: str, device: str, machine: Machine, inference: bool = F
     if dtype not in allowed:
         raise ConfigError(f"--dtype must be {', '.join(allowed)}, got {dtype!r}")
     if dtype == "int8" and device != "cpu":
-        raise ConfigError(f"--dtype int8 runs on the CPU (torch's dynamic quantization); on {device} use bfloat16")
+        raise ConfigError(f"--dtype int8 runs on the CPU (torch's int8 CPU kernels); on {device} use bfloat16")
     if dtype != "auto":
         return dtype
     if inference:
