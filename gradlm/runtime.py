@@ -20,8 +20,9 @@ the same three flags with the same meaning, and resolve() turns them into a Runt
                the time budget is long enough to pay for the compile (COMPILE_SECONDS at COMPILE_SPEEDUP),
                off on the CPU and MPS. For the commands that only run a trained model, auto = off (not yet
                measured to pay); on compiles the decoding step (generate, chat, serve) or the scored
-               forward (eval). Compiled graphs are kept in $GRADLM_CACHE/inductor; the decoding step says each
-               compile in one line and runs eagerly if compiling fails (gradlm/model/compiling.py).
+               forward (eval). Compiled graphs are kept in $GRADLM_CACHE/inductor; each compile (the training
+               step, the evaluation, the decoding step) is said in one line with its time, and the decoding
+               step runs eagerly if compiling fails (gradlm/model/compiling.py).
 
 The rules are pure functions of the flags and of what the machine has (Machine), so tests can state them
 for any machine, and every rank and every resume of a run makes the same choice. The Runtime then owns

@@ -7,12 +7,13 @@ import os
 
 import torch
 
+from gradlm import TrainConfig, train
 from gradlm.model import compiling
 from gradlm.model.compiling import Compiled
 from gradlm.model.infer import Forward, decode
 from gradlm.model.sampling import SamplingConfig
 
-from conftest import sharp_model
+from conftest import sharp_model, tiny_config
 
 
 def test_each_new_shape_says_it_compiled_once_and_inductor_caches_in_gradlms_cache(tmp_path, monkeypatch):
@@ -50,3 +51,17 @@ def test_a_step_that_fails_to_compile_runs_eagerly_after_one_warning(monkeypatch
         "warning: compiling the decode step failed (RuntimeError: inductor could not lower this); running it without "
         "compiling (--compile off skips the attempt)"
     ]
+
+
+def test_a_compiled_training_run_says_when_it_compiles(prepared, tok, tmp_path, monkeypatch, capsys):
+    """--compile on: the trainer says each compile of its step and its evaluation in the run's log, with the step."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="eager", **kw))  # no C++: seconds
+    cfg = TrainConfig(data=str(prepared), out=str(tmp_path / "run"), batch="4", max_steps=6, eval_every=3,
+                      eval_tokens=256, compile="on", progress=False, plots=False)  # fmt: skip
+    train(tiny_config(tok.vocab_size), cfg)
+    said = [line.split(":")[0] for line in capsys.readouterr().err.splitlines() if line.startswith("compiling")]
+    # the first step compiles; dynamo may compile the step once more while it learns what varies; the evaluation
+    # compiles its own graph; after that every step reuses what was compiled (nothing said at steps 4-6)
+    assert said[0] == "compiling the training step (step 1)" and "compiling the evaluation" in said, said
+    assert not {f"compiling the training step (step {k})" for k in (4, 5, 6)} & set(said), said

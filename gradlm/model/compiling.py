@@ -3,7 +3,8 @@
     step = Compiled(fused_forward, "the decode step", dynamic=True)
     step(model, weights, idx, cache, last_only)     # the first call (and each new shape) compiles, and says so
 
-- Each call that compiled a new graph writes one line: "compiling the decode step: 12.3 s (cached in
+- Each call that compiled a new graph writes one line (CompileWatch does the same for work compiled elsewhere: the
+  trainer's step and its evaluation): "compiling the decode step: 12.3 s (cached in
   ~/.cache/gradlm/inductor for next time)". Inductor's on-disk caches (FX graphs, AOTAutograd, kernels) live in
   $GRADLM_CACHE/inductor unless TORCHINDUCTOR_CACHE_DIR says otherwise, so a second process compiles the same
   shapes in seconds.
@@ -35,6 +36,20 @@ def graphs_compiled() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
+class CompileWatch:
+    """Says the compiles that happened during a piece of work done elsewhere (the trainer's compiled model compiles
+    inside its first step and its first evaluation): after(what, seconds) writes one line if dynamo compiled a new
+    graph since the last call."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say, self.cache, self.seen = say, use_cache(), graphs_compiled()
+
+    def after(self, what: str, seconds: float) -> None:
+        if graphs_compiled() > self.seen:
+            self.say(f"compiling {what}: {seconds:.1f} s (cached in {self.cache} for next time)")
+        self.seen = graphs_compiled()
+
+
 class Compiled:
     """fn through torch.compile(**options), saying each compile and falling back to fn when compiling fails.
     what names fn in the lines it writes; say writes them (default: to stderr)."""
@@ -42,14 +57,14 @@ class Compiled:
     def __init__(self, fn: Callable, what: str, say: Callable[[str], None] | None = None, **options):
         self.eager, self.what = fn, what
         self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
-        self.cache = use_cache()
+        self.watch = CompileWatch(lambda line: self.say(line))  # self.say may be replaced later
         self.fn = torch.compile(fn, **options)
         self.failed = False
 
     def __call__(self, *args, **kwargs):
         if self.failed:
             return self.eager(*args, **kwargs)
-        before, start = graphs_compiled(), time.perf_counter()
+        start = time.perf_counter()
         try:
             out = self.fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001  (any failure of the compiler: run it as written)
@@ -60,8 +75,5 @@ class Compiled:
                 "compiling (--compile off skips the attempt)"
             )
             return self.eager(*args, **kwargs)
-        if graphs_compiled() > before:
-            self.say(
-                f"compiling {self.what}: {time.perf_counter() - start:.1f} s (cached in {self.cache} for next time)"
-            )
+        self.watch.after(self.what, time.perf_counter() - start)
         return out

@@ -47,7 +47,7 @@ from gradlm.training.config import (
 )
 from gradlm.text.data import EpochSampler, RandomSampler, is_prepared, resolve_data, source_bytes, windows
 from gradlm.errors import ConfigError, Diverged, Interrupted, RunDirError
-from gradlm.model.compiling import use_cache
+from gradlm.model.compiling import CompileWatch, use_cache
 from gradlm.model.transformer import Transformer, ModelConfig
 from gradlm.training.monitor import DivergenceGuard, StopSignals, TrainLog, evaluate_and_checkpoint
 from gradlm.training.optim import DEFAULT_LR, base_lrs, build_optimizer, set_lr
@@ -732,6 +732,7 @@ def _loop(t: Trainer, on_step, on_eval) -> dict:
     t.log(t.describe())
     t.model.train()
     stop_reason = ""
+    watch = CompileWatch(t.log) if t.rt.compile else None  # --compile: each compile said once, with its time
     budget.start_clock()
     with StopSignals() as signals:
         while True:
@@ -752,6 +753,8 @@ def _loop(t: Trainer, on_step, on_eval) -> dict:
             if not guard.observe(loss, grad_norm):  # overshot: the guard restored the last good state, lr halved
                 continue
             t.update()  # the gradient-descent update
+            if watch is not None:
+                watch.after(f"the training step (step {t.step})", time.time() - t0)
             # the pace, and the final evaluation's reserve
             budget.stepped(time.time() - t0, cfg.eval_tokens, t.step_tokens)
             budget.tick(t.dd.world, t.device)
@@ -765,6 +768,8 @@ def _loop(t: Trainer, on_step, on_eval) -> dict:
                 t0 = time.time()
                 converged = evaluate_and_checkpoint(t, show)
                 budget.evaluated(time.time() - t0)
+                if watch is not None:
+                    watch.after("the evaluation", time.time() - t0)
                 budget.tick(t.dd.world, t.device)
                 if converged:
                     stop_reason = "converged"
