@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,6 +175,13 @@ def test_shards_of_a_split_read_as_one_sequence():
         assert t[a:b].tolist() == whole[a:b].tolist()
 
 
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:  # it ended meanwhile
+        return b""
+
+
 def test_prepare_killed_at_a_random_moment_resumes_to_the_same_shards(tmp_path, tok, corpus):
     """SIGKILL mid-run (mid-shard, mid-write, whatever comes), then the same command again: the shards equal
     an uninterrupted prepare's, byte for byte."""
@@ -230,3 +238,8 @@ def test_prepare_killed_at_a_random_moment_resumes_to_the_same_shards(tmp_path, 
     assert kills and part["splits"] == full["splits"] and len(full["splits"]["train"]["shards"]) > 10, kills
     names = sorted(p.name for p in (tmp_path / "part").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "full").iterdir())  # no stray temporary files either
+    if Path("/proc").is_dir():  # and no worker outlived its killed prepare (Linux: they die with it)
+        time.sleep(1)
+        mine = str(tmp_path / "part").encode()
+        left = [q for q in Path("/proc").iterdir() if q.name.isdigit() and mine in _cmdline(q)]
+        assert not left, [_cmdline(q) for q in left]

@@ -23,11 +23,14 @@ The validation split, decided without holding the corpus:
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import random
 import re
+import signal
+import sys
 import time
 import zlib
 from collections import deque
@@ -191,12 +194,30 @@ _WORKER_TOK: Tokenizer | None = None
 _WORKER_DTYPE = np.dtype(np.uint32)
 
 
-def _init_worker(tokenizer_json: str, dtype: str = "uint32") -> None:
+def _init_worker(tokenizer_json: str, dtype: str = "uint32", parent: int = 0) -> None:
     global _WORKER_TOK, _WORKER_DTYPE
     from tokenizers import Tokenizer as HF
 
+    if parent:
+        _die_with(parent)
+
     _WORKER_TOK = Tokenizer(HF.from_str(tokenizer_json))
     _WORKER_DTYPE = np.dtype(dtype)
+
+
+def _die_with(parent: int) -> None:
+    """This worker ends when the process that made it does, however that ends: a worker blocks on its queue, whose
+    pipe every worker also holds open, so a prepare killed with SIGKILL would leave its workers waiting forever.
+    Linux: the kernel sends SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG); a parent already gone ends it
+    now."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the call above
+        os._exit(1)
 
 
 def _encode_chunk(text: str) -> np.ndarray:
@@ -379,7 +400,9 @@ def _settings(
 def _encoders(tok: Tokenizer, dtype: np.dtype, workers: int) -> ProcessPoolExecutor | None:
     """The worker processes that encode; None for one worker, when this process encodes."""
     if workers > 1:
-        return ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tok.hf.to_str(), dtype.name))
+        return ProcessPoolExecutor(
+            workers, initializer=_init_worker, initargs=(tok.hf.to_str(), dtype.name, os.getpid())
+        )
     _init_worker(tok.hf.to_str(), dtype.name)
     return None
 
