@@ -68,10 +68,12 @@ format: $(VENV)/.installed-dev
 # The tests that touch numerics once per CPU kernel choice this machine can play (tools/test_cpus.py):
 # make test-cpus                         every setting, once
 # make test-cpus REPEAT=3 CPUS="avx2"    one setting, three times in a row
-CPUS   ?= default avx2 avx512 native
-REPEAT ?= 1
+# make test-cpus PARALLEL=1              the settings side by side, the cores shared out (CI)
+CPUS     ?= default avx2 avx512 native
+REPEAT   ?= 1
+PARALLEL ?=
 test-cpus: $(VENV)/.installed-dev
-	$(PY) tools/test_cpus.py --repeat $(REPEAT) $(foreach c,$(CPUS),--only $(c))
+	$(PY) tools/test_cpus.py --repeat $(REPEAT) $(foreach c,$(CPUS),--only $(c)) $(if $(PARALLEL),--parallel)
 
 clean:
 	rm -rf $(VENV) runs .cache site

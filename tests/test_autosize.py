@@ -364,6 +364,7 @@ print(json.dumps({"quiet": quiet, "loaded": loaded}))
 """
 
 
+@pytest.mark.timing  # it makes its own busy neighbour and needs the core to itself otherwise
 @pytest.mark.skipif(
     not hasattr(__import__("os"), "sched_setaffinity") or not __import__("os").path.exists("/proc/self/task"),
     reason="Linux only",

@@ -3,11 +3,17 @@
 A test that passes on the CPU it was written on can fail on another: ATen, oneDNN and MKL pick their kernels from
 the CPU's instructions, kernels of different widths sum in different orders and round differently, and gradlm
 trains in bfloat16 only where the CPU multiplies it natively. PyTorch lets one machine play the others: this runs
-`pytest -m numerics` once per setting below, each in its own environment, and says which kernels each really got.
+the numerics tests (`pytest -m 'numerics and not timing'`: a test that times the machine needs its cores to itself)
+once per setting below, each in its own environment, and says which kernels each really got.
 
     python tools/test_cpus.py                 # every setting this CPU can play, once
     python tools/test_cpus.py --repeat 3      # three times in a row
     python tools/test_cpus.py --only avx2 -- -x tests/test_trainer.py   # one setting, pytest arguments after --
+    python tools/test_cpus.py --only default --only avx2 --parallel       # CI: both at once, one thread each
+
+--parallel runs a round's settings side by side, each held to its share of the cores (one thread each on CI's two
+cores: never more threads than cores, since torch's threads spin-wait and run several times slower on a busy CPU);
+each setting's output is printed whole when it ends.
 
 A setting the CPU cannot play (AVX512 on an AVX2-only CPU) is skipped and said so. Exit status 1 if any run failed.
 """
@@ -20,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +67,7 @@ SETTINGS = {
         {"OMP_NUM_THREADS": "2"},
     ),
 }
+MARKERS = "numerics and not timing"
 CAPABILITY_ORDER = ["DEFAULT", "AVX2", "AVX512"]
 
 PROBE = """
@@ -99,15 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeat", type=int, default=1, help="run every setting this many times in a row (default 1)")
     parser.add_argument("--only", action="append", choices=list(SETTINGS), help="just this setting (repeatable)")
-    parser.add_argument("pytest_args", nargs="*", help="after --: arguments for pytest (default: -m numerics)")
+    parser.add_argument(
+        "--parallel", action="store_true", help="run a round's settings side by side, the cores shared out (CI)"
+    )
+    parser.add_argument("pytest_args", nargs="*", help=f"after --: arguments for pytest (default: -m '{MARKERS}')")
     args = parser.parse_args(argv)
     names = args.only or list(SETTINGS)
     results = []
     for round_ in range(1, args.repeat + 1):
+        jobs = []  # (name, what, settings, what the probe got)
         for name in names:
             what, settings = SETTINGS[name]
-            env = environment(settings)
-            got = probe(env)
+            if args.parallel:  # the cores shared out: one setting's threads never wait on another's
+                settings = {**settings, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(names)))}
+            got = probe(environment(settings))
             wanted = settings.get("ATEN_CPU_CAPABILITY", "").upper()
             if wanted and got["capability"] != wanted:
                 print(
@@ -115,22 +128,30 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 results.append((round_, name, got, "skipped", 0.0))
-                continue
-            print(
+            else:
+                jobs.append((name, what, settings, got))
+        pytest = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *(args.pytest_args or ["-m", MARKERS])]
+
+        def run(job: tuple) -> tuple:
+            """Run pytest in one setting: its exit status, seconds, and (side by side) its output."""
+            name, what, settings, got = job
+            header = (
                 f"== {name} (round {round_}/{args.repeat}): {what}\n   ATen {got['capability']}, {got['threads']} "
-                "thread(s), "
-                f"training dtype auto = {got['dtype']}; {' '.join(f'{k}={v}' for k, v in settings.items())}",
-                flush=True,
+                f"thread(s), training dtype auto = {got['dtype']}; {' '.join(f'{k}={v}' for k, v in settings.items())}"
             )
+            if not args.parallel:
+                print(header, flush=True)
             start = time.monotonic()
-            rc = subprocess.call(
-                [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *(args.pytest_args or ["-m", "numerics"])],
-                env=env,
-                cwd=ROOT,
+            out = subprocess.run(
+                pytest, env=environment(settings), cwd=ROOT, text=True, capture_output=args.parallel, check=False
             )
-            results.append(
-                (round_, name, got, "passed" if rc == 0 else f"FAILED (exit {rc})", time.monotonic() - start)
-            )
+            return out.returncode, time.monotonic() - start, header + "\n" + (out.stdout or "") + (out.stderr or "")
+
+        with ThreadPoolExecutor(max_workers=max(1, len(jobs)) if args.parallel else 1) as pool:
+            for (name, _, _, got), (rc, seconds, output) in zip(jobs, pool.map(run, jobs)):
+                if args.parallel:  # side by side: each setting's output in one piece, in order
+                    print(output, flush=True)
+                results.append((round_, name, got, "passed" if rc == 0 else f"FAILED (exit {rc})", seconds))
     print("\nround  setting  ATen     threads  dtype     result")
     for round_, name, got, result, seconds in results:
         print(
