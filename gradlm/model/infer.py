@@ -7,7 +7,7 @@ float rounding, with fewer and cheaper operations:
   - pre-transposed contiguous weights (the faster layout for BLAS here); q/k/v and gate/up as one matmul
     each; every RMSNorm weight folded into the matmul after it; residual adds folded into addmm;
     queries and keys rotated together, in place;
-  - RMSNorm's mean of squares as a matmul with a 1/dim column.
+  - RMSNorm's mean of squares from the vector norm (one fast reduction); int8 scales its product's rows instead.
 It earns its place: greedy decoding of the benchmark's 8.1M model runs 1.9x faster than the module path
 at batch 1 and 1.2x at batch 8, with identical tokens (benchmarks/generate.py, docs/benchmarks.md).
 tests/test_generate.py checks it against the module path, with padding, GQA and QK-norm.
@@ -112,22 +112,31 @@ def fused_forward(
         # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated)
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
     causal = mask is None and T > 1
-    fp32 = x.dtype == torch.float32
+    fp32, int8 = x.dtype == torch.float32, mm is _mm_int8
+
+    def inv_rms(h):
+        # 1 / RMS(h) per row in float32: RMSNorm(h) == h * inv_rms(h) * weight. One row: from the vector norm (3.2 us
+        # for a row of 320 where .mean() takes 5.0, F.rms_norm 8.4 and a matmul with a column of 1/dim 7.8, BLAS's
+        # slow path for one row); more rows: that matmul (the vector norm made a batch-8 step 2-4% slower).
+        hf = h if fp32 else h.float()
+        if hf.dim() == 2 and hf.shape[0] > 1:
+            return torch.rsqrt_(torch.addmm(eps_t, hf * hf, mean_of))
+        n = torch.linalg.vector_norm(hf, dim=-1, keepdim=True)
+        return torch.rsqrt_(torch.addcmul(eps_t, n, n, value=1.0 / h.shape[-1]))
 
     def norm(h, w=None):
-        # RMSNorm in float32, the mean of squares as a matmul with a column of 1/dim (a third of the
-        # operations of .mean() or F.rms_norm here). w=None: the weight is folded into the next
-        # matmul (see inference_weights). Equal to the module path up to float rounding.
-        hf = h if fp32 else h.float()
-        if hf.dim() == 2:
-            hf = hf * torch.rsqrt_(torch.addmm(eps_t, hf * hf, mean_of[hf.shape[-1]]))
-        else:
-            hf = hf * torch.rsqrt_(torch.matmul(hf * hf, mean_of[hf.shape[-1]]).add_(eps_t))
+        # RMSNorm in float32. w=None: the weight is folded into the next matmul (see inference_weights).
+        # Equal to the module path up to float rounding.
+        hf = (h if fp32 else h.float()) * inv_rms(h)
         hf = hf if fp32 else hf.to(h.dtype)
         return hf if w is None else hf * w
 
+    def normed(h, w):
+        # norm(h) @ w (the norm's weight folded into w); int8 scales the product's rows instead of h's
+        return w.times(h, inv_rms(h)) if int8 else mm(norm(h), w)
+
     for (w_qkv, w_o, w_gu, w_down, w_qn, w_kn), (kv_cache, k_cache, v_cache) in zip(layers, cache.layers()):
-        qkv = mm(norm(x), w_qkv)  # (B*T, (H+2KV)*D); the input norm's weight is in w_qkv
+        qkv = normed(x, w_qkv)  # (B*T, (H+2KV)*D); the input norm's weight is in w_qkv
         if T == 1:
             qkv = qkv.view(B, H + 2 * KV, 1, D)
         else:
@@ -153,13 +162,13 @@ def fused_forward(
         )  # (B, H, T, D)
         y = y.reshape(B, H * D) if T == 1 else y.transpose(1, 2).reshape(B * T, H * D)
         x = addmm(x, y, w_o)  # x + attention (B*T, C)
-        gate, up = mm(norm(x), w_gu).chunk(2, 1)  # (B*T, d_ff) each; the post-attention norm's weight folded in
+        gate, up = normed(x, w_gu).chunk(2, 1)  # (B*T, d_ff) each; the post-attention norm's weight folded in
         x = addmm(x, F.silu(gate) * up, w_down)  # x + MLP
     cache.pos = end
     if last_only and T > 1:
         x = x.view(B, T, C)[:, -1]
         T = 1
-    return mm(norm(x), head_t).view(B, T, -1)  # the final norm's weight is in head_t
+    return normed(x, head_t).view(B, T, -1)  # the final norm's weight is in head_t
 
 
 # Rows (batch x new tokens) up to which an int8 product takes torch's weight-only int8 kernel (activations in bf16,
@@ -188,11 +197,20 @@ class Int8:
         self.packed = torch.ops.quantized.linear_prepack(packed, None)
         self.q, self.scale = (q, scale.to(torch.bfloat16)) if self.weight_only else (None, None)
 
-    def times(self, a: torch.Tensor) -> torch.Tensor:
-        """a @ w, float32 (rows, out), for a (rows, in) float32."""
+    def times(self, a: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """(a * row_scale) @ w, float32 (rows, out), for a (rows, in) float32 and row_scale (rows, 1) or None. The
+        weight-only kernel scales the product's rows instead of a's (one operation fewer: bf16 times float32 is
+        float32); dynamic quantization scales a first, since it quantizes all rows with one scale."""
         if self.q is not None and a.shape[0] <= WEIGHT_ONLY_ROWS:
-            return torch._weight_int8pack_mm(a.to(torch.bfloat16), self.q, self.scale).float()
-        return torch.ops.quantized.linear_dynamic(a, self.packed)
+            out = torch._weight_int8pack_mm(a.to(torch.bfloat16), self.q, self.scale)
+            return out.float() if row_scale is None else torch.mul(out, row_scale)
+        return torch.ops.quantized.linear_dynamic(a if row_scale is None else a * row_scale, self.packed)
+
+    def add_to(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """x + a @ w: in place into x (float32) when the weight-only kernel multiplies (no cast of its product)."""
+        if self.q is not None and a.shape[0] <= WEIGHT_ONLY_ROWS:
+            return x.add_(torch._weight_int8pack_mm(a.to(torch.bfloat16), self.q, self.scale))
+        return x + torch.ops.quantized.linear_dynamic(a, self.packed)
 
 
 def _mm_int8(a: torch.Tensor, w: Int8) -> torch.Tensor:
@@ -200,14 +218,14 @@ def _mm_int8(a: torch.Tensor, w: Int8) -> torch.Tensor:
 
 
 def _addmm_int8(x: torch.Tensor, a: torch.Tensor, w: Int8) -> torch.Tensor:
-    return x + w.times(a)
+    return w.add_to(x, a)
 
 
 def inference_weights(model: Transformer, int8: bool = False) -> tuple:
     """The weights as the fused path uses them: per layer ([q;k;v]^T scaled by the input norm's
     weight, o^T, [gate;up]^T scaled by the post-attention norm's weight, down^T, q norm, k norm),
     the output head^T scaled by the final norm's weight, the rotary sin table with the first half
-    of each row negated, the 1/dim columns and the epsilon of the norms, and the two matrix products
+    of each row negated, the 1/dim column and the epsilon of the norms, and the two matrix products
     that multiply by the matrices. int8: the matrices (and the head) as int8 with a scale per output
     column, multiplied by dynamic quantization (CPU; see docs/benchmarks.md for its speed and cost)."""
     with torch.no_grad():
@@ -229,7 +247,7 @@ def inference_weights(model: Transformer, int8: bool = False) -> tuple:
         device, D = model.rope_sin.device, model.cfg.head_dim
         dtype = model.embed_tokens.weight.dtype
         sin_signed = torch.cat([-model.rope_sin[:, : D // 2], model.rope_sin[:, D // 2 :]], dim=1).to(dtype)
-        mean_of = {n: torch.full((n, 1), 1.0 / n, device=device) for n in {model.cfg.d_model, D}}
+        mean_of = torch.full((model.cfg.d_model, 1), 1.0 / model.cfg.d_model, device=device)
         # a tensor: adding a Python float costs a conversion per call
         eps = torch.tensor([model.cfg.norm_eps], device=device)
         head_t = (model.lm_head.weight * model.norm.weight).t().contiguous()
