@@ -12,10 +12,11 @@ the same three flags with the same meaning, and resolve() turns them into a Runt
                cap below them), else float32.
                inference: the weights' dtype. auto = bfloat16 on CUDA, float32 on the CPU (bfloat16 matrix
                products were no clear win there at batch 1; docs/benchmarks.md, "int8 decoding"). Commands that decode
-               (generate,
-               chat, serve) also take int8 on the CPU: int8 copies of the matrices, multiplied by torch's weight-only
-               int8 kernel at batches of up to 4 rows (on AVX512 CPUs) and by dynamic quantization otherwise (faster;
-               its cost in quality, +0.0001 held-out bits per byte, is in docs/benchmarks.md), never auto.
+               (generate, chat, serve) also take int8 on the CPU: int8 copies of the matrices, multiplied by torch's
+               weight-only int8 kernel at batches of up to 4 rows (on AVX512 CPUs) and by dynamic quantization
+               otherwise; its cost in quality is +0.0001 held-out bits per byte (docs/benchmarks.md). For them auto =
+               int8 on a CPU where ATen runs AVX512 (there batch 1 decodes 1.03x llama.cpp's f32 speed, float32
+               0.75x), float32 on other CPUs; --dtype float32 is the exact reference.
     --compile  on, off or auto: torch.compile the training step and evaluation. auto = on for CUDA when
                the time budget is long enough to pay for the compile (COMPILE_SECONDS at COMPILE_SPEEDUP),
                off on the CPU and MPS. For the commands that only run a trained model, auto = off (not yet
@@ -54,12 +55,13 @@ COMPILE_SPEEDUP = 1.5
 @dataclass(frozen=True)
 class Machine:
     """What this machine offers a model: CUDA devices (and whether they multiply bfloat16 natively),
-    Apple's MPS, and whether its CPU multiplies bfloat16 natively (AMX or AVX512-BF16)."""
+    Apple's MPS, whether its CPU multiplies bfloat16 natively (AMX or AVX512-BF16), and whether it decodes int8 fast."""
 
     cuda: int = 0
     cuda_bf16: bool = False
     mps: bool = False
     cpu_bf16: bool = False
+    cpu_int8: bool = False  # ATen runs its AVX512 kernels: torch's weight-only int8 product is vectorised
 
     @classmethod
     def here(cls) -> Machine:
@@ -70,7 +72,7 @@ class Machine:
             for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
         )
         cuda_bf16 = bool(cuda) and all(torch.cuda.get_device_capability(i)[0] >= 8 for i in range(cuda))
-        return cls(cuda, cuda_bf16, mps, cpu_bf16)
+        return cls(cuda, cuda_bf16, mps, cpu_bf16, torch.backends.cpu.get_cpu_capability() == "AVX512")
 
     def describe(self) -> str:
         gpus = f"{self.cuda} CUDA GPU{'s' if self.cuda != 1 else ''}" if self.cuda else "no CUDA GPU"
@@ -162,7 +164,9 @@ def resolve_dtype(dtype: str, device: str, machine: Machine, inference: bool = F
     if dtype != "auto":
         return dtype
     if inference:
-        return "bfloat16" if device.startswith("cuda") else "float32"
+        if device.startswith("cuda"):
+            return "bfloat16"
+        return "int8" if decoding and device == "cpu" and machine.cpu_int8 else "float32"
     return "bfloat16" if native_bf16(device, machine) else "float32"
 
 

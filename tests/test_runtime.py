@@ -15,6 +15,8 @@ CPU_BF16 = Machine(cpu_bf16=True)
 ONE_GPU = Machine(cuda=1, cuda_bf16=True)
 OLD_GPU = Machine(cuda=2, cuda_bf16=False)  # before compute capability 8.0: no native bfloat16
 MAC = Machine(mps=True, cpu_bf16=False)
+CPU_AVX512 = Machine(cpu_bf16=True, cpu_int8=True)
+AVX512_GPU = Machine(cuda=1, cuda_bf16=True, cpu_int8=True)
 
 
 @pytest.mark.parametrize(
@@ -27,6 +29,11 @@ MAC = Machine(mps=True, cpu_bf16=False)
         (ONE_GPU, {"inference": True}, Runtime("cuda:0", "bfloat16", False)),  # compiling decoding: only when asked
         (ONE_GPU, {"inference": True, "compile": "on"}, Runtime("cuda:0", "bfloat16", True)),
         (CPU_BF16, {"decoding": True, "dtype": "int8"}, Runtime("cpu", "int8", False)),
+        (CPU_AVX512, {"decoding": True}, Runtime("cpu", "int8", False)),  # decoding: int8 where it is fast
+        (CPU_AVX512, {"decoding": True, "dtype": "float32"}, Runtime("cpu", "float32", False)),  # the exact reference
+        (CPU_AVX512, {"inference": True}, Runtime("cpu", "float32", False)),  # scoring never int8
+        (CPU, {"decoding": True}, Runtime("cpu", "float32", False)),  # no AVX512: int8's kernel is a scalar loop
+        (AVX512_GPU, {"decoding": True}, Runtime("cuda:0", "bfloat16", False)),
         (ONE_GPU, {"device": "cpu"}, Runtime("cpu", "float32", False)),
         (OLD_GPU, {}, Runtime("cuda:0", "float32", True)),
         (OLD_GPU, {"device": "cuda:1", "dtype": "bfloat16"}, Runtime("cuda:1", "bfloat16", True)),
@@ -188,6 +195,10 @@ def test_int8_decoding_on_the_cpu_through_the_cli_and_the_api(sharp_run, tok, ca
         == 0
     )
     assert capsys.readouterr().out == int8.text + "\n"
+    # --dtype auto decodes in int8 where ATen runs AVX512 (its weight-only kernel is vectorised), float32 elsewhere
+    exact = load(sharp_run).complete("ROMEO:", temperature=0, max_new_tokens=24)[0]
+    assert main(["generate", str(sharp_run), "ROMEO:", "--temperature", "0", "--max-new-tokens", "24"]) == 0
+    assert capsys.readouterr().out == (int8 if Machine.here().cpu_int8 else exact).text + "\n"
     assert main(["eval", str(sharp_run), "--data", "x", "--dtype", "int8"]) == 2
     assert "scoring computes in float32 or bfloat16" in capsys.readouterr().err
 
