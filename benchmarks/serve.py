@@ -17,6 +17,10 @@ or "demo" (the `make demo` model's shape: 4 layers, d_model 192, 2.2M parameters
     python benchmarks/serve.py                            # the figures in docs/benchmarks.md
     python benchmarks/serve.py --model demo --requests 500 --sequential 50
     python benchmarks/serve.py --run runs/demo
+    python benchmarks/serve.py --run RUN --dtypes float32,auto   # two servers, the same load alternating between them
+
+--dtypes starts one server per --dtype (`auto` is int8 on a CPU with AVX512, float32 on others) and alternates the
+rounds between them, so the ratio of their aggregate tokens/s is measured side by side under the same load.
 """
 
 from __future__ import annotations
@@ -72,7 +76,9 @@ def random_run(directory: Path, shape: str) -> Path:
     return run
 
 
-def start_server(run: Path, max_batch: int, threads: int, device: str = "auto") -> tuple[subprocess.Popen, str, str]:
+def start_server(
+    run: Path, max_batch: int, threads: int, device: str = "auto", dtype: str = "auto"
+) -> tuple[subprocess.Popen, str, str]:
     cmd = [
         sys.executable,
         "-m",
@@ -87,6 +93,8 @@ def start_server(run: Path, max_batch: int, threads: int, device: str = "auto") 
         str(threads),
         "--device",
         device,
+        "--dtype",
+        dtype,
     ]
     env = {k: v for k, v in os.environ.items() if k != "GRADLM_API_KEY"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
@@ -204,15 +212,23 @@ def main() -> None:
     ap.add_argument(
         "--rounds", type=int, default=5, help="rounds alternating the two phases (each does 1/rounds of the requests)"
     )
+    ap.add_argument(
+        "--dtypes", default="auto", help="the servers' --dtype, comma separated: one server each, rounds alternating"
+    )
     args = ap.parse_args()
 
     import torch
 
+    dtypes = args.dtypes.split(",")
+    ones: dict[str, list] = {d: [] for d in dtypes}
+    manys: dict[str, list] = {d: [] for d in dtypes}
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.run) if args.run else random_run(Path(tmp), args.model)
-        proc, url, banner = start_server(run, max_batch=max(args.clients, 1), threads=args.threads, device=args.device)
+        servers = {}
         try:
-            print(banner)
+            for d in dtypes:
+                servers[d] = start_server(run, max(args.clients, 1), args.threads, args.device, d)
+                print(f"--dtype {d}: {servers[d][2]}")
             print(
                 f"machine: {cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; "
                 f"torch {torch.__version__}; Python {platform.python_version()}"
@@ -222,37 +238,51 @@ def main() -> None:
                 f"{args.top_p}, {len(PROMPTS)} prompts of 1 to ~15 tokens, each its own seed\n"
             )
             sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
-            asyncio.run(load(url, 4, 16, sampling, 10**6))  # warm-up
-            ones, manys = [], []
-            for k in range(args.rounds):  # alternate the two phases, so both see the same machine load
-                ones.append(asyncio.run(load(url, 1, args.sequential // args.rounds, sampling, k * 10**4)))
-                manys.append(
-                    asyncio.run(load(url, args.clients, args.requests // args.rounds, sampling, 10**5 + k * 10**4))
-                )
+            for _, url, _ in servers.values():
+                asyncio.run(load(url, 4, 16, sampling, 10**6))  # warm-up
+            for k in range(args.rounds):  # alternate phases and servers, so all see the same machine load
+                for d, (_, url, _) in servers.items():
+                    ones[d].append(asyncio.run(load(url, 1, args.sequential // args.rounds, sampling, k * 10**4)))
+                    manys[d].append(
+                        asyncio.run(load(url, args.clients, args.requests // args.rounds, sampling, 10**5 + k * 10**4))
+                    )
         finally:
-            proc.terminate()
-            proc.wait(30)
+            for proc, _, _ in servers.values():
+                proc.terminate()
+                proc.wait(30)
     print(
-        "| clients | requests | completion tokens | wall (s) | tokens/s | p50 latency (ms) | p99 latency (ms) | "
-        "errors |"
+        "| --dtype | clients | requests | completion tokens | wall (s) | tokens/s | p50 latency (ms) | "
+        "p99 latency (ms) | errors |"
     )
     print(
-        "|--------:|---------:|------------------:|---------:|---------:|-----------------:|-----------------:|-------:|"
+        "|---|--------:|---------:|------------------:|---------:|---------:|-----------------:|-----------------:|"
+        "-------:|"
     )
-    one, many = total(ones), total(manys)
-    for clients, r in ((1, one), (args.clients, many)):
-        errs = sum(r["errors"].values())
+    errors = 0
+    for d in dtypes:
+        one, many = total(ones[d]), total(manys[d])
+        for clients, r in ((1, one), (args.clients, many)):
+            errs = sum(r["errors"].values())
+            errors += errs
+            print(
+                f"| {d} | {clients} | {r['requests']:,} | {r['tokens']:,} | {r['wall']:.1f} | {r['tps']:,.0f} | "
+                f"{1000 * r['p50']:.0f} | {1000 * r['p99']:.0f} | {errs}{' ' + str(r['errors']) if errs else ''} |"
+            )
+    for d in dtypes:
+        ratios = [m["tokens"] / m["wall"] / (o["tokens"] / o["wall"]) for o, m in zip(ones[d], manys[d])]
         print(
-            f"| {clients} | {r['requests']:,} | {r['tokens']:,} | {r['wall']:.1f} | {r['tps']:,.0f} | "
-            f"{1000 * r['p50']:.0f} | {1000 * r['p99']:.0f} | {errs}{' ' + str(r['errors']) if errs else ''} |"
+            f"\n--dtype {d}: aggregate tokens/s with {args.clients} concurrent clients / one client at a time: "
+            f"{total(manys[d])['tps'] / total(ones[d])['tps']:.2f}x overall; "
+            f"per round {', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f}x)"
         )
-    ratios = [m["tokens"] / m["wall"] / (o["tokens"] / o["wall"]) for o, m in zip(ones, manys)]
-    print(
-        f"\naggregate tokens/s with {args.clients} concurrent clients / one client at a time: "
-        f"{many['tps'] / one['tps']:.2f}x overall; "
-        f"per round {', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f}x)"
-    )
-    if sum(many["errors"].values()) or sum(one["errors"].values()):
+    for d in dtypes[1:]:
+        ratios = [(b["tokens"] / b["wall"]) / (a["tokens"] / a["wall"]) for a, b in zip(manys[dtypes[0]], manys[d])]
+        print(
+            f"--dtype {d} / --dtype {dtypes[0]} at {args.clients} clients: "
+            f"{total(manys[d])['tps'] / total(manys[dtypes[0]])['tps']:.2f}x overall; "
+            f"per round {', '.join(f'{r:.2f}' for r in ratios)}"
+        )
+    if errors:
         sys.exit(1)
 
 
