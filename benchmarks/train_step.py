@@ -1,4 +1,4 @@
-"""One training step (forward, backward, AdamW) on CPU: attention by SDPA vs by two explicit products.
+"""One training step (forward, backward, AdamW) on CPU: SDPA vs explicit attention, or compiled vs eager.
 
 Under bf16 autocast on a CPU, torch runs scaled_dot_product_attention in float32 through its flash kernel;
 gradlm's model takes `explicit_causal_attention` there instead (float32 scores and softmax, the product with
@@ -7,11 +7,18 @@ model shapes that `--size auto` picks, and reports the ratio. Not a test: figure
 
     python benchmarks/train_step.py                     # the default shapes
     python benchmarks/train_step.py --shapes 4x192x128x8 --repeats 5
+    python benchmarks/train_step.py --compile            # torch.compile (the trainer's --compile on) against eager
+
+--compile times, per shape, the step as the trainer runs it (its model, bf16 autocast where the CPU has it) eager and
+compiled with `torch.compile(model)`, each in a fresh process: once with an empty inductor cache (cold: what a first
+run pays) and once with the cache that run left (warm: every later run of the shape). Compile time is the first
+compiled steps' time less as many eager steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -24,30 +31,83 @@ from machine import cpu_name
 PATHS = {"sdpa": 0, "explicit": model_module.EXPLICIT_ATTENTION_MAX_CONTEXT}  # the context limit that selects each path
 
 
-def time_steps(shape: tuple[int, int, int, int], path: str, steps: int, bf16: bool) -> tuple[float, float]:
-    """(seconds per step, loss after the steps) for (layers, width, context, batch), from seed 0."""
+def setup(shape: tuple[int, int, int, int]) -> tuple[Transformer, torch.optim.Optimizer, torch.Tensor]:
+    """The model, its AdamW and a batch for (layers, width, context, batch), from seed 0."""
     n_layer, d_model, block, batch = shape
     torch.manual_seed(0)
     model = Transformer(
         ModelConfig(vocab_size=1024, n_layer=n_layer, d_model=d_model, n_head=d_model // 32, block_size=block)
     )
-    opt = build_optimizer(model, "adamw", 3e-3, 0.1, 0.9, (0.9, 0.95))
-    x = torch.randint(0, 1024, (batch, block))
+    return model, build_optimizer(model, "adamw", 3e-3, 0.1, 0.9, (0.9, 0.95)), torch.randint(0, 1024, (batch, block))
+
+
+def train_step(model, opt: torch.optim.Optimizer, x: torch.Tensor, bf16: bool) -> float:
+    """One step (forward, backward, AdamW) of model (the module or its compiled form) on x; its loss."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(x, x)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def time_steps(shape: tuple[int, int, int, int], path: str, steps: int, bf16: bool) -> tuple[float, float]:
+    """(seconds per step, loss after the steps) for (layers, width, context, batch), from seed 0."""
+    model, opt, x = setup(shape)
     model_module.EXPLICIT_ATTENTION_MAX_CONTEXT = PATHS[path]
-
-    def step() -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(x, x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    step(), step()  # warm-up
+    train_step(model, opt, x, bf16), train_step(model, opt, x, bf16)  # warm-up
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss = step()
+        loss = train_step(model, opt, x, bf16)
     return (time.perf_counter() - t0) / steps, loss
+
+
+def one_shape(shape: tuple[int, int, int, int], steps: int) -> None:
+    """(--one, in a fresh process) eager and compiled seconds per step and the compile time, as JSON."""
+    from gradlm.runtime import resolve
+
+    bf16 = resolve(device="cpu").dtype == "bfloat16"  # the trainer's choice on this CPU
+    model, opt, x = setup(shape)
+
+    def timed(m, n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            train_step(m, opt, x, bf16)
+        return time.perf_counter() - t0
+
+    timed(model, 2)
+    eager = min(timed(model, steps) for _ in range(2)) / steps
+    compiled = torch.compile(model)
+    first = timed(compiled, 3)  # the first step compiles (and any step dynamo compiles again)
+    best = min(timed(compiled, steps) for _ in range(2)) / steps
+    again = min(timed(model, steps) for _ in range(2)) / steps  # eager again: the machine's drift
+    print(json.dumps({"eager": min(eager, again), "compiled": best, "compile_s": first - 3 * best, "bf16": bf16}))
+
+
+def compile_times(shape: str, steps: int) -> None:
+    """One row: eager vs compiled ms/step and the compile time, cold then warm, in fresh processes."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        runs = []
+        for _ in ("cold", "warm"):
+            child = [sys.executable, __file__, "--one", shape, "--steps", str(steps)]
+            out = subprocess.run(child, env=env, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(out.stderr[-2000:])
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    eager, compiled = min(cold["eager"], warm["eager"]), min(cold["compiled"], warm["compiled"])
+    n_layer, d_model, block, batch = shape.split("x")
+    print(
+        f"| {n_layer} x {d_model}, {block}, {batch} | {'bf16' if cold['bf16'] else 'float32'} | {eager * 1e3:.0f} | "
+        f"{compiled * 1e3:.0f} | {eager / compiled:.2f}x | {cold['compile_s']:.1f} | {warm['compile_s']:.1f} |",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -62,7 +122,22 @@ def main() -> None:
     ap.add_argument(
         "--float32", action="store_true", help="time without bf16 autocast (the model then always uses SDPA)"
     )
+    ap.add_argument("--compile", action="store_true", help="compiled vs eager, compile time cold and warm")
+    ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # --compile's child process: one shape
     args = ap.parse_args()
+    if args.one:
+        one_shape(tuple(int(v) for v in args.one.split("x")), args.steps)
+        return
+    if args.compile:
+        print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+        print(
+            "| layers x width, context, batch | autocast | eager ms/step | compiled ms/step | speed-up | "
+            "compile s, cold cache | compile s, warm cache |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for spec in args.shapes.split(","):
+            compile_times(spec, args.steps)
+        return
     print(
         f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"{'float32' if args.float32 else 'bf16 autocast'}"

@@ -17,13 +17,17 @@ the same three flags with the same meaning, and resolve() turns them into a Runt
                otherwise; its cost in quality is +0.0001 held-out bits per byte (docs/benchmarks.md). For them auto =
                int8 on a CPU where ATen runs AVX512 (there batch 1 decodes 1.03x llama.cpp's f32 speed, float32
                0.75x), float32 on other CPUs; --dtype float32 is the exact reference.
-    --compile  on, off or auto: torch.compile the training step and evaluation. auto = on for CUDA when
-               the time budget is long enough to pay for the compile (COMPILE_SECONDS at COMPILE_SPEEDUP),
-               off on the CPU and MPS. For the commands that only run a trained model, auto = off (not yet
-               measured to pay); on compiles the decoding step (generate, chat, serve) or the scored
-               forward (eval). Compiled graphs are kept in $GRADLM_CACHE/inductor; each compile (the training
-               step, the evaluation, the decoding step) is said in one line with its time, and the decoding
-               step runs eagerly if compiling fails (gradlm/model/compiling.py).
+    --compile  on, off or auto: torch.compile the training step and evaluation. auto = on when the run is long
+               enough to repay the compile at the speed-up it buys (COMPILE_COST: measured on CPUs, nanoGPT's
+               figures for CUDA): on CUDA under a time budget that repays it or a step or token budget; on the CPU
+               under a time budget that repays it (bf16 ~3.3 minutes, float32 ~7.3) where a C++ compiler is on
+               PATH (inductor needs one), never under a step or token budget (its length is unknown before the
+               run); never on MPS. If compiling that auto chose fails, training goes on uncompiled with one
+               warning line. For the commands that only run a trained model, auto = off (not measured to pay); on
+               compiles the decoding step (generate, chat, serve) or the scored forward (eval). Compiled graphs
+               are kept in $GRADLM_CACHE/inductor; each compile (the training step, the evaluation, the decoding
+               step) is said in one line with its time, and the decoding step runs eagerly if compiling fails
+               (gradlm/model/compiling.py). A step that compiled does not set the time budget's pace.
 
 The rules are pure functions of the flags and of what the machine has (Machine), so tests can state them
 for any machine, and every rank and every resume of a run makes the same choice. The Runtime then owns
@@ -35,6 +39,7 @@ timing.
 from __future__ import annotations
 
 import os
+import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -46,10 +51,14 @@ DEVICE_HELP = "cpu, cuda, cuda:N, mps or auto (CUDA if present, else the CPU)"
 DTYPES = ("auto", "float32", "bfloat16")
 DECODING_DTYPES = (*DTYPES, "int8")
 COMPILE = ("auto", "on", "off")
-# torch.compile of a GPT-2-small-sized step takes ~1 minute on a GPU and speeds the step up ~1.8x in
-# nanoGPT's figures (250 -> 135 ms/iter); auto compiles where the budget recovers that minute.
-COMPILE_SECONDS = 60.0
-COMPILE_SPEEDUP = 1.5
+# What compiling the training step (and the evaluation) costs and buys, per kind of device: (seconds to compile with
+# an empty inductor cache, speed-up of a whole run). auto compiles where budget_s * (1 - 1 / speed-up) > seconds.
+# CPU: measured on a 2-core Sapphire Rapids Xeon (docs/benchmarks.md, "Compiling the training step"): 2-minute runs
+# of the demo's shape, bf16: 46 s of compiling (step 35 + evaluation 11; 12 s with a warm cache), then 1.3x the
+# steps of an eager run; float32: 40 s, then 1.1x (a step alone: 1.35-1.67x bf16, 1.24-1.28x float32,
+# benchmarks/train_step.py --compile). So a bf16 run compiles from ~3.3 minutes of --max-time, a float32 run from
+# ~7.3. CUDA: nanoGPT's figures for a GPT-2-small step (~1 minute, 250 -> 135 ms/iter), not yet measured here.
+COMPILE_COST = {"cuda": (60.0, 1.5), "cpu_bf16": (46.0, 1.3), "cpu": (40.0, 1.1)}
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,7 @@ class Machine:
     mps: bool = False
     cpu_bf16: bool = False
     cpu_int8: bool = False  # ATen runs its AVX512 kernels: torch's weight-only int8 product is vectorised
+    cpu_compiler: bool = True  # a C++ compiler on PATH, which inductor needs to compile for the CPU
 
     @classmethod
     def here(cls) -> Machine:
@@ -72,7 +82,9 @@ class Machine:
             for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
         )
         cuda_bf16 = bool(cuda) and all(torch.cuda.get_device_capability(i)[0] >= 8 for i in range(cuda))
-        return cls(cuda, cuda_bf16, mps, cpu_bf16, torch.backends.cpu.get_cpu_capability() == "AVX512")
+        int8 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+        compiler = any(shutil.which(c) for c in (os.environ.get("CXX") or "c++", "g++", "clang++") if c)
+        return cls(cuda, cuda_bf16, mps, cpu_bf16, int8, compiler)
 
     def describe(self) -> str:
         gpus = f"{self.cuda} CUDA GPU{'s' if self.cuda != 1 else ''}" if self.cuda else "no CUDA GPU"
@@ -170,9 +182,16 @@ def resolve_dtype(dtype: str, device: str, machine: Machine, inference: bool = F
     return "bfloat16" if native_bf16(device, machine) else "float32"
 
 
-def resolve_compile(compile: str | bool, device: str, budget_s: float | None = None, inference: bool = False) -> bool:
-    """Whether to torch.compile (see the module docstring). budget_s: the run's time budget in seconds,
-    None when it has none (a step budget: assumed long enough)."""
+def resolve_compile(
+    compile: str | bool,
+    device: str,
+    budget_s: float | None = None,
+    inference: bool = False,
+    dtype: str = "float32",
+    machine: Machine | None = None,
+) -> bool:
+    """Whether to torch.compile (see the module docstring). budget_s: the run's time budget in seconds, None when
+    it has none (a step or token budget); dtype: the run's compute dtype (a bf16 step gains more)."""
     if isinstance(compile, bool):  # config files written before "auto" existed
         return compile
     compile = (compile or "auto").strip().lower()
@@ -180,9 +199,18 @@ def resolve_compile(compile: str | bool, device: str, budget_s: float | None = N
         raise ConfigError(f"--compile must be {', '.join(COMPILE)}, got {compile!r}")
     if compile != "auto":
         return compile == "on"
-    if inference or not device.startswith("cuda"):
+    kind = device.split(":")[0]
+    if inference or kind not in ("cuda", "cpu"):
         return False
-    return budget_s is None or budget_s * (1 - 1 / COMPILE_SPEEDUP) > COMPILE_SECONDS
+    if kind == "cpu" and (budget_s is None or not (machine or Machine()).cpu_compiler):
+        return False
+    seconds, speedup = compile_cost(device, dtype)
+    return budget_s is None or budget_s * (1 - 1 / speedup) > seconds
+
+
+def compile_cost(device: str, dtype: str) -> tuple[float, float]:
+    """(seconds to compile with an empty cache, speed-up of a step) for training on this device in this dtype."""
+    return COMPILE_COST["cuda" if device.startswith("cuda") else "cpu_bf16" if dtype == "bfloat16" else "cpu"]
 
 
 @dataclass(frozen=True)
@@ -260,9 +288,8 @@ def resolve(
     machine = machine or Machine.here()
     dev = resolve_device(device, machine, int(os.environ.get("LOCAL_RANK", "0")))
     inference = inference or decoding
-    return Runtime(
-        dev, resolve_dtype(dtype, dev, machine, inference, decoding), resolve_compile(compile, dev, budget_s, inference)
-    )
+    dtype = resolve_dtype(dtype, dev, machine, inference, decoding)
+    return Runtime(dev, dtype, resolve_compile(compile, dev, budget_s, inference, dtype, machine))
 
 
 def set_fast_matmul(device: str) -> None:

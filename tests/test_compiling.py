@@ -65,3 +65,35 @@ def test_a_compiled_training_run_says_when_it_compiles(prepared, tok, tmp_path, 
     # compiles its own graph; after that every step reuses what was compiled (nothing said at steps 4-6)
     assert said[0] == "compiling the training step (step 1)" and "compiling the evaluation" in said, said
     assert not {f"compiling the training step (step {k})" for k in (4, 5, 6)} & set(said), said
+
+
+def test_a_compile_auto_chose_that_failed_trains_on_as_if_never_tried(prepared, tok, tmp_path, monkeypatch, capsys):
+    """--compile auto compiles a CPU run whose time budget repays it; if the compiler fails (no C++ compiler, say), the
+    run goes on uncompiled after one warning line and trains exactly as --compile off. --compile on raises instead."""
+    import pytest
+    from safetensors.torch import load_file
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from gradlm import runtime
+
+    def broken_compile(model, **options):
+        def run(*args, **kwargs):
+            raise BackendCompilerFailed(broken_compile, RuntimeError("Failed to find C compiler\nmore"), None)
+
+        return run
+
+    common = dict(data=str(prepared), batch="4", max_steps=4, max_time="10m", eval_every=2, eval_tokens=256,
+                  progress=False, plots=False)  # fmt: skip
+    off = train(tiny_config(tok.vocab_size), TrainConfig(out=str(tmp_path / "off"), compile="off", **common))
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: f"/usr/bin/{name}")  # a C++ compiler, as auto sees it
+    capsys.readouterr()
+    auto = train(tiny_config(tok.vocab_size), TrainConfig(out=str(tmp_path / "auto"), compile="auto", **common))
+    err = capsys.readouterr().err
+    assert err.count("warning: compiling the training step failed (BackendCompilerFailed: ") == 1, err
+    assert "training goes on without compiling" in err
+    assert auto["steps"] == off["steps"] == 4 and auto["val_loss"] == off["val_loss"]
+    a, b = load_file(tmp_path / "auto" / "model.safetensors"), load_file(tmp_path / "off" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    with pytest.raises(BackendCompilerFailed):  # asked for: the failure is the user's to see
+        train(tiny_config(tok.vocab_size), TrainConfig(out=str(tmp_path / "on"), compile="on", **common))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradlm.errors import ConfigError
-from gradlm.runtime import COMPILE_SECONDS, Machine, Runtime, resolve
+from gradlm.runtime import COMPILE_COST, Machine, Runtime, resolve
 
 pytestmark = pytest.mark.numerics  # tools/test_cpus.py runs these under every CPU kernel choice
 
@@ -17,6 +17,7 @@ OLD_GPU = Machine(cuda=2, cuda_bf16=False)  # before compute capability 8.0: no 
 MAC = Machine(mps=True, cpu_bf16=False)
 CPU_AVX512 = Machine(cpu_bf16=True, cpu_int8=True)
 AVX512_GPU = Machine(cuda=1, cuda_bf16=True, cpu_int8=True)
+NO_COMPILER = Machine(cpu_bf16=True, cpu_compiler=False)
 
 
 @pytest.mark.parametrize(
@@ -42,7 +43,15 @@ AVX512_GPU = Machine(cuda=1, cuda_bf16=True, cpu_int8=True)
         (ONE_GPU, {"compile": "off"}, Runtime("cuda:0", "bfloat16", False)),
         (CPU, {"compile": "on", "dtype": "float32"}, Runtime("cpu", "float32", True)),
         (ONE_GPU, {"budget_s": 30.0}, Runtime("cuda:0", "bfloat16", False)),  # too short to pay for compiling
-        (ONE_GPU, {"budget_s": 10 * COMPILE_SECONDS}, Runtime("cuda:0", "bfloat16", True)),
+        (ONE_GPU, {"budget_s": 10 * COMPILE_COST["cuda"][0]}, Runtime("cuda:0", "bfloat16", True)),
+        # the CPU compiles a run whose time budget repays the measured compile at the measured speed-up (~3.5 min)
+        (CPU_BF16, {"budget_s": 600.0}, Runtime("cpu", "bfloat16", True)),
+        (CPU_BF16, {"budget_s": 120.0}, Runtime("cpu", "bfloat16", False)),  # `make demo`'s 2 minutes: eager
+        (CPU, {"budget_s": 600.0}, Runtime("cpu", "float32", True)),
+        (CPU, {"budget_s": 150.0}, Runtime("cpu", "float32", False)),  # float32 gains less: 150 s does not repay it
+        (CPU_BF16, {}, Runtime("cpu", "bfloat16", False)),  # a step or token budget: its length is unknown
+        (NO_COMPILER, {"budget_s": 3600.0}, Runtime("cpu", "bfloat16", False)),  # inductor needs a C++ compiler
+        (CPU_BF16, {"budget_s": 3600.0, "inference": True}, Runtime("cpu", "float32", False)),
         (CPU, {"compile": False}, Runtime("cpu", "float32", False)),  # a config.json written before "auto"
     ],
 )

@@ -610,6 +610,20 @@ def test_max_time_holds_when_the_machine_slows_down_mid_run(prepared, tmp_path, 
     assert s["stop"] == "budget" and s["time_s"] <= 4 * 1.02 + max(steps), (s, max(steps))
 
 
+def test_a_step_that_compiled_does_not_set_the_pace():
+    """--compile: the first step compiles for tens of seconds. Taken as the pace, it made the final evaluation's
+    reserve outgrow a 2-minute budget and the run stopped after one step; the pace comes from the steps after it."""
+    from gradlm.training.budget import Budget
+
+    b = Budget(TrainConfig(data="x", out="y", max_time="2m"), lambda: (1, 1024, 0.01))
+    b.stepped(37.0, eval_tokens=16384, step_tokens=1024, paced=False)
+    assert b.train_time == 37.0 and b.step_s == 0 and b.reserve_s == 0
+    b.stepped(0.1, eval_tokens=16384, step_tokens=1024)
+    assert b.step_s == 0.1 and 0 < b.reserve_s < 2
+    b.elapsed = 40.0  # the compile's wall time counts against --max-time all the same
+    assert 0.3 < b.progress() < 0.4
+
+
 def test_resume_reads_its_own_tokens_offline_and_refuses_other_ones(text_file, tmp_path, tok, monkeypatch):
     """A run on raw text resumes from the tokens it recorded (by content hash) without reading the text:
     here the text is gone, as when a registered corpus was found in a mirror that is no longer set."""

@@ -31,6 +31,15 @@ def use_cache() -> Path:
     return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor")))
 
 
+def compiler_failed(error: BaseException) -> bool:
+    """Whether error is torch.compile's own failure to compile (dynamo's backend or inductor, a C++ compiler missing
+    or failing among them), not an error of the code it compiled."""
+    from torch._dynamo.exc import BackendCompilerFailed  # inductor's InductorError is one
+    from torch._inductor.exc import CppCompileError
+
+    return isinstance(error, (BackendCompilerFailed, CppCompileError))
+
+
 def graphs_compiled() -> int:
     """How many graphs dynamo has compiled in this process so far."""
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
@@ -39,15 +48,18 @@ def graphs_compiled() -> int:
 class CompileWatch:
     """Says the compiles that happened during a piece of work done elsewhere (the trainer's compiled model compiles
     inside its first step and its first evaluation): after(what, seconds) writes one line if dynamo compiled a new
-    graph since the last call."""
+    graph since the last call, and says whether it did (the trainer's clock does not take such a step as its pace)."""
 
     def __init__(self, say: Callable[[str], None]):
         self.say, self.cache, self.seen = say, use_cache(), graphs_compiled()
 
-    def after(self, what: str, seconds: float) -> None:
-        if graphs_compiled() > self.seen:
+    def after(self, what: str, seconds: float) -> bool:
+        """Whether what took `seconds` compiled (and then it was said)."""
+        compiled = graphs_compiled() > self.seen
+        if compiled:
             self.say(f"compiling {what}: {seconds:.1f} s (cached in {self.cache} for next time)")
         self.seen = graphs_compiled()
+        return compiled
 
 
 class Compiled:

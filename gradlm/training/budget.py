@@ -131,9 +131,13 @@ class Budget:
         """--max-time counts wall time from here: steps, evaluations and checkpoints."""
         self._clock = time.time()
 
-    def stepped(self, seconds: float, eval_tokens: int, step_tokens: int) -> None:
-        """A step took `seconds`: follow the pace, and keep back the time of the final evaluation."""
+    def stepped(self, seconds: float, eval_tokens: int, step_tokens: int, paced: bool = True) -> None:
+        """A step took `seconds`: follow the pace, and keep back the time of the final evaluation. paced=False: a step
+        that compiled (--compile), whose time says nothing of the pace (a 37 s first step made the reserve for the
+        final evaluation outgrow a 2-minute budget: the run stopped after one step)."""
         self.train_time += seconds
+        if not paced:
+            return
         # recent pace: follows a machine that slows down
         self.step_s = seconds if not self.step_s else 0.7 * self.step_s + 0.3 * seconds
         if self.max_time_s:

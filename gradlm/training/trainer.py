@@ -19,6 +19,7 @@ public hooks load conversations, choose what trains, what a checkpoint keeps and
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import shutil
@@ -40,7 +41,7 @@ from gradlm.training.budget import Budget
 from gradlm.training.config import BUDGETS, DEFAULT_STEPS, FULL_BATCH_MICRO, TrainConfig, check_budgets, given_fields
 from gradlm.text.data import EpochSampler, RandomSampler, is_prepared, resolve_data, source_bytes, windows
 from gradlm.errors import ConfigError, Diverged, Interrupted, RunDirError
-from gradlm.model.compiling import CompileWatch, use_cache
+from gradlm.model.compiling import CompileWatch, compiler_failed, use_cache
 from gradlm.model.transformer import Transformer, ModelConfig
 from gradlm.training.monitor import DivergenceGuard, StopSignals, TrainLog, evaluate_and_checkpoint
 from gradlm.training.optim import DEFAULT_LR, base_lrs, build_optimizer, set_lr
@@ -357,9 +358,16 @@ class Trainer:
             return self.rt.to_device(*windows(tokens, starts, block))
 
         probe = autosize.Probe(sample, self.autocast, self.device, limit_s=0.05 * seconds) if seconds else None
+        speed = probe
+        if probe is not None and self.rt.compile:
+            # Compiling: the probe times eager steps, so the chooser counts the measured speed-up and a budget
+            # shortened by the compile's measured time (runtime.COMPILE_COST).
+            compile_s, speedup = runtime.compile_cost(self.device, self.compute_dtype)
+            budget = dataclasses.replace(budget, seconds=max(seconds - compile_s, 0.5 * seconds))
+            speed = lambda cfg, batch, dropout=0.0: probe(cfg, batch, dropout) * speedup  # noqa: E731
         t0 = time.time()
         choice = (
-            autosize.choose(budget, len(tokens), probe, m.vocab_size, self.fixed, max_block=max(shortest, 2))
+            autosize.choose(budget, len(tokens), speed, m.vocab_size, self.fixed, max_block=max(shortest, 2))
             if self.dd.main
             else None
         )
@@ -374,8 +382,17 @@ class Trainer:
             if k != "lr" or cfg.optimizer in ("adamw", "muon"):
                 setattr(cfg, k, v)
         m.validate()
+        compiled = (
+            " (compiled: the probe's eager speed x{1:.2f}, {0:.0f} s of the budget left to compiling)".format(
+                *runtime.compile_cost(self.device, self.compute_dtype)
+            )
+            if probe and self.rt.compile
+            else ""
+        )
         self.log(
-            choice.reason + (f" (probe {probe_s:.1f} s, apart from the budget like data preparation)" if probe else "")
+            choice.reason
+            + compiled
+            + (f" (probe {probe_s:.1f} s, apart from the budget like data preparation)" if probe else "")
         )
         self.config_extra["size"] = {
             "reason": choice.reason,
@@ -427,13 +444,33 @@ class Trainer:
         if self.rt.compile:
             use_cache()  # inductor's compiled graphs kept in $GRADLM_CACHE/inductor
         self.fast_model = torch.compile(self.model) if self.rt.compile else self.model
-        self.run_model = self.fast_model
-        if dd.world > 1:
-            self.run_model = torch.nn.parallel.DistributedDataParallel(
-                self.run_model, device_ids=[dd.local_rank] if self.device.startswith("cuda") else None
-            )
+        self._wrap_for_ranks()
         # for bits per byte
         self.byte_lengths = torch.tensor(self.tok.token_byte_lengths(), dtype=torch.long, device=self.device)
+
+    def _wrap_for_ranks(self) -> None:
+        """run_model, what the step runs: the model (compiled when compiling), in DDP under torchrun."""
+        self.run_model = self.fast_model
+        if self.dd.world > 1:
+            self.run_model = torch.nn.parallel.DistributedDataParallel(
+                self.run_model, device_ids=[self.dd.local_rank] if self.device.startswith("cuda") else None
+            )
+
+    def uncompile(self, error: Exception) -> bool:
+        """--compile auto chose to compile and the compiler failed (before the graph ran): train uncompiled from here,
+        after one warning line, and say True. False where compiling was asked for (--compile on) or the error is not
+        the compiler's: the caller raises it."""
+        if not (self.rt.compile and self.cfg.compile == "auto" and compiler_failed(error)):
+            return False
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        self.log(
+            f"warning: compiling the training step failed ({type(error).__name__}: {first}); training goes on without "
+            "compiling (--compile off skips the attempt)"
+        )
+        self.rt = dataclasses.replace(self.rt, compile=False)
+        self.fast_model = self.model
+        self._wrap_for_ranks()
+        return True
 
     # -- the other hooks (see the class docstring)
 
@@ -493,7 +530,12 @@ class Trainer:
             x, y = self.rt.to_device(x, y)  # pinned and non-blocking on CUDA
             sync = dd.world == 1 or k == self.accum - 1
             with nullcontext() if sync else self.run_model.no_sync(), self.autocast():
-                loss = self.run_model(x, y)
+                try:
+                    loss = self.run_model(x, y)
+                except Exception as e:  # noqa: BLE001  (a compile that auto chose and failed: the same batch, eagerly)
+                    if not self.uncompile(e):
+                        raise
+                    loss = self.run_model(x, y)
                 (loss * share).backward()
             loss_sum += loss.detach() * share
         if dd.world > 1:
@@ -746,10 +788,9 @@ def _loop(t: Trainer, on_step, on_eval) -> dict:
             if not guard.observe(loss, grad_norm):  # overshot: the guard restored the last good state, lr halved
                 continue
             t.update()  # the gradient-descent update
-            if watch is not None:
-                watch.after(f"the training step (step {t.step})", time.time() - t0)
-            # the pace, and the final evaluation's reserve
-            budget.stepped(time.time() - t0, cfg.eval_tokens, t.step_tokens)
+            compiled = watch is not None and watch.after(f"the training step (step {t.step})", time.time() - t0)
+            # the pace (not from a step that compiled), and the final evaluation's reserve
+            budget.stepped(time.time() - t0, cfg.eval_tokens, t.step_tokens, paced=not compiled)
             budget.tick(t.dd.world, t.device)
             if on_step is not None:
                 on_step(t.step, loss, lrs["lr"])
@@ -760,9 +801,8 @@ def _loop(t: Trainer, on_step, on_eval) -> dict:
             if t.step % cfg.eval_every == 0 or done:
                 t0 = time.time()
                 converged = evaluate_and_checkpoint(t, show)
-                budget.evaluated(time.time() - t0)
-                if watch is not None:
-                    watch.after("the evaluation", time.time() - t0)
+                if not (watch is not None and watch.after("the evaluation", time.time() - t0)):
+                    budget.evaluated(time.time() - t0)  # the final evaluation's cost (unless this one compiled)
                 budget.tick(t.dd.world, t.device)
                 if converged:
                     stop_reason = "converged"
