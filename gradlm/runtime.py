@@ -20,7 +20,7 @@ the same three flags with the same meaning, and resolve() turns them into a Runt
     --compile  on, off or auto: torch.compile the training step and evaluation. auto = on when the run is long
                enough to repay the compile at the speed-up it buys (COMPILE_COST: measured on CPUs, nanoGPT's
                figures for CUDA): on CUDA under a time budget that repays it or a step or token budget; on the CPU
-               under a time budget that repays it (bf16 ~3.3 minutes, float32 ~7.3) where a C++ compiler is on
+               under a time budget that repays it (bf16 ~8.3 minutes, float32 ~7.3) where a C++ compiler is on
                PATH (inductor needs one), never under a step or token budget (its length is unknown before the
                run); never on MPS. If compiling that auto chose fails, training goes on uncompiled with one
                warning line. For the commands that only run a trained model, auto = off (not measured to pay); on
@@ -53,12 +53,13 @@ DECODING_DTYPES = (*DTYPES, "int8")
 COMPILE = ("auto", "on", "off")
 # What compiling the training step (and the evaluation) costs and buys, per kind of device: (seconds to compile with
 # an empty inductor cache, speed-up of a whole run). auto compiles where budget_s * (1 - 1 / speed-up) > seconds.
-# CPU: measured on a 2-core Sapphire Rapids Xeon (docs/benchmarks.md, "Compiling the training step"): 2-minute runs
-# of the demo's shape, bf16: 46 s of compiling (step 35 + evaluation 11; 12 s with a warm cache), then 1.3x the
-# steps of an eager run; float32: 40 s, then 1.1x (a step alone: 1.35-1.67x bf16, 1.24-1.28x float32,
-# benchmarks/train_step.py --compile). So a bf16 run compiles from ~3.3 minutes of --max-time, a float32 run from
-# ~7.3. CUDA: nanoGPT's figures for a GPT-2-small step (~1 minute, 250 -> 135 ms/iter), not yet measured here.
-COMPILE_COST = {"cuda": (60.0, 1.5), "cpu_bf16": (46.0, 1.3), "cpu": (40.0, 1.1)}
+# CPU: measured on a 2-core Sapphire Rapids Xeon (docs/benchmarks.md, "Compiling the training step"), the worse of
+# the runs measured: bf16, --size auto's 5 x 224 at batch 16 for 4 minutes: 65 s of compiling (step 37.5, evaluation
+# 27.9), then 1.15x the steps per second of an eager run (the demo's 4 x 192: 46 s, 1.3x); float32, the demo's
+# shape: 40 s, 1.1x (a step alone: 1.35-1.67x bf16, 1.24-1.28x float32, benchmarks/train_step.py --compile). So a
+# CPU run compiles from ~8.3 minutes of --max-time in bf16, ~7.3 in float32. CUDA: nanoGPT's figures for a
+# GPT-2-small step (~1 minute, 250 -> 135 ms/iter), not yet measured here.
+COMPILE_COST = {"cuda": (60.0, 1.5), "cpu_bf16": (65.0, 1.15), "cpu": (40.0, 1.1)}
 
 
 @dataclass(frozen=True)

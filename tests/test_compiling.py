@@ -18,7 +18,9 @@ from conftest import sharp_model, tiny_config
 
 def test_each_new_shape_says_it_compiled_once_and_inductor_caches_in_gradlms_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADLM_CACHE", str(tmp_path))
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # restored after the test
+    monkeypatch.setattr(compiling, "_USERS_CACHE", None)  # the user set no TORCHINDUCTOR_CACHE_DIR ...
+    # ... and torch wrote its /tmp default there (torch.optim's first step does): gradlm's cache wins all the same
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_default")  # restored after the test
     lines = []
     # dynamo's graphs without inductor's C++ (seconds, not tens of them): what is said does not depend on the backend
     step = Compiled(lambda x: torch.sin(x) * 2 + 1, "a test step", say=lines.append, dynamic=False, backend="eager")
@@ -29,6 +31,9 @@ def test_each_new_shape_says_it_compiled_once_and_inductor_caches_in_gradlms_cac
     step(torch.arange(9.0))  # a new shape compiles again, and says so
     assert len(lines) == 2 and lines[1].startswith("compiling a test step: ")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")  # where inductor keeps its graphs
+    monkeypatch.setattr(compiling, "_USERS_CACHE", str(tmp_path / "mine"))  # a folder the user named wins
+    assert compiling.use_cache() == tmp_path / "mine"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
 
 
 def test_a_step_that_fails_to_compile_runs_eagerly_after_one_warning(monkeypatch, tok):

@@ -26,9 +26,17 @@ import torch
 from gradlm.layout import cache_dir
 
 
+# TORCHINDUCTOR_CACHE_DIR as the user's environment gave it (read at import, before any work): torch writes its own
+# /tmp default there the first time anything asks for inductor's cache (torch.optim's first step does, so --size
+# auto's probe did), which must not pass for the user's choice.
+_USERS_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+
 def use_cache() -> Path:
-    """Where inductor keeps what it compiled: TORCHINDUCTOR_CACHE_DIR, set to $GRADLM_CACHE/inductor if unset."""
-    return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor")))
+    """Where inductor keeps what it compiled: the user's TORCHINDUCTOR_CACHE_DIR, else $GRADLM_CACHE/inductor."""
+    path = _USERS_CACHE or str(cache_dir() / "inductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return Path(path)
 
 
 def compiler_failed(error: BaseException) -> bool:

@@ -159,6 +159,7 @@ class TextData:
             f"batch {'full' if t.full_batch else t.batch} = {t.step_tokens:,} tokens/step ({t.accum} x {t.micro} "
             f"windows x {t.block} tokens) | "
             f"{t.cfg.optimizer}, {lr_text}, {t.cfg.schedule} | device {t.device}, {t.compute_dtype}"
+            + (", compiled" if t.rt.compile else "")
         )
 
 
@@ -307,6 +308,10 @@ class Trainer:
         # and every rank agrees; weights and optimizer state stay fp32. Validation computes in the same dtype.
         self.rt = runtime.resolve(cfg.device, cfg.dtype, cfg.compile, budget_s=self.budget.max_time_s or None)
         self.device, self.compute_dtype, self.autocast = self.rt.device, self.rt.dtype, self.rt.autocast
+        if self.rt.compile:
+            # inductor's compiled graphs kept in $GRADLM_CACHE/inductor: said before anything runs an optimizer step
+            # (--size auto's probe), since torch.optim's first step sets inductor's own default (/tmp) if unset
+            use_cache()
         self.dd = init_distributed(self.device)
         if self.rt.kind == "cuda":
             torch.cuda.set_device(self.device)
@@ -441,8 +446,6 @@ class Trainer:
             )
         self.step_tokens = self.batch * block
         # The compiled model (when compiling) serves the step and evaluation alike; DDP wraps it for the step.
-        if self.rt.compile:
-            use_cache()  # inductor's compiled graphs kept in $GRADLM_CACHE/inductor
         self.fast_model = torch.compile(self.model) if self.rt.compile else self.model
         self._wrap_for_ranks()
         # for bits per byte
