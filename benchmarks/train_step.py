@@ -31,13 +31,16 @@ from machine import cpu_name
 PATHS = {"sdpa": 0, "explicit": model_module.EXPLICIT_ATTENTION_MAX_CONTEXT}  # the context limit that selects each path
 
 
-def setup(shape: tuple[int, int, int, int]) -> tuple[Transformer, torch.optim.Optimizer, torch.Tensor]:
+def setup(
+    shape: tuple[int, int, int, int], dropout: float = 0.0
+) -> tuple[Transformer, torch.optim.Optimizer, torch.Tensor]:
     """The model, its AdamW and a batch for (layers, width, context, batch), from seed 0."""
     n_layer, d_model, block, batch = shape
     torch.manual_seed(0)
-    model = Transformer(
-        ModelConfig(vocab_size=1024, n_layer=n_layer, d_model=d_model, n_head=d_model // 32, block_size=block)
+    cfg = ModelConfig(
+        vocab_size=1024, n_layer=n_layer, d_model=d_model, n_head=d_model // 32, block_size=block, dropout=dropout
     )
+    model = Transformer(cfg)
     return model, build_optimizer(model, "adamw", 3e-3, 0.1, 0.9, (0.9, 0.95)), torch.randint(0, 1024, (batch, block))
 
 
@@ -62,12 +65,12 @@ def time_steps(shape: tuple[int, int, int, int], path: str, steps: int, bf16: bo
     return (time.perf_counter() - t0) / steps, loss
 
 
-def one_shape(shape: tuple[int, int, int, int], steps: int) -> None:
+def one_shape(shape: tuple[int, int, int, int], steps: int, dropout: float) -> None:
     """(--one, in a fresh process) eager and compiled seconds per step and the compile time, as JSON."""
     from gradlm.runtime import resolve
 
     bf16 = resolve(device="cpu").dtype == "bfloat16"  # the trainer's choice on this CPU
-    model, opt, x = setup(shape)
+    model, opt, x = setup(shape, dropout)
 
     def timed(m, n: int) -> float:
         t0 = time.perf_counter()
@@ -84,7 +87,7 @@ def one_shape(shape: tuple[int, int, int, int], steps: int) -> None:
     print(json.dumps({"eager": min(eager, again), "compiled": best, "compile_s": first - 3 * best, "bf16": bf16}))
 
 
-def compile_times(shape: str, steps: int) -> None:
+def compile_times(shape: str, steps: int, dropout: float) -> None:
     """One row: eager vs compiled ms/step and the compile time, cold then warm, in fresh processes."""
     import os
     import subprocess
@@ -95,7 +98,7 @@ def compile_times(shape: str, steps: int) -> None:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
         runs = []
         for _ in ("cold", "warm"):
-            child = [sys.executable, __file__, "--one", shape, "--steps", str(steps)]
+            child = [sys.executable, __file__, "--one", shape, "--steps", str(steps), "--dropout", str(dropout)]
             out = subprocess.run(child, env=env, capture_output=True, text=True)
             if out.returncode:
                 raise SystemExit(out.stderr[-2000:])
@@ -123,10 +126,11 @@ def main() -> None:
         "--float32", action="store_true", help="time without bf16 autocast (the model then always uses SDPA)"
     )
     ap.add_argument("--compile", action="store_true", help="compiled vs eager, compile time cold and warm")
+    ap.add_argument("--dropout", type=float, default=0.0, help="--compile: the model's dropout (the trainer's step)")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # --compile's child process: one shape
     args = ap.parse_args()
     if args.one:
-        one_shape(tuple(int(v) for v in args.one.split("x")), args.steps)
+        one_shape(tuple(int(v) for v in args.one.split("x")), args.steps, args.dropout)
         return
     if args.compile:
         print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -136,7 +140,7 @@ def main() -> None:
         )
         print("|---|---|---:|---:|---:|---:|---:|")
         for spec in args.shapes.split(","):
-            compile_times(spec, args.steps)
+            compile_times(spec, args.steps, args.dropout)
         return
     print(
         f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
