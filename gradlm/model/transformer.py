@@ -200,10 +200,15 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if x.device.type != "cpu":
         return F.dropout(x, p)
     drop = min(255, round(p * 256))  # bytes below this are dropped
-    n = x.numel()
+    return x * _keep_mask(x.shape, x.dtype, drop)
+
+
+@torch.compiler.disable
+def _keep_mask(shape: torch.Size, dtype: torch.dtype, drop: int) -> torch.Tensor:
+    n = shape.numel()
     words = torch.randint(-(2**31), 2**31, ((n + 3) // 4,), dtype=torch.int32)
-    keep = words.view(torch.uint8)[:n].view(x.shape) >= drop
-    return x * keep.to(x.dtype).mul_(256 / (256 - drop))
+    keep = words.view(torch.uint8)[:n].view(shape) >= drop
+    return keep.to(dtype).mul_(256 / (256 - drop))
 
 
 _CAUSAL_BIAS: dict[int, torch.Tensor] = {}
