@@ -20,7 +20,7 @@ the same three flags with the same meaning, and resolve() turns them into a Runt
     --compile  on, off or auto: torch.compile the training step and evaluation. auto = on when the run is long
                enough to repay the compile at the speed-up it buys (COMPILE_COST: measured on CPUs, nanoGPT's
                figures for CUDA): on CUDA under a time budget that repays it or a step or token budget; on the CPU
-               under a time budget that repays it (bf16 ~8.3 minutes, float32 ~7.3) where a C++ compiler is on
+               under a time budget that repays it (bf16 ~4.5 minutes, float32 ~5.7) where a C++ compiler is on
                PATH (inductor needs one), never under a step or token budget (its length is unknown before the
                run); never on MPS. If compiling that auto chose fails, training goes on uncompiled with one
                warning line. For the commands that only run a trained model, auto = off (not measured to pay); on
@@ -51,15 +51,15 @@ DEVICE_HELP = "cpu, cuda, cuda:N, mps or auto (CUDA if present, else the CPU)"
 DTYPES = ("auto", "float32", "bfloat16")
 DECODING_DTYPES = (*DTYPES, "int8")
 COMPILE = ("auto", "on", "off")
-# What compiling the training step (and the evaluation) costs and buys, per kind of device: (seconds to compile with
-# an empty inductor cache, speed-up of a whole run). auto compiles where budget_s * (1 - 1 / speed-up) > seconds.
-# CPU: measured on a 2-core Sapphire Rapids Xeon (docs/benchmarks.md, "Compiling the training step"), the worse of
-# the runs measured: bf16, --size auto's 5 x 224 at batch 16 for 4 minutes: 65 s of compiling (step 37.5, evaluation
-# 27.9), then 1.15x the steps per second of an eager run (the demo's 4 x 192: 46 s, 1.3x); float32, the demo's
-# shape: 40 s, 1.1x (a step alone: 1.35-1.67x bf16, 1.24-1.28x float32, benchmarks/train_step.py --compile). So a
-# CPU run compiles from ~8.3 minutes of --max-time in bf16, ~7.3 in float32. CUDA: nanoGPT's figures for a
-# GPT-2-small step (~1 minute, 250 -> 135 ms/iter), not yet measured here.
-COMPILE_COST = {"cuda": (60.0, 1.5), "cpu_bf16": (65.0, 1.15), "cpu": (40.0, 1.1)}
+# What compiling the training step costs and buys, per kind of device: (seconds to compile with an empty inductor
+# cache, speed-up of a whole run). auto compiles where budget_s * (1 - 1 / speed-up) > seconds.
+# CPU: measured on a 2-core Sapphire Rapids Xeon (docs/benchmarks.md, "Compiling the training step"): bf16, a
+# 4-minute --size auto run (5 x 224, dropout 0.1): the step compiled in 35-37.5 s with an empty cache and the run's
+# steps came 1.15x as fast as eager ones; float32, the demo's shape: 31.4 s, 1.1x. (The evaluation runs uncompiled
+# on the CPU: its 23-28 s compile saved 0.6 s an evaluation.) So a CPU run compiles from ~4.5 minutes of --max-time
+# in bf16, ~5.7 in float32. CUDA: nanoGPT's figures for a GPT-2-small step (~1 minute, 250 -> 135 ms/iter), not yet
+# measured here.
+COMPILE_COST = {"cuda": (60.0, 1.5), "cpu_bf16": (35.0, 1.15), "cpu": (31.0, 1.1)}
 
 
 @dataclass(frozen=True)

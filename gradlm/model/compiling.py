@@ -26,15 +26,15 @@ import torch
 from gradlm.layout import cache_dir
 
 
-# TORCHINDUCTOR_CACHE_DIR as the user's environment gave it (read at import, before any work): torch writes its own
-# /tmp default there the first time anything asks for inductor's cache (torch.optim's first step does, so --size
-# auto's probe did), which must not pass for the user's choice.
-_USERS_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-
-
 def use_cache() -> Path:
-    """Where inductor keeps what it compiled: the user's TORCHINDUCTOR_CACHE_DIR, else $GRADLM_CACHE/inductor."""
-    path = _USERS_CACHE or str(cache_dir() / "inductor")
+    """Where inductor keeps what it compiled: the user's TORCHINDUCTOR_CACHE_DIR, else $GRADLM_CACHE/inductor. Torch
+    writes its own /tmp default into that variable when parts of it are imported or first run (torch._dynamo's
+    imports, torch.optim's first step), so a value equal to that default does not count as the user's choice."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    path = given if given and os.path.abspath(given) != os.path.abspath(default_cache_dir()) else None
+    path = path or str(cache_dir() / "inductor")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     return Path(path)
 
