@@ -205,6 +205,9 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 @torch.compiler.disable
 def _keep_mask(shape: torch.Size, dtype: torch.dtype, drop: int) -> torch.Tensor:
+    """dropout's scaled keep mask, drawn eagerly even inside a compiled step (a graph break): compiled, these random
+    bytes cost ~85 ms of a 5 x 224 step and inductor's own random numbers more (docs/benchmarks.md, "Compiling the
+    training step")."""
     n = shape.numel()
     words = torch.randint(-(2**31), 2**31, ((n + 3) // 4,), dtype=torch.int32)
     keep = words.view(torch.uint8)[:n].view(shape) >= drop

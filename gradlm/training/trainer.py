@@ -445,7 +445,8 @@ class Trainer:
                 f"multiple of {dd.world}"
             )
         self.step_tokens = self.batch * block
-        # The compiled model (when compiling) serves the step and evaluation alike; DDP wraps it for the step.
+        # The compiled model (when compiling) serves the step, and the evaluation on CUDA (see evaluate); DDP wraps it
+        # for the step.
         self.fast_model = torch.compile(self.model) if self.rt.compile else self.model
         self._wrap_for_ranks()
         # for bits per byte
