@@ -15,8 +15,8 @@ the same three flags with the same meaning, and resolve() turns them into a Runt
                (generate, chat, serve) also take int8 on the CPU: int8 copies of the matrices, multiplied by torch's
                weight-only int8 kernel at batches of up to 4 rows (on AVX512 CPUs) and by dynamic quantization
                otherwise; its cost in quality is +0.0001 held-out bits per byte (docs/benchmarks.md). For them auto =
-               int8 on a CPU where ATen runs AVX512 (there batch 1 decodes 1.03x llama.cpp's f32 speed, float32
-               0.75x), float32 on other CPUs; --dtype float32 is the exact reference.
+               int8 on a CPU where ATen runs AVX512 (there batch 1 decodes 1.4x float32's speed, 0.88-1.03x
+               llama.cpp's f32), float32 on other CPUs; --dtype float32 is the exact reference.
     --compile  on, off or auto: torch.compile the training step and evaluation. auto = on when the run is long
                enough to repay the compile at the speed-up it buys (COMPILE_COST: measured on CPUs, nanoGPT's
                figures for CUDA): on CUDA under a time budget that repays it or a step or token budget; on the CPU
