@@ -17,17 +17,18 @@ the same three flags with the same meaning, and resolve() turns them into a Runt
                otherwise; its cost in quality is +0.0001 held-out bits per byte (docs/benchmarks.md). For them auto =
                int8 on a CPU where ATen runs AVX512 (there batch 1 decodes 1.4x float32's speed, 0.88-1.03x
                llama.cpp's f32), float32 on other CPUs; --dtype float32 is the exact reference.
-    --compile  on, off or auto: torch.compile the training step and evaluation. auto = on when the run is long
-               enough to repay the compile at the speed-up it buys (COMPILE_COST: measured on CPUs, nanoGPT's
-               figures for CUDA): on CUDA under a time budget that repays it or a step or token budget; on the CPU
-               under a time budget that repays it (bf16 ~4.5 minutes, float32 ~5.7) where a C++ compiler is on
-               PATH (inductor needs one), never under a step or token budget (its length is unknown before the
-               run); never on MPS. If compiling that auto chose fails, training goes on uncompiled with one
-               warning line. For the commands that only run a trained model, auto = off (not measured to pay); on
-               compiles the decoding step (generate, chat, serve) or the scored forward (eval). Compiled graphs
-               are kept in $GRADLM_CACHE/inductor; each compile (the training step, the evaluation, the decoding
-               step) is said in one line with its time, and the decoding step runs eagerly if compiling fails
-               (gradlm/model/compiling.py). A step that compiled does not set the time budget's pace.
+    --compile  on, off or auto: torch.compile the training step (and on CUDA the evaluation: on the CPU its
+               compile is not repaid, docs/benchmarks.md). auto = on when the run is long enough to repay the
+               compile at the speed-up it buys (COMPILE_COST: measured on CPUs, nanoGPT's figures for CUDA): on
+               CUDA under a time budget that repays it or a step or token budget; on the CPU under a time budget
+               that repays it (bf16 ~4.5 minutes, float32 ~5.7) where a C++ compiler is on PATH (inductor needs
+               one), never under a step or token budget (its length is unknown before the run); never on MPS. If
+               compiling that auto chose fails, training goes on uncompiled with one warning line. For the
+               commands that only run a trained model, auto = off (not measured to pay); on compiles the decoding
+               step (generate, chat, serve) or the scored forward (eval). Compiled graphs are kept in
+               $GRADLM_CACHE/inductor; each compile is said in one line with its time, and the decoding step runs
+               eagerly if compiling fails (gradlm/model/compiling.py). A step that compiled does not set the time
+               budget's pace.
 
 The rules are pure functions of the flags and of what the machine has (Machine), so tests can state them
 for any machine, and every rank and every resume of a run makes the same choice. The Runtime then owns
@@ -210,7 +211,7 @@ def resolve_compile(
 
 
 def compile_cost(device: str, dtype: str) -> tuple[float, float]:
-    """(seconds to compile with an empty cache, speed-up of a step) for training on this device in this dtype."""
+    """(seconds to compile with an empty cache, speed-up of a whole run) for training on this device in this dtype."""
     return COMPILE_COST["cuda" if device.startswith("cuda") else "cpu_bf16" if dtype == "bfloat16" else "cpu"]
 
 

@@ -309,8 +309,8 @@ class Trainer:
         self.rt = runtime.resolve(cfg.device, cfg.dtype, cfg.compile, budget_s=self.budget.max_time_s or None)
         self.device, self.compute_dtype, self.autocast = self.rt.device, self.rt.dtype, self.rt.autocast
         if self.rt.compile:
-            # inductor's compiled graphs kept in $GRADLM_CACHE/inductor: said before anything runs an optimizer step
-            # (--size auto's probe), since torch.optim's first step sets inductor's own default (/tmp) if unset
+            # inductor's compiled graphs kept in $GRADLM_CACHE/inductor (use_cache sees past the /tmp default torch
+            # writes into TORCHINDUCTOR_CACHE_DIR on importing dynamo or on torch.optim's first step)
             use_cache()
         self.dd = init_distributed(self.device)
         if self.rt.kind == "cuda":
