@@ -2,7 +2,9 @@
 
 Takes a run (--run; by default trains one: 6 layers x 320 on Shakespeare for 200 steps), exports it with
 `gradlm export --format gguf` in each type, and decodes greedily, side by side in one process, alternating:
-gradlm (its engine with a KV cache, float32 and `--dtype int8`) and llama.cpp through llama-cpp-python's
+gradlm (its engine with a KV cache, float32 and `--dtype int8`; at batch 1 also both with the compiled one-row step,
+gradlm/model/aot.py, built first in a fresh cache: its build and open times are printed) and llama.cpp through
+llama-cpp-python's
 low-level API (one context, a batch of N sequences, greedy argmax in numpy, so both pay a Python loop per step).
 Prompts are Shakespeare lines of different lengths; every row decodes --new-tokens tokens, no early stop.
 Tokens/s counts new tokens over the whole call, prefill included; each
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from gradlm.generation.engine import Engine, Request
+from gradlm.model.infer import Forward, Int8
 from gradlm.model.sampling import SamplingConfig
 from gradlm.formats.gguf import export_gguf
 from gradlm.rundir import load_model
@@ -175,6 +178,12 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,16")
     ap.add_argument("--threads", type=int, default=0, help="threads for both (0 = torch's default)")
     ap.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="leave out the compiled one-row step (built in a fresh cache, float32 and int8, rows at batch 1)",
+    )
+    ap.add_argument(
         "--repack",
         choices=("auto", "on", "off"),
         default="auto",
@@ -210,25 +219,44 @@ def main() -> None:
         "| batch | decoder | tokens/s | / gradlm | greedy tokens equal to gradlm's | teacher-forced argmax agreement |"
     )
     print("|---:|---|---:|---:|---|---:|")
+    compiled = {}  # the compiled one-row step (gradlm/model/aot.py): built in a fresh cache, then opened again
+    if args.compile:
+        os.environ["GRADLM_CACHE"] = str(tmp / "cache")
+        for form, dtype in (("float32", "float32"), ("int8", "int8")):
+            if dtype == "int8" and not Int8.weight_only:
+                continue  # no int8 form of the step without AVX512 (the weight-only kernel is scalar)
+            cold, warm = timed(lambda: Forward(model, dtype == "int8", step="build").check())[0], None
+            engine = Engine(model, tok, runtime=Runtime("cpu", dtype, decode_step="cached"))
+            warm = timed(lambda: engine.forward.check())[0]
+            compiled[f"{form}, compiled"] = engine
+            print(f"compiled one-row step, {form}: built in {cold:.1f} s with an empty cache, opened in {warm:.3f} s")
+        print()
+    print(
+        "| batch | decoder | tokens/s | / gradlm | greedy tokens equal to gradlm's | teacher-forced argmax agreement |"
+    )
+    print("|---:|---|---:|---:|---|---:|")
     for B in [int(b) for b in args.batches.split(",")]:
         prompts = [tok.encode(lines[i * 7 % len(lines)])[:48] for i in range(B)]
         engines = {t: LlamaCpp(f, B, max(map(len, prompts)) + n + 1, threads, repack) for t, f in files.items()}
-        ours, int8 = Engine(model, tok), Engine(model, tok, runtime=Runtime("cpu", "int8"))
-        ref, ref8 = gradlm_decode(ours, prompts, n), gradlm_decode(int8, prompts, n)
-        outs = {t: e.decode(prompts, n) for t, e in engines.items()}  # warm-up
-        times = {"gradlm": [], "int8": [], **{t: [] for t in engines}}
+        ours = {"float32": Engine(model, tok), "int8": Engine(model, tok, runtime=Runtime("cpu", "int8"))}
+        if B == 1:  # the compiled step decodes one row
+            ours.update(compiled)
+        refs = {k: gradlm_decode(e, prompts, n) for k, e in ours.items()}  # warm-up
+        outs = {t: e.decode(prompts, n) for t, e in engines.items()}
+        times = {k: [] for k in (*ours, *engines)}
         for _ in range(args.repeats):
-            t, ref = timed(lambda: gradlm_decode(ours, prompts, n))
-            times["gradlm"].append(t)
-            t, ref8 = timed(lambda: gradlm_decode(int8, prompts, n))
-            times["int8"].append(t)
+            for k, e in ours.items():
+                t, refs[k] = timed(lambda: gradlm_decode(e, prompts, n))
+                times[k].append(t)
             for k, e in engines.items():
                 t, outs[k] = timed(lambda: e.decode(prompts, n))
                 times[k].append(t)
-        base = B * n / statistics.median(times["gradlm"])
-        print(f"| {B} | gradlm (float32) | {base:,.0f} | 1.00x | | |")
-        tps8 = B * n / statistics.median(times["int8"])
-        print(f"| {B} | gradlm (--dtype int8) | {tps8:,.0f} | {tps8 / base:.2f}x | {agreement(ref, ref8)} | |")
+        ref = refs["float32"]
+        base = B * n / statistics.median(times["float32"])
+        for k in ours:
+            tps = B * n / statistics.median(times[k])
+            same = "" if k == "float32" else agreement(ref, refs[k])
+            print(f"| {B} | gradlm ({k}) | {tps:,.0f} | {tps / base:.2f}x | {same} | |")
         for k, e in engines.items():
             tps = B * n / statistics.median(times[k])
             seq = prompts[0] + ref[0]

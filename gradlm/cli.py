@@ -128,19 +128,25 @@ def add_runtime_flags(p: argparse.ArgumentParser, decoding: bool = False, merge:
             if decoding
             else "; auto = bfloat16 on CUDA, float32 on the CPU"
         )
-        compiled = "on, off or auto (= off): torch.compile the " + (
-            "decoding step" if decoding else "scored forward pass"
+        compiled = (
+            "on, off or auto. On the CPU: the one-row decoding step compiled ahead of time (~1.3x eager's tokens/s at "
+            "batch 1, float32 and int8; a ~12 s build once per model shape, kept in $GRADLM_CACHE/aot): on = built "
+            "before the first token if missing, auto = used when built (serve and chat build it in the background "
+            "the first time). On CUDA: on = torch.compile the decoding step, auto = off"
+            if decoding
+            else "on, off or auto (= off): torch.compile the scored forward pass"
         )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", help=dtype)
     p.add_argument("--compile", default="auto", choices=COMPILE, help=compiled)
 
 
-def model_runtime(args: argparse.Namespace, decoding: bool = False):
-    """The Runtime of a command that runs a trained model, from its --device, --dtype and --compile."""
+def model_runtime(args: argparse.Namespace, decoding: bool = False, serving: bool = False):
+    """The Runtime of a command that runs a trained model, from its --device, --dtype and --compile (serving: one
+    that keeps running, serve and chat)."""
     from gradlm.runtime import resolve
 
-    return resolve(args.device, args.dtype, args.compile, inference=True, decoding=decoding)
+    return resolve(args.device, args.dtype, args.compile, inference=True, decoding=decoding, serving=serving)
 
 
 def pick(args: argparse.Namespace, cls, **overrides):
@@ -387,7 +393,7 @@ def cmd_chat(args) -> None:
     from gradlm.generation.constrain import make_constraint
 
     constraint = make_constraint(**constraint_args(args))
-    lm = load(args.run, best=args.best, runtime=model_runtime(args, decoding=True))
+    lm = load(args.run, best=args.best, runtime=model_runtime(args, serving=True))
     session = ChatSession(lm, system=args.system, sampling=sampling, constraint=constraint)
 
     if not lm.chat:
@@ -534,7 +540,7 @@ def cmd_serve(args) -> None:
     from gradlm.serving.serve import serve
 
     key = args.api_key or os.environ.get("GRADLM_API_KEY", "")
-    rt = model_runtime(args, decoding=True)
+    rt = model_runtime(args, serving=True)
     serve(
         args.run,
         host=args.host,

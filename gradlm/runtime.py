@@ -23,12 +23,15 @@ the same three flags with the same meaning, and resolve() turns them into a Runt
                CUDA under a time budget that repays it or a step or token budget; on the CPU under a time budget
                that repays it (bf16 ~4.5 minutes, float32 ~5.7) where a C++ compiler is on PATH (inductor needs
                one), never under a step or token budget (its length is unknown before the run); never on MPS. If
-               compiling that auto chose fails, training goes on uncompiled with one warning line. For the
-               commands that only run a trained model, auto = off (not measured to pay); on compiles the decoding
-               step (generate, chat, serve) or the scored forward (eval). Compiled graphs are kept in
-               $GRADLM_CACHE/inductor; each compile is said in one line with its time, and the decoding step runs
-               eagerly if compiling fails (gradlm/model/compiling.py). A step that compiled does not set the time
-               budget's pace.
+               compiling that auto chose fails, training goes on uncompiled with one warning line. Decoding on the
+               CPU (generate, chat, serve) compiles one thing: the one-row step, ahead of time (gradlm/model/aot.py:
+               ~1.3x eager's tokens/s at batch 1; built once per model shape, ~12 s, kept in $GRADLM_CACHE/aot):
+               on = built before the first token if missing; auto = used when it is in the cache, and serve and
+               chat have it built in the background the first time (resolve_decode_step). Decoding on CUDA: on =
+               torch.compile the decoding step, auto = off; eval: on compiles the scored forward, auto = off.
+               Compiled graphs are kept in $GRADLM_CACHE/inductor; each compile is said in one line with its time,
+               and what failed to compile runs eagerly after one warning line (gradlm/model/compiling.py). A step
+               that compiled does not set the time budget's pace.
 
 The rules are pure functions of the flags and of what the machine has (Machine), so tests can state them
 for any machine, and every rank and every resume of a run makes the same choice. The Runtime then owns
@@ -210,6 +213,21 @@ def resolve_compile(
     return budget_s is None or budget_s * (1 - 1 / speedup) > seconds
 
 
+def resolve_decode_step(compile: str | bool, device: str, dtype: str, machine: Machine, serving: bool = False) -> str:
+    """What a decoding command does with the compiled one-row step (gradlm/model/aot.py; Forward's step modes): on
+    the CPU with float32 or int8 weights (int8 where its weight-only kernel is vectorised), --compile on builds it
+    before the first token if it is not in the cache; auto uses it from the cache, and a command that keeps running
+    (serving: serve, chat) has it built in the background the first time. Off elsewhere and with --compile off."""
+    compile = compile if isinstance(compile, str) else "on" if compile else "off"
+    if device != "cpu" or dtype not in ("float32", "int8") or compile == "off":
+        return "off"
+    if dtype == "int8" and not machine.cpu_int8:
+        return "off"
+    if compile == "on":
+        return "build"
+    return "background" if serving and machine.cpu_compiler else "cached"
+
+
 def compile_cost(device: str, dtype: str) -> tuple[float, float]:
     """(seconds to compile with an empty cache, speed-up of a whole run) for training on this device in this dtype."""
     return COMPILE_COST["cuda" if device.startswith("cuda") else "cpu_bf16" if dtype == "bfloat16" else "cpu"]
@@ -222,6 +240,7 @@ class Runtime:
     device: str = "cpu"
     dtype: str = "float32"
     compile: bool = False
+    decode_step: str = "off"  # decoding on the CPU: the compiled one-row step's mode (resolve_decode_step)
 
     @property
     def kind(self) -> str:
@@ -272,7 +291,8 @@ class Runtime:
         return torch.tensor(values, dtype=dtype, device=self.device if self.kind == "cuda" else "cpu")
 
     def describe(self) -> str:
-        return f"{self.device}, {self.dtype}" + (", compiled" if self.compile else "")
+        step = {"build": ", compiled one-row step", "background": ", compiled one-row step when built"}
+        return f"{self.device}, {self.dtype}" + (", compiled" if self.compile else step.get(self.decode_step, ""))
 
 
 def resolve(
@@ -282,16 +302,23 @@ def resolve(
     *,
     inference: bool = False,
     decoding: bool = False,
+    serving: bool = False,
     budget_s: float | None = None,
     machine: Machine | None = None,
 ) -> Runtime:
     """The Runtime for these flags on this machine (or on `machine`, for tests). inference: a command that
-    runs a trained model (its dtype is the weights'); decoding: one that generates (int8 allowed)."""
+    runs a trained model (its dtype is the weights'); decoding: one that generates (int8 allowed); serving: one that
+    keeps running (serve, chat: the compiled decoding step is worth building in the background)."""
     machine = machine or Machine.here()
     dev = resolve_device(device, machine, int(os.environ.get("LOCAL_RANK", "0")))
-    inference = inference or decoding
+    inference = inference or decoding or serving
+    decoding = decoding or serving
     dtype = resolve_dtype(dtype, dev, machine, inference, decoding)
-    return Runtime(dev, dtype, resolve_compile(compile, dev, budget_s, inference, dtype, machine))
+    step = resolve_decode_step(compile, dev, dtype, machine, serving) if decoding else "off"
+    # decoding on the CPU compiles the one-row step (where it has a form) and never torch.compiles the eager step:
+    # with the shapes dynamic that ran at 0.65x eager's speed (gradlm/model/aot.py)
+    compiled = resolve_compile(compile, dev, budget_s, inference, dtype, machine) and not (decoding and dev == "cpu")
+    return Runtime(dev, dtype, compiled, step)
 
 
 def set_fast_matmul(device: str) -> None:

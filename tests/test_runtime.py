@@ -30,10 +30,19 @@ NO_COMPILER = Machine(cpu_bf16=True, cpu_compiler=False)
         (ONE_GPU, {"inference": True}, Runtime("cuda:0", "bfloat16", False)),  # compiling decoding: only when asked
         (ONE_GPU, {"inference": True, "compile": "on"}, Runtime("cuda:0", "bfloat16", True)),
         (CPU_BF16, {"decoding": True, "dtype": "int8"}, Runtime("cpu", "int8", False)),
-        (CPU_AVX512, {"decoding": True}, Runtime("cpu", "int8", False)),  # decoding: int8 where it is fast
-        (CPU_AVX512, {"decoding": True, "dtype": "float32"}, Runtime("cpu", "float32", False)),  # the exact reference
+        # decoding: int8 where it is fast, with the compiled one-row step when one is in the cache
+        (CPU_AVX512, {"decoding": True}, Runtime("cpu", "int8", False, "cached")),
+        (CPU_AVX512, {"decoding": True, "dtype": "float32"}, Runtime("cpu", "float32", False, "cached")),  # exact
         (CPU_AVX512, {"inference": True}, Runtime("cpu", "float32", False)),  # scoring never int8
-        (CPU, {"decoding": True}, Runtime("cpu", "float32", False)),  # no AVX512: int8's kernel is a scalar loop
+        (CPU, {"decoding": True}, Runtime("cpu", "float32", False, "cached")),  # no AVX512: int8's kernel is scalar
+        # serve and chat keep running: the step is built in the background the first time (a C++ compiler needed)
+        (CPU_AVX512, {"serving": True}, Runtime("cpu", "int8", False, "background")),
+        (NO_COMPILER, {"serving": True}, Runtime("cpu", "float32", False, "cached")),
+        # --compile on builds it before the first token; on the CPU it replaces torch.compile of the eager step
+        (CPU_AVX512, {"decoding": True, "compile": "on"}, Runtime("cpu", "int8", False, "build")),
+        (CPU, {"decoding": True, "dtype": "int8", "compile": "on"}, Runtime("cpu", "int8", False)),  # no form there
+        (CPU_AVX512, {"serving": True, "compile": "off"}, Runtime("cpu", "int8", False, "off")),
+        (CPU_BF16, {"decoding": True, "dtype": "bfloat16"}, Runtime("cpu", "bfloat16", False, "off")),  # float32 only
         (AVX512_GPU, {"decoding": True}, Runtime("cuda:0", "bfloat16", False)),
         (ONE_GPU, {"device": "cpu"}, Runtime("cpu", "float32", False)),
         (OLD_GPU, {}, Runtime("cuda:0", "float32", True)),

@@ -278,7 +278,7 @@ class Engine:
         self.model, self.tok = model, tok
         rt = runtime or Runtime(str(model.embed_tokens.weight.device))
         # the fast path in inference mode; owns its weight copies
-        self.forward = Forward(model, int8=rt.dtype == "int8", compile=rt.compile)
+        self.forward = Forward(model, int8=rt.dtype == "int8", compile=rt.compile, step=rt.decode_step)
         self.device = model.embed_tokens.weight.device
         self.guide: Guide | None = None  # compiles constraints, made on the first request that has one
         self.specials = frozenset(tok.specials.values())
@@ -485,7 +485,8 @@ class Engine:
         P = max(lengths, default=0)
         pad = [P - n for n in lengths]
         room = max((r.cfg.max_new_tokens - r.generated for r in self._rows), default=1)
-        new = self.model.new_cache(len(parts), min(self.model.cfg.block_size, P + room), pad=pad if any(pad) else None)
+        size = self.forward.cache_len(len(parts), min(self.model.cfg.block_size, P + room))
+        new = self.model.new_cache(len(parts), size, pad=pad if any(pad) else None)
         for i, ((c, b), n) in enumerate(zip(parts, lengths)):
             if n:
                 new.kv[:, i, :, P - n : P] = c.kv[:, b, :, c.pos - n : c.pos]

@@ -26,6 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from gradlm.model import aot
 from gradlm.model.compiling import Compiled
 from gradlm.model.transformer import Transformer, KVCache
 from gradlm.model.sampling import SamplingConfig, next_token
@@ -38,15 +39,21 @@ class Forward:
     remakes the copies when any weight changed since they were made
     (training, load_state_dict, .to()): the engine calls it whenever it admits rows, not at every step,
     since the check costs ~0.1 ms and a decoding step a few. The copies cost one extra copy of the
-    matrices while this Forward lives."""
+    matrices while this Forward lives.
 
-    def __init__(self, model: Transformer, int8: bool = False, compile: bool = False):
+    step: the compiled one-row decoding step on the CPU (gradlm/model/aot.py), which takes every call it fits (one
+    row, one new token, no padding, a cache as long as the context window: cache_len says how long to make one):
+    "off"; "cached" (its package when one is in the cache); "background" (that, and if there is none, one is built
+    in another process meanwhile, found at a later check()); "build" (built at the first check() if missing)."""
+
+    def __init__(self, model: Transformer, int8: bool = False, compile: bool = False, step: str = "off"):
         self.model, self.int8 = model, int8
         self._key: tuple | None = None
         self._weights: tuple | None = None
-        # compile: torch.compile the fused step (`--compile on`), shapes dynamic (batch, prompt and cache length vary);
-        # it says when it compiles and runs eagerly if compiling fails (gradlm/model/compiling.py)
+        # compile: torch.compile the fused step (`--compile on` off the CPU), shapes dynamic (batch, prompt and cache
+        # length vary); it says when it compiles and runs eagerly if compiling fails (gradlm/model/compiling.py)
         self._fused = Compiled(fused_forward, "the decode step", dynamic=True) if compile else fused_forward
+        self.step_mode, self.step, self.building = step, None, None
 
     def __call__(self, idx: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         model = self.model
@@ -57,15 +64,38 @@ class Forward:
             )
         if (model.training or torch.is_grad_enabled()) and not self.int8:
             return model(idx, cache=cache, last_only=last_only)
-        return self._fused(model, self._weights or self.check(), idx, cache, last_only)
+        weights = self._weights or self.check()
+        if self.step is not None and self.step.fits(idx, cache):
+            return self.step(idx, cache)
+        return self._fused(model, weights, idx, cache, last_only)
 
     def check(self) -> tuple:
         """The inference weights (see inference_weights), remade if a weight's storage or in-place
-        version changed since they were made."""
+        version changed since they were made; the compiled step opened or handed them."""
         key = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
         if key != self._key:
             self._weights, self._key = inference_weights(self.model, self.int8), key
+            if self.step is not None:
+                self.step.load(aot.constants(self.model, self._weights, self.int8))
+        if self.step is None and self.step_mode != "off":
+            self._open_step()
         return self._weights
+
+    def _open_step(self) -> None:
+        model, mode = self.model, self.step_mode
+        if model.embed_tokens.weight.dtype != torch.float32 or (self.int8 and not Int8.weight_only):
+            self.step_mode = "off"  # its forms: float32 weights, and int8 where the weight-only kernel is vectorised
+            return
+        self.step = aot.open_step(model, self._weights, self.int8, build_missing=mode == "build")
+        if self.step is None and mode == "background" and self.building is None:
+            self.building = aot.build_in_background(model.cfg, self.int8)
+        if self.step is None and mode == "build":
+            self.step_mode = "off"  # it failed, and said so: not again
+
+    def cache_len(self, rows: int, needed: int) -> int:
+        """How long to make a KV cache for rows that need `needed` positions: the context window where the
+        compiled step would take them (its one graph reads a whole window's cache), else needed."""
+        return self.model.cfg.block_size if self.step is not None and rows == 1 else needed
 
 
 @torch.no_grad()

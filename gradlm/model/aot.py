@@ -1,0 +1,259 @@
+"""The one-row decoding step compiled ahead of time for the CPU (AOTInductor), kept in the cache for every model
+of its shape.
+
+Why: at batch 1 an eager decoding step is ~250 small ATen calls (norms, casts, rotary, the residual adds, views)
+around ~25 matrix products, and each call costs microseconds of dispatch: a third to a half of the step. Compiled at
+fixed shapes into one C++ function, the elementwise work is fused into a few loops and nothing is dispatched from
+Python: the step runs 1.4-1.6x as fast (docs/benchmarks.md, "The compiled one-row step"). Measured and not kept:
+torch.compile of the eager step with dynamic shapes (0.65x: slower than eager), of its pieces (0.7x: each compiled
+call costs tens of microseconds), at fixed shapes with cpp_wrapper (1.2x: dynamo still checks ~50 guards a call),
+and a graph that writes the new keys into the cache it is given (0.3x: the graph copied the whole cache each step).
+
+What it computes: Transformer.forward(idx, cache) for one row of one new token, without padding, over a KV cache as
+long as the context window, so one graph serves every position (the position is a tensor; keys from it on are
+masked). Attention is written out so the graph only reads the cache: scores against the cached keys, the new key's
+score beside them, one softmax over both; the new keys and values come back and the caller writes them. Weights
+are the fused path's (gradlm/model/infer.py: norms folded into the products; int8 = its weight-only form), so the
+tokens are the eager path's up to float rounding (tests/test_aot.py).
+
+The package depends on the model's shape, the weights' form (float32 or int8), torch's version and the CPU's
+capability, not on the weights: they are handed to it at load time (load_constants), so one build serves every
+model of a shape. It lives in $GRADLM_CACHE/aot/, written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gradlm.layout import cache_dir
+from gradlm.model.transformer import KVCache, ModelConfig
+
+STEP_VERSION = 1  # part of the package's key: raise it whenever one_row_step computes something else
+
+
+def _product(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:
+    """(a * rows) @ w in float32; int8 (scale given): w is (out, in) int8, multiplied by the weight-only kernel
+    with a in bf16, the product's rows scaled instead of a's."""
+    if scale is None:
+        return (a if rows is None else a * rows) @ w
+    out = torch._weight_int8pack_mm(a.to(torch.bfloat16), w, scale)
+    return out.float() if rows is None else out * rows
+
+
+class OneRowStep(torch.nn.Module):
+    """The step as a module whose buffers are the weights (what AOTInductor turns into loadable constants):
+    forward(idx (1, 1), kv (n_layer, 1, 2 * n_kv_head, block_size, head_dim), pos ()) -> (logits (1, 1, V), this
+    token's keys and values (n_layer, 1, 2 * n_kv_head, 1, head_dim))."""
+
+    def __init__(self, cfg: ModelConfig, constants: dict[str, torch.Tensor], int8: bool):
+        super().__init__()
+        self.cfg, self.int8 = cfg, int8
+        for name, t in constants.items():
+            self.register_buffer(name, t)
+
+    def _w(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return getattr(self, name), getattr(self, name + "_scale") if self.int8 else None
+
+    def forward(self, idx: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        H, KV, D, C, L = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model, kv.shape[3]
+        group, half, scale = H // KV, D // 2, D**-0.5
+
+        def inv_rms(h):
+            return torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+
+        x = F.embedding(idx, self.embed).view(1, C)
+        at = pos.view(1)
+        cos, sin = self.cos.index_select(0, at), self.sin.index_select(0, at)  # (1, D); sin's first half negated
+        cached = (torch.arange(L, device=kv.device) < pos).view(1, 1, 1, L)  # keys 0..pos-1 are in the cache
+        new = []
+        for i in range(cfg.n_layer):
+            qkv = _product(x, *self._w(f"l{i}_qkv"), inv_rms(x)).view(H + 2 * KV, D)
+            q, k, v = qkv[:H], qkv[H : H + KV], qkv[H + KV :]
+            if cfg.qk_norm:
+                q, k = q * inv_rms(q) * getattr(self, f"l{i}_qn"), k * inv_rms(k) * getattr(self, f"l{i}_kn")
+            q = q * cos + torch.cat([q[:, half:], q[:, :half]], -1) * sin
+            k = k * cos + torch.cat([k[:, half:], k[:, :half]], -1) * sin
+            new.append(torch.cat([k, v]))
+            qg = q.view(1, KV, group, D)  # query head h reads key head h // group
+            scores = (qg @ kv[i, :, :KV].transpose(-1, -2)) * scale  # (1, KV, group, L)
+            scores = scores.masked_fill(~cached, float("-inf"))
+            own = (qg * k.view(1, KV, 1, D)).sum(-1, keepdim=True) * scale  # the new key's score (1, KV, group, 1)
+            top = torch.maximum(scores.amax(-1, keepdim=True), own)
+            p, p_own = torch.exp(scores - top), torch.exp(own - top)
+            y = (p @ kv[i, :, KV:] + p_own * v.view(1, KV, 1, D)) / (p.sum(-1, keepdim=True) + p_own)
+            x = x + _product(y.reshape(1, H * D), *self._w(f"l{i}_o"), None)
+            gate, up = _product(x, *self._w(f"l{i}_gu"), inv_rms(x)).chunk(2, 1)
+            x = x + _product(F.silu(gate) * up, *self._w(f"l{i}_down"), None)
+        logits = _product(x, *self._w("head"), inv_rms(x)).view(1, 1, -1)
+        return logits, torch.stack(new).view(cfg.n_layer, 1, 2 * KV, 1, D)
+
+
+def constants(model, weights: tuple, int8: bool) -> dict[str, torch.Tensor]:
+    """The step's weights by name, from the fused path's inference_weights(model, int8): what its package loads."""
+    layers, head_t, sin_signed = weights[0], weights[1], weights[2]
+    out = {"embed": model.embed_tokens.weight.detach(), "cos": model.rope_cos, "sin": sin_signed}
+
+    def put(name, w):
+        if int8:
+            out[name], out[name + "_scale"] = w.q, w.scale
+        else:
+            out[name] = w
+
+    for i, (qkv, o, gu, down, qn, kn) in enumerate(layers):
+        for name, w in (("qkv", qkv), ("o", o), ("gu", gu), ("down", down)):
+            put(f"l{i}_{name}", w)
+        if qn is not None:
+            out[f"l{i}_qn"], out[f"l{i}_kn"] = qn, kn
+    put("head", head_t)
+    return {name: t.detach().contiguous() for name, t in out.items()}
+
+
+def package_path(cfg: ModelConfig, int8: bool) -> Path:
+    """Where the package for this shape and weight form lives: $GRADLM_CACHE/aot/<key>.pt2."""
+    shape = {k: getattr(cfg, k) for k in sorted(vars(cfg))}
+    form = "int8" if int8 else "float32"
+    key = [STEP_VERSION, shape, form, torch.__version__, torch.backends.cpu.get_cpu_capability()]
+    key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return cache_dir() / "aot" / f"one-row-{cfg.n_layer}x{cfg.d_model}-{form}-{key}.pt2"
+
+
+def build(cfg: ModelConfig, int8: bool, path: Path) -> None:
+    """Export OneRowStep and compile it into a package at path. The weights are left out of it (they are loaded
+    later), so a model of this shape with random weights serves to build it."""
+    from gradlm.model.infer import inference_weights  # (infer.py uses this module)
+    from gradlm.model.transformer import Transformer
+
+    model = Transformer(cfg).eval()
+    example = constants(model, inference_weights(model, int8), int8)
+    # Random values in every weight, and two of inductor's habits switched off: it writes a small constant's values
+    # (a QK-norm's weight) into the code, and folds one whose values are all equal (a norm's initial ones); the
+    # weights loaded later could not reach either.
+    g = torch.Generator().manual_seed(0)
+    for name, t in example.items():
+        if t.dtype == torch.int8:
+            example[name] = torch.randint(-127, 128, t.shape, generator=g, dtype=torch.int8)
+        else:
+            example[name] = (torch.rand(t.shape, generator=g) + 0.5).to(t.dtype)
+    module = OneRowStep(cfg, example, int8)
+    kv = torch.zeros(cfg.n_layer, 1, 2 * cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations while it packages
+        program = torch.export.export(module, (torch.zeros(1, 1, dtype=torch.long), kv, torch.tensor(1)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
+        try:
+            torch._inductor.aoti_compile_and_package(
+                program,
+                package_path=str(tmp),
+                inductor_configs={
+                    "aot_inductor.package_constants_in_so": False,
+                    "always_keep_tensor_constants": True,
+                    "joint_graph_constant_folding": False,
+                },
+            )
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class CompiledStep:
+    """The compiled one-row step of a model, its weights loaded (open_step makes one). fits(idx, cache) says whether
+    it can take a call; __call__(idx, cache) -> logits (1, 1, V), this token's keys and values written into the
+    cache."""
+
+    def __init__(self, cfg: ModelConfig, path: Path, consts: dict[str, torch.Tensor]):
+        # torch's C++ loader itself: torch._inductor's Python wrapper of it costs a second of imports
+        self.cfg, self.loader = cfg, torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        self.load(consts)
+
+    def load(self, consts: dict[str, torch.Tensor]) -> None:
+        """Hand the package these weights (kept here: the package reads them in place)."""
+        self.consts = consts
+        # (weights, into the inactive buffer, check that every weight is given, read in place, copy to the device)
+        self.loader.load_constants(consts, False, True, True, False)
+
+    def fits(self, idx: torch.Tensor, cache: KVCache) -> bool:
+        return (
+            idx.shape == (1, 1)
+            and cache.pad is None
+            and cache.max_len == self.cfg.block_size
+            and cache.kv.shape[1] == 1
+            and cache.kv.dtype == torch.float32
+            and cache.kv.device.type == "cpu"
+        )
+
+    def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        logits, new = self.loader.boxed_run([idx, cache.kv, torch.tensor(cache.pos)])
+        cache.kv.narrow(3, cache.pos, 1).copy_(new)
+        cache.pos += 1
+        return logits
+
+
+def _said(say: Callable[[str], None] | None) -> Callable[[str], None]:
+    return say or (lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def _failed(say: Callable[[str], None], error: BaseException) -> None:
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    say(
+        f"warning: compiling the one-row decoding step failed ({type(error).__name__}: {first}); decoding without it "
+        "(--compile off skips the attempt)"
+    )
+
+
+def open_step(
+    model, weights: tuple, int8: bool, build_missing: bool = True, say: Callable[[str], None] | None = None
+) -> CompiledStep | None:
+    """The compiled one-row step for model with these fused-path weights (inference_weights(model, int8)): its
+    package loaded from the cache, or built first when build_missing (one line says so, with its time). None when
+    it is not there and not to be built, or when building or loading it failed (one warning line)."""
+    say, cfg = _said(say), model.cfg
+    path = package_path(cfg, int8)
+    try:
+        if not path.exists():
+            if not build_missing:
+                return None
+            start = time.perf_counter()
+            build(cfg, int8, path)
+            seconds = time.perf_counter() - start
+            say(f"compiling {what(cfg, int8)}: {seconds:.1f} s (cached in {path.parent} for next time)")
+        return CompiledStep(cfg, path, constants(model, weights, int8))
+    except Exception as e:  # noqa: BLE001  (any failure to build or load: decode as written)
+        _failed(say, e)
+        return None
+
+
+def what(cfg: ModelConfig, int8: bool) -> str:
+    return f"the one-row decoding step ({cfg.n_layer} x {cfg.d_model}, {'int8' if int8 else 'float32'})"
+
+
+def build_in_background(cfg: ModelConfig, int8: bool, say: Callable[[str], None] | None = None):
+    """Start building the package for this shape in another process (decoding goes on meanwhile; open_step finds
+    the package once it is there). The process, or None when the package is already there."""
+    path = package_path(cfg, int8)
+    if path.exists():
+        return None
+    _said(say)(f"compiling {what(cfg, int8)} in the background, ~15 s (cached in {path.parent} for next time)")
+    spec = json.dumps({k: getattr(cfg, k) for k in vars(cfg)})
+    return subprocess.Popen([sys.executable, "-m", "gradlm.model.aot", spec, "int8" if int8 else "float32"])
+
+
+if __name__ == "__main__":  # python -m gradlm.model.aot CONFIG_JSON int8|float32: what build_in_background runs
+    cfg, form = ModelConfig(**json.loads(sys.argv[1])), sys.argv[2]
+    try:
+        build(cfg, form == "int8", package_path(cfg, form == "int8"))
+    except Exception as e:  # noqa: BLE001
+        _failed(_said(None), e)
+        sys.exit(1)

@@ -1,0 +1,139 @@
+"""The compiled one-row decoding step (gradlm/model/aot.py): the eager path's logits and keys at every position of the
+window, for any weights of the shape it was built for; the same tokens inside the engine (rows leaving, the window
+sliding); built once per shape, in the background too; a failed build decodes eagerly after one warning, leaving
+nothing half-written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradlm.generation.engine import Engine, Request
+from gradlm.model import aot
+from gradlm.model.infer import Forward, Int8, decode, fused_forward, inference_weights
+from gradlm.model.sampling import SamplingConfig
+from gradlm.runtime import Runtime
+
+from conftest import sharp_model
+
+SHAPE = dict(n_kv_head=2, qk_norm=True)  # grouped-query attention and QK-norm: every branch of the step
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("aot-cache")
+
+
+@pytest.fixture
+def aot_cache(shared_cache, monkeypatch):
+    """One cache for the module's tests (each form of SHAPE is built once), not every test's own."""
+    monkeypatch.setenv("GRADLM_CACHE", str(shared_cache))
+    return shared_cache
+
+
+def same_as_eager(model, step, int8: bool, tol: float) -> None:
+    """The step's logits and keys/values equal fused_forward's at every position up to the end of the window."""
+    w = inference_weights(model, int8)
+    block = model.cfg.block_size
+    ours, theirs = model.new_cache(1, block), model.new_cache(1, block)
+    with torch.inference_mode():
+        prompt = torch.tensor([[1, 2, 3, 4, 5]])
+        fused_forward(model, w, prompt, ours, True)
+        fused_forward(model, w, prompt, theirs, True)
+        ids = torch.tensor([[7]])
+        while ours.pos < block:
+            assert step.fits(ids, ours)
+            want, got = fused_forward(model, w, ids, theirs, False), step(ids, ours)
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+            torch.testing.assert_close(ours.kv[..., : ours.pos, :], theirs.kv[..., : theirs.pos, :], rtol=tol, atol=tol)
+            ids = want[:, -1].argmax(-1, keepdim=True)
+
+
+def test_the_step_gives_the_eager_logits_at_every_position_for_any_weights_of_its_shape(aot_cache, tok):
+    model = sharp_model(tok.vocab_size, **SHAPE)
+    lines = []
+    step = aot.open_step(model, inference_weights(model), False, say=lines.append)
+    assert step is not None and len(lines) == 1
+    assert lines[0].startswith("compiling the one-row decoding step (2 x 32, float32): ") and str(aot_cache) in lines[0]
+    same_as_eager(model, step, False, 1e-4)
+    # another model of the shape: the package is found (not built again) and computes with that model's weights
+    other = sharp_model(tok.vocab_size, seed=1, **SHAPE)
+    again = aot.open_step(other, inference_weights(other), False, build_missing=False, say=lines.append)
+    assert again is not None and len(lines) == 1
+    same_as_eager(other, again, False, 1e-4)
+    assert not step.fits(torch.tensor([[1, 2]]), model.new_cache(1, 32))  # more than one token: eager
+    assert not step.fits(torch.tensor([[1]]), model.new_cache(1, 16))  # a cache shorter than the window: eager
+    assert not step.fits(torch.tensor([[1], [2]]), model.new_cache(2, 32))  # two rows: eager
+
+
+def test_float32_decoding_through_the_step_is_the_module_paths_greedy_tokens(aot_cache, tok):
+    model = sharp_model(tok.vocab_size, **SHAPE)
+    cfg = SamplingConfig(temperature=0, max_new_tokens=28)
+    forward = Forward(model, step="build")
+    # 4 + 28 ids: decode()'s cache is the whole window, so every new token goes through the compiled step
+    got = decode(model, [1, 2, 3, 4], 28, cfg, forward=forward)
+    assert forward.step is not None
+    assert got == decode(model, [1, 2, 3, 4], 28, cfg)  # the module path, GPT.forward
+    # weights changed in place (training, load_state_dict): check() hands the step the new ones
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)
+    forward.check()
+    assert decode(model, [1, 2, 3, 4], 28, cfg, forward=forward) == decode(model, [1, 2, 3, 4], 28, cfg)
+
+
+@pytest.mark.skipif(not Int8.weight_only, reason="the int8 step is built where ATen runs AVX512 (its int8 kernel)")
+def test_the_int8_step_built_in_the_background_gives_the_eager_int8_logits(aot_cache, tok):
+    model = sharp_model(tok.vocab_size, **SHAPE)
+    process = aot.build_in_background(model.cfg, True, say=lambda line: None)
+    assert process is not None and process.wait(timeout=300) == 0
+    assert aot.build_in_background(model.cfg, True) is None  # there now: nothing to build
+    step = aot.open_step(model, inference_weights(model, True), True, build_missing=False)
+    # the eager int8 path and the step both multiply bf16 activations; they round the norms differently
+    same_as_eager(model, step, True, 2e-2)
+
+
+def test_the_engine_gives_the_same_tokens_with_the_step_as_without(aot_cache, tok, monkeypatch):
+    model = sharp_model(tok.vocab_size, **SHAPE)
+    eager = Engine(model, tok, runtime=Runtime("cpu", "float32"))
+    compiled = Engine(model, tok, runtime=Runtime("cpu", "float32", decode_step="build"))
+    calls, real = [], aot.CompiledStep.__call__  # counted
+    monkeypatch.setattr(
+        aot.CompiledStep, "__call__", lambda step, ids, cache: calls.append(1) or real(step, ids, cache)
+    )
+    greedy = SamplingConfig(temperature=0, max_new_tokens=70)
+    sampled = SamplingConfig(temperature=0.8, seed=3, max_new_tokens=20)
+    requests = [
+        Request(tok.encode("ROMEO:"), greedy, slide=True),  # 70 new tokens in a window of 32: the row slides
+        Request(tok.encode("JULIET: what"), SamplingConfig(temperature=0, max_new_tokens=5)),  # leaves early
+        Request(tok.encode("NURSE:"), sampled, n=2),
+    ]
+    want = [[p.token.id for p in pieces] for pieces in eager.run(requests)]
+    assert [[p.token.id for p in pieces] for pieces in compiled.run(requests)] == want
+    for r in requests:  # one row at a time: the compiled step takes every token after the prompt's
+        (alone,) = compiled.run([r])
+        assert [p.token.id for p in alone] == [p.token.id for p in eager.run([r])[0]]
+    assert len(calls) > 70
+
+
+def test_a_step_that_fails_to_build_decodes_eagerly_after_one_warning_and_leaves_nothing(tmp_path, monkeypatch, tok):
+    monkeypatch.setenv("GRADLM_CACHE", str(tmp_path))
+
+    def half_written(program, package_path, inductor_configs):
+        with open(package_path, "wb") as f:
+            f.write(b"PK half a package")
+        raise RuntimeError("g++ failed\nwith more detail")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", half_written)
+    model = sharp_model(tok.vocab_size)
+    cfg = SamplingConfig(temperature=0, max_new_tokens=28)
+    lines = []
+    monkeypatch.setattr(aot, "_said", lambda say: lines.append)
+    forward = Forward(model, step="build")
+    assert decode(model, [1, 2, 3, 4], 28, cfg, forward=forward) == decode(model, [1, 2, 3, 4], 28, cfg)
+    forward.check()  # not tried again
+    assert forward.step is None and forward.step_mode == "off"
+    assert lines == [
+        "warning: compiling the one-row decoding step failed (RuntimeError: g++ failed); decoding without it "
+        "(--compile off skips the attempt)"
+    ]
+    assert list((tmp_path / "aot").iterdir()) == []  # nothing half-written
