@@ -14,7 +14,7 @@ from gradlm.model.infer import Forward, Int8, decode, fused_forward, inference_w
 from gradlm.model.sampling import SamplingConfig
 from gradlm.runtime import Runtime
 
-from conftest import sharp_model
+from conftest import sharp_model, write_run
 
 SHAPE = dict(n_kv_head=2, qk_norm=True)  # grouped-query attention and QK-norm: every branch of the step
 
@@ -29,6 +29,19 @@ def aot_cache(shared_cache, monkeypatch):
     """One cache for the module's tests (each form of SHAPE is built once), not every test's own."""
     monkeypatch.setenv("GRADLM_CACHE", str(shared_cache))
     return shared_cache
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list:
+    """One item per token the compiled step decodes."""
+    counted, real = [], aot.CompiledStep.__call__
+
+    def counting(step, ids, cache):
+        counted.append(1)
+        return real(step, ids, cache)
+
+    monkeypatch.setattr(aot.CompiledStep, "__call__", counting)
+    return counted
 
 
 def same_as_eager(model, step, int8: bool, tol: float) -> None:
@@ -92,14 +105,10 @@ def test_the_int8_step_built_in_the_background_gives_the_eager_int8_logits(aot_c
     same_as_eager(model, step, True, 2e-2)
 
 
-def test_the_engine_gives_the_same_tokens_with_the_step_as_without(aot_cache, tok, monkeypatch):
+def test_the_engine_gives_the_same_tokens_with_the_step_as_without(aot_cache, tok, calls):
     model = sharp_model(tok.vocab_size, **SHAPE)
     eager = Engine(model, tok, runtime=Runtime("cpu", "float32"))
     compiled = Engine(model, tok, runtime=Runtime("cpu", "float32", decode_step="build"))
-    calls, real = [], aot.CompiledStep.__call__  # counted
-    monkeypatch.setattr(
-        aot.CompiledStep, "__call__", lambda step, ids, cache: calls.append(1) or real(step, ids, cache)
-    )
     greedy = SamplingConfig(temperature=0, max_new_tokens=70)
     sampled = SamplingConfig(temperature=0.8, seed=3, max_new_tokens=20)
     requests = [
@@ -137,3 +146,15 @@ def test_a_step_that_fails_to_build_decodes_eagerly_after_one_warning_and_leaves
         "(--compile off skips the attempt)"
     ]
     assert list((tmp_path / "aot").iterdir()) == []  # nothing half-written
+
+
+def test_generate_with_compile_on_writes_the_text_it_writes_without(aot_cache, tok, tmp_path, capsys, calls):
+    from gradlm.cli import main
+
+    run = write_run(tmp_path / "run", sharp_model(tok.vocab_size, **SHAPE), tok)
+    args = ["generate", str(run), "ROMEO:", "--temperature", "0", "--max-new-tokens", "20", "--dtype", "float32"]
+    assert main([*args, "--compile", "off"]) == 0
+    assert not calls
+    eager = capsys.readouterr().out
+    assert main([*args, "--compile", "on"]) == 0
+    assert capsys.readouterr().out == eager and len(calls) >= 19

@@ -382,7 +382,8 @@ def run_dir(tmp_path_factory, lm):
 def test_cli_serve_answers_and_stops(run_dir):
     env = dict(os.environ, GRADLM_API_KEY="k")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gradlm", "serve", str(run_dir), "--port", "0"],
+        # --compile off: no background build of the compiled step (tests/test_aot.py covers it) outliving the test
+        [sys.executable, "-m", "gradlm", "serve", str(run_dir), "--port", "0", "--compile", "off"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -576,7 +577,7 @@ def test_chat_refuses_a_message_longer_than_the_context_window(chat_run, tok):
     with pytest.raises(ConfigError, match="context window"):
         lm.generate(long)
     out = subprocess.run(
-        [sys.executable, "-m", "gradlm", "chat", str(chat_run), "--temperature", "0"],
+        [sys.executable, "-m", "gradlm", "chat", str(chat_run), "--temperature", "0", "--compile", "off"],
         input=long + "\nHi\n",
         capture_output=True,
         text=True,
