@@ -376,6 +376,9 @@ class Engine:
         return {"running": len(self._rows), "waiting": len(self._waiting), "steps": self.steps, "tokens": self.tokens}
 
     def start(self) -> None:
+        """Run the loop in a thread of its own (the server's way). The inference weights (and the compiled step,
+        when the runtime asks for it) are made now, not at the first request."""
+        self.forward.check()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="gradlm-engine", daemon=True)
         self._thread.start()

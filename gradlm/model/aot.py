@@ -129,24 +129,36 @@ def package_path(cfg: ModelConfig, int8: bool) -> Path:
     return cache_dir() / "aot" / f"one-row-{cfg.n_layer}x{cfg.d_model}-{form}-{key}.pt2"
 
 
+def example_constants(cfg: ModelConfig, int8: bool) -> dict[str, torch.Tensor]:
+    """Random weights of the names, shapes and dtypes constants() gives for a model of cfg (the fused path's layouts:
+    matrices (in, out) in float32, or int8 (out, in) with a bf16 scale per output): what a build needs, and what a
+    model's weights are checked against before the package reads them."""
+    H, KV, D, C, F = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model, cfg.d_ff
+    vectors = {"embed": (cfg.vocab_size, C), "cos": (cfg.block_size, D), "sin": (cfg.block_size, D)}
+    matrices = {}
+    for i in range(cfg.n_layer):
+        matrices |= {f"l{i}_qkv": (C, (H + 2 * KV) * D), f"l{i}_o": (H * D, C)}
+        matrices |= {f"l{i}_gu": (C, 2 * F), f"l{i}_down": (F, C)}
+        if cfg.qk_norm:
+            vectors |= {f"l{i}_qn": (D,), f"l{i}_kn": (D,)}
+    matrices["head"] = (C, cfg.vocab_size)
+    g = torch.Generator().manual_seed(0)
+    out = {name: torch.rand(shape, generator=g) + 0.5 for name, shape in vectors.items()}
+    for name, (n_in, n_out) in matrices.items():
+        if int8:
+            out[name] = torch.randint(-127, 128, (n_out, n_in), generator=g, dtype=torch.int8)
+            out[name + "_scale"] = (torch.rand(n_out, generator=g) + 0.5).to(torch.bfloat16)
+        else:
+            out[name] = torch.rand(n_in, n_out, generator=g) - 0.5
+    return out
+
+
 def build(cfg: ModelConfig, int8: bool, path: Path) -> None:
     """Export OneRowStep and compile it into a package at path. The weights are left out of it (they are loaded
-    later), so a model of this shape with random weights serves to build it."""
-    from gradlm.model.infer import inference_weights  # (infer.py uses this module)
-    from gradlm.model.transformer import Transformer
-
-    model = Transformer(cfg).eval()
-    example = constants(model, inference_weights(model, int8), int8)
-    # Random values in every weight, and two of inductor's habits switched off: it writes a small constant's values
-    # (a QK-norm's weight) into the code, and folds one whose values are all equal (a norm's initial ones); the
-    # weights loaded later could not reach either.
-    g = torch.Generator().manual_seed(0)
-    for name, t in example.items():
-        if t.dtype == torch.int8:
-            example[name] = torch.randint(-127, 128, t.shape, generator=g, dtype=torch.int8)
-        else:
-            example[name] = (torch.rand(t.shape, generator=g) + 0.5).to(t.dtype)
-    module = OneRowStep(cfg, example, int8)
+    later), so random ones serve to build it: random in every weight, and two of inductor's habits switched off, since
+    it writes a small constant's values into the code (a QK-norm's weight) and folds one whose values are all equal
+    (a norm's initial ones), which the weights loaded later could not reach."""
+    module = OneRowStep(cfg, example_constants(cfg, int8), int8)
     kv = torch.zeros(cfg.n_layer, 1, 2 * cfg.n_kv_head, cfg.block_size, cfg.head_dim)
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations while it packages
@@ -229,7 +241,15 @@ def open_step(
             build(cfg, int8, path)
             seconds = time.perf_counter() - start
             say(f"compiling {what(cfg, int8)}: {seconds:.1f} s (cached in {path.parent} for next time)")
-        return CompiledStep(cfg, path, constants(model, weights, int8))
+        consts, want = constants(model, weights, int8), example_constants(cfg, int8)
+        for name, t in want.items():  # the package reads the weights in place: they must be what it was built for
+            got = consts.get(name)
+            if got is None or got.shape != t.shape or got.dtype != t.dtype:
+                raise ValueError(
+                    f"weight {name} is {None if got is None else (tuple(got.shape), got.dtype)}, "
+                    f"the package takes {(tuple(t.shape), t.dtype)}"
+                )
+        return CompiledStep(cfg, path, consts)
     except Exception as e:  # noqa: BLE001  (any failure to build or load: decode as written)
         _failed(say, e)
         return None
@@ -245,15 +265,18 @@ def build_in_background(cfg: ModelConfig, int8: bool, say: Callable[[str], None]
     path = package_path(cfg, int8)
     if path.exists():
         return None
-    _said(say)(f"compiling {what(cfg, int8)} in the background, ~15 s (cached in {path.parent} for next time)")
+    _said(say)(f"compiling {what(cfg, int8)} in the background, 10-20 s (cached in {path.parent} for next time)")
     spec = json.dumps({k: getattr(cfg, k) for k in vars(cfg)})
     return subprocess.Popen([sys.executable, "-m", "gradlm.model.aot", spec, "int8" if int8 else "float32"])
 
 
 if __name__ == "__main__":  # python -m gradlm.model.aot CONFIG_JSON int8|float32: what build_in_background runs
-    cfg, form = ModelConfig(**json.loads(sys.argv[1])), sys.argv[2]
+    cfg, int8 = ModelConfig(**json.loads(sys.argv[1])), sys.argv[2] == "int8"
+    start = time.perf_counter()
     try:
-        build(cfg, form == "int8", package_path(cfg, form == "int8"))
+        build(cfg, int8, package_path(cfg, int8))
     except Exception as e:  # noqa: BLE001
         _failed(_said(None), e)
         sys.exit(1)
+    seconds = time.perf_counter() - start
+    _said(None)(f"compiled {what(cfg, int8)} in the background: {seconds:.1f} s (used from the next request)")
