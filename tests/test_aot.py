@@ -77,6 +77,9 @@ def test_the_step_gives_the_eager_logits_at_every_position_for_any_weights_of_it
     assert not step.fits(torch.tensor([[1, 2]]), model.new_cache(1, 32))  # more than one token: eager
     assert not step.fits(torch.tensor([[1]]), model.new_cache(1, 16))  # a cache shorter than the window: eager
     assert not step.fits(torch.tensor([[1], [2]]), model.new_cache(2, 32))  # two rows: eager
+    one = model.new_cache(1, 32)
+    one.pos = 1
+    assert not step.fits(torch.tensor([[1]]), one)  # after a one-token prompt: one eager step first
 
 
 def test_float32_decoding_through_the_step_is_the_module_paths_greedy_tokens(aot_cache, tok):
