@@ -215,21 +215,20 @@ def main() -> None:
         f"llama-cpp-python {llama_cpp.__version__}, weight repacking {'on' if repack else 'off'}; greedy, {n} new "
         f"tokens per row, median of {args.repeats}\n"
     )
-    print(
-        "| batch | decoder | tokens/s | / gradlm | greedy tokens equal to gradlm's | teacher-forced argmax agreement |"
-    )
-    print("|---:|---|---:|---:|---|---:|")
     compiled = {}  # the compiled one-row step (gradlm/model/aot.py): built in a fresh cache, then opened again
     if args.compile:
         os.environ["GRADLM_CACHE"] = str(tmp / "cache")
         for form, dtype in (("float32", "float32"), ("int8", "int8")):
             if dtype == "int8" and not Int8.weight_only:
                 continue  # no int8 form of the step without AVX512 (the weight-only kernel is scalar)
-            cold, warm = timed(lambda: Forward(model, dtype == "int8", step="build").check())[0], None
+            cold = timed(lambda: Forward(model, dtype == "int8", step="build").check())[0]
             engine = Engine(model, tok, runtime=Runtime("cpu", dtype, decode_step="cached"))
             warm = timed(lambda: engine.forward.check())[0]
             compiled[f"{form}, compiled"] = engine
-            print(f"compiled one-row step, {form}: built in {cold:.1f} s with an empty cache, opened in {warm:.3f} s")
+            print(
+                f"compiled one-row step, {form}: built in {cold:.1f} s with an empty cache; then weights made and "
+                f"package opened in {warm:.2f} s"
+            )
         print()
     print(
         "| batch | decoder | tokens/s | / gradlm | greedy tokens equal to gradlm's | teacher-forced argmax agreement |"
