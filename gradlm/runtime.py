@@ -25,7 +25,7 @@ the same three flags with the same meaning, and resolve() turns them into a Runt
                one), never under a step or token budget (its length is unknown before the run); never on MPS. If
                compiling that auto chose fails, training goes on uncompiled with one warning line. Decoding on the
                CPU (generate, chat, serve) compiles one thing: the one-row step, ahead of time (gradlm/model/aot.py:
-               ~1.3x eager's tokens/s at batch 1; built once per model shape, ~12 s, kept in $GRADLM_CACHE/aot):
+               1.6-2x eager's tokens/s at batch 1; built once per model shape, 12-14 s, kept in $GRADLM_CACHE/aot):
                on = built before the first token if missing; auto = used when it is in the cache, and serve and
                chat have it built in the background the first time (resolve_decode_step). Decoding on CUDA: on =
                torch.compile the decoding step, auto = off; eval: on compiles the scored forward, auto = off.

@@ -4,14 +4,15 @@ of its shape.
 Why: at batch 1 an eager decoding step is ~250 small ATen calls (norms, casts, rotary, the residual adds, views)
 around ~25 matrix products, and each call costs microseconds of dispatch: a third to a half of the step. Compiled at
 fixed shapes into one C++ function, the elementwise work is fused into a few loops and nothing is dispatched from
-Python: the step runs 1.4-1.6x as fast (docs/benchmarks.md, "The compiled one-row step"). Measured and not kept:
+Python: the step runs 1.6-2x as fast (docs/benchmarks.md, "The compiled one-row step"). Measured and not kept:
 torch.compile of the eager step with dynamic shapes (0.65x: slower than eager), of its pieces (0.7x: each compiled
 call costs tens of microseconds), at fixed shapes with cpp_wrapper (1.2x: dynamo still checks ~50 guards a call),
 and a graph that writes the new keys into the cache it is given (0.3x: the graph copied the whole cache each step).
 
 What it computes: Transformer.forward(idx, cache) for one row of one new token, without padding, over a KV cache as
-long as the context window, so one graph serves every position (the position is a tensor; keys from it on are
-masked). Attention is written out so the graph only reads the cache: scores against the cached keys, the new key's
+long as the context window. The position comes as a size (a symbolic length), so one graph serves every position
+and attention reads only the keys the cache holds (masking the rest of the window cost 1.4x at position 100 of
+512). Attention is written out so the graph only reads the cache: scores against the cached keys, the new key's
 score beside them, one softmax over both; the new keys and values come back and the caller writes them. Weights
 are the fused path's (gradlm/model/infer.py: norms folded into the products; int8 = its weight-only form), so the
 tokens are the eager path's up to float rounding (tests/test_aot.py).
