@@ -44,10 +44,11 @@ def calls(monkeypatch) -> list:
     return counted
 
 
-def same_as_eager(model, step, int8: bool, tol: float) -> None:
-    """The step's logits and keys/values equal fused_forward's at every position up to the end of the window."""
+def same_as_eager(model, step, int8: bool, tol: float, length: int | None = None) -> None:
+    """The step's logits and keys/values equal fused_forward's at every position of a cache of `length` (default:
+    the window) up to its end."""
     w = inference_weights(model, int8)
-    block = model.cfg.block_size
+    block = length or model.cfg.block_size
     ours, theirs = model.new_cache(1, block), model.new_cache(1, block)
     with torch.inference_mode():
         prompt = torch.tensor([[1, 2, 3, 4, 5]])
@@ -73,9 +74,8 @@ def test_the_step_gives_the_eager_logits_at_every_position_for_any_weights_of_it
     other = sharp_model(tok.vocab_size, seed=1, **SHAPE)
     again = aot.open_step(other, inference_weights(other), False, build_missing=False, say=lines.append)
     assert again is not None and len(lines) == 1
-    same_as_eager(other, again, False, 1e-4)
+    same_as_eager(other, again, False, 1e-4, length=19)  # the same graph for a cache of any length
     assert not step.fits(torch.tensor([[1, 2]]), model.new_cache(1, 32))  # more than one token: eager
-    assert not step.fits(torch.tensor([[1]]), model.new_cache(1, 16))  # a cache shorter than the window: eager
     assert not step.fits(torch.tensor([[1], [2]]), model.new_cache(2, 32))  # two rows: eager
     one = model.new_cache(1, 32)
     one.pos = 1
@@ -86,7 +86,7 @@ def test_float32_decoding_through_the_step_is_the_module_paths_greedy_tokens(aot
     model = sharp_model(tok.vocab_size, **SHAPE)
     cfg = SamplingConfig(temperature=0, max_new_tokens=28)
     forward = Forward(model, step="build")
-    # 4 + 28 ids: decode()'s cache is the whole window, so every new token goes through the compiled step
+    # every new token after the prompt's goes through the compiled step, up to the end of the window
     got = decode(model, [1, 2, 3, 4], 28, cfg, forward=forward)
     assert forward.step is not None
     assert got == decode(model, [1, 2, 3, 4], 28, cfg)  # the module path, GPT.forward

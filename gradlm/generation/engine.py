@@ -488,8 +488,7 @@ class Engine:
         P = max(lengths, default=0)
         pad = [P - n for n in lengths]
         room = max((r.cfg.max_new_tokens - r.generated for r in self._rows), default=1)
-        size = self.forward.cache_len(len(parts), min(self.model.cfg.block_size, P + room))
-        new = self.model.new_cache(len(parts), size, pad=pad if any(pad) else None)
+        new = self.model.new_cache(len(parts), min(self.model.cfg.block_size, P + room), pad=pad if any(pad) else None)
         for i, ((c, b), n) in enumerate(zip(parts, lengths)):
             if n:
                 new.kv[:, i, :, P - n : P] = c.kv[:, b, :, c.pos - n : c.pos]

@@ -9,9 +9,9 @@ torch.compile of the eager step with dynamic shapes (0.65x: slower than eager), 
 call costs tens of microseconds), at fixed shapes with cpp_wrapper (1.2x: dynamo still checks ~50 guards a call),
 and a graph that writes the new keys into the cache it is given (0.3x: the graph copied the whole cache each step).
 
-What it computes: Transformer.forward(idx, cache) for one row of one new token, without padding, over a KV cache as
-long as the context window. The position comes as a size (a symbolic length), so one graph serves every position
-and attention reads only the keys the cache holds (masking the rest of the window cost 1.4x at position 100 of
+What it computes: Transformer.forward(idx, cache) for one row of one new token, without padding, over a KV cache of
+any length. The position comes as a size (a symbolic length), so one graph serves every position and cache, and
+attention reads only the keys the cache holds (masking the rest of the window cost 1.4x at position 100 of
 512). Attention is written out so the graph only reads the cache: scores against the cached keys, the new key's
 score beside them, one softmax over both; the new keys and values come back and the caller writes them. Weights
 are the fused path's (gradlm/model/infer.py: norms folded into the products; int8 = its weight-only form), so the
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from gradlm.layout import cache_dir
 from gradlm.model.transformer import KVCache, ModelConfig
 
-STEP_VERSION = 2  # part of the package's key: raise it whenever OneRowStep computes something else
+STEP_VERSION = 3  # part of the package's key: raise it whenever OneRowStep computes something else
 
 
 def _product(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:
@@ -54,11 +54,11 @@ def _product(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, rows:
 
 class OneRowStep(torch.nn.Module):
     """The step as a module whose buffers are the weights (what AOTInductor turns into loadable constants):
-    forward(idx (1, 1), kv (n_layer, 1, 2 * n_kv_head, block_size, head_dim), span (pos,)) -> (logits (1, 1, V), this
+    forward(idx (1, 1), kv (n_layer, 1, 2 * n_kv_head, max_len, head_dim), span (pos,)) -> (logits (1, 1, V), this
     token's keys and values (n_layer, 1, 2 * n_kv_head, 1, head_dim)). span's length is the position: how many keys
     the cache holds. It comes as a size, not a value, so that the graph's attention loops over the keys there are
     (a symbolic length; over the whole window it cost 0.2 ms a token at 100 of 512, 1.4x the step), one graph for
-    every position from 2 to block_size - 1."""
+    every position from 2 to block_size - 1 and every cache length (max_len, also symbolic)."""
 
     def __init__(self, cfg: ModelConfig, constants: dict[str, torch.Tensor], int8: bool):
         super().__init__()
@@ -163,9 +163,11 @@ def build(cfg: ModelConfig, int8: bool, path: Path) -> None:
     kv = torch.zeros(cfg.n_layer, 1, 2 * cfg.n_kv_head, cfg.block_size, cfg.head_dim)
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations while it packages
-        span = {0: torch.export.Dim("pos", min=2, max=cfg.block_size - 1)}  # (sizes 0 and 1 export as constants)
+        pos = torch.export.Dim("pos", min=2, max=cfg.block_size - 1)  # (sizes 0 and 1 export as constants)
+        room = torch.export.Dim("room", min=3, max=cfg.block_size)
         example = (torch.zeros(1, 1, dtype=torch.long), kv, torch.empty(cfg.block_size // 2))
-        program = torch.export.export(module, example, dynamic_shapes={"idx": None, "kv": None, "span": span})
+        shapes = {"idx": None, "kv": {3: room}, "span": {0: pos}}
+        program = torch.export.export(module, example, dynamic_shapes=shapes)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
         try:
@@ -205,7 +207,6 @@ class CompiledStep:
             idx.shape == (1, 1)
             and cache.pos >= 2  # the graph's positions (a prompt of one token takes one eager step first)
             and cache.pad is None
-            and cache.max_len == self.cfg.block_size
             and cache.kv.shape[1] == 1
             and cache.kv.dtype == torch.float32
             and cache.kv.device.type == "cpu"

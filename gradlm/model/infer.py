@@ -42,7 +42,7 @@ class Forward:
     matrices while this Forward lives.
 
     step: the compiled one-row decoding step on the CPU (gradlm/model/aot.py), which takes every call it fits (one
-    row, one new token, no padding, a cache as long as the context window: cache_len says how long to make one):
+    row, one new token, no padding, past the first two positions):
     "off"; "cached" (its package when one is in the cache); "background" (that, and if there is none, one is built
     in another process meanwhile, found at a later check()); "build" (built at the first check() if missing)."""
 
@@ -91,11 +91,6 @@ class Forward:
             self.building = aot.build_in_background(model.cfg, self.int8)
         if self.step is None and mode == "build":
             self.step_mode = "off"  # it failed, and said so: not again
-
-    def cache_len(self, rows: int, needed: int) -> int:
-        """How long to make a KV cache for rows that need `needed` positions: the context window where the
-        compiled step would take them (its one graph reads a whole window's cache), else needed."""
-        return self.model.cfg.block_size if self.step is not None and rows == 1 else needed
 
 
 @torch.no_grad()
