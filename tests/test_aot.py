@@ -161,3 +161,22 @@ def test_generate_with_compile_on_writes_the_text_it_writes_without(aot_cache, t
     eager = capsys.readouterr().out
     assert main([*args, "--compile", "on"]) == 0
     assert capsys.readouterr().out == eager and len(calls) >= 19
+
+
+def test_a_conversation_that_keeps_its_cache_decodes_the_same_with_the_step(aot_cache, tok, calls):
+    """What a chat does: each turn continues the previous turn's KV cache (Request.cache)."""
+    model = sharp_model(tok.vocab_size, **SHAPE)
+    engines = {
+        "eager": Engine(model, tok, runtime=Runtime("cpu", "float32")),
+        "compiled": Engine(model, tok, runtime=Runtime("cpu", "float32", decode_step="build")),
+    }
+    said = {}
+    for name, engine in engines.items():
+        cache, ids, replies = model.new_cache(1, 32), tok.encode("ROMEO:"), []
+        for more in ("JULIET:", "NURSE: good"):
+            (pieces,) = engine.run([Request(ids, SamplingConfig(temperature=0, max_new_tokens=6), cache=cache)])
+            replies.append([p.token.id for p in pieces])
+            ids = ids + replies[-1] + tok.encode(more)
+        said[name] = replies, cache.kv[..., : cache.pos, :].clone()
+    assert said["compiled"][0] == said["eager"][0] and len(calls) >= 8
+    torch.testing.assert_close(said["compiled"][1], said["eager"][1], rtol=1e-4, atol=1e-4)
