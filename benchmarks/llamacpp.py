@@ -2,7 +2,7 @@
 
 Takes a run (--run; by default trains one: 6 layers x 320 on Shakespeare for 200 steps), exports it with
 `gradlm export --format gguf` in each type, and decodes greedily, side by side in one process, alternating:
-gradlm (its engine with a KV cache, float32 and `--dtype int8`; at batch 1 also both with the compiled one-row step,
+gradlm (its engine with a KV cache, float32 and `--dtype int8`, each also with the compiled decoding step,
 gradlm/model/aot.py, built first in a fresh cache: its build and open times are printed) and llama.cpp through
 llama-cpp-python's
 low-level API (one context, a batch of N sequences, greedy argmax in numpy, so both pay a Python loop per step).
@@ -181,7 +181,7 @@ def main() -> None:
         "--no-compile",
         dest="compile",
         action="store_false",
-        help="leave out the compiled one-row step (built in a fresh cache, float32 and int8, rows at batch 1)",
+        help="leave out the compiled decoding step (built in a fresh cache, float32 and int8)",
     )
     ap.add_argument(
         "--repack",
@@ -215,7 +215,7 @@ def main() -> None:
         f"llama-cpp-python {llama_cpp.__version__}, weight repacking {'on' if repack else 'off'}; greedy, {n} new "
         f"tokens per row, median of {args.repeats}\n"
     )
-    compiled = {}  # the compiled one-row step (gradlm/model/aot.py): built in a fresh cache, then opened again
+    compiled = {}  # the compiled decoding step (gradlm/model/aot.py): built in a fresh cache, then opened again
     if args.compile:
         os.environ["GRADLM_CACHE"] = str(tmp / "cache")
         for form, dtype in (("float32", "float32"), ("int8", "int8")):
@@ -226,7 +226,7 @@ def main() -> None:
             warm = timed(lambda: engine.forward.check())[0]
             compiled[f"{form}, compiled"] = engine
             print(
-                f"compiled one-row step, {form}: built in {cold:.1f} s with an empty cache; then weights made and "
+                f"compiled decoding step, {form}: built in {cold:.1f} s with an empty cache; then weights made and "
                 f"package opened in {warm:.2f} s"
             )
         print()
@@ -238,8 +238,7 @@ def main() -> None:
         prompts = [tok.encode(lines[i * 7 % len(lines)])[:48] for i in range(B)]
         engines = {t: LlamaCpp(f, B, max(map(len, prompts)) + n + 1, threads, repack) for t, f in files.items()}
         ours = {"float32": Engine(model, tok), "int8": Engine(model, tok, runtime=Runtime("cpu", "int8"))}
-        if B == 1:  # the compiled step decodes one row
-            ours.update(compiled)
+        ours.update(compiled)
         refs = {k: gradlm_decode(e, prompts, n) for k, e in ours.items()}  # warm-up
         outs = {t: e.decode(prompts, n) for t, e in engines.items()}
         times = {k: [] for k in (*ours, *engines)}

@@ -1,7 +1,7 @@
-"""The compiled one-row decoding step (gradlm/model/aot.py): the eager path's logits and keys at every position of the
-window, for any weights of the shape it was built for; the same tokens inside the engine (rows leaving, the window
-sliding); built once per shape, in the background too; a failed build decodes eagerly after one warning, leaving
-nothing half-written."""
+"""The compiled decoding step (gradlm/model/aot.py): the eager path's logits and keys at every position of the window,
+for one row and for a batch with left padding, for any weights of the shape it was built for; the same tokens inside
+the engine (rows joining and leaving, the window sliding, a conversation's cache); built once per shape, in the
+background too; a failed build decodes eagerly after one warning, leaving nothing half-written."""
 
 from __future__ import annotations
 
@@ -68,15 +68,15 @@ def test_the_step_gives_the_eager_logits_at_every_position_for_any_weights_of_it
     lines = []
     step = aot.open_step(model, inference_weights(model), False, say=lines.append)
     assert step is not None and len(lines) == 1
-    assert lines[0].startswith("compiling the one-row decoding step (2 x 32, float32): ") and str(aot_cache) in lines[0]
+    assert lines[0].startswith("compiling the decoding step (2 x 32, float32): ") and str(aot_cache) in lines[0]
     same_as_eager(model, step, False, 1e-4)
     # another model of the shape: the package is found (not built again) and computes with that model's weights
     other = sharp_model(tok.vocab_size, seed=1, **SHAPE)
     again = aot.open_step(other, inference_weights(other), False, build_missing=False, say=lines.append)
     assert again is not None and len(lines) == 1
     same_as_eager(other, again, False, 1e-4, length=19)  # the same graph for a cache of any length
+    batch_same_as_eager(other, again, 1e-4)  # and for a batch of rows, left-padded
     assert not step.fits(torch.tensor([[1, 2]]), model.new_cache(1, 32))  # more than one token: eager
-    assert not step.fits(torch.tensor([[1], [2]]), model.new_cache(2, 32))  # two rows: eager
     one = model.new_cache(1, 32)
     one.pos = 1
     assert not step.fits(torch.tensor([[1]]), one)  # after a one-token prompt: one eager step first
@@ -97,6 +97,25 @@ def test_float32_decoding_through_the_step_is_the_module_paths_greedy_tokens(aot
     assert decode(model, [1, 2, 3, 4], 28, cfg, forward=forward) == decode(model, [1, 2, 3, 4], 28, cfg)
 
 
+def batch_same_as_eager(model, step, tol: float) -> None:
+    """As same_as_eager, for three rows of different prompt lengths (left-padded in one cache)."""
+    w = inference_weights(model, step.int8)
+    block, prompts = model.cfg.block_size, [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    pad = [5 - len(p) for p in prompts]
+    ids = torch.tensor([[0] * n + p for n, p in zip(pad, prompts)])
+    ours, theirs = model.new_cache(3, block, pad=pad), model.new_cache(3, block, pad=pad)
+    with torch.inference_mode():
+        fused_forward(model, w, ids, ours, True)
+        fused_forward(model, w, ids, theirs, True)
+        ids = torch.tensor([[7], [8], [9]])
+        while ours.pos < block:
+            assert step.fits(ids, ours)
+            want, got = fused_forward(model, w, ids, theirs, False), step(ids, ours)
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+            torch.testing.assert_close(ours.kv[..., : ours.pos, :], theirs.kv[..., : theirs.pos, :], rtol=tol, atol=tol)
+            ids = want[:, -1].argmax(-1, keepdim=True)
+
+
 @pytest.mark.skipif(not Int8.weight_only, reason="the int8 step is built where ATen runs AVX512 (its int8 kernel)")
 def test_the_int8_step_built_in_the_background_gives_the_eager_int8_logits(aot_cache, tok):
     model = sharp_model(tok.vocab_size, **SHAPE)
@@ -106,6 +125,7 @@ def test_the_int8_step_built_in_the_background_gives_the_eager_int8_logits(aot_c
     step = aot.open_step(model, inference_weights(model, True), True, build_missing=False)
     # the eager int8 path and the step both multiply bf16 activations; they round the norms differently
     same_as_eager(model, step, True, 2e-2)
+    batch_same_as_eager(model, step, 2e-2)
 
 
 def test_the_engine_gives_the_same_tokens_with_the_step_as_without(aot_cache, tok, calls):
@@ -121,7 +141,7 @@ def test_the_engine_gives_the_same_tokens_with_the_step_as_without(aot_cache, to
     ]
     want = [[p.token.id for p in pieces] for pieces in eager.run(requests)]
     assert [[p.token.id for p in pieces] for pieces in compiled.run(requests)] == want
-    for r in requests:  # one row at a time: the compiled step takes every token after the prompt's
+    for r in requests:  # one row at a time too
         (alone,) = compiled.run([r])
         assert [p.token.id for p in alone] == [p.token.id for p in eager.run([r])[0]]
     assert len(calls) > 70
@@ -145,7 +165,7 @@ def test_a_step_that_fails_to_build_decodes_eagerly_after_one_warning_and_leaves
     forward.check()  # not tried again
     assert forward.step is None and forward.step_mode == "off"
     assert lines == [
-        "warning: compiling the one-row decoding step failed (RuntimeError: g++ failed); decoding without it "
+        "warning: compiling the decoding step failed (RuntimeError: g++ failed); decoding without it "
         "(--compile off skips the attempt)"
     ]
     assert list((tmp_path / "aot").iterdir()) == []  # nothing half-written

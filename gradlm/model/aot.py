@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from gradlm.layout import cache_dir
 from gradlm.model.transformer import KVCache, ModelConfig
 
-STEP_VERSION = 3  # part of the package's key: raise it whenever OneRowStep computes something else
+STEP_VERSION = 5  # part of the package's key: raise it whenever Step computes something else
 
 
 def _product(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:
@@ -52,13 +53,17 @@ def _product(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, rows:
     return out.float() if rows is None else out * rows
 
 
-class OneRowStep(torch.nn.Module):
+MAX_ROWS = 64  # the most rows one step takes (the batch dimension is symbolic up to it)
+
+
+class Step(torch.nn.Module):
     """The step as a module whose buffers are the weights (what AOTInductor turns into loadable constants):
-    forward(idx (1, 1), kv (n_layer, 1, 2 * n_kv_head, max_len, head_dim), span (pos,)) -> (logits (1, 1, V), this
-    token's keys and values (n_layer, 1, 2 * n_kv_head, 1, head_dim)). span's length is the position: how many keys
-    the cache holds. It comes as a size, not a value, so that the graph's attention loops over the keys there are
-    (a symbolic length; over the whole window it cost 0.2 ms a token at 100 of 512, 1.4x the step), one graph for
-    every position from 2 to block_size - 1 and every cache length (max_len, also symbolic)."""
+    forward(idx (B, 1), kv (n_layer, B, 2 * n_kv_head, max_len, head_dim), span (pos,), pad (B,)) -> (logits
+    (B, 1, V), this token's keys and values (n_layer, B, 2 * n_kv_head, 1, head_dim)). Row b's first pad[b] cache
+    entries are left padding (its rotary position is pos - pad[b]). span's length is the position: how many keys the
+    cache holds. It comes as a size, not a value, so that the graph's attention loops over the keys there are (a
+    symbolic length; over the whole window it cost 0.2 ms a token at 100 of 512, 1.4x the step): one graph for every
+    batch of 1 to MAX_ROWS rows, every position from 2 to block_size - 1 and every cache length, all symbolic."""
 
     def __init__(self, cfg: ModelConfig, constants: dict[str, torch.Tensor], int8: bool):
         super().__init__()
@@ -69,36 +74,41 @@ class OneRowStep(torch.nn.Module):
     def _w(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         return getattr(self, name), getattr(self, name + "_scale") if self.int8 else None
 
-    def forward(self, idx: torch.Tensor, kv: torch.Tensor, span: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, idx: torch.Tensor, kv: torch.Tensor, span: torch.Tensor, pad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        H, KV, D, C, pos = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model, span.shape[0]
+        H, KV, D, C, B, pos = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model, idx.shape[0], span.shape[0]
         group, half, scale = H // KV, D // 2, D**-0.5
 
         def inv_rms(h):
             return torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
 
-        x = F.embedding(idx, self.embed).view(1, C)
-        cos, sin = self.cos[pos].view(1, D), self.sin[pos].view(1, D)  # sin's first half negated
+        x = F.embedding(idx, self.embed).view(B, C)
+        at = pos - pad  # each row's rotary position
+        cos, sin = self.cos[at].view(B, 1, D), self.sin[at].view(B, 1, D)  # sin's first half negated
+        real = (torch.arange(pos, device=kv.device) >= pad[:, None]).view(B, 1, 1, pos)  # keys past the padding
         new = []
         for i in range(cfg.n_layer):
-            qkv = _product(x, *self._w(f"l{i}_qkv"), inv_rms(x)).view(H + 2 * KV, D)
-            q, k, v = qkv[:H], qkv[H : H + KV], qkv[H + KV :]
+            qkv = _product(x, *self._w(f"l{i}_qkv"), inv_rms(x)).view(B, H + 2 * KV, D)
+            q, k, v = qkv[:, :H], qkv[:, H : H + KV], qkv[:, H + KV :]
             if cfg.qk_norm:
                 q, k = q * inv_rms(q) * getattr(self, f"l{i}_qn"), k * inv_rms(k) * getattr(self, f"l{i}_kn")
-            q = q * cos + torch.cat([q[:, half:], q[:, :half]], -1) * sin
-            k = k * cos + torch.cat([k[:, half:], k[:, :half]], -1) * sin
-            new.append(torch.cat([k, v]))
-            qg = q.view(1, KV, group, D)  # query head h reads key head h // group
-            scores = (qg @ kv[i, :, :KV, :pos].transpose(-1, -2)) * scale  # the cached keys' (1, KV, group, pos)
-            own = (qg * k.view(1, KV, 1, D)).sum(-1, keepdim=True) * scale  # the new key's score (1, KV, group, 1)
+            q = q * cos + torch.cat([q[..., half:], q[..., :half]], -1) * sin
+            k = k * cos + torch.cat([k[..., half:], k[..., :half]], -1) * sin
+            new.append(torch.cat([k, v], 1))
+            qg = q.view(B, KV, group, D)  # query head h reads key head h // group
+            scores = (qg @ kv[i, :, :KV, :pos].transpose(-1, -2)) * scale  # the cached keys' (B, KV, group, pos)
+            scores = scores.masked_fill(~real, float("-inf"))
+            own = (qg * k.view(B, KV, 1, D)).sum(-1, keepdim=True) * scale  # the new key's score (B, KV, group, 1)
             top = torch.maximum(scores.amax(-1, keepdim=True), own)
             p, p_own = torch.exp(scores - top), torch.exp(own - top)
-            y = (p @ kv[i, :, KV:, :pos] + p_own * v.view(1, KV, 1, D)) / (p.sum(-1, keepdim=True) + p_own)
-            x = x + _product(y.reshape(1, H * D), *self._w(f"l{i}_o"), None)
+            y = (p @ kv[i, :, KV:, :pos] + p_own * v.view(B, KV, 1, D)) / (p.sum(-1, keepdim=True) + p_own)
+            x = x + _product(y.reshape(B, H * D), *self._w(f"l{i}_o"), None)
             gate, up = _product(x, *self._w(f"l{i}_gu"), inv_rms(x)).chunk(2, 1)
             x = x + _product(F.silu(gate) * up, *self._w(f"l{i}_down"), None)
-        logits = _product(x, *self._w("head"), inv_rms(x)).view(1, 1, -1)
-        return logits, torch.stack(new).view(cfg.n_layer, 1, 2 * KV, 1, D)
+        logits = _product(x, *self._w("head"), inv_rms(x)).view(B, 1, -1)
+        return logits, torch.stack(new).view(cfg.n_layer, B, 2 * KV, 1, D)
 
 
 def constants(model, weights: tuple, int8: bool) -> dict[str, torch.Tensor]:
@@ -121,13 +131,24 @@ def constants(model, weights: tuple, int8: bool) -> dict[str, torch.Tensor]:
     return {name: t.detach().contiguous() for name, t in out.items()}
 
 
+def cpu_features() -> str:
+    """This CPU's model and instruction sets: the package is compiled for them (-march=native) and would fault on a
+    CPU without one of them (a cache shared between machines)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine() + " " + platform.processor()
+    return " | ".join(sorted({line for line in info if line.startswith(("model name", "flags"))}))
+
+
 def package_path(cfg: ModelConfig, int8: bool) -> Path:
-    """Where the package for this shape and weight form lives: $GRADLM_CACHE/aot/<key>.pt2."""
+    """Where the package for this shape and weight form lives: $GRADLM_CACHE/aot/<key>.pt2. The key also holds what
+    the compiled code depends on: torch, the CPU, and the number of threads (inductor writes it into its loops)."""
     shape = {k: getattr(cfg, k) for k in sorted(vars(cfg))}
     form = "int8" if int8 else "float32"
-    key = [STEP_VERSION, shape, form, torch.__version__, torch.backends.cpu.get_cpu_capability()]
+    key = [STEP_VERSION, shape, form, torch.__version__, cpu_features(), torch.get_num_threads()]
     key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    return cache_dir() / "aot" / f"one-row-{cfg.n_layer}x{cfg.d_model}-{form}-{key}.pt2"
+    return cache_dir() / "aot" / f"decode-{cfg.n_layer}x{cfg.d_model}-{form}-{key}.pt2"
 
 
 def example_constants(cfg: ModelConfig, int8: bool) -> dict[str, torch.Tensor]:
@@ -155,18 +176,20 @@ def example_constants(cfg: ModelConfig, int8: bool) -> dict[str, torch.Tensor]:
 
 
 def build(cfg: ModelConfig, int8: bool, path: Path) -> None:
-    """Export OneRowStep and compile it into a package at path. The weights are left out of it (they are loaded
+    """Export Step and compile it into a package at path. The weights are left out of it (they are loaded
     later), so random ones serve to build it: random in every weight, and two of inductor's habits switched off, since
     it writes a small constant's values into the code (a QK-norm's weight) and folds one whose values are all equal
     (a norm's initial ones), which the weights loaded later could not reach."""
-    module = OneRowStep(cfg, example_constants(cfg, int8), int8)
-    kv = torch.zeros(cfg.n_layer, 1, 2 * cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+    module = Step(cfg, example_constants(cfg, int8), int8)
+    kv = torch.zeros(cfg.n_layer, 2, 2 * cfg.n_kv_head, cfg.block_size, cfg.head_dim)
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations while it packages
-        pos = torch.export.Dim("pos", min=2, max=cfg.block_size - 1)  # (sizes 0 and 1 export as constants)
+        # (the examples' sizes are 2 or more: export takes sizes 0 and 1 as constants)
+        rows = torch.export.Dim("rows", min=1, max=MAX_ROWS)
+        pos = torch.export.Dim("pos", min=2, max=cfg.block_size - 1)
         room = torch.export.Dim("room", min=3, max=cfg.block_size)
-        example = (torch.zeros(1, 1, dtype=torch.long), kv, torch.empty(cfg.block_size // 2))
-        shapes = {"idx": None, "kv": {3: room}, "span": {0: pos}}
+        example = (torch.zeros(2, 1, dtype=torch.long), kv, torch.empty(cfg.block_size // 2), torch.zeros(2).long())
+        shapes = {"idx": {0: rows}, "kv": {1: rows, 3: room}, "span": {0: pos}, "pad": {0: rows}}
         program = torch.export.export(module, example, dynamic_shapes=shapes)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
@@ -186,14 +209,16 @@ def build(cfg: ModelConfig, int8: bool, path: Path) -> None:
 
 
 class CompiledStep:
-    """The compiled one-row step of a model, its weights loaded (open_step makes one). fits(idx, cache) says whether
-    it can take a call; __call__(idx, cache) -> logits (1, 1, V), this token's keys and values written into the
+    """The compiled decoding step of a model, its weights loaded (open_step makes one). fits(idx, cache) says whether
+    it can take a call; __call__(idx, cache) -> logits (B, 1, V), this token's keys and values written into the
     cache."""
 
-    def __init__(self, cfg: ModelConfig, path: Path, consts: dict[str, torch.Tensor]):
+    def __init__(self, cfg: ModelConfig, int8: bool, path: Path, consts: dict[str, torch.Tensor], max_rows: int):
         # torch's C++ loader itself: torch._inductor's Python wrapper of it costs a second of imports
-        self.cfg, self.loader = cfg, torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
-        self.span = torch.empty(cfg.block_size)  # its first pos entries: the position as a length (OneRowStep)
+        self.cfg, self.int8, self.max_rows = cfg, int8, max_rows
+        self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        self.span = torch.empty(cfg.block_size)  # its first pos entries: the position as a length (Step)
+        self.no_pad = torch.zeros(MAX_ROWS, dtype=torch.long)
         self.load(consts)
 
     def load(self, consts: dict[str, torch.Tensor]) -> None:
@@ -204,16 +229,16 @@ class CompiledStep:
 
     def fits(self, idx: torch.Tensor, cache: KVCache) -> bool:
         return (
-            idx.shape == (1, 1)
+            idx.shape[1] == 1
+            and idx.shape[0] <= self.max_rows
             and cache.pos >= 2  # the graph's positions (a prompt of one token takes one eager step first)
-            and cache.pad is None
-            and cache.kv.shape[1] == 1
             and cache.kv.dtype == torch.float32
             and cache.kv.device.type == "cpu"
         )
 
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        logits, new = self.loader.boxed_run([idx, cache.kv, self.span[: cache.pos]])
+        pad = self.no_pad[: idx.shape[0]] if cache.pad is None else cache.pad
+        logits, new = self.loader.boxed_run([idx, cache.kv, self.span[: cache.pos], pad])
         cache.kv.narrow(3, cache.pos, 1).copy_(new)
         cache.pos += 1
         return logits
@@ -226,17 +251,23 @@ def _said(say: Callable[[str], None] | None) -> Callable[[str], None]:
 def _failed(say: Callable[[str], None], error: BaseException) -> None:
     first = (str(error).strip().splitlines() or [""])[0][:200]
     say(
-        f"warning: compiling the one-row decoding step failed ({type(error).__name__}: {first}); decoding without it "
+        f"warning: compiling the decoding step failed ({type(error).__name__}: {first}); decoding without it "
         "(--compile off skips the attempt)"
     )
 
 
 def open_step(
-    model, weights: tuple, int8: bool, build_missing: bool = True, say: Callable[[str], None] | None = None
+    model,
+    weights: tuple,
+    int8: bool,
+    build_missing: bool = True,
+    say: Callable[[str], None] | None = None,
+    max_rows: int = MAX_ROWS,
 ) -> CompiledStep | None:
-    """The compiled one-row step for model with these fused-path weights (inference_weights(model, int8)): its
+    """The compiled decoding step for model with these fused-path weights (inference_weights(model, int8)): its
     package loaded from the cache, or built first when build_missing (one line says so, with its time). None when
-    it is not there and not to be built, or when building or loading it failed (one warning line)."""
+    it is not there and not to be built, or when building or loading it failed (one warning line). It takes
+    batches of up to max_rows rows."""
     say, cfg = _said(say), model.cfg
     path = package_path(cfg, int8)
     try:
@@ -255,14 +286,14 @@ def open_step(
                     f"weight {name} is {None if got is None else (tuple(got.shape), got.dtype)}, "
                     f"the package takes {(tuple(t.shape), t.dtype)}"
                 )
-        return CompiledStep(cfg, path, consts)
+        return CompiledStep(cfg, int8, path, consts, max_rows)
     except Exception as e:  # noqa: BLE001  (any failure to build or load: decode as written)
         _failed(say, e)
         return None
 
 
 def what(cfg: ModelConfig, int8: bool) -> str:
-    return f"the one-row decoding step ({cfg.n_layer} x {cfg.d_model}, {'int8' if int8 else 'float32'})"
+    return f"the decoding step ({cfg.n_layer} x {cfg.d_model}, {'int8' if int8 else 'float32'})"
 
 
 def build_in_background(cfg: ModelConfig, int8: bool, say: Callable[[str], None] | None = None):
@@ -273,11 +304,13 @@ def build_in_background(cfg: ModelConfig, int8: bool, say: Callable[[str], None]
         return None
     _said(say)(f"compiling {what(cfg, int8)} in the background, 10-20 s (cached in {path.parent} for next time)")
     spec = json.dumps({k: getattr(cfg, k) for k in vars(cfg)})
-    return subprocess.Popen([sys.executable, "-m", "gradlm.model.aot", spec, "int8" if int8 else "float32"])
+    form, threads = "int8" if int8 else "float32", str(torch.get_num_threads())  # built for this process's threads
+    return subprocess.Popen([sys.executable, "-m", "gradlm.model.aot", spec, form, threads])
 
 
-if __name__ == "__main__":  # python -m gradlm.model.aot CONFIG_JSON int8|float32: what build_in_background runs
+if __name__ == "__main__":  # python -m gradlm.model.aot CONFIG_JSON int8|float32 THREADS: build_in_background's
     cfg, int8 = ModelConfig(**json.loads(sys.argv[1])), sys.argv[2] == "int8"
+    torch.set_num_threads(int(sys.argv[3]))
     start = time.perf_counter()
     try:
         build(cfg, int8, package_path(cfg, int8))

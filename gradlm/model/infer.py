@@ -86,7 +86,10 @@ class Forward:
         if model.embed_tokens.weight.dtype != torch.float32 or (self.int8 and not Int8.weight_only):
             self.step_mode = "off"  # its forms: float32 weights, and int8 where the weight-only kernel is vectorised
             return
-        self.step = aot.open_step(model, self._weights, self.int8, build_missing=mode == "build")
+        # int8: the rows the eager path also multiplies with the weight-only kernel (at more rows dynamic quantization
+        # wins: the compiled int8 step at 16 clients of a one-thread server was 0.87x the eager one)
+        rows = WEIGHT_ONLY_ROWS if self.int8 else aot.MAX_ROWS
+        self.step = aot.open_step(model, self._weights, self.int8, build_missing=mode == "build", max_rows=rows)
         if self.step is None and mode == "background" and self.building is None:
             self.building = aot.build_in_background(model.cfg, self.int8)
         if self.step is None and mode == "build":
