@@ -129,8 +129,8 @@ def add_runtime_flags(p: argparse.ArgumentParser, decoding: bool = False, merge:
             else "; auto = bfloat16 on CUDA, float32 on the CPU"
         )
         compiled = (
-            "on, off or auto. On the CPU: the one-row decoding step compiled ahead of time (1.6-2x eager's tokens/s at "
-            "batch 1, float32 and int8; a 12-14 s build once per model shape, kept in $GRADLM_CACHE/aot): on = built "
+            "on, off or auto. On the CPU: the decoding step compiled ahead of time (1.4-1.7x eager's tokens/s at "
+            "batch 1, float32 and int8; a ~20 s build once per model shape, kept in $GRADLM_CACHE/aot): on = built "
             "before the first token if missing, auto = used when built (serve and chat build it in the background "
             "the first time). On CUDA: on = torch.compile the decoding step, auto = off"
             if decoding

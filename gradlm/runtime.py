@@ -24,8 +24,8 @@ the same three flags with the same meaning, and resolve() turns them into a Runt
                that repays it (bf16 ~4.5 minutes, float32 ~5.7) where a C++ compiler is on PATH (inductor needs
                one), never under a step or token budget (its length is unknown before the run); never on MPS. If
                compiling that auto chose fails, training goes on uncompiled with one warning line. Decoding on the
-               CPU (generate, chat, serve) compiles one thing: the one-row step, ahead of time (gradlm/model/aot.py:
-               1.6-2x eager's tokens/s at batch 1; built once per model shape, 12-14 s, kept in $GRADLM_CACHE/aot):
+               CPU (generate, chat, serve) compiles one thing: the decoding step, ahead of time (gradlm/model/aot.py:
+               1.4-1.7x eager's tokens/s at batch 1; built once per model shape, ~20 s, kept in $GRADLM_CACHE/aot):
                on = built before the first token if missing; auto = used when it is in the cache, and serve and
                chat have it built in the background the first time (resolve_decode_step). Decoding on CUDA: on =
                torch.compile the decoding step, auto = off; eval: on compiles the scored forward, auto = off.
@@ -214,7 +214,7 @@ def resolve_compile(
 
 
 def resolve_decode_step(compile: str | bool, device: str, dtype: str, machine: Machine, serving: bool = False) -> str:
-    """What a decoding command does with the compiled one-row step (gradlm/model/aot.py; Forward's step modes): on
+    """What a decoding command does with the compiled decoding step (gradlm/model/aot.py; Forward's step modes): on
     the CPU with float32 or int8 weights (int8 where its weight-only kernel is vectorised), --compile on builds it
     before the first token if it is not in the cache; auto uses it from the cache, and a command that keeps running
     (serving: serve, chat) has it built in the background the first time. Off elsewhere and with --compile off."""
@@ -240,7 +240,7 @@ class Runtime:
     device: str = "cpu"
     dtype: str = "float32"
     compile: bool = False
-    decode_step: str = "off"  # decoding on the CPU: the compiled one-row step's mode (resolve_decode_step)
+    decode_step: str = "off"  # decoding on the CPU: the compiled decoding step's mode (resolve_decode_step)
 
     @property
     def kind(self) -> str:
@@ -291,7 +291,7 @@ class Runtime:
         return torch.tensor(values, dtype=dtype, device=self.device if self.kind == "cuda" else "cpu")
 
     def describe(self) -> str:
-        step = {"build": ", compiled one-row step", "background": ", compiled one-row step when built"}
+        step = {"build": ", compiled decoding step", "background": ", compiled decoding step when built"}
         return f"{self.device}, {self.dtype}" + (", compiled" if self.compile else step.get(self.decode_step, ""))
 
 
@@ -315,7 +315,7 @@ def resolve(
     decoding = decoding or serving
     dtype = resolve_dtype(dtype, dev, machine, inference, decoding)
     step = resolve_decode_step(compile, dev, dtype, machine, serving) if decoding else "off"
-    # decoding on the CPU compiles the one-row step (where it has a form) and never torch.compiles the eager step:
+    # decoding on the CPU compiles its own step (where it has a form) and never torch.compiles the eager step:
     # with the shapes dynamic that ran at 0.65x eager's speed (gradlm/model/aot.py)
     compiled = resolve_compile(compile, dev, budget_s, inference, dtype, machine) and not (decoding and dev == "cpu")
     return Runtime(dev, dtype, compiled, step)

@@ -1,16 +1,16 @@
-"""The one-row decoding step compiled ahead of time for the CPU (AOTInductor), kept in the cache for every model
-of its shape.
+"""The decoding step compiled ahead of time for the CPU (AOTInductor), kept in the cache for every model of its
+shape.
 
 Why: at batch 1 an eager decoding step is ~250 small ATen calls (norms, casts, rotary, the residual adds, views)
-around ~25 matrix products, and each call costs microseconds of dispatch: a third to a half of the step. Compiled at
-fixed shapes into one C++ function, the elementwise work is fused into a few loops and nothing is dispatched from
-Python: the step runs 1.6-2x as fast (docs/benchmarks.md, "The compiled one-row step"). Measured and not kept:
-torch.compile of the eager step with dynamic shapes (0.65x: slower than eager), of its pieces (0.7x: each compiled
-call costs tens of microseconds), at fixed shapes with cpp_wrapper (1.2x: dynamo still checks ~50 guards a call),
-and a graph that writes the new keys into the cache it is given (0.3x: the graph copied the whole cache each step).
+around ~25 matrix products, and each call costs microseconds of dispatch: a third to a half of the step. Compiled
+into one C++ function, the elementwise work is fused into a few loops and nothing is dispatched from Python: a step
+runs 1.4-1.7x as fast at batch 1, 1.4x at 8-16 (docs/benchmarks.md, "The compiled decoding step"). Measured and not
+kept: torch.compile of the eager step with dynamic shapes (0.65x: slower than eager), of its pieces (0.7x: each
+compiled call costs tens of microseconds), at fixed shapes with cpp_wrapper (1.2x: dynamo still checks ~50 guards a
+call), and a graph that writes the new keys into the cache it is given (0.3x: it copied the whole cache each step).
 
-What it computes: Transformer.forward(idx, cache) for one row of one new token, without padding, over a KV cache of
-any length. The position comes as a size (a symbolic length), so one graph serves every position and cache, and
+What it computes: Transformer.forward(idx, cache) for one new token per row, rows left-padded, over a KV cache of
+any length. The batch, the position and the cache's length are symbolic sizes, so one graph serves them all, and
 attention reads only the keys the cache holds (masking the rest of the window cost 1.4x at position 100 of
 512). Attention is written out so the graph only reads the cache: scores against the cached keys, the new key's
 score beside them, one softmax over both; the new keys and values come back and the caller writes them. Weights

@@ -41,8 +41,8 @@ class Forward:
     since the check costs ~0.1 ms and a decoding step a few. The copies cost one extra copy of the
     matrices while this Forward lives.
 
-    step: the compiled one-row decoding step on the CPU (gradlm/model/aot.py), which takes every call it fits (one
-    row, one new token, no padding, past the first two positions):
+    step: the compiled decoding step on the CPU (gradlm/model/aot.py), which takes every call it fits (one new token
+    per row, past the first two positions; int8 up to WEIGHT_ONLY_ROWS rows):
     "off"; "cached" (its package when one is in the cache); "background" (that, and if there is none, one is built
     in another process meanwhile, found at a later check()); "build" (built at the first check() if missing)."""
 
