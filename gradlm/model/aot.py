@@ -24,6 +24,7 @@ model of a shape. It lives in $GRADLM_CACHE/aot/, written whole or not at all.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -131,6 +132,7 @@ def constants(model, weights: tuple, int8: bool) -> dict[str, torch.Tensor]:
     return {name: t.detach().contiguous() for name, t in out.items()}
 
 
+@functools.cache
 def cpu_features() -> str:
     """This CPU's model and instruction sets: the package is compiled for them (-march=native) and would fault on a
     CPU without one of them (a cache shared between machines)."""
@@ -222,7 +224,13 @@ class CompiledStep:
         self.load(consts)
 
     def load(self, consts: dict[str, torch.Tensor]) -> None:
-        """Hand the package these weights (kept here: the package reads them in place)."""
+        """Hand the package these weights (kept here: the package reads them in place, so they must be what it was
+        built for: a ValueError otherwise, with nothing handed over)."""
+        for name, t in example_constants(self.cfg, self.int8).items():
+            got = consts.get(name)
+            if got is None or got.shape != t.shape or got.dtype != t.dtype:
+                have = None if got is None else (tuple(got.shape), got.dtype)
+                raise ValueError(f"weight {name} is {have}; the package takes {(tuple(t.shape), t.dtype)}")
         self.consts = consts
         # (weights, into the inactive buffer, check that every weight is given, read in place, copy to the device)
         self.loader.load_constants(consts, False, True, True, False)
@@ -278,14 +286,7 @@ def open_step(
             build(cfg, int8, path)
             seconds = time.perf_counter() - start
             say(f"compiling {what(cfg, int8)}: {seconds:.1f} s (cached in {path.parent} for next time)")
-        consts, want = constants(model, weights, int8), example_constants(cfg, int8)
-        for name, t in want.items():  # the package reads the weights in place: they must be what it was built for
-            got = consts.get(name)
-            if got is None or got.shape != t.shape or got.dtype != t.dtype:
-                raise ValueError(
-                    f"weight {name} is {None if got is None else (tuple(got.shape), got.dtype)}, "
-                    f"the package takes {(tuple(t.shape), t.dtype)}"
-                )
+        consts = constants(model, weights, int8)
         return CompiledStep(cfg, int8, path, consts, max_rows)
     except Exception as e:  # noqa: BLE001  (any failure to build or load: decode as written)
         _failed(say, e)

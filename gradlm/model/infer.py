@@ -76,7 +76,10 @@ class Forward:
         if key != self._key:
             self._weights, self._key = inference_weights(self.model, self.int8), key
             if self.step is not None:
-                self.step.load(aot.constants(self.model, self._weights, self.int8))
+                try:
+                    self.step.load(aot.constants(self.model, self._weights, self.int8))
+                except ValueError:  # not the weights it was built for any more (.to(bfloat16), say): eager from now
+                    self.step, self.step_mode = None, "off"
         if self.step is None and self.step_mode != "off":
             self._open_step()
         return self._weights
