@@ -18,12 +18,12 @@ or "demo" (the `make demo` model's shape: 4 layers, d_model 192, 2.2M parameters
     python benchmarks/serve.py --model demo --requests 500 --sequential 50
     python benchmarks/serve.py --run runs/demo
     python benchmarks/serve.py --run RUN --dtypes float32,auto   # two servers, the same load alternating between them
-    python benchmarks/serve.py --run RUN --dtypes auto,auto:on   # eager against the compiled one-row step
+    python benchmarks/serve.py --run RUN --dtypes auto,auto:on   # eager against the compiled decoding step
 
 --dtypes starts one server per --dtype (`auto` is int8 on a CPU with AVX512, float32 on others) and alternates the
 rounds between them, so the ratio of their aggregate tokens/s is measured side by side under the same load.
-`DTYPE:on` serves with `--compile on` (the compiled one-row step, gradlm/model/aot.py: one client at a time gains,
-concurrent clients decode in batches, eagerly); every other server runs with `--compile off`.
+`DTYPE:on` serves with `--compile on` (the compiled decoding step, gradlm/model/aot.py; int8 takes it up to 4 rows);
+every other server runs with `--compile off`.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def random_run(directory: Path, shape: str) -> Path:
 def start_server(
     run: Path, max_batch: int, threads: int, device: str = "auto", dtype: str = "auto"
 ) -> tuple[subprocess.Popen, str, str]:
-    """A server of run with this --dtype; "DTYPE:on" also has --compile on (the compiled one-row step, built before it
+    """A server of run with this --dtype; "DTYPE:on" also has --compile on (the compiled decoding step, built before it
     listens), any other --compile off (no background build changing its speed halfway through a round)."""
     dtype, _, compile = dtype.partition(":")
     cmd = [

@@ -44,17 +44,18 @@ def calls(monkeypatch) -> list:
     return counted
 
 
-def same_as_eager(model, step, int8: bool, tol: float, length: int | None = None) -> None:
+def same_as_eager(model, step, tol: float, length: int | None = None, prompts=([1, 2, 3, 4, 5],)) -> None:
     """The step's logits and keys/values equal fused_forward's at every position of a cache of `length` (default:
-    the window) up to its end."""
-    w = inference_weights(model, int8)
-    block = length or model.cfg.block_size
-    ours, theirs = model.new_cache(1, block), model.new_cache(1, block)
+    the window) up to its end, for rows of these prompts (left-padded in one cache when their lengths differ)."""
+    w = inference_weights(model, step.int8)
+    block, P = length or model.cfg.block_size, max(map(len, prompts))
+    pad = [P - len(p) for p in prompts]
+    ids = torch.tensor([[0] * n + p for n, p in zip(pad, prompts)])
+    ours, theirs = (model.new_cache(len(prompts), block, pad=pad if any(pad) else None) for _ in range(2))
     with torch.inference_mode():
-        prompt = torch.tensor([[1, 2, 3, 4, 5]])
-        fused_forward(model, w, prompt, ours, True)
-        fused_forward(model, w, prompt, theirs, True)
-        ids = torch.tensor([[7]])
+        fused_forward(model, w, ids, ours, True)
+        fused_forward(model, w, ids, theirs, True)
+        ids = torch.tensor([[7 + b] for b in range(len(prompts))])
         while ours.pos < block:
             assert step.fits(ids, ours)
             want, got = fused_forward(model, w, ids, theirs, False), step(ids, ours)
@@ -63,19 +64,22 @@ def same_as_eager(model, step, int8: bool, tol: float, length: int | None = None
             ids = want[:, -1].argmax(-1, keepdim=True)
 
 
+BATCH = ([1, 2, 3, 4, 5], [6, 7], [8, 9, 10])  # three rows of different lengths
+
+
 def test_the_step_gives_the_eager_logits_at_every_position_for_any_weights_of_its_shape(aot_cache, tok):
     model = sharp_model(tok.vocab_size, **SHAPE)
     lines = []
     step = aot.open_step(model, inference_weights(model), False, say=lines.append)
     assert step is not None and len(lines) == 1
     assert lines[0].startswith("compiling the decoding step (2 x 32, float32): ") and str(aot_cache) in lines[0]
-    same_as_eager(model, step, False, 1e-4)
+    same_as_eager(model, step, 1e-4)
     # another model of the shape: the package is found (not built again) and computes with that model's weights
     other = sharp_model(tok.vocab_size, seed=1, **SHAPE)
     again = aot.open_step(other, inference_weights(other), False, build_missing=False, say=lines.append)
     assert again is not None and len(lines) == 1
-    same_as_eager(other, again, False, 1e-4, length=19)  # the same graph for a cache of any length
-    batch_same_as_eager(other, again, 1e-4)  # and for a batch of rows, left-padded
+    same_as_eager(other, again, 1e-4, length=19)  # the same graph for a cache of any length
+    same_as_eager(other, again, 1e-4, prompts=BATCH)  # and for a batch of rows, left-padded
     assert not step.fits(torch.tensor([[1, 2]]), model.new_cache(1, 32))  # more than one token: eager
     one = model.new_cache(1, 32)
     one.pos = 1
@@ -100,25 +104,6 @@ def test_float32_decoding_through_the_step_is_the_module_paths_greedy_tokens(aot
     assert forward.step is None and forward.step_mode == "off"
 
 
-def batch_same_as_eager(model, step, tol: float) -> None:
-    """As same_as_eager, for three rows of different prompt lengths (left-padded in one cache)."""
-    w = inference_weights(model, step.int8)
-    block, prompts = model.cfg.block_size, [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
-    pad = [5 - len(p) for p in prompts]
-    ids = torch.tensor([[0] * n + p for n, p in zip(pad, prompts)])
-    ours, theirs = model.new_cache(3, block, pad=pad), model.new_cache(3, block, pad=pad)
-    with torch.inference_mode():
-        fused_forward(model, w, ids, ours, True)
-        fused_forward(model, w, ids, theirs, True)
-        ids = torch.tensor([[7], [8], [9]])
-        while ours.pos < block:
-            assert step.fits(ids, ours)
-            want, got = fused_forward(model, w, ids, theirs, False), step(ids, ours)
-            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-            torch.testing.assert_close(ours.kv[..., : ours.pos, :], theirs.kv[..., : theirs.pos, :], rtol=tol, atol=tol)
-            ids = want[:, -1].argmax(-1, keepdim=True)
-
-
 @pytest.mark.skipif(not Int8.weight_only, reason="the int8 step is built where ATen runs AVX512 (its int8 kernel)")
 def test_the_int8_step_built_in_the_background_gives_the_eager_int8_logits(aot_cache, tok):
     model = sharp_model(tok.vocab_size, **SHAPE)
@@ -127,8 +112,8 @@ def test_the_int8_step_built_in_the_background_gives_the_eager_int8_logits(aot_c
     assert aot.build_in_background(model.cfg, True) is None  # there now: nothing to build
     step = aot.open_step(model, inference_weights(model, True), True, build_missing=False)
     # the eager int8 path and the step both multiply bf16 activations; they round the norms differently
-    same_as_eager(model, step, True, 2e-2)
-    batch_same_as_eager(model, step, 2e-2)
+    same_as_eager(model, step, 2e-2)
+    same_as_eager(model, step, 2e-2, prompts=BATCH)
 
 
 def test_the_engine_gives_the_same_tokens_with_the_step_as_without(aot_cache, tok, calls):

@@ -148,32 +148,43 @@ def package_path(cfg: ModelConfig, int8: bool) -> Path:
     the compiled code depends on: torch, the CPU, and the number of threads (inductor writes it into its loops)."""
     shape = {k: getattr(cfg, k) for k in sorted(vars(cfg))}
     form = "int8" if int8 else "float32"
-    key = [STEP_VERSION, shape, form, torch.__version__, cpu_features(), torch.get_num_threads()]
+    capability = torch.backends.cpu.get_cpu_capability()  # the kernels inductor writes (ATEN_CPU_CAPABILITY caps it)
+    key = [STEP_VERSION, shape, form, torch.__version__, cpu_features(), capability, torch.get_num_threads()]
     key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return cache_dir() / "aot" / f"decode-{cfg.n_layer}x{cfg.d_model}-{form}-{key}.pt2"
 
 
-def example_constants(cfg: ModelConfig, int8: bool) -> dict[str, torch.Tensor]:
-    """Random weights of the names, shapes and dtypes constants() gives for a model of cfg (the fused path's layouts:
-    matrices (in, out) in float32, or int8 (out, in) with a bf16 scale per output): what a build needs, and what a
+def layout(cfg: ModelConfig, int8: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The (shape, dtype) of each weight constants() gives for a model of cfg (the fused path's layouts: matrices
+    (in, out) in float32, or int8 (out, in) with a bf16 scale per output): what a package is built for, and what a
     model's weights are checked against before the package reads them."""
     H, KV, D, C, F = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model, cfg.d_ff
-    vectors = {"embed": (cfg.vocab_size, C), "cos": (cfg.block_size, D), "sin": (cfg.block_size, D)}
+    f32 = torch.float32
+    out = {"embed": ((cfg.vocab_size, C), f32), "cos": ((cfg.block_size, D), f32), "sin": ((cfg.block_size, D), f32)}
     matrices = {}
     for i in range(cfg.n_layer):
         matrices |= {f"l{i}_qkv": (C, (H + 2 * KV) * D), f"l{i}_o": (H * D, C)}
         matrices |= {f"l{i}_gu": (C, 2 * F), f"l{i}_down": (F, C)}
         if cfg.qk_norm:
-            vectors |= {f"l{i}_qn": (D,), f"l{i}_kn": (D,)}
+            out |= {f"l{i}_qn": ((D,), f32), f"l{i}_kn": ((D,), f32)}
     matrices["head"] = (C, cfg.vocab_size)
-    g = torch.Generator().manual_seed(0)
-    out = {name: torch.rand(shape, generator=g) + 0.5 for name, shape in vectors.items()}
     for name, (n_in, n_out) in matrices.items():
         if int8:
-            out[name] = torch.randint(-127, 128, (n_out, n_in), generator=g, dtype=torch.int8)
-            out[name + "_scale"] = (torch.rand(n_out, generator=g) + 0.5).to(torch.bfloat16)
+            out |= {name: ((n_out, n_in), torch.int8), name + "_scale": ((n_out,), torch.bfloat16)}
         else:
-            out[name] = torch.rand(n_in, n_out, generator=g) - 0.5
+            out[name] = ((n_in, n_out), f32)
+    return out
+
+
+def example_constants(cfg: ModelConfig, int8: bool) -> dict[str, torch.Tensor]:
+    """Random weights of layout(cfg, int8): what a build needs (their values do not matter, see build)."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name, (shape, dtype) in layout(cfg, int8).items():
+        if dtype == torch.int8:
+            out[name] = torch.randint(-127, 128, shape, generator=g, dtype=dtype)
+        else:
+            out[name] = (torch.rand(shape, generator=g) + 0.5).to(dtype)
     return out
 
 
@@ -226,11 +237,11 @@ class CompiledStep:
     def load(self, consts: dict[str, torch.Tensor]) -> None:
         """Hand the package these weights (kept here: the package reads them in place, so they must be what it was
         built for: a ValueError otherwise, with nothing handed over)."""
-        for name, t in example_constants(self.cfg, self.int8).items():
+        for name, want in layout(self.cfg, self.int8).items():
             got = consts.get(name)
-            if got is None or got.shape != t.shape or got.dtype != t.dtype:
-                have = None if got is None else (tuple(got.shape), got.dtype)
-                raise ValueError(f"weight {name} is {have}; the package takes {(tuple(t.shape), t.dtype)}")
+            have = None if got is None else (tuple(got.shape), got.dtype)
+            if have != want:
+                raise ValueError(f"weight {name} is {have}; the package takes {want}")
         self.consts = consts
         # (weights, into the inactive buffer, check that every weight is given, read in place, copy to the device)
         self.loader.load_constants(consts, False, True, True, False)
