@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 import torch
 
 import gradlm.model.transformer as model_module
-from gradlm.model.transformer import Transformer, ModelConfig
+from gradlm.model.transformer import Transformer, ModelConfig, random_bytes
 from gradlm.training.optim import build_optimizer
 from machine import cpu_name
 
@@ -44,10 +45,14 @@ def setup(
     return model, build_optimizer(model, "adamw", 3e-3, 0.1, 0.9, (0.9, 0.95)), torch.randint(0, 1024, (batch, block))
 
 
-def train_step(model, opt: torch.optim.Optimizer, x: torch.Tensor, bf16: bool) -> float:
-    """One step (forward, backward, AdamW) of model (the module or its compiled form) on x; its loss."""
+def train_step(
+    model, opt: torch.optim.Optimizer, x: torch.Tensor, bf16: bool, noise: Transformer | None = None
+) -> float:
+    """One step (forward, backward, AdamW) of model (the module or its compiled form) on x; its loss. noise: the
+    module, when the step's dropout bytes are drawn before it and passed in, as the trainer does for a compiled step."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = model(x, x)
+        extra = {"noise": random_bytes(noise.dropout_bytes(*x.shape))} if noise is not None else {}
+        loss = model(x, x, **extra)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -67,15 +72,17 @@ def time_steps(shape: tuple[int, int, int, int], path: str, steps: int, bf16: bo
 
 def one_shape(shape: tuple[int, int, int, int], steps: int, dropout: float) -> None:
     """(--one, in a fresh process) eager and compiled seconds per step and the compile time, as JSON."""
+    from gradlm.model.compiling import use_cache
     from gradlm.runtime import resolve
 
     bf16 = resolve(device="cpu").dtype == "bfloat16"  # the trainer's choice on this CPU
+    use_cache()  # the caches as the trainer sets them up (the user's TORCHINDUCTOR_CACHE_DIR stays)
     model, opt, x = setup(shape, dropout)
 
     def timed(m, n: int) -> float:
         t0 = time.perf_counter()
         for _ in range(n):
-            train_step(m, opt, x, bf16)
+            train_step(m, opt, x, bf16, noise=model if m is not model and dropout > 0 else None)
         return time.perf_counter() - t0
 
     timed(model, 2)
@@ -85,6 +92,55 @@ def one_shape(shape: tuple[int, int, int, int], steps: int, dropout: float) -> N
     best = min(timed(compiled, steps) for _ in range(2)) / steps
     again = min(timed(model, steps) for _ in range(2)) / steps  # eager again: the machine's drift
     print(json.dumps({"eager": min(eager, again), "compiled": best, "compile_s": first - 3 * best, "bf16": bf16}))
+
+
+def products(shape: tuple[int, int, int, int], compiled: bool) -> None:
+    """(--products) Where the step's time goes against its matrix products: the step (compiled or eager) under
+    torch.profiler, its products' own time and FLOPs, and the share of the matmul rate the step reaches, as
+    benchmarks/quality.py measures it (the model's forward shapes timed alone, hot) and as it would be if the step
+    were nothing but its products."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from gradlm.model.compiling import use_cache
+    from gradlm.model.transformer import flops_per_token
+    from quality import matmul_peaks
+
+    use_cache()
+    model, opt, x = setup(shape)
+    opt = build_optimizer(model, "adamw", 3e-3, 0.1, 0.9, (0.9, 0.95), fused=True)  # the trainer's optimizer
+    run = torch.compile(model) if compiled else model
+    for _ in range(4):
+        train_step(run, opt, x, True)
+    t0 = time.perf_counter()
+    for _ in range(8):
+        train_step(run, opt, x, True)
+    step_s = (time.perf_counter() - t0) / 8
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(4):
+            train_step(run, opt, x, True)
+    product_s = product_flops = 0.0
+    for e in prof.key_averages(group_by_input_shape=True):
+        s = e.input_shapes
+        if e.key == "aten::mm":
+            flops = 2 * s[0][0] * s[0][1] * s[1][1]
+        elif e.key == "aten::bmm":
+            flops = 2 * s[0][0] * s[0][1] * s[0][2] * s[1][2]
+        elif e.key in ("aten::baddbmm", "aten::addmm"):
+            flops = 2 * math.prod(s[1]) * s[2][-1]
+        else:
+            continue
+        product_s += e.self_cpu_time_total / 1e6 / 4
+        product_flops += flops * e.count / 4
+    step_flops = flops_per_token(model.cfg) * x.numel()
+    cfg = model.cfg
+    own, _ = matmul_peaks("bfloat16", cfg.to_dict(), x.numel())
+    n_layer, d_model, block, batch = shape
+    print(
+        f"| {n_layer} x {d_model}, {block}, {batch} | {'compiled' if compiled else 'eager'} | {step_s * 1e3:.0f} | "
+        f"{product_s * 1e3:.0f} | {product_flops / product_s / 1e9:.0f} | {own:.0f} | "
+        f"{step_flops / step_s / 1e9 / own:.0%} | {step_flops / product_s / 1e9 / own:.0%} |",
+        flush=True,
+    )
 
 
 def compile_times(shape: str, steps: int, dropout: float) -> None:
@@ -127,10 +183,24 @@ def main() -> None:
     )
     ap.add_argument("--compile", action="store_true", help="compiled vs eager, compile time cold and warm")
     ap.add_argument("--dropout", type=float, default=0.0, help="--compile: the model's dropout (the trainer's step)")
+    ap.add_argument(
+        "--products", action="store_true", help="the step's time against its matrix products and the matmul rate"
+    )
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # --compile's child process: one shape
     args = ap.parse_args()
     if args.one:
         one_shape(tuple(int(v) for v in args.one.split("x")), args.steps, args.dropout)
+        return
+    if args.products:
+        print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, bf16 autocast")
+        print(
+            "| layers x width, context, batch | step | ms/step | its products, ms (profiled) | products GFLOP/s | "
+            "bf16 matmul rate at its shapes, GFLOP/s | share of the rate | share if only products |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for spec in args.shapes.split(","):
+            for compiled in (False, True):
+                products(tuple(int(v) for v in spec.split("x")), compiled)
         return
     if args.compile:
         print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")

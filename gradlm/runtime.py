@@ -22,7 +22,9 @@ the same three flags with the same meaning, and resolve() turns them into a Runt
                compile at the speed-up it buys (COMPILE_COST: measured on CPUs, nanoGPT's figures for CUDA): on
                CUDA under a time budget that repays it or a step or token budget; on the CPU under a time budget
                that repays it (bf16 ~4.5 minutes, float32 ~5.7) where a C++ compiler is on PATH (inductor needs
-               one), never under a step or token budget (its length is unknown before the run); never on MPS. If
+               one), or one that repays reading back the graphs of a shape that compiled before in this cache
+               (WARM_COMPILE_S, ~5 s: from ~40 s of --max-time in bf16; the trainer checks once the shape is
+               known), never under a step or token budget (its length is unknown before the run); never on MPS. If
                compiling that auto chose fails, training goes on uncompiled with one warning line. Decoding on the
                CPU (generate, chat, serve) compiles one thing: the decoding step, ahead of time (gradlm/model/aot.py:
                1.4-1.7x eager's tokens/s at batch 1; built once per model shape, ~20 s, kept in $GRADLM_CACHE/aot):
@@ -64,6 +66,11 @@ COMPILE = ("auto", "on", "off")
 # in bf16, ~5.7 in float32. CUDA: nanoGPT's figures for a GPT-2-small step (~1 minute, 250 -> 135 ms/iter), not yet
 # measured here.
 COMPILE_COST = {"cuda": (60.0, 1.5), "cpu_bf16": (35.0, 1.15), "cpu": (31.0, 1.1)}
+# Compiling a step whose graphs inductor already keeps (the same shape compiled in this cache before): 4.5-4.7 s for
+# the demo's shape in a whole run on that CPU (3.1-3.6 s for the step alone, ~1.5 s of it inductor probing the CPU's
+# vector instructions in subprocesses); used until the cache's record (gradlm.model.compiling.remember_compile) holds a
+# warm compile's own time.
+WARM_COMPILE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -194,9 +201,12 @@ def resolve_compile(
     inference: bool = False,
     dtype: str = "float32",
     machine: Machine | None = None,
+    compile_s: float | None = None,
 ) -> bool:
     """Whether to torch.compile (see the module docstring). budget_s: the run's time budget in seconds, None when
-    it has none (a step or token budget); dtype: the run's compute dtype (a bf16 step gains more)."""
+    it has none (a step or token budget); dtype: the run's compute dtype (a bf16 step gains more); compile_s: what
+    compiling will take where that is known (the shape's graphs are in the cache), else COMPILE_COST's empty-cache
+    figure."""
     if isinstance(compile, bool):  # config files written before "auto" existed
         return compile
     compile = (compile or "auto").strip().lower()
@@ -210,7 +220,7 @@ def resolve_compile(
     if kind == "cpu" and (budget_s is None or not (machine or Machine()).cpu_compiler):
         return False
     seconds, speedup = compile_cost(device, dtype)
-    return budget_s is None or budget_s * (1 - 1 / speedup) > seconds
+    return budget_s is None or budget_s * (1 - 1 / speedup) > (seconds if compile_s is None else compile_s)
 
 
 def resolve_decode_step(compile: str | bool, device: str, dtype: str, machine: Machine, serving: bool = False) -> str:

@@ -226,8 +226,10 @@ def cycle_model(tok, text: str = CYCLE, sharpness: float = 1.0, block_size: int 
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
-    """Each test caches prepared data in its own folder, so tests never see each other's cache."""
+    """Each test caches prepared data (and compiled graphs) in its own folder, so tests never see each other's cache.
+    (gradlm.model.compiling.use_cache writes TORCHINDUCTOR_CACHE_DIR; the monkeypatch puts it back after the test.)"""
     monkeypatch.setenv("GRADLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
 
 
 def generate_ids(model, tok, prompts, cfg, stop_ids=frozenset()):

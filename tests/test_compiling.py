@@ -104,3 +104,60 @@ def test_a_compile_auto_chose_that_failed_trains_on_as_if_never_tried(prepared, 
     assert all(torch.equal(a[k], b[k]) for k in b)
     with pytest.raises(BackendCompilerFailed):  # asked for: the failure is the user's to see
         train(tiny_config(tok.vocab_size), TrainConfig(out=str(tmp_path / "on"), compile="on", **common))
+
+
+def test_compile_auto_compiles_a_short_run_whose_shape_compiled_before(prepared, tok, tmp_path, monkeypatch, capsys):
+    """A 3-minute CPU run cannot repay compiling with an empty cache (~35 s), so --compile auto leaves it eager; once
+    a run of the same shape compiled in this cache (its graphs are read back in seconds), auto compiles it. Another
+    shape stays eager."""
+    from gradlm import runtime
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="eager", **kw))  # no C++: seconds
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: f"/usr/bin/{name}")  # a C++ compiler, as auto sees it
+    torch._dynamo.reset()  # graphs an earlier test compiled in this process would not count as compiled here
+    common = dict(data=str(prepared), max_steps=3, max_time="3m", eval_every=3, eval_tokens=256, progress=False,
+                  plots=False)  # fmt: skip
+
+    def compiled(name: str, batch: str, compile: str) -> tuple[bool, str]:
+        """Whether the run trained compiled, and the line that said why (if any)."""
+        capsys.readouterr()
+        cfg = TrainConfig(out=str(tmp_path / name), batch=batch, compile=compile, **common)
+        train(tiny_config(tok.vocab_size), cfg)
+        err = capsys.readouterr().err.splitlines()
+        model = next(line for line in err if line.startswith("model: "))  # the run's description
+        why = [line for line in err if line.startswith("compiling the training step: ")]
+        return model.endswith(", compiled"), why[0] if why else ""
+
+    assert compiled("first", "4", "auto") == (False, "")  # nothing compiled before: 3 minutes do not repay ~35 s
+    assert compiled("compiled", "4", "on") == (True, "")
+    on, why = compiled("again", "4", "auto")
+    assert on and why.startswith("compiling the training step: this shape compiled before and its graphs are in "), why
+    assert compiled("other", "2", "auto") == (False, "")  # another batch: another graph, never compiled here
+
+
+def test_a_compiled_step_with_dropout_is_one_graph_and_drops_what_the_uncompiled_step_drops(prepared, tok, tmp_path,
+                                                                                            monkeypatch):  # fmt: skip
+    """On the CPU a compiled step takes its dropout's random bytes as an input, drawn before the step, instead of
+    breaking its graph at every dropout to draw them; under bf16 autocast the masks are the uncompiled step's, so the
+    run trains to the same weights."""
+    from safetensors.torch import load_file
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="eager", **kw))  # no C++: seconds
+    torch._dynamo.reset()
+    common = dict(data=str(prepared), batch="4", max_steps=3, eval_every=3, eval_tokens=256, dtype="bfloat16",
+                  progress=False, plots=False)  # fmt: skip
+    model = tiny_config(tok.vocab_size, dropout=0.1)
+    before = compiling.graphs_compiled()
+    on = train(model, TrainConfig(out=str(tmp_path / "on"), compile="on", **common))
+    graphs = compiling.graphs_compiled() - before
+    off = train(
+        tiny_config(tok.vocab_size, dropout=0.1), TrainConfig(out=str(tmp_path / "off"), compile="off", **common)
+    )
+    # one graph for the step (dynamo may compile it once more while it learns what varies); a graph break at each of
+    # the 2 layers x 3 dropouts would make 7 or more
+    assert graphs <= 2, graphs
+    assert on["val_loss"] == off["val_loss"]
+    a, b = load_file(tmp_path / "on" / "model.safetensors"), load_file(tmp_path / "off" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b)

@@ -176,3 +176,30 @@ def test_dropout_drops_the_rounded_share_keeps_the_mean_and_follows_the_seed():
     assert not torch.equal(dropout(x, 0.1, training=True), y)
     assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0, training=True) is x
     assert (dropout(torch.ones(10_000), 0.5, training=True) == 0).float().mean().item() == pytest.approx(0.5, abs=0.03)
+
+
+def test_dropout_bytes_drawn_before_a_bf16_forward_give_the_masks_it_draws_itself():
+    """A compiled training step takes its dropout's random bytes as an input (drawn in one call before the step);
+    under bf16 autocast they are the bytes the forward draws one dropout at a time, so the loss and gradients are
+    the same, and a forward that would need more bytes than it was given says so."""
+    from gradlm.model.transformer import random_bytes
+
+    model = Transformer(ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=2, block_size=16, dropout=0.2))
+    model.train()
+    x = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        n = model.dropout_bytes(3, 16)
+        assert n == 2 * (3 * 2 * 16 * 16 + 2 * 3 * 16 * 32)  # per layer: attention's probabilities, two branches
+        torch.manual_seed(7)
+        itself = model(x, x)
+        after = torch.randint(0, 2**30, (4,))
+        torch.manual_seed(7)
+        given = model(x, x, noise=random_bytes(n))
+        assert torch.equal(torch.randint(0, 2**30, (4,)), after)  # the generator moved on alike
+        torch.manual_seed(8)
+        other = model(x, x)
+        with pytest.raises(ValueError, match="dropout bytes ran out"):
+            model(x, x, noise=random_bytes(n - 1))
+    assert torch.equal(given, itself) and not torch.equal(other, itself)
+    assert model.dropout_bytes(3, 16) == 2 * 2 * 3 * 16 * 32  # float32: SDPA drops attention's with its own draws
+    assert Transformer(ModelConfig(vocab_size=64)).dropout_bytes(3, 16) == 0  # no dropout

@@ -24,11 +24,9 @@ model of a shape. It lives in $GRADLM_CACHE/aot/, written whole or not at all.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -40,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from gradlm.layout import cache_dir
+from gradlm.model.compiling import machine_key
 from gradlm.model.transformer import KVCache, ModelConfig
 
 STEP_VERSION = 5  # part of the package's key: raise it whenever Step computes something else
@@ -132,24 +131,12 @@ def constants(model, weights: tuple, int8: bool) -> dict[str, torch.Tensor]:
     return {name: t.detach().contiguous() for name, t in out.items()}
 
 
-@functools.cache
-def cpu_features() -> str:
-    """This CPU's model and instruction sets: the package is compiled for them (-march=native) and would fault on a
-    CPU without one of them (a cache shared between machines)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.machine() + " " + platform.processor()
-    return " | ".join(sorted({line for line in info if line.startswith(("model name", "flags"))}))
-
-
 def package_path(cfg: ModelConfig, int8: bool) -> Path:
     """Where the package for this shape and weight form lives: $GRADLM_CACHE/aot/<key>.pt2. The key also holds what
     the compiled code depends on: torch, the CPU, and the number of threads (inductor writes it into its loops)."""
     shape = {k: getattr(cfg, k) for k in sorted(vars(cfg))}
     form = "int8" if int8 else "float32"
-    capability = torch.backends.cpu.get_cpu_capability()  # the kernels inductor writes (ATEN_CPU_CAPABILITY caps it)
-    key = [STEP_VERSION, shape, form, torch.__version__, cpu_features(), capability, torch.get_num_threads()]
+    key = [STEP_VERSION, shape, form, *machine_key()]
     key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return cache_dir() / "aot" / f"decode-{cfg.n_layer}x{cfg.d_model}-{form}-{key}.pt2"
 

@@ -15,7 +15,11 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -26,17 +30,80 @@ import torch
 from gradlm.layout import cache_dir
 
 
+# Functions a graph may call that AOTAutograd's cache would otherwise refuse: entering and leaving an autocast region
+# (explicit_causal_attention turns bf16 autocast off for its scores). Their effect is fixed by their arguments, which
+# are constants of the graph and so of its cache key. With them refused, a warm compile of a 4 x 192 bf16 training
+# step traced and partitioned its joint graph again: 6.3 s instead of ~2.5 (docs/benchmarks.md).
+CACHEABLE = ("torch.amp.autocast_mode._enter_autocast", "torch.amp.autocast_mode._exit_autocast")
+
+
 def use_cache() -> Path:
     """Where inductor keeps what it compiled: the user's TORCHINDUCTOR_CACHE_DIR, else $GRADLM_CACHE/inductor. Torch
     writes its own /tmp default into that variable when parts of it are imported or first run (torch._dynamo's
-    imports, torch.optim's first step), so a value equal to that default does not count as the user's choice."""
+    imports, torch.optim's first step), so a value equal to that default does not count as the user's choice.
+    Also lets the caches keep graphs with autocast regions (CACHEABLE)."""
+    import torch._inductor.config
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    torch._inductor.config.unsafe_marked_cacheable_functions.update(dict.fromkeys(CACHEABLE, torch.__version__))
 
     given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     path = given if given and os.path.abspath(given) != os.path.abspath(default_cache_dir()) else None
     path = path or str(cache_dir() / "inductor")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     return Path(path)
+
+
+@functools.cache
+def cpu_features() -> str:
+    """This CPU's model and instruction sets: compiled code is built for them (-march=native) and would fault on a
+    CPU without one of them (a cache shared between machines)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine() + " " + platform.processor()
+    return " | ".join(sorted({line for line in info if line.startswith(("model name", "flags"))}))
+
+
+def machine_key() -> list:
+    """What code compiled here depends on besides its graph: torch, the CPU, the kernels ATen runs
+    (ATEN_CPU_CAPABILITY caps them) and the number of threads (inductor writes it into its loops)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return [torch.__version__, cpu_features(), capability, torch.get_num_threads()]
+
+
+def compiled_before(key: list) -> dict | None:
+    """What remember_compile wrote for this key in the inductor cache in use ({"compiles": n, "last_s": seconds}):
+    the graphs it names were compiled there before, so compiling them again mostly reads them back. None if never."""
+    record = _record_path()
+    try:
+        return json.loads(record.read_text()).get(_key_text(key))
+    except (OSError, ValueError):
+        return None
+
+
+def remember_compile(key: list, seconds: float) -> None:
+    """Note in the inductor cache that the graphs of key compiled there, in seconds (compiled_before reads it)."""
+    record = _record_path()
+    try:
+        seen = json.loads(record.read_text())
+    except (OSError, ValueError):
+        seen = {}
+    entry = seen.get(_key_text(key), {"compiles": 0})
+    seen[_key_text(key)] = {"compiles": entry["compiles"] + 1, "last_s": round(seconds, 2)}
+    record.parent.mkdir(parents=True, exist_ok=True)
+    part = record.with_name(f"{record.name}.{os.getpid()}.part")
+    part.write_text(json.dumps(seen, indent=1, sort_keys=True))
+    part.replace(record)
+
+
+def _key_text(key: list) -> str:
+    text = json.dumps([*key, *machine_key()], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _record_path() -> Path:
+    return use_cache() / "gradlm-compiled.json"
 
 
 def compiler_failed(error: BaseException) -> bool:

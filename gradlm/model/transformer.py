@@ -177,41 +177,62 @@ class KVCache:
 EXPLICIT_ATTENTION_MAX_CONTEXT = 128  # measured faster up to here; from 256 on, SDPA's flash kernel is as fast
 
 
-def _explicit_attention_pays(q: torch.Tensor) -> bool:
+def _explicit_attention_pays(device: str, T: int) -> bool:
     """True under bf16 autocast on CPU for contexts up to EXPLICIT_ATTENTION_MAX_CONTEXT. There autocast
     runs SDPA in float32 through its CPU flash kernel, the slowest part of a small model's training step;
     two plain products make the whole step 1.2-1.3x faster at context 64-128, and no faster at 256
     (benchmarks/train_step.py; docs/benchmarks.md, "Where a training step's time goes")."""
-    if (
-        q.device.type != "cpu"
-        or not torch.is_autocast_enabled("cpu")
-        or torch.get_autocast_dtype("cpu") != torch.bfloat16
-    ):
+    if device != "cpu" or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
         return False
-    return q.shape[-2] <= EXPLICIT_ATTENTION_MAX_CONTEXT
+    return T <= EXPLICIT_ATTENTION_MAX_CONTEXT
 
 
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+def dropout(x: torch.Tensor, p: float, training: bool, noise: RandomBytes | None = None) -> torch.Tensor:
     """Inverted dropout. On CPU the keep mask comes from random bytes (four per 32-bit draw), ~3x cheaper
     than F.dropout, whose random numbers cost more than the rest of a small model's dropout; p is rounded
-    to a multiple of 1/256 there (0.1 drops 26/256 = 10.2%) and the scale matches the rounded p."""
+    to a multiple of 1/256 there (0.1 drops 26/256 = 10.2%) and the scale matches the rounded p. The bytes are
+    drawn here, or taken from noise: the step's bytes drawn before it (a compiled step; Transformer.forward)."""
     if not training or p == 0:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p)
     drop = min(255, round(p * 256))  # bytes below this are dropped
+    if noise is not None:
+        return x * _scaled_keep(noise.take(x.numel()).view(x.shape), x.dtype, drop)
     return x * _keep_mask(x.shape, x.dtype, drop)
+
+
+def random_bytes(n: int) -> torch.Tensor:
+    """n random bytes (uint8) from torch's CPU generator, four from each 32-bit draw."""
+    return torch.randint(-(2**31), 2**31, ((n + 3) // 4,), dtype=torch.int32).view(torch.uint8)[:n]
+
+
+class RandomBytes:
+    """A training step's dropout bytes, drawn before the step (Transformer.dropout_bytes counts them): each dropout
+    takes the next ones. A compiled step reads them as an input, where drawing inside it broke the graph at every
+    dropout (1.14x over eager for a 5 x 224 step with dropout 0.1, against 1.7x without dropout)."""
+
+    def __init__(self, data: torch.Tensor):
+        self.data, self.used = data, 0
+
+    def take(self, n: int) -> torch.Tensor:
+        if self.used + n > self.data.numel():
+            raise ValueError(f"the step's dropout bytes ran out ({self.data.numel()} drawn, {self.used + n} needed)")
+        part = self.data[self.used : self.used + n]
+        self.used += n
+        return part
 
 
 @torch.compiler.disable
 def _keep_mask(shape: torch.Size, dtype: torch.dtype, drop: int) -> torch.Tensor:
-    """dropout's scaled keep mask, drawn eagerly even inside a compiled step (a graph break): compiled, these random
-    bytes cost ~85 ms of a 5 x 224 step and inductor's own random numbers more (docs/benchmarks.md, "Compiling the
-    training step")."""
-    n = shape.numel()
-    words = torch.randint(-(2**31), 2**31, ((n + 3) // 4,), dtype=torch.int32)
-    keep = words.view(torch.uint8)[:n].view(shape) >= drop
-    return keep.to(dtype).mul_(256 / (256 - drop))
+    """dropout's scaled keep mask, drawn eagerly (inside a compiled step without noise, a graph break: compiled, these
+    random bytes cost ~85 ms of a 5 x 224 step and inductor's own random numbers more)."""
+    return _scaled_keep(random_bytes(shape.numel()).view(shape), dtype, drop)
+
+
+def _scaled_keep(data: torch.Tensor, dtype: torch.dtype, drop: int) -> torch.Tensor:
+    """The keep mask of random bytes: 256 / (256 - drop) where a byte is at least drop, else 0."""
+    return (data >= drop).to(dtype) * (256 / (256 - drop))
 
 
 _CAUSAL_BIAS: dict[int, torch.Tensor] = {}
@@ -229,7 +250,7 @@ def _causal_bias(T: int) -> torch.Tensor:
 
 
 def explicit_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, noise: RandomBytes | None = None
 ) -> torch.Tensor:
     """Causal softmax(q k^T / sqrt(D)) v as two batched products, for q (B, H, T, D) and k, v (B, Hkv, T, D):
     the same function as SDPA with is_causal=True. Scores and softmax stay float32 (scores rounded to
@@ -241,8 +262,20 @@ def explicit_causal_attention(
         q, k = q.float().reshape(B * H, T, D), k.float().reshape(B * H, T, D)
         scores = torch.baddbmm(_causal_bias(T).to(q.device).expand(B * H, T, T), q, k.transpose(1, 2), alpha=D**-0.5)
         probs = torch.softmax(scores, dim=-1)
-    probs = dropout(probs, dropout_p, training=True)  # the identity when dropout_p is 0
+    probs = dropout(probs, dropout_p, training=True, noise=noise)  # the identity when dropout_p is 0
     return torch.bmm(probs, v.reshape(B * H, T, D)).view(B, H, T, D)
+
+
+def projections(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """x through several projections (q, k, v; gate, up). While gradients are on (training) and they are plain
+    nn.Linear without bias: one product with their weights stacked, split after; fewer, larger products make a
+    4 x 192 bf16 training step 1.04x faster eager and 1.07-1.10x compiled (docs/benchmarks.md, "The share of the
+    matmul rate"). Otherwise (decoding, scoring: stacking would copy the weights at every token; adapters,
+    int8 copies) one product each."""
+    if torch.is_grad_enabled() and all(type(layer) is nn.Linear and layer.bias is None for layer in layers):
+        stacked = F.linear(x, torch.cat([layer.weight for layer in layers]))
+        return stacked.split([layer.out_features for layer in layers], dim=-1)
+    return tuple(layer(x) for layer in layers)
 
 
 class Attention(nn.Module):
@@ -263,22 +296,23 @@ class Attention(nn.Module):
         """Queries (B, H, T, D), keys and values (B, KV, T, D) of x, the queries and keys normed (if qk_norm) and
         rotated to their positions: what attention compares (gradlm inspect reads its maps from these)."""
         B, T, _ = x.shape
+        q, k, v = projections(x, self.q_proj, self.k_proj, self.v_proj)
         # (B, T, H*D) -> (B, H, T, D)
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, noise: RandomBytes | None = None):
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         dropout_p = self.dropout if self.training else 0.0
-        if cache is None and mask is None and T > 1 and _explicit_attention_pays(q):
-            y = explicit_causal_attention(q, k, v, dropout_p)
+        if cache is None and mask is None and T > 1 and _explicit_attention_pays(q.device.type, T):
+            y = explicit_causal_attention(q, k, v, dropout_p, noise)
         else:
             y = F.scaled_dot_product_attention(
                 q,
@@ -300,7 +334,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = projections(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -312,11 +347,10 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, mask, cache, layer):
-        x = x + dropout(
-            self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer), self.dropout, self.training
-        )
-        return x + dropout(self.mlp(self.post_attention_layernorm(x)), self.dropout, self.training)
+    def forward(self, x, cos, sin, mask, cache, layer, noise: RandomBytes | None = None):
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, noise)
+        x = x + dropout(attended, self.dropout, self.training, noise)
+        return x + dropout(self.mlp(self.post_attention_layernorm(x)), self.dropout, self.training, noise)
 
 
 class Transformer(nn.Module):
@@ -363,10 +397,12 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         reduction: str = "mean",
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx (B, T) token ids. Returns logits (B, T, V), or (B, 1, V) with last_only; with targets
         (B, T) it returns the cross-entropy instead (mean over tokens, or per token with
-        reduction="none"; targets of -1 are ignored)."""
+        reduction="none"; targets of -1 are ignored). noise: dropout's random bytes for this forward (training on
+        the CPU), dropout_bytes(B, T) of them drawn by random_bytes; without, each dropout draws its own."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.block_size:
@@ -375,8 +411,9 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds the KV cache's {cache.max_len} positions")
         x = self.embed_tokens(idx)
         cos, sin, mask = self.rope_and_mask(idx, start, T, cache, x.dtype)
+        noise = RandomBytes(noise) if noise is not None else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i)
+            x = layer(x, cos, sin, mask, cache, i, noise)
         if cache is not None:
             cache.pos += T
         x = self.norm(x)
@@ -387,6 +424,15 @@ class Transformer(nn.Module):
             logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction
         )
         return loss if reduction != "none" else loss.view(B, T)
+
+    def dropout_bytes(self, B: int, T: int) -> int:
+        """How many random bytes a training forward of (B, T) tokens takes for its dropout on the CPU, under the
+        autocast in effect (it decides whether attention's probabilities drop through explicit_causal_attention)."""
+        cfg = self.cfg
+        if cfg.dropout == 0:
+            return 0
+        probs = B * cfg.n_head * T * T if T > 1 and _explicit_attention_pays(self.lm_head.weight.device.type, T) else 0
+        return cfg.n_layer * (probs + 2 * B * T * cfg.d_model)
 
     def rope_and_mask(self, idx: torch.Tensor, start: int, T: int, cache: KVCache | None, dtype):
         """Rotary cos/sin for positions start..start+T-1, (1 or B, 1, T, D), and the attention mask

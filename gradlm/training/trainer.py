@@ -41,8 +41,8 @@ from gradlm.training.budget import Budget
 from gradlm.training.config import BUDGETS, DEFAULT_STEPS, FULL_BATCH_MICRO, TrainConfig, check_budgets, given_fields
 from gradlm.text.data import EpochSampler, RandomSampler, is_prepared, resolve_data, source_bytes, windows
 from gradlm.errors import ConfigError, Diverged, Interrupted, RunDirError
-from gradlm.model.compiling import CompileWatch, compiler_failed, use_cache
-from gradlm.model.transformer import Transformer, ModelConfig
+from gradlm.model.compiling import CompileWatch, compiled_before, compiler_failed, remember_compile, use_cache
+from gradlm.model.transformer import Transformer, ModelConfig, random_bytes
 from gradlm.training.monitor import DivergenceGuard, StopSignals, TrainLog, evaluate_and_checkpoint
 from gradlm.training.optim import DEFAULT_LR, base_lrs, build_optimizer, set_lr
 from gradlm.training.resume import TrainState, checkpoint_state, fresh_start, restore_checkpoint, resume_start
@@ -445,12 +445,37 @@ class Trainer:
                 f"multiple of {dd.world}"
             )
         self.step_tokens = self.batch * block
+        self._compile_if_warm()
         # The compiled model (when compiling) serves the step, and the evaluation on CUDA (see evaluate); DDP wraps it
         # for the step.
         self.fast_model = torch.compile(self.model) if self.rt.compile else self.model
         self._wrap_for_ranks()
         # for bits per byte
         self.byte_lengths = torch.tensor(self.tok.token_byte_lengths(), dtype=torch.long, device=self.device)
+
+    def compile_key(self) -> list:
+        """What the compiled training step's graphs depend on (with compiling.machine_key): the model's shape, the
+        micro-batch and context, the compute dtype and the number of processes (DDP splits the graph)."""
+        return ["training step", self.model_cfg.to_dict(), self.micro, self.block, self.compute_dtype, self.dd.world]
+
+    def _compile_if_warm(self) -> None:
+        """--compile auto on the CPU: a run the rule left uncompiled (a budget too short to repay an empty cache's
+        compile) compiles after all when this shape's step was compiled in this cache before, so that its graphs are
+        read back in seconds, and the budget repays that (runtime.WARM_COMPILE_S, or the last warm compile's time)."""
+        if self.rt.compile or self.cfg.compile != "auto" or self.rt.kind != "cpu" or not self.budget.max_time_s:
+            return
+        seen = compiled_before(self.compile_key())
+        if seen is None:
+            return
+        seconds = seen["last_s"] if seen["compiles"] > 1 else runtime.WARM_COMPILE_S
+        if runtime.resolve_compile(
+            "auto", self.device, self.budget.max_time_s, dtype=self.compute_dtype, compile_s=seconds
+        ):
+            self.rt = dataclasses.replace(self.rt, compile=True)
+            self.notes.append(
+                f"compiling the training step: this shape compiled before and its graphs are in {use_cache()} "
+                f"(~{seconds:.0f} s to read them back; --compile off trains uncompiled)"
+            )
 
     def _wrap_for_ranks(self) -> None:
         """run_model, what the step runs: the model (compiled when compiling), in DDP under torchrun."""
@@ -534,12 +559,13 @@ class Trainer:
             x, y = self.rt.to_device(x, y)  # pinned and non-blocking on CUDA
             sync = dd.world == 1 or k == self.accum - 1
             with nullcontext() if sync else self.run_model.no_sync(), self.autocast():
+                noise = self.dropout_noise(x)
                 try:
-                    loss = self.run_model(x, y)
+                    loss = self.run_model(x, y, **noise)
                 except Exception as e:  # noqa: BLE001  (a compile that auto chose and failed: the same batch, eagerly)
                     if not self.uncompile(e):
                         raise
-                    loss = self.run_model(x, y)
+                    loss = self.run_model(x, y, **noise)
                 (loss * share).backward()
             loss_sum += loss.detach() * share
         if dd.world > 1:
@@ -549,6 +575,15 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         loss, norm = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()  # the step's one read to the host
         return loss, norm
+
+    def dropout_noise(self, x: torch.Tensor) -> dict:
+        """A compiled step on the CPU with dropout: the forward's random bytes, drawn here in one call ({"noise": ...},
+        for the model's forward), so the graph takes them as an input instead of breaking at each dropout to draw
+        them. Under bf16 autocast they are the bytes an uncompiled step draws one dropout at a time (the same masks).
+        Otherwise nothing: each dropout draws its own."""
+        if not (self.rt.compile and self.rt.kind == "cpu" and self.model_cfg.dropout > 0):
+            return {}
+        return {"noise": random_bytes(self.model.dropout_bytes(*x.shape))}
 
     def _step_batches(self) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor, int]], int]:
         """This rank's rows (x, y) of this step's global micro-batches, with the positions of each global
@@ -775,6 +810,7 @@ def _loop(t: Trainer, on_step, on_eval) -> dict:
     t.model.train()
     stop_reason = ""
     watch = CompileWatch(t.log) if t.rt.compile else None  # --compile: each compile said once, with its time
+    compile_s = 0.0  # the training step's compiles, noted in the cache for the next run of the shape
     budget.start_clock()
     with StopSignals() as signals:
         while True:
@@ -796,6 +832,7 @@ def _loop(t: Trainer, on_step, on_eval) -> dict:
                 continue
             t.update()  # the gradient-descent update
             compiled = watch is not None and watch.after(f"the training step (step {t.step})", time.time() - t0)
+            compile_s += (time.time() - t0) if compiled else 0.0
             # the pace (not from a step that compiled), and the final evaluation's reserve
             budget.stepped(time.time() - t0, cfg.eval_tokens, t.step_tokens, paced=not compiled)
             budget.tick(t.dd.world, t.device)
@@ -819,6 +856,8 @@ def _loop(t: Trainer, on_step, on_eval) -> dict:
                     stop_reason = "pruned"
                     break
     show.close()
+    if compile_s and t.dd.main:
+        remember_compile(t.compile_key(), compile_s)  # a later run of this shape finds its graphs (_compile_if_warm)
     return _finish(t, show, stop_reason, signals.signum)
 
 
