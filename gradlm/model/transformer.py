@@ -269,8 +269,8 @@ def explicit_causal_attention(
 def projections(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
     """x through several projections (q, k, v; gate, up). While gradients are on (training) and they are plain
     nn.Linear without bias: one product with their weights stacked, split after; fewer, larger products make a
-    4 x 192 bf16 training step 1.04x faster eager and 1.07-1.10x compiled (docs/benchmarks.md, "The share of the
-    matmul rate"). Otherwise (decoding, scoring: stacking would copy the weights at every token; adapters,
+    4 x 192 bf16 training step 1.04x faster eager and 1.07-1.10x compiled (docs/benchmarks.md, "The training step,
+    second pass"). Otherwise (decoding, scoring: stacking would copy the weights at every token; adapters,
     int8 copies) one product each."""
     if torch.is_grad_enabled() and all(type(layer) is nn.Linear and layer.bias is None for layer in layers):
         stacked = F.linear(x, torch.cat([layer.weight for layer in layers]))

@@ -472,8 +472,9 @@ class Trainer:
             "auto", self.device, self.budget.max_time_s, dtype=self.compute_dtype, compile_s=seconds
         ):
             self.rt = dataclasses.replace(self.rt, compile=True)
+            cache = use_cache()  # (as _place does for a run that compiles from the start)
             self.notes.append(
-                f"compiling the training step: this shape compiled before and its graphs are in {use_cache()} "
+                f"compiling the training step: this shape compiled before and its graphs are in {cache} "
                 f"(~{seconds:.0f} s to read them back; --compile off trains uncompiled)"
             )
 
