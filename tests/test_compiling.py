@@ -109,30 +109,34 @@ def test_a_compile_auto_chose_that_failed_trains_on_as_if_never_tried(prepared, 
 def test_compile_auto_compiles_a_short_run_whose_shape_compiled_before(prepared, tok, tmp_path, monkeypatch, capsys):
     """A 2-minute CPU run cannot repay compiling with an empty cache (~31-42 s), so --compile auto leaves it eager; once
     a run of the same shape compiled in this cache (its graphs are read back in seconds), auto compiles it. Another
-    shape stays eager."""
+    shape stays eager, and a resumed run compiles exactly when its start did (a resume is bit-exact)."""
     from gradlm import runtime
 
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="eager", **kw))  # no C++: seconds
     monkeypatch.setattr(runtime.shutil, "which", lambda name: f"/usr/bin/{name}")  # a C++ compiler, as auto sees it
     torch._dynamo.reset()  # graphs an earlier test compiled in this process would not count as compiled here
-    common = dict(data=str(prepared), max_steps=3, max_time="2m", eval_every=3, eval_tokens=256, progress=False,
+    common = dict(data=str(prepared), max_steps=4, max_time="2m", eval_every=2, eval_tokens=256, progress=False,
                   plots=False)  # fmt: skip
 
-    def compiled(name: str, batch: str, compile: str) -> tuple[bool, str]:
+    def compiled(name: str, batch: str, compile: str, **kw) -> tuple[bool, str]:
         """Whether the run trained compiled, and the line that said why (if any)."""
         capsys.readouterr()
-        cfg = TrainConfig(out=str(tmp_path / name), batch=batch, compile=compile, **common)
+        cfg = TrainConfig(out=str(tmp_path / name), batch=batch, compile=compile, **common, **kw)
         train(tiny_config(tok.vocab_size), cfg)
         err = capsys.readouterr().err.splitlines()
         model = next(line for line in err if line.startswith("model: "))  # the run's description
         why = [line for line in err if line.startswith("compiling the training step: ")]
         return model.endswith(", compiled"), why[0] if why else ""
 
-    assert compiled("first", "4", "auto") == (False, "")  # nothing compiled before: 2 minutes do not repay ~31-42 s
+    # nothing compiled before: 2 minutes do not repay ~31-42 s
+    assert compiled("first", "4", "auto", pause_at=2) == (False, "")
     assert compiled("compiled", "4", "on") == (True, "")
-    on, why = compiled("again", "4", "auto")
-    assert on and why.startswith("compiling the training step: this shape compiled before and its graphs are in "), why
+    assert compiled("first", "4", "auto", resume=True) == (False, "")  # it started uncompiled
+    on, why = compiled("again", "4", "auto", pause_at=2)
+    assert on and why.startswith("compiling the training step: this shape compiled before (~5 s to read it back)"), why
+    on, why = compiled("again", "4", "auto", resume=True)
+    assert on and why.startswith("compiling the training step: it did when the run started"), why
     assert compiled("other", "2", "auto") == (False, "")  # another batch: another graph, never compiled here
 
 

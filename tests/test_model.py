@@ -178,18 +178,20 @@ def test_dropout_drops_the_rounded_share_keeps_the_mean_and_follows_the_seed():
     assert (dropout(torch.ones(10_000), 0.5, training=True) == 0).float().mean().item() == pytest.approx(0.5, abs=0.03)
 
 
-def test_dropout_bytes_drawn_before_a_bf16_forward_give_the_masks_it_draws_itself():
+@pytest.mark.parametrize("B, n_head, d_model, T", [(3, 2, 32, 16), (1, 3, 24, 5)])  # the second: odd counts
+def test_dropout_bytes_drawn_before_a_bf16_forward_give_the_masks_it_draws_itself(B, n_head, d_model, T):
     """A compiled training step takes its dropout's random bytes as an input (drawn in one call before the step);
-    under bf16 autocast they are the bytes the forward draws one dropout at a time, so the loss and gradients are
-    the same, and a forward that would need more bytes than it was given says so."""
+    under bf16 autocast they are the bytes the forward draws one dropout at a time (also where a dropout's count is
+    not a multiple of four), so the loss is the same, and a forward given too few bytes says so."""
     from gradlm.model.transformer import random_bytes
 
-    model = Transformer(ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=2, block_size=16, dropout=0.2))
-    model.train()
-    x = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    cfg = ModelConfig(vocab_size=64, n_layer=2, d_model=d_model, n_head=n_head, block_size=16, dropout=0.2)
+    model = Transformer(cfg).train()
+    x = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(0))
+    whole = lambda n: 4 * ((n + 3) // 4)  # noqa: E731  (a dropout draws 32-bit words)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        n = model.dropout_bytes(3, 16)
-        assert n == 2 * (3 * 2 * 16 * 16 + 2 * 3 * 16 * 32)  # per layer: attention's probabilities, two branches
+        n = model.dropout_bytes(B, T)
+        assert n == 2 * (whole(B * n_head * T * T) + 2 * whole(B * T * d_model))  # a layer: probabilities, 2 branches
         torch.manual_seed(7)
         itself = model(x, x)
         after = torch.randint(0, 2**30, (4,))
@@ -199,7 +201,7 @@ def test_dropout_bytes_drawn_before_a_bf16_forward_give_the_masks_it_draws_itsel
         torch.manual_seed(8)
         other = model(x, x)
         with pytest.raises(ValueError, match="dropout bytes ran out"):
-            model(x, x, noise=random_bytes(n - 1))
+            model(x, x, noise=random_bytes(n - 8))
     assert torch.equal(given, itself) and not torch.equal(other, itself)
-    assert model.dropout_bytes(3, 16) == 2 * 2 * 3 * 16 * 32  # float32: SDPA drops attention's with its own draws
-    assert Transformer(ModelConfig(vocab_size=64)).dropout_bytes(3, 16) == 0  # no dropout
+    assert model.dropout_bytes(B, T) == 2 * 2 * whole(B * T * d_model)  # float32: SDPA drops attention's itself
+    assert Transformer(ModelConfig(vocab_size=64)).dropout_bytes(B, T) == 0  # no dropout

@@ -45,7 +45,9 @@ def use_cache() -> Path:
     import torch._inductor.config
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    torch._inductor.config.unsafe_marked_cacheable_functions.update(dict.fromkeys(CACHEABLE, torch.__version__))
+    marked = getattr(torch._inductor.config, "unsafe_marked_cacheable_functions", None)
+    if isinstance(marked, dict):  # (torch 2.8 on; older ones recompile such graphs, as before)
+        marked.update(dict.fromkeys(CACHEABLE, torch.__version__))
 
     given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     path = given if given and os.path.abspath(given) != os.path.abspath(default_cache_dir()) else None
@@ -72,29 +74,41 @@ def machine_key() -> list:
     return [torch.__version__, cpu_features(), capability, torch.get_num_threads()]
 
 
-def compiled_before(key: list) -> dict | None:
-    """What remember_compile wrote for this key in the inductor cache in use ({"compiles": n, "last_s": seconds}):
-    the graphs it names were compiled there before, so compiling them again mostly reads them back. None if never."""
-    record = _record_path()
-    try:
-        return json.loads(record.read_text()).get(_key_text(key))
-    except (OSError, ValueError):
+def compiled_before(key: list) -> float | None:
+    """Whether the graphs of key compiled in the inductor cache in use before (remember_compile noted it), so that
+    compiling them again mostly reads them back: the fastest such second compile's seconds, 0.0 when it compiled only
+    once (its time then was a cold one), None if never (or the record is unreadable)."""
+    entry = _read_record().get(_key_text(key))
+    if not isinstance(entry, dict):
         return None
+    warm = entry.get("warm_s")
+    return float(warm) if isinstance(warm, (int, float)) else 0.0
 
 
 def remember_compile(key: list, seconds: float) -> None:
-    """Note in the inductor cache that the graphs of key compiled there, in seconds (compiled_before reads it)."""
-    record = _record_path()
-    try:
-        seen = json.loads(record.read_text())
-    except (OSError, ValueError):
-        seen = {}
-    entry = seen.get(_key_text(key), {"compiles": 0})
-    seen[_key_text(key)] = {"compiles": entry["compiles"] + 1, "last_s": round(seconds, 2)}
-    record.parent.mkdir(parents=True, exist_ok=True)
+    """Note in the inductor cache that the graphs of key compiled there, in seconds (compiled_before reads it). A
+    record that cannot be written is skipped (a read-only cache, a full disk): it only saves later runs time."""
+    record, seen = _record_path(), _read_record()
+    entry = seen.get(_key_text(key))
+    if isinstance(entry, dict):  # compiled here before: this compile read them back (or, evicted, compiled again)
+        warm = entry.get("warm_s")
+        entry = {"warm_s": round(min(seconds, warm) if isinstance(warm, (int, float)) else seconds, 2)}
+    seen[_key_text(key)] = entry if isinstance(entry, dict) else {"cold_s": round(seconds, 2)}
     part = record.with_name(f"{record.name}.{os.getpid()}.part")
-    part.write_text(json.dumps(seen, indent=1, sort_keys=True))
-    part.replace(record)
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        part.write_text(json.dumps(seen, indent=1, sort_keys=True))
+        part.replace(record)
+    except OSError:
+        part.unlink(missing_ok=True)
+
+
+def _read_record() -> dict:
+    try:
+        seen = json.loads(_record_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return seen if isinstance(seen, dict) else {}
 
 
 def _key_text(key: list) -> str:

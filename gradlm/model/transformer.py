@@ -204,7 +204,12 @@ def dropout(x: torch.Tensor, p: float, training: bool, noise: RandomBytes | None
 
 def random_bytes(n: int) -> torch.Tensor:
     """n random bytes (uint8) from torch's CPU generator, four from each 32-bit draw."""
-    return torch.randint(-(2**31), 2**31, ((n + 3) // 4,), dtype=torch.int32).view(torch.uint8)[:n]
+    return torch.randint(-(2**31), 2**31, (_words(n),), dtype=torch.int32).view(torch.uint8)[:n]
+
+
+def _words(n: int) -> int:
+    """The 32-bit draws that n random bytes take."""
+    return (n + 3) // 4
 
 
 class RandomBytes:
@@ -216,10 +221,11 @@ class RandomBytes:
         self.data, self.used = data, 0
 
     def take(self, n: int) -> torch.Tensor:
+        """The next n bytes; the rest of their last 32-bit draw is skipped, as a dropout drawing its own leaves it."""
         if self.used + n > self.data.numel():
             raise ValueError(f"the step's dropout bytes ran out ({self.data.numel()} drawn, {self.used + n} needed)")
         part = self.data[self.used : self.used + n]
-        self.used += n
+        self.used += 4 * _words(n)
         return part
 
 
@@ -267,12 +273,13 @@ def explicit_causal_attention(
 
 
 def projections(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
-    """x through several projections (q, k, v; gate, up). While gradients are on (training) and they are plain
-    nn.Linear without bias: one product with their weights stacked, split after; fewer, larger products make a
-    4 x 192 bf16 training step 1.04x faster eager and 1.07-1.10x compiled (docs/benchmarks.md, "The training step,
-    second pass"). Otherwise (decoding, scoring: stacking would copy the weights at every token; adapters,
-    int8 copies) one product each."""
-    if torch.is_grad_enabled() and all(type(layer) is nn.Linear and layer.bias is None for layer in layers):
+    """x through several projections (q, k, v; gate, up). On the CPU while gradients are on (training), when they
+    are plain nn.Linear without bias: one product with their weights stacked, split after; fewer, larger products make
+    a 4 x 192 bf16 training step 1.04x faster eager and 1.07-1.10x compiled (docs/benchmarks.md, "The training step,
+    second pass"). Otherwise (decoding, scoring: stacking would copy the weights at every token; adapters, int8
+    copies; GPUs, not measured) one product each."""
+    plain = all(type(layer) is nn.Linear and layer.bias is None for layer in layers)
+    if plain and x.device.type == "cpu" and torch.is_grad_enabled():
         stacked = F.linear(x, torch.cat([layer.weight for layer in layers]))
         return stacked.split([layer.out_features for layer in layers], dim=-1)
     return tuple(layer(x) for layer in layers)
@@ -432,7 +439,7 @@ class Transformer(nn.Module):
         if cfg.dropout == 0:
             return 0
         probs = B * cfg.n_head * T * T if T > 1 and _explicit_attention_pays(self.lm_head.weight.device.type, T) else 0
-        return cfg.n_layer * (probs + 2 * B * T * cfg.d_model)
+        return cfg.n_layer * 4 * (_words(probs) + 2 * _words(B * T * cfg.d_model))  # each dropout's whole draws
 
     def rope_and_mask(self, idx: torch.Tensor, start: int, T: int, cache: KVCache | None, dtype):
         """Rotary cos/sin for positions start..start+T-1, (1 or B, 1, T, D), and the attention mask

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import math
 import os
 import shutil
@@ -454,28 +455,40 @@ class Trainer:
         self.byte_lengths = torch.tensor(self.tok.token_byte_lengths(), dtype=torch.long, device=self.device)
 
     def compile_key(self) -> list:
-        """What the compiled training step's graphs depend on (with compiling.machine_key): the model's shape, the
+        """What the compiled training step's graphs depend on (with compiling.machine_key): the model's shape and the
+        parameters that train (adapters, frozen layers), the batches' kind (fine-tuning pads its own lengths), the
         micro-batch and context, the compute dtype and the number of processes (DDP splits the graph)."""
-        return ["training step", self.model_cfg.to_dict(), self.micro, self.block, self.compute_dtype, self.dd.world]
+        trained = hashlib.sha256(
+            " ".join(n for n, p in self.model.named_parameters() if p.requires_grad).encode()
+        ).hexdigest()[:16]
+        data = [type(self).__name__, self.sampler_kind, self.masked_targets]
+        return ["training step", self.model_cfg.to_dict(), trained, data, self.micro, self.block, self.compute_dtype,
+                self.dd.world]  # fmt: skip
 
     def _compile_if_warm(self) -> None:
         """--compile auto on the CPU: a run the rule left uncompiled (a budget too short to repay an empty cache's
         compile) compiles after all when this shape's step was compiled in this cache before, so that its graphs are
-        read back in seconds, and the budget repays that (runtime.WARM_COMPILE_S, or the last warm compile's time)."""
+        read back in seconds, and the budget repays that (runtime.WARM_COMPILE_S, or the fastest warm compile's
+        time). The choice is kept in config.json: a resumed run compiles exactly when its start did (compiled and
+        eager steps round differently, and a resume is bit-exact)."""
         if self.rt.compile or self.cfg.compile != "auto" or self.rt.kind != "cpu" or not self.budget.max_time_s:
             return
-        seen = compiled_before(self.compile_key())
-        if seen is None:
-            return
-        seconds = seen["last_s"] if seen["compiles"] > 1 else runtime.WARM_COMPILE_S
-        if runtime.resolve_compile(
-            "auto", self.device, self.budget.max_time_s, dtype=self.compute_dtype, compile_s=seconds
-        ):
+        if self.cfg.resume:
+            warm = bool(self.run.read_config().get("compile", {}).get("warm_cache"))
+            why = "it did when the run started"
+        else:
+            seen = compiled_before(self.compile_key())
+            seconds = seen or runtime.WARM_COMPILE_S
+            warm = seen is not None and runtime.resolve_compile(
+                "auto", self.device, self.budget.max_time_s, dtype=self.compute_dtype, compile_s=seconds
+            )
+            why = f"this shape compiled before (~{seconds:.0f} s to read it back)"
+        if warm:
             self.rt = dataclasses.replace(self.rt, compile=True)
+            self.config_extra["compile"] = {"warm_cache": True}
             cache = use_cache()  # (as _place does for a run that compiles from the start)
             self.notes.append(
-                f"compiling the training step: this shape compiled before and its graphs are in {cache} "
-                f"(~{seconds:.0f} s to read them back; --compile off trains uncompiled)"
+                f"compiling the training step: {why}, its graphs are in {cache} (--compile off trains uncompiled)"
             )
 
     def _wrap_for_ranks(self) -> None:
@@ -829,11 +842,11 @@ def _loop(t: Trainer, on_step, on_eval) -> dict:
             budget.last_factor = budget.lr_factor()
             lrs = set_lr(t.opt, budget.last_factor)  # lr = base_lr * schedule(progress)
             loss, grad_norm = t.gradients()  # forward + backward over the step's micro-batches, clipped
+            compiled = watch is not None and watch.after(f"the training step (step {t.step + 1})", time.time() - t0)
+            compile_s += (time.time() - t0) if compiled else 0.0
             if not guard.observe(loss, grad_norm):  # overshot: the guard restored the last good state, lr halved
                 continue
             t.update()  # the gradient-descent update
-            compiled = watch is not None and watch.after(f"the training step (step {t.step})", time.time() - t0)
-            compile_s += (time.time() - t0) if compiled else 0.0
             # the pace (not from a step that compiled), and the final evaluation's reserve
             budget.stepped(time.time() - t0, cfg.eval_tokens, t.step_tokens, paced=not compiled)
             budget.tick(t.dd.world, t.device)
