@@ -21,9 +21,9 @@ the same three flags with the same meaning, and resolve() turns them into a Runt
                compile is not repaid, docs/benchmarks.md). auto = on when the run is long enough to repay the
                compile at the speed-up it buys (COMPILE_COST: measured on CPUs, nanoGPT's figures for CUDA): on
                CUDA under a time budget that repays it or a step or token budget; on the CPU under a time budget
-               that repays it (bf16 ~2.5 minutes, float32 ~5.7) where a C++ compiler is on PATH (inductor needs
+               that repays it (bf16 ~3.5 minutes, float32 ~5.7) where a C++ compiler is on PATH (inductor needs
                one), or one that repays reading back the graphs of a shape that compiled before in this cache
-               (WARM_COMPILE_S, ~5 s: from ~18 s of --max-time in bf16, ~55 s in float32; the trainer checks
+               (WARM_COMPILE_S, ~5 s: from ~25 s of --max-time in bf16, ~55 s in float32; the trainer checks
                once the shape is known), never under a step or token budget (its length is unknown before the
                run); never on MPS. If compiling that auto chose fails, training goes on uncompiled with one
                warning line. Decoding on the
@@ -62,13 +62,15 @@ COMPILE = ("auto", "on", "off")
 # cache, speed-up of a whole run). auto compiles where budget_s * (1 - 1 / speed-up) > seconds.
 # CPU: measured on a 2-core Sapphire Rapids Xeon (docs/benchmarks.md, "Compiling the training step" and "The
 # training step, second pass"): bf16, 4-minute runs of --size auto's 5 x 224, batch 8: the step compiled in 31.8-41.3
-# s with an empty cache, and with dropout 0.1 its steps came 1.47x as fast as eager ones (148.7 -> 101.3 ms; ~1.4x
-# of the whole run, whose evaluations stay uncompiled on the CPU: their 23-28 s compile saved 0.6 s an evaluation);
-# before the step took dropout's bytes as an input and q/k/v as one product, 1.15x. float32, the demo's shape:
-# 31.4 s, 1.1x (not measured again). So a CPU run compiles from ~2.5 minutes of --max-time in bf16, ~5.7 in
-# float32. CUDA: nanoGPT's figures for a GPT-2-small step (~1 minute, 250 -> 135 ms/iter), not yet measured here.
-COMPILE_COST = {"cuda": (60.0, 1.5), "cpu_bf16": (42.0, 1.4), "cpu": (31.0, 1.1)}
-# Compiling a step whose graphs inductor already keeps (the same shape compiled in this cache before): 4.5-4.7 s for
+# s with an empty cache, and with dropout 0.1 its steps came 1.47x as fast as eager ones (148.7 -> 101.3 ms); the
+# step alone with dropout 0.1 measured 1.25-1.42x on other occasions, and a 1-minute run of the demo's shape 1.22x
+# (75.6 -> 61.8 ms); the evaluations stay uncompiled on the CPU (their 23-28 s compile saved 0.6 s an evaluation).
+# So 1.25x for the whole run; before the step took dropout's bytes as an input and q/k/v as one product, 1.15x.
+# float32, the demo's shape: 31.4 s, 1.1x (not measured again). So a CPU run compiles from ~3.5 minutes of
+# --max-time in bf16, ~5.7 in float32. CUDA: nanoGPT's figures for a GPT-2-small step (~1 minute, 250 -> 135
+# ms/iter), not yet measured here.
+COMPILE_COST = {"cuda": (60.0, 1.5), "cpu_bf16": (42.0, 1.25), "cpu": (31.0, 1.1)}
+# Compiling a step whose graphs inductor already keeps (the same shape compiled in this cache before): 2.8-4.7 s for
 # the demo's shape in a whole run on that CPU (3.1-3.6 s for the step alone, ~1.5 s of it inductor probing the CPU's
 # vector instructions in subprocesses); used until the cache's record (gradlm.model.compiling.remember_compile) holds a
 # warm compile's own time.

@@ -194,7 +194,7 @@ class TrainConfig:
         default="auto",
         metadata={
             "help": "torch.compile the training step (and on CUDA the evaluation): on, off, or auto = on when the run "
-            "repays the compile at the speed-up it buys (measured on CPUs: --max-time from ~2.5 minutes in bf16, ~5.7 "
+            "repays the compile at the speed-up it buys (measured on CPUs: --max-time from ~3.5 minutes in bf16, ~5.7 "
             "in float32, where a C++ compiler is on PATH; on CUDA also under a step budget); a compile auto chose "
             "that fails trains on uncompiled"
         },
