@@ -165,3 +165,21 @@ def test_a_compiled_step_with_dropout_is_one_graph_and_drops_what_the_uncompiled
     assert on["val_loss"] == off["val_loss"]
     a, b = load_file(tmp_path / "on" / "model.safetensors"), load_file(tmp_path / "off" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_the_compile_record_never_fails_a_run(tmp_path, monkeypatch):
+    """The note of which training steps compiled in the cache only saves later runs time: a record that cannot be
+    written is skipped, and one that is not what remember_compile writes reads as nothing compiled."""
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(blocked / "inductor"))  # no folder can be made there
+    compiling.remember_compile(["a step"], 30.0)
+    assert compiling.compiled_before(["a step"]) is None
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    compiling.remember_compile(["a step"], 30.0)  # the first compile: a cold one
+    assert compiling.compiled_before(["a step"]) == 0.0 and compiling.compiled_before(["another"]) is None
+    compiling.remember_compile(["a step"], 4.0)
+    compiling.remember_compile(["a step"], 35.0)  # evicted and compiled again: the warm time stays the fastest
+    assert compiling.compiled_before(["a step"]) == 4.0
+    (tmp_path / "inductor" / "gradlm-compiled.json").write_text('["not", "a record"]')
+    assert compiling.compiled_before(["a step"]) is None

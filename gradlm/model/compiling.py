@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -100,7 +101,8 @@ def remember_compile(key: list, seconds: float) -> None:
         part.write_text(json.dumps(seen, indent=1, sort_keys=True))
         part.replace(record)
     except OSError:
-        part.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (where no folder could be made, not even the part is there)
+            part.unlink(missing_ok=True)
 
 
 def _read_record() -> dict:
