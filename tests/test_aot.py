@@ -67,19 +67,29 @@ def same_as_eager(model, step, tol: float, length: int | None = None, prompts=([
 BATCH = ([1, 2, 3, 4, 5], [6, 7], [8, 9, 10])  # three rows of different lengths
 
 
-def test_the_step_gives_the_eager_logits_at_every_position_for_any_weights_of_its_shape(aot_cache, tok):
+@pytest.mark.parametrize("dot", [False, True], ids=["matrix-products", "dot-products"])
+def test_the_step_gives_the_eager_logits_at_every_position_for_any_weights_of_its_shape(
+    aot_cache, tok, monkeypatch, dot
+):
+    # both float32 forms on every CPU: MKL's matrix products (Intel), dot products in the graph (AMD)
+    monkeypatch.setattr(aot, "dot_products", lambda: dot)
     model = sharp_model(tok.vocab_size, **SHAPE)
+    forms = ["float32-dot", "float32"] if dot else ["float32"]  # up to DOT_ROWS rows, and the rest
+    missing = [form for form in forms if not aot.package_path(model.cfg, form).exists()]  # (the module's cache)
     lines = []
     step = aot.open_step(model, inference_weights(model), False, say=lines.append)
-    assert step is not None and len(lines) == 1
-    assert lines[0].startswith("compiling the decoding step (2 x 32, float32): ") and str(aot_cache) in lines[0]
+    assert step is not None and step.forms == forms and step.max_rows == aot.MAX_ROWS
+    assert missing and len(lines) == len(missing)  # one line for each package built
+    for line, form in zip(lines, missing):
+        assert line.startswith(f"compiling the decoding step (2 x 32, {form}): ") and str(aot_cache) in line
     same_as_eager(model, step, 1e-4)
     # another model of the shape: the package is found (not built again) and computes with that model's weights
     other = sharp_model(tok.vocab_size, seed=1, **SHAPE)
     again = aot.open_step(other, inference_weights(other), False, build_missing=False, say=lines.append)
-    assert again is not None and len(lines) == 1
+    assert again is not None and len(lines) == len(missing)
     same_as_eager(other, again, 1e-4, length=19)  # the same graph for a cache of any length
     same_as_eager(other, again, 1e-4, prompts=BATCH)  # and for a batch of rows, left-padded
+    same_as_eager(other, again, 1e-4, length=12, prompts=BATCH * 2)  # more rows than DOT_ROWS: the other form
     assert not step.fits(torch.tensor([[1, 2]]), model.new_cache(1, 32))  # more than one token: eager
     one = model.new_cache(1, 32)
     one.pos = 1

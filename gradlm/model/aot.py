@@ -19,7 +19,9 @@ tokens are the eager path's up to float rounding (tests/test_aot.py).
 
 The package depends on the model's shape, the weights' form (float32 or int8), torch's version and the CPU's
 capability, not on the weights: they are handed to it at load time (load_constants), so one build serves every
-model of a shape. It lives in $GRADLM_CACHE/aot/, written whole or not at all.
+model of a shape. It lives in $GRADLM_CACHE/aot/, written whole or not at all. Where MKL multiplies few rows slowly
+(a CPU not Intel's: dot_products), a float32 step is two packages: dot products written into the graph for up to
+DOT_ROWS rows, MKL's matrix products for more.
 """
 
 from __future__ import annotations
@@ -38,22 +40,51 @@ import torch
 import torch.nn.functional as F
 
 from gradlm.layout import cache_dir
-from gradlm.model.compiling import machine_key
+from gradlm.model.compiling import cpu_vendor, machine_key
 from gradlm.model.transformer import KVCache, ModelConfig
 
 STEP_VERSION = 5  # part of the package's key: raise it whenever Step computes something else
 
 
-def _product(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:
-    """(a * rows) @ w in float32; int8 (scale given): w is (out, in) int8, multiplied by the weight-only kernel
-    with a in bf16, the product's rows scaled instead of a's."""
+def _product(
+    a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, rows: torch.Tensor | None, dot: bool
+) -> torch.Tensor:
+    """(a * rows) @ w in float32: w is (in, out), or (out, in) for dot products written into the graph (dot), which
+    inductor turns into its own loops, vectorised along a row and w's rows (written as (w[:, None] * a).sum(-1).t(),
+    an output laid out along the batch, inductor vectorised the batch and the step ran 30x slower); int8 (scale
+    given): w is (out, in) int8, multiplied by the weight-only kernel with a in bf16, the product's rows scaled
+    instead of a's."""
     if scale is None:
-        return (a if rows is None else a * rows) @ w
+        a = a if rows is None else a * rows
+        return (a[:, None, :] * w).sum(-1) if dot else a @ w
     out = torch._weight_int8pack_mm(a.to(torch.bfloat16), w, scale)
     return out.float() if rows is None else out * rows
 
 
 MAX_ROWS = 64  # the most rows one step takes (the batch dimension is symbolic up to it)
+
+
+DOT_ROWS = 4  # the most rows the dot-product form takes (see dot_products)
+
+
+def dot_products() -> bool:
+    """Whether a float32 step of a few rows multiplies as dot products written into the graph rather than through
+    ATen's matrix product: where that product is MKL's on an x86 CPU that is not Intel's. MKL picks its kernels by
+    the CPU's vendor, and on an AMD EPYC (AVX512) its products of a few rows run at half the speed of inductor's own
+    loops: the 25 products of a 6 x 320 step alone at batch 1 took 2.3-2.6 ms through MKL, 0.9-1.2 ms as dot
+    products (2 threads). Whole steps (docs/benchmarks.md, "The compiled decoding step on an AMD EPYC"): 1.59x the
+    compiled matrix-product step at batch 1, 1.35x at 4 rows, 0.97x at 8 and 0.74x at 16, since each row reads every
+    weight again; so the dot form takes up to DOT_ROWS rows and the matrix-product form the rest. On Intel's CPUs
+    MKL's product stays (0.56 ms for the same 25 at batch 1 on a Sapphire Rapids Xeon)."""
+    return torch.backends.mkl.is_available() and cpu_vendor() not in ("GenuineIntel", "")
+
+
+def forms(int8: bool) -> list[tuple[str, int]]:
+    """The packages a step is made of on this machine, each with the most rows it takes, fewest rows first:
+    "int8" (weight-only), or "float32" with, where dot_products(), "float32-dot" for up to DOT_ROWS rows."""
+    if int8:
+        return [("int8", MAX_ROWS)]
+    return ([("float32-dot", DOT_ROWS)] if dot_products() else []) + [("float32", MAX_ROWS)]
 
 
 class Step(torch.nn.Module):
@@ -65,14 +96,17 @@ class Step(torch.nn.Module):
     symbolic length; over the whole window it cost 0.2 ms a token at 100 of 512, 1.4x the step): one graph for every
     batch of 1 to MAX_ROWS rows, every position from 2 to block_size - 1 and every cache length, all symbolic."""
 
-    def __init__(self, cfg: ModelConfig, constants: dict[str, torch.Tensor], int8: bool):
+    def __init__(self, cfg: ModelConfig, constants: dict[str, torch.Tensor], form: str):
         super().__init__()
-        self.cfg, self.int8 = cfg, int8
+        self.cfg, self.int8, self.dot = cfg, form == "int8", form == "float32-dot"
         for name, t in constants.items():
             self.register_buffer(name, t)
 
     def _w(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         return getattr(self, name), getattr(self, name + "_scale") if self.int8 else None
+
+    def _product(self, a: torch.Tensor, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return _product(a, *self._w(name), rows, self.dot)
 
     def forward(
         self, idx: torch.Tensor, kv: torch.Tensor, span: torch.Tensor, pad: torch.Tensor
@@ -90,7 +124,7 @@ class Step(torch.nn.Module):
         real = (torch.arange(pos, device=kv.device) >= pad[:, None]).view(B, 1, 1, pos)  # keys past the padding
         new = []
         for i in range(cfg.n_layer):
-            qkv = _product(x, *self._w(f"l{i}_qkv"), inv_rms(x)).view(B, H + 2 * KV, D)
+            qkv = self._product(x, f"l{i}_qkv", inv_rms(x)).reshape(B, H + 2 * KV, D)
             q, k, v = qkv[:, :H], qkv[:, H : H + KV], qkv[:, H + KV :]
             if cfg.qk_norm:
                 q, k = q * inv_rms(q) * getattr(self, f"l{i}_qn"), k * inv_rms(k) * getattr(self, f"l{i}_kn")
@@ -104,23 +138,24 @@ class Step(torch.nn.Module):
             top = torch.maximum(scores.amax(-1, keepdim=True), own)
             p, p_own = torch.exp(scores - top), torch.exp(own - top)
             y = (p @ kv[i, :, KV:, :pos] + p_own * v.view(B, KV, 1, D)) / (p.sum(-1, keepdim=True) + p_own)
-            x = x + _product(y.reshape(B, H * D), *self._w(f"l{i}_o"), None)
-            gate, up = _product(x, *self._w(f"l{i}_gu"), inv_rms(x)).chunk(2, 1)
-            x = x + _product(F.silu(gate) * up, *self._w(f"l{i}_down"), None)
-        logits = _product(x, *self._w("head"), inv_rms(x)).view(B, 1, -1)
+            x = x + self._product(y.reshape(B, H * D), f"l{i}_o")
+            gate, up = self._product(x, f"l{i}_gu", inv_rms(x)).chunk(2, 1)
+            x = x + self._product(F.silu(gate) * up, f"l{i}_down")
+        logits = self._product(x, "head", inv_rms(x)).reshape(B, 1, -1)
         return logits, torch.stack(new).view(cfg.n_layer, B, 2 * KV, 1, D)
 
 
-def constants(model, weights: tuple, int8: bool) -> dict[str, torch.Tensor]:
-    """The step's weights by name, from the fused path's inference_weights(model, int8): what its package loads."""
+def constants(model, weights: tuple, form: str) -> dict[str, torch.Tensor]:
+    """The step's weights by name, from the fused path's inference_weights(model, form == "int8"): what its package
+    loads (for "float32-dot" the matrices transposed: a copy)."""
     layers, head_t, sin_signed = weights[0], weights[1], weights[2]
     out = {"embed": model.embed_tokens.weight.detach(), "cos": model.rope_cos, "sin": sin_signed}
 
     def put(name, w):
-        if int8:
+        if form == "int8":
             out[name], out[name + "_scale"] = w.q, w.scale
         else:
-            out[name] = w
+            out[name] = w.t() if form == "float32-dot" else w
 
     for i, (qkv, o, gu, down, qn, kn) in enumerate(layers):
         for name, w in (("qkv", qkv), ("o", o), ("gu", gu), ("down", down)):
@@ -131,20 +166,20 @@ def constants(model, weights: tuple, int8: bool) -> dict[str, torch.Tensor]:
     return {name: t.detach().contiguous() for name, t in out.items()}
 
 
-def package_path(cfg: ModelConfig, int8: bool) -> Path:
+def package_path(cfg: ModelConfig, form: str) -> Path:
     """Where the package for this shape and weight form lives: $GRADLM_CACHE/aot/<key>.pt2. The key also holds what
     the compiled code depends on: torch, the CPU, and the number of threads (inductor writes it into its loops)."""
     shape = {k: getattr(cfg, k) for k in sorted(vars(cfg))}
-    form = "int8" if int8 else "float32"
     key = [STEP_VERSION, shape, form, *machine_key()]
     key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return cache_dir() / "aot" / f"decode-{cfg.n_layer}x{cfg.d_model}-{form}-{key}.pt2"
 
 
-def layout(cfg: ModelConfig, int8: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """The (shape, dtype) of each weight constants() gives for a model of cfg (the fused path's layouts: matrices
-    (in, out) in float32, or int8 (out, in) with a bf16 scale per output): what a package is built for, and what a
-    model's weights are checked against before the package reads them."""
+def layout(cfg: ModelConfig, form: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The (shape, dtype) of each weight constants() gives for a model of cfg in this form (the fused path's
+    layouts: matrices (in, out) in float32, or int8 (out, in) with a bf16 scale per output; "float32-dot": (out, in)
+    in float32): what a package is built for, and what a model's weights are checked against before the package reads
+    them."""
     H, KV, D, C, F = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model, cfg.d_ff
     f32 = torch.float32
     out = {"embed": ((cfg.vocab_size, C), f32), "cos": ((cfg.block_size, D), f32), "sin": ((cfg.block_size, D), f32)}
@@ -156,18 +191,18 @@ def layout(cfg: ModelConfig, int8: bool) -> dict[str, tuple[tuple[int, ...], tor
             out |= {f"l{i}_qn": ((D,), f32), f"l{i}_kn": ((D,), f32)}
     matrices["head"] = (C, cfg.vocab_size)
     for name, (n_in, n_out) in matrices.items():
-        if int8:
+        if form == "int8":
             out |= {name: ((n_out, n_in), torch.int8), name + "_scale": ((n_out,), torch.bfloat16)}
         else:
-            out[name] = ((n_in, n_out), f32)
+            out[name] = ((n_out, n_in) if form == "float32-dot" else (n_in, n_out), f32)
     return out
 
 
-def example_constants(cfg: ModelConfig, int8: bool) -> dict[str, torch.Tensor]:
-    """Random weights of layout(cfg, int8): what a build needs (their values do not matter, see build)."""
+def example_constants(cfg: ModelConfig, form: str) -> dict[str, torch.Tensor]:
+    """Random weights of layout(cfg, form): what a build needs (their values do not matter, see build)."""
     g = torch.Generator().manual_seed(0)
     out = {}
-    for name, (shape, dtype) in layout(cfg, int8).items():
+    for name, (shape, dtype) in layout(cfg, form).items():
         if dtype == torch.int8:
             out[name] = torch.randint(-127, 128, shape, generator=g, dtype=dtype)
         else:
@@ -175,12 +210,12 @@ def example_constants(cfg: ModelConfig, int8: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def build(cfg: ModelConfig, int8: bool, path: Path) -> None:
+def build(cfg: ModelConfig, form: str, path: Path) -> None:
     """Export Step and compile it into a package at path. The weights are left out of it (they are loaded
     later), so random ones serve to build it: random in every weight, and two of inductor's habits switched off, since
     it writes a small constant's values into the code (a QK-norm's weight) and folds one whose values are all equal
     (a norm's initial ones), which the weights loaded later could not reach."""
-    module = Step(cfg, example_constants(cfg, int8), int8)
+    module = Step(cfg, example_constants(cfg, form), form)
     kv = torch.zeros(cfg.n_layer, 2, 2 * cfg.n_kv_head, cfg.block_size, cfg.head_dim)
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations while it packages
@@ -209,29 +244,36 @@ def build(cfg: ModelConfig, int8: bool, path: Path) -> None:
 
 
 class CompiledStep:
-    """The compiled decoding step of a model, its weights loaded (open_step makes one). fits(idx, cache) says whether
-    it can take a call; __call__(idx, cache) -> logits (B, 1, V), this token's keys and values written into the
-    cache."""
+    """The compiled decoding step of a model, its weights loaded (open_step makes one): one package, or one for few
+    rows and one for the rest (forms). fits(idx, cache) says whether it can take a call; __call__(idx, cache) ->
+    logits (B, 1, V), this token's keys and values written into the cache."""
 
-    def __init__(self, cfg: ModelConfig, int8: bool, path: Path, consts: dict[str, torch.Tensor], max_rows: int):
+    def __init__(self, model, weights: tuple, parts: list[tuple[str, Path, int]]):
         # torch's C++ loader itself: torch._inductor's Python wrapper of it costs a second of imports
-        self.cfg, self.int8, self.max_rows = cfg, int8, max_rows
-        self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
-        self.span = torch.empty(cfg.block_size)  # its first pos entries: the position as a length (Step)
+        self.cfg, self.int8 = model.cfg, parts[0][0] == "int8"
+        self.parts = [
+            (form, rows, torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1))
+            for form, path, rows in parts
+        ]
+        self.forms, self.max_rows = [form for form, _, _ in parts], parts[-1][2]
+        self.span = torch.empty(self.cfg.block_size)  # its first pos entries: the position as a length (Step)
         self.no_pad = torch.zeros(MAX_ROWS, dtype=torch.long)
-        self.load(consts)
+        self.load(model, weights)
 
-    def load(self, consts: dict[str, torch.Tensor]) -> None:
-        """Hand the package these weights (kept here: the package reads them in place, so they must be what it was
-        built for: a ValueError otherwise, with nothing handed over)."""
-        for name, want in layout(self.cfg, self.int8).items():
-            got = consts.get(name)
-            have = None if got is None else (tuple(got.shape), got.dtype)
-            if have != want:
-                raise ValueError(f"weight {name} is {have}; the package takes {want}")
+    def load(self, model, weights: tuple) -> None:
+        """Hand each package the model's weights in its form (kept here: a package reads them in place, so they must
+        be what it was built for: a ValueError otherwise, with nothing handed over)."""
+        consts = {form: constants(model, weights, form) for form, _, _ in self.parts}
+        for form, given in consts.items():
+            for name, want in layout(self.cfg, form).items():
+                got = given.get(name)
+                have = None if got is None else (tuple(got.shape), got.dtype)
+                if have != want:
+                    raise ValueError(f"weight {name} is {have}; the package takes {want}")
         self.consts = consts
-        # (weights, into the inactive buffer, check that every weight is given, read in place, copy to the device)
-        self.loader.load_constants(consts, False, True, True, False)
+        for form, _, loader in self.parts:
+            # (weights, into the inactive buffer, check that every weight is given, read in place, copy to the device)
+            loader.load_constants(consts[form], False, True, True, False)
 
     def fits(self, idx: torch.Tensor, cache: KVCache) -> bool:
         return (
@@ -244,7 +286,8 @@ class CompiledStep:
 
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         pad = self.no_pad[: idx.shape[0]] if cache.pad is None else cache.pad
-        logits, new = self.loader.boxed_run([idx, cache.kv, self.span[: cache.pos], pad])
+        loader = next(loader for _, rows, loader in self.parts if idx.shape[0] <= rows)
+        logits, new = loader.boxed_run([idx, cache.kv, self.span[: cache.pos], pad])
         cache.kv.narrow(3, cache.pos, 1).copy_(new)
         cache.pos += 1
         return logits
@@ -271,50 +314,53 @@ def open_step(
     max_rows: int = MAX_ROWS,
 ) -> CompiledStep | None:
     """The compiled decoding step for model with these fused-path weights (inference_weights(model, int8)): its
-    package loaded from the cache, or built first when build_missing (one line says so, with its time). None when
-    it is not there and not to be built, or when building or loading it failed (one warning line). It takes
-    batches of up to max_rows rows."""
+    packages (forms) loaded from the cache, or built first when build_missing (one line each says so, with its
+    time). None when one is not there and not to be built, or when building or loading failed (one warning line). It
+    takes batches of up to max_rows rows."""
     say, cfg = _said(say), model.cfg
-    path = package_path(cfg, int8)
+    parts = [(form, package_path(cfg, form), min(rows, max_rows)) for form, rows in forms(int8)]
     try:
-        if not path.exists():
-            if not build_missing:
-                return None
-            start = time.perf_counter()
-            build(cfg, int8, path)
-            seconds = time.perf_counter() - start
-            say(f"compiling {what(cfg, int8)}: {seconds:.1f} s (cached in {path.parent} for next time)")
-        consts = constants(model, weights, int8)
-        return CompiledStep(cfg, int8, path, consts, max_rows)
+        for form, path, _ in parts:
+            if not path.exists():
+                if not build_missing:
+                    return None
+                start = time.perf_counter()
+                build(cfg, form, path)
+                seconds = time.perf_counter() - start
+                say(f"compiling {what(cfg, form)}: {seconds:.1f} s (cached in {path.parent} for next time)")
+        return CompiledStep(model, weights, parts)
     except Exception as e:  # noqa: BLE001  (any failure to build or load: decode as written)
         _failed(say, e)
         return None
 
 
-def what(cfg: ModelConfig, int8: bool) -> str:
-    return f"the decoding step ({cfg.n_layer} x {cfg.d_model}, {'int8' if int8 else 'float32'})"
+def what(cfg: ModelConfig, form: str) -> str:
+    return f"the decoding step ({cfg.n_layer} x {cfg.d_model}, {form})"
 
 
 def build_in_background(cfg: ModelConfig, int8: bool, say: Callable[[str], None] | None = None):
-    """Start building the package for this shape in another process (decoding goes on meanwhile; open_step finds
-    the package once it is there). The process, or None when the package is already there."""
-    path = package_path(cfg, int8)
-    if path.exists():
+    """Start building the packages for this shape in another process (decoding goes on meanwhile; open_step finds
+    them once they are there). The process, or None when they are already there."""
+    missing = [form for form, _ in forms(int8) if not package_path(cfg, form).exists()]
+    if not missing:
         return None
-    _said(say)(f"compiling {what(cfg, int8)} in the background, 10-20 s (cached in {path.parent} for next time)")
+    where = package_path(cfg, missing[0]).parent
+    for form in missing:
+        _said(say)(f"compiling {what(cfg, form)} in the background, 10-40 s (cached in {where} for next time)")
     spec = json.dumps({k: getattr(cfg, k) for k in vars(cfg)})
-    form, threads = "int8" if int8 else "float32", str(torch.get_num_threads())  # built for this process's threads
-    return subprocess.Popen([sys.executable, "-m", "gradlm.model.aot", spec, form, threads])
+    threads = str(torch.get_num_threads())  # built for this process's threads
+    return subprocess.Popen([sys.executable, "-m", "gradlm.model.aot", spec, threads, *missing])
 
 
-if __name__ == "__main__":  # python -m gradlm.model.aot CONFIG_JSON int8|float32 THREADS: build_in_background's
-    cfg, int8 = ModelConfig(**json.loads(sys.argv[1])), sys.argv[2] == "int8"
-    torch.set_num_threads(int(sys.argv[3]))
-    start = time.perf_counter()
-    try:
-        build(cfg, int8, package_path(cfg, int8))
-    except Exception as e:  # noqa: BLE001
-        _failed(_said(None), e)
-        sys.exit(1)
-    seconds = time.perf_counter() - start
-    _said(None)(f"compiled {what(cfg, int8)} in the background: {seconds:.1f} s (used from the next request)")
+if __name__ == "__main__":  # python -m gradlm.model.aot CONFIG_JSON THREADS FORM...: build_in_background's
+    cfg = ModelConfig(**json.loads(sys.argv[1]))
+    torch.set_num_threads(int(sys.argv[2]))
+    for kind in sys.argv[3:]:
+        start = time.perf_counter()
+        try:
+            build(cfg, kind, package_path(cfg, kind))
+        except Exception as e:  # noqa: BLE001
+            _failed(_said(None), e)
+            sys.exit(1)
+        seconds = time.perf_counter() - start
+        _said(None)(f"compiled {what(cfg, kind)} in the background: {seconds:.1f} s (used from the next request)")

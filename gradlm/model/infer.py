@@ -77,7 +77,7 @@ class Forward:
             self._weights, self._key = inference_weights(self.model, self.int8), key
             if self.step is not None:
                 try:
-                    self.step.load(aot.constants(self.model, self._weights, self.int8))
+                    self.step.load(self.model, self._weights)
                 except ValueError:  # not the weights it was built for any more (.to(bfloat16), say): eager from now
                     self.step, self.step_mode = None, "off"
         if self.step is None and self.step_mode != "off":
