@@ -22,8 +22,8 @@ or "demo" (the `make demo` model's shape: 4 layers, d_model 192, 2.2M parameters
 
 --dtypes starts one server per --dtype (`auto` is int8 on a CPU with AVX512, float32 on others) and alternates the
 rounds between them, so the ratio of their aggregate tokens/s is measured side by side under the same load.
-`DTYPE:on` serves with `--compile on` (the compiled decoding step, gradlm/model/aot.py; int8 takes it up to 4 rows);
-every other server runs with `--compile off`.
+`DTYPE:on` serves with `--compile on` (the compiled decoding step, gradlm/model/aot.py; int8 takes it up to 4 rows
+with one thread, 16 with more: aot.int8_rows); every other server runs with `--compile off`.
 """
 
 from __future__ import annotations

@@ -121,6 +121,7 @@ def test_the_int8_step_built_in_the_background_gives_the_eager_int8_logits(aot_c
     assert process is not None and process.wait(timeout=300) == 0
     assert aot.build_in_background(model.cfg, True) is None  # there now: nothing to build
     step = aot.open_step(model, inference_weights(model, True), True, build_missing=False)
+    assert step.forms == ["int8"] and step.max_rows == aot.int8_rows()  # 4 rows with one thread, 16 with more
     # the eager int8 path and the step both multiply bf16 activations; they round the norms differently
     same_as_eager(model, step, 2e-2)
     same_as_eager(model, step, 2e-2, prompts=BATCH)

@@ -79,11 +79,21 @@ def dot_products() -> bool:
     return torch.backends.mkl.is_available() and cpu_vendor() not in ("GenuineIntel", "")
 
 
+def int8_rows() -> int:
+    """The most rows the int8 step takes. Its weight-only kernel loses to the eager step's dynamic quantization at
+    many rows, by how many threads share the work (6 x 320, whole greedy decodes, compiled against eager int8): with
+    2 threads 1.36x at 8 rows and 1.13x at 16 (Sapphire Rapids Xeon), 1.50x and 1.16x (AMD EPYC); with one thread (a
+    server's) 1.18x at 8 rows and 0.97x at 16 (EPYC), and 0.87x for a one-thread server's 16 clients with every row
+    (Xeon). So 16 rows with 2 threads or more, 4 (the eager step's own weight-only rows) with one."""
+    return 4 if torch.get_num_threads() == 1 else 16
+
+
 def forms(int8: bool) -> list[tuple[str, int]]:
     """The packages a step is made of on this machine, each with the most rows it takes, fewest rows first:
-    "int8" (weight-only), or "float32" with, where dot_products(), "float32-dot" for up to DOT_ROWS rows."""
+    "int8" (weight-only, up to int8_rows()), or "float32" with, where dot_products(), "float32-dot" for up to
+    DOT_ROWS rows."""
     if int8:
-        return [("int8", MAX_ROWS)]
+        return [("int8", int8_rows())]
     return ([("float32-dot", DOT_ROWS)] if dot_products() else []) + [("float32", MAX_ROWS)]
 
 
@@ -311,14 +321,13 @@ def open_step(
     int8: bool,
     build_missing: bool = True,
     say: Callable[[str], None] | None = None,
-    max_rows: int = MAX_ROWS,
 ) -> CompiledStep | None:
     """The compiled decoding step for model with these fused-path weights (inference_weights(model, int8)): its
     packages (forms) loaded from the cache, or built first when build_missing (one line each says so, with its
     time). None when one is not there and not to be built, or when building or loading failed (one warning line). It
-    takes batches of up to max_rows rows."""
+    takes batches of up to the rows forms(int8) gives."""
     say, cfg = _said(say), model.cfg
-    parts = [(form, package_path(cfg, form), min(rows, max_rows)) for form, rows in forms(int8)]
+    parts = [(form, package_path(cfg, form), rows) for form, rows in forms(int8)]
     try:
         for form, path, _ in parts:
             if not path.exists():

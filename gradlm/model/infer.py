@@ -42,7 +42,7 @@ class Forward:
     matrices while this Forward lives.
 
     step: the compiled decoding step on the CPU (gradlm/model/aot.py), which takes every call it fits (one new token
-    per row, past the first two positions; int8 up to WEIGHT_ONLY_ROWS rows):
+    per row, past the first two positions; int8 up to aot.int8_rows() rows):
     "off"; "cached" (its package when one is in the cache); "background" (that, and if there is none, one is built
     in another process meanwhile, found at a later check()); "build" (built at the first check() if missing)."""
 
@@ -89,10 +89,7 @@ class Forward:
         if model.embed_tokens.weight.dtype != torch.float32 or (self.int8 and not Int8.weight_only):
             self.step_mode = "off"  # its forms: float32 weights, and int8 where the weight-only kernel is vectorised
             return
-        # int8: the rows the eager path also multiplies with the weight-only kernel (at more rows dynamic quantization
-        # wins: the compiled int8 step at 16 clients of a one-thread server was 0.87x the eager one)
-        rows = WEIGHT_ONLY_ROWS if self.int8 else aot.MAX_ROWS
-        self.step = aot.open_step(model, self._weights, self.int8, build_missing=mode == "build", max_rows=rows)
+        self.step = aot.open_step(model, self._weights, self.int8, build_missing=mode == "build")
         if self.step is None and mode == "background" and self.building is None:
             self.building = aot.build_in_background(model.cfg, self.int8)
         if self.step is None and mode == "build":
