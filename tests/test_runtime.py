@@ -259,6 +259,7 @@ def test_fused_adamw_updates_as_the_plain_one():
 
     from conftest import tiny_config
 
+    torch.manual_seed(0)  # the weights, not whatever the tests before left in the generator
     models = [Transformer(tiny_config(64)) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     opts = [build_optimizer(m, "adamw", 1e-2, fused=f) for m, f in zip(models, (False, True))]
@@ -269,8 +270,10 @@ def test_fused_adamw_updates_as_the_plain_one():
             m(x, x).backward()
             opt.step()
             opt.zero_grad()
+    # the same arithmetic in another order: rounding apart (Adam's m / sqrt(v) magnifies it where a gradient is tiny:
+    # up to 2e-6 over 60 seeds on an AMD EPYC, where 1e-6 failed one seed in 60), far below one update (lr 1e-2)
     for a, b in zip(models[0].parameters(), models[1].parameters()):
-        assert torch.allclose(a, b, atol=1e-6)
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_a_training_step_reads_the_device_once(prepared, tmp_path, tok, monkeypatch):

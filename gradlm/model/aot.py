@@ -72,17 +72,18 @@ def dot_products() -> bool:
     ATen's matrix product: where that product is MKL's on an x86 CPU that is not Intel's. MKL picks its kernels by
     the CPU's vendor, and on an AMD EPYC (AVX512) its products of a few rows run at half the speed of inductor's own
     loops: the 25 products of a 6 x 320 step alone at batch 1 took 2.3-2.6 ms through MKL, 0.9-1.2 ms as dot
-    products (2 threads). Whole steps (docs/benchmarks.md, "The compiled decoding step on an AMD EPYC"): 1.59x the
-    compiled matrix-product step at batch 1, 1.35x at 4 rows, 0.97x at 8 and 0.74x at 16, since each row reads every
-    weight again; so the dot form takes up to DOT_ROWS rows and the matrix-product form the rest. On Intel's CPUs
-    MKL's product stays (0.56 ms for the same 25 at batch 1 on a Sapphire Rapids Xeon)."""
+    products (2 threads). Whole greedy decodes (docs/benchmarks.md, "The compiled decoding step on an AMD EPYC";
+    benchmarks/decode_forms.py): 1.5-1.7x the compiled matrix-product step at batch 1 and 2 rows, 1.2-1.35x at 4,
+    0.97x at 8 and 0.74x at 16, since each row reads every weight again; so the dot form takes up to DOT_ROWS rows
+    and the matrix-product form the rest. On Intel's CPUs MKL's product stays (0.56 ms for the same 25 at batch 1 on
+    a Sapphire Rapids Xeon; the dot form not measured there)."""
     return torch.backends.mkl.is_available() and cpu_vendor() not in ("GenuineIntel", "")
 
 
 def int8_rows() -> int:
     """The most rows the int8 step takes. Its weight-only kernel loses to the eager step's dynamic quantization at
     many rows, by how many threads share the work (6 x 320, whole greedy decodes, compiled against eager int8): with
-    2 threads 1.36x at 8 rows and 1.13x at 16 (Sapphire Rapids Xeon), 1.50x and 1.16x (AMD EPYC); with one thread (a
+    2 threads 1.36x at 8 rows and 1.13x at 16 (Sapphire Rapids Xeon), 1.52x and 1.13x (AMD EPYC); with one thread (a
     server's) 1.18x at 8 rows and 0.97x at 16 (EPYC), and 0.87x for a one-thread server's 16 clients with every row
     (Xeon). So 16 rows with 2 threads or more, 4 (the eager step's own weight-only rows) with one."""
     return 4 if torch.get_num_threads() == 1 else 16
