@@ -55,12 +55,17 @@ def main() -> None:
     )
     engines = {"eager": Engine(model, tok)}
     chosen = aot.dot_products
-    for name, dot in (("matrix products", False), (f"dot products up to {aot.DOT_ROWS} rows", True)):
-        aot.dot_products = lambda dot=dot: dot  # what forms() asks while this engine's step opens
-        engine = Engine(model, tok, runtime=Runtime("cpu", "float32", decode_step="build"))
-        engine.forward.check()
-        engines[name] = engine
-    aot.dot_products = chosen
+    try:
+        for name, dot in (("matrix products", False), (f"dot products up to {aot.DOT_ROWS} rows", True)):
+            aot.dot_products = lambda dot=dot: dot  # what forms() asks while this engine's step opens
+            engine = Engine(model, tok, runtime=Runtime("cpu", "float32", decode_step="build"))
+            engine.forward.check()
+            step = engine.forward.step
+            if step is None or step.forms != ["float32-dot", "float32"][not dot :]:
+                sys.exit(f"the compiled step ({name}) did not open: see the warning above")
+            engines[name] = engine
+    finally:
+        aot.dot_products = chosen
     lines = shakespeare_lines()
     print("\n| batch | " + " | ".join(f"{k} tokens/s" for k in engines) + " | dot / matrix | same tokens |")
     print("|---:|" + "---:|" * len(engines) + "---:|---|")

@@ -130,7 +130,8 @@ def add_runtime_flags(p: argparse.ArgumentParser, decoding: bool = False, merge:
         )
         compiled = (
             "on, off or auto. On the CPU: the decoding step compiled ahead of time (1.4-1.7x eager's tokens/s at "
-            "batch 1, float32 and int8; a ~20 s build once per model shape, kept in $GRADLM_CACHE/aot): on = built "
+            "batch 1, float32 and int8; a ~20 s build once per model shape, ~40 s for float32 on a CPU not "
+            "Intel's, kept in $GRADLM_CACHE/aot): on = built "
             "before the first token if missing, auto = used when built (serve and chat build it in the background "
             "the first time). On CUDA: on = torch.compile the decoding step, auto = off"
             if decoding

@@ -13,8 +13,9 @@ the same three flags with the same meaning, and resolve() turns them into a Runt
                inference: the weights' dtype. auto = bfloat16 on CUDA, float32 on the CPU (bfloat16 matrix
                products were no clear win there at batch 1; docs/benchmarks.md, "int8 decoding"). Commands that decode
                (generate, chat, serve) also take int8 on the CPU: int8 copies of the matrices, multiplied by torch's
-               weight-only int8 kernel at batches of up to 4 rows (on AVX512 CPUs) and by dynamic quantization
-               otherwise; its cost in quality is +0.0001 held-out bits per byte (docs/benchmarks.md). For them auto =
+               weight-only int8 kernel at batches of up to 4 rows (on AVX512 CPUs; the compiled step's up to 16
+               with two threads or more) and by dynamic quantization otherwise; its cost in quality is +0.0001
+               held-out bits per byte (docs/benchmarks.md). For them auto =
                int8 on a CPU where ATen runs AVX512 (there batch 1 decodes 1.4x float32's speed, 0.88-1.03x
                llama.cpp's f32), float32 on other CPUs; --dtype float32 is the exact reference.
     --compile  on, off or auto: torch.compile the training step (and on CUDA the evaluation: on the CPU its
@@ -28,7 +29,8 @@ the same three flags with the same meaning, and resolve() turns them into a Runt
                run); never on MPS. If compiling that auto chose fails, training goes on uncompiled with one
                warning line. Decoding on the
                CPU (generate, chat, serve) compiles one thing: the decoding step, ahead of time (gradlm/model/aot.py:
-               1.4-1.7x eager's tokens/s at batch 1; built once per model shape, ~20 s, kept in $GRADLM_CACHE/aot):
+               1.4-1.7x eager's tokens/s at batch 1; built once per model shape, ~20 s a package (float32 on a CPU
+               not Intel's: two, the second for few rows), kept in $GRADLM_CACHE/aot):
                on = built before the first token if missing; auto = used when it is in the cache, and serve and
                chat have it built in the background the first time (resolve_decode_step). Decoding on CUDA: on =
                torch.compile the decoding step, auto = off; eval: on compiles the scored forward, auto = off.

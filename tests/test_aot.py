@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gradlm.generation.engine import Engine, Request
-from gradlm.model import aot
+from gradlm.model import aot, infer
 from gradlm.model.infer import Forward, Int8, decode, fused_forward, inference_weights
 from gradlm.model.sampling import SamplingConfig
 from gradlm.runtime import Runtime
@@ -67,6 +67,24 @@ def same_as_eager(model, step, tol: float, length: int | None = None, prompts=([
 BATCH = ([1, 2, 3, 4, 5], [6, 7], [8, 9, 10])  # three rows of different lengths
 
 
+class _Recorded:
+    """A package loader that notes its form each time it runs."""
+
+    def __init__(self, form, loader, ran):
+        self.form, self.loader, self.ran = form, loader, ran
+
+    def boxed_run(self, args):
+        self.ran.append(self.form)
+        return self.loader.boxed_run(args)
+
+
+def recording(step) -> list:
+    """The forms of the packages step runs, call by call, from now on."""
+    ran = []
+    step.parts = [(form, rows, _Recorded(form, loader, ran)) for form, rows, loader in step.parts]
+    return ran
+
+
 @pytest.mark.parametrize("dot", [False, True], ids=["matrix-products", "dot-products"])
 def test_the_step_gives_the_eager_logits_at_every_position_for_any_weights_of_its_shape(
     aot_cache, tok, monkeypatch, dot
@@ -79,7 +97,7 @@ def test_the_step_gives_the_eager_logits_at_every_position_for_any_weights_of_it
     lines = []
     step = aot.open_step(model, inference_weights(model), False, say=lines.append)
     assert step is not None and step.forms == forms and step.max_rows == aot.MAX_ROWS
-    assert missing and len(lines) == len(missing)  # one line for each package built
+    assert len(lines) == len(missing)  # one line for each package built
     for line, form in zip(lines, missing):
         assert line.startswith(f"compiling the decoding step (2 x 32, {form}): ") and str(aot_cache) in line
     same_as_eager(model, step, 1e-4)
@@ -87,9 +105,13 @@ def test_the_step_gives_the_eager_logits_at_every_position_for_any_weights_of_it
     other = sharp_model(tok.vocab_size, seed=1, **SHAPE)
     again = aot.open_step(other, inference_weights(other), False, build_missing=False, say=lines.append)
     assert again is not None and len(lines) == len(missing)
+    ran = recording(again)
     same_as_eager(other, again, 1e-4, length=19)  # the same graph for a cache of any length
     same_as_eager(other, again, 1e-4, prompts=BATCH)  # and for a batch of rows, left-padded
+    assert set(ran) == {forms[0]}  # 1 and 3 rows: the few-row package where there is one
+    ran.clear()
     same_as_eager(other, again, 1e-4, length=12, prompts=BATCH * 2)  # more rows than DOT_ROWS: the other form
+    assert set(ran) == {"float32"}
     assert not step.fits(torch.tensor([[1, 2]]), model.new_cache(1, 32))  # more than one token: eager
     one = model.new_cache(1, 32)
     one.pos = 1
@@ -115,7 +137,7 @@ def test_float32_decoding_through_the_step_is_the_module_paths_greedy_tokens(aot
 
 
 @pytest.mark.skipif(not Int8.weight_only, reason="the int8 step is built where ATen runs AVX512 (its int8 kernel)")
-def test_the_int8_step_built_in_the_background_gives_the_eager_int8_logits(aot_cache, tok):
+def test_the_int8_step_built_in_the_background_gives_the_eager_int8_logits(aot_cache, tok, monkeypatch):
     model = sharp_model(tok.vocab_size, **SHAPE)
     process = aot.build_in_background(model.cfg, True, say=lambda line: None)
     assert process is not None and process.wait(timeout=300) == 0
@@ -125,6 +147,32 @@ def test_the_int8_step_built_in_the_background_gives_the_eager_int8_logits(aot_c
     # the eager int8 path and the step both multiply bf16 activations; they round the norms differently
     same_as_eager(model, step, 2e-2)
     same_as_eager(model, step, 2e-2, prompts=BATCH)
+    if step.max_rows >= 6:  # two threads or more: the step takes rows the eager path quantizes dynamically
+        monkeypatch.setattr(infer, "WEIGHT_ONLY_ROWS", 16)  # (compared with the eager weight-only product)
+        same_as_eager(model, step, 2e-2, length=12, prompts=BATCH * 2)
+
+
+def test_a_float32_step_opens_without_its_few_row_package(aot_cache, tok, monkeypatch):
+    """A cache from before the dot-product package (or one still building): the matrix-product package takes every
+    batch meanwhile, and the background build makes only what is missing."""
+    model = sharp_model(tok.vocab_size, **SHAPE)
+    monkeypatch.setattr(aot, "dot_products", lambda: False)
+    assert aot.open_step(model, inference_weights(model), False) is not None  # "float32" built (or there)
+    monkeypatch.setattr(aot, "dot_products", lambda: True)
+    real = aot.package_path
+    monkeypatch.setattr(aot, "package_path", lambda cfg, form: real(cfg, form + "-absent" * (form == "float32-dot")))
+    step = aot.open_step(model, inference_weights(model), False, build_missing=False)
+    assert step is not None and step.forms == ["float32"] and step.max_rows == aot.MAX_ROWS
+    same_as_eager(model, step, 1e-4, length=12)
+    lines = []
+    process = aot.build_in_background(model.cfg, False, say=lines.append)
+    assert process is not None and len(lines) == 1 and "float32-dot" in lines[0]  # only the missing package
+    assert process.wait(timeout=300) == 0
+    monkeypatch.setattr(aot, "package_path", real)  # (the build in the other process wrote the real path)
+    assert aot.open_step(model, inference_weights(model), False, build_missing=False).forms == [
+        "float32-dot",
+        "float32",
+    ]
 
 
 def test_the_engine_gives_the_same_tokens_with_the_step_as_without(aot_cache, tok, calls):

@@ -17,11 +17,11 @@ score beside them, one softmax over both; the new keys and values come back and 
 are the fused path's (gradlm/model/infer.py: norms folded into the products; int8 = its weight-only form), so the
 tokens are the eager path's up to float rounding (tests/test_aot.py).
 
-The package depends on the model's shape, the weights' form (float32 or int8), torch's version and the CPU's
-capability, not on the weights: they are handed to it at load time (load_constants), so one build serves every
-model of a shape. It lives in $GRADLM_CACHE/aot/, written whole or not at all. Where MKL multiplies few rows slowly
-(a CPU not Intel's: dot_products), a float32 step is two packages: dot products written into the graph for up to
-DOT_ROWS rows, MKL's matrix products for more.
+The package depends on the model's shape, the weights' form (float32, float32-dot or int8), torch's version and
+the CPU's capability, not on the weights: they are handed to it at load time (load_constants), so one build serves
+every model of a shape. It lives in $GRADLM_CACHE/aot/, written whole or not at all. Where MKL multiplies few rows
+slowly (a CPU not Intel's: dot_products), a float32 step is two packages: dot products written into the graph for up
+to DOT_ROWS rows, MKL's matrix products for more.
 """
 
 from __future__ import annotations
@@ -81,11 +81,13 @@ def dot_products() -> bool:
 
 
 def int8_rows() -> int:
-    """The most rows the int8 step takes. Its weight-only kernel loses to the eager step's dynamic quantization at
-    many rows, by how many threads share the work (6 x 320, whole greedy decodes, compiled against eager int8): with
-    2 threads 1.36x at 8 rows and 1.13x at 16 (Sapphire Rapids Xeon), 1.52x and 1.13x (AMD EPYC); with one thread (a
-    server's) 1.18x at 8 rows and 0.97x at 16 (EPYC), and 0.87x for a one-thread server's 16 clients with every row
-    (Xeon). So 16 rows with 2 threads or more, 4 (the eager step's own weight-only rows) with one."""
+    """The most rows the int8 step takes. Its weight-only kernel (bf16 activations) loses to the eager step's
+    dynamic quantization (int8 activations, from infer.WEIGHT_ONLY_ROWS + 1 rows: there the two paths' logits differ
+    by more than rounding) at many rows, by how many threads share the work (6 x 320, whole greedy decodes, compiled
+    against eager int8): with 2 threads 1.36x at 8 rows and 1.13x at 16 (Sapphire Rapids Xeon), 1.52x and 1.13x (AMD
+    EPYC); with one thread (a server's) 1.18x at 8 rows and 0.97x at 16 (EPYC), and 0.87x for a one-thread server's
+    16 clients with every row (Xeon). So 16 rows with 2 threads or more, 4 (the eager step's own weight-only rows)
+    with one."""
     return 4 if torch.get_num_threads() == 1 else 16
 
 
@@ -325,15 +327,19 @@ def open_step(
 ) -> CompiledStep | None:
     """The compiled decoding step for model with these fused-path weights (inference_weights(model, int8)): its
     packages (forms) loaded from the cache, or built first when build_missing (one line each says so, with its
-    time). None when one is not there and not to be built, or when building or loading failed (one warning line). It
-    takes batches of up to the rows forms(int8) gives."""
+    time). Not building, the packages there are enough when the one for every batch size (the last form) is: a
+    float32 step without its few-row package takes those rows too (a cache from before that package existed). None
+    when that one is not there and not to be built, or when building or loading failed (one warning line). It takes
+    batches of up to the rows forms(int8) gives."""
     say, cfg = _said(say), model.cfg
     parts = [(form, package_path(cfg, form), rows) for form, rows in forms(int8)]
+    if not build_missing:
+        if not parts[-1][1].exists():
+            return None
+        parts = [part for part in parts if part[1].exists()]
     try:
         for form, path, _ in parts:
             if not path.exists():
-                if not build_missing:
-                    return None
                 start = time.perf_counter()
                 build(cfg, form, path)
                 seconds = time.perf_counter() - start
@@ -373,4 +379,5 @@ if __name__ == "__main__":  # python -m gradlm.model.aot CONFIG_JSON THREADS FOR
             _failed(_said(None), e)
             sys.exit(1)
         seconds = time.perf_counter() - start
-        _said(None)(f"compiled {what(cfg, kind)} in the background: {seconds:.1f} s (used from the next request)")
+        then = " (used from the next request)" if kind == sys.argv[-1] else ""
+        _said(None)(f"compiled {what(cfg, kind)} in the background: {seconds:.1f} s{then}")

@@ -68,6 +68,7 @@ def cpu_features() -> str:
     return " | ".join(sorted({line for line in info if line.startswith(("model name", "flags"))}))
 
 
+@functools.cache
 def cpu_vendor() -> str:
     """The CPU's vendor as /proc/cpuinfo names it ("GenuineIntel", "AuthenticAMD"), "" where it does not say."""
     try:

@@ -39,7 +39,8 @@ class Forward:
     remakes the copies when any weight changed since they were made
     (training, load_state_dict, .to()): the engine calls it whenever it admits rows, not at every step,
     since the check costs ~0.1 ms and a decoding step a few. The copies cost one extra copy of the
-    matrices while this Forward lives.
+    matrices while this Forward lives (two where the compiled float32 step has its dot-product package: a transposed
+    copy; multiplying the (in, out) copy as dot products instead ran 1.5x slower).
 
     step: the compiled decoding step on the CPU (gradlm/model/aot.py), which takes every call it fits (one new token
     per row, past the first two positions; int8 up to aot.int8_rows() rows):
@@ -90,7 +91,7 @@ class Forward:
             self.step_mode = "off"  # its forms: float32 weights, and int8 where the weight-only kernel is vectorised
             return
         self.step = aot.open_step(model, self._weights, self.int8, build_missing=mode == "build")
-        if self.step is None and mode == "background" and self.building is None:
+        if mode == "background" and self.building is None:  # what is missing (None when nothing is), for next time
             self.building = aot.build_in_background(model.cfg, self.int8)
         if self.step is None and mode == "build":
             self.step_mode = "off"  # it failed, and said so: not again
