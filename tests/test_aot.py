@@ -218,6 +218,32 @@ def test_a_step_that_fails_to_build_decodes_eagerly_after_one_warning_and_leaves
     assert list((tmp_path / "aot").iterdir()) == []  # nothing half-written
 
 
+def test_a_dot_step_compiles_with_a_1_row_batch_shared_among_threads(tmp_path, monkeypatch, tok):
+    """With 2 threads a build's example batch has 3 rows and, for the dot-product form, inductor's outer-loop fusion is
+    off while it compiles (either way a 1-row batch ran on one thread), put back afterwards, even when compiling fails."""
+    from torch._inductor.codegen import cpp
+
+    fuse, seen = cpp.CppScheduling.can_fuse_vertical_outer_loop, []
+
+    def stop(program, package_path, inductor_configs):
+        rows = program.example_inputs[0][0].shape[0]
+        seen.append((rows, cpp.CppScheduling.can_fuse_vertical_outer_loop is fuse))
+        raise RuntimeError("stopped before compiling")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", stop)
+    cfg, threads = sharp_model(tok.vocab_size).cfg, torch.get_num_threads()
+    try:
+        for n, form in ((2, "float32-dot"), (2, "float32"), (1, "float32-dot")):
+            torch.set_num_threads(n)
+            with pytest.raises(RuntimeError, match="stopped"):
+                aot.build(cfg, form, tmp_path / f"{form}.pt2")
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [(3, False), (3, True), (2, True)]
+    assert cpp.CppScheduling.can_fuse_vertical_outer_loop is fuse
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_generate_with_compile_on_writes_the_text_it_writes_without(aot_cache, tok, tmp_path, capsys, calls):
     from gradlm.cli import main
 

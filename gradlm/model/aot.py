@@ -26,6 +26,7 @@ to DOT_ROWS rows, MKL's matrix products for more.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -43,7 +44,7 @@ from gradlm.layout import cache_dir
 from gradlm.model.compiling import cpu_vendor, machine_key
 from gradlm.model.transformer import KVCache, ModelConfig
 
-STEP_VERSION = 5  # part of the package's key: raise it whenever Step computes something else
+STEP_VERSION = 6  # part of the package's key: raise it whenever Step computes something else or compiles differently
 
 
 def _product(
@@ -71,10 +72,10 @@ def dot_products() -> bool:
     """Whether a float32 step of a few rows multiplies as dot products written into the graph rather than through
     ATen's matrix product: where that product is MKL's on an x86 CPU that is not Intel's. MKL picks its kernels by
     the CPU's vendor, and on an AMD EPYC (AVX512) its products of a few rows run at half the speed of inductor's own
-    loops: the 25 products of a 6 x 320 step alone at batch 1 took 2.3-2.6 ms through MKL, 0.9-1.2 ms as dot
+    loops: the 25 products of a 6 x 320 step alone at batch 1 took 2.3-2.6 ms through MKL, 0.5-0.7 ms as dot
     products (2 threads). Whole greedy decodes (docs/benchmarks.md, "The compiled decoding step on an AMD EPYC";
-    benchmarks/decode_forms.py): 1.5-1.7x the compiled matrix-product step at batch 1 and 2 rows, 1.2-1.35x at 4,
-    0.97x at 8 and 0.74x at 16, since each row reads every weight again; so the dot form takes up to DOT_ROWS rows
+    benchmarks/decode_forms.py): 2.7x the compiled matrix-product step at batch 1 (0.95x llama.cpp f32), 1.75x at 2
+    rows, 1.34x at 4, 1.02x at 8, since each row reads every weight again; so the dot form takes up to DOT_ROWS rows
     and the matrix-product form the rest. On Intel's CPUs MKL's product stays (0.56 ms for the same 25 at batch 1 on
     a Sapphire Rapids Xeon; the dot form not measured there)."""
     return torch.backends.mkl.is_available() and cpu_vendor() not in ("GenuineIntel", "")
@@ -223,20 +224,46 @@ def example_constants(cfg: ModelConfig, form: str) -> dict[str, torch.Tensor]:
     return out
 
 
+@contextlib.contextmanager
+def _rows_spread_over_threads(form: str):
+    """While a dot-product step compiles: inductor's C++ backend not fusing a loop nest into the one before it by their
+    common outer loop (a product with the norm that scales its input), with more than one thread. Fused so, a loop
+    nest is shared among threads by that outer loop only, the batch, and a 1-row batch ran on one thread: the step at
+    batch 1 took 1.24 ms where, unfused, its products' outputs were shared and it took 0.99 (6 x 320, 2 threads, AMD
+    EPYC). With one thread the fusion saves a pass (unfused: 1.61 against 1.50 ms at batch 1, 5.28 against 5.04 at
+    4), so it stays. A private hook of torch's; where it is missing, the step compiles as inductor would."""
+    from torch._inductor.codegen import cpp
+
+    fuse = getattr(cpp.CppScheduling, "can_fuse_vertical_outer_loop", None)
+    if form != "float32-dot" or fuse is None or torch.get_num_threads() == 1:
+        yield
+        return
+    cpp.CppScheduling.can_fuse_vertical_outer_loop = lambda self, node1, node2: False
+    try:
+        yield
+    finally:
+        cpp.CppScheduling.can_fuse_vertical_outer_loop = fuse
+
+
 def build(cfg: ModelConfig, form: str, path: Path) -> None:
     """Export Step and compile it into a package at path. The weights are left out of it (they are loaded
     later), so random ones serve to build it: random in every weight, and two of inductor's habits switched off, since
     it writes a small constant's values into the code (a QK-norm's weight) and folds one whose values are all equal
-    (a norm's initial ones), which the weights loaded later could not reach."""
+    (a norm's initial ones), which the weights loaded later could not reach.
+
+    The example batch has one row more than there are threads: inductor shares a loop among threads by the example's
+    sizes, and given as many rows as threads it gave each thread rows of its own, so a 1-row batch ran on one thread
+    (the dot-product step at batch 1: 1.86 ms with a 2-row example, 1.24 with 3, and 0.99 with 3 and
+    _rows_spread_over_threads; 2 threads, AMD EPYC; the int8 and matrix-product steps within noise)."""
     module = Step(cfg, example_constants(cfg, form), form)
-    kv = torch.zeros(cfg.n_layer, 2, 2 * cfg.n_kv_head, cfg.block_size, cfg.head_dim)
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+    n = max(2, torch.get_num_threads() + 1)  # (export takes sizes 0 and 1 as constants)
+    kv = torch.zeros(cfg.n_layer, n, 2 * cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), _rows_spread_over_threads(form):
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations while it packages
-        # (the examples' sizes are 2 or more: export takes sizes 0 and 1 as constants)
         rows = torch.export.Dim("rows", min=1, max=MAX_ROWS)
         pos = torch.export.Dim("pos", min=2, max=cfg.block_size - 1)
         room = torch.export.Dim("room", min=3, max=cfg.block_size)
-        example = (torch.zeros(2, 1, dtype=torch.long), kv, torch.empty(cfg.block_size // 2), torch.zeros(2).long())
+        example = (torch.zeros(n, 1, dtype=torch.long), kv, torch.empty(cfg.block_size // 2), torch.zeros(n).long())
         shapes = {"idx": {0: rows}, "kv": {1: rows, 3: room}, "span": {0: pos}, "pad": {0: rows}}
         program = torch.export.export(module, example, dynamic_shapes=shapes)
         path.parent.mkdir(parents=True, exist_ok=True)
