@@ -219,8 +219,9 @@ def test_a_step_that_fails_to_build_decodes_eagerly_after_one_warning_and_leaves
 
 
 def test_a_dot_step_compiles_with_a_1_row_batch_shared_among_threads(tmp_path, monkeypatch, tok):
-    """With 2 threads a build's example batch has 3 rows and, for the dot-product form, inductor's outer-loop fusion is
-    off while it compiles (either way a 1-row batch ran on one thread), put back afterwards, even when compiling fails."""
+    """With 2 threads a build's example batch has 3 rows and, for the dot-product form, inductor's outer-loop fusion
+    is off while it compiles (either way a 1-row batch ran on one thread), put back afterwards, even when compiling
+    fails; with one thread, 2 rows and the fusion kept."""
     from torch._inductor.codegen import cpp
 
     fuse, seen = cpp.CppScheduling.can_fuse_vertical_outer_loop, []
