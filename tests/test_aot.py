@@ -218,6 +218,16 @@ def test_a_step_that_fails_to_build_decodes_eagerly_after_one_warning_and_leaves
     assert list((tmp_path / "aot").iterdir()) == []  # nothing half-written
 
 
+@pytest.mark.parametrize("n_out", [48, 330], ids=["in-blocks", "not-a-multiple-of-the-block"])
+def test_the_dot_forms_product_is_the_matrix_product(n_out):
+    g = torch.Generator().manual_seed(0)
+    w, a, rows = torch.randn(40, n_out, generator=g), torch.randn(3, 40, generator=g), torch.rand(3, 1, generator=g)
+    blocked = aot._dot_layout(w).contiguous()
+    assert tuple(blocked.shape) == aot._dot_shape(40, n_out)
+    got = aot._product(a, blocked, None, rows, dot=True)
+    torch.testing.assert_close(got, (a * rows) @ w, rtol=1e-5, atol=1e-5)
+
+
 def test_a_dot_step_compiles_with_a_1_row_batch_shared_among_threads(tmp_path, monkeypatch, tok):
     """With 2 threads a build's example batch has 3 rows and, for the dot-product form, inductor's outer-loop fusion
     is off while it compiles (either way a 1-row batch ran on one thread), put back afterwards, even when compiling
