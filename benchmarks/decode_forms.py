@@ -3,13 +3,14 @@ into the graph (gradlm/model/aot.py, dot_products), and the eager step beside th
 
 Builds both in a fresh cache (whatever this CPU would choose), then decodes greedily through gradlm's engine,
 alternating the three in one process: eager float32, the compiled step of matrix products only, and the compiled
-step whose batches of up to aot.DOT_ROWS rows take the dot-product package (more rows take the matrix-product one,
-so from DOT_ROWS + 1 rows the two compiled columns run the same code). Prompts, run and counting as
+step whose batches of up to aot.dot_rows() rows (or --dot-rows) take the dot-product package (more rows take the
+matrix-product one, so past those rows the two compiled columns run the same code). Prompts, run and counting as
 benchmarks/llamacpp.py (--new-tokens per row, prefill included, median of --repeats); "same tokens" compares each
 row's greedy tokens with the eager step's.
 
     python benchmarks/decode_forms.py --run RUN           # the table in docs/benchmarks.md
     python benchmarks/decode_forms.py --run RUN --batches 1,2,4,8,16 --threads 1
+    python benchmarks/decode_forms.py --run RUN --batches 8,16 --dot-rows 16   # where the dot form stops winning
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batches", default="1,2,4,8,16")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--dot-rows", type=int, default=0, help="the most rows the dot form takes (0 = aot.dot_rows())")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -53,10 +55,12 @@ def main() -> None:
         f"{model.cfg.n_layer} x {model.cfg.d_model}, greedy, {args.new_tokens} new tokens a row, median of "
         f"{args.repeats}; this CPU's own choice: {'dot products' if aot.dot_products() else 'matrix products'}"
     )
+    if args.dot_rows:
+        aot.dot_rows = lambda: args.dot_rows
     engines = {"eager": Engine(model, tok)}
     chosen = aot.dot_products
     try:
-        for name, dot in (("matrix products", False), (f"dot products up to {aot.DOT_ROWS} rows", True)):
+        for name, dot in (("matrix products", False), (f"dot products up to {aot.dot_rows()} rows", True)):
             aot.dot_products = lambda dot=dot: dot  # what forms() asks while this engine's step opens
             engine = Engine(model, tok, runtime=Runtime("cpu", "float32", decode_step="build"))
             engine.forward.check()

@@ -92,7 +92,7 @@ def test_the_step_gives_the_eager_logits_at_every_position_for_any_weights_of_it
     # both float32 forms on every CPU: MKL's matrix products (Intel), dot products in the graph (AMD)
     monkeypatch.setattr(aot, "dot_products", lambda: dot)
     model = sharp_model(tok.vocab_size, **SHAPE)
-    forms = ["float32-dot", "float32"] if dot else ["float32"]  # up to DOT_ROWS rows, and the rest
+    forms = ["float32-dot", "float32"] if dot else ["float32"]  # up to dot_rows() rows, and the rest
     missing = [form for form in forms if not aot.package_path(model.cfg, form).exists()]  # (the module's cache)
     lines = []
     step = aot.open_step(model, inference_weights(model), False, say=lines.append)
@@ -110,7 +110,10 @@ def test_the_step_gives_the_eager_logits_at_every_position_for_any_weights_of_it
     same_as_eager(other, again, 1e-4, prompts=BATCH)  # and for a batch of rows, left-padded
     assert set(ran) == {forms[0]}  # 1 and 3 rows: the few-row package where there is one
     ran.clear()
-    same_as_eager(other, again, 1e-4, length=12, prompts=BATCH * 2)  # more rows than DOT_ROWS: the other form
+    same_as_eager(other, again, 1e-4, length=12, prompts=BATCH * 2)  # 6 rows: the dot form's with 2 threads or more
+    assert set(ran) == {forms[0] if aot.dot_rows() >= 6 else "float32"}
+    ran.clear()
+    same_as_eager(other, again, 1e-4, length=12, prompts=BATCH * 3)  # more rows than dot_rows(): the other form
     assert set(ran) == {"float32"}
     assert not step.fits(torch.tensor([[1, 2]]), model.new_cache(1, 32))  # more than one token: eager
     one = model.new_cache(1, 32)

@@ -21,7 +21,7 @@ The package depends on the model's shape, the weights' form (float32, float32-do
 the CPU's capability, not on the weights: they are handed to it at load time (load_constants), so one build serves
 every model of a shape. It lives in $GRADLM_CACHE/aot/, written whole or not at all. Where MKL multiplies few rows
 slowly (a CPU not Intel's: dot_products), a float32 step is two packages: dot products written into the graph for up
-to DOT_ROWS rows, MKL's matrix products for more.
+to dot_rows() rows, MKL's matrix products for more.
 """
 
 from __future__ import annotations
@@ -72,7 +72,6 @@ def _product(
 MAX_ROWS = 64  # the most rows one step takes (the batch dimension is symbolic up to it)
 
 
-DOT_ROWS = 4  # the most rows the dot-product form takes (see dot_products)
 DOT_BLOCK = 16  # its weights' outputs in blocks of this many (_product): one AVX512 vector of float32
 
 
@@ -81,11 +80,20 @@ def dot_products() -> bool:
     ATen's matrix product: where that product is MKL's on an x86 CPU that is not Intel's. MKL picks its kernels by
     the CPU's vendor, and on an AMD EPYC (AVX512) its products of a few rows run at half the speed of inductor's own
     loops: the 25 products of a 6 x 320 step alone at batch 1 took 2.3-2.6 ms through MKL, 0.5-0.7 ms as dot
-    products (2 threads). Whole greedy decodes (docs/benchmarks.md, "The compiled decoding step on an AMD EPYC";
-    benchmarks/decode_forms.py): 2.7x the compiled matrix-product step at batch 1 (0.95x llama.cpp f32), 1.75x at 2
-    rows, 1.34x at 4, 1.02x at 8, since each row reads every weight again; so the dot form takes up to DOT_ROWS rows
-    and the matrix-product form the rest. On Intel's CPUs MKL's product stays (0.56 ms for the same 25 at batch 1 on
-    a Sapphire Rapids Xeon; the dot form not measured there)."""
+    products (2 threads). Whole greedy decodes: 2.5-2.7x the compiled matrix-product step at batch 1 (0.95-1.0x
+    llama.cpp f32), less with more rows (dot_rows), so the dot form takes up to dot_rows() rows and the
+    matrix-product form the rest (docs/benchmarks.md, "The compiled decoding step on an AMD EPYC" and after). On
+    Intel's CPUs MKL's product stays (0.56 ms for the same 25 at batch 1 on a Sapphire Rapids Xeon; the dot form not
+    measured there)."""
+
+
+def dot_rows() -> int:
+    """The most rows the dot-product form takes: up to where it stops beating MKL's matrix products, by threads
+    (benchmarks/decode_forms.py, 6 x 320, AMD EPYC, whole greedy decodes): with 2 threads 2.5x at 1 row, 2.0x at 2,
+    1.7x at 4, 1.11x at 8, 0.87x at 16; with one thread (a server's) 1.56x at 1 row, 0.99x at 4, 0.84x at 8. Each
+    block of weights is read once for all the rows, but each row's sums are its own, one after another. So 8 rows
+    with 2 threads or more, 4 with one."""
+    return 4 if torch.get_num_threads() == 1 else 8
     return torch.backends.mkl.is_available() and cpu_vendor() not in ("GenuineIntel", "")
 
 
@@ -103,10 +111,10 @@ def int8_rows() -> int:
 def forms(int8: bool) -> list[tuple[str, int]]:
     """The packages a step is made of on this machine, each with the most rows it takes, fewest rows first:
     "int8" (weight-only, up to int8_rows()), or "float32" with, where dot_products(), "float32-dot" for up to
-    DOT_ROWS rows."""
+    dot_rows() rows."""
     if int8:
         return [("int8", int8_rows())]
-    return ([("float32-dot", DOT_ROWS)] if dot_products() else []) + [("float32", MAX_ROWS)]
+    return ([("float32-dot", dot_rows())] if dot_products() else []) + [("float32", MAX_ROWS)]
 
 
 class Step(torch.nn.Module):
