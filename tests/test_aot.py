@@ -221,6 +221,23 @@ def test_a_step_that_fails_to_build_decodes_eagerly_after_one_warning_and_leaves
     assert list((tmp_path / "aot").iterdir()) == []  # nothing half-written
 
 
+@pytest.mark.parametrize(
+    "vendor, threads, want",
+    [
+        ("AuthenticAMD", 2, [("float32-dot", 8), ("float32", 64)]),
+        ("AuthenticAMD", 1, [("float32-dot", 4), ("float32", 64)]),
+        ("GenuineIntel", 2, [("float32", 64)]),
+        ("", 2, [("float32", 64)]),
+    ],
+)
+def test_a_float32_step_is_made_of_the_forms_this_cpu_multiplies_fastest(monkeypatch, vendor, threads, want):
+    monkeypatch.setattr(aot, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    mkl = torch.backends.mkl.is_available()  # (a torch without MKL: its own matrix products, no dot form)
+    assert aot.forms(False) == (want if mkl else [("float32", 64)])
+    assert aot.forms(True) == [("int8", 16 if threads > 1 else 4)]
+
+
 @pytest.mark.parametrize("n_out", [48, 330], ids=["in-blocks", "not-a-multiple-of-the-block"])
 def test_the_dot_forms_product_is_the_matrix_product(n_out):
     g = torch.Generator().manual_seed(0)

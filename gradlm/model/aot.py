@@ -85,6 +85,7 @@ def dot_products() -> bool:
     matrix-product form the rest (docs/benchmarks.md, "The compiled decoding step on an AMD EPYC" and after). On
     Intel's CPUs MKL's product stays (0.56 ms for the same 25 at batch 1 on a Sapphire Rapids Xeon; the dot form not
     measured there)."""
+    return torch.backends.mkl.is_available() and cpu_vendor() not in ("GenuineIntel", "")
 
 
 def dot_rows() -> int:
@@ -94,7 +95,6 @@ def dot_rows() -> int:
     block of weights is read once for all the rows, but each row's sums are its own, one after another. So 8 rows
     with 2 threads or more, 4 with one."""
     return 4 if torch.get_num_threads() == 1 else 8
-    return torch.backends.mkl.is_available() and cpu_vendor() not in ("GenuineIntel", "")
 
 
 def int8_rows() -> int:
