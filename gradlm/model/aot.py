@@ -32,6 +32,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -254,6 +255,9 @@ def example_constants(cfg: ModelConfig, form: str) -> dict[str, torch.Tensor]:
     return out
 
 
+_BUILDING = threading.Lock()  # one build at a time in a process (_rows_spread_over_threads changes torch's class)
+
+
 @contextlib.contextmanager
 def _rows_spread_over_threads(form: str):
     """While a dot-product step compiles: inductor's C++ backend not fusing a loop nest into the one before it by their
@@ -261,18 +265,28 @@ def _rows_spread_over_threads(form: str):
     nest is shared among threads by that outer loop only, the batch, and a 1-row batch ran on one thread: the step at
     batch 1 took 1.24 ms where, unfused, its products' outputs were shared and it took 0.99 (6 x 320, 2 threads, AMD
     EPYC). With one thread the fusion saves a pass (unfused: 1.61 against 1.50 ms at batch 1, 5.28 against 5.04 at
-    4), so it stays. A private hook of torch's; where it is missing, the step compiles as inductor would."""
+    4), so it stays. A private hook of torch's, replaced on its class while build holds _BUILDING; where it is
+    missing, the step compiles as inductor would."""
     from torch._inductor.codegen import cpp
 
     fuse = getattr(cpp.CppScheduling, "can_fuse_vertical_outer_loop", None)
     if form != "float32-dot" or fuse is None or torch.get_num_threads() == 1:
         yield
         return
-    cpp.CppScheduling.can_fuse_vertical_outer_loop = lambda self, node1, node2: False
+    cpp.CppScheduling.can_fuse_vertical_outer_loop = lambda *args, **kwargs: False
     try:
         yield
     finally:
         cpp.CppScheduling.can_fuse_vertical_outer_loop = fuse
+
+
+def _example_rows(threads: int) -> int:
+    """The rows of the batch a step is exported with. Inductor shares a loop nest among threads by its outer loops
+    until their sizes (the example's) make as many chunks as threads, or twice as many or more; so the example batch
+    must have fewer rows than twice the threads and not as many as the threads (else the batch alone is shared, and a
+    1-row batch runs on one thread), and 2 or more (export takes sizes 0 and 1 as constants): 3, or 2 with 3 threads
+    (and with one, where nothing is shared). Small, since the example's KV cache has this many rows of the window."""
+    return 2 if threads in (1, 3) else 3
 
 
 def build(cfg: ModelConfig, form: str, path: Path) -> None:
@@ -281,12 +295,17 @@ def build(cfg: ModelConfig, form: str, path: Path) -> None:
     it writes a small constant's values into the code (a QK-norm's weight) and folds one whose values are all equal
     (a norm's initial ones), which the weights loaded later could not reach.
 
-    The example batch has one row more than there are threads: inductor shares a loop among threads by the example's
-    sizes, and given as many rows as threads it gave each thread rows of its own, so a 1-row batch ran on one thread
-    (the dot-product step at batch 1: 1.86 ms with a 2-row example, 1.24 with 3, and 0.99 with 3 and
-    _rows_spread_over_threads; 2 threads, AMD EPYC; the int8 and matrix-product steps within noise)."""
+    The example batch has _example_rows: given as many rows as threads, inductor gave each thread rows of its own, so
+    a 1-row batch ran on one thread (the dot-product step at batch 1: 1.86 ms with a 2-row example, 1.24 with 3, and
+    0.99 with 3 and _rows_spread_over_threads; 2 threads, AMD EPYC; the int8 and matrix-product steps within
+    noise)."""
+    with _BUILDING:
+        _build(cfg, form, path)
+
+
+def _build(cfg: ModelConfig, form: str, path: Path) -> None:
     module = Step(cfg, example_constants(cfg, form), form)
-    n = max(2, torch.get_num_threads() + 1)  # (export takes sizes 0 and 1 as constants)
+    n = _example_rows(torch.get_num_threads())
     kv = torch.zeros(cfg.n_layer, n, 2 * cfg.n_kv_head, cfg.block_size, cfg.head_dim)
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), _rows_spread_over_threads(form):
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations while it packages
