@@ -143,7 +143,7 @@ def test_float32_decoding_through_the_step_is_the_module_paths_greedy_tokens(aot
 def test_a_dot_step_whose_head_is_not_in_blocks_gives_the_eager_logits(aot_cache, monkeypatch):
     """A vocabulary 16 does not divide: the head stays (out, in) beside the blocked matrices, in one compiled graph."""
     monkeypatch.setattr(aot, "forms", lambda int8: [("float32-dot", aot.MAX_ROWS)])  # that package for every batch
-    model = sharp_model(330, **SHAPE)
+    model = sharp_model(330, n_layer=1)  # (one layer: a quicker build)
     step = aot.open_step(model, inference_weights(model), False, say=lambda line: None)
     assert step is not None and step.forms == ["float32-dot"]
     assert aot.layout(model.cfg, "float32-dot")["head"][0] == (330, model.cfg.d_model)

@@ -315,8 +315,8 @@ def _jsonl(path: Path, comp: str, text_field: str, errors: str, stats: ReadStats
     try:
         with _open(path, comp) as f:
             for n, raw in enumerate(f, 1):
-                try:
-                    line = decode(raw)
+                try:  # each line whole (no character spans a \n): the last one, without it, may end inside one
+                    line = decode(raw, final=True)
                 except _Binary:
                     return _binary(path, errors, stats)
                 except DataError:
