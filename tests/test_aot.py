@@ -85,6 +85,35 @@ def recording(step) -> list:
     return ran
 
 
+def test_a_float32_step_opens_without_its_few_row_package(aot_cache, tok, monkeypatch):
+    """A cache from before the dot-product package (or one still building): the matrix-product package takes every
+    batch meanwhile, and the background build makes only what is missing. (First in the module: it builds both
+    float32 packages, which the tests after it find in the module's cache.)"""
+    model = sharp_model(tok.vocab_size, **SHAPE)
+    monkeypatch.setattr(aot, "dot_products", lambda: False)
+    lines = []
+    assert aot.open_step(model, inference_weights(model), False, say=lines.append) is not None  # "float32" built
+    assert len(lines) == 1 and lines[0].startswith("compiling the decoding step (2 x 32, float32): ")
+    assert str(aot_cache) in lines[0]
+    monkeypatch.setattr(aot, "dot_products", lambda: True)
+    real = aot.package_path
+    monkeypatch.setattr(aot, "package_path", lambda cfg, form: real(cfg, form + "-absent" * (form == "float32-dot")))
+    step = aot.open_step(model, inference_weights(model), False, build_missing=False)
+    assert step is not None and step.forms == ["float32"] and step.max_rows == aot.MAX_ROWS
+    same_as_eager(model, step, 1e-4, length=12)
+    lines.clear()
+    process = aot.build_in_background(model.cfg, False, say=lines.append)
+    assert process is not None and len(lines) == 1  # only the missing package
+    assert lines[0].startswith("compiling the decoding step (2 x 32, float32-dot) in the background")
+    assert str(aot_cache) in lines[0]
+    assert process.wait(timeout=300) == 0
+    monkeypatch.setattr(aot, "package_path", real)  # (the build in the other process wrote the real path)
+    assert aot.open_step(model, inference_weights(model), False, build_missing=False).forms == [
+        "float32-dot",
+        "float32",
+    ]
+
+
 @pytest.mark.parametrize("dot", [False, True], ids=["matrix-products", "dot-products"])
 def test_the_step_gives_the_eager_logits_at_every_position_for_any_weights_of_its_shape(
     aot_cache, tok, monkeypatch, dot
@@ -164,29 +193,6 @@ def test_the_int8_step_built_in_the_background_gives_the_eager_int8_logits(aot_c
     if step.max_rows >= 6:  # two threads or more: the step takes rows the eager path quantizes dynamically
         monkeypatch.setattr(infer, "WEIGHT_ONLY_ROWS", 16)  # (compared with the eager weight-only product)
         same_as_eager(model, step, 2e-2, length=12, prompts=BATCH * 2)
-
-
-def test_a_float32_step_opens_without_its_few_row_package(aot_cache, tok, monkeypatch):
-    """A cache from before the dot-product package (or one still building): the matrix-product package takes every
-    batch meanwhile, and the background build makes only what is missing."""
-    model = sharp_model(tok.vocab_size, **SHAPE)
-    monkeypatch.setattr(aot, "dot_products", lambda: False)
-    assert aot.open_step(model, inference_weights(model), False) is not None  # "float32" built (or there)
-    monkeypatch.setattr(aot, "dot_products", lambda: True)
-    real = aot.package_path
-    monkeypatch.setattr(aot, "package_path", lambda cfg, form: real(cfg, form + "-absent" * (form == "float32-dot")))
-    step = aot.open_step(model, inference_weights(model), False, build_missing=False)
-    assert step is not None and step.forms == ["float32"] and step.max_rows == aot.MAX_ROWS
-    same_as_eager(model, step, 1e-4, length=12)
-    lines = []
-    process = aot.build_in_background(model.cfg, False, say=lines.append)
-    assert process is not None and len(lines) == 1 and "float32-dot" in lines[0]  # only the missing package
-    assert process.wait(timeout=300) == 0
-    monkeypatch.setattr(aot, "package_path", real)  # (the build in the other process wrote the real path)
-    assert aot.open_step(model, inference_weights(model), False, build_missing=False).forms == [
-        "float32-dot",
-        "float32",
-    ]
 
 
 def test_the_engine_gives_the_same_tokens_with_the_step_as_without(aot_cache, tok, calls):

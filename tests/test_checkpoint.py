@@ -96,13 +96,17 @@ def base(tmp_path_factory, prepared, tok) -> Path:
     return out
 
 
-def kill_at_random_moments(argv: list, check, rng: random.Random, kills: int = 4) -> None:
-    """Run gradlm argv straight through once to time it, then `kills` times again, each SIGKILLed at a seeded random
-    moment over that time (most of a short command is starting Python and torch: the moments lean late, where it
-    writes), calling check() after each kill."""
+def timed(argv: list) -> float:
+    """Run gradlm argv to the end: how long it took."""
     t0 = time.time()
     finished(gradlm(*argv))
-    took = time.time() - t0
+    return time.time() - t0
+
+
+def kill_at_random_moments(argv: list, took: float, check, rng: random.Random, kills: int = 4) -> None:
+    """Start gradlm argv `kills` times, each SIGKILLed at a seeded random moment over `took`, the time the same command
+    took straight through (most of a short command is starting Python and torch: the moments lean late, where it
+    writes), calling check() after each kill."""
     for _ in range(kills):
         p = gradlm(*argv)
         time.sleep(rng.uniform(0.5, 1.1) * took)
@@ -120,31 +124,32 @@ def kill_at_random_moments(argv: list, check, rng: random.Random, kills: int = 4
 )
 def test_an_export_killed_anywhere_is_the_previous_export_or_the_new_one(base, tmp_path, fmt, old, new):
     pytest.importorskip("gguf") if fmt == "gguf" else None
-    refs = {}
-    for name, flags in (("old", old), ("new", new)):
-        finished(gradlm("export", base, tmp_path / name, "--format", fmt, *flags))
-        refs[name] = snapshot(tmp_path / name)
     out = tmp_path / "out"
+    took = timed(["export", base, tmp_path / "new", "--format", fmt, *new])
     finished(gradlm("export", base, out, "--format", fmt, *old))
+    refs = {"old": snapshot(out), "new": snapshot(tmp_path / "new")}
     seen = []
 
     def check():
         got = snapshot(out)
         seen.append("old" if got == refs["old"] else "new" if got == refs["new"] else "HALF")
         assert seen[-1] != "HALF", sorted(got or {})
-        if seen[-1] == "new":  # start the next try from the previous export again
-            finished(gradlm("export", base, out, "--format", fmt, *old))
+        if seen[-1] == "new":  # start the next try from the previous export's files again
+            shutil.rmtree(out)
+            for name, data in refs["old"].items():
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                (out / name).write_bytes(data)
 
-    kill_at_random_moments(["export", base, out, "--format", fmt, *new], check, random.Random(7))
+    kill_at_random_moments(["export", base, out, "--format", fmt, *new], took, check, random.Random(7))
     print(f"export {fmt}: after each kill the target held the {', '.join(seen)} export")
     finished(gradlm("export", base, out, "--format", fmt, *new))
     assert snapshot(out) == refs["new"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old", "out"], seen  # the kills' leftovers are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"], seen  # the kills' leftovers are gone
 
 
 def test_tokenizer_train_killed_anywhere_leaves_the_previous_file_or_the_new_one(tmp_path, text_file):
     out = tmp_path / "tok.json"
-    finished(gradlm("tokenizer", "train", "--data", text_file, "--vocab-size", 300, "--out", tmp_path / "new.json"))
+    took = timed(["tokenizer", "train", "--data", text_file, "--vocab-size", 300, "--out", tmp_path / "new.json"])
     finished(gradlm("tokenizer", "train", "--data", text_file, "--vocab-size", 280, "--out", out))
     old, new = out.read_bytes(), (tmp_path / "new.json").read_bytes()
 
@@ -153,7 +158,7 @@ def test_tokenizer_train_killed_anywhere_leaves_the_previous_file_or_the_new_one
         out.write_bytes(old)
 
     kill_at_random_moments(
-        ["tokenizer", "train", "--data", text_file, "--vocab-size", 300, "--out", out], check, random.Random(3)
+        ["tokenizer", "train", "--data", text_file, "--vocab-size", 300, "--out", out], took, check, random.Random(3)
     )
     finished(gradlm("tokenizer", "train", "--data", text_file, "--vocab-size", 300, "--out", out))
     assert out.read_bytes() == new and sorted(p.name for p in tmp_path.iterdir()) == ["new.json", "tok.json"]
@@ -187,7 +192,7 @@ def test_merge_killed_anywhere_leaves_nothing_or_the_whole_run(base, tmp_path):
             *TINY,
         )
     )
-    finished(gradlm("merge", lora, "--out", tmp_path / "ref"))
+    took = timed(["merge", lora, "--out", tmp_path / "ref"])
     ref, out = snapshot(tmp_path / "ref"), tmp_path / "merged"
 
     def check():
@@ -195,7 +200,7 @@ def test_merge_killed_anywhere_leaves_nothing_or_the_whole_run(base, tmp_path):
         assert got is None or got == ref, sorted(got or {})  # nothing, or the whole run
         shutil.rmtree(out, ignore_errors=True)
 
-    kill_at_random_moments(["merge", lora, "--out", out], check, random.Random(5))
+    kill_at_random_moments(["merge", lora, "--out", out], took, check, random.Random(5))
     finished(gradlm("merge", lora, "--out", out))
     assert snapshot(out) == ref
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora", "merged", "qa.jsonl", "ref"]
