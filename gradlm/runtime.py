@@ -33,7 +33,9 @@ the same three flags with the same meaning, and resolve() turns them into a Runt
                not Intel's: two, the second for few rows), kept in $GRADLM_CACHE/aot):
                on = built before the first token if missing; auto = used when it is in the cache, and serve and
                chat have it built in the background the first time (resolve_decode_step). Decoding on CUDA: on =
-               torch.compile the decoding step, auto = off; eval: on compiles the scored forward, auto = off.
+               the one-token step recorded as CUDA graphs, one per batch size (gradlm/model/infer.py GraphStep;
+               milliseconds, no compiler; not yet measured on a GPU), auto = off; eval: on compiles the scored
+               forward, auto = off.
                Compiled graphs are kept in $GRADLM_CACHE/inductor; each compile is said in one line with its time,
                and what failed to compile runs eagerly after one warning line (gradlm/model/compiling.py). A step
                that compiled does not set the time budget's pace.
@@ -233,8 +235,11 @@ def resolve_decode_step(compile: str | bool, device: str, dtype: str, machine: M
     """What a decoding command does with the compiled decoding step (gradlm/model/aot.py; Forward's step modes): on
     the CPU with float32 or int8 weights (int8 where its weight-only kernel is vectorised), --compile on builds it
     before the first token if it is not in the cache; auto uses it from the cache, and a command that keeps running
-    (serving: serve, chat) has it built in the background the first time. Off elsewhere and with --compile off."""
+    (serving: serve, chat) has it built in the background the first time. On CUDA, --compile on records the step as
+    CUDA graphs ("graphs"). Off elsewhere and with --compile off."""
     compile = compile if isinstance(compile, str) else "on" if compile else "off"
+    if device.startswith("cuda") and compile == "on":
+        return "graphs"
     if device != "cpu" or dtype not in ("float32", "int8") or compile == "off":
         return "off"
     if dtype == "int8" and not machine.cpu_int8:
@@ -256,7 +261,7 @@ class Runtime:
     device: str = "cpu"
     dtype: str = "float32"
     compile: bool = False
-    decode_step: str = "off"  # decoding on the CPU: the compiled decoding step's mode (resolve_decode_step)
+    decode_step: str = "off"  # decoding: the compiled step's mode on the CPU, "graphs" on CUDA (resolve_decode_step)
 
     @property
     def kind(self) -> str:
@@ -307,7 +312,11 @@ class Runtime:
         return torch.tensor(values, dtype=dtype, device=self.device if self.kind == "cuda" else "cpu")
 
     def describe(self) -> str:
-        step = {"build": ", compiled decoding step", "background": ", compiled decoding step when built"}
+        step = {
+            "build": ", compiled decoding step",
+            "background": ", compiled decoding step when built",
+            "graphs": ", decoding step in CUDA graphs",
+        }
         return f"{self.device}, {self.dtype}" + (", compiled" if self.compile else step.get(self.decode_step, ""))
 
 
@@ -332,8 +341,11 @@ def resolve(
     dtype = resolve_dtype(dtype, dev, machine, inference, decoding)
     step = resolve_decode_step(compile, dev, dtype, machine, serving) if decoding else "off"
     # decoding on the CPU compiles its own step (where it has a form) and never torch.compiles the eager step:
-    # with the shapes dynamic that ran at 0.65x eager's speed (gradlm/model/aot.py)
-    compiled = resolve_compile(compile, dev, budget_s, inference, dtype, machine) and not (decoding and dev == "cpu")
+    # with the shapes dynamic that ran at 0.65x eager's speed (gradlm/model/aot.py); on CUDA it records its step as
+    # CUDA graphs instead
+    compiled = resolve_compile(compile, dev, budget_s, inference, dtype, machine) and not (
+        decoding and (dev == "cpu" or step == "graphs")
+    )
     return Runtime(dev, dtype, compiled, step)
 
 

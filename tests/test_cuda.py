@@ -247,6 +247,39 @@ def test_greedy_float32_generation_on_cuda_equals_the_cpu(cuda_run, prompts):
     assert on_gpu.strip() and on_gpu == on_cpu
 
 
+def test_generation_with_its_step_in_cuda_graphs_writes_what_it_writes_without(cuda_run):
+    """--compile on: the one-token step recorded as CUDA graphs (gradlm/model/infer.py GraphStep), rows of three
+    batch sizes: in float32 the same tokens as the eager step; in the default dtype (bf16) it runs to the end."""
+    common = ["generate", cuda_run, *PROMPTS, "--device", "cuda", "--temperature", 0, "--max-new-tokens", 48]
+    eager = cli(*common, "--dtype", "float32", "--compile", "off")
+    assert eager.strip() and cli(*common, "--dtype", "float32", "--compile", "on") == eager
+    assert cli(*common, "--compile", "on", "--logprobs", 1).count("finished by") == len(PROMPTS)
+
+
+def test_the_graph_step_records_once_per_batch_size_and_gives_the_eager_logits():
+    from gradlm.model import infer
+    from gradlm.model.transformer import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, d_model=64, block_size=40))
+    model = model.to("cuda").eval()
+    w = infer.inference_weights(model)
+    step, recorded = infer.GraphStep(model, w), []
+    real = step.record
+    step.record = lambda run: recorded.append(1) or real(run)
+    with torch.inference_mode():
+        for B in (1, 3):
+            ours, theirs = (model.new_cache(B, 40, pad=[b % 2 for b in range(B)]) for _ in range(2))
+            ids = torch.randint(0, 256, (B, 5), device="cuda")
+            infer.fused_forward(model, w, ids, ours, True), infer.fused_forward(model, w, ids, theirs, True)
+            nxt = ids[:, -1:]
+            while ours.pos < 40:
+                want, got = infer.fused_forward(model, w, nxt, theirs, False), step(nxt, ours)
+                torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+                nxt = want[:, -1].argmax(-1, keepdim=True)
+    assert len(recorded) == 2  # 1 row; 3 rows in the 4-row graph
+
+
 def test_generation_on_cuda_in_its_default_dtype_with_penalties_and_logprobs(cuda_run):
     """The inference default on CUDA (bf16 weights), sampling with penalties and probabilities: it runs, and a
     seeded sample is the same text twice."""

@@ -14,6 +14,7 @@ from gradlm.cli import main
 from gradlm.errors import ConfigError
 from gradlm.generation.engine import Engine, Request, StopMatcher
 from gradlm.generation.generate import LM, SamplingConfig, load
+from gradlm.model import infer
 from gradlm.model.infer import Forward, fused_forward, inference_weights
 from gradlm.model.transformer import Transformer
 from gradlm.model.sampling import apply_penalties, candidates, next_token
@@ -280,6 +281,88 @@ def test_cached_fast_path_matches_module_path_with_padding(tok):
         assert torch.allclose(Forward(m)(x, cache), outs[1][:, :9], atol=1e-5)
         with pytest.raises(ValueError, match="exceeds"):
             Forward(m)(torch.zeros(3, 8, dtype=torch.long), cache)
+
+
+@pytest.fixture
+def graphs_on_the_cpu(monkeypatch) -> list:
+    """GraphStep records on the CPU here: a recording runs the step once, a replay runs it again on the same tensors
+    (what a CUDA graph replays: the recorded step, on the same addresses). One item per recording."""
+    recorded = []
+
+    def record(run):
+        out = run()
+        recorded.append(out.shape[0])
+        return (lambda: out.copy_(run())), out
+
+    monkeypatch.setattr(infer.GraphStep, "record", staticmethod(record))
+    monkeypatch.setattr(infer.GraphStep, "devices", ("cpu",))
+    return recorded
+
+
+def test_the_graph_step_gives_the_eager_logits_and_keys_for_any_rows_and_caches(tok, graphs_on_the_cpu):
+    """The step a CUDA graph records (fused_forward with the position as a tensor, attention over the whole buffer,
+    masked) against the fused path, with left padding, grouped-query attention and QK-norm; one recording per batch
+    size; two caches taking turns in one batch size's buffer, and a cache stepped outside the graph in between, each
+    still get their own logits."""
+    m = sharp_model(tok.vocab_size, seed=4, qk_norm=True, n_kv_head=2)
+    w = inference_weights(m)
+    step = infer.GraphStep(m, w)
+    with torch.inference_mode():
+        for prompts in ([[1, 2, 3]], [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]):
+            B = len(prompts)
+            P = max(map(len, prompts))
+            pad = [P - len(p) for p in prompts]
+            ids = torch.tensor([[0] * n + p for n, p in zip(pad, prompts)])
+            ours, theirs, other, other_ref = (m.new_cache(B, 20, pad=pad if any(pad) else None) for _ in range(4))
+            for c in (ours, theirs, other, other_ref):
+                fused_forward(m, w, ids, c, True)
+            nxt = torch.tensor([[7 + b] for b in range(B)])
+            while ours.pos < 20:
+                assert step.fits(nxt, ours)
+                want, got = fused_forward(m, w, nxt, theirs, False), step(nxt, ours)
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(ours.kv[..., : ours.pos, :], theirs.kv[..., : theirs.pos, :])
+                assert ours.pos == theirs.pos
+                if ours.pos % 3 == 0:  # another cache takes the same buffer, then this one comes back
+                    o = torch.tensor([[3 + b] for b in range(B)])
+                    want_o = fused_forward(m, w, o, other_ref, False)
+                    torch.testing.assert_close(step(o, other), want_o, rtol=1e-4, atol=1e-4)
+                if ours.pos == 12:  # a step taken outside the graph
+                    fused_forward(m, w, nxt, ours, False)
+                    fused_forward(m, w, nxt, theirs, False)
+                nxt = want[:, -1].argmax(-1, keepdim=True)
+    assert graphs_on_the_cpu == [1, 4]  # one recording per batch size: 1 row, and 3 rows in the 4-row graph
+
+
+def test_the_engine_gives_the_same_tokens_with_its_step_in_graphs(tok, graphs_on_the_cpu):
+    """--compile on on CUDA: rows joining and leaving, a row sliding past the window, sampled rows, a conversation
+    continuing its cache, all through the recorded step, as without it."""
+    from gradlm.runtime import Runtime
+
+    model = sharp_model(tok.vocab_size, n_kv_head=2, qk_norm=True)
+    engines = {
+        "eager": Engine(model, tok, runtime=Runtime("cpu", "float32")),
+        "graphs": Engine(model, tok, runtime=Runtime("cpu", "float32", decode_step="graphs")),
+    }
+    greedy = SamplingConfig(temperature=0, max_new_tokens=70)
+    requests = [
+        Request(tok.encode("ROMEO:"), greedy, slide=True),  # 70 new tokens in a window of 32: the row slides
+        Request(tok.encode("JULIET: what"), SamplingConfig(temperature=0, max_new_tokens=5)),  # leaves early
+        Request(tok.encode("NURSE:"), SamplingConfig(temperature=0.8, seed=3, max_new_tokens=20), n=2),
+    ]
+    said = {}
+    for name, engine in engines.items():
+        tokens = [[p.token.id for p in pieces] for pieces in engine.run(requests)]
+        cache, ids = model.new_cache(1, 32), tok.encode("ROMEO:")
+        for more in ("JULIET:", "NURSE: good"):  # a chat: each turn continues the last one's cache
+            (pieces,) = engine.run([Request(ids, SamplingConfig(temperature=0, max_new_tokens=6), cache=cache)])
+            tokens.append([p.token.id for p in pieces])
+            ids = ids + tokens[-1] + tok.encode(more)
+        said[name] = tokens, cache.kv[..., : cache.pos, :].clone()
+    assert said["graphs"][0] == said["eager"][0]
+    torch.testing.assert_close(said["graphs"][1], said["eager"][1], rtol=1e-4, atol=1e-4)
+    assert isinstance(engines["graphs"].forward.step, infer.GraphStep) and engines["eager"].forward.step is None
+    assert sorted(set(graphs_on_the_cpu)) == [1, 4]  # 4 rows, then 3 (in the 4-row graph), then 1
 
 
 @pytest.mark.numerics

@@ -44,6 +44,13 @@ NO_COMPILER = Machine(cpu_bf16=True, cpu_compiler=False)
         (CPU_AVX512, {"serving": True, "compile": "off"}, Runtime("cpu", "int8", False, "off")),
         (CPU_BF16, {"decoding": True, "dtype": "bfloat16"}, Runtime("cpu", "bfloat16", False, "off")),  # float32 only
         (AVX512_GPU, {"decoding": True}, Runtime("cuda:0", "bfloat16", False)),
+        # decoding on CUDA with --compile on: the one-token step in CUDA graphs, not torch.compile
+        (ONE_GPU, {"decoding": True, "compile": "on"}, Runtime("cuda:0", "bfloat16", False, "graphs")),
+        (
+            ONE_GPU,
+            {"serving": True, "compile": "on", "dtype": "float32"},
+            Runtime("cuda:0", "float32", False, "graphs"),
+        ),
         (ONE_GPU, {"device": "cpu"}, Runtime("cpu", "float32", False)),
         (OLD_GPU, {}, Runtime("cuda:0", "float32", True)),
         (OLD_GPU, {"device": "cuda:1", "dtype": "bfloat16"}, Runtime("cuda:1", "bfloat16", True)),

@@ -22,6 +22,7 @@ what training's samples use (gradlm/training/monitor.py), since training may not
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,8 @@ class Forward:
     step: the compiled decoding step on the CPU (gradlm/model/aot.py), which takes every call it fits (one new token
     per row, past the first two positions; int8 up to aot.int8_rows() rows):
     "off"; "cached" (its package when one is in the cache); "background" (that, and if there is none, one is built
-    in another process meanwhile, found at a later check()); "build" (built at the first check() if missing)."""
+    in another process meanwhile, found at a later check()); "build" (built at the first check() if missing).
+    On CUDA, "graphs": the one-token step recorded as CUDA graphs (GraphStep)."""
 
     def __init__(self, model: Transformer, int8: bool = False, compile: bool = False, step: str = "off"):
         self.model, self.int8 = model, int8
@@ -87,6 +89,10 @@ class Forward:
 
     def _open_step(self) -> None:
         model, mode = self.model, self.step_mode
+        if mode == "graphs":  # CUDA: the one-token step recorded as CUDA graphs, with the weights as they are now
+            records = model.embed_tokens.weight.device.type in GraphStep.devices and not self.int8
+            self.step, self.step_mode = (GraphStep(model, self._weights), mode) if records else (None, "off")
+            return
         if model.embed_tokens.weight.dtype != torch.float32 or (self.int8 and not Int8.weight_only):
             self.step_mode = "off"  # its forms: float32 weights, and int8 where the weight-only kernel is vectorised
             return
@@ -95,6 +101,85 @@ class Forward:
             self.building = aot.build_in_background(model.cfg, self.int8)
         if self.step is None and mode == "build":
             self.step_mode = "off"  # it failed, and said so: not again
+
+
+# Batch sizes a CUDA graph of the decoding step is recorded for: a batch replays the smallest that holds its rows.
+GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def record_cuda_graph(run: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+    """run() recorded as a CUDA graph, after two warm-up runs on a side stream (as torch.cuda.graphs asks): (replay,
+    the tensor run() returned, which each replay overwrites)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph.replay, out
+
+
+class GraphStep:
+    """CUDA: the decoding step of one new token per row, recorded as a CUDA graph per batch size (GRAPH_ROWS) and
+    replayed at every token. A small model's step at batch 1 is ~10 kernels a layer of a few microseconds each, so
+    launching them one by one from Python is most of its time; a replay launches them all at once.
+
+    A graph reads and writes fixed addresses: its batch's keys and values are a buffer of its own as long as the
+    context window (its rows beyond the batch's compute nothing anyone reads), and the position and each row's padding
+    are tensors its replay reads (fused_forward's pos=). The cache a call passes stays the engine's: its keys and
+    values are copied into the buffer when the buffer does not hold them already (another cache, rows reordered, a
+    step taken outside the graph), then each replay's new keys and values are copied back, one position. Recorded on
+    the first call for a batch size, in milliseconds (no compiler); the weights are inference_weights(model)'s, and
+    load() (new weights) drops the graphs. record: how a graph is recorded (record_cuda_graph; the tests replay on the
+    CPU by running the step again)."""
+
+    record = staticmethod(record_cuda_graph)
+    devices = ("cuda",)  # where it records
+
+    def __init__(self, model: Transformer, weights: tuple):
+        self.model, self.weights = model, weights
+        self.graphs: dict[int, tuple] = {}
+        self.holds: dict[int, tuple] = {}  # per batch size: which cache its buffer holds, and up to which position
+
+    def load(self, model: Transformer, weights: tuple) -> None:
+        self.model, self.weights, self.graphs, self.holds = model, weights, {}, {}
+
+    def fits(self, idx: torch.Tensor, cache: KVCache) -> bool:
+        same = cache.kv.dtype == self.model.embed_tokens.weight.dtype and cache.kv.device == self.model.rope_cos.device
+        return idx.shape[1] == 1 and idx.shape[0] <= GRAPH_ROWS[-1] and same
+
+    @torch.inference_mode()  # (what it records and the buffers it fills are inference tensors, whoever calls)
+    def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        B, at = idx.shape[0], cache.pos
+        rows = next(r for r in GRAPH_ROWS if r >= B)
+        if rows not in self.graphs:
+            self.graphs[rows] = self._recorded(rows)
+        replay, ids, pos, buffer, logits = self.graphs[rows]
+        if self.holds.get(rows) != (id(cache), cache.kv.data_ptr(), cache.kv.shape, at):
+            buffer.kv[:, :B, :, :at].copy_(cache.kv[:, :, :, :at])
+            # (the rows past B unpadded: a padding past the position would mask all of a row, which on CUDA may make
+            # its keys and values NaN, and a NaN under a masked key still reaches a later batch: 0 x NaN)
+            buffer.pad.zero_()
+            if cache.pad is not None:
+                buffer.pad[:B].copy_(cache.pad)
+        ids[:B].copy_(idx)
+        pos.fill_(at)
+        replay()
+        cache.kv.narrow(3, at, 1).copy_(buffer.kv[:, :B, :, at : at + 1])
+        cache.pos = at + 1
+        self.holds[rows] = (id(cache), cache.kv.data_ptr(), cache.kv.shape, at + 1)
+        return logits[:B].clone()
+
+    def _recorded(self, rows: int) -> tuple:
+        model = self.model
+        buffer = model.new_cache(rows, model.cfg.block_size, pad=[0] * rows)
+        ids = torch.zeros(rows, 1, dtype=torch.long, device=buffer.kv.device)
+        pos = torch.zeros(1, dtype=torch.long, device=buffer.kv.device)
+        replay, logits = self.record(lambda: fused_forward(model, self.weights, ids, buffer, False, pos=pos))
+        return replay, ids, pos, buffer, logits
 
 
 @torch.no_grad()
@@ -123,18 +208,32 @@ def decode(
 
 
 def fused_forward(
-    model: Transformer, weights: tuple, idx: torch.Tensor, cache: KVCache, last_only: bool
+    model: Transformer,
+    weights: tuple,
+    idx: torch.Tensor,
+    cache: KVCache,
+    last_only: bool,
+    pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits (B, T or 1, V) of idx (B, T) appended to the cache: Transformer.forward(idx, cache=cache)'s
     result up to float rounding, by the fused operations described above, with weights from
     inference_weights(model). One body on purpose: it is the decode loop's hot path, read as one sequence of
-    fused operations beside Transformer.forward (helpers would add a Python call per layer and per token)."""
+    fused operations beside Transformer.forward (helpers would add a Python call per layer and per token).
+    pos: the step a CUDA graph records (GraphStep), where no Python number may change between replays: one new
+    token per row at the position pos (a (1,) tensor) of a cache whose pad is a tensor, attending over the whole
+    cache with the keys past pos (and each row's padding) masked; cache.pos is left as it was."""
     B, T = idx.shape
     H, KV, D, C = model.cfg.n_head, model.cfg.n_kv_head, model.cfg.head_dim, model.cfg.d_model
     start, end, half = cache.pos, cache.pos + T, model.cfg.head_dim // 2
     layers, head_t, sin_signed, mean_of, eps_t, mm, addmm = weights
     x = F.embedding(idx, model.embed_tokens.weight).view(B * T, C)
-    if cache.pad is None and T == 1:  # the common decoding step: one position for every row
+    if pos is not None:  # each row's rotary position pos - pad[b]; its keys from pad[b] to pos
+        at = pos - cache.pad
+        cos, sin = model.rope_cos[at].view(B, 1, 1, D), sin_signed[at].view(B, 1, 1, D)
+        keys = torch.arange(cache.max_len, device=idx.device)
+        mask = ((keys <= pos) & (keys >= cache.pad[:, None])).view(B, 1, 1, cache.max_len)
+        end = cache.max_len
+    elif cache.pad is None and T == 1:  # the common decoding step: one position for every row
         cos, sin, mask = model.rope_cos.narrow(0, start, 1), sin_signed.narrow(0, start, 1), None  # (1, D)
     else:
         cos, sin, mask = model.rope_and_mask(idx, start, T, cache, x.dtype)
@@ -180,7 +279,10 @@ def fused_forward(
                 part.copy_(norm(part, w))
                 rotated = part.roll(half, -1)
                 part.mul_(cos).addcmul_(rotated, sin)
-        kv_cache.narrow(2, start, T).copy_(qkv.narrow(1, H, 2 * KV))  # this token's keys and values
+        if pos is None:  # this token's keys and values
+            kv_cache.narrow(2, start, T).copy_(qkv.narrow(1, H, 2 * KV))
+        else:
+            kv_cache.index_copy_(2, pos, qkv.narrow(1, H, 2 * KV))
         y = F.scaled_dot_product_attention(
             qkv.narrow(1, 0, H),
             k_cache.narrow(2, 0, end),
@@ -193,7 +295,8 @@ def fused_forward(
         x = addmm(x, y, w_o)  # x + attention (B*T, C)
         gate, up = normed(x, w_gu).chunk(2, 1)  # (B*T, d_ff) each; the post-attention norm's weight folded in
         x = addmm(x, F.silu(gate) * up, w_down)  # x + MLP
-    cache.pos = end
+    if pos is None:
+        cache.pos = end
     if last_only and T > 1:
         x = x.view(B, T, C)[:, -1]
         T = 1
