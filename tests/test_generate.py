@@ -365,6 +365,25 @@ def test_the_engine_gives_the_same_tokens_with_its_step_in_graphs(tok, graphs_on
     assert sorted(set(graphs_on_the_cpu)) == [1, 4]  # 4 rows, then 3 (in the 4-row graph), then 1
 
 
+def test_a_graph_that_fails_to_record_decodes_eagerly_after_one_warning(tok, graphs_on_the_cpu, monkeypatch, capsys):
+    def refused(run):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(infer.GraphStep, "record", staticmethod(refused))
+    from gradlm.runtime import Runtime
+
+    model = sharp_model(tok.vocab_size)
+    request = Request(tok.encode("ROMEO:"), SamplingConfig(temperature=0, max_new_tokens=12))
+    graphs = Engine(model, tok, runtime=Runtime("cpu", "float32", decode_step="graphs"))
+    (pieces,) = graphs.run([request])
+    assert [p.token.id for p in pieces] == [p.token.id for p in Engine(model, tok).run([request])[0]]
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: recording the decoding step as a CUDA graph failed (RuntimeError: operation not permitted when "
+        "stream is capturing); decoding without it (--compile off skips the attempt)"
+    ]
+    assert not graphs.forward.step.fits(torch.tensor([[1]]), model.new_cache(1, 8))  # not tried again
+
+
 @pytest.mark.numerics
 @pytest.mark.parametrize("weight_only", [False, True], ids=["dynamic", "weight-only"])
 def test_int8_products_are_the_float32_products_to_within_the_rounding_of_int8(weight_only, monkeypatch):

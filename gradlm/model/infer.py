@@ -21,6 +21,7 @@ what training's samples use (gradlm/training/monitor.py), since training may not
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -117,7 +118,7 @@ def record_cuda_graph(run: Callable[[], torch.Tensor]) -> tuple[Callable[[], Non
             run()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # (a server's other threads may use CUDA)
         out = run()
     return graph.replay, out
 
@@ -133,8 +134,9 @@ class GraphStep:
     values are copied into the buffer when the buffer does not hold them already (another cache, rows reordered, a
     step taken outside the graph), then each replay's new keys and values are copied back, one position. Recorded on
     the first call for a batch size, in milliseconds (no compiler); the weights are inference_weights(model)'s, and
-    load() (new weights) drops the graphs. record: how a graph is recorded (record_cuda_graph; the tests replay on the
-    CPU by running the step again)."""
+    load() (new weights) drops the graphs. A recording that fails says so in one line, and the step decodes eagerly
+    from then on. record: how a graph is recorded (record_cuda_graph; the tests replay on the CPU by running the step
+    again)."""
 
     record = staticmethod(record_cuda_graph)
     devices = ("cuda",)  # where it records
@@ -143,20 +145,32 @@ class GraphStep:
         self.model, self.weights = model, weights
         self.graphs: dict[int, tuple] = {}
         self.holds: dict[int, tuple] = {}  # per batch size: which cache its buffer holds, and up to which position
+        self.failed = False
 
     def load(self, model: Transformer, weights: tuple) -> None:
         self.model, self.weights, self.graphs, self.holds = model, weights, {}, {}
 
     def fits(self, idx: torch.Tensor, cache: KVCache) -> bool:
         same = cache.kv.dtype == self.model.embed_tokens.weight.dtype and cache.kv.device == self.model.rope_cos.device
-        return idx.shape[1] == 1 and idx.shape[0] <= GRAPH_ROWS[-1] and same
+        return idx.shape[1] == 1 and idx.shape[0] <= GRAPH_ROWS[-1] and same and not self.failed
 
     @torch.inference_mode()  # (what it records and the buffers it fills are inference tensors, whoever calls)
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         B, at = idx.shape[0], cache.pos
         rows = next(r for r in GRAPH_ROWS if r >= B)
         if rows not in self.graphs:
-            self.graphs[rows] = self._recorded(rows)
+            try:
+                self.graphs[rows] = self._recorded(rows)
+            except Exception as e:  # noqa: BLE001  (any failure to record: decode as written)
+                self.failed = True
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                print(
+                    f"warning: recording the decoding step as a CUDA graph failed ({type(e).__name__}: {first}); "
+                    "decoding without it (--compile off skips the attempt)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return fused_forward(self.model, self.weights, idx, cache, False)
         replay, ids, pos, buffer, logits = self.graphs[rows]
         if self.holds.get(rows) != (id(cache), cache.kv.data_ptr(), cache.kv.shape, at):
             buffer.kv[:, :B, :, :at].copy_(cache.kv[:, :, :, :at])
