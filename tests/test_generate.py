@@ -299,11 +299,12 @@ def graphs_on_the_cpu(monkeypatch) -> list:
     return recorded
 
 
-def test_the_graph_step_gives_the_eager_logits_and_keys_for_any_rows_and_caches(tok, graphs_on_the_cpu):
+def test_the_graph_step_gives_the_eager_logits_and_keys_for_any_rows_and_caches(tok, graphs_on_the_cpu, monkeypatch):
     """The step a CUDA graph records (fused_forward with the position as a tensor, attention over the whole buffer,
     masked) against the fused path, with left padding, grouped-query attention and QK-norm; one recording per batch
     size; two caches taking turns in one batch size's buffer, and a cache stepped outside the graph in between, each
     still get their own logits."""
+    monkeypatch.setattr(infer, "GRAPH_SHORTEST", 8)  # graphs over 8, 16 and 32 keys (the window)
     m = sharp_model(tok.vocab_size, seed=4, qk_norm=True, n_kv_head=2)
     w = inference_weights(m)
     step = infer.GraphStep(m, w)
@@ -313,11 +314,11 @@ def test_the_graph_step_gives_the_eager_logits_and_keys_for_any_rows_and_caches(
             P = max(map(len, prompts))
             pad = [P - len(p) for p in prompts]
             ids = torch.tensor([[0] * n + p for n, p in zip(pad, prompts)])
-            ours, theirs, other, other_ref = (m.new_cache(B, 20, pad=pad if any(pad) else None) for _ in range(4))
+            ours, theirs, other, other_ref = (m.new_cache(B, 32, pad=pad if any(pad) else None) for _ in range(4))
             for c in (ours, theirs, other, other_ref):
                 fused_forward(m, w, ids, c, True)
             nxt = torch.tensor([[7 + b] for b in range(B)])
-            while ours.pos < 20:
+            while ours.pos < 30:
                 assert step.fits(nxt, ours)
                 want, got = fused_forward(m, w, nxt, theirs, False), step(nxt, ours)
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -331,7 +332,9 @@ def test_the_graph_step_gives_the_eager_logits_and_keys_for_any_rows_and_caches(
                     fused_forward(m, w, nxt, ours, False)
                     fused_forward(m, w, nxt, theirs, False)
                 nxt = want[:, -1].argmax(-1, keepdim=True)
-    assert graphs_on_the_cpu == [1, 4]  # one recording per batch size: 1 row, and 3 rows in the 4-row graph
+    # one recording per batch size and length of keys: 1 row, and 3 rows in the 4-row graphs
+    assert sorted(step.graphs) == [(1, 8), (1, 16), (1, 32), (4, 8), (4, 16), (4, 32)]
+    assert len(graphs_on_the_cpu) == 6
 
 
 def test_the_engine_gives_the_same_tokens_with_its_step_in_graphs(tok, graphs_on_the_cpu):

@@ -106,6 +106,17 @@ class Forward:
 
 # Batch sizes a CUDA graph of the decoding step is recorded for: a batch replays the smallest that holds its rows.
 GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 64)
+# The keys a graph attends over: GRAPH_SHORTEST, twice that, ... up to the context window; a step replays the shortest
+# that holds its position (attention over the whole window read every key of every row at every token).
+GRAPH_SHORTEST = 64
+
+
+def graph_length(pos: int, block: int) -> int:
+    """How many keys the graph for a step at position pos attends over."""
+    length = GRAPH_SHORTEST
+    while length <= pos and length < block:
+        length *= 2
+    return min(length, block)
 
 
 def record_cuda_graph(run: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
@@ -130,25 +141,27 @@ class GraphStep:
 
     A graph reads and writes fixed addresses: its batch's keys and values are a buffer of its own as long as the
     context window (its rows beyond the batch's compute nothing anyone reads), and the position and each row's padding
-    are tensors its replay reads (fused_forward's pos=). The cache a call passes stays the engine's: its keys and
-    values are copied into the buffer when the buffer does not hold them already (another cache, rows reordered, a
-    step taken outside the graph), then each replay's new keys and values are copied back, one position. Recorded on
-    the first call for a batch size, in milliseconds (no compiler); the weights are inference_weights(model)'s, and
-    load() (new weights) drops the graphs. A recording that fails says so in one line, and the step decodes eagerly
-    from then on. record: how a graph is recorded (record_cuda_graph; the tests replay on the CPU by running the step
-    again)."""
+    are tensors its replay reads (fused_forward's pos=). Per batch size there is a graph for each length of keys it
+    attends over (graph_length: 64, 128, ... up to the window), all on the one buffer. The cache a call passes stays
+    the engine's: its keys and values are copied into the buffer when the buffer does not hold them already (another
+    cache, rows reordered, a step taken outside the graph, a graph just recorded), then each replay's new keys and
+    values are copied back, one position. Recorded on first use, in milliseconds (no compiler); the weights are
+    inference_weights(model)'s, and load() (new weights) drops the graphs. A recording that fails says so in one line,
+    and the step decodes eagerly from then on. record: how a graph is recorded (record_cuda_graph; the tests replay on
+    the CPU by running the step again)."""
 
     record = staticmethod(record_cuda_graph)
     devices = ("cuda",)  # where it records
 
     def __init__(self, model: Transformer, weights: tuple):
         self.model, self.weights = model, weights
-        self.graphs: dict[int, tuple] = {}
-        self.holds: dict[int, tuple] = {}  # per batch size: which cache its buffer holds, and up to which position
+        self.graphs: dict[tuple[int, int], tuple] = {}  # by (rows, length)
+        self.buffers: dict[int, KVCache] = {}  # by rows: its keys and values, position and padding
+        self.holds: dict[int, tuple] = {}  # by rows: which cache its buffer holds, and up to which position
         self.failed = False
 
     def load(self, model: Transformer, weights: tuple) -> None:
-        self.model, self.weights, self.graphs, self.holds = model, weights, {}, {}
+        self.model, self.weights, self.graphs, self.buffers, self.holds = model, weights, {}, {}, {}
 
     def fits(self, idx: torch.Tensor, cache: KVCache) -> bool:
         same = cache.kv.dtype == self.model.embed_tokens.weight.dtype and cache.kv.device == self.model.rope_cos.device
@@ -158,9 +171,11 @@ class GraphStep:
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         B, at = idx.shape[0], cache.pos
         rows = next(r for r in GRAPH_ROWS if r >= B)
-        if rows not in self.graphs:
+        key = rows, graph_length(at, self.model.cfg.block_size)
+        if key not in self.graphs:
+            self.holds.pop(rows, None)  # (recording runs the step, writing into the buffer: it is copied in again)
             try:
-                self.graphs[rows] = self._recorded(rows)
+                self.graphs[key] = self._recorded(*key)
             except Exception as e:  # noqa: BLE001  (any failure to record: decode as written)
                 self.failed = True
                 first = (str(e).strip().splitlines() or [""])[0][:200]
@@ -171,7 +186,8 @@ class GraphStep:
                     flush=True,
                 )
                 return fused_forward(self.model, self.weights, idx, cache, False)
-        replay, ids, pos, buffer, logits = self.graphs[rows]
+        replay, ids, pos, logits = self.graphs[key]
+        buffer = self.buffers[rows]
         if self.holds.get(rows) != (id(cache), cache.kv.data_ptr(), cache.kv.shape, at):
             buffer.kv[:, :B, :, :at].copy_(cache.kv[:, :, :, :at])
             # (the rows past B unpadded: a padding past the position would mask all of a row, which on CUDA may make
@@ -187,13 +203,15 @@ class GraphStep:
         self.holds[rows] = (id(cache), cache.kv.data_ptr(), cache.kv.shape, at + 1)
         return logits[:B].clone()
 
-    def _recorded(self, rows: int) -> tuple:
+    def _recorded(self, rows: int, length: int) -> tuple:
         model = self.model
-        buffer = model.new_cache(rows, model.cfg.block_size, pad=[0] * rows)
-        ids = torch.zeros(rows, 1, dtype=torch.long, device=buffer.kv.device)
-        pos = torch.zeros(1, dtype=torch.long, device=buffer.kv.device)
-        replay, logits = self.record(lambda: fused_forward(model, self.weights, ids, buffer, False, pos=pos))
-        return replay, ids, pos, buffer, logits
+        if rows not in self.buffers:
+            self.buffers[rows] = model.new_cache(rows, model.cfg.block_size, pad=[0] * rows)
+        keys = self.buffers[rows].first(length)  # (the buffer's memory)
+        ids = torch.zeros(rows, 1, dtype=torch.long, device=keys.kv.device)
+        pos = torch.zeros(1, dtype=torch.long, device=keys.kv.device)
+        replay, logits = self.record(lambda: fused_forward(model, self.weights, ids, keys, False, pos=pos))
+        return replay, ids, pos, logits
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ Depends on torch and gradlm.errors only. Example:
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field, fields
 
@@ -147,6 +148,12 @@ class KVCache:
             n = self.n_kv_head
             self._layers = [(self.kv[i], self.kv[i, :, :n], self.kv[i, :, n:]) for i in range(self.kv.shape[0])]
         return self._layers
+
+    def first(self, length: int) -> KVCache:
+        """Its first `length` positions as a cache of their own: the same memory, the same padding tensor."""
+        view = copy.copy(self)
+        view.kv, view.max_len, view._layers, view._bias = self.kv[:, :, :, :length], length, None, None
+        return view
 
     def pad_bias(self) -> torch.Tensor:
         """Additive attention bias (B, 1, 1, max_len): -inf on each row's padding keys, 0 elsewhere.
