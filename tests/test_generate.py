@@ -299,13 +299,16 @@ def graphs_on_the_cpu(monkeypatch) -> list:
     return recorded
 
 
-def test_the_graph_step_gives_the_eager_logits_and_keys_for_any_rows_and_caches(tok, graphs_on_the_cpu, monkeypatch):
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)], ids=["float32", "bfloat16"])
+def test_the_graph_step_gives_the_eager_logits_and_keys_for_any_rows_and_caches(
+    tok, graphs_on_the_cpu, monkeypatch, dtype, tol
+):
     """The step a CUDA graph records (fused_forward with the position as a tensor, attention over the whole buffer,
     masked) against the fused path, with left padding, grouped-query attention and QK-norm; one recording per batch
     size; two caches taking turns in one batch size's buffer, and a cache stepped outside the graph in between, each
     still get their own logits."""
     monkeypatch.setattr(infer, "GRAPH_SHORTEST", 8)  # graphs over 8, 16 and 32 keys (the window)
-    m = sharp_model(tok.vocab_size, seed=4, qk_norm=True, n_kv_head=2)
+    m = sharp_model(tok.vocab_size, seed=4, qk_norm=True, n_kv_head=2).to(dtype)
     w = inference_weights(m)
     step = infer.GraphStep(m, w)
     with torch.inference_mode():
@@ -321,13 +324,15 @@ def test_the_graph_step_gives_the_eager_logits_and_keys_for_any_rows_and_caches(
             while ours.pos < 30:
                 assert step.fits(nxt, ours)
                 want, got = fused_forward(m, w, nxt, theirs, False), step(nxt, ours)
-                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-                torch.testing.assert_close(ours.kv[..., : ours.pos, :], theirs.kv[..., : theirs.pos, :])
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+                torch.testing.assert_close(
+                    ours.kv[..., : ours.pos, :], theirs.kv[..., : theirs.pos, :], rtol=tol, atol=tol
+                )
                 assert ours.pos == theirs.pos
                 if ours.pos % 3 == 0:  # another cache takes the same buffer, then this one comes back
                     o = torch.tensor([[3 + b] for b in range(B)])
                     want_o = fused_forward(m, w, o, other_ref, False)
-                    torch.testing.assert_close(step(o, other), want_o, rtol=1e-4, atol=1e-4)
+                    torch.testing.assert_close(step(o, other), want_o, rtol=tol, atol=tol)
                 if ours.pos == 12:  # a step taken outside the graph
                     fused_forward(m, w, nxt, ours, False)
                     fused_forward(m, w, nxt, theirs, False)
