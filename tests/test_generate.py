@@ -15,7 +15,7 @@ from gradlm.errors import ConfigError
 from gradlm.generation.engine import Engine, Request, StopMatcher
 from gradlm.generation.generate import LM, SamplingConfig, load
 from gradlm.model import infer
-from gradlm.model.infer import Forward, fused_forward, inference_weights
+from gradlm.model.infer import Forward, decode, fused_forward, inference_weights
 from gradlm.model.transformer import Transformer
 from gradlm.model.sampling import apply_penalties, candidates, next_token
 
@@ -373,11 +373,27 @@ def test_the_engine_gives_the_same_tokens_with_its_step_in_graphs(tok, graphs_on
     assert sorted(set(graphs_on_the_cpu)) == [1, 4]  # 4 rows, then 3 (in the 4-row graph), then 1
 
 
-def test_a_graph_that_fails_to_record_decodes_eagerly_after_one_warning(tok, graphs_on_the_cpu, monkeypatch, capsys):
-    def refused(run):
-        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+def _refused(run):
+    raise RuntimeError("operation not permitted when stream is capturing\nmore")
 
-    monkeypatch.setattr(infer.GraphStep, "record", staticmethod(refused))
+
+def _empty(run):  # a graph recorded on another device's stream: its replays compute nothing
+    out = run()
+    return (lambda: None), out
+
+
+@pytest.mark.parametrize(
+    "record, why",
+    [
+        (_refused, "RuntimeError: operation not permitted when stream is capturing"),
+        (_empty, "RuntimeError: the recorded graph did not compute the step"),
+    ],
+    ids=["refused", "empty"],
+)
+def test_a_graph_that_fails_to_record_decodes_eagerly_after_one_warning(
+    tok, graphs_on_the_cpu, monkeypatch, capsys, record, why
+):
+    monkeypatch.setattr(infer.GraphStep, "record", staticmethod(record))
     from gradlm.runtime import Runtime
 
     model = sharp_model(tok.vocab_size)
@@ -386,10 +402,43 @@ def test_a_graph_that_fails_to_record_decodes_eagerly_after_one_warning(tok, gra
     (pieces,) = graphs.run([request])
     assert [p.token.id for p in pieces] == [p.token.id for p in Engine(model, tok).run([request])[0]]
     assert capsys.readouterr().err.splitlines() == [
-        "warning: recording the decoding step as a CUDA graph failed (RuntimeError: operation not permitted when "
-        "stream is capturing); decoding without it (--compile off skips the attempt)"
+        f"warning: recording the decoding step as a CUDA graph failed ({why}); decoding without it "
+        "(--compile off skips the attempt)"
     ]
     assert not graphs.forward.step.fits(torch.tensor([[1]]), model.new_cache(1, 8))  # not tried again
+
+
+def test_a_cache_rewritten_outside_the_graphs_is_copied_in_again_and_a_moved_model_decodes_eagerly(
+    tok, graphs_on_the_cpu, monkeypatch
+):
+    """What a chat does when it drops old turns: the cache's position set back and new ids run through the fused path
+    over the same positions; the next graph step, at a position the buffer held, reads the new keys. A model no
+    longer on a device the graphs record on (here: the CPU no longer one) decodes eagerly."""
+    m = sharp_model(tok.vocab_size, seed=2)
+    forward, w = Forward(m, step="graphs"), inference_weights(m)
+    with torch.inference_mode():
+        ours, theirs = m.new_cache(1, 32), m.new_cache(1, 32)
+        for c in (ours, theirs):
+            fused_forward(m, w, torch.tensor([[1, 2, 3, 4]]), c, True)
+        for t in (5, 6, 7):
+            torch.testing.assert_close(
+                forward(torch.tensor([[t]]), ours), fused_forward(m, w, torch.tensor([[t]]), theirs, False)
+            )
+        assert isinstance(forward.step, infer.GraphStep)
+        for c in (ours, theirs):
+            c.pos -= 3
+        forward(torch.tensor([[9, 10, 11]]), ours)  # (more than one token: the fused path)
+        fused_forward(m, w, torch.tensor([[9, 10, 11]]), theirs, False)
+        torch.testing.assert_close(
+            forward(torch.tensor([[12]]), ours), fused_forward(m, w, torch.tensor([[12]]), theirs, False)
+        )
+    monkeypatch.setattr(infer.GraphStep, "devices", ("cuda",))
+    with torch.no_grad():
+        m.lm_head.weight.mul_(2)  # (new weights: check() hands them to the step, which refuses this device)
+    forward.check()
+    assert forward.step is None and forward.step_mode == "off"
+    cfg = SamplingConfig(temperature=0, max_new_tokens=8)
+    assert decode(m, [1, 2, 3], 8, cfg, forward=forward) == decode(m, [1, 2, 3], 8, cfg)
 
 
 @pytest.mark.numerics

@@ -21,8 +21,10 @@ what training's samples use (gradlm/training/monitor.py), since training may not
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -71,6 +73,8 @@ class Forward:
         weights = self._weights or self.check()
         if self.step is not None and self.step.fits(idx, cache):
             return self.step(idx, cache)
+        if isinstance(self.step, GraphStep):
+            self.step.forget()  # the fused path writes into this cache: a buffer holding it would be stale
         return self._fused(model, weights, idx, cache, last_only)
 
     def check(self) -> tuple:
@@ -120,16 +124,18 @@ def graph_length(pos: int, block: int) -> int:
 
 
 def record_cuda_graph(run: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
-    """run() recorded as a CUDA graph, after two warm-up runs on a side stream (as torch.cuda.graphs asks): (replay,
-    the tensor run() returned, which each replay overwrites)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    """run() recorded as a CUDA graph on the current device, after two warm-up runs on a side stream (as
+    torch.cuda.graphs asks): (replay, the tensor run() returned, which each replay overwrites)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
         for _ in range(2):
             run()
-    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # (a server's other threads may use CUDA)
+    # its own capture stream on this device (torch's default one is made once, on whichever device came first), and
+    # capture errors of this thread only (a server's other threads may use CUDA)
+    with torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
         out = run()
     return graph.replay, out
 
@@ -154,21 +160,36 @@ class GraphStep:
     devices = ("cuda",)  # where it records
 
     def __init__(self, model: Transformer, weights: tuple):
+        self.failed = False
+        self.load(model, weights)
+
+    def load(self, model: Transformer, weights: tuple) -> None:
+        """The model's weights (new ones, or moved): the graphs recorded with the old ones are dropped. A ValueError
+        when the model is no longer on a device this step records on."""
+        self.device = model.embed_tokens.weight.device
+        if self.device.type not in self.devices:
+            raise ValueError(f"the model is on {self.device}; the graphs record on {', '.join(self.devices)}")
         self.model, self.weights = model, weights
         self.graphs: dict[tuple[int, int], tuple] = {}  # by (rows, length)
         self.buffers: dict[int, KVCache] = {}  # by rows: its keys and values, position and padding
-        self.holds: dict[int, tuple] = {}  # by rows: which cache its buffer holds, and up to which position
-        self.failed = False
+        self.holds: dict[int, tuple] = {}  # by rows: (the cache's keys and values, weakly; the position) it holds
 
-    def load(self, model: Transformer, weights: tuple) -> None:
-        self.model, self.weights, self.graphs, self.buffers, self.holds = model, weights, {}, {}, {}
+    def forget(self) -> None:
+        """Something else wrote into a cache (the fused path): no buffer is taken to hold any cache any more."""
+        self.holds.clear()
 
     def fits(self, idx: torch.Tensor, cache: KVCache) -> bool:
-        same = cache.kv.dtype == self.model.embed_tokens.weight.dtype and cache.kv.device == self.model.rope_cos.device
+        same = cache.kv.dtype == self.model.embed_tokens.weight.dtype and cache.kv.device == self.device
         return idx.shape[1] == 1 and idx.shape[0] <= GRAPH_ROWS[-1] and same and not self.failed
 
-    @torch.inference_mode()  # (what it records and the buffers it fills are inference tensors, whoever calls)
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        # on the model's device (another may be the current one: a graph records on the current one), in inference
+        # mode (what it records and the buffers it fills are inference tensors, whoever calls)
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with on_device, torch.inference_mode():
+            return self._step(idx, cache)
+
+    def _step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         B, at = idx.shape[0], cache.pos
         rows = next(r for r in GRAPH_ROWS if r >= B)
         key = rows, graph_length(at, self.model.cfg.block_size)
@@ -188,7 +209,8 @@ class GraphStep:
                 return fused_forward(self.model, self.weights, idx, cache, False)
         replay, ids, pos, logits = self.graphs[key]
         buffer = self.buffers[rows]
-        if self.holds.get(rows) != (id(cache), cache.kv.data_ptr(), cache.kv.shape, at):
+        held, held_at = self.holds.get(rows, (None, None))
+        if held is None or held() is not cache.kv or held_at != at:  # (a weak reference: never a freed cache's ids)
             buffer.kv[:, :B, :, :at].copy_(cache.kv[:, :, :, :at])
             # (the rows past B unpadded: a padding past the position would mask all of a row, which on CUDA may make
             # its keys and values NaN, and a NaN under a masked key still reaches a later batch: 0 x NaN)
@@ -200,7 +222,7 @@ class GraphStep:
         replay()
         cache.kv.narrow(3, at, 1).copy_(buffer.kv[:, :B, :, at : at + 1])
         cache.pos = at + 1
-        self.holds[rows] = (id(cache), cache.kv.data_ptr(), cache.kv.shape, at + 1)
+        self.holds[rows] = (weakref.ref(cache.kv), at + 1)
         return logits[:B].clone()
 
     def _recorded(self, rows: int, length: int) -> tuple:
@@ -208,9 +230,14 @@ class GraphStep:
         if rows not in self.buffers:
             self.buffers[rows] = model.new_cache(rows, model.cfg.block_size, pad=[0] * rows)
         keys = self.buffers[rows].first(length)  # (the buffer's memory)
+        keys.pad.zero_()  # (recording runs at position 0: a row padded past it would have no key, and on CUDA NaNs)
         ids = torch.zeros(rows, 1, dtype=torch.long, device=keys.kv.device)
         pos = torch.zeros(1, dtype=torch.long, device=keys.kv.device)
         replay, logits = self.record(lambda: fused_forward(model, self.weights, ids, keys, False, pos=pos))
+        logits.fill_(float("nan"))
+        replay()
+        if not bool(torch.isfinite(logits).all()):  # a graph that recorded nothing (another device's stream) replays
+            raise RuntimeError("the recorded graph did not compute the step")  # nothing: its output stays as it was
         return replay, ids, pos, logits
 
 
