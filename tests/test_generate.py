@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from gradlm.cli import main
 from gradlm.errors import ConfigError
@@ -283,16 +285,40 @@ def test_cached_fast_path_matches_module_path_with_padding(tok):
             Forward(m)(torch.zeros(3, 8, dtype=torch.long), cache)
 
 
+class _Reads(TorchDispatchMode):
+    """The addresses of the tensors a run reads that it did not make itself (what a CUDA graph reads by address)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made, self.read = set(), set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.made:
+                self.read.add(t.untyped_storage().data_ptr())
+        out = func(*args, **(kwargs or {}))
+        self.made.update(t.untyped_storage().data_ptr() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        return out
+
+
 @pytest.fixture
 def graphs_on_the_cpu(monkeypatch) -> list:
     """GraphStep records on the CPU here: a recording runs the step once, a replay runs it again on the same tensors
-    (what a CUDA graph replays: the recorded step, on the same addresses). One item per recording."""
+    (what a CUDA graph replays: the recorded step, reading and writing the same addresses; each replay checks that it
+    reads no tensor the recording did not). One item per recording."""
     recorded = []
 
     def record(run):
-        out = run()
+        with _Reads() as first:
+            out = run()
         recorded.append(out.shape[0])
-        return (lambda: out.copy_(run())), out
+
+        def replay():
+            with _Reads() as again:
+                out.copy_(run())
+            assert again.read - {out.untyped_storage().data_ptr()} <= first.read, "a replay read another tensor"
+
+        return replay, out
 
     monkeypatch.setattr(infer.GraphStep, "record", staticmethod(record))
     monkeypatch.setattr(infer.GraphStep, "devices", ("cpu",))
@@ -431,6 +457,13 @@ def test_a_cache_rewritten_outside_the_graphs_is_copied_in_again_and_a_moved_mod
         fused_forward(m, w, torch.tensor([[9, 10, 11]]), theirs, False)
         torch.testing.assert_close(
             forward(torch.tensor([[12]]), ours), fused_forward(m, w, torch.tensor([[12]]), theirs, False)
+        )
+        with torch.no_grad():  # new weights (training, load_state_dict): graphs recorded with the old ones are dropped
+            m.layers[0].mlp.up_proj.weight.mul_(-1)
+        forward.check()
+        w = inference_weights(m)
+        torch.testing.assert_close(
+            forward(torch.tensor([[13]]), ours), fused_forward(m, w, torch.tensor([[13]]), theirs, False)
         )
     monkeypatch.setattr(infer.GraphStep, "devices", ("cuda",))
     with torch.no_grad():
