@@ -178,6 +178,21 @@ def test_dropout_drops_the_rounded_share_keeps_the_mean_and_follows_the_seed():
     assert (dropout(torch.ones(10_000), 0.5, training=True) == 0).float().mean().item() == pytest.approx(0.5, abs=0.03)
 
 
+def test_a_compiled_model_without_noise_draws_its_dropout_eagerly_as_the_uncompiled_one():
+    """Called compiled without the step's bytes, each dropout draws its own, outside the graph (a graph break), so
+    the masks and the loss are the uncompiled model's."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, n_layer=1, d_model=32, n_head=2, block_size=16, dropout=0.2)).train()
+    x = torch.randint(0, 64, (2, 16))
+    torch.manual_seed(1)
+    eager = model(x, x)
+    torch.manual_seed(1)
+    compiled = torch.compile(model, backend="eager")(x, x)  # (dynamo only: no C++)
+    assert torch.equal(compiled, eager)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(model)(x, x).graph_break_count > 0  # the bytes drawn outside the graph
+
+
 @pytest.mark.parametrize("B, n_head, d_model, T", [(3, 2, 32, 16), (1, 3, 24, 5)])  # the second: odd counts
 def test_dropout_bytes_drawn_before_a_bf16_forward_give_the_masks_it_draws_itself(B, n_head, d_model, T):
     """A compiled training step takes its dropout's random bytes as an input (drawn in one call before the step);

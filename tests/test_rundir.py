@@ -65,7 +65,7 @@ def cfg_for(prepared, tmp_path, name="run", **kw):
 # ---- layering ---------------------------------------------------------------------------------------
 
 
-def test_loading_sampling_evaluating_and_exporting_never_import_the_trainer(prepared, tmp_path, tok):
+def test_loading_sampling_evaluating_and_exporting_never_import_the_trainer_or_the_compiler(prepared, tmp_path, tok):
     train(tiny_config(tok.vocab_size), cfg_for(prepared, tmp_path, max_steps=2))
     code = f"""
 import sys
@@ -78,6 +78,9 @@ evaluate_text(model, tok, "some text to score")
 from gradlm.formats.hf import export_hf
 export_hf({str(tmp_path / "run")!r}, {str(tmp_path / "hf")!r})
 bad = [m for m in ("gradlm.training.trainer", "gradlm.training.compare", "gradlm.training.lrfind") if m in sys.modules]
+# nor torch's compiler (~2.5 s of a command's start: llguidance.torch compiles a function as it is imported,
+# torch.compiler.disable imports dynamo)
+bad += [m for m in ("torch._dynamo", "torch._inductor") if m in sys.modules]
 print("imported:", bad)
 sys.exit(1 if bad else 0)
 """

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 from llguidance import LLMatcher, LLTokenizer
-from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
+
+# (its numpy helpers: llguidance.torch compiles a function with torch.compile as it is imported, ~2 s of every command)
+from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
 from gradlm.errors import ConfigError
 from gradlm.text.tokenizer import Tokenizer
@@ -156,9 +158,10 @@ class Guide:
 def mask_logits(logits: torch.Tensor, matchers: list[LLMatcher]) -> torch.Tensor:
     """logits (B, V) with every token that matchers[b] does not allow next set to -inf (a new tensor)."""
     B, V = logits.shape
-    bits = allocate_token_bitmask(B, V)
+    words = allocate_token_bitmask(B, V)
     for b, m in enumerate(matchers):
-        fill_next_token_bitmask(m, bits, b)
+        fill_next_token_bitmask(m, words, b)
+    bits = torch.from_numpy(words)
     shifts = torch.arange(32, dtype=torch.int32)
     allowed = ((bits[:, :, None] >> shifts) & 1).reshape(B, -1)[:, :V].bool()  # bit j of word w is token 32 w + j
     return logits.masked_fill(~allowed.to(logits.device), float("-inf"))

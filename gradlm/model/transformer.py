@@ -14,6 +14,7 @@ Depends on torch and gradlm.errors only. Example:
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import asdict, dataclass, field, fields
 
@@ -206,7 +207,7 @@ def dropout(x: torch.Tensor, p: float, training: bool, noise: RandomBytes | None
     drop = min(255, round(p * 256))  # bytes below this are dropped
     if noise is not None:
         return x * _scaled_keep(noise.take(x.numel()).view(x.shape), x.dtype, drop)
-    return x * _keep_mask(x.shape, x.dtype, drop)
+    return x * (_eager_keep_mask() if torch.compiler.is_compiling() else _keep_mask)(x.shape, x.dtype, drop)
 
 
 def random_bytes(n: int) -> torch.Tensor:
@@ -236,11 +237,17 @@ class RandomBytes:
         return part
 
 
-@torch.compiler.disable
 def _keep_mask(shape: torch.Size, dtype: torch.dtype, drop: int) -> torch.Tensor:
-    """dropout's scaled keep mask, drawn eagerly (inside a compiled step without noise, a graph break: compiled, these
-    random bytes cost ~85 ms of a 5 x 224 step and inductor's own random numbers more)."""
+    """dropout's scaled keep mask, drawn eagerly: a compiled step without noise calls it through _eager_keep_mask()."""
     return _scaled_keep(random_bytes(shape.numel()).view(shape), dtype, drop)
+
+
+@functools.cache
+def _eager_keep_mask():
+    """_keep_mask as a compiled graph calls it: eagerly, a graph break (compiled, these random bytes cost ~85 ms of a
+    5 x 224 step and inductor's own random numbers more). Made on first use: torch.compiler.disable imports
+    torch._dynamo, ~1 s that every command would pay as it imports the model."""
+    return torch.compiler.disable(_keep_mask)
 
 
 def _scaled_keep(data: torch.Tensor, dtype: torch.dtype, drop: int) -> torch.Tensor:
