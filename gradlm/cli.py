@@ -133,7 +133,7 @@ def add_runtime_flags(p: argparse.ArgumentParser, decoding: bool = False, merge:
             "batch 1, float32 and int8; a ~20 s build once per model shape, ~40 s for float32 on a CPU not "
             "Intel's, kept in $GRADLM_CACHE/aot): on = built "
             "before the first token if missing, auto = used when built (serve and chat build it in the background "
-            "the first time). On CUDA: on = torch.compile the decoding step, auto = off"
+            "the first time). On CUDA: on = the one-token step recorded as CUDA graphs (no compiler), auto = off"
             if decoding
             else "on, off or auto (= off): torch.compile the scored forward pass"
         )
