@@ -541,7 +541,9 @@ def section_generate(ctx: Context, rep: Report) -> None:
     if a.gen_compile:
         import inspect
 
-        if "runtime" in inspect.signature(Engine).parameters:
+        if rt.kind != "cuda":  # (on the CPU the engine would decode eagerly: the rows above again)
+            rep.add("generate", "decode step in CUDA graphs", note=f"skipped: no CUDA device ({rt.device})")
+        elif "runtime" in inspect.signature(Engine).parameters:
             variants.append((infer.dtype, True))
         else:
             rep.add(
