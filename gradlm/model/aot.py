@@ -205,10 +205,8 @@ def _dot_shape(n_in: int, n_out: int) -> tuple[int, ...]:
 
 def _dot_layout(w: torch.Tensor) -> torch.Tensor:
     """An (in, out) matrix in _dot_shape (a view: constants() copies it)."""
-    n_in, n_out = w.shape
-    if n_out % DOT_BLOCK:
-        return w.t()
-    return w.reshape(n_in, n_out // DOT_BLOCK, DOT_BLOCK).permute(1, 0, 2)
+    shape = _dot_shape(*w.shape)
+    return w.t() if len(shape) == 2 else w.reshape(shape[1], shape[0], DOT_BLOCK).permute(1, 0, 2)
 
 
 def package_path(cfg: ModelConfig, form: str) -> Path:
@@ -363,6 +361,9 @@ class CompiledStep:
         for form, _, loader in self.parts:
             # (weights, into the inactive buffer, check that every weight is given, read in place, copy to the device)
             loader.load_constants(consts[form], False, True, True, False)
+
+    def forget(self) -> None:
+        """(The fused path wrote a cache: this step keeps nothing of any cache between calls.)"""
 
     def fits(self, idx: torch.Tensor, cache: KVCache) -> bool:
         return (

@@ -73,8 +73,8 @@ class Forward:
         weights = self._weights or self.check()
         if self.step is not None and self.step.fits(idx, cache):
             return self.step(idx, cache)
-        if isinstance(self.step, GraphStep):
-            self.step.forget()  # the fused path writes into this cache: a buffer holding it would be stale
+        if self.step is not None:
+            self.step.forget()  # the fused path writes into this cache: what a step holds of it would be stale
         return self._fused(model, weights, idx, cache, last_only)
 
     def check(self) -> tuple:
