@@ -786,11 +786,10 @@ DATA_HELP = "text files, directories, .jsonl, .parquet, .gz/.zst of those, or re
 
 def add_reading_flags(p: argparse.ArgumentParser) -> None:
     """How raw text is read, for the commands that read it outside a run (tokenizer train, prepare)."""
-    from gradlm.training.config import TrainConfig
+    from gradlm.text.prepare import READING
 
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("text_field", "encoding_errors", "tokenizer_sample"):
-            p.add_argument(flag(f.name), default=f.default, help=f.metadata["help"] + f" (default: {f.default})")
+    for name, (default, text) in READING.items():
+        p.add_argument(flag(name), default=default, help=text + f" (default: {default})")
 
 
 LR_FIND_SKIP = (
@@ -852,7 +851,7 @@ def add_watch_command(sub) -> None:
 
 
 def add_tokenizer_command(sub) -> None:
-    from gradlm.training.config import DEFAULT_VOCAB, VOCAB_HELP
+    from gradlm.text.tokenizer import DEFAULT_VOCAB, VOCAB_HELP
 
     tk = sub.add_parser("tokenizer", help="tokenizer tools")
     tks = tk.add_subparsers(dest="action", required=True, parser_class=Parser)
@@ -888,7 +887,7 @@ def add_tokenize_command(sub) -> None:
 
 
 def add_prepare_command(sub) -> None:
-    from gradlm.training.config import DEFAULT_VOCAB, VOCAB_HELP
+    from gradlm.text.tokenizer import DEFAULT_VOCAB, VOCAB_HELP
     from gradlm.text.prepare import SHARD_TOKENS
 
     t = sub.add_parser("prepare", help="tokenise a corpus into train/val token files")
@@ -1307,37 +1306,39 @@ def add_import_command(sub) -> None:
 
 
 # in the order `gradlm --help` lists them
-COMMANDS = [
-    add_tokenizer_command,
-    add_tokenize_command,
-    add_prepare_command,
-    add_train_command,
-    add_finetune_command,
-    add_merge_command,
-    add_chat_command,
-    add_generate_command,
-    add_serve_command,
-    add_watch_command,
-    add_eval_command,
-    add_inspect_command,
-    add_landscape_command,
-    add_lr_find_command,
-    add_compare_command,
-    add_sweep_command,
-    add_plot_command,
-    add_export_command,
-    add_import_command,
-]
+COMMANDS = {
+    "tokenizer": add_tokenizer_command,
+    "tokenize": add_tokenize_command,
+    "prepare": add_prepare_command,
+    "train": add_train_command,
+    "finetune": add_finetune_command,
+    "merge": add_merge_command,
+    "chat": add_chat_command,
+    "generate": add_generate_command,
+    "serve": add_serve_command,
+    "watch": add_watch_command,
+    "eval": add_eval_command,
+    "inspect": add_inspect_command,
+    "landscape": add_landscape_command,
+    "lr-find": add_lr_find_command,
+    "compare": add_compare_command,
+    "sweep": add_sweep_command,
+    "plot": add_plot_command,
+    "export": add_export_command,
+    "import": add_import_command,
+}
 
 
 def build_parser(command: str = "") -> argparse.ArgumentParser:
-    """The parser of every command, one add_*_command function each; for `watch` only, one that imports nothing
-    heavy (the watcher reads JSON files and never loads torch, so `gradlm watch` and `train --watch` start in a
-    fraction of a second)."""
+    """The parser of every command, one add_*_command function each; given a command's name, the parser of that
+    command alone, which imports only what its flags need: the tokenizer's commands, `prepare` and `watch` never
+    load torch (~1.3 s of a start), and the training commands never load the server. A name that is no command
+    (or none, or --help) gets them all, for the list and the message."""
     p = Parser(prog="gradlm", description="Train small GPT-style language models from your own text.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for add in [add_watch_command] if command == "watch" else COMMANDS:
-        add(sub)
+    for name, add in COMMANDS.items():
+        if command not in COMMANDS or name == command:
+            add(sub)
     return p
 
 

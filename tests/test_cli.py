@@ -55,6 +55,30 @@ def test_tokenizer_train_and_tokenize(tmp_path, text_file, capsys):
     assert "tokens for" in out and "b'\\xf0" in out
 
 
+def test_each_command_parses_alone_and_the_text_commands_never_load_torch(tmp_path, text_file):
+    """`gradlm X` builds X's parser only: the same flags as in the whole parser, and for the tokenizer's commands
+    and prepare no torch at all (each started ~1.3 s later when every command's flags were built)."""
+    from gradlm.cli import COMMANDS, build_parser
+
+    whole = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    assert list(whole) == list(COMMANDS)
+    for name in COMMANDS:
+        alone = next(a for a in build_parser(name)._actions if a.__class__.__name__ == "_SubParsersAction").choices
+        assert list(alone) == [name] and alone[name].format_help() == whole[name].format_help()
+    tok, prep = tmp_path / "tok.json", tmp_path / "prep"
+    code = f"""
+import sys
+from gradlm.cli import main
+assert main(["tokenizer", "train", "--data", {str(text_file)!r}, "--vocab-size", "300", "--out", {str(tok)!r}]) == 0
+assert main(["tokenize", "ibuprofen", "--tokenizer", {str(tok)!r}]) == 0
+assert main(["prepare", "--data", {str(text_file)!r}, "--tokenizer", {str(tok)!r}, "--out", {str(prep)!r}]) == 0
+sys.exit("torch was imported" if "torch" in sys.modules else 0)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (prep / "meta.json").exists()
+
+
 def test_prepare_then_train_on_prepared(tmp_path, text_file):
     assert (
         main(

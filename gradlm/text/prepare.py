@@ -61,6 +61,21 @@ SAMPLE_PIECE = 8 << 10  # the tokenizer's sample is drawn in pieces of this many
 TOKENIZER_SAMPLE = 64 << 20  # bytes of text a tokenizer learns from by default: memory stays ~2 GB whatever the corpus
 FORMAT = 2
 SPLITS = ("train", "val")
+# How raw text is read, with each setting's default and help: the flags of `tokenizer train` and `prepare`, and
+# fields of a run's TrainConfig (one source for both, so the commands that never train need not load the trainer)
+READING = {
+    "text_field": ("text", "field (or Parquet column) holding the text in .jsonl and .parquet input"),
+    "encoding_errors": (
+        "replace",
+        "bytes that are not UTF-8 in raw text: replace (by U+FFFD, counted), skip (the document, counted) "
+        "or strict (stop, naming the file and offset)",
+    ),
+    "tokenizer_sample": (
+        f"{TOKENIZER_SAMPLE >> 20}MB",
+        "when a tokenizer is trained from raw text: how much text it learns from, a seeded sample across "
+        "the whole corpus (e.g. 16MB, 1GB); memory follows it",
+    ),
+}
 
 
 # ---- the validation split --------------------------------------------------------------------------------

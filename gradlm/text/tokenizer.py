@@ -43,6 +43,13 @@ SPLIT_PATTERN = (
 EOT = "<|endoftext|>"
 # Reserved at training time so chat fine-tuning later needs no vocabulary surgery.
 SPECIAL_TOKENS = (EOT, "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+# tokenizer size when none is given (measured best of 512 / 1024 / 2048 on 1 MB: gradlm/training/autosize.py)
+DEFAULT_VOCAB = 1024
+VOCAB_HELP = (
+    f"tokenizer size: 256 bytes + merges (256 = pure bytes); the {len(SPECIAL_TOKENS)} reserved special tokens come "
+    "on top, "
+    f"so {DEFAULT_VOCAB} gives {DEFAULT_VOCAB + len(SPECIAL_TOKENS)} ids"
+)
 
 
 @lru_cache(maxsize=1)

@@ -19,19 +19,12 @@ else:  # Python 3.10
 
 from gradlm.errors import ConfigError, check_field_types, flag
 from gradlm.training.optim import DEFAULT_LR, MUON_LR, OPTIMIZERS, SCHEDULES
-from gradlm.text.prepare import TOKENIZER_SAMPLE, parse_size
-from gradlm.text.tokenizer import SPECIAL_TOKENS
+from gradlm.text.prepare import READING, parse_size
+from gradlm.text.tokenizer import DEFAULT_VOCAB, VOCAB_HELP
 from gradlm.runtime import COMPILE, DEVICE_HELP, DTYPES
 from gradlm.training.trackers import LOGGER_HELP, parse_loggers
 
 
-# tokenizer size when none is given (measured best of 512 / 1024 / 2048 on 1 MB: gradlm/training/autosize.py)
-DEFAULT_VOCAB = 1024
-VOCAB_HELP = (
-    f"tokenizer size: 256 bytes + merges (256 = pure bytes); the {len(SPECIAL_TOKENS)} reserved special tokens come "
-    "on top, "
-    f"so {DEFAULT_VOCAB} gives {DEFAULT_VOCAB + len(SPECIAL_TOKENS)} ids"
-)
 DEFAULT_STEPS = 1000  # the budget of a run given none, said in the log
 FULL_BATCH_MICRO = 32  # windows per forward pass of --batch full unless --micro-batch says
 
@@ -50,22 +43,12 @@ class TrainConfig:
     out: str = field(default="runs/default", metadata={"help": "run directory to write"})
     vocab_size: int = field(default=DEFAULT_VOCAB, metadata={"help": "when --data is raw text: " + VOCAB_HELP})
     val_fraction: float = field(default=0.1, metadata={"help": "share of the text held out for validation"})
-    text_field: str = field(
-        default="text", metadata={"help": "field (or Parquet column) holding the text in .jsonl and .parquet input"}
-    )
+    text_field: str = field(default=READING["text_field"][0], metadata={"help": READING["text_field"][1]})
     encoding_errors: str = field(
-        default="replace",
-        metadata={
-            "help": "bytes that are not UTF-8 in raw text: replace (by U+FFFD, counted), skip (the document, counted) "
-            "or strict (stop, naming the file and offset)"
-        },
+        default=READING["encoding_errors"][0], metadata={"help": READING["encoding_errors"][1]}
     )
     tokenizer_sample: str = field(
-        default=f"{TOKENIZER_SAMPLE >> 20}MB",
-        metadata={
-            "help": "when a tokenizer is trained from raw text: how much text it learns from, a seeded sample across "
-            "the whole corpus (e.g. 16MB, 1GB); memory follows it"
-        },
+        default=READING["tokenizer_sample"][0], metadata={"help": READING["tokenizer_sample"][1]}
     )
     batch: str = field(
         default="32",
