@@ -821,11 +821,7 @@ LR_FIND_SKIP = (
 )
 
 
-def add_watch_command(sub) -> None:
-    t = sub.add_parser(
-        "watch",
-        help="a live page of one or more runs: curves, events, samples, progress (a compare or lr-find directory too)",
-    )
+def add_watch_command(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "runs",
         nargs="+",
@@ -850,10 +846,9 @@ def add_watch_command(sub) -> None:
     t.set_defaults(func=cmd_watch)
 
 
-def add_tokenizer_command(sub) -> None:
+def add_tokenizer_command(tk: argparse.ArgumentParser) -> None:
     from gradlm.text.tokenizer import DEFAULT_VOCAB, VOCAB_HELP
 
-    tk = sub.add_parser("tokenizer", help="tokenizer tools")
     tks = tk.add_subparsers(dest="action", required=True, parser_class=Parser)
     t = tks.add_parser("train", help="train a byte-level BPE tokenizer and save tokenizer.json")
     t.add_argument("--data", required=True, nargs="+", help=DATA_HELP)
@@ -865,8 +860,7 @@ def add_tokenizer_command(sub) -> None:
     t.set_defaults(func=cmd_tokenizer_train)
 
 
-def add_tokenize_command(sub) -> None:
-    t = sub.add_parser("tokenize", help="show how text splits into tokens")
+def add_tokenize_command(t: argparse.ArgumentParser) -> None:
     t.add_argument("text", help="text to tokenize ('-' reads standard input)")
     t.add_argument("--tokenizer", default="", help="a run directory or tokenizer.json")
     t.add_argument("--ids", action="store_true", help="print only the ids")
@@ -886,11 +880,10 @@ def add_tokenize_command(sub) -> None:
     t.set_defaults(func=cmd_tokenize)
 
 
-def add_prepare_command(sub) -> None:
+def add_prepare_command(t: argparse.ArgumentParser) -> None:
     from gradlm.text.tokenizer import DEFAULT_VOCAB, VOCAB_HELP
     from gradlm.text.prepare import SHARD_TOKENS
 
-    t = sub.add_parser("prepare", help="tokenise a corpus into train/val token files")
     t.add_argument("--data", required=True, nargs="+", help=DATA_HELP)
     t.add_argument(
         "--out", required=True, help="output directory (new or empty; a prepare that was killed there resumes)"
@@ -911,11 +904,10 @@ def add_prepare_command(sub) -> None:
     t.set_defaults(func=cmd_prepare)
 
 
-def add_train_command(sub) -> None:
+def add_train_command(t: argparse.ArgumentParser) -> None:
     from gradlm.training.config import TrainConfig
     from gradlm.model.transformer import ModelConfig
 
-    t = sub.add_parser("train", help="train a model by gradient descent")
     add_fields(t, TrainConfig, typed_only=True)
     add_fields(t, ModelConfig, skip=("vocab_size",), typed_only=True)
     add_config_flags(t)
@@ -923,14 +915,11 @@ def add_train_command(sub) -> None:
     t.set_defaults(func=cmd_train)
 
 
-def add_finetune_command(sub) -> None:
+def add_finetune_command(t: argparse.ArgumentParser) -> None:
     from gradlm.training.config import TrainConfig
     from gradlm.training.finetune import FinetuneConfig
     from gradlm.model.transformer import ModelConfig
 
-    t = sub.add_parser(
-        "finetune", help="fine-tune a run on chat .jsonl (loss on the replies) or raw text: full, frozen layers or LoRA"
-    )
     t.add_argument("base", nargs="?", default="", help="run directory to start from (may be left out with --resume)")
     add_fields(t, FinetuneConfig, typed_only=True)
     add_fields(t, TrainConfig, skip=("init", "vocab_size"), typed_only=True)
@@ -944,8 +933,7 @@ def add_finetune_command(sub) -> None:
     t.set_defaults(func=cmd_finetune)
 
 
-def add_merge_command(sub) -> None:
-    t = sub.add_parser("merge", help="fold a LoRA run's adapter into its base weights: a run of full weights")
+def add_merge_command(t: argparse.ArgumentParser) -> None:
     t.add_argument("run", help="a run fine-tuned with --method lora")
     t.add_argument("--out", required=True, help="run directory to create")
     t.add_argument("--best", action="store_true", help="merge best_adapter.safetensors (best validation loss)")
@@ -953,10 +941,9 @@ def add_merge_command(sub) -> None:
     t.set_defaults(func=cmd_merge)
 
 
-def add_chat_command(sub) -> None:
+def add_chat_command(t: argparse.ArgumentParser) -> None:
     from gradlm.generation.generate import SamplingConfig
 
-    t = sub.add_parser("chat", help="talk with a run in the terminal (multi-turn, streamed; /reset, /quit)")
     t.add_argument("run", help="run directory (fine-tuned for chat, e.g. with gradlm finetune)")
     t.add_argument(
         "--system",
@@ -970,10 +957,9 @@ def add_chat_command(sub) -> None:
     t.set_defaults(func=cmd_chat)
 
 
-def add_generate_command(sub) -> None:
+def add_generate_command(t: argparse.ArgumentParser) -> None:
     from gradlm.generation.generate import SamplingConfig
 
-    t = sub.add_parser("generate", help="write text with a trained model (streamed)")
     t.add_argument("run", help="run directory")
     t.add_argument(
         "prompt",
@@ -1015,10 +1001,9 @@ def add_generate_command(sub) -> None:
     t.set_defaults(func=cmd_generate)
 
 
-def add_serve_command(sub) -> None:
+def add_serve_command(t: argparse.ArgumentParser) -> None:
     from gradlm.generation.engine import MAX_BATCH, MAX_QUEUE
 
-    t = sub.add_parser("serve", help="serve a run over HTTP: OpenAI-compatible API and a playground page")
     t.add_argument("run", help="run directory")
     t.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     t.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
@@ -1044,12 +1029,9 @@ def add_serve_command(sub) -> None:
     t.set_defaults(func=cmd_serve)
 
 
-def add_eval_command(sub) -> None:
+def add_eval_command(t: argparse.ArgumentParser) -> None:
     from gradlm.evaluation.evaluate import EvalConfig
 
-    t = sub.add_parser(
-        "eval", help="loss, perplexity, bits per byte/char of a text; typo robustness; multiple choice; QA exact match"
-    )
     t.add_argument("run", help="run directory")
     t.add_argument("--best", action="store_true", help="use best.safetensors (best validation loss)")
     t.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -1060,10 +1042,7 @@ def add_eval_command(sub) -> None:
     t.set_defaults(func=cmd_eval)
 
 
-def add_inspect_command(sub) -> None:
-    t = sub.add_parser(
-        "inspect", help="inside a model: attention maps, next-token candidates, the logit lens, embedding neighbours"
-    )
+def add_inspect_command(t: argparse.ArgumentParser) -> None:
     t.add_argument("run", help="run directory")
     t.add_argument("text", help="the text to look at (at most the model's context window)")
     t.add_argument("--best", action="store_true", help="use best.safetensors (best validation loss)")
@@ -1077,13 +1056,9 @@ def add_inspect_command(sub) -> None:
     t.set_defaults(func=cmd_inspect)
 
 
-def add_landscape_command(sub) -> None:
+def add_landscape_command(t: argparse.ArgumentParser) -> None:
     from gradlm.evaluation.landscape import LandscapeConfig
 
-    t = sub.add_parser(
-        "landscape",
-        help="the loss surface around a run's weights: 1-D and 2-D slices, the line from its initial weights",
-    )
     t.add_argument("run", help="run directory")
     t.add_argument("--best", action="store_true", help="around best.safetensors (best validation loss)")
     t.add_argument(
@@ -1098,13 +1073,10 @@ def add_landscape_command(sub) -> None:
     t.set_defaults(func=cmd_landscape)
 
 
-def add_lr_find_command(sub) -> None:
+def add_lr_find_command(t: argparse.ArgumentParser) -> None:
     from gradlm.training.config import TrainConfig
     from gradlm.model.transformer import ModelConfig
 
-    t = sub.add_parser(
-        "lr-find", help="learning-rate range test: plot loss vs an exponentially growing lr, suggest one"
-    )
     t.add_argument("--start-lr", type=float, default=1e-6, help="first learning rate of the sweep")
     t.add_argument("--end-lr", type=float, default=10.0, help="last learning rate of the sweep")
     t.add_argument("--steps", type=int, default=100, help="steps of the sweep")
@@ -1127,11 +1099,10 @@ def add_lr_find_command(sub) -> None:
     t.set_defaults(func=cmd_lr_find)
 
 
-def add_compare_command(sub) -> None:
+def add_compare_command(t: argparse.ArgumentParser) -> None:
     from gradlm.training.config import TrainConfig
     from gradlm.model.transformer import ModelConfig
 
-    t = sub.add_parser("compare", help="train several configurations under one budget and plot them together")
     t.add_argument(
         "--optimizer",
         dest="optimizers",
@@ -1177,15 +1148,10 @@ def add_compare_command(sub) -> None:
     t.set_defaults(func=cmd_compare)
 
 
-def add_sweep_command(sub) -> None:
+def add_sweep_command(t: argparse.ArgumentParser) -> None:
     from gradlm.training.config import TrainConfig
     from gradlm.model.transformer import ModelConfig
 
-    t = sub.add_parser(
-        "sweep",
-        help="search hyperparameters with Optuna: every trial a run under one budget; the best settings, which "
-        "mattered, plots",
-    )
     sweep_search_flags(t)
     sweep_study_flags(t)
     add_fields(t, TrainConfig, skip=("out", "resume", "from_best", "pause_at"), typed_only=True)
@@ -1258,17 +1224,13 @@ def sweep_study_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_plot_command(sub) -> None:
-    t = sub.add_parser("plot", help="draw loss, learning-rate and gradient-norm curves of one or more runs")
+def add_plot_command(t: argparse.ArgumentParser) -> None:
     t.add_argument("runs", nargs="+", help="run directories")
     t.add_argument("--png", default="", help="output file (default: RUN/plots/training.png)")
     t.set_defaults(func=cmd_plot)
 
 
-def add_export_command(sub) -> None:
-    t = sub.add_parser(
-        "export", help="write a run as a Hugging Face transformers checkpoint (Llama / Qwen3) or a llama.cpp GGUF file"
-    )
+def add_export_command(t: argparse.ArgumentParser) -> None:
     t.add_argument("run", help="run directory")
     t.add_argument("out_dir", help="output directory (new, empty, or a previous export of the same format)")
     t.add_argument(
@@ -1295,8 +1257,7 @@ def add_export_command(sub) -> None:
     t.set_defaults(func=cmd_export)
 
 
-def add_import_command(sub) -> None:
-    t = sub.add_parser("import", help="turn a local Hugging Face Llama/Qwen3/Qwen2 checkpoint into a run directory")
+def add_import_command(t: argparse.ArgumentParser) -> None:
     t.add_argument("hf_dir", help="folder with config.json, model.safetensors and tokenizer.json")
     t.add_argument("run", help="run directory to create")
     t.add_argument(
@@ -1305,40 +1266,64 @@ def add_import_command(sub) -> None:
     t.set_defaults(func=cmd_import)
 
 
-# in the order `gradlm --help` lists them
+# in the order `gradlm --help` lists them: each command's one line, and the function that adds its flags
 COMMANDS = {
-    "tokenizer": add_tokenizer_command,
-    "tokenize": add_tokenize_command,
-    "prepare": add_prepare_command,
-    "train": add_train_command,
-    "finetune": add_finetune_command,
-    "merge": add_merge_command,
-    "chat": add_chat_command,
-    "generate": add_generate_command,
-    "serve": add_serve_command,
-    "watch": add_watch_command,
-    "eval": add_eval_command,
-    "inspect": add_inspect_command,
-    "landscape": add_landscape_command,
-    "lr-find": add_lr_find_command,
-    "compare": add_compare_command,
-    "sweep": add_sweep_command,
-    "plot": add_plot_command,
-    "export": add_export_command,
-    "import": add_import_command,
+    "tokenizer": ("tokenizer tools", add_tokenizer_command),
+    "tokenize": ("show how text splits into tokens", add_tokenize_command),
+    "prepare": ("tokenise a corpus into train/val token files", add_prepare_command),
+    "train": ("train a model by gradient descent", add_train_command),
+    "finetune": (
+        "fine-tune a run on chat .jsonl (loss on the replies) or raw text: full, frozen layers or LoRA",
+        add_finetune_command,
+    ),
+    "merge": ("fold a LoRA run's adapter into its base weights: a run of full weights", add_merge_command),
+    "chat": ("talk with a run in the terminal (multi-turn, streamed; /reset, /quit)", add_chat_command),
+    "generate": ("write text with a trained model (streamed)", add_generate_command),
+    "serve": ("serve a run over HTTP: OpenAI-compatible API and a playground page", add_serve_command),
+    "watch": (
+        "a live page of one or more runs: curves, events, samples, progress (a compare or lr-find directory too)",
+        add_watch_command,
+    ),
+    "eval": (
+        "loss, perplexity, bits per byte/char of a text; typo robustness; multiple choice; QA exact match",
+        add_eval_command,
+    ),
+    "inspect": (
+        "inside a model: attention maps, next-token candidates, the logit lens, embedding neighbours",
+        add_inspect_command,
+    ),
+    "landscape": (
+        "the loss surface around a run's weights: 1-D and 2-D slices, the line from its initial weights",
+        add_landscape_command,
+    ),
+    "lr-find": ("learning-rate range test: plot loss vs an exponentially growing lr, suggest one", add_lr_find_command),
+    "compare": ("train several configurations under one budget and plot them together", add_compare_command),
+    "sweep": (
+        "search hyperparameters with Optuna: every trial a run under one budget; the best settings, which mattered, "
+        "plots",
+        add_sweep_command,
+    ),
+    "plot": ("draw loss, learning-rate and gradient-norm curves of one or more runs", add_plot_command),
+    "export": (
+        "write a run as a Hugging Face transformers checkpoint (Llama / Qwen3) or a llama.cpp GGUF file",
+        add_export_command,
+    ),
+    "import": ("turn a local Hugging Face Llama/Qwen3/Qwen2 checkpoint into a run directory", add_import_command),
 }
 
 
-def build_parser(command: str = "") -> argparse.ArgumentParser:
-    """The parser of every command, one add_*_command function each; given a command's name, the parser of that
-    command alone, which imports only what its flags need: the tokenizer's commands, `prepare` and `watch` never
-    load torch (~1.3 s of a start), and the training commands never load the server. A name that is no command
-    (or none, or --help) gets them all, for the list and the message."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser, with its flags (command None: what the docs' tests read). main() builds less: given
+    a command's name, that command's parser alone, which imports only what its flags need (the tokenizer's
+    commands, `prepare` and `watch` never load torch); given anything else (nothing, --help, a misspelt name),
+    every command listed with its one line and no flags, which is all that `gradlm --help` and the message need."""
     p = Parser(prog="gradlm", description="Train small GPT-style language models from your own text.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for name, add in COMMANDS.items():
-        if command not in COMMANDS or name == command:
-            add(sub)
+    for name, (text, add) in COMMANDS.items():
+        if command is None or command == name or command not in COMMANDS:
+            t = sub.add_parser(name, help=text)
+            if command is None or command == name:
+                add(t)
     return p
 
 

@@ -56,8 +56,9 @@ def test_tokenizer_train_and_tokenize(tmp_path, text_file, capsys):
 
 
 def test_each_command_parses_alone_and_the_text_commands_never_load_torch(tmp_path, text_file):
-    """`gradlm X` builds X's parser only: the same flags as in the whole parser, and for the tokenizer's commands
-    and prepare no torch at all (each started ~1.3 s later when every command's flags were built)."""
+    """`gradlm X` builds X's parser only, with the same flags as the whole parser's; `gradlm --help` lists every
+    command without building their flags; and neither the list nor the tokenizer's commands and prepare load
+    torch (each started ~1.3 s later when every command's flags were built)."""
     from gradlm.cli import COMMANDS, build_parser
 
     whole = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction").choices
@@ -68,7 +69,9 @@ def test_each_command_parses_alone_and_the_text_commands_never_load_torch(tmp_pa
     tok, prep = tmp_path / "tok.json", tmp_path / "prep"
     code = f"""
 import sys
-from gradlm.cli import main
+from gradlm.cli import build_parser, main
+listed = build_parser("--help").format_help()
+assert all(name in listed for name in {list(COMMANDS)!r}), listed
 assert main(["tokenizer", "train", "--data", {str(text_file)!r}, "--vocab-size", "300", "--out", {str(tok)!r}]) == 0
 assert main(["tokenize", "ibuprofen", "--tokenizer", {str(tok)!r}]) == 0
 assert main(["prepare", "--data", {str(text_file)!r}, "--tokenizer", {str(tok)!r}, "--out", {str(prep)!r}]) == 0
