@@ -1,16 +1,13 @@
-"""The compiled float32 decoding step's two forms side by side: MKL's matrix products against dot products written
-into the graph (gradlm/model/aot.py, dot_products), and the eager step beside them.
+"""The compiled float32 decoding step built two ways side by side: its products as ATen's (MKL's) matrix products,
+and tuned, as gradlm builds it (gradlm/model/aot.py, TUNED: inductor times each product as ATen's and as its own
+C++ GEMM template, weights in the template's blocks, and takes the faster), with the eager step beside them.
 
-Builds both in a fresh cache (whatever this CPU would choose), then decodes greedily through gradlm's engine,
-alternating the three in one process: eager float32, the compiled step of matrix products only, and the compiled
-step whose batches of up to aot.dot_rows() rows (or --dot-rows) take the dot-product package (more rows take the
-matrix-product one, so past those rows the two compiled columns run the same code). Prompts, run and counting as
-benchmarks/llamacpp.py (--new-tokens per row, prefill included, median of --repeats); "same tokens" compares each
-row's greedy tokens with the eager step's.
+Builds both in fresh caches, then decodes greedily through gradlm's engine, alternating the three in one process.
+Prompts, run and counting as benchmarks/llamacpp.py (--new-tokens per row, prefill included, median of --repeats);
+"same tokens" compares each row's greedy tokens with the eager step's.
 
     python benchmarks/decode_forms.py --run RUN           # the table in docs/benchmarks.md
-    python benchmarks/decode_forms.py --run RUN --batches 1,2,4,8,16 --threads 1
-    python benchmarks/decode_forms.py --run RUN --batches 8,16 --dot-rows 16   # where the dot form stops winning
+    python benchmarks/decode_forms.py --run RUN --batches 1,2,4,8 --threads 1
 """
 
 from __future__ import annotations
@@ -42,7 +39,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batches", default="1,2,4,8,16")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ap.add_argument("--dot-rows", type=int, default=0, help="the most rows the dot form takes (0 = aot.dot_rows())")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -53,26 +49,27 @@ def main() -> None:
     print(
         f"machine: {cpu_name()} ({cpu_flags()}), {torch.get_num_threads()} threads; torch {torch.__version__}; "
         f"{model.cfg.n_layer} x {model.cfg.d_model}, greedy, {args.new_tokens} new tokens a row, median of "
-        f"{args.repeats}; this CPU's own choice: {'dot products' if aot.dot_products() else 'matrix products'}"
+        f"{args.repeats}"
     )
-    if args.dot_rows:
-        aot.dot_rows = lambda: args.dot_rows
     engines = {"eager": Engine(model, tok)}
-    chosen = aot.dot_products
+    tuned = aot.TUNED
     try:
-        for name, dot in (("matrix products", False), (f"dot products up to {aot.dot_rows()} rows", True)):
-            aot.dot_products = lambda dot=dot: dot  # what forms() asks while this engine's step opens
+        for name, settings in (("ATen's products", {}), ("tuned", tuned)):
+            aot.TUNED = settings  # what build reads while this engine's step is built, in a cache of its own
+            os.environ["GRADLM_CACHE"] = str(tmp / name.split()[0])
             engine = Engine(model, tok, runtime=Runtime("cpu", "float32", decode_step="build"))
             engine.forward.check()
-            step = engine.forward.step
-            if step is None or step.forms != ["float32-dot", "float32"][not dot :]:
+            if engine.forward.step is None:
                 sys.exit(f"the compiled step ({name}) did not open: see the warning above")
+            blocked = sum(aot.BLOCKS in fqn for fqn in engine.forward.step.consts["float32"])
+            print(f"{name}: {blocked} of the step's weights in the GEMM template's blocks")
             engines[name] = engine
     finally:
-        aot.dot_products = chosen
+        aot.TUNED = tuned
     lines = shakespeare_lines()
-    print("\n| batch | " + " | ".join(f"{k} tokens/s" for k in engines) + " | dot / matrix | same tokens |")
-    print("|---:|" + "---:|" * len(engines) + "---:|---|")
+    names = list(engines)
+    print("\n| batch | " + " | ".join(f"{k} tokens/s" for k in names) + " | tuned / ATen's | same tokens |")
+    print("|---:|" + "---:|" * len(names) + "---:|---|")
     for B in [int(b) for b in args.batches.split(",")]:
         prompts = [tok.encode(lines[i * 7 % len(lines)])[:48] for i in range(B)]
         rates, tokens = {k: [] for k in engines}, {}
@@ -82,7 +79,6 @@ def main() -> None:
                 tokens[name] = gradlm_decode(engine, prompts, args.new_tokens)
                 rates[name].append(B * args.new_tokens / (time.perf_counter() - start))
         med = {k: statistics.median(v[1:]) for k, v in rates.items()}
-        names = list(engines)
         same = all(tokens[k] == tokens["eager"] for k in names)
         print(
             f"| {B} | " + " | ".join(f"{med[k]:,.0f}" for k in names) + f" | {med[names[2]] / med[names[1]]:.2f}x | "

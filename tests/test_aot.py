@@ -10,7 +10,7 @@ import torch
 
 from gradlm.generation.engine import Engine, Request
 from gradlm.model import aot, infer
-from gradlm.model.infer import Forward, Int8, decode, fused_forward, inference_weights
+from gradlm.model.infer import Forward, decode, fused_forward, inference_weights
 from gradlm.model.sampling import SamplingConfig
 from gradlm.runtime import Runtime
 
@@ -67,83 +67,55 @@ def same_as_eager(model, step, tol: float, length: int | None = None, prompts=([
 BATCH = ([1, 2, 3, 4, 5], [6, 7], [8, 9, 10])  # three rows of different lengths
 
 
-class _Recorded:
-    """A package loader that notes its form each time it runs."""
+def test_weights_in_inductors_blocks_are_made_from_each_models_own(aot_cache, monkeypatch):
+    """With inductor's GEMM template chosen for every weight's product (TUNED times it against ATen's, so which
+    products take it depends on the machine): the package names each weight the template put in blocks after its
+    matrix, and load() makes the blocks from the model's weights, a vocabulary the block does not divide padded with
+    zeros."""
+    only = "cpp|bmm"  # of the choices timed, the template's for the weights' products (ATen's for attention's)
+    monkeypatch.setattr(aot, "TUNED", aot.TUNED | {"test_configs.autotune_choice_name_regex": only})
+    monkeypatch.setattr(aot, "package_path", lambda cfg, form: aot_cache / "cpp-only" / f"{form}.pt2")
+    model = sharp_model(330, n_layer=1, **SHAPE)  # (one layer: a quicker build)
+    step = aot.open_step(model, inference_weights(model), False, say=lambda line: None)
+    assert step is not None and step.forms == ["float32"]
+    blocked = {name.partition(aot.BLOCKS)[0]: t for name, t in step.consts["float32"].items() if aot.BLOCKS in name}
+    assert set(blocked) == {"l0_qkv", "l0_o", "l0_gu", "l0_down", "head"}
+    assert blocked["head"].shape[0] * blocked["head"].shape[2] > 330  # padded to whole blocks
+    other = sharp_model(330, n_layer=1, seed=1, **SHAPE)
+    again = aot.open_step(other, inference_weights(other), False, build_missing=False)
+    same_as_eager(other, again, 1e-4, length=19)
+    same_as_eager(other, again, 1e-4, length=12, prompts=BATCH)
 
-    def __init__(self, form, loader, ran):
-        self.form, self.loader, self.ran = form, loader, ran
 
-    def boxed_run(self, args):
-        self.ran.append(self.form)
-        return self.loader.boxed_run(args)
-
-
-def recording(step) -> list:
-    """The forms of the packages step runs, call by call, from now on."""
-    ran = []
-    step.parts = [(form, rows, _Recorded(form, loader, ran)) for form, rows, loader in step.parts]
-    return ran
+@pytest.mark.parametrize("n_out", [48, 330], ids=["in-blocks", "padded"])
+@pytest.mark.parametrize("block", [16, 32])
+def test_a_matrix_in_blocks_holds_its_columns_in_order_and_zeros_after(n_out, block):
+    g = torch.Generator().manual_seed(0)
+    w, a = torch.randn(40, n_out, generator=g), torch.randn(3, 40, generator=g)
+    blocked = aot._blocked(w, block)
+    assert blocked.shape == (-(-n_out // block), 40, block) and blocked.is_contiguous()
+    columns = blocked.permute(1, 0, 2).reshape(40, -1)
+    assert torch.equal(columns[:, :n_out], w) and not columns[:, n_out:].any()
+    torch.testing.assert_close(torch.einsum("bk,nkj->bnj", a, blocked).reshape(3, -1)[:, :n_out], a @ w)
 
 
-def test_a_float32_step_opens_without_its_few_row_package(aot_cache, tok, monkeypatch):
-    """A cache from before the dot-product package (or one still building): the matrix-product package takes every
-    batch meanwhile, and the background build makes only what is missing. (First in the module: it builds both
-    float32 packages, which the tests after it find in the module's cache.)"""
+def test_the_step_gives_the_eager_logits_at_every_position_for_any_weights_of_its_shape(aot_cache, tok):
     model = sharp_model(tok.vocab_size, **SHAPE)
-    monkeypatch.setattr(aot, "dot_products", lambda: False)
-    lines = []
-    assert aot.open_step(model, inference_weights(model), False, say=lines.append) is not None  # "float32" built
-    assert len(lines) == 1 and lines[0].startswith("compiling the decoding step (2 x 32, float32): ")
-    assert str(aot_cache) in lines[0]
-    monkeypatch.setattr(aot, "dot_products", lambda: True)
-    real = aot.package_path
-    monkeypatch.setattr(aot, "package_path", lambda cfg, form: real(cfg, form + "-absent" * (form == "float32-dot")))
-    step = aot.open_step(model, inference_weights(model), False, build_missing=False)
-    assert step is not None and step.forms == ["float32"] and step.max_rows == aot.MAX_ROWS
-    same_as_eager(model, step, 1e-4, length=12)
-    lines.clear()
-    process = aot.build_in_background(model.cfg, False, say=lines.append)
-    assert process is not None and len(lines) == 1  # only the missing package
-    assert lines[0].startswith("compiling the decoding step (2 x 32, float32-dot) in the background")
-    assert str(aot_cache) in lines[0]
-    assert process.wait(timeout=300) == 0
-    monkeypatch.setattr(aot, "package_path", real)  # (the build in the other process wrote the real path)
-    assert aot.open_step(model, inference_weights(model), False, build_missing=False).forms == [
-        "float32-dot",
-        "float32",
-    ]
-
-
-@pytest.mark.parametrize("dot", [False, True], ids=["matrix-products", "dot-products"])
-def test_the_step_gives_the_eager_logits_at_every_position_for_any_weights_of_its_shape(
-    aot_cache, tok, monkeypatch, dot
-):
-    # both float32 forms on every CPU: MKL's matrix products (Intel), dot products in the graph (AMD)
-    monkeypatch.setattr(aot, "dot_products", lambda: dot)
-    model = sharp_model(tok.vocab_size, **SHAPE)
-    forms = ["float32-dot", "float32"] if dot else ["float32"]  # up to dot_rows() rows, and the rest
-    missing = [form for form in forms if not aot.package_path(model.cfg, form).exists()]  # (the module's cache)
+    missing = not aot.package_path(model.cfg, "float32").exists()  # (the module's cache)
     lines = []
     step = aot.open_step(model, inference_weights(model), False, say=lines.append)
-    assert step is not None and step.forms == forms and step.max_rows == aot.MAX_ROWS
-    assert len(lines) == len(missing)  # one line for each package built
-    for line, form in zip(lines, missing):
-        assert line.startswith(f"compiling the decoding step (2 x 32, {form}): ") and str(aot_cache) in line
+    assert step is not None and step.forms == ["float32"] and step.max_rows == aot.MAX_ROWS
+    assert len(lines) == missing  # one line when the package is built
+    if missing:
+        assert lines[0].startswith("compiling the decoding step (2 x 32, float32): ") and str(aot_cache) in lines[0]
     same_as_eager(model, step, 1e-4)
     # another model of the shape: the package is found (not built again) and computes with that model's weights
     other = sharp_model(tok.vocab_size, seed=1, **SHAPE)
     again = aot.open_step(other, inference_weights(other), False, build_missing=False, say=lines.append)
-    assert again is not None and len(lines) == len(missing)
-    ran = recording(again)
+    assert again is not None and len(lines) == missing
     same_as_eager(other, again, 1e-4, length=19)  # the same graph for a cache of any length
     same_as_eager(other, again, 1e-4, prompts=BATCH)  # and for a batch of rows, left-padded
-    assert set(ran) == {forms[0]}  # 1 and 3 rows: the few-row package where there is one
-    ran.clear()
-    same_as_eager(other, again, 1e-4, length=12, prompts=BATCH * 2)  # 6 rows: the dot form's with 2 threads or more
-    assert set(ran) == {forms[0] if aot.dot_rows() >= 6 else "float32"}
-    ran.clear()
-    same_as_eager(other, again, 1e-4, length=12, prompts=BATCH * 3)  # more rows than dot_rows(): the other form
-    assert set(ran) == {"float32"}
+    same_as_eager(other, again, 1e-4, length=12, prompts=BATCH * 3)
     assert not step.fits(torch.tensor([[1, 2]]), model.new_cache(1, 32))  # more than one token: eager
     one = model.new_cache(1, 32)
     one.pos = 1
@@ -166,18 +138,6 @@ def test_float32_decoding_through_the_step_is_the_module_paths_greedy_tokens(aot
     model.to(torch.bfloat16)  # weights the package was not built for (it reads them in place): eager from now on
     forward.check()
     assert forward.step is None and forward.step_mode == "off"
-
-
-@pytest.mark.skipif(not Int8.weight_only, reason="the int8 step is built where ATen runs AVX512 (its int8 kernel)")
-def test_a_dot_step_whose_head_is_not_in_blocks_gives_the_eager_logits(aot_cache, monkeypatch):
-    """A vocabulary 16 does not divide: the head stays (out, in) beside the blocked matrices, in one compiled graph."""
-    monkeypatch.setattr(aot, "forms", lambda int8: [("float32-dot", aot.MAX_ROWS)])  # that package for every batch
-    model = sharp_model(330, n_layer=1)  # (one layer: a quicker build)
-    step = aot.open_step(model, inference_weights(model), False, say=lambda line: None)
-    assert step is not None and step.forms == ["float32-dot"]
-    assert aot.layout(model.cfg, "float32-dot")["head"][0] == (330, model.cfg.d_model)
-    same_as_eager(model, step, 1e-4, length=19)
-    same_as_eager(model, step, 1e-4, length=12, prompts=BATCH)
 
 
 def test_the_int8_step_built_in_the_background_gives_the_eager_int8_logits(aot_cache, tok, monkeypatch):
@@ -238,56 +198,36 @@ def test_a_step_that_fails_to_build_decodes_eagerly_after_one_warning_and_leaves
     assert list((tmp_path / "aot").iterdir()) == []  # nothing half-written
 
 
-@pytest.mark.parametrize(
-    "vendor, threads, want",
-    [
-        ("AuthenticAMD", 2, [("float32-dot", 8), ("float32", 64)]),
-        ("AuthenticAMD", 1, [("float32-dot", 4), ("float32", 64)]),
-        ("GenuineIntel", 2, [("float32", 64)]),
-        ("", 2, [("float32", 64)]),
-    ],
-)
-def test_a_float32_step_is_made_of_the_forms_this_cpu_multiplies_fastest(monkeypatch, vendor, threads, want):
-    monkeypatch.setattr(aot, "cpu_vendor", lambda: vendor)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_step_is_one_package_taking_the_rows_measured_for_its_threads(monkeypatch, threads):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    mkl = torch.backends.mkl.is_available()  # (a torch without MKL: its own matrix products, no dot form)
-    assert aot.forms(False) == (want if mkl else [("float32", 64)])
+    assert aot.forms(False) == [("float32", 64)]
     assert aot.forms(True) == [("int8", 16 if threads > 1 else 4)]
 
 
-@pytest.mark.parametrize("n_out", [48, 330], ids=["in-blocks", "not-a-multiple-of-the-block"])
-def test_the_dot_forms_product_is_the_matrix_product(n_out):
-    g = torch.Generator().manual_seed(0)
-    w, a, rows = torch.randn(40, n_out, generator=g), torch.randn(3, 40, generator=g), torch.rand(3, 1, generator=g)
-    blocked = aot._dot_layout(w).contiguous()
-    assert tuple(blocked.shape) == aot._dot_shape(40, n_out)
-    got = aot._product(a, blocked, None, rows, dot=True)
-    torch.testing.assert_close(got, (a * rows) @ w, rtol=1e-5, atol=1e-5)
+def test_a_step_compiles_tuned_with_a_1_row_batch_shared_among_threads_and_untuned_if_that_fails(
+    tmp_path, monkeypatch, tok
+):
+    """A build's example batch has neither as many rows as threads nor twice as many (3, or 2 with 1 and 3 threads:
+    else a 1-row batch ran on one thread). A float32 build is tuned, and built again untuned when that fails; torch's
+    method that _blocks_named replaces is put back either way."""
+    from torch._inductor.graph import GraphLowering
 
-
-def test_a_dot_step_compiles_with_a_1_row_batch_shared_among_threads(tmp_path, monkeypatch, tok):
-    """A build's example batch has neither as many rows as threads nor twice as many (3, or 2 with 1 and 3 threads)
-    and, for the dot-product form with 2 threads or more, inductor's outer-loop fusion is off while it compiles
-    (either way a 1-row batch ran on one thread), put back afterwards, even when compiling fails."""
-    from torch._inductor.codegen import cpp
-
-    fuse, seen = getattr(cpp.CppScheduling, "can_fuse_vertical_outer_loop", None), []
-    if fuse is None:
-        pytest.skip("this torch has no outer-loop fusion hook: the step compiles as inductor would")
+    add, seen = GraphLowering.add_tensor_constant, []
 
     def stop(program, package_path, inductor_configs):
         rows = program.example_inputs[0][0].shape[0]
-        seen.append((rows, cpp.CppScheduling.can_fuse_vertical_outer_loop is fuse))
+        seen.append((rows, inductor_configs.get("max_autotune", False)))
         raise RuntimeError("stopped before compiling")
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", stop)
     cfg = sharp_model(tok.vocab_size).cfg
-    for threads, form in ((2, "float32-dot"), (2, "float32"), (1, "float32-dot"), (3, "float32-dot"), (96, "int8")):
+    for threads, form in ((2, "float32"), (1, "float32"), (3, "int8"), (96, "int8")):
         monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
         with pytest.raises(RuntimeError, match="stopped"):
             aot.build(cfg, form, tmp_path / f"{form}.pt2")
-    assert seen == [(3, False), (3, True), (2, True), (2, False), (3, True)]
-    assert cpp.CppScheduling.can_fuse_vertical_outer_loop is fuse
+    assert seen == [(3, True), (3, False), (2, True), (2, False), (2, False), (3, False)]
+    assert GraphLowering.add_tensor_constant is add
     assert list(tmp_path.iterdir()) == []
 
 

@@ -17,11 +17,11 @@ score beside them, one softmax over both; the new keys and values come back and 
 are the fused path's (gradlm/model/infer.py: norms folded into the products; int8 = its weight-only form), so the
 tokens are the eager path's up to float rounding (tests/test_aot.py).
 
-The package depends on the model's shape, the weights' form (float32, float32-dot or int8), torch's version and
-the CPU's capability, not on the weights: they are handed to it at load time (load_constants), so one build serves
-every model of a shape. It lives in $GRADLM_CACHE/aot/, written whole or not at all. Where MKL multiplies few rows
-slowly (a CPU not Intel's: dot_products), a float32 step is two packages: dot products written into the graph for up
-to dot_rows() rows, MKL's matrix products for more.
+The package depends on the model's shape, the weights' form (float32 or int8), torch's version and the CPU's
+capability, not on the weights: they are handed to it at load time (load_constants), so one build serves every
+model of a shape. It lives in $GRADLM_CACHE/aot/, written whole or not at all. A float32 step's products are
+inductor's own C++ GEMM template where it times faster than ATen's (TUNED: MKL on an AMD CPU multiplies a few rows
+at a third of the memory's rate), with weights in its blocks, made at load time too.
 """
 
 from __future__ import annotations
@@ -42,60 +42,22 @@ import torch
 import torch.nn.functional as F
 
 from gradlm.layout import cache_dir
-from gradlm.model.compiling import cpu_vendor, machine_key
+from gradlm.model.compiling import machine_key
 from gradlm.model.transformer import KVCache, ModelConfig
 
-STEP_VERSION = 7  # part of the package's key: raise it whenever Step computes something else or compiles differently
+STEP_VERSION = 8  # part of the package's key: raise it whenever Step computes something else or compiles differently
 
 
-def _product(
-    a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, rows: torch.Tensor | None, dot: bool
-) -> torch.Tensor:
-    """(a * rows) @ w in float32: w is (in, out), or for dot products written into the graph (dot), which inductor
-    turns into its own loops, w is in blocks of DOT_BLOCK outputs (out / DOT_BLOCK, in, DOT_BLOCK): a block's outputs
-    are one vector summed along the input, its weights (20 KB at in = 320) read in order and, kept in the L1 cache,
-    once for every row, the blocks shared among threads (the 6 x 320 step against outputs computed one by one along
-    their weight rows, (out, in): 0.95-1.0x at batch 1, 1.2x at 2 rows, 1.1-1.2x at 4 and 8, on an AMD EPYC; what
-    remains where DOT_BLOCK does not divide out). Written as (w[:, None] * a).sum(-1).t(), an output laid out along
-    the batch, inductor vectorised the batch and the step ran 30-60x slower. int8 (scale given): w is (out, in) int8,
-    multiplied by the weight-only kernel with a in bf16, the product's rows scaled instead of a's."""
+def _product(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:
+    """(a * rows) @ w in float32: w is (in, out). int8 (scale given): w is (out, in) int8, multiplied by the
+    weight-only kernel with a in bf16, the product's rows scaled instead of a's."""
     if scale is None:
-        a = a if rows is None else a * rows
-        if not dot:
-            return a @ w
-        if w.dim() == 3:  # (blocks, rows, DOT_BLOCK): each block's weights read once for all the rows
-            return (a[None, :, :, None] * w[:, None]).sum(2).permute(1, 0, 2).reshape(a.shape[0], -1)
-        return (a[:, None, :] * w).sum(-1)
+        return (a if rows is None else a * rows) @ w
     out = torch._weight_int8pack_mm(a.to(torch.bfloat16), w, scale)
     return out.float() if rows is None else out * rows
 
 
 MAX_ROWS = 64  # the most rows one step takes (the batch dimension is symbolic up to it)
-
-
-DOT_BLOCK = 16  # its weights' outputs in blocks of this many (_product): one AVX512 vector of float32
-
-
-def dot_products() -> bool:
-    """Whether a float32 step of a few rows multiplies as dot products written into the graph rather than through
-    ATen's matrix product: where that product is MKL's on an x86 CPU that is not Intel's. MKL picks its kernels by
-    the CPU's vendor, and on an AMD EPYC (AVX512) its products of a few rows run at half the speed of inductor's own
-    loops: the 25 products of a 6 x 320 step alone at batch 1 took 2.3-2.6 ms through MKL, 0.5-0.7 ms as dot
-    products (2 threads). Whole greedy decodes: 2.5-2.7x the compiled matrix-product step at batch 1 (0.95-1.0x
-    llama.cpp f32), less with more rows (dot_rows), so the dot form takes up to dot_rows() rows and the
-    matrix-product form the rest (docs/benchmarks.md, "The compiled decoding step on an AMD EPYC" and after). On
-    Intel's CPUs MKL's product stays (0.56 ms for the same 25 at batch 1 on a Sapphire Rapids Xeon; the dot form not
-    measured there)."""
-    return torch.backends.mkl.is_available() and cpu_vendor() not in ("GenuineIntel", "")
-
-
-def dot_rows() -> int:
-    """The most rows the dot-product form takes: up to where it stops beating MKL's matrix products, by threads
-    (benchmarks/decode_forms.py, 6 x 320, AMD EPYC, whole greedy decodes): with 2 threads 2.5x at 1 row, 2.0x at 2,
-    1.7x at 4, 1.11x at 8, 0.87x at 16; with one thread (a server's) 1.56x at 1 row, 0.99x at 4, 0.84x at 8. Each
-    block of weights is read once for all the rows, but each row's sums are its own, one after another. So 8 rows
-    with 2 threads or more, 4 with one."""
-    return 4 if torch.get_num_threads() == 1 else 8
 
 
 def int8_rows() -> int:
@@ -110,12 +72,9 @@ def int8_rows() -> int:
 
 
 def forms(int8: bool) -> list[tuple[str, int]]:
-    """The packages a step is made of on this machine, each with the most rows it takes, fewest rows first:
-    "int8" (weight-only, up to int8_rows()), or "float32" with, where dot_products(), "float32-dot" for up to
-    dot_rows() rows."""
-    if int8:
-        return [("int8", int8_rows())]
-    return ([("float32-dot", dot_rows())] if dot_products() else []) + [("float32", MAX_ROWS)]
+    """The packages a step is made of on this machine, each with the most rows it takes, fewest rows first: "int8"
+    (weight-only, up to int8_rows()) or "float32" (up to MAX_ROWS)."""
+    return [("int8", int8_rows())] if int8 else [("float32", MAX_ROWS)]
 
 
 class Step(torch.nn.Module):
@@ -129,7 +88,7 @@ class Step(torch.nn.Module):
 
     def __init__(self, cfg: ModelConfig, constants: dict[str, torch.Tensor], form: str):
         super().__init__()
-        self.cfg, self.int8, self.dot = cfg, form == "int8", form == "float32-dot"
+        self.cfg, self.int8 = cfg, form == "int8"
         for name, t in constants.items():
             self.register_buffer(name, t)
 
@@ -137,7 +96,7 @@ class Step(torch.nn.Module):
         return getattr(self, name), getattr(self, name + "_scale") if self.int8 else None
 
     def _product(self, a: torch.Tensor, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
-        return _product(a, *self._w(name), rows, self.dot)
+        return _product(a, *self._w(name), rows)
 
     def forward(
         self, idx: torch.Tensor, kv: torch.Tensor, span: torch.Tensor, pad: torch.Tensor
@@ -178,7 +137,7 @@ class Step(torch.nn.Module):
 
 def constants(model, weights: tuple, form: str) -> dict[str, torch.Tensor]:
     """The step's weights by name, from the fused path's inference_weights(model, form == "int8"): what its package
-    loads (for "float32-dot" the matrices in blocks of outputs: a copy, see layout)."""
+    loads (before load() puts some in inductor's blocks)."""
     layers, head_t, sin_signed = weights[0], weights[1], weights[2]
     out = {"embed": model.embed_tokens.weight.detach(), "cos": model.rope_cos, "sin": sin_signed}
 
@@ -186,7 +145,7 @@ def constants(model, weights: tuple, form: str) -> dict[str, torch.Tensor]:
         if form == "int8":
             out[name], out[name + "_scale"] = w.q, w.scale
         else:
-            out[name] = _dot_layout(w) if form == "float32-dot" else w
+            out[name] = w
 
     for i, (qkv, o, gu, down, qn, kn) in enumerate(layers):
         for name, w in (("qkv", qkv), ("o", o), ("gu", gu), ("down", down)):
@@ -195,18 +154,6 @@ def constants(model, weights: tuple, form: str) -> dict[str, torch.Tensor]:
             out[f"l{i}_qn"], out[f"l{i}_kn"] = qn, kn
     put("head", head_t)
     return {name: t.detach().contiguous() for name, t in out.items()}
-
-
-def _dot_shape(n_in: int, n_out: int) -> tuple[int, ...]:
-    """The shape of an (in, out) matrix as the dot-product form takes it: (out / DOT_BLOCK, in, DOT_BLOCK), or (out,
-    in) where DOT_BLOCK does not divide out."""
-    return (n_out, n_in) if n_out % DOT_BLOCK else (n_out // DOT_BLOCK, n_in, DOT_BLOCK)
-
-
-def _dot_layout(w: torch.Tensor) -> torch.Tensor:
-    """An (in, out) matrix in _dot_shape (a view: constants() copies it)."""
-    shape = _dot_shape(*w.shape)
-    return w.t() if len(shape) == 2 else w.reshape(shape[1], shape[0], DOT_BLOCK).permute(1, 0, 2)
 
 
 def package_path(cfg: ModelConfig, form: str) -> Path:
@@ -220,9 +167,8 @@ def package_path(cfg: ModelConfig, form: str) -> Path:
 
 def layout(cfg: ModelConfig, form: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The (shape, dtype) of each weight constants() gives for a model of cfg in this form (the fused path's
-    layouts: matrices (in, out) in float32, or int8 (out, in) with a bf16 scale per output; "float32-dot": in
-    float32, (out / DOT_BLOCK, in, DOT_BLOCK), or (out, in) where DOT_BLOCK does not divide out): what a package is
-    built for, and what a model's weights are checked against before the package reads them."""
+    layouts: matrices (in, out) in float32, or int8 (out, in) with a bf16 scale per output): what a package is built
+    for, and what a model's weights are checked against before the package reads them."""
     H, KV, D, C, F = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model, cfg.d_ff
     f32 = torch.float32
     out = {"embed": ((cfg.vocab_size, C), f32), "cos": ((cfg.block_size, D), f32), "sin": ((cfg.block_size, D), f32)}
@@ -237,7 +183,7 @@ def layout(cfg: ModelConfig, form: str) -> dict[str, tuple[tuple[int, ...], torc
         if form == "int8":
             out |= {name: ((n_out, n_in), torch.int8), name + "_scale": ((n_out,), torch.bfloat16)}
         else:
-            out[name] = (_dot_shape(n_in, n_out) if form == "float32-dot" else (n_in, n_out), f32)
+            out[name] = ((n_in, n_out), f32)
     return out
 
 
@@ -253,29 +199,55 @@ def example_constants(cfg: ModelConfig, form: str) -> dict[str, torch.Tensor]:
     return out
 
 
-_BUILDING = threading.Lock()  # one build at a time in a process (_rows_spread_over_threads changes torch's class)
+# How the float32 matrix-product step is compiled: inductor's max-autotune times each product of the step (at the
+# example batch) as ATen's (MKL) and as its own C++ GEMM template, and takes the faster. The template reads its
+# weights in blocks it makes while compiling (_blocks_named), which load() makes again from each model's weights.
+# Greedy decodes of the 6 x 320 model against the untuned package on an AMD EPYC, 2 threads: 2.8x at batch 1,
+# 3.5x at 2, 1.8x at 8, 1.3x at 16 (docs/benchmarks.md, "inductor's GEMM template").
+TUNED = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+BLOCKS = "__blocks"  # the name of a weight in blocks in a package: its own name, BLOCKS and the block's outputs
+
+
+def _blocked(w: torch.Tensor, block: int) -> torch.Tensor:
+    """An (in, out) matrix as inductor's C++ GEMM template reads it: outputs padded with zeros to a multiple of block,
+    in blocks (out / block, in, block)."""
+    n_in, n_out = w.shape
+    pad = -n_out % block
+    return F.pad(w, (0, pad)).reshape(n_in, (n_out + pad) // block, block).transpose(0, 1).contiguous()
 
 
 @contextlib.contextmanager
-def _rows_spread_over_threads(form: str):
-    """While a dot-product step compiles: inductor's C++ backend not fusing a loop nest into the one before it by their
-    common outer loop (a product with the norm that scales its input), with more than one thread. Fused so, a loop
-    nest is shared among threads by that outer loop only, the batch, and a 1-row batch ran on one thread: the step at
-    batch 1 took 1.24 ms where, unfused, its products' outputs were shared and it took 0.99 (6 x 320, 2 threads, AMD
-    EPYC). With one thread the fusion saves a pass (unfused: 1.61 against 1.50 ms at batch 1, 5.28 against 5.04 at
-    4), so it stays. A private hook of torch's, replaced on its class while build holds _BUILDING; where it is
-    missing, the step compiles as inductor would."""
-    from torch._inductor.codegen import cpp
+def _blocks_named(weights: dict[str, torch.Tensor]):
+    """While a step compiles with TUNED: each weight that inductor's GEMM template puts in blocks (a new constant of
+    the package, which it would name "constantN" and the weight itself would leave the package) named after its
+    weight and block size, "l0_qkv__blocks32", so that load() can make it from a model's weights. The weight is
+    found by its values (the build's random weights are all different); one not found fails the tuned build. A
+    private method of torch's, replaced on its class while build holds _BUILDING."""
+    from torch._inductor.graph import GraphLowering
 
-    fuse = getattr(cpp.CppScheduling, "can_fuse_vertical_outer_loop", None)
-    if form != "float32-dot" or fuse is None or torch.get_num_threads() == 1:
-        yield
-        return
-    cpp.CppScheduling.can_fuse_vertical_outer_loop = lambda *args, **kwargs: False
+    add = GraphLowering.add_tensor_constant
+
+    def named(self, data, name=None):
+        if name is None and data.dim() == 3:
+            block = data.shape[2]
+            found = [
+                key
+                for key, w in weights.items()
+                if w.dim() == 2 and w.shape[0] == data.shape[1] and torch.equal(_blocked(w, block), data)
+            ]
+            if len(found) != 1:
+                raise RuntimeError(f"a weight in blocks of {block} that the step cannot name ({len(found)} found)")
+            name = f"{found[0]}{BLOCKS}{block}"
+        return add(self, data, name)
+
+    GraphLowering.add_tensor_constant = named
     try:
         yield
     finally:
-        cpp.CppScheduling.can_fuse_vertical_outer_loop = fuse
+        GraphLowering.add_tensor_constant = add
+
+
+_BUILDING = threading.Lock()  # one build at a time in a process (_blocks_named changes torch's class)
 
 
 def _example_rows(threads: int) -> int:
@@ -294,9 +266,9 @@ def build(cfg: ModelConfig, form: str, path: Path) -> None:
     (a norm's initial ones), which the weights loaded later could not reach.
 
     The example batch has _example_rows: given as many rows as threads, inductor gave each thread rows of its own, so
-    a 1-row batch ran on one thread (the dot-product step at batch 1: 1.86 ms with a 2-row example, 1.24 with 3, and
-    0.99 with 3 and _rows_spread_over_threads; 2 threads, AMD EPYC; the int8 and matrix-product steps within
-    noise)."""
+    a 1-row batch ran on one thread (an earlier step of dot products written into the graph, at batch 1: 1.86 ms with
+    a 2-row example, 1.24 with 3; 2 threads, AMD EPYC; the int8 and matrix-product steps within noise). A float32
+    step is compiled TUNED (its products timed at that batch); if that fails, as before tuning."""
     with _BUILDING:
         _build(cfg, form, path)
 
@@ -305,7 +277,7 @@ def _build(cfg: ModelConfig, form: str, path: Path) -> None:
     module = Step(cfg, example_constants(cfg, form), form)
     n = _example_rows(torch.get_num_threads())
     kv = torch.zeros(cfg.n_layer, n, 2 * cfg.n_kv_head, cfg.block_size, cfg.head_dim)
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), _rows_spread_over_threads(form):
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations while it packages
         rows = torch.export.Dim("rows", min=1, max=MAX_ROWS)
         pos = torch.export.Dim("pos", min=2, max=cfg.block_size - 1)
@@ -316,15 +288,22 @@ def _build(cfg: ModelConfig, form: str, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
         try:
-            torch._inductor.aoti_compile_and_package(
-                program,
-                package_path=str(tmp),
-                inductor_configs={
-                    "aot_inductor.package_constants_in_so": False,
-                    "always_keep_tensor_constants": True,
-                    "joint_graph_constant_folding": False,
-                },
-            )
+            settings = {
+                "aot_inductor.package_constants_in_so": False,
+                "always_keep_tensor_constants": True,
+                "joint_graph_constant_folding": False,
+            }
+            tuned = form == "float32"
+            if tuned:
+                try:
+                    with _blocks_named(module.state_dict()):
+                        torch._inductor.aoti_compile_and_package(
+                            program, package_path=str(tmp), inductor_configs=settings | TUNED
+                        )
+                except Exception:  # noqa: BLE001  (the products as ATen's, as before tuning)
+                    tuned = False
+            if not tuned:
+                torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=settings)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -357,10 +336,16 @@ class CompiledStep:
                 have = None if got is None else (tuple(got.shape), got.dtype)
                 if have != want:
                     raise ValueError(f"weight {name} is {have}; the package takes {want}")
-        self.consts = consts
+        self.consts = {}
         for form, _, loader in self.parts:
-            # (weights, into the inactive buffer, check that every weight is given, read in place, copy to the device)
-            loader.load_constants(consts[form], False, True, True, False)
+            given = consts[form]
+            wanted = {}
+            for fqn in loader.get_constant_fqns():  # some weights in inductor's blocks (_blocks_named)
+                name, _, block = fqn.partition(BLOCKS)
+                wanted[fqn] = _blocked(given[name], int(block)) if block else given[name]
+            self.consts[form] = wanted  # (read in place: kept while the package may run)
+            # (weights, into the active buffer, check that every weight is given, read in place, copy to the device)
+            loader.load_constants(wanted, False, True, True, False)
 
     def forget(self) -> None:
         """(The fused path wrote a cache: this step keeps nothing of any cache between calls.)"""

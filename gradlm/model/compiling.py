@@ -68,16 +68,6 @@ def cpu_features() -> str:
     return " | ".join(sorted({line for line in info if line.startswith(("model name", "flags"))}))
 
 
-@functools.cache
-def cpu_vendor() -> str:
-    """The CPU's vendor as /proc/cpuinfo names it ("GenuineIntel", "AuthenticAMD"), "" where it does not say."""
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    return next((line.split(":", 1)[1].strip() for line in info if line.startswith("vendor_id")), "")
-
-
 def machine_key() -> list:
     """What code compiled here depends on besides its graph: torch, the CPU, the kernels ATen runs
     (ATEN_CPU_CAPABILITY caps them) and the number of threads (inductor writes it into its loops)."""

@@ -43,8 +43,8 @@ class Forward:
     remakes the copies when any weight changed since they were made
     (training, load_state_dict, .to()): the engine calls it whenever it admits rows, not at every step,
     since the check costs ~0.1 ms and a decoding step a few. The copies cost one extra copy of the
-    matrices while this Forward lives (two where the compiled float32 step has its dot-product package: a copy in
-    blocks of 16 outputs, aot._dot_layout; multiplying the (in, out) copy as dot products instead ran 1.5x slower).
+    matrices while this Forward lives (two where the compiled float32 step reads them in inductor's blocks:
+    aot._blocked).
 
     step: the compiled decoding step on the CPU (gradlm/model/aot.py), which takes every call it fits (one new token
     per row, past the first two positions; int8 up to aot.int8_rows() rows):
