@@ -216,6 +216,11 @@ def _blocked(w: torch.Tensor, block: int) -> torch.Tensor:
     return F.pad(w, (0, pad)).reshape(n_in, (n_out + pad) // block, block).transpose(0, 1).contiguous()
 
 
+def _blocks_of(w: torch.Tensor, data: torch.Tensor) -> bool:
+    """Whether data has the shape and dtype of w in blocks (_blocked) of data's last size."""
+    return w.dim() == 2 and w.dtype == data.dtype and (w.shape[0], -(-w.shape[1] // data.shape[2])) == data.shape[1::-1]
+
+
 @contextlib.contextmanager
 def _blocks_named(weights: dict[str, torch.Tensor]):
     """While a step compiles with TUNED: each weight that inductor's GEMM template puts in blocks (a new constant of
@@ -230,11 +235,7 @@ def _blocks_named(weights: dict[str, torch.Tensor]):
     def named(self, data, name=None):
         if name is None and data.dim() == 3:
             block = data.shape[2]
-            found = [
-                key
-                for key, w in weights.items()
-                if w.dim() == 2 and w.shape[0] == data.shape[1] and torch.equal(_blocked(w, block), data)
-            ]
+            found = [key for key, w in weights.items() if _blocks_of(w, data) and torch.equal(_blocked(w, block), data)]
             if len(found) != 1:
                 raise RuntimeError(f"a weight in blocks of {block} that the step cannot name ({len(found)} found)")
             name = f"{found[0]}{BLOCKS}{block}"
