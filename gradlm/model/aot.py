@@ -202,8 +202,8 @@ def example_constants(cfg: ModelConfig, form: str) -> dict[str, torch.Tensor]:
 # How the float32 matrix-product step is compiled: inductor's max-autotune times each product of the step (at the
 # example batch) as ATen's (MKL) and as its own C++ GEMM template, and takes the faster. The template reads its
 # weights in blocks it makes while compiling (_blocks_named), which load() makes again from each model's weights.
-# Greedy decodes of the 6 x 320 model against the untuned package on an AMD EPYC, 2 threads: 2.8x at batch 1,
-# 3.5x at 2, 1.8x at 8, 1.3x at 16 (docs/benchmarks.md, "inductor's GEMM template").
+# Greedy decodes of the 6 x 320 model against the untuned package on an AMD EPYC, 2 threads: 2.9x at batch 1,
+# 4.0x at 2, 1.8x at 8, 1.2x at 16 (docs/benchmarks.md, "inductor's GEMM template").
 TUNED = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 BLOCKS = "__blocks"  # the name of a weight in blocks in a package: its own name, BLOCKS and the block's outputs
 
