@@ -1,13 +1,16 @@
-"""The compiled float32 decoding step built two ways side by side: its products as ATen's (MKL's) matrix products,
-and tuned, as gradlm builds it (gradlm/model/aot.py, TUNED: inductor times each product as ATen's and as its own
-C++ GEMM template, weights in the template's blocks, and takes the faster), with the eager step beside them.
+"""The compiled float32 decoding step's two packages side by side: its products as ATen's (MKL's) matrix products,
+and tuned (gradlm/model/aot.py, TUNED: inductor times each product as ATen's and as its own C++ GEMM template,
+weights in the template's blocks, and takes the faster), with the eager step beside them.
 
-Builds both in fresh caches, then decodes greedily through gradlm's engine, alternating the three in one process.
-Prompts, run and counting as benchmarks/llamacpp.py (--new-tokens per row, prefill included, median of --repeats);
-"same tokens" compares each row's greedy tokens with the eager step's.
+Builds both in a fresh cache, then decodes greedily through gradlm's engine, alternating the three in one process:
+eager, the step of ATen's products for every batch, and the step as gradlm opens it (tuned up to aot.tuned_rows()
+rows, or --tuned-rows; past those rows the two compiled columns run the same code). Prompts, run and counting as
+benchmarks/llamacpp.py (--new-tokens per row, prefill included, median of --repeats); "same tokens" compares each
+row's greedy tokens with the eager step's.
 
     python benchmarks/decode_forms.py --run RUN           # the table in docs/benchmarks.md
-    python benchmarks/decode_forms.py --run RUN --batches 1,2,4,8 --threads 1
+    python benchmarks/decode_forms.py --run RUN --batches 8,16,32,64 --tuned-rows 64   # where tuning stops winning
+    python benchmarks/decode_forms.py --run RUN --batches 1,4,8,16,32 --threads 1 --tuned-rows 64
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batches", default="1,2,4,8,16")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--tuned-rows", type=int, default=0, help="the most rows the tuned package takes (0: tuned_rows())")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,21 +55,23 @@ def main() -> None:
         f"{model.cfg.n_layer} x {model.cfg.d_model}, greedy, {args.new_tokens} new tokens a row, median of "
         f"{args.repeats}"
     )
+    if args.tuned_rows:
+        aot.tuned_rows = lambda: args.tuned_rows
     engines = {"eager": Engine(model, tok)}
-    tuned = aot.TUNED
+    shipped = aot.forms
     try:
-        for name, settings in (("ATen's products", {}), ("tuned", tuned)):
-            aot.TUNED = settings  # what build reads while this engine's step is built, in a cache of its own
-            os.environ["GRADLM_CACHE"] = str(tmp / name.split()[0])
+        for name, forms in (("ATen's products", lambda int8: [("float32-aten", aot.MAX_ROWS)]), ("tuned", shipped)):
+            aot.forms = forms  # what the step asks while this engine's step opens
             engine = Engine(model, tok, runtime=Runtime("cpu", "float32", decode_step="build"))
             engine.forward.check()
             if engine.forward.step is None:
                 sys.exit(f"the compiled step ({name}) did not open: see the warning above")
-            blocked = sum(aot.BLOCKS in fqn for fqn in engine.forward.step.consts["float32"])
-            print(f"{name}: {blocked} of the step's weights in the GEMM template's blocks")
             engines[name] = engine
     finally:
-        aot.TUNED = tuned
+        aot.forms = shipped
+    step = engines["tuned"].forward.step
+    blocked = sum(aot.BLOCKS in fqn for fqn in step.consts["float32"])
+    print(f"tuned: up to {aot.tuned_rows()} rows, {blocked} of the step's weights in the GEMM template's blocks")
     lines = shakespeare_lines()
     names = list(engines)
     print("\n| batch | " + " | ".join(f"{k} tokens/s" for k in names) + " | tuned / ATen's | same tokens |")

@@ -67,6 +67,50 @@ def same_as_eager(model, step, tol: float, length: int | None = None, prompts=([
 BATCH = ([1, 2, 3, 4, 5], [6, 7], [8, 9, 10])  # three rows of different lengths
 
 
+class _Recorded:
+    """A package loader that notes its form each time it runs."""
+
+    def __init__(self, form, loader, ran):
+        self.form, self.loader, self.ran = form, loader, ran
+
+    def boxed_run(self, args):
+        self.ran.append(self.form)
+        return self.loader.boxed_run(args)
+
+
+def recording(step) -> list:
+    """The forms of the packages step runs, call by call, from now on."""
+    ran = []
+    step.parts = [(form, rows, _Recorded(form, loader, ran)) for form, rows, loader in step.parts]
+    return ran
+
+
+def test_a_float32_step_opens_without_its_few_row_package(aot_cache, tok, monkeypatch):
+    """A cache from before the tuned package (or one still building): the package of ATen's products takes every
+    batch meanwhile, and the background build makes only what is missing. (First in the module: it builds both
+    float32 packages, which the tests after it find in the module's cache.)"""
+    model = sharp_model(tok.vocab_size, **SHAPE)
+    lines = []
+    with monkeypatch.context() as patched:
+        patched.setattr(aot, "forms", lambda int8: [("float32-aten", aot.MAX_ROWS)])
+        assert aot.open_step(model, inference_weights(model), False, say=lines.append) is not None
+    assert len(lines) == 1 and lines[0].startswith("compiling the decoding step (2 x 32, float32-aten): ")
+    assert str(aot_cache) in lines[0]
+    step = aot.open_step(model, inference_weights(model), False, build_missing=False)
+    assert step is not None and step.forms == ["float32-aten"] and step.max_rows == aot.MAX_ROWS
+    same_as_eager(model, step, 1e-4, length=12)
+    lines.clear()
+    process = aot.build_in_background(model.cfg, False, say=lines.append)
+    assert process is not None and len(lines) == 1  # only the missing package
+    assert lines[0].startswith("compiling the decoding step (2 x 32, float32) in the background")
+    assert str(aot_cache) in lines[0]
+    assert process.wait(timeout=300) == 0
+    assert aot.open_step(model, inference_weights(model), False, build_missing=False).forms == [
+        "float32",
+        "float32-aten",
+    ]
+
+
 def test_weights_in_inductors_blocks_are_made_from_each_models_own(aot_cache, monkeypatch):
     """With inductor's GEMM template chosen for every weight's product (TUNED times it against ATen's, so which
     products take it depends on the machine): the package names each weight the template put in blocks after its
@@ -75,6 +119,7 @@ def test_weights_in_inductors_blocks_are_made_from_each_models_own(aot_cache, mo
     only = "cpp|bmm"  # of the choices timed, the template's for the weights' products (ATen's for attention's)
     monkeypatch.setattr(aot, "TUNED", aot.TUNED | {"test_configs.autotune_choice_name_regex": only})
     monkeypatch.setattr(aot, "package_path", lambda cfg, form: aot_cache / "cpp-only" / f"{form}.pt2")
+    monkeypatch.setattr(aot, "forms", lambda int8: [("float32", aot.MAX_ROWS)])  # (the tuned package alone)
     model = sharp_model(330, n_layer=1, **SHAPE)  # (one layer: a quicker build)
     step = aot.open_step(model, inference_weights(model), False, say=lambda line: None)
     assert step is not None and step.forms == ["float32"]
@@ -101,21 +146,26 @@ def test_a_matrix_in_blocks_holds_its_columns_in_order_and_zeros_after(n_out, bl
 
 def test_the_step_gives_the_eager_logits_at_every_position_for_any_weights_of_its_shape(aot_cache, tok):
     model = sharp_model(tok.vocab_size, **SHAPE)
-    missing = not aot.package_path(model.cfg, "float32").exists()  # (the module's cache)
+    forms = ["float32", "float32-aten"]  # tuned up to tuned_rows() rows, and the rest
+    missing = [form for form in forms if not aot.package_path(model.cfg, form).exists()]  # (the module's cache)
     lines = []
     step = aot.open_step(model, inference_weights(model), False, say=lines.append)
-    assert step is not None and step.forms == ["float32"] and step.max_rows == aot.MAX_ROWS
-    assert len(lines) == missing  # one line when the package is built
-    if missing:
-        assert lines[0].startswith("compiling the decoding step (2 x 32, float32): ") and str(aot_cache) in lines[0]
+    assert step is not None and step.forms == forms and step.max_rows == aot.MAX_ROWS
+    assert len(lines) == len(missing)  # one line for each package built
+    for line, form in zip(lines, missing):
+        assert line.startswith(f"compiling the decoding step (2 x 32, {form}): ") and str(aot_cache) in line
     same_as_eager(model, step, 1e-4)
     # another model of the shape: the package is found (not built again) and computes with that model's weights
     other = sharp_model(tok.vocab_size, seed=1, **SHAPE)
     again = aot.open_step(other, inference_weights(other), False, build_missing=False, say=lines.append)
-    assert again is not None and len(lines) == missing
+    assert again is not None and len(lines) == len(missing)
+    ran = recording(again)
     same_as_eager(other, again, 1e-4, length=19)  # the same graph for a cache of any length
     same_as_eager(other, again, 1e-4, prompts=BATCH)  # and for a batch of rows, left-padded
-    same_as_eager(other, again, 1e-4, length=12, prompts=BATCH * 3)
+    assert set(ran) == {"float32"}  # 1 and 3 rows: the tuned package
+    ran.clear()
+    same_as_eager(other, again, 1e-4, length=12, prompts=BATCH * 6)  # more rows than tuned_rows(): the other one
+    assert set(ran) == {"float32-aten"}
     assert not step.fits(torch.tensor([[1, 2]]), model.new_cache(1, 32))  # more than one token: eager
     one = model.new_cache(1, 32)
     one.pos = 1
@@ -201,7 +251,7 @@ def test_a_step_that_fails_to_build_decodes_eagerly_after_one_warning_and_leaves
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_step_is_one_package_taking_the_rows_measured_for_its_threads(monkeypatch, threads):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    assert aot.forms(False) == [("float32", 64)]
+    assert aot.forms(False) == [("float32", 16 if threads > 1 else 8), ("float32-aten", 64)]
     assert aot.forms(True) == [("int8", 16 if threads > 1 else 4)]
 
 
@@ -222,11 +272,11 @@ def test_a_step_compiles_tuned_with_a_1_row_batch_shared_among_threads_and_untun
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", stop)
     cfg = sharp_model(tok.vocab_size).cfg
-    for threads, form in ((2, "float32"), (1, "float32"), (3, "int8"), (96, "int8")):
+    for threads, form in ((2, "float32"), (1, "float32"), (2, "float32-aten"), (3, "int8"), (96, "int8")):
         monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
         with pytest.raises(RuntimeError, match="stopped"):
             aot.build(cfg, form, tmp_path / f"{form}.pt2")
-    assert seen == [(3, True), (3, False), (2, True), (2, False), (2, False), (3, False)]
+    assert seen == [(3, True), (3, False), (2, True), (2, False), (3, False), (2, False), (3, False)]
     assert GraphLowering.add_tensor_constant is add
     assert list(tmp_path.iterdir()) == []
 

@@ -19,9 +19,10 @@ tokens are the eager path's up to float rounding (tests/test_aot.py).
 
 The package depends on the model's shape, the weights' form (float32 or int8), torch's version and the CPU's
 capability, not on the weights: they are handed to it at load time (load_constants), so one build serves every
-model of a shape. It lives in $GRADLM_CACHE/aot/, written whole or not at all. A float32 step's products are
-inductor's own C++ GEMM template where it times faster than ATen's (TUNED: MKL on an AMD CPU multiplies a few rows
-at a third of the memory's rate), with weights in its blocks, made at load time too.
+model of a shape. It lives in $GRADLM_CACHE/aot/, written whole or not at all. A float32 step is two packages: for
+a few rows, products that are inductor's own C++ GEMM template where it times faster than ATen's (TUNED: MKL on an
+AMD CPU multiplies a few rows at a third of the memory's rate), with weights in its blocks, made at load time too;
+for more rows, ATen's products (forms).
 """
 
 from __future__ import annotations
@@ -71,10 +72,19 @@ def int8_rows() -> int:
     return 4 if torch.get_num_threads() == 1 else 16
 
 
+def tuned_rows() -> int:
+    """The most rows the tuned float32 package takes (TUNED: its products chosen at a 3-row batch), more take the
+    one of ATen's products: where the tuned one stops gaining (benchmarks/decode_forms.py, 6 x 320, AMD EPYC, whole
+    greedy decodes, tuned / ATen's): with 2 threads 1.8x at 8 rows, 1.2x at 16, 1.0x at 24, 0.96-0.98x at 32-64; with
+    one thread (a server's) 1.2x at 8, 0.94x at 16, 0.83x at 32. So 16 rows with 2 threads or more, 8 with one."""
+    return 8 if torch.get_num_threads() == 1 else 16
+
+
 def forms(int8: bool) -> list[tuple[str, int]]:
     """The packages a step is made of on this machine, each with the most rows it takes, fewest rows first: "int8"
-    (weight-only, up to int8_rows()) or "float32" (up to MAX_ROWS)."""
-    return [("int8", int8_rows())] if int8 else [("float32", MAX_ROWS)]
+    (weight-only, up to int8_rows()), or "float32" (TUNED, up to tuned_rows()) and "float32-aten" (ATen's products,
+    up to MAX_ROWS)."""
+    return [("int8", int8_rows())] if int8 else [("float32", tuned_rows()), ("float32-aten", MAX_ROWS)]
 
 
 class Step(torch.nn.Module):
@@ -88,7 +98,7 @@ class Step(torch.nn.Module):
 
     def __init__(self, cfg: ModelConfig, constants: dict[str, torch.Tensor], form: str):
         super().__init__()
-        self.cfg, self.int8 = cfg, form == "int8"
+        self.cfg, self.int8 = cfg, form == "int8"  # (the two float32 forms compute alike)
         for name, t in constants.items():
             self.register_buffer(name, t)
 
