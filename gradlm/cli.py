@@ -1329,7 +1329,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(argv[0] if argv else "")
+    first = argv[0] if argv else ""
+    # a flag before the command (not --help) is an error the whole parser words as it always did
+    parser = build_parser(None if first.startswith("-") and first not in ("-h", "--help") else first)
     args = parser.parse_args(argv)
     try:
         args.func(args)

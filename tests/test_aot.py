@@ -130,6 +130,13 @@ def test_weights_in_inductors_blocks_are_made_from_each_models_own(aot_cache, mo
     again = aot.open_step(other, inference_weights(other), False, build_missing=False)
     same_as_eager(other, again, 1e-4, length=19)
     same_as_eager(other, again, 1e-4, length=12, prompts=BATCH)
+    # a package with a constant no weight makes is refused after its build (which then builds it untuned)
+    package = aot.package_path(model.cfg, "float32")
+    aot._names_known(model.cfg, "float32", package)
+    real = aot.layout
+    monkeypatch.setattr(aot, "layout", lambda cfg, form: {k: v for k, v in real(cfg, form).items() if k != "head"})
+    with pytest.raises(RuntimeError, match="a constant 'head__blocks"):
+        aot._names_known(model.cfg, "float32", package)
 
 
 @pytest.mark.parametrize("n_out", [48, 330], ids=["in-blocks", "padded"])
@@ -246,6 +253,46 @@ def test_a_step_that_fails_to_build_decodes_eagerly_after_one_warning_and_leaves
         "(--compile off skips the attempt)"
     ]
     assert list((tmp_path / "aot").iterdir()) == []  # nothing half-written
+
+
+def test_a_tuned_build_that_fails_builds_untuned_and_says_so_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GRADLM_CACHE", str(tmp_path))
+    real = torch._inductor.aoti_compile_and_package
+
+    def no_tuning(program, package_path, inductor_configs):
+        if inductor_configs.get("max_autotune"):
+            raise RuntimeError("no template here\nmore")
+        return real(program, package_path=package_path, inductor_configs=inductor_configs)
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_tuning)
+    monkeypatch.setattr(aot, "forms", lambda int8: [("float32", aot.MAX_ROWS)])
+    model = sharp_model(330, n_layer=1)
+    lines = []
+    step = aot.open_step(model, inference_weights(model), False, say=lines.append)
+    assert step is not None and not any(aot.BLOCKS in name for name in step.consts["float32"])
+    assert lines[0] == (
+        "warning: tuning the decoding step (1 x 32, float32) failed (RuntimeError: no template here); its products "
+        "are ATen's"
+    )
+    assert len(lines) == 2 and lines[1].startswith("compiling the decoding step (1 x 32, float32): ")
+    same_as_eager(model, step, 1e-4, length=12, prompts=BATCH)
+    # weights that cannot be handed over (here: a failure inside the package's loader): eager, after one line
+    forward = Forward(model, step="build")
+    forward.check()
+    assert forward.step is not None
+
+    def refuse(step, model, weights):
+        raise RuntimeError("loader said no")
+
+    monkeypatch.setattr(aot.CompiledStep, "load", refuse)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    forward.check()
+    assert forward.step is None and forward.step_mode == "off"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "warning: the compiled decoding step could not take the new weights (RuntimeError: loader said no); "
+        "decoding without it"
+    )
 
 
 @pytest.mark.parametrize("threads", [1, 2])

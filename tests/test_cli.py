@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 from gradlm.cli import main
 
@@ -55,7 +57,7 @@ def test_tokenizer_train_and_tokenize(tmp_path, text_file, capsys):
     assert "tokens for" in out and "b'\\xf0" in out
 
 
-def test_each_command_parses_alone_and_the_text_commands_never_load_torch(tmp_path, text_file):
+def test_each_command_parses_alone_and_the_text_commands_never_load_torch(tmp_path, text_file, capsys):
     """`gradlm X` builds X's parser only, with the same flags as the whole parser's; `gradlm --help` lists every
     command without building their flags; and neither the list nor the tokenizer's commands and prepare load
     torch (each started ~1.3 s later when every command's flags were built)."""
@@ -66,6 +68,10 @@ def test_each_command_parses_alone_and_the_text_commands_never_load_torch(tmp_pa
     for name in COMMANDS:
         alone = next(a for a in build_parser(name)._actions if a.__class__.__name__ == "_SubParsersAction").choices
         assert list(alone) == [name] and alone[name].format_help() == whole[name].format_help()
+    # a flag before the command: the whole parser's message, as before (the command's required flags first)
+    with pytest.raises(SystemExit) as exit:
+        main(["--foo", "prepare"])
+    assert exit.value.code == 2 and "required: --data, --out" in capsys.readouterr().err
     tok, prep = tmp_path / "tok.json", tmp_path / "prep"
     code = f"""
 import sys

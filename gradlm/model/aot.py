@@ -270,7 +270,7 @@ def _example_rows(threads: int) -> int:
     return 2 if threads in (1, 3) else 3
 
 
-def build(cfg: ModelConfig, form: str, path: Path) -> None:
+def build(cfg: ModelConfig, form: str, path: Path, say: Callable[[str], None] | None = None) -> None:
     """Export Step and compile it into a package at path. The weights are left out of it (they are loaded
     later), so random ones serve to build it: random in every weight, and two of inductor's habits switched off, since
     it writes a small constant's values into the code (a QK-norm's weight) and folds one whose values are all equal
@@ -281,10 +281,21 @@ def build(cfg: ModelConfig, form: str, path: Path) -> None:
     a 2-row example, 1.24 with 3; 2 threads, AMD EPYC; the int8 and matrix-product steps within noise). A float32
     step is compiled TUNED (its products timed at that batch); if that fails, as before tuning."""
     with _BUILDING:
-        _build(cfg, form, path)
+        _build(cfg, form, path, _said(say))
 
 
-def _build(cfg: ModelConfig, form: str, path: Path) -> None:
+def _names_known(cfg: ModelConfig, form: str, package: Path) -> None:
+    """Raise unless every constant of the package is a weight of layout(cfg, form), or one in blocks (_blocks_named):
+    what load() can make from a model's weights."""
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(package), "model", False, 1, -1)
+    known = layout(cfg, form)
+    for fqn in loader.get_constant_fqns():
+        name, _, block = fqn.partition(BLOCKS)
+        if name not in known or (block and not block.isdigit()):
+            raise RuntimeError(f"the package has a constant {fqn!r} that no weight makes")
+
+
+def _build(cfg: ModelConfig, form: str, path: Path, say: Callable[[str], None]) -> None:
     module = Step(cfg, example_constants(cfg, form), form)
     n = _example_rows(torch.get_num_threads())
     kv = torch.zeros(cfg.n_layer, n, 2 * cfg.n_kv_head, cfg.block_size, cfg.head_dim)
@@ -304,18 +315,21 @@ def _build(cfg: ModelConfig, form: str, path: Path) -> None:
                 "always_keep_tensor_constants": True,
                 "joint_graph_constant_folding": False,
             }
-            tuned = form == "float32"
+            tuned, failed = form == "float32", None
             if tuned:
                 try:
                     with _blocks_named(module.state_dict()):
                         torch._inductor.aoti_compile_and_package(
                             program, package_path=str(tmp), inductor_configs=settings | TUNED
                         )
-                except Exception:  # noqa: BLE001  (the products as ATen's, as before tuning)
-                    tuned = False
+                    _names_known(cfg, form, tmp)
+                except Exception as e:  # noqa: BLE001  (the products as ATen's, as before tuning)
+                    tuned, failed = False, e
             if not tuned:
                 torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=settings)
             os.replace(tmp, path)
+            if failed is not None:  # (one line, once the step is there without it)
+                say(f"warning: tuning {what(cfg, form)} failed ({_cause(failed)}); its products are ATen's")
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -347,16 +361,15 @@ class CompiledStep:
                 have = None if got is None else (tuple(got.shape), got.dtype)
                 if have != want:
                     raise ValueError(f"weight {name} is {have}; the package takes {want}")
-        self.consts = {}
+        wanted = {}  # each package's constants by name, some weights in inductor's blocks (_blocks_named)
         for form, _, loader in self.parts:
+            names = [fqn.partition(BLOCKS) for fqn in loader.get_constant_fqns()]
             given = consts[form]
-            wanted = {}
-            for fqn in loader.get_constant_fqns():  # some weights in inductor's blocks (_blocks_named)
-                name, _, block = fqn.partition(BLOCKS)
-                wanted[fqn] = _blocked(given[name], int(block)) if block else given[name]
-            self.consts[form] = wanted  # (read in place: kept while the package may run)
-            # (weights, into the active buffer, check that every weight is given, read in place, copy to the device)
-            loader.load_constants(wanted, False, True, True, False)
+            wanted[form] = {n + s + b: _blocked(given[n], int(b)) if b else given[n] for n, s, b in names}
+        self.consts = wanted  # (made whole before any is handed over: the packages read them in place, kept here)
+        for form, _, loader in self.parts:
+            # (weights, into the active buffer, check every weight is given, read in place, copy to the device)
+            loader.load_constants(wanted[form], False, True, True, False)
 
     def forget(self) -> None:
         """(The fused path wrote a cache: this step keeps nothing of any cache between calls.)"""
@@ -383,11 +396,21 @@ def _said(say: Callable[[str], None] | None) -> Callable[[str], None]:
     return say or (lambda line: print(line, file=sys.stderr, flush=True))
 
 
+def _cause(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+
+
 def _failed(say: Callable[[str], None], error: BaseException) -> None:
-    first = (str(error).strip().splitlines() or [""])[0][:200]
     say(
-        f"warning: compiling the decoding step failed ({type(error).__name__}: {first}); decoding without it "
+        f"warning: compiling the decoding step failed ({_cause(error)}); decoding without it "
         "(--compile off skips the attempt)"
+    )
+
+
+def failed_load(error: BaseException) -> None:
+    """One warning line: a step could not take a model's new weights (Forward.check decodes eagerly from then on)."""
+    _said(None)(
+        f"warning: the compiled decoding step could not take the new weights ({_cause(error)}); decoding without it"
     )
 
 
@@ -414,7 +437,7 @@ def open_step(
         for form, path, _ in parts:
             if not path.exists():
                 start = time.perf_counter()
-                build(cfg, form, path)
+                build(cfg, form, path, say)
                 seconds = time.perf_counter() - start
                 say(f"compiling {what(cfg, form)}: {seconds:.1f} s (cached in {path.parent} for next time)")
         return CompiledStep(model, weights, parts)

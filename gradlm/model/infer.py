@@ -88,6 +88,9 @@ class Forward:
                     self.step.load(self.model, self._weights)
                 except ValueError:  # not the weights it was built for any more (.to(bfloat16), say): eager from now
                     self.step, self.step_mode = None, "off"
+                except Exception as e:  # noqa: BLE001  (handing them over failed: eager from now, said once)
+                    self.step, self.step_mode = None, "off"
+                    aot.failed_load(e)
         if self.step is None and self.step_mode != "off":
             self._open_step()
         return self._weights
