@@ -1320,9 +1320,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = Parser(prog="gradlm", description="Train small GPT-style language models from your own text.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, (text, add) in COMMANDS.items():
-        if command is None or command == name or command not in COMMANDS:
+        flags = command is None or command == name
+        if flags or command not in COMMANDS:
             t = sub.add_parser(name, help=text)
-            if command is None or command == name:
+            if flags:
                 add(t)
     return p
 

@@ -10,6 +10,12 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def cause(error: BaseException) -> str:
+    """An exception in one line, for a warning that goes on without what failed: its type and the first line of its
+    message (at most 200 characters)."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+
+
 class GradlmError(Exception):
     """A user-facing problem: the message says what was wrong and what to do."""
 

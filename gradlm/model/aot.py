@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gradlm.errors import cause
 from gradlm.layout import cache_dir
 from gradlm.model.compiling import machine_key
 from gradlm.model.transformer import KVCache, ModelConfig
@@ -329,7 +330,7 @@ def _build(cfg: ModelConfig, form: str, path: Path, say: Callable[[str], None]) 
                 torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=settings)
             os.replace(tmp, path)
             if failed is not None:  # (one line, once the step is there without it)
-                say(f"warning: tuning {what(cfg, form)} failed ({_cause(failed)}); its products are ATen's")
+                say(f"warning: tuning {what(cfg, form)} failed ({cause(failed)}); its products are ATen's")
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -396,13 +397,9 @@ def _said(say: Callable[[str], None] | None) -> Callable[[str], None]:
     return say or (lambda line: print(line, file=sys.stderr, flush=True))
 
 
-def _cause(error: BaseException) -> str:
-    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
-
-
 def _failed(say: Callable[[str], None], error: BaseException) -> None:
     say(
-        f"warning: compiling the decoding step failed ({_cause(error)}); decoding without it "
+        f"warning: compiling the decoding step failed ({cause(error)}); decoding without it "
         "(--compile off skips the attempt)"
     )
 
@@ -410,7 +407,7 @@ def _failed(say: Callable[[str], None], error: BaseException) -> None:
 def failed_load(error: BaseException) -> None:
     """One warning line: a step could not take a model's new weights (Forward.check decodes eagerly from then on)."""
     _said(None)(
-        f"warning: the compiled decoding step could not take the new weights ({_cause(error)}); decoding without it"
+        f"warning: the compiled decoding step could not take the new weights ({cause(error)}); decoding without it"
     )
 
 

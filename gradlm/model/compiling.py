@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from gradlm.errors import cause
 from gradlm.layout import cache_dir
 
 
@@ -172,9 +173,8 @@ class Compiled:
             out = self.fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001  (any failure of the compiler: run it as written)
             self.failed = True
-            first = (str(e).strip().splitlines() or [""])[0][:200]
             self.say(
-                f"warning: compiling {self.what} failed ({type(e).__name__}: {first}); running it without "
+                f"warning: compiling {self.what} failed ({cause(e)}); running it without "
                 "compiling (--compile off skips the attempt)"
             )
             return self.eager(*args, **kwargs)

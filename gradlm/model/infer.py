@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from gradlm.errors import cause
 from gradlm.model import aot
 from gradlm.model.compiling import Compiled
 from gradlm.model.transformer import Transformer, KVCache
@@ -202,9 +203,8 @@ class GraphStep:
                 self.graphs[key] = self._recorded(*key)
             except Exception as e:  # noqa: BLE001  (any failure to record: decode as written)
                 self.failed = True
-                first = (str(e).strip().splitlines() or [""])[0][:200]
                 print(
-                    f"warning: recording the decoding step as a CUDA graph failed ({type(e).__name__}: {first}); "
+                    f"warning: recording the decoding step as a CUDA graph failed ({cause(e)}); "
                     "decoding without it (--compile off skips the attempt)",
                     file=sys.stderr,
                     flush=True,

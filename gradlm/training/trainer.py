@@ -41,7 +41,7 @@ from gradlm import files as ckpt
 from gradlm.training.budget import Budget
 from gradlm.training.config import BUDGETS, DEFAULT_STEPS, FULL_BATCH_MICRO, TrainConfig, check_budgets, given_fields
 from gradlm.text.data import EpochSampler, RandomSampler, is_prepared, resolve_data, source_bytes, windows
-from gradlm.errors import ConfigError, Diverged, Interrupted, RunDirError
+from gradlm.errors import ConfigError, Diverged, Interrupted, RunDirError, cause
 from gradlm.model.compiling import CompileWatch, compiled_before, compiler_failed, remember_compile, use_cache
 from gradlm.model.transformer import Transformer, ModelConfig, random_bytes
 from gradlm.training.monitor import DivergenceGuard, StopSignals, TrainLog, evaluate_and_checkpoint
@@ -505,9 +505,8 @@ class Trainer:
         the compiler's: the caller raises it."""
         if not (self.rt.compile and self.cfg.compile == "auto" and compiler_failed(error)):
             return False
-        first = (str(error).strip().splitlines() or [""])[0][:200]
         self.log(
-            f"warning: compiling the training step failed ({type(error).__name__}: {first}); training goes on without "
+            f"warning: compiling the training step failed ({cause(error)}); training goes on without "
             "compiling (--compile off skips the attempt)"
         )
         self.rt = dataclasses.replace(self.rt, compile=False)
