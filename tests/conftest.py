@@ -289,10 +289,14 @@ def start_gradlm(*args, **kw):
     )
 
 
-def kill_and_resume(run, proc, at_steps, resume: list, rng, pause: float):
+def kill_and_resume(run, proc, at_steps, resume: list, rng, pause: float, last: int):
     """SIGKILL the training process proc at a seeded random moment (up to pause s) after each step of at_steps,
-    unless it has ended, each time starting `gradlm *resume` in its place; returns (the last process, kills)."""
+    unless it has ended, each time starting `gradlm *resume` in its place; returns (the last process, kills). A kill
+    that came after the run's final weights (step `last`) were written, while the process was still ending, leaves a
+    finished run, which a resume would refuse (its budget is spent): then the process is None."""
     import time
+
+    from gradlm.rundir import weights_step
 
     kills = 0
     for target in at_steps:
@@ -303,5 +307,7 @@ def kill_and_resume(run, proc, at_steps, resume: list, rng, pause: float):
         proc.kill()
         proc.communicate()
         kills += 1
+        if (run / "model.safetensors").is_file() and weights_step(run / "model.safetensors") == last:
+            return None, kills
         proc = start_gradlm(*resume)
     return proc, kills

@@ -516,9 +516,11 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(prepared, tmp_pat
         ["train", "--out", run, "--resume", "--no-progress"],
         random.Random(1),
         pause=0.4,
+        last=60,
     )
-    p.communicate(timeout=300)
-    assert p.returncode == 0
+    if p is not None:
+        p.communicate(timeout=300)
+        assert p.returncode == 0
     assert kills >= 2
     print(
         f"kill -9 test: {kills} kills at seeded random moments, {len(read_metrics(run))} metrics rows; final weights "
